@@ -1,0 +1,112 @@
+"""pmi_kl over bf16 logits (three streams): the Triton row kernel against the copy bandwidth.
+
+Measured in one run: a device-to-device copy (the bandwidth ceiling), pmi_kl forward and
+forward+backward, plain torch on the same logits, Liger's JSD kernel on two streams, and
+a sweep of the row kernel's launch configurations on the fused path's two-stream shape.
+
+Bytes per vocabulary entry, by design (bf16 = 2 bytes a value):
+    forward KL, 3 streams: kappa pass reads t, r (4) + pass 1 reads s, t, r (6)
+                           + pass 2 reads s, t, r and writes grad (8)        = 18
+    mixed JSD adds pass 3 (reads 6, writes 2) and pass 2 writes nothing      = 24
+    backward: grad * incoming gradient per row (read 2, write 2)            = +4
+The minimum for forward+backward is 8 (read three streams once, write the gradient once).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import device_info, median_ms, slug, write_json  # noqa: E402
+
+from pmi_kernels import pmi_kl  # noqa: E402
+from pmi_kernels.options import LossOptions  # noqa: E402
+from pmi_kernels.triton_rows import rows_loss_and_grad_triton  # noqa: E402
+
+BYTES_PER_ENTRY = {"forward KL": {"fwd": 18, "fwd+bwd": 22}, "mixed JSD 0.5": {"fwd": 24, "fwd+bwd": 28}}
+SWEEP = [(2048, 4), (2048, 8), (4096, 8), (4096, 16), (8192, 16), (8192, 32)]
+
+
+def plain_torch_pmi_logits(s, t, r, clip=10.0):
+    s = s.float()
+    with torch.no_grad():
+        delta = t.float().log_softmax(-1) - r.float().log_softmax(-1)
+        delta = clip * torch.tanh((delta - delta.mean(-1, keepdim=True)) / clip)
+        log_q = (s + delta).log_softmax(-1)
+    log_p = s.log_softmax(-1)
+    return (log_q.exp() * (log_q - log_p)).sum(-1).mean()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=8192)
+    parser.add_argument("--vocab", type=int, default=151936)
+    parser.add_argument("--sweep-rows", type=int, default=2048, help="rows for the launch-config sweep")
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args()
+    assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
+    info = device_info("cuda")
+    print(info)
+    n, vocab = args.n, args.vocab
+    entries = n * vocab
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    s, t, r = (torch.randn(n, vocab, generator=gen, device="cuda", dtype=torch.bfloat16) * 3 for _ in range(3))
+    results = {"workload": dict(n=n, vocab=vocab, dtype="bf16", streams=3), "info": info, "rows": {}}
+
+    dst = torch.empty_like(s)
+    copy_ms = median_ms(lambda: dst.copy_(s), "cuda")
+    copy_bw = 2 * s.numel() * s.element_size() / copy_ms / 1e9
+    del dst
+    results["copy_tb_s"] = copy_bw / 1e3
+    print(f"copy bandwidth {copy_bw / 1e3:.2f} TB/s (read + write)")
+
+    student = s.clone().requires_grad_(True)
+    rows = results["rows"]
+    for label, lam in (("forward KL", 0.0), ("mixed JSD 0.5", 0.5)):
+        loss_fn = lambda: pmi_kl(student, t, r, jsd_beta=lam, check_finite=False)  # noqa: E731
+        for phase, fn in (("fwd", lambda: loss_fn()), ("fwd+bwd", lambda: torch.autograd.grad(loss_fn(), student))):
+            ms = median_ms(fn, "cuda")
+            moved = BYTES_PER_ENTRY[label][phase] * entries
+            frac = moved / ms / 1e9 / copy_bw
+            rows[f"pmi_kernels {label} {phase}"] = {"ms": ms, "bytes": moved, "fraction_of_copy_bw": frac}
+            print(f"pmi_kernels {label:14s} {phase:8s} {ms:8.2f} ms  {moved / ms / 1e9:7.0f} GB/s"
+                  f"  = {100 * frac:5.1f}% of copy")
+    ms = median_ms(lambda: torch.autograd.grad(plain_torch_pmi_logits(student, t, r), student), "cuda")
+    rows["plain torch forward KL fwd+bwd"] = {"ms": ms}
+    print(f"plain torch forward KL fwd+bwd {ms:8.2f} ms  (x{ms / rows['pmi_kernels forward KL fwd+bwd']['ms']:.2f})")
+    try:
+        from liger_kernel.transformers import LigerJSD
+        log_p = student.detach().float().log_softmax(-1).to(torch.bfloat16).requires_grad_(True)
+        log_q = t.float().log_softmax(-1).to(torch.bfloat16)
+        jsd = LigerJSD(beta=0.5)
+        ms = median_ms(lambda: torch.autograd.grad(jsd(log_p, log_q), log_p), "cuda")
+        rows["liger JSD 2 streams (log-probs given) fwd+bwd"] = {"ms": ms}
+        print(f"liger JSD, 2 streams, fwd+bwd {ms:8.2f} ms")
+        del log_p, log_q
+    except ImportError:
+        rows["liger JSD"] = "liger-kernel not installed"
+
+    # Launch-config sweep on the fused path's shape: s and t - r, kappa given, forward KL.
+    del student, r
+    torch.cuda.empty_cache()
+    m = args.sweep_rows
+    s2, d2, grad = s[:m], t[:m], torch.empty_like(s[:m])
+    kappa = torch.zeros(m, device="cuda")
+    opts = LossOptions(True, jsd_beta=0.0)
+    sweep = {}
+    for block, warps in SWEEP:
+        ms = median_ms(lambda: rows_loss_and_grad_triton(s2, d2, opts=opts, kappa=kappa, grad_out=grad,
+                                                         config=(block, warps)), "cuda")
+        bw = 10 * m * vocab / ms / 1e9
+        sweep[f"{block}x{warps}"] = {"ms": ms, "gb_s": bw}
+        print(f"row kernel fused shape BLOCK_V={block:5d} warps={warps:2d}: {ms:6.3f} ms  {bw:6.0f} GB/s"
+              f" = {100 * bw / copy_bw:5.1f}% of copy (10 B/entry)")
+    results["fused_shape_sweep"] = sweep
+    write_json(os.path.join(args.out, f"logits_{slug(info['device'])}_{info['date']}.json"), results)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+"""`fused_pmi_kl`: the PMI-KL loss straight from hidden states and the lm_head weight.
+
+Rows go in chunks sized from a workspace budget; per chunk:
+    s      = h W^T + b                      GEMM, [C, V] in the input dtype
+    t - r  = (h_T - h_R) W_f^T              ONE GEMM for both frozen streams, where SPEC
+                                            allows it (the bias and lse(t) - lse(r) cancel),
+    kappa  = (h_T - h_R) . mean_v(W_f) / tau   the centering mean, from the same product
+    row op: loss, and dloss/ds written over s in place
+    grad_h = dS W,  grad_W += dS^T h,  grad_b += sum dS      (when those gradients are wanted)
+The gradients are computed in the forward for mean/sum reductions and scaled by the
+incoming gradient in the backward; reduction="none" recomputes in the backward with the
+per-row incoming gradient folded into the kernel. Masked rows never reach a GEMM.
+No [N, V] tensor exists at any point.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import validation
+from .backends import TORCH_ROW_TEMPORARIES, resolve_backend, row_function, rows_per_chunk
+from .logits import reduce_rows
+from .options import LossOptions
+from .reference import compute_dtype, frozen_head
+
+
+@dataclass(frozen=True)
+class _Plan:
+    opts: LossOptions
+    backend: str
+    chunk_rows: int
+    reduction: str
+    grad_weight_fp32: bool
+
+
+def _frozen_streams(hc_t, hc_r, hc_a, w_f, b_f, w_f_mean, opts: LossOptions):
+    """(t, r, a, kappa) for one chunk; t holds t - r where one GEMM serves both streams."""
+    linear = lambda x: None if x is None else F.linear(x, w_f, b_f)  # noqa: E731
+    if not opts.pmi:
+        return linear(hc_t), None, None, None
+    anchor = linear(hc_a)
+    if opts.separate_lse:
+        return linear(hc_t), linear(hc_r), anchor, None
+    diff = hc_t - hc_r
+    kappa = None
+    if opts.needs_kappa:
+        kappa = (diff.to(w_f_mean.dtype) @ w_f_mean) / opts.temperature
+    return F.linear(diff, w_f), None, anchor, kappa
+
+
+def _accumulate_grad_weight(grad_w, grad_s, h):
+    """grad_w += grad_s^T h, with fp32 accumulation when grad_w is fp32 and the chunk is not."""
+    if grad_w.dtype == grad_s.dtype:
+        grad_w.addmm_(grad_s.t(), h)
+    elif grad_w.is_cuda:
+        torch.addmm(grad_w, grad_s.t(), h, out_dtype=grad_w.dtype, out=grad_w)
+    else:
+        grad_w.addmm_(grad_s.t().to(grad_w.dtype), h.to(grad_w.dtype))
+
+
+def _sweep(plan: _Plan, h, w, b, h_t, h_r, h_a, w_f, b_f, row_scale, want_h, want_w, want_b):
+    """Loss per row [n] and the wanted gradients, row_scale [n] folded into them."""
+    n, vocab = h.shape[0], w.shape[0]
+    rows_fn = row_function(plan.backend)
+    loss = torch.empty(n, dtype=compute_dtype(h.dtype), device=h.device)
+    grad_h = torch.empty_like(h) if want_h else None
+    grad_w = torch.zeros(w.shape, dtype=torch.float32 if plan.grad_weight_fp32 else w.dtype,
+                         device=w.device) if want_w else None
+    grad_b = torch.zeros(vocab, dtype=compute_dtype(w.dtype), device=w.device) if want_b else None
+    want_grad = want_h or want_w or want_b
+    w_f_mean = w_f.to(compute_dtype(w_f.dtype)).mean(0) if plan.opts.needs_kappa else None
+    for i in range(0, n, plan.chunk_rows):
+        rows = slice(i, i + plan.chunk_rows)
+        chunk = lambda x: None if x is None else x[rows]  # noqa: E731
+        hc = h[rows]
+        s = F.linear(hc, w, b)
+        t, r, a, kappa = _frozen_streams(hc_t=chunk(h_t), hc_r=chunk(h_r), hc_a=chunk(h_a),
+                                         w_f=w_f, b_f=b_f, w_f_mean=w_f_mean, opts=plan.opts)
+        loss[rows] = rows_fn(s, t, r, a, opts=plan.opts, kappa=kappa, row_scale=chunk(row_scale),
+                             grad_out=s if want_grad else None)
+        # s now holds dloss/ds_raw, scaled per row.
+        if want_h:
+            torch.mm(s, w, out=grad_h[rows])
+        if want_w:
+            _accumulate_grad_weight(grad_w, s, hc)
+        if want_b:
+            grad_b += s.sum(0, dtype=grad_b.dtype)
+    return loss, grad_h, grad_w, grad_b
+
+
+class _FusedPMIKL(torch.autograd.Function):
+    """Over the kept rows only: per-row loss for reduction="none", else the reduced scalar."""
+
+    @staticmethod
+    def forward(ctx, h, w, b, h_t, h_r, h_a, w_f, b_f, plan: _Plan):
+        wants = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], b is not None and ctx.needs_input_grad[2])
+        ctx.plan, ctx.wants = plan, wants
+        ctx.dtypes = (w.dtype, None if b is None else b.dtype)
+        n = h.shape[0]
+        if plan.reduction == "none" or not any(wants):
+            loss, *_ = _sweep(plan, h, w, b, h_t, h_r, h_a, w_f, b_f, None, False, False, False)
+            ctx.save_for_backward(h, w, b, h_t, h_r, h_a, w_f, b_f)
+        else:
+            scale = 1.0 / max(1, n) if plan.reduction == "mean" else 1.0
+            row_scale = torch.full((n,), scale, dtype=torch.float32, device=h.device)
+            loss, *grads = _sweep(plan, h, w, b, h_t, h_r, h_a, w_f, b_f, row_scale, *wants)
+            ctx.save_for_backward(*grads)
+        if plan.reduction == "none":
+            return loss
+        return loss.sum() / max(1, n) if plan.reduction == "mean" else loss.sum()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        if ctx.plan.reduction == "none":
+            _, grad_h, grad_w, grad_b = _sweep(ctx.plan, *ctx.saved_tensors, grad_loss.float(), *ctx.wants)
+        else:
+            # The gradients were computed in the forward for an incoming gradient of 1.
+            grad_h, grad_w, grad_b = ctx.saved_tensors
+            if not torch.equal(grad_loss, torch.ones_like(grad_loss)):
+                grad_h, grad_w, grad_b = (None if x is None else x * grad_loss.to(x.dtype)
+                                          for x in (grad_h, grad_w, grad_b))
+        w_dtype, b_dtype = ctx.dtypes
+        grad_w = None if grad_w is None else grad_w.to(w_dtype)
+        grad_b = None if grad_b is None else grad_b.to(b_dtype)
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None
+
+
+def fused_pmi_kl(student_hidden, lm_head_weight, teacher_hidden, refonly_hidden=None, anchor_hidden=None, *,
+                 lm_head_bias=None, frozen_weight=None, frozen_bias=None, mask=None, beta=1.0, clip=10.0,
+                 center=True, temperature=1.0, jsd_beta=0.5, entry_clip=None, reduction="mean",
+                 check_finite=True, backend="auto", workspace_bytes=None, grad_weight_fp32=False):
+    """PMI-KL loss from hidden states [..., H] and the lm_head (../shared/SPEC.md).
+
+    Gradients reach student_hidden, lm_head_weight and lm_head_bias (those that require
+    them). The frozen streams use (frozen_weight, frozen_bias), by default the student
+    head's (W or b) detached, each on its own. workspace_bytes bounds the per-chunk logit buffers (default 1 GiB);
+    grad_weight_fp32 accumulates the weight gradient over chunks in fp32, rounding once.
+    """
+    streams = {"student_hidden": student_hidden, "teacher_hidden": teacher_hidden,
+               "refonly_hidden": refonly_hidden, "anchor_hidden": anchor_hidden}
+    student = validation.check_streams(streams, "H")
+    validation.check_linear(lm_head_weight, lm_head_bias, student, "lm_head_weight", "lm_head_bias")
+    w_f, b_f = frozen_head(lm_head_weight, lm_head_bias, frozen_weight, frozen_bias)
+    validation.check_linear(w_f, b_f, student, "frozen_weight", "frozen_bias")
+    if w_f.shape[0] != lm_head_weight.shape[0]:
+        raise ValueError(f"frozen_weight has V = {w_f.shape[0]} but lm_head_weight has V = {lm_head_weight.shape[0]}")
+    validation.check_mask(mask, student.shape[:-1], student.device)
+    validation.check_reduction_and_backend(reduction, backend)
+    opts = LossOptions(refonly_hidden is not None, beta, clip, center, temperature, jsd_beta, entry_clip)
+    backend = resolve_backend(backend, student.device)
+    if check_finite:
+        validation.check_finite({**streams, "lm_head_weight": lm_head_weight, "lm_head_bias": lm_head_bias,
+                                 "frozen_weight": frozen_weight, "frozen_bias": frozen_bias})
+
+    vocab, hidden = lm_head_weight.shape
+    # Chunk buffers: s plus each frozen stream the plan computes, in the input dtype; the torch
+    # row operation adds its compute-dtype temporaries.
+    buffers = 1 + (1 if refonly_hidden is None or not opts.separate_lse else 2) + (anchor_hidden is not None)
+    per_entry = buffers * student.element_size()
+    if backend == "torch":
+        per_entry += TORCH_ROW_TEMPORARIES * torch.finfo(compute_dtype(student.dtype)).bits // 8
+    plan = _Plan(opts, backend, rows_per_chunk(vocab, per_entry, workspace_bytes), reduction,
+                 bool(grad_weight_fp32))
+
+    lead = student.shape[:-1]
+    flat = lambda x: None if x is None else x.reshape(-1, hidden)  # noqa: E731
+    h, h_t, h_r, h_a = map(flat, (student_hidden, teacher_hidden, refonly_hidden, anchor_hidden))
+    if mask is not None:
+        # Masked rows are dropped before any GEMM; the gather copies only [n_kept, H].
+        kept = mask.reshape(-1).nonzero().squeeze(1)
+        h, h_t, h_r, h_a = (None if x is None else x[kept] for x in (h, h_t, h_r, h_a))
+    h_t, h_r, h_a = (None if x is None else x.detach() for x in (h_t, h_r, h_a))
+    loss = _FusedPMIKL.apply(h, lm_head_weight, lm_head_bias, h_t, h_r, h_a, w_f, b_f, plan)
+    if reduction != "none":
+        return loss
+    if mask is None:
+        return loss.reshape(lead)
+    full = loss.new_zeros(mask.numel())
+    return full.index_put((kept,), loss).reshape(lead)

@@ -1,0 +1,91 @@
+"""The row operation in plain torch: a chunk of logit rows -> per-row loss and dloss/ds_raw.
+
+This is the arithmetic of the Triton kernel written with whole-row torch ops, used by
+backend="torch" (the CPU path) over chunks of rows. The gradient is analytic, not
+autograd, so it also documents what the kernel computes:
+
+    A_v = k_v * dsummand_v / dlogp_v       (k_v = 0 where entry_clip clamps the summand)
+    dloss/ds_v = (A_v - p_v * sum_u A_u) / tau
+
+with dsummand/dlogp = -q (forward KL), p (log p - log q + 1) (reverse KL) and
+(1 - λ) p (log p - log m) (mixed JSD); forward KL without entry_clip is simply p - q.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from .options import FORWARD_KL, MIXED_JSD, REVERSE_KL, LossOptions
+from .reference import compute_dtype
+
+
+def target_shift(t, r, opts: LossOptions):
+    """kappa: the per-row constant subtracted from t - r before the soft clip (scaled units)."""
+    if opts.center:
+        return (t - r).mean(-1) if r is not None else t.mean(-1)
+    return t.logsumexp(-1) - r.logsumexp(-1)
+
+
+def target_logits(s, t, r, a, kappa, opts: LossOptions):
+    """g from scaled logits. With r None in PMI mode, t already holds t - r."""
+    if not opts.pmi:
+        return t
+    delta = t - r if r is not None else t
+    if opts.needs_kappa:
+        if kappa is None:
+            kappa = target_shift(t, r, opts)
+        delta = opts.clip * torch.tanh((delta - kappa[:, None]) / opts.clip)
+    return (s if a is None else a) + delta / opts.beta
+
+
+def summand_and_slope(lp, lq, opts: LossOptions):
+    """The per-vocabulary loss summand and its derivative with respect to log p."""
+    p, q = lp.exp(), lq.exp()
+    kind = opts.loss_kind
+    if kind == FORWARD_KL:
+        return q * (lq - lp), -q
+    if kind == REVERSE_KL:
+        return p * (lp - lq), p * (lp - lq + 1)
+    lam = opts.jsd_beta
+    lm = torch.logaddexp(lp + math.log1p(-lam), lq + math.log(lam))
+    summand = lam * q * (lq - lm) + (1 - lam) * p * (lp - lm)
+    return summand, (1 - lam) * p * (lp - lm)
+
+
+def rows_loss_and_grad(s_raw, t_raw, r_raw=None, a_raw=None, *, opts: LossOptions,
+                       kappa: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None,
+                       row_scale: Optional[torch.Tensor] = None, grad_out: Optional[torch.Tensor] = None):
+    """Per-row loss [C] (compute dtype) of raw logit rows [C, V]; writes row_scale * dloss/ds_raw
+    into grad_out (any float dtype, may alias s_raw) when given. Masked rows give exactly 0."""
+    dtype = compute_dtype(s_raw.dtype)
+    inv_tau = 1.0 / opts.temperature
+    scale = lambda x: None if x is None else x.to(dtype) * inv_tau  # noqa: E731
+    s, t, r, a = map(scale, (s_raw, t_raw, r_raw, a_raw))
+    g = target_logits(s, t, r, a, kappa, opts)
+    lp, lq = s.log_softmax(-1), g.log_softmax(-1)
+    summand, slope = summand_and_slope(lp, lq, opts)
+    if opts.entry_clip is not None:
+        clamped = summand > opts.entry_clip
+        summand = summand.clamp(max=opts.entry_clip)
+        slope = slope.masked_fill(clamped, 0.0)
+    keep = None if mask is None else mask[:, None]
+    loss = summand.sum(-1)
+    if mask is not None:
+        loss = torch.where(mask, loss, torch.zeros_like(loss))
+    if grad_out is None:
+        return loss
+    if opts.loss_kind == FORWARD_KL and opts.entry_clip is None:
+        grad = lp.exp() - lq.exp()
+    else:
+        grad = slope - lp.exp() * slope.sum(-1, keepdim=True)
+    grad = grad * inv_tau if row_scale is None else grad * (row_scale.to(dtype)[:, None] * inv_tau)
+    if keep is not None:
+        grad = torch.where(keep, grad, torch.zeros_like(grad))
+    grad_out.copy_(grad)
+    return loss
+
+
+__all__ = ["rows_loss_and_grad", "target_logits", "target_shift", "summand_and_slope",
+           "FORWARD_KL", "REVERSE_KL", "MIXED_JSD"]

@@ -1,0 +1,90 @@
+"""Input checks that every path runs first, so bad input fails the same way everywhere.
+
+Each failure is a ValueError that names the argument (and the stream, for non-finite
+values), raised before any kernel runs.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+
+from .options import BACKENDS, REDUCTIONS
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def check_reduction_and_backend(reduction, backend) -> None:
+    check_choice("reduction", reduction, REDUCTIONS)
+    check_choice("backend", backend, BACKENDS)
+
+
+def check_streams(streams: Dict[str, Optional[torch.Tensor]], what: str) -> torch.Tensor:
+    """All given streams: tensors of one float dtype, one device, one shape [..., D], D > 0.
+
+    `streams` maps argument names to tensors (None = stream absent); the first is the
+    student, against which the others are compared. Returns the student.
+    """
+    first_name, first = next(iter(streams.items()))
+    for name, x in streams.items():
+        if x is None:
+            continue
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"{name} must be a floating tensor (fp16, bf16, fp32, fp64), got {x.dtype}")
+        if x.dim() < 1 or x.shape[-1] == 0:
+            raise ValueError(f"{name} must have a non-empty last dimension ({what}), got shape {tuple(x.shape)}")
+        if x is first:
+            continue
+        if x.shape != first.shape:
+            raise ValueError(f"{name} has shape {tuple(x.shape)} but {first_name} has {tuple(first.shape)}")
+        if x.dtype != first.dtype:
+            raise ValueError(f"{name} has dtype {x.dtype} but {first_name} has {first.dtype}")
+        if x.device != first.device:
+            raise ValueError(f"{name} is on {x.device} but {first_name} is on {first.device}")
+    return first
+
+
+def check_mask(mask: Optional[torch.Tensor], lead_shape, device) -> None:
+    if mask is None:
+        return
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        raise ValueError(f"mask must be a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
+    if tuple(mask.shape) != tuple(lead_shape):
+        raise ValueError(f"mask has shape {tuple(mask.shape)} but the streams' leading shape is {tuple(lead_shape)}")
+    if mask.device != device:
+        raise ValueError(f"mask is on {mask.device} but the streams are on {device}")
+
+
+def check_linear(weight, bias, hidden: torch.Tensor, weight_name: str, bias_name: str) -> None:
+    """An lm_head weight [V, H] (and optional bias [V]) matching the hidden states [..., H]."""
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError(f"{weight_name} must be a 2-D tensor [V, H], got {getattr(weight, 'shape', weight)!r}")
+    vocab, hidden_size = weight.shape
+    if vocab == 0 or hidden_size == 0:
+        raise ValueError(f"{weight_name} must have V > 0 and H > 0, got shape {tuple(weight.shape)}")
+    if hidden_size != hidden.shape[-1]:
+        raise ValueError(f"{weight_name} has H = {hidden_size} but the hidden states have H = {hidden.shape[-1]}")
+    if weight.dtype != hidden.dtype:
+        raise ValueError(f"{weight_name} has dtype {weight.dtype} but the hidden states have {hidden.dtype}")
+    if weight.device != hidden.device:
+        raise ValueError(f"{weight_name} is on {weight.device} but the hidden states are on {hidden.device}")
+    if bias is None:
+        return
+    if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (vocab,):
+        raise ValueError(f"{bias_name} must be a tensor of shape [{vocab}], got {getattr(bias, 'shape', bias)!r}")
+    if bias.dtype != weight.dtype or bias.device != weight.device:
+        raise ValueError(f"{bias_name} must match {weight_name} in dtype and device")
+
+
+def check_finite(streams: Dict[str, Optional[torch.Tensor]]) -> None:
+    """One fused reduction per stream; this syncs with the device, hence the opt-out."""
+    for name, x in streams.items():
+        if x is not None and not bool(torch.isfinite(x).all()):
+            raise ValueError(f"{name} contains non-finite values (NaN or inf)")

@@ -1,0 +1,152 @@
+"""fused_pmi_kl from hidden states: every path against the float64 reference."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import PATHS, requires_cuda
+from helpers import assert_close, upcast
+from pmi_kernels import fused_pmi_kl
+from pmi_kernels.reference import fused_pmi_kl_reference, pmi_kl_reference
+
+OPTIONS = [
+    pytest.param(dict(), id="defaults"),
+    pytest.param(dict(jsd_beta=0.0), id="forward-kl"),
+    pytest.param(dict(jsd_beta=1.0, temperature=1.4), id="reverse-kl-temp"),
+    pytest.param(dict(clip=None, center=False), id="no-clip-no-center"),
+    pytest.param(dict(clip=2.0, center=False, jsd_beta=0.2), id="clip-no-center"),
+    pytest.param(dict(entry_clip=1e-3, beta=0.7), id="entry-clip"),
+]
+MODES = ["pmi", "pmi-anchor", "opsd"]
+
+
+def make(n, h, v, dtype, device, bias=True, frozen=False):
+    x = lambda *shape: (torch.randn(*shape, dtype=torch.float64)).to(dtype).to(device)  # noqa: E731
+    hidden = [x(n, h) for _ in range(4)]
+    weight = (x(v, h) * h ** -0.5 * 4).to(dtype)
+    b = x(v) if bias else None
+    w_f = (weight.double() + 0.3 * x(v, h).double() * h ** -0.5).to(dtype) if frozen else None
+    return hidden, weight, b, w_f
+
+
+def run_both(backend, hidden, weight, bias, mode, *, frozen_weight=None, mask=None, reduction="none",
+             chunk_rows=None, want=(True, True, True), grad_weight_fp32=False, upstream=None, **kwargs):
+    h, ht, hr, ha = hidden
+    hr = None if mode == "opsd" else hr
+    ha = ha if mode == "pmi-anchor" else None
+    leaves = [h.detach().requires_grad_(want[0]), weight.detach().requires_grad_(want[1]),
+              None if bias is None else bias.detach().requires_grad_(want[2])]
+    workspace = None if chunk_rows is None else chunk_rows * weight.shape[0] * 4 * 20
+    loss = fused_pmi_kl(leaves[0], leaves[1], ht, hr, ha, lm_head_bias=leaves[2], frozen_weight=frozen_weight,
+                        mask=mask, reduction=reduction, backend=backend, workspace_bytes=workspace,
+                        grad_weight_fp32=grad_weight_fp32, **kwargs)
+    if upstream is None:
+        upstream = torch.rand(loss.shape, dtype=torch.float64) + 0.5
+    wanted = [x for x in leaves if x is not None and x.requires_grad]
+    grads = torch.autograd.grad((loss * upstream.to(loss)).sum(), wanted)
+    ref_leaves = [None if x is None else upcast(x).requires_grad_(x.requires_grad) for x in leaves]
+    ref = fused_pmi_kl_reference(ref_leaves[0], ref_leaves[1], upcast(ht), upcast(hr), upcast(ha),
+                                 lm_head_bias=ref_leaves[2], frozen_weight=upcast(frozen_weight),
+                                 mask=None if mask is None else mask.cpu(), reduction=reduction, **kwargs)
+    ref_wanted = [x for x in ref_leaves if x is not None and x.requires_grad]
+    ref_grads = torch.autograd.grad((ref * upstream).sum(), ref_wanted)
+    for leaf, grad in zip(wanted, grads):
+        assert grad.dtype == leaf.dtype and grad.shape == leaf.shape
+    return loss, grads, ref, ref_grads
+
+
+def check(loss, grads, ref, ref_grads, dtype=torch.float32, factor=1.0):
+    assert_close(loss, ref, dtype, "loss", factor=factor, atol=1e-6)
+    for name, grad, ref_grad in zip(("grad_h", "grad_w", "grad_b"), grads, ref_grads):
+        assert_close(grad, ref_grad, dtype, name, factor=factor, atol=1e-8)
+
+
+@pytest.mark.parametrize("kwargs", OPTIONS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("device,backend", PATHS)
+def test_matches_reference(device, backend, mode, kwargs):
+    # Odd sizes; chunks of 4 rows so several chunks and a ragged last one run.
+    hidden, weight, bias, _ = make(11, 24, 517, torch.float32, device)
+    mask = torch.rand(11, device=device) > 0.25
+    out = run_both(backend, hidden, weight, bias, mode, mask=mask, chunk_rows=4, **kwargs)
+    check(*out)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("device,backend", PATHS)
+def test_reductions_leading_dims_frozen_head(device, backend, reduction):
+    hidden, weight, bias, w_f = make(10, 16, 301, torch.float32, device, frozen=True)
+    hidden = [x.reshape(2, 5, 16) for x in hidden]
+    mask = torch.tensor([[True, False, True, True, True], [False, True, True, False, True]], device=device)
+    out = run_both(backend, hidden, weight, bias, "pmi-anchor", frozen_weight=w_f, mask=mask,
+                   reduction=reduction, chunk_rows=3)
+    assert out[0].shape == out[2].shape
+    check(*out)
+
+
+@pytest.mark.parametrize("want", [(True, False, False), (False, True, True), (False, False, True)],
+                         ids=["hidden-only", "weight-and-bias", "bias-only"])
+@pytest.mark.parametrize("device,backend", PATHS)
+def test_partial_gradients(device, backend, want):
+    hidden, weight, bias, _ = make(7, 16, 200, torch.float32, device)
+    check(*run_both(backend, hidden, weight, bias, "pmi", reduction="mean", want=want))
+
+
+@pytest.mark.parametrize("device,backend", PATHS)
+def test_no_bias_no_mask_no_grad(device, backend):
+    hidden, weight, _, _ = make(6, 8, 123, torch.float32, device, bias=False)
+    check(*run_both(backend, hidden, weight, None, "pmi", reduction="sum"))
+    with torch.no_grad():
+        loss = fused_pmi_kl(hidden[0], weight, hidden[1], hidden[2], backend=backend)
+    ref = fused_pmi_kl_reference(*(upcast(x) for x in hidden[:1]), upcast(weight), upcast(hidden[1]),
+                                 upcast(hidden[2]))
+    assert_close(loss, ref, torch.float32, "loss", atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("device,backend", PATHS)
+def test_bf16_within_thrice_plain_torch_error(device, backend, mode):
+    """bf16 in: the logits are rounded to bf16 after each GEMM, as in plain torch. The error
+    against float64 must stay within 3x that of plain torch in bf16 (plus atol): the single
+    t - r GEMM rounds h_T - h_R to bf16 before it, one rounding more than plain torch has."""
+    hidden, weight, bias, _ = make(9, 64, 1000, torch.bfloat16, device)
+    upstream = torch.ones(9, dtype=torch.float64)
+    loss, grads, ref, ref_grads = run_both(backend, hidden, weight, bias, mode, reduction="none", jsd_beta=0.3,
+                                           upstream=upstream)
+    h, ht, hr, ha = hidden
+    hr = None if mode == "opsd" else hr
+    ha = ha if mode == "pmi-anchor" else None
+    leaves = [x.detach().requires_grad_(True) for x in (h, weight, bias)]
+    frozen = lambda x: None if x is None else F.linear(x, weight, bias)  # noqa: E731
+    plain = pmi_kl_reference(F.linear(*leaves), frozen(ht), frozen(hr), frozen(ha), reduction="none", jsd_beta=0.3)
+    plain_grads = torch.autograd.grad(plain.sum(), leaves)
+    error = lambda x, y: (x.detach().double().cpu() - y.detach()).abs().max()  # noqa: E731
+    assert error(loss, ref) <= 3 * error(plain, ref) + 2e-3 * ref.abs().max()
+    for name, grad, plain_grad, ref_grad in zip(("grad_h", "grad_w", "grad_b"), grads, plain_grads, ref_grads):
+        assert torch.isfinite(grad).all(), name
+        assert error(grad, ref_grad) <= 3 * error(plain_grad, ref_grad) + 1e-3 * ref_grad.abs().max(), name
+
+
+@pytest.mark.parametrize("device,backend", PATHS)
+def test_grad_weight_fp32_accumulation(device, backend):
+    """Accumulated in fp32 over one-row chunks, grad_W is the single-chunk product rounded once
+    (up to fp32 summation order); accumulated in bf16 it drifts further from it."""
+    hidden, weight, bias, _ = make(24, 32, 300, torch.bfloat16, device)
+    upstream = torch.ones((), dtype=torch.float64)
+    grad_w = lambda **kw: run_both(backend, hidden, weight, bias, "pmi", reduction="sum", upstream=upstream,  # noqa: E731
+                                   **kw)[1][1]
+    single = grad_w(chunk_rows=1000).double()
+    fp32 = grad_w(chunk_rows=1, grad_weight_fp32=True)
+    bf16 = grad_w(chunk_rows=1).double()
+    assert fp32.dtype == torch.bfloat16
+    fp32 = fp32.double()
+    assert ((fp32 - single).abs() <= 2 ** -7 * single.abs() + 1e-6).all()
+    assert (fp32 - single).norm() < (bf16 - single).norm()
+
+
+@requires_cuda
+def test_cuda_bf16_matches_cpu_path():
+    hidden, weight, bias, _ = make(33, 128, 5003, torch.bfloat16, "cuda")
+    gpu = fused_pmi_kl(hidden[0], weight, hidden[1], hidden[2], lm_head_bias=bias, reduction="none")
+    cpu = fused_pmi_kl(*(x.cpu() for x in hidden[:1]), weight.cpu(), hidden[1].cpu(), hidden[2].cpu(),
+                       lm_head_bias=bias.cpu(), reduction="none", backend="torch")
+    assert torch.allclose(gpu.cpu(), cpu, rtol=2e-2, atol=2e-2)
