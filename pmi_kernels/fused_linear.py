@@ -22,7 +22,6 @@ import torch.nn.functional as F
 
 from . import validation
 from .backends import TORCH_ROW_TEMPORARIES, resolve_backend, row_function, rows_per_chunk
-from .logits import reduce_rows
 from .options import LossOptions
 from .reference import compute_dtype, frozen_head
 
@@ -51,14 +50,18 @@ def _frozen_streams(hc_t, hc_r, hc_a, w_f, b_f, w_f_mean, opts: LossOptions):
     return F.linear(diff, w_f), None, anchor, kappa
 
 
-def _accumulate_grad_weight(grad_w, grad_s, h):
-    """grad_w += grad_s^T h, with fp32 accumulation when grad_w is fp32 and the chunk is not."""
+def _accumulate_grad_weight(grad_w, grad_s, h, first: bool):
+    """grad_w (+)= grad_s^T h; fp32 accumulation when grad_w is fp32 and the chunk is not.
+    The first chunk overwrites, so grad_w needs no zero fill (one pass over [V, H] less)."""
     if grad_w.dtype == grad_s.dtype:
-        grad_w.addmm_(grad_s.t(), h)
+        if first:
+            torch.mm(grad_s.t(), h, out=grad_w)
+        else:
+            grad_w.addmm_(grad_s.t(), h)
     elif grad_w.is_cuda:
-        torch.addmm(grad_w, grad_s.t(), h, out_dtype=grad_w.dtype, out=grad_w)
+        torch.addmm(grad_w, grad_s.t(), h, beta=0 if first else 1, out_dtype=grad_w.dtype, out=grad_w)
     else:
-        grad_w.addmm_(grad_s.t().to(grad_w.dtype), h.to(grad_w.dtype))
+        grad_w.addmm_(grad_s.t().to(grad_w.dtype), h.to(grad_w.dtype), beta=0 if first else 1)
 
 
 def _sweep(plan: _Plan, h, w, b, h_t, h_r, h_a, w_f, b_f, row_scale, want_h, want_w, want_b):
@@ -67,11 +70,12 @@ def _sweep(plan: _Plan, h, w, b, h_t, h_r, h_a, w_f, b_f, row_scale, want_h, wan
     rows_fn = row_function(plan.backend)
     loss = torch.empty(n, dtype=compute_dtype(h.dtype), device=h.device)
     grad_h = torch.empty_like(h) if want_h else None
-    grad_w = torch.zeros(w.shape, dtype=torch.float32 if plan.grad_weight_fp32 else w.dtype,
+    grad_w = torch.empty(w.shape, dtype=torch.float32 if plan.grad_weight_fp32 else w.dtype,
                          device=w.device) if want_w else None
     grad_b = torch.zeros(vocab, dtype=compute_dtype(w.dtype), device=w.device) if want_b else None
     want_grad = want_h or want_w or want_b
-    w_f_mean = w_f.to(compute_dtype(w_f.dtype)).mean(0) if plan.opts.needs_kappa else None
+    # Column mean of W_f, accumulated in fp32 without an fp32 copy of the weight.
+    w_f_mean = torch.sum(w_f, 0, dtype=compute_dtype(w_f.dtype)) / vocab if plan.opts.needs_kappa else None
     for i in range(0, n, plan.chunk_rows):
         rows = slice(i, i + plan.chunk_rows)
         chunk = lambda x: None if x is None else x[rows]  # noqa: E731
@@ -85,9 +89,13 @@ def _sweep(plan: _Plan, h, w, b, h_t, h_r, h_a, w_f, b_f, row_scale, want_h, wan
         if want_h:
             torch.mm(s, w, out=grad_h[rows])
         if want_w:
-            _accumulate_grad_weight(grad_w, s, hc)
+            _accumulate_grad_weight(grad_w, s, hc, first=i == 0)
         if want_b:
             grad_b += s.sum(0, dtype=grad_b.dtype)
+        # Free this chunk's buffers before the next chunk allocates its own.
+        del s, t, r, a
+    if want_w and n == 0:
+        grad_w.zero_()
     return loss, grad_h, grad_w, grad_b
 
 
