@@ -1,11 +1,11 @@
-"""fused_pmi_kl on the headline workload of ANCHORS: hidden states + lm_head -> loss and gradients.
+"""fused_pmi_kl on the headline workload of ANCHORS, with the goals of its issue as ratios.
 
-Everything is measured in one run on one device: the four bare GEMMs the loss cannot avoid
-(the floor), pmi_kernels (Triton row kernel, and its chunked plain-torch backend), the
-obvious plain-torch code with fp32 logits materialized, and Liger's fused losses when
-installed. Prints the ratios the issue sets as goals and writes JSON.
+bf16, N=8192, H=4096, V=151,936, three streams, PMI target, forward KL, gradients to the
+hidden states and the weight. Everything in one run on one device: the four bare GEMMs
+(the floor), pmi_kernels, plain torch, Liger when installed; then pmi_kernels' peak extra
+memory (beyond inputs and the gradients it returns) at N = 8k, 32k and 131k.
 
-    python benchmarks/bench_fused.py --out benchmarks/results          # on a GPU
+    python benchmarks/bench_fused.py --out benchmarks/results          # needs a GPU
 """
 from __future__ import annotations
 
@@ -16,78 +16,17 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import implementations as impls  # noqa: E402
 from common import device_info, is_oom, median_ms, peak_extra_gib, slug, write_json  # noqa: E402
 
 from pmi_kernels import fused_pmi_kl  # noqa: E402
 
-
-def make_inputs(n, hidden, vocab, dtype, device, logit_scale=3.0):
-    """Hidden states ~ N(0, 1) and a head scaled so logits have std ~ logit_scale."""
-    gen = torch.Generator(device=device).manual_seed(0)
-    x = lambda *shape: torch.randn(*shape, generator=gen, device=device, dtype=dtype)  # noqa: E731
-    weight = (x(vocab, hidden) * (logit_scale / hidden ** 0.5)).requires_grad_(True)
-    return x(n, hidden).requires_grad_(True), weight, x(n, hidden), x(n, hidden)
-
-
-def plain_torch_pmi(h, w, h_t, h_r, clip=10.0):
-    """What a user writes first: fp32 logits for every stream, autograd for the gradient."""
-    s = (h @ w.T).float()
-    with torch.no_grad():
-        t = (h_t @ w.T).float()
-        r = (h_r @ w.T).float()
-        delta = t.log_softmax(-1) - r.log_softmax(-1)
-        delta = clip * torch.tanh((delta - delta.mean(-1, keepdim=True)) / clip)
-        log_q = (s + delta).log_softmax(-1)
-    log_p = s.log_softmax(-1)
-    return (log_q.exp() * (log_q - log_p)).sum(-1).mean()
-
-
-def chunked_pmi_target(h, w, h_t, h_r, chunk=1024, clip=10.0):
-    """The PMI target q [N, V] in fp32, built chunk by chunk, to feed a loss that takes q."""
-    q = torch.empty(h.shape[0], w.shape[0], dtype=torch.float32, device=h.device)
-    with torch.no_grad():
-        for i in range(0, h.shape[0], chunk):
-            s = (h[i:i + chunk] @ w.T).float()
-            delta = (h_t[i:i + chunk] - h_r[i:i + chunk]) @ w.T
-            delta = delta.float() - delta.float().mean(-1, keepdim=True)
-            q[i:i + chunk] = (s + clip * torch.tanh(delta / clip)).softmax(-1)
-    return q
-
-
-def implementations(h, w, h_t, h_r):
-    """name -> fn() running forward + backward and returning the gradients it produced."""
-    grads = lambda loss: torch.autograd.grad(loss, (h, w))  # noqa: E731
-    impls = {
-        "pmi_kernels triton": lambda: grads(fused_pmi_kl(h, w, h_t, h_r, jsd_beta=0.0, check_finite=False)),
-        "pmi_kernels torch-chunked": lambda: grads(fused_pmi_kl(h, w, h_t, h_r, jsd_beta=0.0, check_finite=False,
-                                                                backend="torch")),
-        "plain torch (fp32 logits)": lambda: grads(plain_torch_pmi(h, w, h_t, h_r)),
-        "pmi_kernels triton, opsd 2-stream jsd0.5": lambda: grads(fused_pmi_kl(h, w, h_t, jsd_beta=0.5,
-                                                                               check_finite=False)),
-    }
-    try:
-        from liger_kernel.transformers import LigerFusedLinearJSD, LigerFusedLinearKLDivLoss
-    except ImportError:
-        return impls, "liger-kernel not installed"
-    jsd = LigerFusedLinearJSD(jsd_beta=0.5)
-    kl = LigerFusedLinearKLDivLoss(reduction="batchmean")
-    impls["liger FusedLinearJSD, opsd 2-stream jsd0.5"] = lambda: grads(jsd(h, w, h_t, w.detach(), None))
-    impls["liger FusedLinearKLDiv + chunked PMI target"] = lambda: grads(kl(h, w, chunked_pmi_target(h, w, h_t, h_r)))
-    return impls, None
-
-
-def bare_gemms(h, w, h_t, h_r):
-    """The floor: student logits, one product for t - r, and the two backward products."""
-    diff = (h_t - h_r).detach()
-    dz = torch.randn(h.shape[0], w.shape[0], device=h.device, dtype=h.dtype)
-    hd, wd = h.detach(), w.detach()
-
-    def run():
-        hd @ wd.T
-        diff @ wd.T
-        dz @ wd
-        dz.T @ hd
-    return run
+GOALS = [  # (label, numerator, denominator, comparison, bound)
+    ("pmi_kernels / bare GEMMs", "pmi_kernels (triton)", impls.FLOOR, "<=", 1.15),
+    ("plain torch / pmi_kernels", "plain torch", "pmi_kernels (triton)", ">=", 1.9),
+    ("liger FLJSD / pmi_kernels, opsd", "liger FusedLinearJSD, opsd 2 streams, jsd 0.5",
+     "pmi_kernels (triton), opsd 2 streams, jsd 0.5", ">", 1.0),
+]
 
 
 def main():
@@ -100,62 +39,59 @@ def main():
     parser.add_argument("--out", default="benchmarks/results", help="folder for the JSON")
     args = parser.parse_args()
     assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
-    dtype = torch.bfloat16
     info = device_info("cuda")
     print(info)
-    h, w, h_t, h_r = make_inputs(args.n, args.hidden, args.vocab, dtype, "cuda")
-    flops_per_gemm = 2 * args.n * args.vocab * args.hidden
+    h, w, h_t, h_r = impls.make_inputs(args.n, args.hidden, args.vocab, torch.bfloat16, "cuda")
     results = {"workload": dict(n=args.n, hidden=args.hidden, vocab=args.vocab, dtype="bf16",
                                 loss="PMI target, forward KL(q||p), clip 10, centered; grads to h and W"),
                "info": info, "times_ms": {}, "peak_extra_gib": {}}
-    floor = median_ms(bare_gemms(h, w, h_t, h_r), "cuda")
-    results["times_ms"]["bare 4 GEMMs"] = floor
-    print(f"{'bare 4 GEMMs':48s} {floor:8.2f} ms   {4 * flops_per_gemm / floor / 1e9:6.0f} TFLOP/s")
-    torch.cuda.empty_cache()
 
     # Exactness at scale: the loss against plain torch on the same inputs.
     ours = fused_pmi_kl(h, w, h_t, h_r, jsd_beta=0.0).item()
-    plain = plain_torch_pmi(h, w, h_t, h_r).item()
+    plain = impls.plain_torch_pmi(h, w, h_t, h_r).mean().item()
     results["loss"] = {"pmi_kernels": ours, "plain torch": plain}
     print(f"loss: pmi_kernels {ours:.6f}  plain torch {plain:.6f}  rel diff {abs(ours - plain) / abs(plain):.2e}")
 
-    impls, liger_note = implementations(h, w, h_t, h_r)
-    results["liger"] = liger_note or "installed"
     keep = h.numel() * h.element_size() + w.numel() * w.element_size()
-    for name, fn in impls.items():
+    candidates = {impls.FLOOR: impls.bare_gemms, **impls.GPU_IMPLEMENTATIONS}
+    for name, factory in candidates.items():
         try:
-            ms = median_ms(fn, "cuda")
-            mem = peak_extra_gib(fn, keep)
-        except Exception as err:  # noqa: BLE001 (an OOM is a result, anything else is re-raised)
+            run = factory(h, w, h_t, h_r)
+        except ImportError as err:
+            results["times_ms"][name] = f"not installed ({err.name})"
+            print(f"{name:48s} not installed")
+            continue
+        try:
+            ms = median_ms(lambda: run(True), "cuda")
+            mem = peak_extra_gib(lambda: run(True), keep) if name != impls.FLOOR else None
+        except Exception as err:  # noqa: BLE001 (an OOM is a result; anything else is raised)
             if not is_oom(err):
                 raise
-            ms, mem = "OOM", "OOM"
+            ms = mem = "OOM"
             torch.cuda.empty_cache()
         results["times_ms"][name], results["peak_extra_gib"][name] = ms, mem
-        shown = f"{ms:8.2f} ms  x{ms / floor:5.2f} floor   extra {mem:6.2f} GiB" if ms != "OOM" else "OOM"
+        floor = results["times_ms"][impls.FLOOR]
+        shown = "OOM" if ms == "OOM" else f"{ms:8.2f} ms  x{ms / floor:5.2f} floor" + (
+            f"   extra {mem:6.2f} GiB" if mem is not None else "")
         print(f"{name:48s} {shown}")
 
     del h, w, h_t, h_r
     torch.cuda.empty_cache()
     results["memory_scaling"] = {}
     for n in args.memory_n:
-        hn, wn, htn, hrn = make_inputs(n, args.hidden, args.vocab, dtype, "cuda")
-        fn = lambda: torch.autograd.grad(fused_pmi_kl(hn, wn, htn, hrn, jsd_beta=0.0, check_finite=False), (hn, wn))  # noqa: E731
-        keep = hn.numel() * hn.element_size() + wn.numel() * wn.element_size()
-        mem = peak_extra_gib(fn, keep)
-        ms = median_ms(fn, "cuda", warmup_ms=1, rep_ms=1)
+        h, w, h_t, h_r = impls.make_inputs(n, args.hidden, args.vocab, torch.bfloat16, "cuda")
+        run = impls.pmi_kernels_triton(h, w, h_t, h_r)
+        mem = peak_extra_gib(lambda: run(True), h.numel() * h.element_size() + w.numel() * w.element_size())
+        ms = median_ms(lambda: run(True), "cuda", warmup_ms=1, rep_ms=1)
         results["memory_scaling"][n] = {"ms": ms, "peak_extra_gib": mem}
-        print(f"pmi_kernels triton at N={n:6d}: {ms:8.1f} ms, extra peak {mem:.2f} GiB")
-        del hn, wn, htn, hrn
+        print(f"pmi_kernels (triton) at N={n:6d}: {ms:8.1f} ms, extra peak {mem:.2f} GiB")
+        del h, w, h_t, h_r, run
         torch.cuda.empty_cache()
 
-    t = results["times_ms"]
-    ratios = {"pmi_kernels / bare GEMMs (goal <= 1.15)": t["pmi_kernels triton"] / floor}
-    if t["plain torch (fp32 logits)"] != "OOM":
-        ratios["plain torch / pmi_kernels (goal >= 1.9)"] = t["plain torch (fp32 logits)"] / t["pmi_kernels triton"]
-    liger_jsd = t.get("liger FusedLinearJSD, opsd 2-stream jsd0.5")
-    if isinstance(liger_jsd, float):
-        ratios["liger FLJSD / pmi_kernels opsd (goal > 1)"] = liger_jsd / t["pmi_kernels triton, opsd 2-stream jsd0.5"]
+    times, ratios = results["times_ms"], {}
+    for label, num, den, op, bound in GOALS:
+        if isinstance(times.get(num), float) and isinstance(times.get(den), float):
+            ratios[f"{label} (goal {op} {bound})"] = times[num] / times[den]
     results["ratios"] = ratios
     for k, v in ratios.items():
         print(f"{k:48s} {v:6.3f}")

@@ -44,6 +44,26 @@ def median_ms(fn, device: str, warmup_ms: float = 200, rep_ms: float = 1000) -> 
     return statistics.median(times)
 
 
+def median_ms_few(fn, device: str, calls: int = 3) -> float:
+    """Median of a few timed calls after one warm-up: for sweeps whose large cases take
+    seconds a call, where do_bench's own estimate-and-repeat would take minutes."""
+    fn()
+    times = []
+    for _ in range(calls):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times)
+
+
 def peak_extra_gib(fn, keep_bytes: int = 0) -> float:
     """CUDA peak memory during fn() beyond what was allocated before it and the `keep_bytes`
     of results it returns (the gradients a caller asked for)."""

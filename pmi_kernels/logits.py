@@ -62,8 +62,10 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_loss, _):
     grad, grad_scale = ctx.saved_tensors
-    # The check syncs with the device; traced graphs (torch.compile) take the rescale always.
-    if not torch.compiler.is_compiling() and torch.equal(grad_loss, grad_scale.to(grad_loss.dtype)):
+    # The check syncs with the device, so traced graphs (torch.compile, where the gradient is a
+    # fake or functional tensor subclass) always rescale; the rescale is right in every case.
+    traced = torch.compiler.is_compiling() or type(grad_loss) is not torch.Tensor
+    if not traced and torch.equal(grad_loss, grad_scale.to(grad_loss.dtype)):
         return (grad,) + (None,) * 15
     # Rescale in the compute dtype, store in the student's dtype; never mutate the saved gradient.
     # grad_scale > 0 wherever a row is kept; masked rows are 0 and stay 0.
