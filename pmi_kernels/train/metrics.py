@@ -1,0 +1,63 @@
+"""What the loop shows and keeps: a JSONL of per-step metrics (optionally TensorBoard), marker
+counts in rollouts, and `pmi-opsd plot` that draws the metrics file as one PNG."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from typing import Dict, List
+
+
+def count_markers(texts: List[str], markers: List[str]) -> Dict[str, int]:
+    """Whole-word, case-insensitive counts of each epistemic marker over the rollouts."""
+    return {m: sum(len(re.findall(rf"\b{re.escape(m)}\b", t, flags=re.IGNORECASE)) for t in texts)
+            for m in markers}
+
+
+class MetricsLog:
+    def __init__(self, output_dir: str, tensorboard: bool):
+        self.path = os.path.join(output_dir, "metrics.jsonl")
+        self.writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+
+    def write(self, record: Dict) -> None:
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self.writer.add_scalar(key, value, record["step"])
+            self.writer.flush()
+
+
+def read_metrics(path: str) -> List[Dict]:
+    with open(path) as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def plot_metrics(path: str, out: str) -> str:
+    """One PNG: a panel per numeric metric, over steps (evaluation points as markers)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    records = read_metrics(path)
+    keys = sorted({k for r in records for k, v in r.items() if isinstance(v, (int, float)) and k != "step"})
+    if not keys:
+        raise ValueError(f"{path}: no numeric metrics to plot")
+    cols = 3
+    rows = math.ceil(len(keys) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.6 * rows), squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        pts = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+        ax.plot(*zip(*pts), marker="o" if len(pts) < 20 else None, ms=3)
+        ax.set_title(key, fontsize=9)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -1,0 +1,171 @@
+"""The training loop on CPU: tiny steps in each mode, context alignment, resume, bad input."""
+import json
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+from pmi_kernels.train import TrainConfig  # noqa: E402
+from pmi_kernels.train.cli import main as cli_main  # noqa: E402
+from pmi_kernels.train.config import parse_config  # noqa: E402
+from pmi_kernels.train.contexts import KINDS, rollout_hidden  # noqa: E402
+from pmi_kernels.train.loop import Trainer  # noqa: E402
+from pmi_kernels.train.toy import toy_model, toy_problems, toy_tokenizer  # noqa: E402
+
+
+def tiny(tmp_path, **overrides):
+    values = dict(output_dir=str(tmp_path / "run"), max_new_tokens=10, batch_size=2, max_steps=2, sft_steps=0,
+                  eval_limit=4, save_every=1, use_chat_template=False, diagnostics_every=1, lr=1e-2)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def trainable_snapshot(trainer):
+    return {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("overrides", [
+    pytest.param(dict(mode="pmi"), id="pmi-lora"),
+    pytest.param(dict(mode="opsd"), id="opsd-lora"),
+    pytest.param(dict(mode="pmi", lora=False, anchor=True, jsd_beta=0.5), id="pmi-full-anchor"),
+    pytest.param(dict(mode="pmi", teacher_weights="current", grad_accum=2, schedule="cosine"), id="pmi-current"),
+])
+def test_one_step_each_mode(tmp_path, overrides):
+    trainer = Trainer(tiny(tmp_path, **overrides))
+    before = trainable_snapshot(trainer)
+    record = trainer.train_step()
+    after = trainable_snapshot(trainer)
+    assert record["step"] == 1 and record["loss"] >= 0 and record["response_length"] > 0
+    assert "diag/cos_total_ref" in record and "kl_q_p" in record and "markers/wait" in record
+    assert any(not torch.equal(before[n], after[n]) for n in before), "no trainable parameter moved"
+
+
+def test_rollout_states_are_the_rollout_tokens_in_every_context(tmp_path):
+    """The gathered hidden states, through the lm_head, equal the full model's logits at the
+    positions that predict each rollout token, in each context."""
+    trainer = Trainer(tiny(tmp_path, lora=False, anchor=True))
+    rollout = trainer.generate([trainer.prompts["student"][0]], 1.0, 1.0, 10)[0]
+    assert len(rollout) > 1
+    states, head, _ = trainer.rollout_states(0, rollout, with_refonly=True)
+    for kind in KINDS:
+        prompt = trainer.prompts[kind][0]
+        full = trainer.model(input_ids=torch.tensor([prompt + rollout])).logits[0]
+        want = full[len(prompt) - 1: len(prompt) - 1 + len(rollout)]
+        assert torch.allclose(head(states[kind]), want, atol=1e-5), kind
+        # Each position predicts the next rollout token: the argmax of the teacher-forced
+        # logits at a position is a prediction of rollout[k], read at prompt + rollout[:k].
+        assert want.shape[0] == len(rollout)
+    assert torch.allclose(states["anchor"], states["student"], atol=1e-6)  # base == student at step 0
+    # The same states through rollout_hidden directly, with a shifted prompt, differ: offsets matter.
+    shifted = rollout_hidden(trainer.model.get_decoder(), trainer.prompts["student"][0][1:], rollout, "cpu")
+    assert not torch.allclose(shifted, states["student"])
+
+
+def test_resume_matches_an_uninterrupted_run(tmp_path):
+    straight = Trainer(tiny(tmp_path / "a", max_steps=4, save_every=100))
+    straight.train(progress=False)
+    first = Trainer(tiny(tmp_path / "b", max_steps=2, save_every=100))
+    first.train(progress=False)
+    resumed = Trainer(tiny(tmp_path / "b", max_steps=4, save_every=100, resume=True))
+    assert resumed.step == 2
+    resumed.train(progress=False)
+    a, b = trainable_snapshot(straight), trainable_snapshot(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_interrupt_writes_a_checkpoint(tmp_path):
+    trainer = Trainer(tiny(tmp_path, max_steps=5, save_every=100))
+    original = trainer.train_step
+
+    def step_then_interrupt():
+        record = original()
+        trainer.stop_requested = True  # what the SIGINT handler sets
+        return record
+    trainer.train_step = step_then_interrupt
+    result = trainer.train(progress=False)
+    assert result["interrupted"] and result["steps"] == 1
+    out = tmp_path / "run"
+    assert (out / "latest").read_text() == "checkpoint-1" and (out / "checkpoint-1" / "state.pt").exists()
+    assert not [p for p in os.listdir(out) if ".tmp-" in p]
+
+
+def test_local_model_directory_and_jsonl(tmp_path):
+    pytest.importorskip("datasets")
+    tokenizer = toy_tokenizer()
+    model_dir = tmp_path / "model"
+    toy_model(tokenizer).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in toy_problems(8, 1)))
+    trainer = Trainer(tiny(tmp_path, model_path=str(model_dir), train_file=str(data), eval_file=str(data),
+                           answer_field=None, max_steps=1))
+    result = trainer.train(progress=False)
+    assert result["steps"] == 1 and 0.0 <= result["accuracy_after"] <= 1.0
+
+
+def test_cli_train_and_plot(tmp_path, capsys):
+    out = tmp_path / "cli"
+    assert cli_main(["train", "--output-dir", str(out), "--max-steps", "2", "--sft-steps", "0",
+                     "--max-new-tokens", "8", "--batch-size", "2", "--eval-limit", "2"]) == 0
+    assert "accuracy before training" in capsys.readouterr().out
+    assert cli_main(["plot", "--metrics", str(out / "metrics.jsonl")]) == 0
+    assert (out / "metrics.png").stat().st_size > 1000
+
+
+BAD_CONFIGS = [
+    (dict(mode="kl"), "mode"),
+    (dict(batch_size=0), "batch_size"),
+    (dict(jsd_beta=2.0), "jsd_beta"),
+    (dict(model_path="/nonexistent/model"), "model_path"),
+    (dict(templates={"student": "{question}"}), "templates"),
+]
+
+
+@pytest.mark.parametrize("overrides,name", BAD_CONFIGS)
+def test_bad_config_fails_before_training(tmp_path, overrides, name):
+    with pytest.raises(ValueError, match=name):
+        tiny(tmp_path, **overrides).validate()
+
+
+def test_bad_data_and_models(tmp_path, monkeypatch):
+    pytest.importorskip("datasets")
+    tokenizer = toy_tokenizer()
+    model_dir = tmp_path / "model"
+    toy_model(tokenizer).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    empty, missing, good = tmp_path / "empty.jsonl", tmp_path / "missing.jsonl", tmp_path / "good.jsonl"
+    empty.write_text("")
+    missing.write_text(json.dumps({"question": "q?"}) + "\n")
+    good.write_text("\n".join(json.dumps(r) for r in toy_problems(4, 0)))
+    base = dict(model_path=str(model_dir))
+    with pytest.raises(ValueError, match="no rows"):
+        Trainer(tiny(tmp_path, train_file=str(empty), **base))
+    with pytest.raises(ValueError, match="solution"):
+        Trainer(tiny(tmp_path, train_file=str(missing), **base))
+    with pytest.raises(ValueError, match="exceeds the model's"):
+        Trainer(tiny(tmp_path, train_file=str(good), max_new_tokens=10_000, **base))
+    import pmi_kernels.train.loop as loop
+    real = loop.load_model
+
+    def headless(config, device):
+        tok, model = real(config, device)
+        model.get_output_embeddings = lambda: None
+        return tok, model
+    monkeypatch.setattr(loop, "load_model", headless)
+    with pytest.raises(ValueError, match="lm_head"):
+        Trainer(tiny(tmp_path, train_file=str(good), **base))
+
+
+def test_command_line_overrides(tmp_path):
+    config_file = tmp_path / "c.json"
+    config_file.write_text(json.dumps({"beta": 2.0, "markers": ["hmm"]}))
+    config = parse_config(["--config", str(config_file), "--beta", "3", "--clip", "null", "--lora", "false",
+                           "--output-dir", str(tmp_path / "o")])
+    assert config.beta == 3.0 and config.clip is None and config.lora is False and config.markers == ["hmm"]
+    assert config.sft_steps > 0  # the toy's own defaults apply under the file and the flags
+    with pytest.raises(ValueError, match="unknown keys"):
+        config_file.write_text(json.dumps({"betta": 2.0}))
+        parse_config(["--config", str(config_file)])
