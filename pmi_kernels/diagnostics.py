@@ -1,16 +1,19 @@
 """`pmi_diagnostics`: the paper's decomposition of the teacher's signal, per position.
 
-Computed in row chunks (bounded memory) with the reference arithmetic; a fused Triton
-kernel for it is future work (issue 6), so backend must be "auto" or "torch" for now.
+Rows go in chunks (bounded memory). On CUDA (and under TRITON_INTERPRET=1) a Triton kernel
+reads each row twice and keeps only raw sums (triton_diagnostics.py); backend="torch" runs
+the reference arithmetic on each chunk.
 """
 from __future__ import annotations
 
 from typing import Dict
 
 import torch
+import torch.nn.functional as F
 
 from . import validation
-from .backends import DEFAULT_WORKSPACE_BYTES, TORCH_ROW_TEMPORARIES, rows_per_chunk
+from .backends import DEFAULT_WORKSPACE_BYTES, TORCH_ROW_TEMPORARIES, resolve_backend, rows_per_chunk
+from .options import LossOptions
 from .reference import frozen_head, linear_logits, pmi_diagnostics_reference
 
 
@@ -29,15 +32,31 @@ def pmi_diagnostics(student, teacher, refonly, anchor=None, *, lm_head_weight=No
         raise ValueError("refonly is required: the decomposition needs the reference-only stream")
     streams = {"student": student, "teacher": teacher, "refonly": refonly, "anchor": anchor}
     first = validation.check_streams(streams, "H" if lm_head_weight is not None else "V")
-    validation.check_choice("backend", backend, ("auto", "torch"))
+    validation.check_choice("backend", backend, ("auto", "triton", "torch"))
+    opts = LossOptions(True, beta, clip, center, temperature)
+    backend = resolve_backend(backend, first.device)
+    w_f = b_f = None
     if lm_head_weight is not None:
         validation.check_linear(lm_head_weight, lm_head_bias, first, "lm_head_weight", "lm_head_bias")
         w_f, b_f = frozen_head(lm_head_weight, lm_head_bias, frozen_weight, frozen_bias)
+        validation.check_linear(w_f, b_f, first, "frozen_weight", "frozen_bias")
     if check_finite:
         validation.check_finite(streams)
     lead, width = first.shape[:-1], first.shape[-1]
     vocab = width if lm_head_weight is None else lm_head_weight.shape[0]
     flat = [None if x is None else x.reshape(-1, width) for x in (student, teacher, refonly, anchor)]
+    if backend == "triton":
+        from .triton_diagnostics import DIAGNOSTICS, diagnostics_rows_triton
+        # Logits of a chunk in the input dtype (GEMM outputs, as in fused_pmi_kl), or the rows given.
+        logits = lambda x, w, b: None if x is None else (x if w is None else F.linear(x, w, b)).contiguous()  # noqa: E731
+        step = rows_per_chunk(vocab, 4 * first.element_size(), workspace_bytes)
+        parts = []
+        for i in range(0, max(1, flat[0].shape[0]), step):
+            s, t, r, a = (None if x is None else x[i:i + step] for x in flat)
+            parts.append(diagnostics_rows_triton(logits(s, lm_head_weight, lm_head_bias), logits(t, w_f, b_f),
+                                                 logits(r, w_f, b_f), logits(a, w_f, b_f), opts=opts))
+        table = torch.cat(parts)
+        return {k: table[:, j].reshape(lead) for j, k in enumerate(DIAGNOSTICS)}
     step = rows_per_chunk(vocab, TORCH_ROW_TEMPORARIES * 8, workspace_bytes)
     parts = []
     # At least one chunk, so an empty input still returns every key.

@@ -17,7 +17,7 @@ from pmi_kernels.train.toy import toy_model, toy_problems, toy_tokenizer  # noqa
 
 
 def tiny(tmp_path, **overrides):
-    values = dict(output_dir=str(tmp_path / "run"), max_new_tokens=10, batch_size=2, max_steps=2, sft_steps=0,
+    values = dict(output_dir=str(tmp_path / "run"), device="cpu", max_new_tokens=10, batch_size=2, max_steps=2, sft_steps=0,
                   eval_limit=4, save_every=1, use_chat_template=False, diagnostics_every=1, lr=1e-2)
     values.update(overrides)
     return TrainConfig(**values)
@@ -169,3 +169,11 @@ def test_command_line_overrides(tmp_path):
     with pytest.raises(ValueError, match="unknown keys"):
         config_file.write_text(json.dumps({"betta": 2.0}))
         parse_config(["--config", str(config_file)])
+
+
+def test_diagnose_command_prints_the_table(tmp_path, capsys):
+    from pmi_kernels.diagnose import main as diagnose
+    assert diagnose(["--sft-steps", "0", "--limit", "2", "--max-new-tokens", "6",
+                     "--output-dir", str(tmp_path / "d")]) == 0
+    out = capsys.readouterr().out
+    assert "cos(tot,ref)" in out and "mean" in out

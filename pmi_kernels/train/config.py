@@ -32,6 +32,7 @@ class TrainConfig:
     teacher_weights: str = "base"
     gradient_checkpointing: bool = False
     bf16: bool = True  # autocast on CUDA only
+    device: str = "auto"  # "cuda" when a GPU is present, else "cpu"
 
     # Data: local jsonl or parquet; the toy model ignores these and builds its own.
     train_file: Optional[str] = None
@@ -92,7 +93,7 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         """Every problem a config can have on its own, before any model or data is loaded."""
-        choices = {"mode": ("pmi", "opsd"), "teacher_weights": ("base", "current"),
+        choices = {"mode": ("pmi", "opsd"), "teacher_weights": ("base", "current"), "device": ("auto", "cpu", "cuda"),
                    "schedule": ("constant", "cosine", "linear")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:

@@ -47,7 +47,8 @@ def load_model(config: TrainConfig, device):
 class Trainer:
     def __init__(self, config: TrainConfig):
         self.config = config.validate()
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        auto = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(auto if config.device == "auto" else config.device)
         os.makedirs(config.output_dir, exist_ok=True)
         random.seed(config.seed)
         torch.manual_seed(config.seed)

@@ -1,0 +1,156 @@
+"""Triton kernel for pmi_diagnostics: the decomposition of the teacher's signal, per row.
+
+With u = t - s, w = r - s (scaled logits) and the log-normalizers S, T, R, the vectors are
+Δ_total = u - (T - S), Δ_ref = w - (R - S), Δ_it = Δ_total - Δ_ref, so every dot product
+among them follows from the raw sums Σu, Σw, Σu², Σw², Σuw (shifted by the row's first
+entry, so the squares do not cancel at large logits). Two passes over a row:
+
+    1. online lse of s, t, r; the raw sums; E_pT[u] and the entropy terms of p   reads s, t, r
+    2. the target g (needs the centering mean of pass 1): lse of g, E_q[g - s],
+       the entropy terms of q                                                  reads s, t, r, a
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from .options import LossOptions
+from .triton_rows import _load_tile, _tanh
+
+DIAGNOSTICS = ("cos_total_ref", "cos_total_pmi", "norm_ratio_ref_total", "kl_teacher_student",
+               "kl_target_student", "entropy_student", "entropy_target")
+
+
+@triton.jit
+def _online(m_run, z_run, y_run, b_x, m_v):
+    """Running (max m, z = Σ e^(x-m), y = Σ e^(x-m)(x-m)) over a tile: entropy = log z - y/z."""
+    m_new = tl.maximum(m_run, tl.max(tl.where(m_v, b_x, float("-inf")), axis=0))
+    alpha = tl.exp(m_run - m_new)
+    e = tl.where(m_v, tl.exp(b_x - m_new), 0.0)
+    # (m_run - m_new) * z_run is -inf * 0 before the first tile: no mass yet, no shift.
+    shift = tl.where(z_run > 0, (m_run - m_new) * z_run, 0.0)
+    y_new = alpha * (y_run + shift) + tl.sum(e * (b_x - m_new), axis=0)
+    return m_new, alpha * z_run + tl.sum(e, axis=0), y_new, alpha, e
+
+
+@triton.jit
+def pmi_diagnostics_kernel(p_s, p_t, p_r, p_a, p_out, p_params, stride_s, stride_t, stride_r, stride_a, V,
+                           HAS_A: tl.constexpr, CLIP: tl.constexpr, CENTER: tl.constexpr,
+                           ACC: tl.constexpr, BLOCK_V: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    inv_tau = tl.load(p_params + 0)
+    inv_beta = tl.load(p_params + 1)
+    clip = tl.load(p_params + 2)
+    inv_clip = tl.load(p_params + 3)
+    p_s += row * stride_s
+    p_t += row * stride_t
+    p_r += row * stride_r
+    p_a += row * stride_a
+    o_base = tl.arange(0, BLOCK_V)
+    # Shifts: the first entry's u and w.
+    s0 = tl.load(p_s).to(ACC) * inv_tau
+    u0 = tl.load(p_t).to(ACC) * inv_tau - s0
+    w0 = tl.load(p_r).to(ACC) * inv_tau - s0
+
+    zero = tl.zeros([], dtype=ACC)
+    m_s, z_s, y_s = zero - float("inf"), zero, zero
+    m_t, z_t, y_t = zero - float("inf"), zero, zero
+    m_r, z_r, y_r = zero - float("inf"), zero, zero
+    e_tu = zero  # Σ e^(t - m_t) u, rescaled with z_t
+    b_u = tl.zeros([BLOCK_V], dtype=ACC)
+    b_w = tl.zeros([BLOCK_V], dtype=ACC)
+    b_uu = tl.zeros([BLOCK_V], dtype=ACC)
+    b_ww = tl.zeros([BLOCK_V], dtype=ACC)
+    b_uw = tl.zeros([BLOCK_V], dtype=ACC)
+    for v0 in range(0, V, BLOCK_V):
+        o_v = v0 + o_base
+        m_v = o_v < V
+        b_s = _load_tile(p_s, o_v, m_v, inv_tau, ACC)
+        b_t = _load_tile(p_t, o_v, m_v, inv_tau, ACC)
+        b_r = _load_tile(p_r, o_v, m_v, inv_tau, ACC)
+        m_s, z_s, y_s, _, _ = _online(m_s, z_s, y_s, b_s, m_v)
+        m_t, z_t, y_t, alpha, e = _online(m_t, z_t, y_t, b_t, m_v)
+        m_r, z_r, y_r, _, _ = _online(m_r, z_r, y_r, b_r, m_v)
+        u = tl.where(m_v, b_t - b_s - u0, 0.0)
+        w = tl.where(m_v, b_r - b_s - w0, 0.0)
+        e_tu = alpha * e_tu + tl.sum(e * u, axis=0)
+        b_u += u
+        b_w += w
+        b_uu += u * u
+        b_ww += w * w
+        b_uw += u * w
+    lse_s = m_s + tl.log(z_s)
+    lse_t = m_t + tl.log(z_t)
+    lse_r = m_r + tl.log(z_r)
+    sum_u = tl.sum(b_u, axis=0)
+    sum_w = tl.sum(b_w, axis=0)
+    # Δ_total = u' - cu, Δ_ref = w' - cw, with u' = u - u0 and the constants shifted alike.
+    cu = (lse_t - lse_s) - u0
+    cw = (lse_r - lse_s) - w0
+    tt = tl.sum(b_uu, axis=0) - 2.0 * cu * sum_u + V * cu * cu
+    rr = tl.sum(b_ww, axis=0) - 2.0 * cw * sum_w + V * cw * cw
+    tr = tl.sum(b_uw, axis=0) - cw * sum_u - cu * sum_w + V * cu * cw
+    ii = tl.maximum(tt - 2.0 * tr + rr, 0.0)
+    ti = tt - tr
+    tt = tl.maximum(tt, 0.0)
+    rr = tl.maximum(rr, 0.0)
+    tiny = 1e-30
+    kl_ts = (e_tu / z_t + u0) - (lse_t - lse_s)
+
+    # Pass 2: the target. kappa: the centering mean of t - r, or lse(t) - lse(r).
+    kappa = lse_t - lse_r
+    if CENTER:
+        kappa = (sum_u - sum_w) / V + (u0 - w0)
+    m_g, z_g, y_g = zero - float("inf"), zero, zero
+    e_gs = zero  # Σ e^(g - m_g) (g - s)
+    for v0 in range(0, V, BLOCK_V):
+        o_v = v0 + o_base
+        m_v = o_v < V
+        b_s = _load_tile(p_s, o_v, m_v, inv_tau, ACC)
+        b_d = _load_tile(p_t, o_v, m_v, inv_tau, ACC) - _load_tile(p_r, o_v, m_v, inv_tau, ACC)
+        if CLIP:
+            b_d = clip * _tanh((b_d - kappa) * inv_clip)
+        if HAS_A:
+            b_g = _load_tile(p_a, o_v, m_v, inv_tau, ACC) + b_d * inv_beta
+        else:
+            b_g = b_s + b_d * inv_beta
+        m_g, z_g, y_g, alpha, e = _online(m_g, z_g, y_g, b_g, m_v)
+        e_gs = alpha * e_gs + tl.sum(e * tl.where(m_v, b_g - b_s, 0.0), axis=0)
+    lse_g = m_g + tl.log(z_g)
+
+    p_out += row * 7
+    tl.store(p_out + 0, tr / tl.maximum(tl.sqrt(tt * rr), tiny))
+    tl.store(p_out + 1, ti / tl.maximum(tl.sqrt(tt * ii), tiny))
+    tl.store(p_out + 2, tl.sqrt(rr / tl.maximum(tt, tiny)))
+    tl.store(p_out + 3, kl_ts)
+    tl.store(p_out + 4, e_gs / z_g - (lse_g - lse_s))
+    tl.store(p_out + 5, tl.log(z_s) - y_s / z_s)
+    tl.store(p_out + 6, tl.log(z_g) - y_g / z_g)
+
+
+@functools.lru_cache(maxsize=64)
+def _params(opts: LossOptions, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    clip = opts.clip or 1.0
+    return torch.tensor([1.0 / opts.temperature, 1.0 / opts.beta, clip, 1.0 / clip], dtype=dtype, device=device)
+
+
+def diagnostics_rows_triton(s_raw, t_raw, r_raw, a_raw=None, *, opts: LossOptions) -> torch.Tensor:
+    """[C, 7] diagnostics (columns in DIAGNOSTICS order) of logit rows [C, V], unit stride along V."""
+    rows, vocab = s_raw.shape
+    acc = tl.float64 if s_raw.dtype == torch.float64 else tl.float32
+    out = torch.empty(rows, 7, dtype=torch.float64 if acc == tl.float64 else torch.float32, device=s_raw.device)
+    if rows == 0:
+        return out
+    interpret = s_raw.device.type == "cpu"
+    block = min(triton.next_power_of_2(vocab), 8192 if interpret else 2048)
+    a = s_raw if a_raw is None else a_raw
+    pmi_diagnostics_kernel[(rows,)](
+        s_raw, t_raw, r_raw, a, out, _params(opts, out.dtype, s_raw.device),
+        s_raw.stride(0), t_raw.stride(0), r_raw.stride(0), a.stride(0), vocab,
+        HAS_A=a_raw is not None, CLIP=opts.clip is not None, CENTER=opts.center, ACC=acc, BLOCK_V=block,
+        num_warps=8,
+    )
+    return out

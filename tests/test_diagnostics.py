@@ -1,0 +1,51 @@
+"""pmi_diagnostics on every path against the reference decomposition."""
+import pytest
+import torch
+
+from conftest import PATHS
+from helpers import assert_close, streams, upcast
+from pmi_kernels import pmi_diagnostics
+from pmi_kernels.reference import linear_logits, pmi_diagnostics_reference
+
+OPTIONS = [
+    pytest.param(dict(), id="defaults"),
+    pytest.param(dict(clip=None, temperature=0.7), id="no-clip-temp"),
+    pytest.param(dict(clip=2.0, center=False, beta=0.5), id="clip-no-center"),
+]
+
+
+@pytest.mark.parametrize("kwargs", OPTIONS)
+@pytest.mark.parametrize("anchor", [False, True])
+@pytest.mark.parametrize("device,backend", PATHS)
+def test_logits_match_reference(device, backend, anchor, kwargs):
+    s, t, r, a = streams(7, 1031, torch.float32, device, scale=4.0)
+    # A large common offset: the raw sums must not cancel it away.
+    t += 30.0
+    got = pmi_diagnostics(s, t, r, a if anchor else None, backend=backend, **kwargs)
+    want = pmi_diagnostics_reference(*(upcast(x) for x in (s, t, r, a if anchor else None)), **kwargs)
+    assert got.keys() == want.keys()
+    for key in want:
+        assert got[key].shape == (7,)
+        assert_close(got[key], want[key], torch.float32, key, factor=3, atol=1e-5)
+
+
+@pytest.mark.parametrize("device,backend", PATHS)
+def test_hidden_states_match_reference(device, backend):
+    h = [torch.randn(2, 5, 16, device=device) for _ in range(3)]
+    w, b = torch.randn(301, 16, device=device) * 0.5, torch.randn(301, device=device)
+    got = pmi_diagnostics(*h, lm_head_weight=w, lm_head_bias=b, backend=backend, workspace_bytes=301 * 4 * 4 * 3)
+    logits = [linear_logits(upcast(x), upcast(w), upcast(b)) for x in h]
+    want = pmi_diagnostics_reference(*logits)
+    for key in want:
+        assert got[key].shape == (2, 5)
+        assert_close(got[key], want[key], torch.float32, key, factor=3, atol=1e-5)
+
+
+def test_properties():
+    s, t, r = streams(6, 200, torch.float64, count=3)
+    d = pmi_diagnostics(s, t, r)
+    assert ((d["cos_total_ref"].abs() <= 1 + 1e-12) & (d["cos_total_pmi"].abs() <= 1 + 1e-12)).all()
+    assert (d["kl_teacher_student"] >= 0).all() and (d["entropy_student"] >= 0).all()
+    same = pmi_diagnostics(s, t, t)  # no reference-only difference: Δ_ref = Δ_total
+    assert torch.allclose(same["cos_total_ref"], torch.ones(6, dtype=torch.float64))
+    assert torch.allclose(same["norm_ratio_ref_total"], torch.ones(6, dtype=torch.float64))
