@@ -130,9 +130,12 @@ def plot(out: str, info: dict, records: list):
     scaling = [r for r in ok if (r["hidden"], r["vocab"]) == (head["hidden"], head["vocab"])]
     for key, label, fname in (("ms", "median time (ms)", "time_vs_n.png"),
                               ("peak_extra_gib", "peak extra memory (GiB)", "memory_vs_n.png")):
+        lines = {impl: sorted((r["n"], r[key]) for r in scaling if r["impl"] == impl and r.get(key))
+                 for impl in dict.fromkeys(r["impl"] for r in scaling)}
+        if not any(lines.values()):
+            continue  # e.g. memory on a CPU, which is not measured per call
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for impl in dict.fromkeys(r["impl"] for r in scaling):
-            pts = sorted((r["n"], r[key]) for r in scaling if r["impl"] == impl and r.get(key))
+        for impl, pts in lines.items():
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=impl)
         ax.set(xscale="log", yscale="log", xlabel="tokens N", ylabel=label,

@@ -48,7 +48,8 @@ def pmi_diagnostics(student, teacher, refonly, anchor=None, *, lm_head_weight=No
     if backend == "triton":
         from .triton_diagnostics import DIAGNOSTICS, diagnostics_rows_triton
         # Logits of a chunk in the input dtype (GEMM outputs, as in fused_pmi_kl), or the rows given.
-        logits = lambda x, w, b: None if x is None else (x if w is None else F.linear(x, w, b)).contiguous()  # noqa: E731
+        def logits(x, w, b):
+            return None if x is None else (x if w is None else F.linear(x, w, b)).contiguous()
         step = rows_per_chunk(vocab, 4 * first.element_size(), workspace_bytes)
         parts = []
         for i in range(0, max(1, flat[0].shape[0]), step):

@@ -33,6 +33,7 @@ class _Plan:
     chunk_rows: int
     reduction: str
     grad_weight_fp32: bool
+    grad_enabled: bool
 
 
 def _frozen_streams(hc_t, hc_r, hc_a, w_f, b_f, w_f_mean, opts: LossOptions):
@@ -104,7 +105,9 @@ class _FusedPMIKL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, w, b, h_t, h_r, h_a, w_f, b_f, plan: _Plan):
-        wants = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], b is not None and ctx.needs_input_grad[2])
+        # needs_input_grad ignores torch.no_grad(): the plan carries the grad mode of the call.
+        wants = tuple(plan.grad_enabled and w for w in
+                      (ctx.needs_input_grad[0], ctx.needs_input_grad[1], b is not None and ctx.needs_input_grad[2]))
         ctx.plan, ctx.wants = plan, wants
         ctx.dtypes = (w.dtype, None if b is None else b.dtype)
         n = h.shape[0]
@@ -171,7 +174,7 @@ def fused_pmi_kl(student_hidden, lm_head_weight, teacher_hidden, refonly_hidden=
     if backend == "torch":
         per_entry += TORCH_ROW_TEMPORARIES * torch.finfo(compute_dtype(student.dtype)).bits // 8
     plan = _Plan(opts, backend, rows_per_chunk(vocab, per_entry, workspace_bytes), reduction,
-                 bool(grad_weight_fp32))
+                 bool(grad_weight_fp32), torch.is_grad_enabled())
 
     lead = student.shape[:-1]
     flat = lambda x: None if x is None else x.reshape(-1, hidden)  # noqa: E731

@@ -11,6 +11,7 @@ arrives, the backward returns it untouched: no extra pass over [N, V].
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -96,7 +97,8 @@ def pmi_kl(student_logits, teacher_logits, refonly_logits=None, anchor_logits=No
            reduction="mean", check_finite=True, backend="auto", workspace_bytes=None):
     """PMI-KL loss from logits [..., V] (../shared/SPEC.md); gradient to student_logits only.
 
-    workspace_bytes bounds the temporaries of backend="torch" (default 1 GiB).
+    workspace_bytes bounds the temporaries of backend="torch" (default 1 GiB). Under
+    torch.compile pass check_finite=False: the check reads a value back to the host.
     """
     streams = {"student_logits": student_logits, "teacher_logits": teacher_logits,
                "refonly_logits": refonly_logits, "anchor_logits": anchor_logits}
@@ -111,12 +113,12 @@ def pmi_kl(student_logits, teacher_logits, refonly_logits=None, anchor_logits=No
     flat = lambda x: None if x is None else x.reshape(-1, vocab).contiguous()  # noqa: E731
     flat_mask = None if mask is None else mask.reshape(-1)
     compute_grad = torch.is_grad_enabled() and student.requires_grad
-    rows = flat_mask.numel() if flat_mask is not None else student.numel() // vocab
+    rows = math.prod(lead)
     count = _kept_rows(flat_mask, rows, compute_dtype(student.dtype), student.device)
     # What the reduction sends back to each row for an upstream gradient of 1.
     scale = (count.new_ones(()) / count if reduction == "mean" else count.new_ones(())).float()
+    workspace = DEFAULT_WORKSPACE_BYTES if workspace_bytes is None else int(workspace_bytes)
     per_row, _ = pmi_kl_rows(flat(student), flat(teacher_logits), flat(refonly_logits), flat(anchor_logits),
-                             flat_mask, scale.expand(rows), opts.pmi, opts.beta, opts.clip, opts.center, opts.temperature,
-                             opts.jsd_beta, opts.entry_clip, backend, compute_grad,
-                             DEFAULT_WORKSPACE_BYTES if workspace_bytes is None else int(workspace_bytes))
+                             flat_mask, scale.expand(rows), opts.pmi, opts.beta, opts.clip, opts.center,
+                             opts.temperature, opts.jsd_beta, opts.entry_clip, backend, compute_grad, workspace)
     return reduce_rows(per_row.reshape(lead), count, reduction)

@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from .options import FORWARD_KL, MIXED_JSD, REVERSE_KL, LossOptions
+from .options import FORWARD_KL, REVERSE_KL, LossOptions
 from .reference import compute_dtype
 
 
@@ -40,18 +40,19 @@ def target_logits(s, t, r, a, kappa, opts: LossOptions):
     return (s if a is None else a) + delta / opts.beta
 
 
-def summand_and_slope(lp, lq, opts: LossOptions):
-    """The per-vocabulary loss summand and its derivative with respect to log p."""
-    p, q = lp.exp(), lq.exp()
+def summand_and_slope(lp, lq, opts: LossOptions, slope: bool = True):
+    """The per-vocabulary loss summand and (if asked) its derivative with respect to log p."""
     kind = opts.loss_kind
     if kind == FORWARD_KL:
-        return q * (lq - lp), -q
+        q = lq.exp()
+        return q * (lq - lp), -q if slope else None
+    p = lp.exp()
     if kind == REVERSE_KL:
-        return p * (lp - lq), p * (lp - lq + 1)
+        return p * (lp - lq), p * (lp - lq + 1) if slope else None
     lam = opts.jsd_beta
     lm = torch.logaddexp(lp + math.log1p(-lam), lq + math.log(lam))
-    summand = lam * q * (lq - lm) + (1 - lam) * p * (lp - lm)
-    return summand, (1 - lam) * p * (lp - lm)
+    summand = lam * lq.exp() * (lq - lm) + (1 - lam) * p * (lp - lm)
+    return summand, (1 - lam) * p * (lp - lm) if slope else None
 
 
 def rows_loss_and_grad(s_raw, t_raw, r_raw=None, a_raw=None, *, opts: LossOptions,
@@ -65,12 +66,11 @@ def rows_loss_and_grad(s_raw, t_raw, r_raw=None, a_raw=None, *, opts: LossOption
     s, t, r, a = map(scale, (s_raw, t_raw, r_raw, a_raw))
     g = target_logits(s, t, r, a, kappa, opts)
     lp, lq = s.log_softmax(-1), g.log_softmax(-1)
-    summand, slope = summand_and_slope(lp, lq, opts)
+    summand, slope = summand_and_slope(lp, lq, opts, slope=grad_out is not None)
     if opts.entry_clip is not None:
-        clamped = summand > opts.entry_clip
+        if slope is not None:
+            slope = slope.masked_fill(summand > opts.entry_clip, 0.0)
         summand = summand.clamp(max=opts.entry_clip)
-        slope = slope.masked_fill(clamped, 0.0)
-    keep = None if mask is None else mask[:, None]
     loss = summand.sum(-1)
     if mask is not None:
         loss = torch.where(mask, loss, torch.zeros_like(loss))
@@ -81,11 +81,7 @@ def rows_loss_and_grad(s_raw, t_raw, r_raw=None, a_raw=None, *, opts: LossOption
     else:
         grad = slope - lp.exp() * slope.sum(-1, keepdim=True)
     grad = grad * inv_tau if row_scale is None else grad * (row_scale.to(dtype)[:, None] * inv_tau)
-    if keep is not None:
-        grad = torch.where(keep, grad, torch.zeros_like(grad))
+    if mask is not None:
+        grad = torch.where(mask[:, None], grad, torch.zeros_like(grad))
     grad_out.copy_(grad)
     return loss
-
-
-__all__ = ["rows_loss_and_grad", "target_logits", "target_shift", "summand_and_slope",
-           "FORWARD_KL", "REVERSE_KL", "MIXED_JSD"]

@@ -91,6 +91,20 @@ def _summand_and_slope(lp, lq, lam, log_1m_lam, log_lam, entry_clip,
 
 
 @triton.jit
+def _tile_terms(p_s, p_t, p_r, p_a, o_v, m_v, inv_tau, kappa, clip, inv_clip, inv_beta, m_s, log_z_s, m_g, log_z_g,
+                lam, log_1m_lam, log_lam, entry_clip, PMI: tl.constexpr, HAS_R: tl.constexpr, HAS_A: tl.constexpr,
+                CLIP: tl.constexpr, LOSS_KIND: tl.constexpr, ENTRY_CLIP: tl.constexpr, ACC: tl.constexpr):
+    """(summand, slope, p, q) of one tile, once both log-sum-exps are known.
+    log p = (s - max) - log z, never s - (max + log z): the latter rounds log z away at
+    |s| ~ 1e4, where an fp32 ulp of the max is larger than a runner-up's share of the mass."""
+    b_s = _load_tile(p_s, o_v, m_v, inv_tau, ACC)
+    b_g = _target_tile(b_s, p_t, p_r, p_a, o_v, m_v, inv_tau, kappa, clip, inv_clip, inv_beta,
+                       PMI, HAS_R, HAS_A, CLIP, ACC)
+    return _summand_and_slope((b_s - m_s) - log_z_s, (b_g - m_g) - log_z_g, lam, log_1m_lam, log_lam,
+                              entry_clip, LOSS_KIND, ENTRY_CLIP)
+
+
+@triton.jit
 def pmi_kl_fwd_kernel(
     p_s, p_t, p_r, p_a, p_kappa, p_mask, p_row_scale, p_loss, p_grad, p_params,
     stride_s, stride_t, stride_r, stride_a, stride_grad, stride_row_scale, V,
@@ -159,8 +173,6 @@ def pmi_kl_fwd_kernel(
                            PMI, HAS_R, HAS_A, CLIP, ACC)
         m_s, z_s = _online_lse(m_s, z_s, tl.where(m_v, b_s, float("-inf")))
         m_g, z_g = _online_lse(m_g, z_g, tl.where(m_v, b_g, float("-inf")))
-    # log p = (s - max) - log(z), never s - (max + log z): the latter rounds log z away at
-    # |s| ~ 1e4, where an fp32 ulp of the max is larger than a runner-up's share of the mass.
     log_z_s = tl.log(z_s)
     log_z_g = tl.log(z_g)
 
@@ -174,11 +186,9 @@ def pmi_kl_fwd_kernel(
     for v0 in range(0, v_end, BLOCK_V):
         o_v = v0 + o_base
         m_v = o_v < V
-        b_s = _load_tile(p_s, o_v, m_v, inv_tau, ACC)
-        b_g = _target_tile(b_s, p_t, p_r, p_a, o_v, m_v, inv_tau, kappa, clip, inv_clip, inv_beta,
-                           PMI, HAS_R, HAS_A, CLIP, ACC)
-        f, slope, p, q = _summand_and_slope((b_s - m_s) - log_z_s, (b_g - m_g) - log_z_g, lam, log_1m_lam, log_lam,
-                                            entry_clip, LOSS_KIND, ENTRY_CLIP)
+        f, slope, p, q = _tile_terms(p_s, p_t, p_r, p_a, o_v, m_v, inv_tau, kappa, clip, inv_clip, inv_beta,
+                                     m_s, log_z_s, m_g, log_z_g, lam, log_1m_lam, log_lam, entry_clip,
+                                     PMI, HAS_R, HAS_A, CLIP, LOSS_KIND, ENTRY_CLIP, ACC)
         b_loss += tl.where(m_v, f, 0.0)
         b_slope_sum += tl.where(m_v, slope, 0.0)
         if FAST_GRAD:
@@ -191,11 +201,9 @@ def pmi_kl_fwd_kernel(
         for v0 in range(0, v_end, BLOCK_V):
             o_v = v0 + o_base
             m_v = o_v < V
-            b_s = _load_tile(p_s, o_v, m_v, inv_tau, ACC)
-            b_g = _target_tile(b_s, p_t, p_r, p_a, o_v, m_v, inv_tau, kappa, clip, inv_clip, inv_beta,
-                               PMI, HAS_R, HAS_A, CLIP, ACC)
-            f, slope, p, q = _summand_and_slope((b_s - m_s) - log_z_s, (b_g - m_g) - log_z_g, lam, log_1m_lam, log_lam,
-                                                entry_clip, LOSS_KIND, ENTRY_CLIP)
+            f, slope, p, q = _tile_terms(p_s, p_t, p_r, p_a, o_v, m_v, inv_tau, kappa, clip, inv_clip, inv_beta,
+                                         m_s, log_z_s, m_g, log_z_g, lam, log_1m_lam, log_lam, entry_clip,
+                                         PMI, HAS_R, HAS_A, CLIP, LOSS_KIND, ENTRY_CLIP, ACC)
             tl.store(p_grad + o_v, ((slope - p * slope_sum) * grad_scale).to(p_grad.dtype.element_ty), mask=m_v)
     if WRITE_GRAD and HAS_MASK:
         for v0 in range(0, V - v_end, BLOCK_V):
@@ -263,4 +271,5 @@ def rows_loss_and_grad_triton(s_raw, t_raw, r_raw=None, a_raw=None, *, opts: Los
     return loss
 
 
-assert (FORWARD_KL, REVERSE_KL, MIXED_JSD) == (0, 1, 2), "the kernel numbers the losses so"
+# The kernel's LOSS_KIND branches are numbered as options.py numbers the losses.
+assert (FORWARD_KL, REVERSE_KL, MIXED_JSD) == (0, 1, 2)

@@ -132,8 +132,8 @@ def test_grad_weight_fp32_accumulation(device, backend):
     (up to fp32 summation order); accumulated in bf16 it drifts further from it."""
     hidden, weight, bias, _ = make(24, 32, 300, torch.bfloat16, device)
     upstream = torch.ones((), dtype=torch.float64)
-    grad_w = lambda **kw: run_both(backend, hidden, weight, bias, "pmi", reduction="sum", upstream=upstream,  # noqa: E731
-                                   **kw)[1][1]
+    def grad_w(**kw):
+        return run_both(backend, hidden, weight, bias, "pmi", reduction="sum", upstream=upstream, **kw)[1][1]
     single = grad_w(chunk_rows=1000).double()
     fp32 = grad_w(chunk_rows=1, grad_weight_fp32=True)
     bf16 = grad_w(chunk_rows=1).double()
@@ -150,3 +150,18 @@ def test_cuda_bf16_matches_cpu_path():
     cpu = fused_pmi_kl(*(x.cpu() for x in hidden[:1]), weight.cpu(), hidden[1].cpu(), hidden[2].cpu(),
                        lm_head_bias=bias.cpu(), reduction="none", backend="torch")
     assert torch.allclose(gpu.cpu(), cpu, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("device,backend", PATHS)
+def test_no_grad_computes_no_gradients(device, backend, monkeypatch):
+    """Under torch.no_grad() the forward skips the gradient GEMMs, though inputs require grad."""
+    import pmi_kernels.fused_linear as fused_linear
+    hidden, weight, bias, _ = make(5, 8, 100, torch.float32, device)
+    monkeypatch.setattr(fused_linear, "_accumulate_grad_weight",
+                        lambda *args, **kwargs: pytest.fail("grad_W computed under no_grad"))
+    h, w = hidden[0].requires_grad_(True), weight.requires_grad_(True)
+    with torch.no_grad():
+        loss = fused_pmi_kl(h, w, hidden[1], hidden[2], backend=backend)
+    ref = fused_pmi_kl_reference(upcast(h), upcast(w), upcast(hidden[1]), upcast(hidden[2]))
+    assert not loss.requires_grad
+    assert_close(loss, ref, torch.float32, "loss", atol=1e-6)

@@ -17,8 +17,8 @@ from pmi_kernels.train.toy import toy_model, toy_problems, toy_tokenizer  # noqa
 
 
 def tiny(tmp_path, **overrides):
-    values = dict(output_dir=str(tmp_path / "run"), device="cpu", max_new_tokens=10, batch_size=2, max_steps=2, sft_steps=0,
-                  eval_limit=4, save_every=1, use_chat_template=False, diagnostics_every=1, lr=1e-2)
+    values = dict(output_dir=str(tmp_path / "run"), device="cpu", max_new_tokens=10, batch_size=2, max_steps=2,
+                  sft_steps=0, eval_limit=4, save_every=1, use_chat_template=False, diagnostics_every=1, lr=1e-2)
     values.update(overrides)
     return TrainConfig(**values)
 
@@ -177,3 +177,44 @@ def test_diagnose_command_prints_the_table(tmp_path, capsys):
                      "--output-dir", str(tmp_path / "d")]) == 0
     out = capsys.readouterr().out
     assert "cos(tot,ref)" in out and "mean" in out
+
+
+def _save_model(tmp_path, family: str):
+    """A tiny model of another family, built in code and saved as a local directory."""
+    import transformers
+    tokenizer = toy_tokenizer()
+    common = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    config_cls, model_cls = {"llama": ("LlamaConfig", "LlamaForCausalLM"),
+                             "olmo2": ("Olmo2Config", "Olmo2ForCausalLM")}[family]
+    torch.manual_seed(0)
+    model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**common))
+    path = tmp_path / family
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("family", ["llama", "olmo2"])
+def test_other_model_families_parquet_and_checkpointing(tmp_path, family):
+    pytest.importorskip("datasets")
+    import pandas as pd
+    data = tmp_path / "train.parquet"
+    pd.DataFrame(toy_problems(6, 2)).to_parquet(data)
+    trainer = Trainer(tiny(tmp_path, model_path=_save_model(tmp_path, family), train_file=str(data),
+                           gradient_checkpointing=True, lora=(family == "llama"), tensorboard=True))
+    record = trainer.train_step()
+    assert record["loss"] >= 0 and record["response_length"] > 0
+    trainer.metrics.write(record)
+    assert os.listdir(tmp_path / "run" / "tensorboard")
+
+
+def test_chat_template_wraps_every_context():
+    from pmi_kernels.train.prompts import DEFAULT_TEMPLATES, render
+    tokenizer = toy_tokenizer()
+    tokenizer.chat_template = "{% for m in messages %}<u>{{ m['content'] }}</u>{% endfor %}<a>"
+    for kind in DEFAULT_TEMPLATES:
+        text = render(DEFAULT_TEMPLATES, kind, "What is 2 + 2?", "2 + 2 = 4.", tokenizer)
+        assert text.startswith("<u>") and text.endswith("</u><a>") and ("2 + 2 = 4." in text) == (kind != "student")
+    assert render(DEFAULT_TEMPLATES, "student", "q", "s", tokenizer, use_chat=False) == "Question: q\nAnswer: "

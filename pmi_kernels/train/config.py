@@ -48,7 +48,6 @@ class TrainConfig:
     max_new_tokens: int = 512
     temperature: float = 1.0
     top_p: float = 1.0
-    use_vllm: bool = False
 
     # The loss (../shared/SPEC.md); mode "pmi" or "opsd" (target = teacher).
     mode: str = "pmi"
@@ -93,8 +92,8 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         """Every problem a config can have on its own, before any model or data is loaded."""
-        choices = {"mode": ("pmi", "opsd"), "teacher_weights": ("base", "current"), "device": ("auto", "cpu", "cuda"),
-                   "schedule": ("constant", "cosine", "linear")}
+        choices = {"mode": ("pmi", "opsd"), "teacher_weights": ("base", "current"),
+                   "device": ("auto", "cpu", "cuda"), "schedule": ("constant", "cosine", "linear")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"config: {key} must be one of {allowed}, got {getattr(self, key)!r}")

@@ -1,0 +1,77 @@
+"""Compile the Triton kernels for sm_90 (Hopper) without a GPU, and print registers and spills.
+
+GPU time is scarce; this catches compile errors and spills on any machine with Triton. The
+ptxas that Triton carries reads the PTX it writes (a system ptxas may be older).
+
+    python benchmarks/kernel_resources.py
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from pmi_kernels.triton_diagnostics import pmi_diagnostics_kernel
+from pmi_kernels.triton_rows import pmi_kl_fwd_kernel
+
+ROW_SIGNATURE = {"p_s": "*bf16", "p_t": "*bf16", "p_r": "*bf16", "p_a": "*bf16", "p_kappa": "*fp32",
+                 "p_mask": "*i1", "p_row_scale": "*fp32", "p_loss": "*fp32", "p_grad": "*bf16",
+                 "p_params": "*fp32", "stride_s": "i64", "stride_t": "i64", "stride_r": "i64", "stride_a": "i64",
+                 "stride_grad": "i64", "stride_row_scale": "i64", "V": "i32"}
+ROW_CASES = {
+    "fused path, forward KL (kappa given)": dict(PMI=True, HAS_R=False, HAS_A=False, CLIP=True, KAPPA=1,
+                                                 LOSS_KIND=0, ENTRY_CLIP=False),
+    "3 logit streams, forward KL": dict(PMI=True, HAS_R=True, HAS_A=False, CLIP=True, KAPPA=2, LOSS_KIND=0,
+                                        ENTRY_CLIP=False),
+    "3 logit streams, mixed JSD, entry clip": dict(PMI=True, HAS_R=True, HAS_A=False, CLIP=True, KAPPA=2,
+                                                   LOSS_KIND=2, ENTRY_CLIP=True),
+}
+DIAG_SIGNATURE = {"p_s": "*bf16", "p_t": "*bf16", "p_r": "*bf16", "p_a": "*bf16", "p_out": "*fp32",
+                  "p_params": "*fp32", "stride_s": "i64", "stride_t": "i64", "stride_r": "i64", "stride_a": "i64",
+                  "V": "i32"}
+
+
+def ptxas() -> str:
+    folder = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    for name in ("ptxas-blackwell", "ptxas"):
+        if os.path.exists(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    return "ptxas"
+
+
+def resources(kernel, signature, constexprs, warps) -> str:
+    src = ASTSource(fn=kernel, signature={**signature, **{k: "constexpr" for k in constexprs}}, constexprs=constexprs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.ptx")
+        with open(path, "w") as fh:
+            fh.write(compiled.asm["ptx"])
+        arch = re.search(r"\.target (sm_\w+)", compiled.asm["ptx"]).group(1)
+        out = subprocess.run([ptxas(), f"-arch={arch}", "-v", path, "-o", os.path.join(tmp, "k.cubin")],
+                             capture_output=True, text=True).stderr
+    regs = re.search(r"Used (\d+) registers", out)
+    spills = re.search(r"(\d+) bytes spill stores", out)
+    return f"{regs.group(1) if regs else '?'} registers, {spills.group(1) if spills else '?'} bytes spilled"
+
+
+def main():
+    for block, warps in ((2048, 8), (4096, 8), (4096, 16)):
+        for name, case in ROW_CASES.items():
+            consts = dict(case, HAS_MASK=False, HAS_ROW_SCALE=True, WRITE_GRAD=True,
+                          FAST_GRAD=case["LOSS_KIND"] == 0 and not case["ENTRY_CLIP"], ACC=tl.float32,
+                          BLOCK_V=block)
+            print(f"pmi_kl_fwd_kernel  {block:5d}x{warps:2d}  {name:40s} "
+                  f"{resources(pmi_kl_fwd_kernel, ROW_SIGNATURE, consts, warps)}")
+        consts = dict(HAS_A=False, CLIP=True, CENTER=True, ACC=tl.float32, BLOCK_V=block)
+        print(f"pmi_diagnostics    {block:5d}x{warps:2d}  {'3 logit streams':40s} "
+              f"{resources(pmi_diagnostics_kernel, DIAG_SIGNATURE, consts, warps)}")
+
+
+if __name__ == "__main__":
+    main()
