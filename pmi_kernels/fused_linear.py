@@ -106,8 +106,8 @@ class _FusedPMIKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, w, b, h_t, h_r, h_a, w_f, b_f, plan: _Plan):
         # needs_input_grad ignores torch.no_grad(): the plan carries the grad mode of the call.
-        wants = tuple(plan.grad_enabled and w for w in
-                      (ctx.needs_input_grad[0], ctx.needs_input_grad[1], b is not None and ctx.needs_input_grad[2]))
+        needs = ctx.needs_input_grad
+        wants = tuple(plan.grad_enabled and need for need in (needs[0], needs[1], b is not None and needs[2]))
         ctx.plan, ctx.wants = plan, wants
         ctx.dtypes = (w.dtype, None if b is None else b.dtype)
         n = h.shape[0]
