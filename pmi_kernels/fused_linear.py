@@ -15,7 +15,6 @@ No [N, V] tensor exists at any point.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F

@@ -23,7 +23,7 @@ Readings of the contract, where SPEC leaves a choice:
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 import torch.nn.functional as F
