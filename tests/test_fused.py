@@ -28,8 +28,8 @@ def make(n, h, v, dtype, device, bias=True, frozen=False):
     return hidden, weight, b, w_f
 
 
-def run_both(backend, hidden, weight, bias, mode, *, frozen_weight=None, mask=None, reduction="none",
-             chunk_rows=None, want=(True, True, True), grad_weight_fp32=False, upstream=None, **kwargs):
+def run_both(backend, hidden, weight, bias, mode, *, frozen_weight=None, frozen_bias=None, mask=None,
+             reduction="none", chunk_rows=None, want=(True, True, True), grad_weight_fp32=False, upstream=None, **kwargs):
     h, ht, hr, ha = hidden
     hr = None if mode == "opsd" else hr
     ha = ha if mode == "pmi-anchor" else None
@@ -37,7 +37,7 @@ def run_both(backend, hidden, weight, bias, mode, *, frozen_weight=None, mask=No
               None if bias is None else bias.detach().requires_grad_(want[2])]
     workspace = None if chunk_rows is None else chunk_rows * weight.shape[0] * 4 * 20
     loss = fused_pmi_kl(leaves[0], leaves[1], ht, hr, ha, lm_head_bias=leaves[2], frozen_weight=frozen_weight,
-                        mask=mask, reduction=reduction, backend=backend, workspace_bytes=workspace,
+                        frozen_bias=frozen_bias, mask=mask, reduction=reduction, backend=backend, workspace_bytes=workspace,
                         grad_weight_fp32=grad_weight_fp32, **kwargs)
     if upstream is None:
         upstream = torch.rand(loss.shape, dtype=torch.float64) + 0.5
@@ -46,7 +46,7 @@ def run_both(backend, hidden, weight, bias, mode, *, frozen_weight=None, mask=No
     ref_leaves = [None if x is None else upcast(x).requires_grad_(x.requires_grad) for x in leaves]
     ref = fused_pmi_kl_reference(ref_leaves[0], ref_leaves[1], upcast(ht), upcast(hr), upcast(ha),
                                  lm_head_bias=ref_leaves[2], frozen_weight=upcast(frozen_weight),
-                                 mask=None if mask is None else mask.cpu(), reduction=reduction, **kwargs)
+                                 frozen_bias=upcast(frozen_bias), mask=None if mask is None else mask.cpu(), reduction=reduction, **kwargs)
     ref_wanted = [x for x in ref_leaves if x is not None and x.requires_grad]
     ref_grads = torch.autograd.grad((ref * upstream).sum(), ref_wanted)
     for leaf, grad in zip(wanted, grads):
@@ -81,6 +81,17 @@ def test_reductions_leading_dims_frozen_head(device, backend, reduction):
                    reduction=reduction, chunk_rows=3)
     assert out[0].shape == out[2].shape
     check(*out)
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(clip=3.0, center=False)], ids=["centered", "clip-no-center"])
+@pytest.mark.parametrize("device,backend", PATHS)
+def test_separate_frozen_bias(device, backend, kwargs):
+    """A frozen head with its own bias: the bias cancels in t - r only where SPEC says so."""
+    hidden, weight, bias, w_f = make(7, 16, 211, torch.float32, device, frozen=True)
+    frozen_bias = torch.randn(211, device=device) * 3
+    for mode in ("pmi", "pmi-anchor", "opsd"):
+        check(*run_both(backend, hidden, weight, bias, mode, frozen_weight=w_f, frozen_bias=frozen_bias,
+                        reduction="sum", **kwargs))
 
 
 @pytest.mark.parametrize("want", [(True, False, False), (False, True, True), (False, False, True)],
