@@ -69,8 +69,8 @@ def _backward(ctx, grad_loss, _):
     if not traced and torch.equal(grad_loss, grad_scale.to(grad_loss.dtype)):
         return (grad,) + (None,) * 15
     # Rescale in the compute dtype, store in the student's dtype; never mutate the saved gradient.
-    # grad_scale > 0 wherever a row is kept; masked rows are 0 and stay 0.
-    ratio = torch.where(grad_scale > 0, grad_loss / grad_scale.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
+    # grad_scale is 1 or 1/max(1, kept rows), never 0; masked rows' gradient is 0 and stays 0.
+    ratio = grad_loss / grad_scale
     return (torch.mul(grad, ratio[:, None], out=torch.empty_like(grad)),) + (None,) * 15
 
 
