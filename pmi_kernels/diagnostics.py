@@ -47,25 +47,27 @@ def pmi_diagnostics(student, teacher, refonly, anchor=None, *, lm_head_weight=No
     flat = [None if x is None else x.reshape(-1, width) for x in (student, teacher, refonly, anchor)]
     if backend == "triton":
         from .triton_diagnostics import DIAGNOSTICS, diagnostics_rows_triton
-        # Logits of a chunk in the input dtype (GEMM outputs, as in fused_pmi_kl), or the rows given.
-        def logits(x, w, b):
-            return None if x is None else (x if w is None else F.linear(x, w, b)).contiguous()
         step = rows_per_chunk(vocab, 4 * first.element_size(), workspace_bytes)
-        parts = []
-        for i in range(0, max(1, flat[0].shape[0]), step):
-            s, t, r, a = (None if x is None else x[i:i + step] for x in flat)
-            parts.append(diagnostics_rows_triton(logits(s, lm_head_weight, lm_head_bias), logits(t, w_f, b_f),
-                                                 logits(r, w_f, b_f), logits(a, w_f, b_f), opts=opts))
-        table = torch.cat(parts)
-        return {k: table[:, j].reshape(lead) for j, k in enumerate(DIAGNOSTICS)}
-    step = rows_per_chunk(vocab, TORCH_ROW_TEMPORARIES * 8, workspace_bytes)
+
+        def logits(x, w, b):  # GEMM outputs in the input dtype, as in fused_pmi_kl
+            return None if x is None else (x if w is None else F.linear(x, w, b)).contiguous()
+
+        def diagnose(s, t, r, a):
+            table = diagnostics_rows_triton(s, t, r, a, opts=opts)
+            return {k: table[:, j] for j, k in enumerate(DIAGNOSTICS)}
+    else:
+        step = rows_per_chunk(vocab, TORCH_ROW_TEMPORARIES * 8, workspace_bytes)
+
+        def logits(x, w, b):  # upcast, as the reference computes
+            return None if x is None else (x if w is None else linear_logits(x, w, b))
+
+        def diagnose(s, t, r, a):
+            return pmi_diagnostics_reference(s, t, r, a, beta=beta, clip=clip, center=center,
+                                             temperature=temperature)
     parts = []
     # At least one chunk, so an empty input still returns every key.
     for i in range(0, max(1, flat[0].shape[0]), step):
-        chunk = [None if x is None else x[i:i + step] for x in flat]
-        if lm_head_weight is not None:
-            s = linear_logits(chunk[0], lm_head_weight, lm_head_bias)
-            chunk = [s] + [None if x is None else linear_logits(x, w_f, b_f) for x in chunk[1:]]
-        parts.append(pmi_diagnostics_reference(*chunk, beta=beta, clip=clip, center=center,
-                                               temperature=temperature))
+        s, t, r, a = (None if x is None else x[i:i + step] for x in flat)
+        parts.append(diagnose(logits(s, lm_head_weight, lm_head_bias), logits(t, w_f, b_f),
+                              logits(r, w_f, b_f), logits(a, w_f, b_f)))
     return {k: torch.cat([p[k] for p in parts]).reshape(lead) for k in parts[0]}
