@@ -61,6 +61,8 @@ class Trainer:
         self.train_rows, self.eval_rows = load_examples(config)
         self.prompts = {kind: [prompt_ids(self.tokenizer, config.templates, kind, ex, config.use_chat_template)
                                for ex in self.train_rows] for kind in KINDS}
+        self.eval_prompts = [prompt_ids(self.tokenizer, config.templates, "student", ex, config.use_chat_template)
+                             for ex in self.eval_rows]
         self._check_lengths(model)
         if config.model_path == TOY and config.sft_steps and not config.resume:
             self.supervised_warmup(model)
@@ -176,7 +178,7 @@ class Trainer:
         config, rows = self.config, self.eval_rows
         if not rows:
             return float("nan")
-        prompts = [prompt_ids(self.tokenizer, config.templates, "student", ex, config.use_chat_template) for ex in rows]
+        prompts = self.eval_prompts
         correct = 0
         for _ in range(config.eval_samples):
             for i in range(0, len(rows), 32):
