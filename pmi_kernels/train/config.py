@@ -11,6 +11,7 @@ from typing import List, Optional
 
 from ..options import LossOptions
 from .prompts import DEFAULT_TEMPLATES
+from .rollouts import VLLM_MISSING, vllm_available
 
 TOY = "toy"
 # The embedded default's sizes: the toy task runs end to end on a CPU in a few minutes.
@@ -48,6 +49,10 @@ class TrainConfig:
     max_new_tokens: int = 512
     temperature: float = 1.0
     top_p: float = 1.0
+    # "hf": the model's own generate; "vllm": a vLLM engine in this process, given the current
+    # weights (LoRA merged) before each step's sampling. vllm_kwargs go to vllm.LLM as they are.
+    rollout_engine: str = "hf"
+    vllm_kwargs: dict = field(default_factory=dict)
 
     # The loss (../shared/SPEC.md); mode "pmi" or "opsd" (target = teacher).
     mode: str = "pmi"
@@ -93,7 +98,8 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         """Every problem a config can have on its own, before any model or data is loaded."""
         choices = {"mode": ("pmi", "opsd"), "teacher_weights": ("base", "current"),
-                   "device": ("auto", "cpu", "cuda"), "schedule": ("constant", "cosine", "linear")}
+                   "device": ("auto", "cpu", "cuda"), "schedule": ("constant", "cosine", "linear"),
+                   "rollout_engine": ("hf", "vllm")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"config: {key} must be one of {allowed}, got {getattr(self, key)!r}")
@@ -104,6 +110,8 @@ class TrainConfig:
         if self.lr <= 0 or not 0 < self.top_p <= 1 or self.temperature <= 0:
             raise ValueError("config: lr and temperature must be > 0 and top_p in (0, 1]")
         self.loss_options()  # the loss's own checks, with its own messages
+        if self.rollout_engine == "vllm" and not vllm_available():
+            raise ValueError(f"config: {VLLM_MISSING}")
         if self.model_path != TOY:
             if not os.path.isdir(self.model_path):
                 raise ValueError(f"config: model_path {self.model_path!r} is not a local directory")

@@ -25,6 +25,7 @@ from .config import TOY, TrainConfig
 from .contexts import KINDS, prompt_ids, rollout_hidden, trim_rollout
 from .data import extract_answer, load_examples
 from .metrics import MetricsLog, count_markers
+from .rollouts import VllmRollouts, merged_weights
 from .toy import toy_model, toy_tokenizer
 
 
@@ -64,10 +65,18 @@ class Trainer:
         self.eval_prompts = [prompt_ids(self.tokenizer, config.templates, "student", ex, config.use_chat_template)
                              for ex in self.eval_rows]
         self._check_lengths(model)
-        if config.model_path == TOY and config.sft_steps and not config.resume:
-            self.supervised_warmup(model)
-            model.save_pretrained(os.path.join(config.output_dir, "toy-base"))
+        model_dir = config.model_path
+        if config.model_path == TOY:
+            model_dir = os.path.join(config.output_dir, "toy-base")
+            if not config.resume:
+                if config.sft_steps:
+                    self.supervised_warmup(model)
+                model.save_pretrained(model_dir)
+                self.tokenizer.save_pretrained(model_dir)
         self.model, self.frozen = self._wrap(model)
+        self.rollouts, self._synced_step = None, None
+        if config.rollout_engine == "vllm":
+            self.rollouts = self._vllm_engine(model, model_dir)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.trainable, lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
@@ -103,6 +112,13 @@ class Trainer:
             return get_peft_model(model, lora), None
         frozen = copy.deepcopy(model).eval().requires_grad_(False) if self._needs_base() else None
         return model, frozen
+
+    def _vllm_engine(self, model, model_dir: str) -> VllmRollouts:
+        prompts = [*self.prompts["student"], *self.eval_prompts]
+        length = max(map(len, prompts), default=0) + self.config.max_new_tokens
+        limit = getattr(model.config, "max_position_embeddings", None)
+        return VllmRollouts(model_dir, self.device, model.dtype, min(length, limit or length), self.config.seed,
+                            self.config.vllm_kwargs)
 
     def _needs_base(self) -> bool:
         return self.config.teacher_weights == "base" or self.config.anchor
@@ -162,6 +178,13 @@ class Trainer:
     def generate(self, prompts: List[List[int]], temperature: float, top_p: float, max_new_tokens: int):
         """Sampled (temperature > 0) or greedy continuations, trimmed after EOS."""
         tok = self.tokenizer
+        if self.rollouts is not None:
+            if self._synced_step != self.step:  # the weights changed since the engine last got them
+                self.rollouts.load_weights(merged_weights(self.model, self.config.lora))
+                self._synced_step = self.step
+            seed = int(torch.randint(2**31 - 1, ()))  # from the step-seeded generator: a resume samples alike
+            outs = self.rollouts.generate(prompts, temperature, top_p, max_new_tokens, tok.eos_token_id, seed)
+            return [trim_rollout(out, tok.eos_token_id, tok.pad_token_id) for out in outs]
         batch = tok.pad({"input_ids": prompts}, return_tensors="pt").to(self.device)
         self.model.eval()
         sample = temperature > 0

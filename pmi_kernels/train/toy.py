@@ -42,13 +42,14 @@ def toy_tokenizer():
 
 
 def toy_model(tokenizer, seed: int = 0, hidden: int = 96, layers: int = 2):
-    """A Qwen3 causal LM small enough to train on a CPU in a minute."""
+    """A Qwen3 causal LM small enough to train on a CPU in a minute. Its head size is 32, a size
+    vLLM's CPU attention supports (rollout_engine="vllm")."""
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
     torch.manual_seed(seed)
     config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                         head_dim=hidden // 4, max_position_embeddings=512, tie_word_embeddings=True,
+                         head_dim=32, max_position_embeddings=512, tie_word_embeddings=True,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id)
     return Qwen3ForCausalLM(config)
