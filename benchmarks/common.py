@@ -44,10 +44,11 @@ def median_ms(fn, device: str, warmup_ms: float = 200, rep_ms: float = 1000) -> 
     return statistics.median(times)
 
 
-def median_ms_few(fn, device: str, calls: int = 3) -> float:
-    """Median of a few timed calls after one warm-up: for sweeps whose large cases take
-    seconds a call, where do_bench's own estimate-and-repeat would take minutes."""
-    fn()
+def median_ms_few(fn, device: str, calls: int = 3, warm_up: bool = True) -> float:
+    """Median of a few timed calls after one warm-up (unless the caller just ran fn): for sweeps
+    whose large cases take seconds a call, where do_bench's estimate-and-repeat takes minutes."""
+    if warm_up:
+        fn()
     times = []
     for _ in range(calls):
         if device == "cuda":

@@ -13,7 +13,7 @@ results.md (the table README shows), time_vs_n.png, memory_vs_n.png, ratio_to_fl
 On a machine without a GPU it runs small CPU cases in under 2 minutes, with the same outputs.
 
     python benchmarks/run.py --out benchmarks/results/cpu-example
-    python benchmarks/run.py --out $OUT --max-minutes 4          # on a GPU
+    python benchmarks/run.py --out $OUT --max-minutes 5.5        # on a GPU, within a time budget
 """
 from __future__ import annotations
 
@@ -77,10 +77,11 @@ def measure(case: Case, device: str, names, calls: int):
         row = dict(impl=name, status="ok")
         try:
             run = table[name](*inputs)
-            ms = median_ms_few(lambda: run(case.backward), device, calls)
-            row.update(ms=ms, tflops=case.floor_flops / ms / 1e9)
-            if device == "cuda" and name != impls.FLOOR:
+            memory = device == "cuda" and name != impls.FLOOR
+            if memory:  # the warm-up call, measured (the floor ran first: cuBLAS has its workspace)
                 row["peak_extra_gib"] = peak_extra_gib(lambda: run(case.backward), keep)
+            ms = median_ms_few(lambda: run(case.backward), device, calls, warm_up=not memory)
+            row.update(ms=ms, tflops=case.floor_flops / ms / 1e9)
         except ImportError as err:
             row["status"] = f"not installed ({err.name})"
         except Exception as err:  # noqa: BLE001 (an OOM is a result; anything else is raised)
@@ -167,7 +168,8 @@ def main():
     parser.add_argument("--n", type=int, nargs="*", help="override the N grid (H and V of the headline case)")
     parser.add_argument("--calls", type=int, default=3, help="timed calls per measurement (median)")
     parser.add_argument("--max-minutes", type=float, default=None,
-                        help="stop starting new cases after this long; the rest are recorded as skipped")
+                        help="time budget: a case starts only if it is expected to end within it (the "
+                             "last case's time scaled by FLOPs); the others are recorded as skipped")
     args = parser.parse_args()
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     cases = default_cases(device)
@@ -178,11 +180,15 @@ def main():
     info = device_info(device)
     print(info)
     os.makedirs(args.out, exist_ok=True)
-    start, records = time.monotonic(), []
+    start, records, last = time.monotonic(), [], None  # last: (seconds, floor FLOPs) of the latest case run
     for case in cases:
-        skipped = args.max_minutes is not None and time.monotonic() - start > 60 * args.max_minutes
+        began = time.monotonic()
+        expected = last[0] * case.floor_flops / last[1] if last else 0.0
+        skipped = args.max_minutes is not None and began - start + expected > 60 * args.max_minutes
         rows = ([dict(impl=name, status="skipped (time budget)") for name in names] if skipped
                 else measure(case, device, names, args.calls))
+        if not skipped:
+            last = (time.monotonic() - began, case.floor_flops)
         for row in rows:
             records.append({**asdict(case), "phase": case.phase, **row})
             shown = f"{row['ms']:9.2f} ms" if "ms" in row else row["status"]
