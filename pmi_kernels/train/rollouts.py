@@ -50,7 +50,7 @@ class VllmRollouts:
                  engine_kwargs: dict):
         if not vllm_available():
             raise ValueError(VLLM_MISSING)
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # load_weights hands over tensors, in-process
         from vllm import LLM
         # It shares the machine with training: a third of the GPU, or 1 GiB of KV cache on a CPU.
         memory = {"gpu_memory_utilization": 0.3} if device.type == "cuda" else {"kv_cache_memory_bytes": 1 << 30}
