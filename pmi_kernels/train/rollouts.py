@@ -48,8 +48,6 @@ class VllmRollouts:
 
     def __init__(self, model_dir: str, device: torch.device, dtype: torch.dtype, max_model_len: int, seed: int,
                  engine_kwargs: dict):
-        if not vllm_available():
-            raise ValueError(VLLM_MISSING)
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # load_weights hands over tensors, in-process
         from vllm import LLM
         # It shares the machine with training: a third of the GPU, or 1 GiB of KV cache on a CPU.
