@@ -115,7 +115,7 @@ class _FusedPMIKL(torch.autograd.Function):
             ctx.save_for_backward(h, w, b, h_t, h_r, h_a, w_f, b_f)
         else:
             scale = 1.0 / max(1, n) if plan.reduction == "mean" else 1.0
-            row_scale = torch.full((n,), scale, dtype=torch.float32, device=h.device)
+            row_scale = torch.full((n,), scale, dtype=compute_dtype(h.dtype), device=h.device)
             loss, *grads = _sweep(plan, h, w, b, h_t, h_r, h_a, w_f, b_f, row_scale, *wants)
             ctx.save_for_backward(*grads)
         if plan.reduction == "none":
@@ -125,7 +125,8 @@ class _FusedPMIKL(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         if ctx.plan.reduction == "none":
-            _, grad_h, grad_w, grad_b = _sweep(ctx.plan, *ctx.saved_tensors, grad_loss.float(), *ctx.wants)
+            # grad_loss has the loss's (compute) dtype: it is the per-row scale as it comes.
+            _, grad_h, grad_w, grad_b = _sweep(ctx.plan, *ctx.saved_tensors, grad_loss, *ctx.wants)
         else:
             # The gradients were computed in the forward for an incoming gradient of 1.
             grad_h, grad_w, grad_b = ctx.saved_tensors

@@ -29,7 +29,7 @@ def pmi_kl_rows(student: Tensor, teacher: Tensor, refonly: Optional[Tensor], anc
                 temperature: float, jsd_beta: float, entry_clip: Optional[float], backend: str,
                 compute_grad: bool, workspace_bytes: int) -> Tuple[Tensor, Tensor]:
     """Per-row loss [N] and, when compute_grad, grad_scale_n * dloss_n/dstudent_n [N, V] (else
-    an empty tensor). grad_scale is [N], fp32, possibly a stride-0 view of one value."""
+    an empty tensor). grad_scale is [N] in the compute dtype, possibly a stride-0 view of one value."""
     opts = LossOptions(pmi, beta, clip, center, temperature, jsd_beta, entry_clip)
     rows_fn = row_function(backend)
     grad = torch.empty_like(student) if compute_grad else student.new_empty(0)
@@ -116,7 +116,7 @@ def pmi_kl(student_logits, teacher_logits, refonly_logits=None, anchor_logits=No
     rows = math.prod(lead)
     count = _kept_rows(flat_mask, rows, compute_dtype(student.dtype), student.device)
     # What the reduction sends back to each row for an upstream gradient of 1.
-    scale = (count.new_ones(()) / count if reduction == "mean" else count.new_ones(())).float()
+    scale = count.new_ones(()) / count if reduction == "mean" else count.new_ones(())
     workspace = DEFAULT_WORKSPACE_BYTES if workspace_bytes is None else int(workspace_bytes)
     per_row, _ = pmi_kl_rows(flat(student), flat(teacher_logits), flat(refonly_logits), flat(anchor_logits),
                              flat_mask, scale.expand(rows), opts.pmi, opts.beta, opts.clip, opts.center,

@@ -14,6 +14,8 @@ Readings of the contract, where SPEC leaves a choice:
   strictly above e passes no gradient (at equality torch passes it; the fast paths agree
   up to that measure-zero tie).
 - Masked-out positions are removed with torch.where, so their gradient is exactly 0.
+- reduction="none" returns mask_n * loss_n in the inputs' leading shape ([B, T] for [B, T, V]
+  logits, [N] for [N, V]), as torch's own losses do; the mask has that shape too.
 - In the fused-linear form the logits are h @ W^T + b computed in the compute dtype
   (upcast inputs); the frozen streams use (frozen_weight, frozen_bias), each defaulting
   on its own to the student's (W or b), detached: a frozen base weight with the student's

@@ -94,6 +94,20 @@ def test_separate_frozen_bias(device, backend, kwargs):
                         reduction="sum", **kwargs))
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("device,backend", PATHS)
+def test_float64_to_float64_precision(device, backend, reduction):
+    """float64 in, float64 throughout: the per-row gradient scales (1/count, the upstream
+    gradient) must not pass through fp32 on the way."""
+    hidden, weight, bias, _ = make(9, 16, 257, torch.float64, device)
+    mask = torch.rand(9, device=device) > 0.3
+    loss, grads, ref, ref_grads = run_both(backend, hidden, weight, bias, "pmi", mask=mask, reduction=reduction,
+                                           chunk_rows=4)
+    assert_close(loss, ref, torch.float64, "loss", factor=1e-3)
+    for name, grad, ref_grad in zip(("grad_h", "grad_w", "grad_b"), grads, ref_grads):
+        assert_close(grad, ref_grad, torch.float64, name, factor=1e-3)
+
+
 @pytest.mark.parametrize("want", [(True, False, False), (False, True, True), (False, False, True)],
                          ids=["hidden-only", "weight-and-bias", "bias-only"])
 @pytest.mark.parametrize("device,backend", PATHS)
