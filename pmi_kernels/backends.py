@@ -37,3 +37,11 @@ def rows_per_chunk(vocab: int, bytes_per_row_entry: int, workspace_bytes) -> int
     if budget <= 0:
         raise ValueError(f"workspace_bytes must be > 0, got {workspace_bytes!r}")
     return max(1, budget // (vocab * bytes_per_row_entry))
+
+
+def upstream_matches(grad: torch.Tensor, expected: torch.Tensor) -> bool:
+    """Whether the incoming gradient is the one the forward already scaled its gradient for.
+    The check syncs with the device, so traced graphs (torch.compile, where the gradient is a
+    fake or functional tensor subclass) answer False and always rescale, which is right too."""
+    traced = torch.compiler.is_compiling() or type(grad) is not torch.Tensor
+    return not traced and torch.equal(grad, expected)

@@ -11,28 +11,34 @@ The gradients are computed in the forward for mean/sum reductions and scaled by 
 incoming gradient in the backward; reduction="none" recomputes in the backward with the
 per-row incoming gradient folded into the kernel. Masked rows never reach a GEMM.
 No [N, V] tensor exists at any point.
+
+Layering: `_sweep` (the chunk loop above) -> `fused_pmi_kl_rows` custom op (launcher: drops
+masked rows, allocates) -> `_FusedPMIKL` (autograd) -> `fused_pmi_kl` (checks, flattening).
+The custom op keeps the data-dependent chunk loop and the kernels opaque to torch.compile.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from . import validation
-from .backends import TORCH_ROW_TEMPORARIES, resolve_backend, row_function, rows_per_chunk
+from .backends import TORCH_ROW_TEMPORARIES, resolve_backend, row_function, rows_per_chunk, upstream_matches
+from .logits import kept_rows, reduce_rows
 from .options import LossOptions
 from .reference import compute_dtype, frozen_head
 
 
 @dataclass(frozen=True)
 class _Plan:
+    """How the rows are swept: the arguments of the launcher that are not tensors."""
     opts: LossOptions
     backend: str
     chunk_rows: int
-    reduction: str
     grad_weight_fp32: bool
-    grad_enabled: bool
 
 
 def _frozen_streams(hc_t, hc_r, hc_a, w_f, b_f, w_f_mean, opts: LossOptions):
@@ -99,44 +105,80 @@ def _sweep(plan: _Plan, h, w, b, h_t, h_r, h_a, w_f, b_f, row_scale, want_h, wan
     return loss, grad_h, grad_w, grad_b
 
 
+@torch.library.custom_op("pmi_kernels::fused_pmi_kl_rows", mutates_args=())
+def fused_pmi_kl_rows(h: Tensor, w: Tensor, b: Optional[Tensor], h_t: Tensor, h_r: Optional[Tensor],
+                      h_a: Optional[Tensor], w_f: Tensor, b_f: Optional[Tensor], mask: Optional[Tensor],
+                      row_scale: Optional[Tensor], pmi: bool, beta: float, clip: Optional[float], center: bool,
+                      temperature: float, jsd_beta: float, entry_clip: Optional[float], backend: str,
+                      chunk_rows: int, grad_weight_fp32: bool, want_h: bool, want_w: bool,
+                      want_b: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The launcher: loss per row [N] (0 where masked) and the wanted gradients with row_scale [N]
+    folded in; an unwanted gradient is an empty tensor. Masked rows are dropped before any GEMM
+    (the gather copies only [n_kept, H] per stream), so the shapes never depend on the mask's
+    values and torch.compile traces the call whole."""
+    plan = _Plan(LossOptions(pmi, beta, clip, center, temperature, jsd_beta, entry_clip), backend, chunk_rows,
+                 grad_weight_fp32)
+    kept = None if mask is None else mask.nonzero().squeeze(1)
+    pick = lambda x: x if x is None or kept is None else x[kept]  # noqa: E731
+    loss, grad_h, grad_w, grad_b = _sweep(plan, pick(h), w, b, pick(h_t), pick(h_r), pick(h_a), w_f, b_f,
+                                          pick(row_scale), want_h, want_w, want_b)
+    if kept is not None:
+        loss = loss.new_zeros(h.shape[0]).index_copy_(0, kept, loss)
+        grad_h = None if grad_h is None else grad_h.new_zeros(h.shape).index_copy_(0, kept, grad_h)
+    return tuple(h.new_empty(0) if x is None else x for x in (loss, grad_h, grad_w, grad_b))
+
+
+@fused_pmi_kl_rows.register_fake
+def _(h, w, b, h_t, h_r, h_a, w_f, b_f, mask, row_scale, pmi, beta, clip, center, temperature, jsd_beta,
+      entry_clip, backend, chunk_rows, grad_weight_fp32, want_h, want_w, want_b):
+    shaped = lambda want, *args, **kwargs: h.new_empty(*args, **kwargs) if want else h.new_empty(0)  # noqa: E731
+    return (h.new_empty(h.shape[0], dtype=compute_dtype(h.dtype)), shaped(want_h, h.shape),
+            shaped(want_w, w.shape, dtype=torch.float32 if grad_weight_fp32 else w.dtype),
+            shaped(want_b, w.shape[0], dtype=compute_dtype(w.dtype)))
+
+
+def _rows(plan: _Plan, tensors, row_scale, wants):
+    o = plan.opts
+    return fused_pmi_kl_rows(*tensors, row_scale, o.pmi, o.beta, o.clip, o.center, o.temperature, o.jsd_beta,
+                             o.entry_clip, plan.backend, plan.chunk_rows, plan.grad_weight_fp32, *wants)
+
+
 class _FusedPMIKL(torch.autograd.Function):
-    """Over the kept rows only: per-row loss for reduction="none", else the reduced scalar."""
+    """Per-row loss [N] for reduction="none", else the reduced scalar."""
 
     @staticmethod
-    def forward(ctx, h, w, b, h_t, h_r, h_a, w_f, b_f, plan: _Plan):
-        # needs_input_grad ignores torch.no_grad(): the plan carries the grad mode of the call.
+    def forward(ctx, h, w, b, h_t, h_r, h_a, w_f, b_f, mask, reduction: str, grad_enabled: bool, plan: _Plan):
+        # needs_input_grad ignores torch.no_grad(): grad_enabled is the grad mode of the call.
         needs = ctx.needs_input_grad
-        wants = tuple(plan.grad_enabled and need for need in (needs[0], needs[1], b is not None and needs[2]))
-        ctx.plan, ctx.wants = plan, wants
+        wants = tuple(grad_enabled and need for need in (needs[0], needs[1], b is not None and needs[2]))
+        ctx.plan, ctx.wants, ctx.reduction = plan, wants, reduction
         ctx.dtypes = (w.dtype, None if b is None else b.dtype)
-        n = h.shape[0]
-        if plan.reduction == "none" or not any(wants):
-            loss, *_ = _sweep(plan, h, w, b, h_t, h_r, h_a, w_f, b_f, None, False, False, False)
-            ctx.save_for_backward(h, w, b, h_t, h_r, h_a, w_f, b_f)
+        tensors = (h, w, b, h_t, h_r, h_a, w_f, b_f, mask)
+        count = kept_rows(mask, h.shape[0], compute_dtype(h.dtype), h.device)
+        if reduction == "none" or not any(wants):
+            loss, *_ = _rows(plan, tensors, None, (False, False, False))
+            ctx.save_for_backward(*tensors)
         else:
-            scale = 1.0 / max(1, n) if plan.reduction == "mean" else 1.0
-            row_scale = torch.full((n,), scale, dtype=compute_dtype(h.dtype), device=h.device)
-            loss, *grads = _sweep(plan, h, w, b, h_t, h_r, h_a, w_f, b_f, row_scale, *wants)
+            # One sweep computes the gradients for an incoming gradient of 1.
+            scale = count.new_ones(()) / count if reduction == "mean" else count.new_ones(())
+            loss, *grads = _rows(plan, tensors, scale.expand(h.shape[0]), wants)
             ctx.save_for_backward(*grads)
-        if plan.reduction == "none":
-            return loss
-        return loss.sum() / max(1, n) if plan.reduction == "mean" else loss.sum()
+        return reduce_rows(loss, count, reduction)
 
     @staticmethod
     def backward(ctx, grad_loss):
-        if ctx.plan.reduction == "none":
+        if ctx.reduction == "none":
             # grad_loss has the loss's (compute) dtype: it is the per-row scale as it comes.
-            _, grad_h, grad_w, grad_b = _sweep(ctx.plan, *ctx.saved_tensors, grad_loss, *ctx.wants)
+            _, *grads = _rows(ctx.plan, ctx.saved_tensors, grad_loss, ctx.wants)
         else:
-            # The gradients were computed in the forward for an incoming gradient of 1.
-            grad_h, grad_w, grad_b = ctx.saved_tensors
-            if not torch.equal(grad_loss, torch.ones_like(grad_loss)):
-                grad_h, grad_w, grad_b = (None if x is None else x * grad_loss.to(x.dtype)
-                                          for x in (grad_h, grad_w, grad_b))
+            grads = ctx.saved_tensors
+            if not upstream_matches(grad_loss, torch.ones_like(grad_loss)):
+                grads = [x * grad_loss.to(x.dtype) for x in grads]
+        grad_h, grad_w, grad_b = (x if want else None for x, want in zip(grads, ctx.wants))
         w_dtype, b_dtype = ctx.dtypes
         grad_w = None if grad_w is None else grad_w.to(w_dtype)
         grad_b = None if grad_b is None else grad_b.to(b_dtype)
-        return grad_h, grad_w, grad_b, None, None, None, None, None, None
+        return (grad_h, grad_w, grad_b) + (None,) * 9
 
 
 def fused_pmi_kl(student_hidden, lm_head_weight, teacher_hidden, refonly_hidden=None, anchor_hidden=None, *,
@@ -173,21 +215,11 @@ def fused_pmi_kl(student_hidden, lm_head_weight, teacher_hidden, refonly_hidden=
     per_entry = buffers * student.element_size()
     if backend == "torch":
         per_entry += TORCH_ROW_TEMPORARIES * torch.finfo(compute_dtype(student.dtype)).bits // 8
-    plan = _Plan(opts, backend, rows_per_chunk(vocab, per_entry, workspace_bytes), reduction,
-                 bool(grad_weight_fp32), torch.is_grad_enabled())
+    plan = _Plan(opts, backend, rows_per_chunk(vocab, per_entry, workspace_bytes), bool(grad_weight_fp32))
 
-    lead = student.shape[:-1]
     flat = lambda x: None if x is None else x.reshape(-1, hidden)  # noqa: E731
     h, h_t, h_r, h_a = map(flat, (student_hidden, teacher_hidden, refonly_hidden, anchor_hidden))
-    if mask is not None:
-        # Masked rows are dropped before any GEMM; the gather copies only [n_kept, H].
-        kept = mask.reshape(-1).nonzero().squeeze(1)
-        h, h_t, h_r, h_a = (None if x is None else x[kept] for x in (h, h_t, h_r, h_a))
     h_t, h_r, h_a = (None if x is None else x.detach() for x in (h_t, h_r, h_a))
-    loss = _FusedPMIKL.apply(h, lm_head_weight, lm_head_bias, h_t, h_r, h_a, w_f, b_f, plan)
-    if reduction != "none":
-        return loss
-    if mask is None:
-        return loss.reshape(lead)
-    full = loss.new_zeros(mask.numel())
-    return full.index_put((kept,), loss).reshape(lead)
+    loss = _FusedPMIKL.apply(h, lm_head_weight, lm_head_bias, h_t, h_r, h_a, w_f, b_f,
+                             None if mask is None else mask.reshape(-1), reduction, torch.is_grad_enabled(), plan)
+    return loss.reshape(student.shape[:-1]) if reduction == "none" else loss

@@ -18,7 +18,8 @@ import torch
 from torch import Tensor
 
 from . import validation
-from .backends import DEFAULT_WORKSPACE_BYTES, TORCH_ROW_TEMPORARIES, resolve_backend, row_function, rows_per_chunk
+from .backends import (DEFAULT_WORKSPACE_BYTES, TORCH_ROW_TEMPORARIES, resolve_backend, row_function,
+                       rows_per_chunk, upstream_matches)
 from .options import LossOptions
 from .reference import compute_dtype
 
@@ -63,10 +64,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_loss, _):
     grad, grad_scale = ctx.saved_tensors
-    # The check syncs with the device, so traced graphs (torch.compile, where the gradient is a
-    # fake or functional tensor subclass) always rescale; the rescale is right in every case.
-    traced = torch.compiler.is_compiling() or type(grad_loss) is not torch.Tensor
-    if not traced and torch.equal(grad_loss, grad_scale.to(grad_loss.dtype)):
+    if upstream_matches(grad_loss, grad_scale.to(grad_loss.dtype)):
         return (grad,) + (None,) * 15
     # Rescale in the compute dtype, store in the student's dtype; never mutate the saved gradient.
     # grad_scale is 1 or 1/max(1, kept rows), never 0; masked rows' gradient is 0 and stays 0.
@@ -77,7 +75,7 @@ def _backward(ctx, grad_loss, _):
 pmi_kl_rows.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _kept_rows(mask: Optional[Tensor], rows: int, dtype, device) -> Tensor:
+def kept_rows(mask: Optional[Tensor], rows: int, dtype, device) -> Tensor:
     """max(1, number of kept rows), as a tensor (no host sync, so torch.compile traces it)."""
     if mask is None:
         return torch.tensor(max(1, rows), dtype=dtype, device=device)
@@ -114,7 +112,7 @@ def pmi_kl(student_logits, teacher_logits, refonly_logits=None, anchor_logits=No
     flat_mask = None if mask is None else mask.reshape(-1)
     compute_grad = torch.is_grad_enabled() and student.requires_grad
     rows = math.prod(lead)
-    count = _kept_rows(flat_mask, rows, compute_dtype(student.dtype), student.device)
+    count = kept_rows(flat_mask, rows, compute_dtype(student.dtype), student.device)
     # What the reduction sends back to each row for an upstream gradient of 1.
     scale = count.new_ones(()) / count if reduction == "mean" else count.new_ones(())
     workspace = DEFAULT_WORKSPACE_BYTES if workspace_bytes is None else int(workspace_bytes)

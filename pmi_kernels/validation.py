@@ -55,7 +55,9 @@ def check_mask(mask: Optional[torch.Tensor], lead_shape, device) -> None:
     if mask is None:
         return
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-        raise ValueError(f"mask must be a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
+        got = getattr(mask, "dtype", type(mask).__name__)
+        raise ValueError(f"mask must be a bool tensor (True = the position counts), got {got}; "
+                         "for a 0/1 attention mask pass mask.bool()")
     if tuple(mask.shape) != tuple(lead_shape):
         raise ValueError(f"mask has shape {tuple(mask.shape)} but the streams' leading shape is {tuple(lead_shape)}")
     if mask.device != device:

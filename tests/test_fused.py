@@ -190,3 +190,27 @@ def test_no_grad_computes_no_gradients(device, backend, monkeypatch):
     ref = fused_pmi_kl_reference(upcast(h), upcast(w), upcast(hidden[1]), upcast(hidden[2]))
     assert not loss.requires_grad
     assert_close(loss, ref, torch.float32, "loss", atol=1e-6)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("device,backend", PATHS)
+def test_torch_compile_fullgraph_with_mask(device, backend, reduction):
+    """fused_pmi_kl traces without a graph break, mask included: the chunk loop over the kept
+    rows (a data-dependent count) is inside one opaque custom op."""
+    hidden, weight, bias, _ = make(10, 16, 130, torch.float32, device)
+    hidden = [x.reshape(2, 5, 16) for x in hidden]
+    mask = torch.rand(2, 5, device=device) > 0.3
+
+    def loss_fn(h, w, b):
+        return fused_pmi_kl(h, w, hidden[1], hidden[2], lm_head_bias=b, mask=mask, reduction=reduction,
+                            check_finite=False, backend=backend)
+
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (loss_fn, compiled):
+        leaves = [x.detach().clone().requires_grad_(True) for x in (hidden[0], weight, bias)]
+        loss = fn(*leaves)
+        upstream = torch.arange(1.0, loss.numel() + 1, device=device).reshape(loss.shape)
+        results.append((loss, *torch.autograd.grad((loss * upstream).sum(), leaves)))
+    for eager, traced in zip(*results):
+        assert eager.shape == traced.shape and torch.allclose(eager, traced, rtol=1e-5, atol=1e-7)
