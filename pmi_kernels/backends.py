@@ -35,8 +35,13 @@ def row_function(backend: str):
     return rows_loss_and_grad
 
 
+def cache_sized_chunks(backend: str, device: torch.device) -> bool:
+    """Whether the default chunks are sized for the CPU's cache rather than the 1 GiB budget."""
+    return backend == "torch" and device.type == "cpu"
+
+
 def default_workspace_bytes(backend: str, device: torch.device) -> int:
-    return CPU_WORKSPACE_BYTES if backend == "torch" and device.type == "cpu" else DEFAULT_WORKSPACE_BYTES
+    return CPU_WORKSPACE_BYTES if cache_sized_chunks(backend, device) else DEFAULT_WORKSPACE_BYTES
 
 
 def rows_per_chunk(vocab: int, bytes_per_row_entry: int, workspace_bytes) -> int:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import validation
-from .backends import (CPU_WORKSPACE_BYTES, TORCH_ROW_TEMPORARIES, default_workspace_bytes, resolve_backend,
+from .backends import (CPU_WORKSPACE_BYTES, TORCH_ROW_TEMPORARIES, cache_sized_chunks, resolve_backend,
                        row_function, rows_per_chunk, upstream_matches)
 from .logits import kept_rows, reduce_rows
 from .options import LossOptions
@@ -190,8 +190,9 @@ def fused_pmi_kl(student_hidden, lm_head_weight, teacher_hidden, refonly_hidden=
 
     Gradients reach student_hidden, lm_head_weight and lm_head_bias (those that require
     them). The frozen streams use (frozen_weight, frozen_bias), by default the student
-    head's (W or b) detached, each on its own. workspace_bytes bounds the per-chunk logit buffers (default 1 GiB; on CPU smaller chunks);
-    grad_weight_fp32 accumulates the weight gradient over chunks in fp32, rounding once.
+    head's (W or b) detached, each on its own. workspace_bytes bounds the per-chunk logit
+    buffers (default 1 GiB on CUDA; on CPU, chunks sized for the cache); grad_weight_fp32
+    accumulates the weight gradient over chunks in fp32, rounding once.
     """
     streams = {"student_hidden": student_hidden, "teacher_hidden": teacher_hidden,
                "refonly_hidden": refonly_hidden, "anchor_hidden": anchor_hidden}
@@ -217,7 +218,7 @@ def fused_pmi_kl(student_hidden, lm_head_weight, teacher_hidden, refonly_hidden=
     if backend == "torch":
         per_entry += TORCH_ROW_TEMPORARIES * torch.finfo(compute_dtype(student.dtype)).bits // 8
     chunk_rows = rows_per_chunk(vocab, per_entry, workspace_bytes)
-    if workspace_bytes is None and default_workspace_bytes(backend, student.device) == CPU_WORKSPACE_BYTES:
+    if workspace_bytes is None and cache_sized_chunks(backend, student.device):
         # Small chunks keep the row temporaries in cache, but every chunk reads the [V, H] weights
         # again: at least H/4 rows (on 2 CPU cores 2-3x faster than 1 GiB chunks at H <= 256).
         chunk_rows = min(chunk_rows, max(hidden // 4, rows_per_chunk(vocab, per_entry, CPU_WORKSPACE_BYTES)))
