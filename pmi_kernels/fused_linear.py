@@ -121,8 +121,11 @@ def fused_pmi_kl_rows(h: Tensor, w: Tensor, b: Optional[Tensor], h_t: Tensor, h_
                  grad_weight_fp32)
     kept = None if mask is None else mask.nonzero().squeeze(1)
     pick = lambda x: x if x is None or kept is None else x[kept]  # noqa: E731
-    loss, grad_h, grad_w, grad_b = _sweep(plan, pick(h), w, b, pick(h_t), pick(h_r), pick(h_a), w_f, b_f,
-                                          pick(row_scale), want_h, want_w, want_b)
+    # The GEMMs run in the dtypes given (fused_pmi_kl has applied any autocast already); the
+    # gradient GEMMs write into preallocated outputs, which autocast would refuse.
+    with torch.autocast(h.device.type, enabled=False):
+        loss, grad_h, grad_w, grad_b = _sweep(plan, pick(h), w, b, pick(h_t), pick(h_r), pick(h_a), w_f, b_f,
+                                              pick(row_scale), want_h, want_w, want_b)
     if kept is not None:
         loss = loss.new_zeros(h.shape[0]).index_copy_(0, kept, loss)
         grad_h = None if grad_h is None else grad_h.new_zeros(h.shape).index_copy_(0, kept, grad_h)
@@ -194,6 +197,14 @@ def fused_pmi_kl(student_hidden, lm_head_weight, teacher_hidden, refonly_hidden=
     buffers (default 1 GiB on CUDA; on CPU, chunks sized for the cache); grad_weight_fp32
     accumulates the weight gradient over chunks in fp32, rounding once.
     """
+    if isinstance(student_hidden, torch.Tensor) and torch.is_autocast_enabled(student_hidden.device.type):
+        # Under autocast the head's GEMMs run in the autocast dtype, as F.linear's would (the
+        # statistics stay fp32); gradients reach the given (e.g. fp32 master) tensors through the casts.
+        dtype = torch.get_autocast_dtype(student_hidden.device.type)
+        cast = lambda x: x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x  # noqa: E731
+        student_hidden, lm_head_weight, teacher_hidden, refonly_hidden, anchor_hidden = map(
+            cast, (student_hidden, lm_head_weight, teacher_hidden, refonly_hidden, anchor_hidden))
+        lm_head_bias, frozen_weight, frozen_bias = map(cast, (lm_head_bias, frozen_weight, frozen_bias))
     streams = {"student_hidden": student_hidden, "teacher_hidden": teacher_hidden,
                "refonly_hidden": refonly_hidden, "anchor_hidden": anchor_hidden}
     student = validation.check_streams(streams, "H")

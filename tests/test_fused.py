@@ -214,3 +214,24 @@ def test_torch_compile_fullgraph_with_mask(device, backend, reduction):
         results.append((loss, *torch.autograd.grad((loss * upstream).sum(), leaves)))
     for eager, traced in zip(*results):
         assert eager.shape == traced.shape and torch.allclose(eager, traced, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("device,backend", PATHS)
+def test_autocast_runs_the_head_in_the_autocast_dtype(device, backend, reduction):
+    """Under autocast, fp32 hidden states and head (master weights) give what bf16 casts of
+    them give, and the gradients reach the fp32 tensors through the casts."""
+    hidden, weight, bias, _ = make(7, 16, 150, torch.float32, device)
+    mask = torch.tensor([True, True, False, True, True, False, True], device=device)
+    kwargs = dict(mask=mask, reduction=reduction, backend=backend)
+    results = []
+    for dtype, autocast in ((torch.float32, True), (torch.bfloat16, False)):
+        leaves = [x.detach().to(dtype).requires_grad_(True) for x in (hidden[0], weight, bias)]
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+            loss = fused_pmi_kl(leaves[0], leaves[1], hidden[1].to(dtype), hidden[2].to(dtype), lm_head_bias=leaves[2],
+                                **kwargs)
+        grads = torch.autograd.grad(loss.sum(), leaves)
+        assert all(g.dtype == dtype for g in grads)
+        results.append((loss, *grads))
+    for under_autocast, cast_by_hand in zip(*results):
+        assert torch.equal(under_autocast, cast_by_hand.to(under_autocast.dtype))
