@@ -25,7 +25,7 @@ from common import device_info, median_ms, slug, write_json  # noqa: E402
 
 from pmi_kernels import pmi_kl  # noqa: E402
 from pmi_kernels.options import LossOptions  # noqa: E402
-from pmi_kernels.triton_rows import rows_loss_and_grad_triton  # noqa: E402
+from pmi_kernels.backends.triton.rows import rows as triton_rows  # noqa: E402
 
 # The backward adds nothing when the incoming gradient is the one the forward assumed (here).
 BYTES_PER_ENTRY = {"forward KL": {"fwd": 18, "fwd+bwd": 18}, "mixed JSD 0.5": {"fwd": 24, "fwd+bwd": 24}}
@@ -100,8 +100,8 @@ def main():
     opts = LossOptions(True, jsd_beta=0.0)
     sweep = {}
     for block, warps in SWEEP:
-        ms = median_ms(lambda: rows_loss_and_grad_triton(s2, d2, opts=opts, kappa=kappa, grad_out=grad,
-                                                         config=(block, warps)), "cuda")
+        ms = median_ms(lambda: triton_rows(s2, d2, opts=opts, kappa=kappa, grad_out=grad, block=block,
+                                           num_warps=warps), "cuda")
         bw = 10 * m * vocab / ms / 1e6
         sweep[f"{block}x{warps}"] = {"ms": ms, "gb_s": bw}
         print(f"row kernel fused shape BLOCK_V={block:5d} warps={warps:2d}: {ms:6.3f} ms  {bw:6.0f} GB/s"

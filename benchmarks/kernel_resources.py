@@ -17,11 +17,11 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from pmi_kernels.triton_diagnostics import pmi_diagnostics_kernel
-from pmi_kernels.triton_rows import pmi_kl_fwd_kernel
+from pmi_kernels.backends.triton.diagnostics import pmi_diagnostics_kernel
+from pmi_kernels.backends.triton.rows import pmi_kl_fwd_kernel
 
 ROW_SIGNATURE = {"p_s": "*bf16", "p_t": "*bf16", "p_r": "*bf16", "p_a": "*bf16", "p_kappa": "*fp32",
-                 "p_mask": "*i1", "p_row_scale": "*fp32", "p_loss": "*fp32", "p_grad": "*bf16",
+                 "p_mask": "*i1", "p_row_scale": "*fp32", "p_loss": "*fp32", "p_grad": "*bf16", "p_stats": "*fp32",
                  "p_params": "*fp32", "stride_s": "i64", "stride_t": "i64", "stride_r": "i64", "stride_a": "i64",
                  "stride_grad": "i64", "stride_row_scale": "i64", "V": "i32"}
 ROW_CASES = {
@@ -63,7 +63,7 @@ def resources(kernel, signature, constexprs, warps) -> str:
 def main():
     for block, warps in ((2048, 8), (4096, 8), (4096, 16)):
         for name, case in ROW_CASES.items():
-            consts = dict(case, HAS_MASK=False, HAS_ROW_SCALE=True, WRITE_GRAD=True,
+            consts = dict(case, HAS_MASK=False, HAS_ROW_SCALE=True, WRITE_GRAD=True, WRITE_STATS=False,
                           FAST_GRAD=case["LOSS_KIND"] == 0 and not case["ENTRY_CLIP"], ACC=tl.float32,
                           BLOCK_V=block)
             print(f"pmi_kl_fwd_kernel  {block:5d}x{warps:2d}  {name:40s} "

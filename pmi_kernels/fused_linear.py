@@ -12,25 +12,24 @@ incoming gradient in the backward; reduction="none" recomputes in the backward w
 per-row incoming gradient folded into the kernel. Masked rows never reach a GEMM.
 No [N, V] tensor exists at any point.
 
-Layering: `_sweep` (the chunk loop above) -> `fused_pmi_kl_rows` custom op (launcher: drops
-masked rows, allocates) -> `_FusedPMIKL` (autograd) -> `fused_pmi_kl` (checks, flattening).
+Layering: `_sweep` (the chunk loop above, calling the backend's row function) ->
+`fused_pmi_kl_rows` custom op (launcher: drops masked rows, allocates) -> `_FusedPMIKL`
+(autograd) -> `fused_pmi_kl` (checks, flattening).
 The custom op keeps the data-dependent chunk loop and the kernels opaque to torch.compile.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from . import validation
-from .backends import (CPU_WORKSPACE_BYTES, TORCH_ROW_TEMPORARIES, cache_sized_chunks, resolve_backend,
-                       row_function, rows_per_chunk, upstream_matches)
-from .logits import kept_rows, reduce_rows
-from .options import LossOptions
-from .reference import compute_dtype, frozen_head
+from .backends import REGISTRY, STATS, chunk_rows, resolve_backend, upstream_matches
+from .options import LossOptions, compute_dtype
+from .reduction import kept_rows, reduce_rows, upstream_scale
 
 
 @dataclass(frozen=True)
@@ -40,6 +39,17 @@ class _Plan:
     backend: str
     chunk_rows: int
     grad_weight_fp32: bool
+
+    def op_args(self):
+        return self.opts.pack(), self.backend, self.chunk_rows, self.grad_weight_fp32
+
+
+def frozen_head(lm_head_weight, lm_head_bias, frozen_weight, frozen_bias):
+    """(W_f, b_f): each defaults on its own to the student's, detached. (reference.py states the
+    same rule separately, so that the tests compare two readings of it, not one.)"""
+    w_f = lm_head_weight if frozen_weight is None else frozen_weight
+    b_f = lm_head_bias if frozen_bias is None else frozen_bias
+    return w_f.detach(), None if b_f is None else b_f.detach()
 
 
 def _frozen_streams(hc_t, hc_r, hc_a, w_f, b_f, w_f_mean, opts: LossOptions):
@@ -71,11 +81,12 @@ def _accumulate_grad_weight(grad_w, grad_s, h, first: bool):
         grad_w.addmm_(grad_s.t().to(grad_w.dtype), h.to(grad_w.dtype), beta=0 if first else 1)
 
 
-def _sweep(plan: _Plan, h, w, b, h_t, h_r, h_a, w_f, b_f, row_scale, want_h, want_w, want_b):
-    """Loss per row [n] and the wanted gradients, row_scale [n] folded into them."""
+def _sweep(plan: _Plan, h, w, b, h_t, h_r, h_a, w_f, b_f, row_scale, want_h, want_w, want_b, want_stats):
+    """Loss per row [n], the wanted gradients with row_scale [n] folded in, and the row statistics."""
     n, vocab = h.shape[0], w.shape[0]
-    rows_fn = row_function(plan.backend)
+    rows_fn = REGISTRY[plan.backend].rows
     loss = torch.empty(n, dtype=compute_dtype(h.dtype), device=h.device)
+    stats = torch.empty(n, len(STATS), dtype=loss.dtype, device=h.device) if want_stats else None
     grad_h = torch.empty_like(h) if want_h else None
     grad_w = torch.empty(w.shape, dtype=torch.float32 if plan.grad_weight_fp32 else w.dtype,
                          device=w.device) if want_w else None
@@ -91,7 +102,7 @@ def _sweep(plan: _Plan, h, w, b, h_t, h_r, h_a, w_f, b_f, row_scale, want_h, wan
         t, r, a, kappa = _frozen_streams(hc_t=chunk(h_t), hc_r=chunk(h_r), hc_a=chunk(h_a),
                                          w_f=w_f, b_f=b_f, w_f_mean=w_f_mean, opts=plan.opts)
         loss[rows] = rows_fn(s, t, r, a, opts=plan.opts, kappa=kappa, row_scale=chunk(row_scale),
-                             grad_out=s if want_grad else None)
+                             grad_out=s if want_grad else None, stats_out=chunk(stats))
         # s now holds dloss/ds_raw, scaled per row.
         if want_h:
             torch.mm(s, w, out=grad_h[rows])
@@ -103,48 +114,45 @@ def _sweep(plan: _Plan, h, w, b, h_t, h_r, h_a, w_f, b_f, row_scale, want_h, wan
         del s, t, r, a
     if want_w and n == 0:
         grad_w.zero_()
-    return loss, grad_h, grad_w, grad_b
+    return loss, grad_h, grad_w, grad_b, stats
 
 
 @torch.library.custom_op("pmi_kernels::fused_pmi_kl_rows", mutates_args=())
 def fused_pmi_kl_rows(h: Tensor, w: Tensor, b: Optional[Tensor], h_t: Tensor, h_r: Optional[Tensor],
                       h_a: Optional[Tensor], w_f: Tensor, b_f: Optional[Tensor], mask: Optional[Tensor],
-                      row_scale: Optional[Tensor], pmi: bool, beta: float, clip: Optional[float], center: bool,
-                      temperature: float, jsd_beta: float, entry_clip: Optional[float], backend: str,
-                      chunk_rows: int, grad_weight_fp32: bool, want_h: bool, want_w: bool,
-                      want_b: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The launcher: loss per row [N] (0 where masked) and the wanted gradients with row_scale [N]
-    folded in; an unwanted gradient is an empty tensor. Masked rows are dropped before any GEMM
-    (the gather copies only [n_kept, H] per stream), so the shapes never depend on the mask's
-    values and torch.compile traces the call whole."""
-    plan = _Plan(LossOptions(pmi, beta, clip, center, temperature, jsd_beta, entry_clip), backend, chunk_rows,
-                 grad_weight_fp32)
+                      row_scale: Optional[Tensor], options: List[float], backend: str, chunk_rows: int,
+                      grad_weight_fp32: bool, want_h: bool, want_w: bool, want_b: bool,
+                      want_stats: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The launcher: loss per row [N] (0 where masked), the wanted gradients with row_scale [N]
+    folded in, and the row statistics [N, 3]; anything not wanted is an empty tensor. Masked
+    rows are dropped before any GEMM (the gather copies only [n_kept, H] per stream), so the
+    shapes never depend on the mask's values and torch.compile traces the call whole."""
+    plan = _Plan(LossOptions.unpack(options), backend, chunk_rows, grad_weight_fp32)
     kept = None if mask is None else mask.nonzero().squeeze(1)
     pick = lambda x: x if x is None or kept is None else x[kept]  # noqa: E731
     # The GEMMs run in the dtypes given (fused_pmi_kl has applied any autocast already); the
     # gradient GEMMs write into preallocated outputs, which autocast would refuse.
     with torch.autocast(h.device.type, enabled=False):
-        loss, grad_h, grad_w, grad_b = _sweep(plan, pick(h), w, b, pick(h_t), pick(h_r), pick(h_a), w_f, b_f,
-                                              pick(row_scale), want_h, want_w, want_b)
+        loss, grad_h, grad_w, grad_b, stats = _sweep(plan, pick(h), w, b, pick(h_t), pick(h_r), pick(h_a), w_f, b_f,
+                                                     pick(row_scale), want_h, want_w, want_b, want_stats)
     if kept is not None:
-        loss = loss.new_zeros(h.shape[0]).index_copy_(0, kept, loss)
-        grad_h = None if grad_h is None else grad_h.new_zeros(h.shape).index_copy_(0, kept, grad_h)
-    return tuple(h.new_empty(0) if x is None else x for x in (loss, grad_h, grad_w, grad_b))
+        scatter = lambda x: None if x is None else x.new_zeros(h.shape[0], *x.shape[1:]).index_copy_(0, kept, x)  # noqa: E731
+        loss, grad_h, stats = scatter(loss), scatter(grad_h), scatter(stats)
+    return tuple(h.new_empty(0) if x is None else x for x in (loss, grad_h, grad_w, grad_b, stats))
 
 
 @fused_pmi_kl_rows.register_fake
-def _(h, w, b, h_t, h_r, h_a, w_f, b_f, mask, row_scale, pmi, beta, clip, center, temperature, jsd_beta,
-      entry_clip, backend, chunk_rows, grad_weight_fp32, want_h, want_w, want_b):
-    shaped = lambda want, *args, **kwargs: h.new_empty(*args, **kwargs) if want else h.new_empty(0)  # noqa: E731
-    return (h.new_empty(h.shape[0], dtype=compute_dtype(h.dtype)), shaped(want_h, h.shape),
+def _(h, w, *args):
+    grad_weight_fp32, want_h, want_w, want_b, want_stats = args[-5:]
+    shaped = lambda want, *size, **kwargs: h.new_empty(*size, **kwargs) if want else h.new_empty(0)  # noqa: E731
+    acc = compute_dtype(h.dtype)
+    return (h.new_empty(h.shape[0], dtype=acc), shaped(want_h, h.shape),
             shaped(want_w, w.shape, dtype=torch.float32 if grad_weight_fp32 else w.dtype),
-            shaped(want_b, w.shape[0], dtype=compute_dtype(w.dtype)))
+            shaped(want_b, w.shape[0], dtype=compute_dtype(w.dtype)), shaped(want_stats, h.shape[0], len(STATS), dtype=acc))
 
 
-def _rows(plan: _Plan, tensors, row_scale, wants):
-    o = plan.opts
-    return fused_pmi_kl_rows(*tensors, row_scale, o.pmi, o.beta, o.clip, o.center, o.temperature, o.jsd_beta,
-                             o.entry_clip, plan.backend, plan.chunk_rows, plan.grad_weight_fp32, *wants)
+def _rows(plan: _Plan, tensors, row_scale, wants, want_stats=False):
+    return fused_pmi_kl_rows(*tensors, row_scale, *plan.op_args(), *wants, want_stats)
 
 
 class _FusedPMIKL(torch.autograd.Function):
@@ -160,12 +168,11 @@ class _FusedPMIKL(torch.autograd.Function):
         tensors = (h, w, b, h_t, h_r, h_a, w_f, b_f, mask)
         count = kept_rows(mask, h.shape[0], compute_dtype(h.dtype), h.device)
         if reduction == "none" or not any(wants):
-            loss, *_ = _rows(plan, tensors, None, (False, False, False))
+            loss = _rows(plan, tensors, None, (False, False, False))[0]
             ctx.save_for_backward(*tensors)
         else:
             # One sweep computes the gradients for an incoming gradient of 1.
-            scale = count.new_ones(()) / count if reduction == "mean" else count.new_ones(())
-            loss, *grads = _rows(plan, tensors, scale.expand(h.shape[0]), wants)
+            loss, *grads = _rows(plan, tensors, upstream_scale(count, reduction).expand(h.shape[0]), wants)[:4]
             ctx.save_for_backward(*grads)
         return reduce_rows(loss, count, reduction)
 
@@ -173,7 +180,7 @@ class _FusedPMIKL(torch.autograd.Function):
     def backward(ctx, grad_loss):
         if ctx.reduction == "none":
             # grad_loss has the loss's (compute) dtype: it is the per-row scale as it comes.
-            _, *grads = _rows(ctx.plan, ctx.saved_tensors, grad_loss, ctx.wants)
+            grads = _rows(ctx.plan, ctx.saved_tensors, grad_loss, ctx.wants)[1:4]
         else:
             grads = ctx.saved_tensors
             if not upstream_matches(grad_loss, torch.ones_like(grad_loss)):
@@ -189,7 +196,7 @@ def fused_pmi_kl(student_hidden, lm_head_weight, teacher_hidden, refonly_hidden=
                  lm_head_bias=None, frozen_weight=None, frozen_bias=None, mask=None, beta=1.0, clip=10.0,
                  center=True, temperature=1.0, jsd_beta=0.5, entry_clip=None, reduction="mean",
                  check_finite=True, backend="auto", workspace_bytes=None, grad_weight_fp32=False):
-    """PMI-KL loss from hidden states [..., H] and the lm_head (../shared/SPEC.md).
+    """PMI-KL loss from hidden states [..., H] and the lm_head (docs/loss.md).
 
     Gradients reach student_hidden, lm_head_weight and lm_head_bias (those that require
     them). The frozen streams use (frozen_weight, frozen_bias), by default the student
@@ -214,26 +221,23 @@ def fused_pmi_kl(student_hidden, lm_head_weight, teacher_hidden, refonly_hidden=
     if w_f.shape[0] != lm_head_weight.shape[0]:
         raise ValueError(f"frozen_weight has V = {w_f.shape[0]} but lm_head_weight has V = {lm_head_weight.shape[0]}")
     validation.check_mask(mask, student.shape[:-1], student.device)
-    validation.check_reduction_and_backend(reduction, backend)
+    validation.check_reduction(reduction)
+    validation.check_workspace(workspace_bytes)
     opts = LossOptions(refonly_hidden is not None, beta, clip, center, temperature, jsd_beta, entry_clip)
-    backend = resolve_backend(backend, student.device)
+    impl = resolve_backend(backend, student.device)
     if check_finite:
         validation.check_finite({**streams, "lm_head_weight": lm_head_weight, "lm_head_bias": lm_head_bias,
                                  "frozen_weight": frozen_weight, "frozen_bias": frozen_bias})
 
     vocab, hidden = lm_head_weight.shape
-    # Chunk buffers: s plus each frozen stream the plan computes, in the input dtype; the torch
-    # row operation adds its compute-dtype temporaries.
+    # Chunk buffers: s plus each frozen stream the plan computes, in the input dtype. Chunks
+    # sized for the CPU's cache re-read the [V, H] weights each time: at least H/4 rows (on 2
+    # CPU cores 2-3x faster than 1 GiB chunks at H <= 256).
     buffers = 1 + (1 if refonly_hidden is None or not opts.separate_lse else 2) + (anchor_hidden is not None)
-    per_entry = buffers * student.element_size()
-    if backend == "torch":
-        per_entry += TORCH_ROW_TEMPORARIES * torch.finfo(compute_dtype(student.dtype)).bits // 8
-    chunk_rows = rows_per_chunk(vocab, per_entry, workspace_bytes)
-    if workspace_bytes is None and cache_sized_chunks(backend, student.device):
-        # Small chunks keep the row temporaries in cache, but every chunk reads the [V, H] weights
-        # again: at least H/4 rows (on 2 CPU cores 2-3x faster than 1 GiB chunks at H <= 256).
-        chunk_rows = min(chunk_rows, max(hidden // 4, rows_per_chunk(vocab, per_entry, CPU_WORKSPACE_BYTES)))
-    plan = _Plan(opts, backend, chunk_rows, bool(grad_weight_fp32))
+    rows_per_chunk = chunk_rows(impl, student.device, vocab, buffers * student.element_size(),
+                                torch.finfo(compute_dtype(student.dtype)).bits // 8, workspace_bytes,
+                                min_rows=hidden // 4)
+    plan = _Plan(opts, impl.name, rows_per_chunk, bool(grad_weight_fp32))
 
     flat = lambda x: None if x is None else x.reshape(-1, hidden)  # noqa: E731
     h, h_t, h_r, h_a = map(flat, (student_hidden, teacher_hidden, refonly_hidden, anchor_hidden))

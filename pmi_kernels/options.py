@@ -1,15 +1,25 @@
-"""The scalar options of the PMI-KL loss, validated once and shared by every path."""
+"""The scalar options of the PMI-KL loss, validated once and shared by every path.
+
+`LossOptions.pack()` / `LossOptions.unpack()` are the one place the options become the flat
+list of floats that the custom ops (Python and C++) take, and come back.
+"""
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional, Sequence
+
+import torch
 
 REDUCTIONS = ("mean", "sum", "none")
-BACKENDS = ("auto", "triton", "cuda", "torch")
 
-# Loss kinds, in the order the kernels number them.
+# Loss kinds, numbered as every kernel numbers them (csrc/include/pmi_math.h too).
 FORWARD_KL, REVERSE_KL, MIXED_JSD = 0, 1, 2
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Statistics in fp32 for bf16/fp16/fp32 inputs, fp64 for fp64."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def _positive(name: str, value) -> float:
@@ -20,7 +30,7 @@ def _positive(name: str, value) -> float:
 
 @dataclass(frozen=True)
 class LossOptions:
-    """beta, clip, center, temperature, jsd_beta and entry_clip of ../shared/SPEC.md.
+    """beta, clip, center, temperature, jsd_beta and entry_clip of the loss (docs/loss.md).
 
     `pmi` is False in standard OPSD mode (no reference-only stream: q = softmax(t)).
     """
@@ -45,8 +55,20 @@ class LossOptions:
         if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0.0 <= lam <= 1.0:
             raise ValueError(f"jsd_beta must be a number in [0, 1], got {lam!r}")
         set_("jsd_beta", float(lam))
-        if not isinstance(self.center, bool):
-            raise ValueError(f"center must be a bool, got {self.center!r}")
+        for name in ("pmi", "center"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+
+    def pack(self) -> List[float]:
+        """[pmi, beta, clip, center, temperature, jsd_beta, entry_clip]; an absent clip or
+        entry_clip is 0, a value no valid option takes."""
+        return [float(self.pmi), self.beta, self.clip or 0.0, float(self.center), self.temperature,
+                self.jsd_beta, self.entry_clip or 0.0]
+
+    @classmethod
+    def unpack(cls, values: Sequence[float]) -> "LossOptions":
+        pmi, beta, clip, center, temperature, jsd_beta, entry_clip = values
+        return cls(bool(pmi), beta, clip or None, bool(center), temperature, jsd_beta, entry_clip or None)
 
     @property
     def loss_kind(self) -> int:
@@ -63,5 +85,10 @@ class LossOptions:
 
     @property
     def separate_lse(self) -> bool:
-        """Clip on, centering off: lse(t) and lse(r) are needed apart (SPEC, fused-linear form)."""
+        """Clip on, centering off: lse(t) and lse(r) are needed apart (the fused-linear form)."""
         return self.needs_kappa and not self.center
+
+    @property
+    def fast_grad(self) -> bool:
+        """Forward KL without entry_clip: dloss/ds = (p - q) / tau needs no row sum."""
+        return self.loss_kind == FORWARD_KL and self.entry_clip is None

@@ -9,7 +9,7 @@ from typing import Dict, Optional
 
 import torch
 
-from .options import BACKENDS, REDUCTIONS
+from .options import REDUCTIONS
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -19,9 +19,15 @@ def check_choice(name: str, value, choices) -> None:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
-def check_reduction_and_backend(reduction, backend) -> None:
+def check_reduction(reduction) -> None:
     check_choice("reduction", reduction, REDUCTIONS)
-    check_choice("backend", backend, BACKENDS)
+
+
+def check_workspace(workspace_bytes) -> None:
+    if workspace_bytes is None:
+        return
+    if isinstance(workspace_bytes, bool) or not isinstance(workspace_bytes, int) or workspace_bytes <= 0:
+        raise ValueError(f"workspace_bytes must be an integer > 0 (bytes), got {workspace_bytes!r}")
 
 
 def check_streams(streams: Dict[str, Optional[torch.Tensor]], what: str) -> torch.Tensor:

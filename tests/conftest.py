@@ -12,16 +12,16 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from pmi_kernels.backends import usable_backends  # noqa: E402
+
 HAS_CUDA = torch.cuda.is_available()
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 
-# (device, backend) pairs that run here: Triton on CPU only under the interpreter.
-PATHS = [pytest.param("cpu", "torch", id="cpu-torch")]
-if INTERPRET:
-    PATHS.append(pytest.param("cpu", "triton", id="cpu-triton"))
-if HAS_CUDA:
-    PATHS += [pytest.param("cuda", "triton", id="cuda-triton"), pytest.param("cuda", "torch", id="cuda-torch")]
+# (device, backend): every backend of the registry that runs here, on each device here.
+DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
+PATHS = [pytest.param(device, name, id=f"{device}-{name}")
+         for device in DEVICES for name in usable_backends(torch.device(device))]
 
 
 @pytest.fixture(autouse=True)

@@ -107,13 +107,13 @@ def test_extreme_logits(device, backend, jsd_beta):
 @pytest.mark.skipif(not (INTERPRET or torch.cuda.is_available()), reason="needs Triton (GPU or interpreter)")
 def test_kernel_writes_every_output():
     """Outputs are NaN before the launch; every gradient element and loss must be written."""
-    from pmi_kernels.triton_rows import rows_loss_and_grad_triton
+    from pmi_kernels.backends.triton.rows import rows as triton_rows
     device = "cuda" if torch.cuda.is_available() else "cpu"
     for kwargs in (dict(jsd_beta=0.0), dict(jsd_beta=0.5), dict(jsd_beta=1.0, entry_clip=1e-3)):
         s, t, r = streams(6, 333, torch.float32, device, count=3)
         mask = torch.tensor([True, False, True, True, False, True], device=device)
         grad = torch.full_like(s, float("nan"))
-        loss = rows_loss_and_grad_triton(s, t, r, opts=LossOptions(True, **kwargs), mask=mask, grad_out=grad)
+        loss = triton_rows(s, t, r, opts=LossOptions(True, **kwargs), mask=mask, grad_out=grad)
         assert torch.isfinite(grad).all() and torch.isfinite(loss).all()
         assert (grad[~mask] == 0).all() and (loss[~mask] == 0).all()
 
@@ -121,13 +121,13 @@ def test_kernel_writes_every_output():
 @pytest.mark.parametrize("device,backend", PATHS)
 def test_gradient_in_place_over_student(device, backend):
     """The row operation may write the gradient over the student logits (the fused path does)."""
-    from pmi_kernels.backends import row_function
+    from pmi_kernels.backends import REGISTRY
     s, t, r = streams(5, 300, torch.float32, device, count=3)
     opts = LossOptions(True, jsd_beta=0.5)
     separate = torch.empty_like(s)
-    loss = row_function(backend)(s, t, r, opts=opts, grad_out=separate)
+    loss = REGISTRY[backend].rows(s, t, r, opts=opts, grad_out=separate)
     in_place = s.clone()
-    loss2 = row_function(backend)(in_place, t, r, opts=opts, grad_out=in_place)
+    loss2 = REGISTRY[backend].rows(in_place, t, r, opts=opts, grad_out=in_place)
     assert torch.equal(loss, loss2) and torch.allclose(in_place, separate, rtol=0, atol=1e-9)
 
 

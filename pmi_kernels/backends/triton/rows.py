@@ -6,7 +6,8 @@ with fp32 (fp64 for fp64 inputs) statistics in registers. Passes over a row:
     0. only when kappa is not given and the soft clip needs it: mean(t - r), or
        lse(t) - lse(r) with centering off                     reads t, r
     1. online log-sum-exp of s and of the target g            reads s, t, r, a
-    2. loss summands and sum_v A_v; forward KL writes p - q   reads s, t, r, a (+ writes grad)
+    2. loss summands, sum_v A_v and the row statistics;
+       forward KL writes p - q                                reads s, t, r, a (+ writes grad)
     3. other losses: grad = A - p * sum A                     reads s, t, r, a, writes grad
 
 The headline fused path (PMI, forward KL, t - r from one GEMM, kappa from the GEMM) reads
@@ -23,10 +24,20 @@ import torch
 import triton
 import triton.language as tl
 
-from .options import FORWARD_KL, MIXED_JSD, REVERSE_KL, LossOptions
+from ...options import FORWARD_KL, MIXED_JSD, REVERSE_KL, LossOptions, compute_dtype
 
 # kappa (the per-row shift of t - r under the clip): where it comes from.
-KAPPA_NONE, KAPPA_GIVEN, KAPPA_MEAN, KAPPA_LSE_DIFF = 0, 1, 2, 3
+KAPPA_NONE: tl.constexpr = tl.constexpr(0)
+KAPPA_GIVEN: tl.constexpr = tl.constexpr(1)  # computed by the caller (the fused path's GEMM)
+KAPPA_MEAN: tl.constexpr = tl.constexpr(2)  # mean(t - r): centering on
+KAPPA_LSE_DIFF: tl.constexpr = tl.constexpr(3)  # lse(t) - lse(r): centering off
+# The kernel's LOSS_KIND branches, named as options.py numbers the losses.
+LOSS_FORWARD_KL: tl.constexpr = tl.constexpr(FORWARD_KL)
+LOSS_REVERSE_KL: tl.constexpr = tl.constexpr(REVERSE_KL)
+# Tiles under the interpreter run as one numpy op each, so wide tiles are fast there; tests
+# pass narrower ones to cross tiles. On an H200 (2026-11-26) 2048-wide tiles over 8 warps ran
+# the fused path's shape fastest (1.16 ms vs 1.22 for 4096x8, 1.60 for 8192x32), no spills.
+GPU_BLOCK_V, INTERPRETER_BLOCK_V, NUM_WARPS = 2048, 8192, 8
 
 
 @triton.jit
@@ -72,10 +83,10 @@ def _summand_and_slope(lp, lq, lam, log_1m_lam, log_lam, entry_clip,
     """Loss summand per entry and its derivative in log p (zero where entry_clip clamps)."""
     p = tl.exp(lp)
     q = tl.exp(lq)
-    if LOSS_KIND == 0:
+    if LOSS_KIND == LOSS_FORWARD_KL:
         f = q * (lq - lp)
         slope = -q
-    elif LOSS_KIND == 1:
+    elif LOSS_KIND == LOSS_REVERSE_KL:
         f = p * (lp - lq)
         slope = p * (lp - lq + 1.0)
     else:
@@ -94,23 +105,25 @@ def _summand_and_slope(lp, lq, lam, log_1m_lam, log_lam, entry_clip,
 def _tile_terms(p_s, p_t, p_r, p_a, o_v, m_v, inv_tau, kappa, clip, inv_clip, inv_beta, m_s, log_z_s, m_g, log_z_g,
                 lam, log_1m_lam, log_lam, entry_clip, PMI: tl.constexpr, HAS_R: tl.constexpr, HAS_A: tl.constexpr,
                 CLIP: tl.constexpr, LOSS_KIND: tl.constexpr, ENTRY_CLIP: tl.constexpr, ACC: tl.constexpr):
-    """(summand, slope, p, q) of one tile, once both log-sum-exps are known.
+    """(summand, slope, p, q, log p, log q) of one tile, once both log-sum-exps are known.
     log p = (s - max) - log z, never s - (max + log z): the latter rounds log z away at
     |s| ~ 1e4, where an fp32 ulp of the max is larger than a runner-up's share of the mass."""
     b_s = _load_tile(p_s, o_v, m_v, inv_tau, ACC)
     b_g = _target_tile(b_s, p_t, p_r, p_a, o_v, m_v, inv_tau, kappa, clip, inv_clip, inv_beta,
                        PMI, HAS_R, HAS_A, CLIP, ACC)
-    return _summand_and_slope((b_s - m_s) - log_z_s, (b_g - m_g) - log_z_g, lam, log_1m_lam, log_lam,
-                              entry_clip, LOSS_KIND, ENTRY_CLIP)
+    lp = (b_s - m_s) - log_z_s
+    lq = (b_g - m_g) - log_z_g
+    f, slope, p, q = _summand_and_slope(lp, lq, lam, log_1m_lam, log_lam, entry_clip, LOSS_KIND, ENTRY_CLIP)
+    return f, slope, p, q, lp, lq
 
 
 @triton.jit
 def pmi_kl_fwd_kernel(
-    p_s, p_t, p_r, p_a, p_kappa, p_mask, p_row_scale, p_loss, p_grad, p_params,
+    p_s, p_t, p_r, p_a, p_kappa, p_mask, p_row_scale, p_loss, p_grad, p_stats, p_params,
     stride_s, stride_t, stride_r, stride_a, stride_grad, stride_row_scale, V,
     PMI: tl.constexpr, HAS_R: tl.constexpr, HAS_A: tl.constexpr, CLIP: tl.constexpr,
     KAPPA: tl.constexpr, LOSS_KIND: tl.constexpr, ENTRY_CLIP: tl.constexpr,
-    HAS_MASK: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, WRITE_GRAD: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, WRITE_GRAD: tl.constexpr, WRITE_STATS: tl.constexpr,
     FAST_GRAD: tl.constexpr, ACC: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     # 64-bit row offsets: N * V passes 2**31 at long rollouts.
@@ -126,9 +139,12 @@ def pmi_kl_fwd_kernel(
     entry_clip = tl.load(p_params + 7)
     p_s += row * stride_s
     p_t += row * stride_t
-    p_r += row * stride_r
-    p_a += row * stride_a
-    p_grad += row * stride_grad
+    if HAS_R:
+        p_r += row * stride_r
+    if HAS_A:
+        p_a += row * stride_a
+    if WRITE_GRAD:
+        p_grad += row * stride_grad
     o_base = tl.arange(0, BLOCK_V)
     # A masked-out row runs no pass: v_end = 0, and its gradient row is zeroed below.
     v_end = V
@@ -136,9 +152,9 @@ def pmi_kl_fwd_kernel(
         v_end = tl.where(tl.load(p_mask + row) != 0, V, 0)
 
     kappa = 0.0
-    if KAPPA == 1:
+    if KAPPA == KAPPA_GIVEN:
         kappa = tl.load(p_kappa + row).to(ACC)
-    elif KAPPA == 2:
+    elif KAPPA == KAPPA_MEAN:
         b_sum = tl.zeros([BLOCK_V], dtype=ACC)
         for v0 in range(0, v_end, BLOCK_V):
             o_v = v0 + o_base
@@ -148,7 +164,7 @@ def pmi_kl_fwd_kernel(
                 b_x -= _load_tile(p_r, o_v, m_v, inv_tau, ACC)
             b_sum += b_x
         kappa = tl.sum(b_sum, axis=0) / V
-    elif KAPPA == 3:
+    elif KAPPA == KAPPA_LSE_DIFF:
         m_t = tl.full([], float("-inf"), ACC)
         z_t = tl.zeros([], dtype=ACC)
         m_r = tl.full([], float("-inf"), ACC)
@@ -180,17 +196,24 @@ def pmi_kl_fwd_kernel(
     if HAS_ROW_SCALE:
         grad_scale = grad_scale * tl.load(p_row_scale + row * stride_row_scale).to(ACC)
 
-    # Pass 2: the loss and sum_v A_v.
+    # Pass 2: the loss, sum_v A_v and the row statistics.
     b_loss = tl.zeros([BLOCK_V], dtype=ACC)
     b_slope_sum = tl.zeros([BLOCK_V], dtype=ACC)
+    b_kl = tl.zeros([BLOCK_V], dtype=ACC)
+    b_ent_p = tl.zeros([BLOCK_V], dtype=ACC)
+    b_ent_q = tl.zeros([BLOCK_V], dtype=ACC)
     for v0 in range(0, v_end, BLOCK_V):
         o_v = v0 + o_base
         m_v = o_v < V
-        f, slope, p, q = _tile_terms(p_s, p_t, p_r, p_a, o_v, m_v, inv_tau, kappa, clip, inv_clip, inv_beta,
-                                     m_s, log_z_s, m_g, log_z_g, lam, log_1m_lam, log_lam, entry_clip,
-                                     PMI, HAS_R, HAS_A, CLIP, LOSS_KIND, ENTRY_CLIP, ACC)
+        f, slope, p, q, lp, lq = _tile_terms(p_s, p_t, p_r, p_a, o_v, m_v, inv_tau, kappa, clip, inv_clip, inv_beta,
+                                             m_s, log_z_s, m_g, log_z_g, lam, log_1m_lam, log_lam, entry_clip,
+                                             PMI, HAS_R, HAS_A, CLIP, LOSS_KIND, ENTRY_CLIP, ACC)
         b_loss += tl.where(m_v, f, 0.0)
         b_slope_sum += tl.where(m_v, slope, 0.0)
+        if WRITE_STATS:
+            b_kl += tl.where(m_v, q * (lq - lp), 0.0)
+            b_ent_p -= tl.where(m_v, p * lp, 0.0)
+            b_ent_q -= tl.where(m_v, q * lq, 0.0)
         if FAST_GRAD:
             tl.store(p_grad + o_v, ((p - q) * grad_scale).to(p_grad.dtype.element_ty), mask=m_v)
     loss = tl.sum(b_loss, axis=0)
@@ -201,24 +224,27 @@ def pmi_kl_fwd_kernel(
         for v0 in range(0, v_end, BLOCK_V):
             o_v = v0 + o_base
             m_v = o_v < V
-            f, slope, p, q = _tile_terms(p_s, p_t, p_r, p_a, o_v, m_v, inv_tau, kappa, clip, inv_clip, inv_beta,
-                                         m_s, log_z_s, m_g, log_z_g, lam, log_1m_lam, log_lam, entry_clip,
-                                         PMI, HAS_R, HAS_A, CLIP, LOSS_KIND, ENTRY_CLIP, ACC)
+            f, slope, p, q, lp, lq = _tile_terms(p_s, p_t, p_r, p_a, o_v, m_v, inv_tau, kappa, clip, inv_clip,
+                                                 inv_beta, m_s, log_z_s, m_g, log_z_g, lam, log_1m_lam, log_lam,
+                                                 entry_clip, PMI, HAS_R, HAS_A, CLIP, LOSS_KIND, ENTRY_CLIP, ACC)
             tl.store(p_grad + o_v, ((slope - p * slope_sum) * grad_scale).to(p_grad.dtype.element_ty), mask=m_v)
     if WRITE_GRAD and HAS_MASK:
         for v0 in range(0, V - v_end, BLOCK_V):
             o_v = v0 + o_base
             tl.store(p_grad + o_v, tl.zeros([BLOCK_V], dtype=p_grad.dtype.element_ty), mask=o_v < V)
-    tl.store(p_loss + row, tl.where(v_end > 0, loss, 0.0))
+    kept = v_end > 0
+    tl.store(p_loss + row, tl.where(kept, loss, 0.0))
+    if WRITE_STATS:
+        tl.store(p_stats + row * 3 + 0, tl.where(kept, tl.sum(b_kl, axis=0), 0.0))
+        tl.store(p_stats + row * 3 + 1, tl.where(kept, tl.sum(b_ent_p, axis=0), 0.0))
+        tl.store(p_stats + row * 3 + 2, tl.where(kept, tl.sum(b_ent_q, axis=0), 0.0))
 
 
-def launch_config(vocab: int, interpret: bool):
-    """(BLOCK_V, num_warps). The interpreter runs a tile as one numpy op, so big tiles are
-    fast there. On an H200 (2026-11-26, benchmarks/results) 2048-wide tiles over 4 or 8
-    warps ran the fused path's shape fastest (1.16 ms vs 1.22 for 4096x8, 1.60 for 8192x32),
-    with no spills (60 registers)."""
-    block = min(triton.next_power_of_2(vocab), 8192 if interpret else 2048)
-    return block, 8
+def block_v(vocab: int, interpret: bool, block: Optional[int] = None) -> int:
+    """The tile width: `block` when given (tests pass narrow tiles to cross several), else the
+    device's default, never wider than the vocabulary needs."""
+    widest = block or (INTERPRETER_BLOCK_V if interpret else GPU_BLOCK_V)
+    return min(triton.next_power_of_2(vocab), widest)
 
 
 @functools.lru_cache(maxsize=64)
@@ -230,46 +256,42 @@ def _params(opts: LossOptions, dtype: torch.dtype, device: torch.device) -> torc
     return torch.tensor(values, dtype=dtype, device=device)
 
 
-def rows_loss_and_grad_triton(s_raw, t_raw, r_raw=None, a_raw=None, *, opts: LossOptions,
-                              kappa: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None,
-                              row_scale: Optional[torch.Tensor] = None,
-                              grad_out: Optional[torch.Tensor] = None, config=None) -> torch.Tensor:
-    """Same contract as rows_torch.rows_loss_and_grad, on [C, V] rows with unit stride along V.
-    config = (BLOCK_V, num_warps) overrides launch_config (for tuning)."""
-    rows, vocab = s_raw.shape
-    acc = tl.float64 if s_raw.dtype == torch.float64 else tl.float32
-    loss = torch.empty(rows, dtype=torch.float64 if acc == tl.float64 else torch.float32, device=s_raw.device)
-    if rows == 0:
+def kappa_source(opts: LossOptions, kappa_given: bool) -> int:
+    if not opts.needs_kappa:
+        return KAPPA_NONE.value
+    if kappa_given:
+        return KAPPA_GIVEN.value
+    return (KAPPA_MEAN if opts.center else KAPPA_LSE_DIFF).value
+
+
+def rows(s_raw, t_raw, r_raw=None, a_raw=None, *, opts: LossOptions, kappa: Optional[torch.Tensor] = None,
+         mask: Optional[torch.Tensor] = None, row_scale: Optional[torch.Tensor] = None,
+         grad_out: Optional[torch.Tensor] = None, stats_out: Optional[torch.Tensor] = None,
+         block: Optional[int] = None, num_warps: int = NUM_WARPS) -> torch.Tensor:
+    """The row operation (pmi_kernels.backends) on [C, V] rows with unit stride along V.
+    `block` and `num_warps` override the launch configuration (tests, tuning)."""
+    n_rows, vocab = s_raw.shape
+    loss = torch.empty(n_rows, dtype=compute_dtype(s_raw.dtype), device=s_raw.device)
+    if n_rows == 0:
         return loss
     for x in (s_raw, t_raw, r_raw, a_raw, grad_out):
         assert x is None or x.stride(-1) == 1, "rows must be contiguous along the vocabulary"
-    if not opts.needs_kappa:
-        kappa_src = KAPPA_NONE
-    elif kappa is not None:
-        kappa_src = KAPPA_GIVEN
-    else:
-        kappa_src = KAPPA_MEAN if opts.center else KAPPA_LSE_DIFF
-    params = _params(opts, torch.float64 if acc == tl.float64 else torch.float32, s_raw.device)
-    # Absent pointers get the student tensor: a constexpr flag keeps them from being read.
-    dummy = s_raw
-    interpret = s_raw.device.type == "cpu"
-    block, warps = config or launch_config(vocab, interpret)
-    pmi_kl_fwd_kernel[(rows,)](
-        s_raw, t_raw, dummy if r_raw is None else r_raw, dummy if a_raw is None else a_raw,
-        dummy if kappa is None else kappa, dummy if mask is None else mask,
-        dummy if row_scale is None else row_scale, loss, dummy if grad_out is None else grad_out, params,
-        s_raw.stride(0), t_raw.stride(0), 0 if r_raw is None else r_raw.stride(0),
-        0 if a_raw is None else a_raw.stride(0), 0 if grad_out is None else grad_out.stride(0),
-        0 if row_scale is None else row_scale.stride(0), vocab,
+    assert stats_out is None or stats_out.is_contiguous(), "stats_out must be contiguous"
+    acc = tl.float64 if loss.dtype == torch.float64 else tl.float32
+    stride = lambda x: 0 if x is None else x.stride(0)  # noqa: E731
+    pmi_kl_fwd_kernel[(n_rows,)](
+        p_s=s_raw, p_t=t_raw, p_r=r_raw, p_a=a_raw, p_kappa=kappa, p_mask=mask, p_row_scale=row_scale,
+        p_loss=loss, p_grad=grad_out, p_stats=stats_out, p_params=_params(opts, loss.dtype, s_raw.device),
+        stride_s=s_raw.stride(0), stride_t=t_raw.stride(0), stride_r=stride(r_raw), stride_a=stride(a_raw),
+        stride_grad=stride(grad_out), stride_row_scale=stride(row_scale), V=vocab,
         PMI=opts.pmi, HAS_R=r_raw is not None, HAS_A=a_raw is not None, CLIP=opts.needs_kappa,
-        KAPPA=kappa_src, LOSS_KIND=opts.loss_kind, ENTRY_CLIP=opts.entry_clip is not None,
+        KAPPA=kappa_source(opts, kappa is not None), LOSS_KIND=opts.loss_kind, ENTRY_CLIP=opts.entry_clip is not None,
         HAS_MASK=mask is not None, HAS_ROW_SCALE=row_scale is not None, WRITE_GRAD=grad_out is not None,
-        # Forward KL's gradient p - q needs no row sum: it is written in pass 2.
-        FAST_GRAD=grad_out is not None and opts.loss_kind == FORWARD_KL and opts.entry_clip is None,
-        ACC=acc, BLOCK_V=block, num_warps=warps,
+        WRITE_STATS=stats_out is not None, FAST_GRAD=grad_out is not None and opts.fast_grad,
+        ACC=acc, BLOCK_V=block_v(vocab, s_raw.device.type == "cpu", block), num_warps=num_warps,
     )
     return loss
 
 
-# The kernel's LOSS_KIND branches are numbered as options.py numbers the losses.
-assert (FORWARD_KL, REVERSE_KL, MIXED_JSD) == (0, 1, 2)
+# The kernel branches on LOSS_KIND == LOSS_FORWARD_KL, LOSS_REVERSE_KL, else mixed.
+assert MIXED_JSD not in (FORWARD_KL, REVERSE_KL)

@@ -17,11 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .options import LossOptions
-from .triton_rows import _load_tile, _tanh
-
-DIAGNOSTICS = ("cos_total_ref", "cos_total_pmi", "norm_ratio_ref_total", "kl_teacher_student",
-               "kl_target_student", "entropy_student", "entropy_target")
+from ...options import LossOptions
+from .. import DIAGNOSTICS
+from .rows import NUM_WARPS, _load_tile, _tanh, block_v
 
 
 @triton.jit
@@ -48,7 +46,8 @@ def pmi_diagnostics_kernel(p_s, p_t, p_r, p_a, p_out, p_params, stride_s, stride
     p_s += row * stride_s
     p_t += row * stride_t
     p_r += row * stride_r
-    p_a += row * stride_a
+    if HAS_A:
+        p_a += row * stride_a
     o_base = tl.arange(0, BLOCK_V)
     # Shifts: the first entry's u and w.
     s0 = tl.load(p_s).to(ACC) * inv_tau
@@ -137,20 +136,20 @@ def _params(opts: LossOptions, dtype: torch.dtype, device: torch.device) -> torc
     return torch.tensor([1.0 / opts.temperature, 1.0 / opts.beta, clip, 1.0 / clip], dtype=dtype, device=device)
 
 
-def diagnostics_rows_triton(s_raw, t_raw, r_raw, a_raw=None, *, opts: LossOptions) -> torch.Tensor:
-    """[C, 7] diagnostics (columns in DIAGNOSTICS order) of logit rows [C, V], unit stride along V."""
-    rows, vocab = s_raw.shape
+def diagnostics_rows(s_raw, t_raw, r_raw, a_raw=None, *, opts: LossOptions, block=None) -> torch.Tensor:
+    """[C, 7] diagnostics (backends.DIAGNOSTICS order) of logit rows [C, V], unit stride along V.
+    `block` overrides the tile width (tests pass narrow tiles to cross several)."""
+    n_rows, vocab = s_raw.shape
     acc = tl.float64 if s_raw.dtype == torch.float64 else tl.float32
-    out = torch.empty(rows, 7, dtype=torch.float64 if acc == tl.float64 else torch.float32, device=s_raw.device)
-    if rows == 0:
+    out = torch.empty(n_rows, len(DIAGNOSTICS), dtype=torch.float64 if acc == tl.float64 else torch.float32,
+                      device=s_raw.device)
+    if n_rows == 0:
         return out
-    interpret = s_raw.device.type == "cpu"
-    block = min(triton.next_power_of_2(vocab), 8192 if interpret else 2048)
-    a = s_raw if a_raw is None else a_raw
-    pmi_diagnostics_kernel[(rows,)](
-        s_raw, t_raw, r_raw, a, out, _params(opts, out.dtype, s_raw.device),
-        s_raw.stride(0), t_raw.stride(0), r_raw.stride(0), a.stride(0), vocab,
-        HAS_A=a_raw is not None, CLIP=opts.clip is not None, CENTER=opts.center, ACC=acc, BLOCK_V=block,
-        num_warps=8,
+    pmi_diagnostics_kernel[(n_rows,)](
+        p_s=s_raw, p_t=t_raw, p_r=r_raw, p_a=a_raw, p_out=out, p_params=_params(opts, out.dtype, s_raw.device),
+        stride_s=s_raw.stride(0), stride_t=t_raw.stride(0), stride_r=r_raw.stride(0),
+        stride_a=0 if a_raw is None else a_raw.stride(0), V=vocab,
+        HAS_A=a_raw is not None, CLIP=opts.clip is not None, CENTER=opts.center, ACC=acc,
+        BLOCK_V=block_v(vocab, s_raw.device.type == "cpu", block), num_warps=NUM_WARPS,
     )
     return out

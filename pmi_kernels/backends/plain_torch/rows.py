@@ -1,8 +1,8 @@
 """The row operation in plain torch: a chunk of logit rows -> per-row loss and dloss/ds_raw.
 
-This is the arithmetic of the Triton kernel written with whole-row torch ops, used by
-backend="torch" (the CPU path) over chunks of rows. The gradient is analytic, not
-autograd, so it also documents what the kernel computes:
+This is the arithmetic every kernel implements, written with whole-row torch ops (backend
+"torch", over chunks of rows). The gradient is analytic, not autograd, so it also documents
+what the kernels compute:
 
     A_v = k_v * dsummand_v / dlogp_v       (k_v = 0 where entry_clip clamps the summand)
     dloss/ds_v = (A_v - p_v * sum_u A_u) / tau
@@ -17,8 +17,7 @@ from typing import Optional
 
 import torch
 
-from .options import FORWARD_KL, REVERSE_KL, LossOptions
-from .reference import compute_dtype
+from ...options import FORWARD_KL, REVERSE_KL, LossOptions, compute_dtype
 
 
 def target_shift(t, r, opts: LossOptions):
@@ -55,11 +54,18 @@ def summand_and_slope(lp, lq, opts: LossOptions, slope: bool = True):
     return summand, (1 - lam) * p * (lp - lm) if slope else None
 
 
-def rows_loss_and_grad(s_raw, t_raw, r_raw=None, a_raw=None, *, opts: LossOptions,
-                       kappa: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None,
-                       row_scale: Optional[torch.Tensor] = None, grad_out: Optional[torch.Tensor] = None):
+def row_stats(lp, lq):
+    """[C, 3]: KL(q || p), H(p), H(q) per row (backends.STATS order)."""
+    p, q = lp.exp(), lq.exp()
+    return torch.stack([(q * (lq - lp)).sum(-1), -(p * lp).sum(-1), -(q * lq).sum(-1)], dim=-1)
+
+
+def rows(s_raw, t_raw, r_raw=None, a_raw=None, *, opts: LossOptions, kappa: Optional[torch.Tensor] = None,
+         mask: Optional[torch.Tensor] = None, row_scale: Optional[torch.Tensor] = None,
+         grad_out: Optional[torch.Tensor] = None, stats_out: Optional[torch.Tensor] = None):
     """Per-row loss [C] (compute dtype) of raw logit rows [C, V]; writes row_scale * dloss/ds_raw
-    into grad_out (any float dtype, may alias s_raw) when given. Masked rows give exactly 0."""
+    into grad_out (any float dtype, may alias s_raw) and the row statistics into stats_out
+    when given. Masked rows give exactly 0."""
     dtype = compute_dtype(s_raw.dtype)
     inv_tau = 1.0 / opts.temperature
     scale = lambda x: None if x is None else x.to(dtype) * inv_tau  # noqa: E731
@@ -71,17 +77,16 @@ def rows_loss_and_grad(s_raw, t_raw, r_raw=None, a_raw=None, *, opts: LossOption
         if slope is not None:
             slope = slope.masked_fill(summand > opts.entry_clip, 0.0)
         summand = summand.clamp(max=opts.entry_clip)
-    loss = summand.sum(-1)
-    if mask is not None:
-        loss = torch.where(mask, loss, torch.zeros_like(loss))
+    keep = (lambda x: x) if mask is None else (lambda x: torch.where(mask.view(-1, *[1] * (x.dim() - 1)), x, 0.0))
+    loss = keep(summand.sum(-1))
+    if stats_out is not None:
+        stats_out.copy_(keep(row_stats(lp, lq)))
     if grad_out is None:
         return loss
-    if opts.loss_kind == FORWARD_KL and opts.entry_clip is None:
+    if opts.fast_grad:
         grad = lp.exp() - lq.exp()
     else:
         grad = slope - lp.exp() * slope.sum(-1, keepdim=True)
     grad = grad * inv_tau if row_scale is None else grad * (row_scale.to(dtype)[:, None] * inv_tau)
-    if mask is not None:
-        grad = torch.where(mask[:, None], grad, torch.zeros_like(grad))
-    grad_out.copy_(grad)
+    grad_out.copy_(keep(grad))
     return loss

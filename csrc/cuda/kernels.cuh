@@ -1,0 +1,507 @@
+// The CUDA row kernels (backend "cuda"): one block per row streams the vocabulary in passes,
+// like the Triton kernel, with 16-byte vector loads where every row is aligned, statistics in
+// fp32 (fp64 for fp64) registers, warp-shuffle and shared-memory reductions, 64-bit offsets,
+// the gradient written in place (it may alias the student logits: each thread reads an entry
+// before it writes it). The per-entry arithmetic is csrc/include/pmi_math.h, shared with the
+// CPU kernel. Each rows_<dtype>.cu instantiates these templates for one input dtype.
+//
+//   0. kappa, when the soft clip needs it and it is not given: mean(t - r) or lse(t) - lse(r)
+//   1. log-sum-exp of the student s and the target g
+//   2. loss, sum of slopes, row statistics; forward KL writes (p - q) * scale
+//   3. other losses: grad = (slope - p * sum of slopes) * scale
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <type_traits>
+
+#include "../include/rows_args.h"
+
+namespace pmi {
+namespace cuda {
+
+constexpr int kWarp = 32;
+// Threads per row (block): enough to stream a 152k-entry row with 16-byte loads while the
+// registers of two blocks fit an SM.
+constexpr int kMaxThreads = 512;
+constexpr int kMaxWarps = kMaxThreads / kWarp;
+// The widest block reduction: the diagnostics' eight sums.
+constexpr int kMaxSums = 8;
+
+template <typename In>
+using Acc = std::conditional_t<std::is_same_v<In, double>, double, float>;
+
+// Entries of In per 16-byte load.
+template <typename In>
+constexpr int kVec = 16 / sizeof(In);
+
+template <typename T, typename In>
+__device__ __forceinline__ T to_acc(In x) {
+  if constexpr (std::is_same_v<In, __nv_bfloat16>) {
+    return __bfloat162float(x);
+  } else if constexpr (std::is_same_v<In, __half>) {
+    return __half2float(x);
+  } else {
+    return static_cast<T>(x);
+  }
+}
+
+template <typename In, typename T>
+__device__ __forceinline__ In from_acc(T x) {
+  if constexpr (std::is_same_v<In, __nv_bfloat16>) {
+    return __float2bfloat16_rn(x);
+  } else if constexpr (std::is_same_v<In, __half>) {
+    return __float2half_rn(x);
+  } else {
+    return static_cast<In>(x);
+  }
+}
+
+// N entries of a row from v on, times scale. N > 1: one 16-byte load (the row is aligned).
+template <int N, typename In, typename T>
+__device__ __forceinline__ void load(const In* row, int64_t v, T scale, T (&out)[N]) {
+  if constexpr (N > 1) {
+    static_assert(N * sizeof(In) == 16, "vector loads are 16 bytes");
+    const uint4 raw = *reinterpret_cast<const uint4*>(row + v);
+    const In* e = reinterpret_cast<const In*>(&raw);
+#pragma unroll
+    for (int i = 0; i < N; ++i) out[i] = to_acc<T>(e[i]) * scale;
+  } else {
+    out[0] = to_acc<T>(row[v]) * scale;
+  }
+}
+
+template <int N, typename In, typename T>
+__device__ __forceinline__ void store(In* row, int64_t v, const T (&x)[N]) {
+  if constexpr (N > 1) {
+    uint4 raw;
+    In* e = reinterpret_cast<In*>(&raw);
+#pragma unroll
+    for (int i = 0; i < N; ++i) e[i] = from_acc<In>(x[i]);
+    *reinterpret_cast<uint4*>(row + v) = raw;
+  } else {
+    row[v] = from_acc<In>(x[0]);
+  }
+}
+
+// f(v, N) for every group of N entries of a V-entry row: the block's threads take 16-byte
+// groups in turn (VEC > 1), then single entries for the tail.
+template <int VEC, typename F>
+__device__ __forceinline__ void for_each_group(int64_t V, F&& f) {
+  const int64_t full = VEC > 1 ? V / VEC * VEC : 0;
+  for (int64_t v = int64_t(threadIdx.x) * VEC; v < full; v += int64_t(blockDim.x) * VEC) {
+    f(v, std::integral_constant<int, VEC>{});
+  }
+  for (int64_t v = full + threadIdx.x; v < V; v += blockDim.x) f(v, std::integral_constant<int, 1>{});
+}
+
+// The log-sum-exp of N values, to merge into a running one.
+template <int N, typename T>
+__device__ __forceinline__ Lse<T> group_lse(const T (&x)[N]) {
+  T m = x[0];
+#pragma unroll
+  for (int i = 1; i < N; ++i) m = x[i] > m ? x[i] : m;
+  T z = 0;
+#pragma unroll
+  for (int i = 0; i < N; ++i) z += exp_nonpos(x[i] - m);
+  return {m, z};
+}
+
+// Sums K values over the block; every thread returns with the totals. The butterfly gives all
+// lanes the same bits, and every thread adds the warps' sums in the same order.
+template <int K, typename T>
+__device__ void block_sum(T (&x)[K], T* smem) {
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, warps = blockDim.x / kWarp;
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    for (int o = kWarp / 2; o > 0; o /= 2) x[k] += __shfl_xor_sync(0xffffffffu, x[k], o);
+    if (lane == 0) smem[warp * K + k] = x[k];
+  }
+  __syncthreads();
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    T total = 0;
+    for (int w = 0; w < warps; ++w) total += smem[w * K + k];
+    x[k] = total;
+  }
+  __syncthreads();
+}
+
+// Merges K running log-sum-exps over the block, as block_sum does sums.
+template <int K, typename T>
+__device__ void block_lse(Lse<T> (&x)[K], T* smem) {
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, warps = blockDim.x / kWarp;
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    for (int o = kWarp / 2; o > 0; o /= 2) {
+      const Lse<T> other{__shfl_xor_sync(0xffffffffu, x[k].m, o), __shfl_xor_sync(0xffffffffu, x[k].z, o)};
+      x[k] = lse_merge(x[k], other);
+    }
+    if (lane == 0) {
+      smem[(warp * K + k) * 2] = x[k].m;
+      smem[(warp * K + k) * 2 + 1] = x[k].z;
+    }
+  }
+  __syncthreads();
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    Lse<T> total{neg_inf<T>(), T(0)};
+    for (int w = 0; w < warps; ++w) total = lse_merge(total, Lse<T>{smem[(w * K + k) * 2], smem[(w * K + k) * 2 + 1]});
+    x[k] = total;
+  }
+  __syncthreads();
+}
+
+template <typename T>
+__device__ __forceinline__ RowLse<T> finish(Lse<T> x) {
+  return {x.m, log(x.z)};
+}
+
+// One row's input streams, already offset to the row.
+template <typename In>
+struct Row {
+  const In *s, *t, *r, *a;
+};
+
+// The scaled student s, d (the teacher, or t - r in PMI mode), and the target's base (the
+// anchor, or s) for N entries from v on.
+template <int N, typename In, typename T>
+__device__ __forceinline__ void load_streams(const Row<In>& row, int64_t v, T inv_tau, bool pmi, T (&s)[N], T (&d)[N],
+                                             T (&base)[N]) {
+  load<N>(row.s, v, inv_tau, s);
+  load<N>(row.t, v, inv_tau, d);
+  if (pmi && row.r != nullptr) {
+    T r[N];
+    load<N>(row.r, v, inv_tau, r);
+#pragma unroll
+    for (int i = 0; i < N; ++i) d[i] -= r[i];
+  }
+  if (row.a != nullptr) {
+    load<N>(row.a, v, inv_tau, base);
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; ++i) base[i] = s[i];
+  }
+}
+
+template <typename In>
+struct RowsParams {
+  using T = Acc<In>;
+  const In *s, *t, *r, *a;
+  int64_t stride_s, stride_t, stride_r, stride_a;
+  const T* kappa;
+  const bool* mask;
+  const T* row_scale;
+  int64_t stride_row_scale;
+  T* loss;
+  In* grad;
+  int64_t stride_grad;
+  T* stats;
+  int64_t vocab;
+  Scalars<T> k;
+  bool pmi, clip_on, fast_grad;
+  int kappa_source;
+};
+
+template <typename In, int VEC, int KIND, bool ENTRY_CLIP>
+__global__ void __launch_bounds__(kMaxThreads) pmi_rows_kernel(const RowsParams<In> p) {
+  using T = Acc<In>;
+  __shared__ T smem[kMaxWarps * kMaxSums];
+  const int64_t row = blockIdx.x, V = p.vocab;
+  const Scalars<T>& k = p.k;
+  const Row<In> in{p.s + row * p.stride_s, p.t + row * p.stride_t, p.r ? p.r + row * p.stride_r : nullptr,
+                   p.a ? p.a + row * p.stride_a : nullptr};
+  In* grad = p.grad ? p.grad + row * p.stride_grad : nullptr;
+  T* stats = p.stats ? p.stats + row * kStats : nullptr;
+
+  if (p.mask != nullptr && !p.mask[row]) {
+    if (grad) for_each_group<VEC>(V, [&](int64_t v, auto n) {
+      T zero[decltype(n)::value] = {};
+      store(grad, v, zero);
+    });
+    if (threadIdx.x == 0) {
+      p.loss[row] = 0;
+      if (stats) for (int j = 0; j < kStats; ++j) stats[j] = 0;
+    }
+    return;
+  }
+
+  T kappa = 0;
+  if (p.kappa_source == kKappaGiven) {
+    kappa = p.kappa[row];
+  } else if (p.kappa_source == kKappaMean) {
+    T sum[1] = {0};
+    for_each_group<VEC>(V, [&](int64_t v, auto n) {
+      constexpr int N = decltype(n)::value;
+      T s[N], d[N], base[N];
+      load_streams<N>(in, v, k.inv_tau, true, s, d, base);
+#pragma unroll
+      for (int i = 0; i < N; ++i) sum[0] += d[i];
+    });
+    block_sum(sum, smem);
+    kappa = sum[0] / T(V);
+  } else if (p.kappa_source == kKappaLseDiff) {
+    Lse<T> tr[2] = {{neg_inf<T>(), T(0)}, {neg_inf<T>(), T(0)}};
+    for_each_group<VEC>(V, [&](int64_t v, auto n) {
+      constexpr int N = decltype(n)::value;
+      T t[N], r[N];
+      load<N>(in.t, v, k.inv_tau, t);
+      load<N>(in.r, v, k.inv_tau, r);
+      tr[0] = lse_merge(tr[0], group_lse(t));
+      tr[1] = lse_merge(tr[1], group_lse(r));
+    });
+    block_lse(tr, smem);
+    kappa = (tr[0].m - tr[1].m) + (log(tr[0].z) - log(tr[1].z));
+  }
+
+  // Pass 1: the log-sum-exps of s and g.
+  Lse<T> sg[2] = {{neg_inf<T>(), T(0)}, {neg_inf<T>(), T(0)}};
+  for_each_group<VEC>(V, [&](int64_t v, auto n) {
+    constexpr int N = decltype(n)::value;
+    T s[N], g[N], base[N];
+    load_streams<N>(in, v, k.inv_tau, p.pmi, s, g, base);
+#pragma unroll
+    for (int i = 0; i < N; ++i) g[i] = target_logit(g[i], base[i], kappa, k, p.pmi, p.clip_on);
+    sg[0] = lse_merge(sg[0], group_lse(s));
+    sg[1] = lse_merge(sg[1], group_lse(g));
+  });
+  block_lse(sg, smem);
+  const RowLse<T> ls = finish(sg[0]), lg = finish(sg[1]);
+  T scale = k.inv_tau;
+  if (p.row_scale != nullptr) scale *= p.row_scale[row * p.stride_row_scale];
+
+  // Pass 2: loss, sum of slopes, statistics; forward KL's gradient.
+  const bool fast = grad != nullptr && p.fast_grad;
+  T sums[2 + kStats] = {0, 0, 0, 0, 0};
+  for_each_group<VEC>(V, [&](int64_t v, auto n) {
+    constexpr int N = decltype(n)::value;
+    T s[N], g[N], base[N], out[N];
+    load_streams<N>(in, v, k.inv_tau, p.pmi, s, g, base);
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      g[i] = target_logit(g[i], base[i], kappa, k, p.pmi, p.clip_on);
+      const T lp = (s[i] - ls.max) - ls.log_sum, lq = (g[i] - lg.max) - lg.log_sum;
+      const Terms<T> e = summand_and_slope<KIND, ENTRY_CLIP>(lp, lq, k);
+      sums[0] += e.f;
+      sums[1] += e.slope;
+      if (stats) add_stats(sums[2], sums[3], sums[4], lp, lq, e.p, e.q);
+      out[i] = (e.p - e.q) * scale;
+    }
+    if (fast) store(grad, v, out);
+  });
+  block_sum(sums, smem);
+
+  // Pass 3: grad = (slope - p * sum of slopes) * scale.
+  if (grad != nullptr && !fast) {
+    const T slope_sum = sums[1];
+    for_each_group<VEC>(V, [&](int64_t v, auto n) {
+      constexpr int N = decltype(n)::value;
+      T s[N], g[N], base[N], out[N];
+      load_streams<N>(in, v, k.inv_tau, p.pmi, s, g, base);
+#pragma unroll
+      for (int i = 0; i < N; ++i) {
+        g[i] = target_logit(g[i], base[i], kappa, k, p.pmi, p.clip_on);
+        const T lp = (s[i] - ls.max) - ls.log_sum, lq = (g[i] - lg.max) - lg.log_sum;
+        const Terms<T> e = summand_and_slope<KIND, ENTRY_CLIP>(lp, lq, k);
+        out[i] = (e.slope - e.p * slope_sum) * scale;
+      }
+      store(grad, v, out);
+    });
+  }
+  if (threadIdx.x == 0) {
+    p.loss[row] = sums[0];
+    if (stats) for (int j = 0; j < kStats; ++j) stats[j] = sums[2 + j];
+  }
+}
+
+template <typename In>
+struct DiagnosticsParams {
+  using T = Acc<In>;
+  const In *s, *t, *r, *a;
+  int64_t stride_s, stride_t, stride_r, stride_a;
+  T* out;
+  int64_t vocab;
+  Scalars<T> k;
+  bool center, clip_on;
+};
+
+// The diagnostics of one row in four passes: the log-sum-exps of s, t and r; the
+// decomposition's dot products, KL(p_T || p_S), H(p) and sum(t - r); the target's
+// log-sum-exp; KL(q || p) and H(q). out: pmi_kernels.backends.DIAGNOSTICS order.
+template <typename In, int VEC>
+__global__ void __launch_bounds__(kMaxThreads) pmi_diagnostics_kernel(const DiagnosticsParams<In> p) {
+  using T = Acc<In>;
+  __shared__ T smem[kMaxWarps * kMaxSums];
+  const int64_t row = blockIdx.x, V = p.vocab;
+  const Scalars<T>& k = p.k;
+  const Row<In> in{p.s + row * p.stride_s, p.t + row * p.stride_t, p.r + row * p.stride_r,
+                   p.a ? p.a + row * p.stride_a : nullptr};
+
+  Lse<T> str[3] = {{neg_inf<T>(), T(0)}, {neg_inf<T>(), T(0)}, {neg_inf<T>(), T(0)}};
+  for_each_group<VEC>(V, [&](int64_t v, auto n) {
+    constexpr int N = decltype(n)::value;
+    T s[N], t[N], r[N];
+    load<N>(in.s, v, k.inv_tau, s);
+    load<N>(in.t, v, k.inv_tau, t);
+    load<N>(in.r, v, k.inv_tau, r);
+    str[0] = lse_merge(str[0], group_lse(s));
+    str[1] = lse_merge(str[1], group_lse(t));
+    str[2] = lse_merge(str[2], group_lse(r));
+  });
+  block_lse(str, smem);
+  const RowLse<T> ls = finish(str[0]), lt = finish(str[1]), lr = finish(str[2]);
+
+  // tt, rr, tr, ii, ti: the dot products of total, ref and pmi; then KL(p_T || p_S), H(p), sum(t - r).
+  T sums[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  for_each_group<VEC>(V, [&](int64_t v, auto n) {
+    constexpr int N = decltype(n)::value;
+    T s[N], t[N], r[N];
+    load<N>(in.s, v, k.inv_tau, s);
+    load<N>(in.t, v, k.inv_tau, t);
+    load<N>(in.r, v, k.inv_tau, r);
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      const T lp = (s[i] - ls.max) - ls.log_sum, ltv = (t[i] - lt.max) - lt.log_sum;
+      const T lrv = (r[i] - lr.max) - lr.log_sum;
+      const T total = ltv - lp, ref = lrv - lp, pmi_part = ltv - lrv;
+      sums[0] += total * total;
+      sums[1] += ref * ref;
+      sums[2] += total * ref;
+      sums[3] += pmi_part * pmi_part;
+      sums[4] += total * pmi_part;
+      sums[5] += exp_nonpos(ltv) * total;
+      sums[6] -= exp_nonpos(lp) * lp;
+      sums[7] += t[i] - r[i];
+    }
+  });
+  block_sum(sums, smem);
+  const T kappa = p.center ? sums[7] / T(V) : (lt.max - lr.max) + (lt.log_sum - lr.log_sum);
+
+  Lse<T> g_lse[1] = {{neg_inf<T>(), T(0)}};
+  for_each_group<VEC>(V, [&](int64_t v, auto n) {
+    constexpr int N = decltype(n)::value;
+    T s[N], g[N], base[N];
+    load_streams<N>(in, v, k.inv_tau, true, s, g, base);
+#pragma unroll
+    for (int i = 0; i < N; ++i) g[i] = target_logit(g[i], base[i], kappa, k, true, p.clip_on);
+    g_lse[0] = lse_merge(g_lse[0], group_lse(g));
+  });
+  block_lse(g_lse, smem);
+  const RowLse<T> lg = finish(g_lse[0]);
+
+  T target[2] = {0, 0};  // KL(q || p), H(q)
+  for_each_group<VEC>(V, [&](int64_t v, auto n) {
+    constexpr int N = decltype(n)::value;
+    T s[N], g[N], base[N];
+    load_streams<N>(in, v, k.inv_tau, true, s, g, base);
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      g[i] = target_logit(g[i], base[i], kappa, k, true, p.clip_on);
+      const T lp = (s[i] - ls.max) - ls.log_sum, lq = (g[i] - lg.max) - lg.log_sum;
+      const T q = exp_nonpos(lq);
+      target[0] += q * (lq - lp);
+      target[1] -= q * lq;
+    }
+  });
+  block_sum(target, smem);
+
+  if (threadIdx.x == 0) {
+    const T tiny = std::numeric_limits<T>::min();
+    const T norm_t = sqrt(sums[0]), norm_r = sqrt(sums[1]), norm_i = sqrt(sums[3]);
+    T* out = p.out + row * kDiagnostics;
+    out[0] = sums[2] / max(norm_t * norm_r, tiny);
+    out[1] = sums[4] / max(norm_t * norm_i, tiny);
+    out[2] = norm_r / max(norm_t, tiny);
+    out[3] = sums[5];
+    out[4] = target[0];
+    out[5] = sums[6];
+    out[6] = target[1];
+  }
+}
+
+// Threads per block: enough to cover a row once with 16-byte groups, a multiple of a warp.
+inline int threads_for(int64_t vocab, int vec) {
+  int threads = kWarp;
+  while (threads < kMaxThreads && int64_t(threads) * vec < vocab) threads *= 2;
+  return threads;
+}
+
+inline bool aligned16(const void* p) {
+  return reinterpret_cast<uintptr_t>(p) % 16 == 0;
+}
+
+// Whether every row of every stream starts on a 16-byte boundary.
+template <typename In>
+bool rows_aligned(std::initializer_list<std::pair<const void*, int64_t>> streams) {
+  for (const auto& [ptr, stride] : streams) {
+    if (ptr != nullptr && (!aligned16(ptr) || (stride * int64_t(sizeof(In))) % 16 != 0)) return false;
+  }
+  return true;
+}
+
+inline const char* last_error() {
+  const cudaError_t err = cudaGetLastError();
+  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+}
+
+template <typename In>
+const char* launch_rows(const RowsArgs& a, cudaStream_t stream) {
+  using T = Acc<In>;
+  const LossOptions& o = a.options;
+  const RowsParams<In> p{static_cast<const In*>(a.s), static_cast<const In*>(a.t), static_cast<const In*>(a.r),
+                         static_cast<const In*>(a.a), a.stride_s, a.stride_t, a.stride_r, a.stride_a,
+                         static_cast<const T*>(a.kappa), a.mask, static_cast<const T*>(a.row_scale),
+                         a.stride_row_scale, static_cast<T*>(a.loss), static_cast<In*>(a.grad), a.stride_grad,
+                         static_cast<T*>(a.stats), a.vocab, o.scalars<T>(), o.pmi, o.clip_on(), o.fast_grad(),
+                         o.kappa_source(a.kappa != nullptr)};
+  const bool vec = rows_aligned<In>({{a.s, a.stride_s}, {a.t, a.stride_t}, {a.r, a.stride_r}, {a.a, a.stride_a},
+                                     {a.grad, a.stride_grad}});
+  const int threads = threads_for(a.vocab, vec ? kVec<In> : 1);
+  auto go = [&](auto vec_c, auto kind_c, auto clip_c) {
+    pmi_rows_kernel<In, decltype(vec_c)::value, decltype(kind_c)::value, decltype(clip_c)::value>
+        <<<a.rows, threads, 0, stream>>>(p);
+  };
+  auto kinds = [&](auto vec_c, auto clip_c) {
+    using std::integral_constant;
+    switch (o.loss_kind()) {
+      case kForwardKL: return go(vec_c, integral_constant<int, kForwardKL>{}, clip_c);
+      case kReverseKL: return go(vec_c, integral_constant<int, kReverseKL>{}, clip_c);
+      default: return go(vec_c, integral_constant<int, kMixedJSD>{}, clip_c);
+    }
+  };
+  auto clips = [&](auto vec_c) {
+    return o.entry_clip_on() ? kinds(vec_c, std::true_type{}) : kinds(vec_c, std::false_type{});
+  };
+  if (vec) {
+    clips(std::integral_constant<int, kVec<In>>{});
+  } else {
+    clips(std::integral_constant<int, 1>{});
+  }
+  return last_error();
+}
+
+template <typename In>
+const char* launch_diagnostics(const DiagnosticsArgs& a, cudaStream_t stream) {
+  using T = Acc<In>;
+  const LossOptions& o = a.options;
+  const DiagnosticsParams<In> p{static_cast<const In*>(a.s), static_cast<const In*>(a.t), static_cast<const In*>(a.r),
+                                static_cast<const In*>(a.a), a.stride_s, a.stride_t, a.stride_r, a.stride_a,
+                                static_cast<T*>(a.out), a.vocab, o.scalars<T>(), o.center, o.clip > 0};
+  const bool vec = rows_aligned<In>({{a.s, a.stride_s}, {a.t, a.stride_t}, {a.r, a.stride_r}, {a.a, a.stride_a}});
+  if (vec) {
+    pmi_diagnostics_kernel<In, kVec<In>><<<a.rows, threads_for(a.vocab, kVec<In>), 0, stream>>>(p);
+  } else {
+    pmi_diagnostics_kernel<In, 1><<<a.rows, threads_for(a.vocab, 1), 0, stream>>>(p);
+  }
+  return last_error();
+}
+
+}  // namespace cuda
+}  // namespace pmi
+
+// Explicit instantiations, one input dtype per translation unit (they compile in parallel).
+#define PMI_INSTANTIATE_CUDA_KERNELS(In)                                                           \
+  template const char* pmi::cuda::launch_rows<In>(const pmi::RowsArgs&, cudaStream_t);             \
+  template const char* pmi::cuda::launch_diagnostics<In>(const pmi::DiagnosticsArgs&, cudaStream_t);

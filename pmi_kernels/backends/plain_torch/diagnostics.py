@@ -1,0 +1,27 @@
+"""pmi_diagnostics' rows in plain torch: the decomposition of the teacher's signal per row."""
+from __future__ import annotations
+
+import torch
+
+from ...options import LossOptions, compute_dtype
+from .rows import target_logits
+
+
+def _cosine(x, y, tiny):
+    return (x * y).sum(-1) / (x.norm(dim=-1) * y.norm(dim=-1)).clamp_min(tiny)
+
+
+def diagnostics_rows(s_raw, t_raw, r_raw, a_raw=None, *, opts: LossOptions) -> torch.Tensor:
+    """[C, 7] in backends.DIAGNOSTICS order; cosines of a zero vector are 0."""
+    dtype = compute_dtype(s_raw.dtype)
+    scale = lambda x: None if x is None else x.to(dtype) / opts.temperature  # noqa: E731
+    s, t, r, a = map(scale, (s_raw, t_raw, r_raw, a_raw))
+    lp, lt, lr = s.log_softmax(-1), t.log_softmax(-1), r.log_softmax(-1)
+    lq = target_logits(s, t, r, a, None, opts).log_softmax(-1)
+    total, ref, pmi = lt - lp, lr - lp, lt - lr
+    tiny = torch.finfo(dtype).tiny
+    columns = [_cosine(total, ref, tiny), _cosine(total, pmi, tiny),
+               ref.norm(dim=-1) / total.norm(dim=-1).clamp_min(tiny),
+               (lt.exp() * total).sum(-1), (lq.exp() * (lq - lp)).sum(-1),
+               -(lp.exp() * lp).sum(-1), -(lq.exp() * lq).sum(-1)]
+    return torch.stack(columns, dim=-1)
