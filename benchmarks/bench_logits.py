@@ -25,7 +25,7 @@ from common import device_info, median_ms, slug, write_json  # noqa: E402
 
 from pmi_kernels import pmi_kl  # noqa: E402
 from pmi_kernels.options import LossOptions  # noqa: E402
-from pmi_kernels.backends.triton.rows import rows as triton_rows  # noqa: E402
+from pmi_kernels.backends.triton.row_kernel import rows as triton_rows  # noqa: E402
 
 # The backward adds nothing when the incoming gradient is the one the forward assumed (here).
 BYTES_PER_ENTRY = {"forward KL": {"fwd": 18, "fwd+bwd": 18}, "mixed JSD 0.5": {"fwd": 24, "fwd+bwd": 24}}

@@ -17,8 +17,8 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from pmi_kernels.backends.triton.diagnostics import pmi_diagnostics_kernel
-from pmi_kernels.backends.triton.rows import pmi_kl_fwd_kernel
+from pmi_kernels.backends.triton.diagnostics_kernel import pmi_diagnostics_kernel
+from pmi_kernels.backends.triton.row_kernel import pmi_kl_fwd_kernel
 
 ROW_SIGNATURE = {"p_s": "*bf16", "p_t": "*bf16", "p_r": "*bf16", "p_a": "*bf16", "p_kappa": "*fp32",
                  "p_mask": "*i1", "p_row_scale": "*fp32", "p_loss": "*fp32", "p_grad": "*bf16", "p_stats": "*fp32",

@@ -31,3 +31,13 @@ def _fresh_seed():
     seed = int(os.environ.get("PMI_TEST_SEED", torch.seed() % 2**31))
     torch.manual_seed(seed)
     print(f"seed {seed}")
+
+
+@pytest.fixture(autouse=True)
+def _narrow_interpreter_tiles(monkeypatch):
+    """Under the interpreter a tile may span a whole test-sized vocabulary, which would leave
+    the kernels' cross-tile logic (online log-sum-exp rescaling, sums over tiles) untested on
+    CPU: 256-wide tiles make every V above 256 cross several, as 2,048-wide ones do on a GPU."""
+    if INTERPRET:
+        import pmi_kernels.backends.triton.row_kernel as triton_rows
+        monkeypatch.setattr(triton_rows, "INTERPRETER_BLOCK_V", 256)

@@ -107,7 +107,7 @@ def test_extreme_logits(device, backend, jsd_beta):
 @pytest.mark.skipif(not (INTERPRET or torch.cuda.is_available()), reason="needs Triton (GPU or interpreter)")
 def test_kernel_writes_every_output():
     """Outputs are NaN before the launch; every gradient element and loss must be written."""
-    from pmi_kernels.backends.triton.rows import rows as triton_rows
+    from pmi_kernels.backends.triton.row_kernel import rows as triton_rows
     device = "cuda" if torch.cuda.is_available() else "cpu"
     for kwargs in (dict(jsd_beta=0.0), dict(jsd_beta=0.5), dict(jsd_beta=1.0, entry_clip=1e-3)):
         s, t, r = streams(6, 333, torch.float32, device, count=3)

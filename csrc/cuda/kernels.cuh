@@ -24,9 +24,14 @@ namespace cuda {
 
 constexpr int kWarp = 32;
 // Threads per row (block): enough to stream a 152k-entry row with 16-byte loads while the
-// registers of two blocks fit an SM.
+// registers of two blocks fit an SM; fp64's registers are twice as wide: half as many.
 constexpr int kMaxThreads = 512;
 constexpr int kMaxWarps = kMaxThreads / kWarp;
+template <typename In>
+constexpr int kMaxThreadsFor = sizeof(In) == 8 ? kMaxThreads / 2 : kMaxThreads;
+// Two blocks per SM: bytes in flight for a streaming kernel. Stated, ptxas fits the kernels in
+// the registers that leaves without spilling (left to itself it spilled a few bytes).
+constexpr int kMinBlocksPerSM = 2;
 // The widest block reduction: the diagnostics' eight sums.
 constexpr int kMaxSums = 8;
 
@@ -206,7 +211,7 @@ struct RowsParams {
 };
 
 template <typename In, int VEC, int KIND, bool ENTRY_CLIP>
-__global__ void __launch_bounds__(kMaxThreads) pmi_rows_kernel(const RowsParams<In> p) {
+__global__ void __launch_bounds__(kMaxThreadsFor<In>, kMinBlocksPerSM) pmi_rows_kernel(const RowsParams<In> p) {
   using T = Acc<In>;
   __shared__ T smem[kMaxWarps * kMaxSums];
   const int64_t row = blockIdx.x, V = p.vocab;
@@ -331,7 +336,7 @@ struct DiagnosticsParams {
 // decomposition's dot products, KL(p_T || p_S), H(p) and sum(t - r); the target's
 // log-sum-exp; KL(q || p) and H(q). out: pmi_kernels.backends.DIAGNOSTICS order.
 template <typename In, int VEC>
-__global__ void __launch_bounds__(kMaxThreads) pmi_diagnostics_kernel(const DiagnosticsParams<In> p) {
+__global__ void __launch_bounds__(kMaxThreadsFor<In>, kMinBlocksPerSM) pmi_diagnostics_kernel(const DiagnosticsParams<In> p) {
   using T = Acc<In>;
   __shared__ T smem[kMaxWarps * kMaxSums];
   const int64_t row = blockIdx.x, V = p.vocab;
@@ -422,9 +427,10 @@ __global__ void __launch_bounds__(kMaxThreads) pmi_diagnostics_kernel(const Diag
 }
 
 // Threads per block: enough to cover a row once with 16-byte groups, a multiple of a warp.
-inline int threads_for(int64_t vocab, int vec) {
+template <typename In>
+int threads_for(int64_t vocab, int vec) {
   int threads = kWarp;
-  while (threads < kMaxThreads && int64_t(threads) * vec < vocab) threads *= 2;
+  while (threads < kMaxThreadsFor<In> && int64_t(threads) * vec < vocab) threads *= 2;
   return threads;
 }
 
@@ -458,7 +464,7 @@ const char* launch_rows(const RowsArgs& a, cudaStream_t stream) {
                          o.kappa_source(a.kappa != nullptr)};
   const bool vec = rows_aligned<In>({{a.s, a.stride_s}, {a.t, a.stride_t}, {a.r, a.stride_r}, {a.a, a.stride_a},
                                      {a.grad, a.stride_grad}});
-  const int threads = threads_for(a.vocab, vec ? kVec<In> : 1);
+  const int threads = threads_for<In>(a.vocab, vec ? kVec<In> : 1);
   auto go = [&](auto vec_c, auto kind_c, auto clip_c) {
     pmi_rows_kernel<In, decltype(vec_c)::value, decltype(kind_c)::value, decltype(clip_c)::value>
         <<<a.rows, threads, 0, stream>>>(p);
@@ -491,9 +497,9 @@ const char* launch_diagnostics(const DiagnosticsArgs& a, cudaStream_t stream) {
                                 static_cast<T*>(a.out), a.vocab, o.scalars<T>(), o.center, o.clip > 0};
   const bool vec = rows_aligned<In>({{a.s, a.stride_s}, {a.t, a.stride_t}, {a.r, a.stride_r}, {a.a, a.stride_a}});
   if (vec) {
-    pmi_diagnostics_kernel<In, kVec<In>><<<a.rows, threads_for(a.vocab, kVec<In>), 0, stream>>>(p);
+    pmi_diagnostics_kernel<In, kVec<In>><<<a.rows, threads_for<In>(a.vocab, kVec<In>), 0, stream>>>(p);
   } else {
-    pmi_diagnostics_kernel<In, 1><<<a.rows, threads_for(a.vocab, 1), 0, stream>>>(p);
+    pmi_diagnostics_kernel<In, 1><<<a.rows, threads_for<In>(a.vocab, 1), 0, stream>>>(p);
   }
   return last_error();
 }

@@ -2,7 +2,7 @@
 // the CPU kernel (csrc/cpu) and the CUDA kernel (csrc/cuda): the target logit with the soft
 // clip, one log-sum-exp merge, the summand and slope of each loss kind with the entry clip,
 // and the row statistics. The loss it computes is docs/loss.md; the plain-torch form of the
-// same arithmetic is pmi_kernels/backends/plain_torch/rows.py.
+// same arithmetic is pmi_kernels/backends/plain_torch/row_op.py.
 //
 // Only exp, log1p and log differ between the two: the GPU uses its special-function unit
 // (as Triton's tl.exp does), the CPU branch-free polynomials that vectorize.

@@ -6,7 +6,7 @@ A backend is a package under pmi_kernels/backends/ with two functions,
     diagnostics_rows(s, t, r, a, *, opts) -> [C, len(DIAGNOSTICS)]
 
 over raw logit rows [C, V] (unit stride along V), and one entry in REGISTRY below. The row
-operation's contract (backends/plain_torch/rows.py spells it out): per-row loss in
+operation's contract (backends/plain_torch/row_op.py spells it out): per-row loss in
 the compute dtype, 0 where masked; when grad_out is given, row_scale * dloss/ds_raw written
 into it (it may alias s); when stats_out [C, 3] is given, KL(q||p), H(p) and H(q) per row.
 The API modules (logits.py, fused_linear.py, diagnostics.py) read only this registry.

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ...options import LossOptions, compute_dtype
-from .rows import target_logits
+from .row_op import target_logits
 
 
 def _cosine(x, y, tiny):

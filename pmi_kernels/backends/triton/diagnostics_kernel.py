@@ -19,7 +19,7 @@ import triton.language as tl
 
 from ...options import LossOptions
 from .. import DIAGNOSTICS
-from .rows import NUM_WARPS, _load_tile, _tanh, block_v
+from .row_kernel import NUM_WARPS, _load_tile, _tanh, block_v
 
 
 @triton.jit
