@@ -35,13 +35,20 @@ def pmi_diagnostics(student, teacher, refonly, anchor=None, *, lm_head_weight=No
     validation.check_choice("backend", backend, ("auto", "triton", "torch"))
     opts = LossOptions(True, beta, clip, center, temperature)
     backend = resolve_backend(backend, first.device)
+    head = {"lm_head_weight": lm_head_weight, "lm_head_bias": lm_head_bias, "frozen_weight": frozen_weight,
+            "frozen_bias": frozen_bias}
     w_f = b_f = None
     if lm_head_weight is not None:
         validation.check_linear(lm_head_weight, lm_head_bias, first, "lm_head_weight", "lm_head_bias")
+        validation.check_frozen_head(frozen_weight, frozen_bias, lm_head_weight, lm_head_bias, first)
         w_f, b_f = frozen_head(lm_head_weight, lm_head_bias, frozen_weight, frozen_bias)
-        validation.check_linear(w_f, b_f, first, "frozen_weight", "frozen_bias")
+    else:
+        # Without lm_head_weight the streams are logits: a head argument would be silently ignored.
+        for name, x in head.items():
+            if x is not None:
+                raise ValueError(f"{name} needs lm_head_weight (without it the streams are logits)")
     if check_finite:
-        validation.check_finite(streams)
+        validation.check_finite({**streams, **head})
     lead, width = first.shape[:-1], first.shape[-1]
     vocab = width if lm_head_weight is None else lm_head_weight.shape[0]
     flat = [None if x is None else x.reshape(-1, width) for x in (student, teacher, refonly, anchor)]
