@@ -37,13 +37,17 @@ def pmi_diagnostics(student, teacher, refonly, anchor=None, *, lm_head_weight=No
     first = validation.check_streams(streams, "H" if lm_head_weight is not None else "V")
     validation.check_workspace(workspace_bytes)
     opts = LossOptions(True, beta, clip, center, temperature)
-    head = {}
+    head = {"lm_head_weight": lm_head_weight, "lm_head_bias": lm_head_bias, "frozen_weight": frozen_weight,
+            "frozen_bias": frozen_bias}
     if lm_head_weight is not None:
         validation.check_linear(lm_head_weight, lm_head_bias, first, "lm_head_weight", "lm_head_bias")
+        validation.check_frozen_head(frozen_weight, frozen_bias, lm_head_weight, lm_head_bias, first)
         w_f, b_f = frozen_head(lm_head_weight, lm_head_bias, frozen_weight, frozen_bias)
-        validation.check_linear(w_f, b_f, first, "frozen_weight", "frozen_bias")
-        head = {"lm_head_weight": lm_head_weight, "lm_head_bias": lm_head_bias,
-                "frozen_weight": frozen_weight, "frozen_bias": frozen_bias}
+    else:
+        # Without lm_head_weight the streams are logits: a head argument would be silently ignored.
+        for name, x in head.items():
+            if x is not None:
+                raise ValueError(f"{name} needs lm_head_weight (without it the streams are logits)")
     impl = resolve_backend(backend, first.device)
     if check_finite:
         validation.check_finite({**streams, **head})

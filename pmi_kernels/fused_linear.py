@@ -216,10 +216,8 @@ def fused_pmi_kl(student_hidden, lm_head_weight, teacher_hidden, refonly_hidden=
                "refonly_hidden": refonly_hidden, "anchor_hidden": anchor_hidden}
     student = validation.check_streams(streams, "H")
     validation.check_linear(lm_head_weight, lm_head_bias, student, "lm_head_weight", "lm_head_bias")
+    validation.check_frozen_head(frozen_weight, frozen_bias, lm_head_weight, lm_head_bias, student)
     w_f, b_f = frozen_head(lm_head_weight, lm_head_bias, frozen_weight, frozen_bias)
-    validation.check_linear(w_f, b_f, student, "frozen_weight", "frozen_bias")
-    if w_f.shape[0] != lm_head_weight.shape[0]:
-        raise ValueError(f"frozen_weight has V = {w_f.shape[0]} but lm_head_weight has V = {lm_head_weight.shape[0]}")
     validation.check_mask(mask, student.shape[:-1], student.device)
     validation.check_reduction(reduction)
     validation.check_workspace(workspace_bytes)

@@ -91,6 +91,16 @@ def check_linear(weight, bias, hidden: torch.Tensor, weight_name: str, bias_name
         raise ValueError(f"{bias_name} must match {weight_name} in dtype and device")
 
 
+def check_frozen_head(frozen_weight, frozen_bias, weight, bias, hidden: torch.Tensor) -> None:
+    """The frozen streams' head: frozen_weight and frozen_bias each default on their own to the
+    student's (weight, bias), already checked. Run before fused_linear.frozen_head(), which would
+    fail on a non-tensor with a raw AttributeError."""
+    w_f = weight if frozen_weight is None else frozen_weight
+    check_linear(w_f, bias if frozen_bias is None else frozen_bias, hidden, "frozen_weight", "frozen_bias")
+    if w_f.shape[0] != weight.shape[0]:
+        raise ValueError(f"frozen_weight has V = {w_f.shape[0]} but lm_head_weight has V = {weight.shape[0]}")
+
+
 def check_finite(streams: Dict[str, Optional[torch.Tensor]]) -> None:
     """One fused reduction per stream; this syncs with the device, hence the opt-out."""
     for name, x in streams.items():
