@@ -29,7 +29,8 @@ from torch import Tensor
 from . import validation
 from .backends import REGISTRY, STATS, chunk_rows, resolve_backend, upstream_matches
 from .options import LossOptions, compute_dtype
-from .reduction import kept_rows, reduce_rows, upstream_scale
+from .logits import DOUBLE_BACKWARD, stats_dict
+from .reduction import divisor, reduce_rows
 
 
 @dataclass(frozen=True)
@@ -156,53 +157,68 @@ def _rows(plan: _Plan, tensors, row_scale, wants, want_stats=False):
 
 
 class _FusedPMIKL(torch.autograd.Function):
-    """Per-row loss [N] for reduction="none", else the reduced scalar."""
+    """(loss, per-row loss, row statistics): the per-row loss [N] for reduction="none", else the
+    masked sum over `denominator`; the last two only when want_stats (else empty tensors)."""
 
     @staticmethod
-    def forward(ctx, h, w, b, h_t, h_r, h_a, w_f, b_f, mask, reduction: str, grad_enabled: bool, plan: _Plan):
+    def forward(ctx, h, w, b, h_t, h_r, h_a, w_f, b_f, mask, denominator, reduction: str, grad_enabled: bool,
+                plan: _Plan, want_stats: bool):
         # needs_input_grad ignores torch.no_grad(): grad_enabled is the grad mode of the call.
         needs = ctx.needs_input_grad
         wants = tuple(grad_enabled and need for need in (needs[0], needs[1], b is not None and needs[2]))
         ctx.plan, ctx.wants, ctx.reduction = plan, wants, reduction
         ctx.dtypes = (w.dtype, None if b is None else b.dtype)
         tensors = (h, w, b, h_t, h_r, h_a, w_f, b_f, mask)
-        count = kept_rows(mask, h.shape[0], compute_dtype(h.dtype), h.device)
         if reduction == "none" or not any(wants):
-            loss = _rows(plan, tensors, None, (False, False, False))[0]
+            loss, _, _, _, stats = _rows(plan, tensors, None, (False, False, False), want_stats)
             ctx.save_for_backward(*tensors)
         else:
             # One sweep computes the gradients for an incoming gradient of 1.
-            loss, *grads = _rows(plan, tensors, upstream_scale(count, reduction).expand(h.shape[0]), wants)[:4]
+            loss, *grads, stats = _rows(plan, tensors, (1 / denominator).expand(h.shape[0]), wants, want_stats)
             ctx.save_for_backward(*grads)
-        return reduce_rows(loss, count, reduction)
+        per_row = loss.clone() if want_stats else loss.new_empty(0)
+        ctx.mark_non_differentiable(per_row, stats)
+        return reduce_rows(loss, denominator, reduction), per_row, stats
 
     @staticmethod
-    def backward(ctx, grad_loss):
+    def backward(ctx, grad_loss, _grad_per_row, _grad_stats):
+        if torch.is_grad_enabled():
+            raise RuntimeError(DOUBLE_BACKWARD.format("fused_pmi_kl"))
         if ctx.reduction == "none":
             # grad_loss has the loss's (compute) dtype: it is the per-row scale as it comes.
             grads = _rows(ctx.plan, ctx.saved_tensors, grad_loss, ctx.wants)[1:4]
         else:
-            grads = ctx.saved_tensors
+            grad_h, grad_w, grad_b = ctx.saved_tensors
+            # grad_h reaches the caller through a view (the flattening): a copy of its own, so that
+            # modifying it (zeroing .grad in place) cannot touch what a retained graph saved. The
+            # weight and bias gradients reach leaves, whose accumulation copies while the graph
+            # still holds them.
+            grads = [grad_h.clone(), grad_w, grad_b]
             if not upstream_matches(grad_loss, torch.ones_like(grad_loss)):
                 grads = [x * grad_loss.to(x.dtype) for x in grads]
         grad_h, grad_w, grad_b = (x if want else None for x, want in zip(grads, ctx.wants))
         w_dtype, b_dtype = ctx.dtypes
         grad_w = None if grad_w is None else grad_w.to(w_dtype)
         grad_b = None if grad_b is None else grad_b.to(b_dtype)
-        return (grad_h, grad_w, grad_b) + (None,) * 9
+        return (grad_h, grad_w, grad_b) + (None,) * 11
 
 
 def fused_pmi_kl(student_hidden, lm_head_weight, teacher_hidden, refonly_hidden=None, anchor_hidden=None, *,
-                 lm_head_bias=None, frozen_weight=None, frozen_bias=None, mask=None, beta=1.0, clip=10.0,
-                 center=True, temperature=1.0, jsd_beta=0.5, entry_clip=None, reduction="mean",
-                 check_finite=True, backend="auto", workspace_bytes=None, grad_weight_fp32=False):
-    """PMI-KL loss from hidden states [..., H] and the lm_head (docs/loss.md).
+                 lm_head_bias=None, frozen_weight=None, frozen_bias=None, mask=None, labels=None, ignore_index=-100,
+                 normalizer=None, beta=1.0, clip=10.0, center=True, temperature=1.0, jsd_beta=0.5, entry_clip=None,
+                 reduction="mean", return_stats=False, check_finite=True, backend="auto", workspace_bytes=None,
+                 grad_weight_fp32=False):
+    """The PMI-KL loss from final hidden states [..., H] and the lm_head (docs/loss.md),
+    never holding [N, V] logits.
 
-    Gradients reach student_hidden, lm_head_weight and lm_head_bias (those that require
-    them). The frozen streams use (frozen_weight, frozen_bias), by default the student
-    head's (W or b) detached, each on its own. workspace_bytes bounds the per-chunk logit
-    buffers (default 1 GiB on CUDA; on CPU, chunks sized for the cache); grad_weight_fp32
-    accumulates the weight gradient over chunks in fp32, rounding once.
+    Hidden states (one shape [..., H], dtype and device): student_hidden (takes gradients),
+    teacher_hidden, refonly_hidden (None: standard OPSD), anchor_hidden (None: the student,
+    detached). lm_head_weight [V, H] and lm_head_bias [V] give the student's logits and take
+    gradients when they require them; frozen_weight / frozen_bias give the frozen streams'
+    logits, each defaulting on its own to the student's (detached). mask, labels, ignore_index,
+    normalizer, the loss options, reduction, return_stats, check_finite and backend are as in
+    pmi_kl. workspace_bytes bounds a chunk's logit buffers (default: the CPU's cache, or 1 GiB
+    on a GPU); grad_weight_fp32 accumulates the weight gradient over chunks in fp32.
     """
     if isinstance(student_hidden, torch.Tensor) and torch.is_autocast_enabled(student_hidden.device.type):
         # Under autocast the head's GEMMs run in the autocast dtype, as F.linear's would (the
@@ -218,9 +234,13 @@ def fused_pmi_kl(student_hidden, lm_head_weight, teacher_hidden, refonly_hidden=
     validation.check_linear(lm_head_weight, lm_head_bias, student, "lm_head_weight", "lm_head_bias")
     validation.check_frozen_head(frozen_weight, frozen_bias, lm_head_weight, lm_head_bias, student)
     w_f, b_f = frozen_head(lm_head_weight, lm_head_bias, frozen_weight, frozen_bias)
-    validation.check_mask(mask, student.shape[:-1], student.device)
+    mask = validation.counted_positions(mask, labels, ignore_index, student.shape[:-1], student.device)
     validation.check_reduction(reduction)
+    validation.check_normalizer(normalizer, reduction)
     validation.check_workspace(workspace_bytes)
+    for name, flag in (("return_stats", return_stats), ("check_finite", check_finite),
+                       ("grad_weight_fp32", grad_weight_fp32)):
+        validation.check_bool(name, flag)
     opts = LossOptions(refonly_hidden is not None, beta, clip, center, temperature, jsd_beta, entry_clip)
     impl = resolve_backend(backend, student.device)
     if check_finite:
@@ -235,11 +255,15 @@ def fused_pmi_kl(student_hidden, lm_head_weight, teacher_hidden, refonly_hidden=
     rows_per_chunk = chunk_rows(impl, student.device, vocab, buffers * student.element_size(),
                                 torch.finfo(compute_dtype(student.dtype)).bits // 8, workspace_bytes,
                                 min_rows=hidden // 4)
-    plan = _Plan(opts, impl.name, rows_per_chunk, bool(grad_weight_fp32))
+    plan = _Plan(opts, impl.name, rows_per_chunk, grad_weight_fp32)
 
     flat = lambda x: None if x is None else x.reshape(-1, hidden)  # noqa: E731
     h, h_t, h_r, h_a = map(flat, (student_hidden, teacher_hidden, refonly_hidden, anchor_hidden))
     h_t, h_r, h_a = (None if x is None else x.detach() for x in (h_t, h_r, h_a))
-    loss = _FusedPMIKL.apply(h, lm_head_weight, lm_head_bias, h_t, h_r, h_a, w_f, b_f,
-                             None if mask is None else mask.reshape(-1), reduction, torch.is_grad_enabled(), plan)
-    return loss.reshape(student.shape[:-1]) if reduction == "none" else loss
+    flat_mask = None if mask is None else mask.reshape(-1)
+    denominator = divisor(flat_mask, h.shape[0], reduction, normalizer, compute_dtype(h.dtype), h.device)
+    loss, per_row, stats = _FusedPMIKL.apply(h, lm_head_weight, lm_head_bias, h_t, h_r, h_a, w_f, b_f, flat_mask,
+                                             denominator, reduction, torch.is_grad_enabled(), plan, return_stats)
+    lead = student.shape[:-1]
+    loss = loss.reshape(lead) if reduction == "none" else loss
+    return (loss, stats_dict(per_row, stats, lead)) if return_stats else loss

@@ -12,90 +12,126 @@ arrives, the backward returns it untouched: no extra pass over [N, V].
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from . import validation
-from .backends import REGISTRY, chunk_rows, resolve_backend, upstream_matches
+from .backends import REGISTRY, STATS, chunk_rows, resolve_backend, upstream_matches
 from .options import LossOptions, compute_dtype
-from .reduction import kept_rows, reduce_rows, upstream_scale
+from .reduction import divisor, reduce_rows
 
 # The autograd of pmi_kl_rows returns a gradient for the student only.
-_NO_GRAD_ARGS = (None,) * 9
+_NO_GRAD_ARGS = (None,) * 10
+DOUBLE_BACKWARD = ("{} has no second derivative: its gradient is computed by its kernels, not by autograd, "
+                   "so backward(create_graph=True) through it cannot build a graph of the gradient")
 
 
 @torch.library.custom_op("pmi_kernels::pmi_kl_rows", mutates_args=())
 def pmi_kl_rows(student: Tensor, teacher: Tensor, refonly: Optional[Tensor], anchor: Optional[Tensor],
                 mask: Optional[Tensor], grad_scale: Tensor, options: List[float], backend: str, compute_grad: bool,
-                workspace_bytes: Optional[int]) -> Tuple[Tensor, Tensor]:
-    """Per-row loss [N] and, when compute_grad, grad_scale_n * dloss_n/dstudent_n [N, V] (else
-    an empty tensor). grad_scale is [N] in the compute dtype, possibly a stride-0 view of one value."""
+                want_stats: bool, workspace_bytes: Optional[int]) -> Tuple[Tensor, Tensor, Tensor]:
+    """Per-row loss [N]; when compute_grad, grad_scale_n * dloss_n/dstudent_n [N, V]; when
+    want_stats, the row statistics [N, 3] (backends.STATS). What is not asked for is an empty
+    tensor. grad_scale is [N] in the compute dtype, possibly a stride-0 view of one value."""
     opts, impl = LossOptions.unpack(options), REGISTRY[backend]
     grad = torch.empty_like(student) if compute_grad else student.new_empty(0)
     n, vocab = student.shape
     loss = torch.empty(n, dtype=compute_dtype(student.dtype), device=student.device)
+    stats = loss.new_empty(n, len(STATS)) if want_stats else loss.new_empty(0)
     step = n if impl.streams_rows else chunk_rows(impl, student.device, vocab, 0, loss.element_size(), workspace_bytes)
     for i in range(0, n, max(1, step)):
         chunk = lambda x: None if x is None else x[i:i + step]  # noqa: E731
         loss[i:i + step] = impl.rows(student[i:i + step], teacher[i:i + step], chunk(refonly), chunk(anchor),
                                      opts=opts, mask=chunk(mask), row_scale=grad_scale[i:i + step],
-                                     grad_out=chunk(grad) if compute_grad else None)
-    return loss, grad
+                                     grad_out=chunk(grad) if compute_grad else None,
+                                     stats_out=chunk(stats) if want_stats else None)
+    return loss, grad, stats
 
 
 @pmi_kl_rows.register_fake
 def _(student, *args):
-    compute_grad = args[7]
+    compute_grad, want_stats = args[7], args[8]
     loss = student.new_empty(student.shape[0], dtype=compute_dtype(student.dtype))
-    return loss, torch.empty_like(student) if compute_grad else student.new_empty(0)
+    return (loss, torch.empty_like(student) if compute_grad else student.new_empty(0),
+            loss.new_empty(student.shape[0], len(STATS)) if want_stats else loss.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(output[1], inputs[5])
-    ctx.mark_non_differentiable(output[1])
+    # The gradient the forward computed is handed to the caller, who may own and modify it; a
+    # retained graph's next backward computes it again from the saved inputs.
+    ctx.save_for_backward(*inputs[:6])
+    ctx.rest, ctx.grad = inputs[6:], output[1]
+    ctx.mark_non_differentiable(output[1], output[2])
 
 
-def _backward(ctx, grad_loss, _):
-    grad, grad_scale = ctx.saved_tensors
+def _backward(ctx, grad_loss, _grad, _stats):
+    if torch.is_grad_enabled():
+        raise RuntimeError(DOUBLE_BACKWARD.format("pmi_kl"))
+    *tensors, grad_scale = ctx.saved_tensors
+    grad = ctx.__dict__.pop("grad", None)
+    if grad is None:
+        options, backend, _, _, workspace = ctx.rest
+        grad = pmi_kl_rows(*tensors, grad_scale, options, backend, True, False, workspace)[1]
     if upstream_matches(grad_loss, grad_scale.to(grad_loss.dtype)):
         return (grad,) + _NO_GRAD_ARGS
-    # Rescale in the compute dtype, store in the student's dtype; never mutate the saved gradient.
-    # grad_scale is 1 or 1/max(1, kept rows), never 0; masked rows' gradient is 0 and stays 0.
-    ratio = grad_loss / grad_scale
-    return (torch.mul(grad, ratio[:, None], out=torch.empty_like(grad)),) + _NO_GRAD_ARGS
+    # Rescale in the compute dtype, store in the student's dtype, in place (the tensor is ours).
+    # grad_scale is 1/divisor, never 0; masked rows' gradient is 0 and stays 0.
+    return (grad.mul_((grad_loss / grad_scale)[:, None]),) + _NO_GRAD_ARGS
 
 
 pmi_kl_rows.register_autograd(_backward, setup_context=_setup_context)
 
 
-def pmi_kl(student_logits, teacher_logits, refonly_logits=None, anchor_logits=None, *, mask=None,
-           beta=1.0, clip=10.0, center=True, temperature=1.0, jsd_beta=0.5, entry_clip=None,
-           reduction="mean", check_finite=True, backend="auto", workspace_bytes=None):
-    """PMI-KL loss from logits [..., V] (docs/loss.md); gradient to student_logits only.
+def stats_dict(per_row: Tensor, stats: Tensor, lead) -> Dict[str, Tensor]:
+    """return_stats' dict: per-position [...] tensors, 0 where masked."""
+    return {"loss": per_row.detach().reshape(lead),
+            **{key: stats[:, j].reshape(lead) for j, key in enumerate(STATS)}}
 
-    workspace_bytes bounds the temporaries of backend="torch" (default 1 GiB on CUDA, 8 MiB on
-    CPU, where chunks that stay in cache run fastest). Under
-    torch.compile pass check_finite=False: the check reads a value back to the host.
+
+def pmi_kl(student_logits, teacher_logits, refonly_logits=None, anchor_logits=None, *, mask=None, labels=None,
+           ignore_index=-100, normalizer=None, beta=1.0, clip=10.0, center=True, temperature=1.0, jsd_beta=0.5,
+           entry_clip=None, reduction="mean", return_stats=False, check_finite=True, backend="auto",
+           workspace_bytes=None):
+    """The PMI-KL loss from logit streams [..., V] (docs/loss.md); the gradient reaches
+    student_logits only.
+
+    Streams: student_logits (takes the gradient), teacher_logits (question + reference),
+    refonly_logits (reference only; None: standard OPSD, q = softmax(teacher)), anchor_logits
+    (the target's base; None: the student's logits, detached). All share one shape [..., V],
+    dtype (bf16, fp16, fp32 or fp64) and device; [...] is flattened.
+    Positions that count: mask [...] (bool, or 0/1 integers), or labels [...] with
+    ignore_index (they count where labels != ignore_index). reduction "mean" divides the masked
+    sum by the number of counted positions, "sum" does not, "none" returns the [...] losses;
+    normalizer (a number or 0-d tensor, e.g. TRL's num_items_in_batch) divides the masked sum
+    instead. return_stats=True returns (loss, stats): per-position "loss", "kl_target_student"
+    = KL(q || p), "entropy_student", "entropy_target", from the same sweep. check_finite=True
+    rejects NaN/inf in any stream (a device sync; pass False under torch.compile).
+    backend: "auto", "triton", "cuda", "cpu" or "torch" (docs/backends.md); workspace_bytes
+    bounds the torch backend's temporaries (default: the CPU's cache, or 1 GiB on a GPU).
     """
     streams = {"student_logits": student_logits, "teacher_logits": teacher_logits,
                "refonly_logits": refonly_logits, "anchor_logits": anchor_logits}
     student = validation.check_streams(streams, "V")
-    validation.check_mask(mask, student.shape[:-1], student.device)
+    lead, vocab = student.shape[:-1], student.shape[-1]
+    mask = validation.counted_positions(mask, labels, ignore_index, lead, student.device)
     validation.check_reduction(reduction)
+    validation.check_normalizer(normalizer, reduction)
     validation.check_workspace(workspace_bytes)
+    for name, flag in (("return_stats", return_stats), ("check_finite", check_finite)):
+        validation.check_bool(name, flag)
     opts = LossOptions(refonly_logits is not None, beta, clip, center, temperature, jsd_beta, entry_clip)
     impl = resolve_backend(backend, student.device)
     if check_finite:
         validation.check_finite(streams)
-    lead, vocab = student.shape[:-1], student.shape[-1]
     flat = lambda x: None if x is None else x.reshape(-1, vocab).contiguous()  # noqa: E731
     flat_mask = None if mask is None else mask.reshape(-1)
     compute_grad = torch.is_grad_enabled() and student.requires_grad
     rows = math.prod(lead)
-    count = kept_rows(flat_mask, rows, compute_dtype(student.dtype), student.device)
-    scale = upstream_scale(count, reduction)
-    per_row, _ = pmi_kl_rows(flat(student), flat(teacher_logits), flat(refonly_logits), flat(anchor_logits),
-                             flat_mask, scale.expand(rows), opts.pack(), impl.name, compute_grad, workspace_bytes)
-    return reduce_rows(per_row.reshape(lead), count, reduction)
+    denominator = divisor(flat_mask, rows, reduction, normalizer, compute_dtype(student.dtype), student.device)
+    per_row, _, stats = pmi_kl_rows(flat(student), flat(teacher_logits), flat(refonly_logits), flat(anchor_logits),
+                                    flat_mask, (1 / denominator).expand(rows), opts.pack(), impl.name, compute_grad,
+                                    return_stats, workspace_bytes)
+    loss = reduce_rows(per_row.reshape(lead), denominator, reduction)
+    return (loss, stats_dict(per_row, stats, lead)) if return_stats else loss

@@ -5,6 +5,7 @@ values), raised before any kernel runs.
 """
 from __future__ import annotations
 
+import math
 from typing import Dict, Optional
 
 import torch
@@ -57,17 +58,62 @@ def check_streams(streams: Dict[str, Optional[torch.Tensor]], what: str) -> torc
     return first
 
 
-def check_mask(mask: Optional[torch.Tensor], lead_shape, device) -> None:
-    if mask is None:
+def check_bool(name: str, value) -> None:
+    """A flag: True or False, never a truthy stand-in ("no" would switch it on)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
+def counted_positions(mask, labels, ignore_index, lead_shape, device) -> Optional[torch.Tensor]:
+    """The positions that count, as a bool tensor of the streams' leading shape (None: all):
+    `mask` (bool, or 0/1 integers), or `labels != ignore_index` (Liger's and TRL's convention)."""
+    if mask is not None and labels is not None:
+        raise ValueError("mask and labels both given: pass one (labels count where labels != ignore_index)")
+    name, x = ("labels", labels) if labels is not None else ("mask", mask)
+    if x is None:
+        return None
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a tensor of the streams' leading shape, got {type(x).__name__}")
+    if tuple(x.shape) != tuple(lead_shape):
+        raise ValueError(f"{name} has shape {tuple(x.shape)} but the streams' leading shape is {tuple(lead_shape)}")
+    if x.device != device:
+        raise ValueError(f"{name} is on {x.device} but the streams are on {device}")
+    integer = not x.is_floating_point() and not x.is_complex() and x.dtype != torch.bool
+    if labels is not None:
+        if not integer:
+            raise ValueError(f"labels must be an integer tensor (token ids), got {x.dtype}")
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+            raise ValueError(f"ignore_index must be an integer, got {ignore_index!r}")
+        return x != ignore_index
+    if x.dtype == torch.bool:
+        return x
+    if not integer:
+        raise ValueError(f"mask must be bool or 0/1 integers (True/1 = the position counts), got {x.dtype}")
+    # A value check reads back to the host: traced graphs (torch.compile) skip it.
+    if not torch.compiler.is_compiling() and not bool(((x == 0) | (x == 1)).all()):
+        raise ValueError("mask must hold only 0 and 1 (or be bool); for other values pass labels= or mask != 0")
+    return x != 0
+
+
+def check_normalizer(normalizer, reduction: str) -> None:
+    """normalizer (a number or a 0-d tensor > 0) divides the masked sum, in place of the mean's count."""
+    if normalizer is None:
         return
-    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-        got = getattr(mask, "dtype", type(mask).__name__)
-        raise ValueError(f"mask must be a bool tensor (True = the position counts), got {got}; "
-                         "for a 0/1 attention mask pass mask.bool()")
-    if tuple(mask.shape) != tuple(lead_shape):
-        raise ValueError(f"mask has shape {tuple(mask.shape)} but the streams' leading shape is {tuple(lead_shape)}")
-    if mask.device != device:
-        raise ValueError(f"mask is on {mask.device} but the streams are on {device}")
+    if reduction == "none":
+        raise ValueError("normalizer divides a reduced loss: it cannot be used with reduction='none'")
+    if isinstance(normalizer, torch.Tensor):
+        if normalizer.dim() != 0 or normalizer.dtype == torch.bool or normalizer.is_complex():
+            raise ValueError(f"normalizer must be a number or a 0-d real tensor, got shape {tuple(normalizer.shape)} "
+                             f"{normalizer.dtype}")
+        if torch.compiler.is_compiling():
+            return
+        value = float(normalizer)
+    elif isinstance(normalizer, (int, float)) and not isinstance(normalizer, bool):
+        value = float(normalizer)
+    else:
+        raise ValueError(f"normalizer must be a number or a 0-d tensor, got {type(normalizer).__name__}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"normalizer must be finite and > 0, got {value!r}")
 
 
 def check_linear(weight, bias, hidden: torch.Tensor, weight_name: str, bias_name: str) -> None:

@@ -1,0 +1,208 @@
+"""The conventions of TRL, Liger and verl: 0/1 integer masks, labels with ignore_index, a
+normalizer (num_items_in_batch), per-position statistics from the same sweep, loss modules;
+and the API's behaviour under autograd edge cases."""
+import pytest
+import torch
+
+from conftest import PATHS
+from helpers import assert_close, streams, upcast
+from pmi_kernels import FusedPMIKLLoss, PMIKLLoss, fused_pmi_kl, pmi_kl
+from pmi_kernels.reference import fused_pmi_kl_reference, linear_logits, pmi_kl_reference, pmi_target_logits
+
+LABELS = torch.tensor([[5, -100, 7], [-100, 9, 2]])
+
+
+def hidden_inputs(device, n=6, h=8, v=61):
+    x = [torch.randn(n, h, dtype=torch.float64).float().to(device) for _ in range(3)]
+    w = (torch.randn(v, h, dtype=torch.float64) * 0.7).float().to(device)
+    return [t.reshape(2, 3, h) for t in x], w
+
+
+def call(fn_name, device, backend, **kwargs):
+    """(loss, gradient of the student stream) of pmi_kl or fused_pmi_kl on fixed inputs."""
+    torch.manual_seed(0)
+    if fn_name == "pmi_kl":
+        s, t, r = (x.reshape(2, 3, 61) for x in streams(6, 61, torch.float32, device, count=3))
+        s.requires_grad_(True)
+        out = pmi_kl(s, t, r, backend=backend, **kwargs)
+    else:
+        (s, t, r), w = hidden_inputs(device)
+        s.requires_grad_(True)
+        out = fused_pmi_kl(s, w, t, r, backend=backend, **kwargs)
+    loss = out[0] if isinstance(out, tuple) else out
+    (grad,) = torch.autograd.grad(loss.sum(), s)
+    return out, grad
+
+
+@pytest.mark.parametrize("fn_name", ["pmi_kl", "fused_pmi_kl"])
+@pytest.mark.parametrize("device,backend", PATHS)
+def test_labels_and_integer_masks_equal_the_bool_mask(device, backend, fn_name):
+    labels = LABELS.to(device)
+    want = call(fn_name, device, backend, mask=labels != -100)
+    for kwargs in (dict(labels=labels), dict(mask=(labels != -100).long()), dict(mask=(labels != -100).to(torch.uint8)),
+                   dict(labels=torch.where(labels == -100, 0, labels + 1), ignore_index=0)):
+        got = call(fn_name, device, backend, **kwargs)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), kwargs
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("fn_name", ["pmi_kl", "fused_pmi_kl"])
+@pytest.mark.parametrize("device,backend", PATHS)
+def test_normalizer_divides_the_masked_sum(device, backend, fn_name, reduction):
+    """With a normalizer both reductions give (masked sum) / normalizer, and so do the gradients."""
+    labels = LABELS.to(device)
+    total, total_grad = call(fn_name, device, backend, labels=labels, reduction="sum")
+    for normalizer in (7, 2.5, torch.tensor(7.0, device=device), torch.tensor(4, device=device)):
+        loss, grad = call(fn_name, device, backend, labels=labels, reduction=reduction, normalizer=normalizer)
+        value = float(normalizer)
+        assert torch.allclose(loss, total / value, rtol=1e-6) and torch.allclose(grad, total_grad / value, rtol=1e-5)
+
+
+@pytest.mark.parametrize("normalizer", [0, -1.0, float("nan"), float("inf"), True, "7", torch.ones(2),
+                                        torch.tensor(0.0), torch.tensor(True)])
+def test_bad_normalizer_is_a_value_error(normalizer):
+    s, t = streams(3, 10, count=2)
+    with pytest.raises(ValueError, match="^normalizer"):
+        pmi_kl(s, t, normalizer=normalizer)
+    with pytest.raises(ValueError, match="^normalizer"):
+        pmi_kl(s, t, normalizer=4, reduction="none")
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    (dict(mask=torch.tensor([1, 2, 0])), "mask"),
+    (dict(mask=torch.tensor([1.0, 0.0, 1.0])), "mask"),
+    (dict(mask=torch.tensor([1, 0, 1]), labels=torch.tensor([1, 2, 3])), "mask and labels"),
+    (dict(labels=torch.tensor([1.0, 2.0, 3.0])), "labels"),
+    (dict(labels=torch.tensor([True, False, True])), "labels"),
+    (dict(labels=torch.tensor([1, 2])), "labels"),
+    (dict(labels=torch.tensor([1, 2, 3]), ignore_index=None), "ignore_index"),
+    (dict(check_finite="no"), "check_finite"),
+    (dict(return_stats=1), "return_stats"),
+    (dict(workspace_bytes="abc"), "workspace_bytes"),
+    (dict(workspace_bytes=0), "workspace_bytes"),
+])
+def test_bad_conventions_are_value_errors(kwargs, name):
+    s, t, r = streams(3, 10, count=3)
+    with pytest.raises(ValueError, match=f"^{name}"):
+        pmi_kl(s, t, r, **kwargs)
+    h = [torch.randn(3, 4) for _ in range(3)]
+    with pytest.raises(ValueError, match=f"^{name}"):
+        fused_pmi_kl(h[0], torch.randn(10, 4), h[1], h[2], **kwargs)
+
+
+def reference_stats(s, t, r, a=None, **options):
+    """KL(q || p), H(p), H(q) per position from the reference's target, in float64."""
+    temperature = options.get("temperature", 1.0)
+    scaled = lambda x: None if x is None else upcast(x) / temperature  # noqa: E731
+    from pmi_kernels.options import LossOptions
+    opts = LossOptions(r is not None, **options)
+    lp = scaled(s).log_softmax(-1)
+    lq = pmi_target_logits(scaled(s), scaled(t), scaled(r), scaled(a), opts).log_softmax(-1)
+    p, q = lp.exp(), lq.exp()
+    return {"kl_target_student": (q * (lq - lp)).sum(-1), "entropy_student": -(p * lp).sum(-1),
+            "entropy_target": -(q * lq).sum(-1)}
+
+
+@pytest.mark.parametrize("options", [dict(jsd_beta=0.0), dict(jsd_beta=1.0, temperature=0.7),
+                                     dict(jsd_beta=0.4, entry_clip=1e-3, clip=2.0, center=False)],
+                         ids=["forward-kl", "reverse-kl", "mixed-entry-clip"])
+@pytest.mark.parametrize("mode", ["pmi", "opsd"])
+@pytest.mark.parametrize("device,backend", PATHS)
+def test_return_stats_from_the_same_sweep(device, backend, mode, options):
+    """Per position: the loss, KL(q||p) whatever the loss kind, H(p) and H(q), 0 where masked;
+    the loss and gradient are those of the call without statistics."""
+    s, t, r = (x.reshape(2, 3, 301) for x in streams(6, 301, torch.float32, device, count=3))
+    r = r if mode == "pmi" else None
+    mask = (LABELS != -100).to(device)
+    s.requires_grad_(True)
+    loss, stats = pmi_kl(s, t, r, mask=mask, return_stats=True, backend=backend, **options)
+    (grad,) = torch.autograd.grad(loss, s)
+    plain = pmi_kl(s, t, r, mask=mask, backend=backend, **options)
+    (plain_grad,) = torch.autograd.grad(plain, s)
+    assert torch.equal(loss, plain) and torch.equal(grad, plain_grad)
+    per_row = pmi_kl_reference(upcast(s), upcast(t), upcast(r), mask=mask.cpu(), reduction="none", **options)
+    assert_close(stats["loss"], per_row, torch.float32, "loss", atol=1e-6)
+    for key, want in reference_stats(s, t, r, **options).items():
+        assert_close(stats[key], torch.where(mask.cpu(), want, 0.0), torch.float32, key, factor=3, atol=1e-5)
+    assert set(stats) == {"loss", "kl_target_student", "entropy_student", "entropy_target"}
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("device,backend", PATHS)
+def test_fused_return_stats(device, backend, reduction):
+    (h, h_t, h_r), w = hidden_inputs(device)
+    mask = (LABELS != -100).to(device)
+    loss, stats = fused_pmi_kl(h, w, h_t, h_r, mask=mask, reduction=reduction, return_stats=True, backend=backend,
+                               jsd_beta=0.0)
+    assert torch.equal(loss, fused_pmi_kl(h, w, h_t, h_r, mask=mask, reduction=reduction, backend=backend,
+                                          jsd_beta=0.0))
+    s, t, r = (linear_logits(upcast(x), upcast(w)) for x in (h, h_t, h_r))
+    want = reference_stats(s, t, r)
+    ref = fused_pmi_kl_reference(upcast(h), upcast(w), upcast(h_t), upcast(h_r), mask=mask.cpu(), reduction="none",
+                                 jsd_beta=0.0)
+    assert_close(stats["loss"], ref, torch.float32, "loss", atol=1e-6)
+    for key in want:
+        assert_close(stats[key], torch.where(mask.cpu(), want[key], 0.0), torch.float32, key, factor=3, atol=1e-5)
+
+
+def test_modules_take_options_in_the_constructor():
+    s, t, r = streams(4, 20, count=3)
+    mask = torch.tensor([1, 1, 0, 1])
+    assert torch.equal(PMIKLLoss(beta=2.0, jsd_beta=0.0)(s, t, r, mask=mask), pmi_kl(s, t, r, mask=mask, beta=2.0,
+                                                                                     jsd_beta=0.0))
+    h = [torch.randn(4, 6) for _ in range(3)]
+    w, b = torch.randn(20, 6), torch.randn(20)
+    module = FusedPMIKLLoss(clip=None, reduction="sum")
+    assert torch.equal(module(h[0], w, h[1], h[2], lm_head_bias=b, normalizer=3),
+                       fused_pmi_kl(h[0], w, h[1], h[2], lm_head_bias=b, clip=None, reduction="sum", normalizer=3))
+    assert "clip=None" in repr(module)
+    for bad in (dict(mask=mask), dict(betta=1.0), dict(beta=-1.0), dict(check_finite="yes"), dict(backend="tpu")):
+        with pytest.raises(ValueError):
+            PMIKLLoss(**bad)
+    with pytest.raises(ValueError, match="unknown arguments"):
+        PMIKLLoss()(s, t, r, beta=2.0)
+
+
+@pytest.mark.parametrize("fn_name", ["pmi_kl", "fused_pmi_kl"])
+def test_double_backward_is_a_clear_error(fn_name):
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        s, t, r = streams(3, 10, count=3)
+        s.requires_grad_(True)
+        loss = pmi_kl(s, t, r) if fn_name == "pmi_kl" else fused_pmi_kl(s[:, :4], torch.randn(10, 4), t[:, :4], r[:, :4])
+        torch.autograd.grad(loss, s, create_graph=True)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("fn_name", ["pmi_kl", "fused_pmi_kl"])
+def test_retained_graph_and_gradients_the_caller_modifies(fn_name, reduction):
+    """The gradient handed out is the caller's: zeroing .grad in place between backwards through
+    a retained graph changes nothing the next backward reads."""
+    s, t, r = (x.reshape(2, 3, 10) for x in streams(6, 10, count=3))
+    w = torch.randn(10, 10, requires_grad=True)
+    s.requires_grad_(True)
+    loss = pmi_kl(s, t, r, reduction=reduction) if fn_name == "pmi_kl" else \
+        fused_pmi_kl(s, w, t, r, reduction=reduction)
+    leaves = [s] if fn_name == "pmi_kl" else [s, w]
+    loss.backward(retain_graph=True)
+    first = [x.grad.clone() for x in leaves]
+    for scale in (1.0, 2.0, 1.0):
+        for x in leaves:
+            x.grad.zero_()
+        (loss * scale).backward(retain_graph=True)
+        assert all(torch.allclose(x.grad, g * scale, rtol=1e-6, atol=1e-9) for x, g in zip(leaves, first))
+
+
+def test_compile_with_labels_normalizer_and_stats():
+    s, t, r = streams(6, 40, count=3)
+    labels = torch.tensor([3, -100, 5, 6, -100, 1])
+
+    def loss_fn(student):
+        loss, stats = pmi_kl(student, t, r, labels=labels, normalizer=torch.tensor(4.0), return_stats=True,
+                             check_finite=False)
+        return loss, stats["kl_target_student"]
+
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    eager_s, traced_s = s.clone().requires_grad_(True), s.clone().requires_grad_(True)
+    (l1, k1), (l2, k2) = loss_fn(eager_s), compiled(traced_s)
+    (g1,), (g2,) = torch.autograd.grad(l1, eager_s), torch.autograd.grad(l2, traced_s)
+    assert torch.allclose(l1, l2) and torch.allclose(k1, k2) and torch.allclose(g1, g2)
