@@ -1,9 +1,9 @@
 // The CPU row kernels' bodies. rows.cpp includes this file twice, into namespaces compiled for
 // baseline x86-64 and for AVX2 + FMA, and picks one at run time (no include guard on purpose).
 //
-// Rows run in parallel (at::parallel_for). Each row is read once into two scratch rows in the
-// compute type (the scaled student S and the target G), which stay in the core's cache while
-// the passes over them run; every inner loop is a plain loop over arrays that the compiler
+// Rows run in parallel (at::parallel_for). Each row is read once into scratch rows in the
+// compute type (the scaled student S, the target G, and their exponentials), which stay in the
+// core's cache while the passes over them run; every inner loop is a plain loop over arrays that the compiler
 // vectorizes (#pragma omp simd, whose reductions are the only reassociation allowed). Sums run
 // in blocks of kSumBlock entries whose sums then add in order, so their rounding error grows
 // with kSumBlock + n / kSumBlock, not n (plain torch's cascade sums are as accurate).
@@ -43,6 +43,16 @@ RowLse<T> row_lse(const T* x, int64_t n) {
   return {m, std::log(blocked_sum<T>(n, [&](int64_t v) { return exp_nonpos(x[v] - m); }))};
 }
 
+// The same, keeping e^(x - max) in e and returning 1 / sum too: the softmax is then e * inv_sum,
+// one multiplication instead of another exponential.
+template <typename T>
+RowLse<T> row_lse_keeping_exps(const T* x, T* e, int64_t n, T& inv_sum) {
+  const T m = row_max(x, n);
+  const T sum = blocked_sum<T>(n, [&](int64_t v) { return e[v] = exp_nonpos(x[v] - m); });
+  inv_sum = T(1) / sum;
+  return {m, std::log(sum)};
+}
+
 // log-sum-exp of a raw row times `scale`, as row_lse gives it, without a scratch row.
 template <typename In, typename T>
 RowLse<T> raw_lse(const In* x, int64_t n, T scale) {
@@ -67,24 +77,33 @@ void difference_into(T* out, const In* x, const In* y, int64_t n, T scale) {
   for (int64_t v = 0; v < n; ++v) out[v] = to_compute<T>(x[v]) * scale - to_compute<T>(y[v]) * scale;
 }
 
-// G <- the target logits, from G holding d (t, or t - r) and the base (anchor, or S).
-template <typename In, typename T>
-void target_into(T* G, const T* S, const In* a, int64_t n, T kappa, const Scalars<T>& k, bool clip_on) {
+// G <- the target logits, from G holding d (t, or t - r) and the base (anchor, or S). The
+// branches are hoisted out of the loops, which then vectorize.
+template <bool CLIP, typename In, typename T>
+void target_loop(T* G, const T* S, const In* a, int64_t n, T kappa, const Scalars<T>& k) {
   if (a != nullptr) {
 #pragma omp simd
-    for (int64_t v = 0; v < n; ++v)
-      G[v] = target_logit(G[v], to_compute<T>(a[v]) * k.inv_tau, kappa, k, true, clip_on);
+    for (int64_t v = 0; v < n; ++v) G[v] = target_logit(G[v], to_compute<T>(a[v]) * k.inv_tau, kappa, k, true, CLIP);
   } else {
 #pragma omp simd
-    for (int64_t v = 0; v < n; ++v) G[v] = target_logit(G[v], S[v], kappa, k, true, clip_on);
+    for (int64_t v = 0; v < n; ++v) G[v] = target_logit(G[v], S[v], kappa, k, true, CLIP);
   }
 }
 
-// The loss pass: returns {loss, sum of slopes}; adds the statistics when STATS. Leaves in S the
-// gradient p - q when FAST (forward KL), else p in S and the slope in G.
+template <typename In, typename T>
+void target_into(T* G, const T* S, const In* a, int64_t n, T kappa, const Scalars<T>& k, bool clip_on) {
+  if (clip_on) {
+    target_loop<true>(G, S, a, n, kappa, k);
+  } else {
+    target_loop<false>(G, S, a, n, kappa, k);
+  }
+}
+
+// The loss pass, with Es, Eg = e^(S - max), e^(G - max): {loss, sum of slopes}, and the statistics
+// when STATS. Leaves in S the gradient p - q when FAST (forward KL), else p in S and the slope in G.
 template <int KIND, bool ENTRY_CLIP, bool STATS, bool FAST, typename T>
-void loss_pass(T* S, T* G, int64_t n, RowLse<T> ls, RowLse<T> lg, const Scalars<T>& k, T (&result)[2],
-               T (&stats)[kStats]) {
+void loss_pass(T* S, T* G, const T* Es, const T* Eg, int64_t n, RowLse<T> ls, RowLse<T> lg, T inv_zs, T inv_zg,
+               const Scalars<T>& k, T (&result)[2], T (&stats)[kStats]) {
   T total[2 + kStats] = {0};
   for (int64_t b0 = 0; b0 < n; b0 += kSumBlock) {
     const int64_t b1 = std::min(n, b0 + kSumBlock);
@@ -92,7 +111,7 @@ void loss_pass(T* S, T* G, int64_t n, RowLse<T> ls, RowLse<T> lg, const Scalars<
 #pragma omp simd reduction(+ : loss, slope_sum, kl, ent_p, ent_q)
     for (int64_t v = b0; v < b1; ++v) {
       const T lp = (S[v] - ls.max) - ls.log_sum, lq = (G[v] - lg.max) - lg.log_sum;
-      const Terms<T> e = summand_and_slope<KIND, ENTRY_CLIP>(lp, lq, k);
+      const Terms<T> e = summand_and_slope<KIND, ENTRY_CLIP>(lp, lq, Es[v] * inv_zs, Eg[v] * inv_zg, k);
       loss += e.f;
       slope_sum += e.slope;
       if (STATS) add_stats(kl, ent_p, ent_q, lp, lq, e.p, e.q);
@@ -140,8 +159,8 @@ void rows_typed(const RowsArgs& args) {
   T* loss_out = static_cast<T*>(args.loss);
   T* stats_out = static_cast<T*>(args.stats);
   at::parallel_for(0, args.rows, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> scratch(2 * n);
-    T *S = scratch.data(), *G = S + n;
+    std::vector<T> scratch(4 * n);
+    T *S = scratch.data(), *G = S + n, *Es = G + n, *Eg = Es + n;
     for (int64_t row = begin; row < end; ++row) {
       const In* s = static_cast<const In*>(args.s) + row * args.stride_s;
       const In* t = static_cast<const In*>(args.t) + row * args.stride_t;
@@ -173,12 +192,13 @@ void rows_typed(const RowsArgs& args) {
         kappa = (lt.max - lr.max) + (lt.log_sum - lr.log_sum);
       }
       if (o.pmi) target_into(G, S, a, n, kappa, k, o.clip_on());
-      const RowLse<T> ls = row_lse(S, n), lg = row_lse(G, n);
+      T inv_zs, inv_zg;
+      const RowLse<T> ls = row_lse_keeping_exps(S, Es, n, inv_zs), lg = row_lse_keeping_exps(G, Eg, n, inv_zg);
       T sums[2], stats[kStats];
       with_loss_kind<T>(o.loss_kind(), o.entry_clip_on(), stats_out != nullptr, fast, [&](auto kind, auto clip,
                                                                                            auto with_stats, auto f) {
         loss_pass<decltype(kind)::value, decltype(clip)::value, decltype(with_stats)::value, decltype(f)::value>(
-            S, G, n, ls, lg, k, sums, stats);
+            S, G, Es, Eg, n, ls, lg, inv_zs, inv_zg, k, sums, stats);
       });
       loss_out[row] = sums[0];
       if (stats_out) std::copy(stats, stats + kStats, stats_out + row * kStats);

@@ -140,9 +140,9 @@ struct Terms {
   T f, slope, p, q;
 };
 
+// p = e^lp and q = e^lq are given (the CPU kernel keeps them from the log-sum-exp pass).
 template <int KIND, bool ENTRY_CLIP, typename T>
-PMI_HD Terms<T> summand_and_slope(T lp, T lq, const Scalars<T>& k) {
-  const T p = exp_nonpos(lp), q = exp_nonpos(lq);
+PMI_HD Terms<T> summand_and_slope(T lp, T lq, T p, T q, const Scalars<T>& k) {
   T f, slope;
   if (KIND == kForwardKL) {
     f = q * (lq - lp);
@@ -162,6 +162,11 @@ PMI_HD Terms<T> summand_and_slope(T lp, T lq, const Scalars<T>& k) {
     f = f > k.entry_clip ? k.entry_clip : f;
   }
   return {f, slope, p, q};
+}
+
+template <int KIND, bool ENTRY_CLIP, typename T>
+PMI_HD Terms<T> summand_and_slope(T lp, T lq, const Scalars<T>& k) {
+  return summand_and_slope<KIND, ENTRY_CLIP>(lp, lq, exp_nonpos(lp), exp_nonpos(lq), k);
 }
 
 // One entry's share of the row statistics: KL(q || p), H(p), H(q).
