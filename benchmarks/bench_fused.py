@@ -1,9 +1,10 @@
-"""fused_pmi_kl on the headline workload of ANCHORS, with the goals of its issue as ratios.
+"""fused_pmi_kl on the headline workload, with its goals as ratios.
 
 bf16, N=8192, H=4096, V=151,936, three streams, PMI target, forward KL, gradients to the
 hidden states and the weight. Everything in one run on one device: the four bare GEMMs
-(the floor), pmi_kernels, plain torch, Liger when installed; then pmi_kernels' peak extra
-memory (beyond inputs and the gradients it returns) at N = 8k, 32k and 131k.
+(the floor), pmi_kernels on the Triton and the CUDA row kernels, plain torch, Liger when
+installed; the cost of return_stats; then pmi_kernels' peak extra memory (beyond inputs and
+the gradients it returns) at N = 8k, 32k and 131k on each backend.
 
     python benchmarks/bench_fused.py --out benchmarks/results          # needs a GPU
 """
@@ -22,11 +23,21 @@ from common import device_info, is_oom, median_ms, peak_extra_gib, slug, write_j
 from pmi_kernels import fused_pmi_kl  # noqa: E402
 
 GOALS = [  # (label, numerator, denominator, comparison, bound)
-    ("pmi_kernels / bare GEMMs", "pmi_kernels (triton)", impls.FLOOR, "<=", 1.15),
-    ("plain torch / pmi_kernels", "plain torch", "pmi_kernels (triton)", ">=", 1.9),
+    ("pmi_kernels triton / bare GEMMs", "pmi_kernels (triton)", impls.FLOOR, "<=", 1.15),
+    ("pmi_kernels cuda / bare GEMMs", "pmi_kernels (cuda)", impls.FLOOR, "<=", 1.10),
+    ("plain torch / pmi_kernels triton", "plain torch", "pmi_kernels (triton)", ">=", 1.9),
     ("liger FLJSD / pmi_kernels, opsd", "liger FusedLinearJSD, opsd 2 streams, jsd 0.5",
-     "pmi_kernels (triton), opsd 2 streams, jsd 0.5", ">", 1.0),
+     "pmi_kernels (auto), opsd 2 streams, jsd 0.5", ">", 1.0),
 ]
+BACKENDS = ("triton", "cuda")
+
+
+def usable(backend: str) -> bool:
+    from pmi_kernels.backends import REGISTRY
+    reason = REGISTRY[backend].unusable_on("cuda")
+    if reason:
+        print(f"backend {backend} unavailable: {reason}")
+    return reason is None
 
 
 def main():
@@ -64,6 +75,10 @@ def main():
         try:
             ms = median_ms(lambda: run(True), "cuda")
             mem = peak_extra_gib(lambda: run(True), keep) if name != impls.FLOOR else None
+        except ValueError as err:  # a backend that is not built here
+            results["times_ms"][name] = f"unavailable ({err})"
+            print(f"{name:48s} unavailable: {err}")
+            continue
         except Exception as err:  # noqa: BLE001 (an OOM is a result; anything else is raised)
             if not is_oom(err):
                 raise
@@ -75,17 +90,32 @@ def main():
             f"   extra {mem:6.2f} GiB" if mem is not None else "")
         print(f"{name:48s} {shown}")
 
+    # return_stats: the per-token statistics from the same sweep, beside the plain call.
+    results["return_stats"] = {}
+    for backend in filter(usable, BACKENDS):
+        def call(stats, backend=backend):
+            out = fused_pmi_kl(h, w, h_t, h_r, jsd_beta=0.0, check_finite=False, backend=backend,
+                               return_stats=stats)
+            return torch.autograd.grad(out[0] if stats else out, (h, w))
+        plain_ms, stats_ms = median_ms(lambda: call(False), "cuda"), median_ms(lambda: call(True), "cuda")
+        results["return_stats"][backend] = {"plain_ms": plain_ms, "stats_ms": stats_ms,
+                                            "cost": stats_ms / plain_ms - 1}
+        print(f"return_stats on {backend:6s}: {stats_ms:8.2f} ms vs {plain_ms:8.2f} ms  "
+              f"({100 * (stats_ms / plain_ms - 1):+.1f}%, goal within 5%)")
+
     del h, w, h_t, h_r
     torch.cuda.empty_cache()
     results["memory_scaling"] = {}
     for n in args.memory_n:
         h, w, h_t, h_r = impls.make_inputs(n, args.hidden, args.vocab, torch.bfloat16, "cuda")
-        run = impls.pmi_kernels_triton(h, w, h_t, h_r)
-        mem = peak_extra_gib(lambda: run(True), h.numel() * h.element_size() + w.numel() * w.element_size())
-        ms = median_ms(lambda: run(True), "cuda", warmup_ms=1, rep_ms=1)
-        results["memory_scaling"][n] = {"ms": ms, "peak_extra_gib": mem}
-        print(f"pmi_kernels (triton) at N={n:6d}: {ms:8.1f} ms, extra peak {mem:.2f} GiB")
-        del h, w, h_t, h_r, run
+        for backend in filter(usable, BACKENDS):
+            run = impls.pmi_kernels_with(backend)(h, w, h_t, h_r)
+            mem = peak_extra_gib(lambda: run(True), h.numel() * h.element_size() + w.numel() * w.element_size())
+            ms = median_ms(lambda: run(True), "cuda", warmup_ms=1, rep_ms=1)
+            results["memory_scaling"][f"{backend} N={n}"] = {"ms": ms, "peak_extra_gib": mem}
+            print(f"pmi_kernels ({backend}) at N={n:6d}: {ms:8.1f} ms, extra peak {mem:.2f} GiB")
+            del run
+        del h, w, h_t, h_r
         torch.cuda.empty_cache()
 
     times, ratios = results["times_ms"], {}

@@ -1,8 +1,10 @@
-"""pmi_kl over bf16 logits (three streams): the Triton row kernel against the copy bandwidth.
+"""pmi_kl over bf16 logits (three streams): the Triton and the CUDA row kernels against the
+copy bandwidth.
 
 Measured in one run: a device-to-device copy (the bandwidth ceiling), pmi_kl forward and
-forward+backward, plain torch on the same logits, Liger's JSD kernel on two streams, and
-a sweep of the row kernel's launch configurations on the fused path's two-stream shape.
+forward+backward on each backend, with return_stats, plain torch on the same logits, Liger's
+JSD kernel on two streams, the row kernels on the fused path's two-stream shape (t - r from one
+GEMM, kappa given: 10 bytes per entry), and a sweep of the Triton kernel's launch configurations.
 
 Bytes per vocabulary entry, by design (bf16 = 2 bytes a value):
     forward KL, 3 streams: kappa pass reads t, r (4) + pass 1 reads s, t, r (6)
@@ -24,12 +26,15 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import device_info, median_ms, slug, write_json  # noqa: E402
 
 from pmi_kernels import pmi_kl  # noqa: E402
-from pmi_kernels.options import LossOptions  # noqa: E402
+from pmi_kernels.backends import REGISTRY  # noqa: E402
 from pmi_kernels.backends.triton.row_kernel import rows as triton_rows  # noqa: E402
+from pmi_kernels.options import LossOptions  # noqa: E402
+
+BACKENDS = tuple(b for b in ("triton", "cuda") if REGISTRY[b].unusable_on("cuda") is None)
 
 # The backward adds nothing when the incoming gradient is the one the forward assumed (here).
 BYTES_PER_ENTRY = {"forward KL": {"fwd": 18, "fwd+bwd": 18}, "mixed JSD 0.5": {"fwd": 24, "fwd+bwd": 24}}
-SWEEP = [(2048, 4), (2048, 8), (4096, 8), (4096, 16), (8192, 16), (8192, 32)]
+SWEEP = [(2048, 4), (2048, 8), (4096, 8)]
 
 
 def plain_torch_pmi_logits(s, t, r, clip=10.0):
@@ -52,6 +57,7 @@ def main():
     assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
     info = device_info("cuda")
     print(info)
+    print(f"backends: {BACKENDS}")
     n, vocab = args.n, args.vocab
     entries = n * vocab
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -67,18 +73,23 @@ def main():
 
     student = s.clone().requires_grad_(True)
     rows = results["rows"]
-    for label, lam in (("forward KL", 0.0), ("mixed JSD 0.5", 0.5)):
-        loss_fn = lambda: pmi_kl(student, t, r, jsd_beta=lam, check_finite=False)  # noqa: E731
-        for phase, fn in (("fwd", lambda: loss_fn()), ("fwd+bwd", lambda: torch.autograd.grad(loss_fn(), student))):
-            ms = median_ms(fn, "cuda")
-            moved = BYTES_PER_ENTRY[label][phase] * entries
-            frac = moved / ms / 1e6 / copy_bw
-            rows[f"pmi_kernels {label} {phase}"] = {"ms": ms, "bytes": moved, "fraction_of_copy_bw": frac}
-            print(f"pmi_kernels {label:14s} {phase:8s} {ms:8.2f} ms  {moved / ms / 1e6:7.0f} GB/s"
-                  f"  = {100 * frac:5.1f}% of copy")
+    for backend in BACKENDS:
+        for label, lam in (("forward KL", 0.0), ("mixed JSD 0.5", 0.5)):
+            loss_fn = lambda stats=False: pmi_kl(student, t, r, jsd_beta=lam, check_finite=False,  # noqa: E731
+                                                 backend=backend, return_stats=stats)
+            phases = (("fwd", lambda: loss_fn()), ("fwd+bwd", lambda: torch.autograd.grad(loss_fn(), student)),
+                      ("fwd+bwd, return_stats", lambda: torch.autograd.grad(loss_fn(True)[0], student)))
+            for phase, fn in phases:
+                ms = median_ms(fn, "cuda")
+                moved = BYTES_PER_ENTRY[label][phase.split(",")[0]] * entries
+                frac = moved / ms / 1e6 / copy_bw
+                rows[f"{backend} {label} {phase}"] = {"ms": ms, "bytes": moved, "fraction_of_copy_bw": frac}
+                print(f"{backend:6s} {label:14s} {phase:22s} {ms:8.2f} ms  {moved / ms / 1e6:7.0f} GB/s"
+                      f"  = {100 * frac:5.1f}% of copy")
     ms = median_ms(lambda: torch.autograd.grad(plain_torch_pmi_logits(student, t, r), student), "cuda")
     rows["plain torch forward KL fwd+bwd"] = {"ms": ms}
-    print(f"plain torch forward KL fwd+bwd {ms:8.2f} ms  (x{ms / rows['pmi_kernels forward KL fwd+bwd']['ms']:.2f})")
+    print(f"plain torch forward KL fwd+bwd {ms:8.2f} ms  (x{ms / rows['triton forward KL fwd+bwd']['ms']:.2f} the "
+          f"Triton kernel)")
     try:
         from liger_kernel.transformers import LigerJSD
         log_p = student.detach().float().log_softmax(-1).to(torch.bfloat16).requires_grad_(True)
@@ -91,21 +102,29 @@ def main():
     except ImportError:
         rows["liger JSD"] = "liger-kernel not installed"
 
-    # Launch-config sweep on the fused path's shape: s and t - r, kappa given, forward KL.
+    # The fused path's shape: s and t - r, kappa given, forward KL, the gradient over s.
     del student, r
     torch.cuda.empty_cache()
     m = args.sweep_rows
     s2, d2, grad = s[:m], t[:m], torch.empty_like(s[:m])
     kappa = torch.zeros(m, device="cuda")
     opts = LossOptions(True, jsd_beta=0.0)
+    fused_shape = {}
+    for backend in BACKENDS:
+        ms = median_ms(lambda: REGISTRY[backend].rows(s2, d2, opts=opts, kappa=kappa, grad_out=grad), "cuda")
+        bw = 10 * m * vocab / ms / 1e6
+        fused_shape[backend] = {"ms": ms, "gb_s": bw, "fraction_of_copy_bw": bw / copy_bw}
+        print(f"{backend:6s} row kernel, fused shape: {ms:6.3f} ms  {bw:6.0f} GB/s = {100 * bw / copy_bw:5.1f}% of copy"
+              f" (10 B/entry)")
+    results["fused_shape"] = fused_shape
     sweep = {}
     for block, warps in SWEEP:
         ms = median_ms(lambda: triton_rows(s2, d2, opts=opts, kappa=kappa, grad_out=grad, block=block,
                                            num_warps=warps), "cuda")
         bw = 10 * m * vocab / ms / 1e6
         sweep[f"{block}x{warps}"] = {"ms": ms, "gb_s": bw}
-        print(f"row kernel fused shape BLOCK_V={block:5d} warps={warps:2d}: {ms:6.3f} ms  {bw:6.0f} GB/s"
-              f" = {100 * bw / copy_bw:5.1f}% of copy (10 B/entry)")
+        print(f"triton row kernel, fused shape, BLOCK_V={block:5d} warps={warps:2d}: {ms:6.3f} ms  {bw:6.0f} GB/s"
+              f" = {100 * bw / copy_bw:5.1f}% of copy")
     results["fused_shape_sweep"] = sweep
     write_json(os.path.join(args.out, f"logits_{slug(info['device'])}_{info['date']}.json"), results)
 

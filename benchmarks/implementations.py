@@ -39,14 +39,16 @@ def plain_torch_pmi(h, w, h_t, h_r):
     return (log_q.exp() * (log_q - log_p)).sum(-1)
 
 
-def pmi_kernels_triton(h, w, h_t, h_r):
-    return lambda backward: _run(lambda: fused_pmi_kl(h, w, h_t, h_r, jsd_beta=0.0, check_finite=False),
-                                 h, w, backward)
+def pmi_kernels_with(backend):
+    """fused_pmi_kl on one backend (the registry's names: "triton", "cuda", "cpu", "torch", "auto")."""
+    def factory(h, w, h_t, h_r):
+        return lambda backward: _run(lambda: fused_pmi_kl(h, w, h_t, h_r, jsd_beta=0.0, check_finite=False,
+                                                          backend=backend), h, w, backward)
+    return factory
 
 
-def pmi_kernels_torch(h, w, h_t, h_r):
-    return lambda backward: _run(lambda: fused_pmi_kl(h, w, h_t, h_r, jsd_beta=0.0, check_finite=False,
-                                                      backend="torch"), h, w, backward)
+pmi_kernels_triton, pmi_kernels_cuda = pmi_kernels_with("triton"), pmi_kernels_with("cuda")
+pmi_kernels_cpu, pmi_kernels_torch = pmi_kernels_with("cpu"), pmi_kernels_with("torch")
 
 
 def plain_torch(h, w, h_t, h_r):
@@ -80,7 +82,7 @@ def liger_jsd_opsd(h, w, h_t, h_r):
 
 
 def pmi_kernels_opsd(h, w, h_t, h_r):
-    """pmi_kernels in the same standard-OPSD mode and JSD as the Liger row above."""
+    """pmi_kernels (backend "auto") in the same standard-OPSD mode and JSD as the Liger row above."""
     return lambda backward: _run(lambda: fused_pmi_kl(h, w, h_t, jsd_beta=0.5, check_finite=False),
                                  h, w, backward)
 
@@ -122,14 +124,16 @@ def bare_gemms(h, w, h_t, h_r):
 
 GPU_IMPLEMENTATIONS = {
     "pmi_kernels (triton)": pmi_kernels_triton,
+    "pmi_kernels (cuda)": pmi_kernels_cuda,
     "pmi_kernels (torch backend)": pmi_kernels_torch,
     "plain torch": plain_torch,
     "plain torch, 1k-row chunks": plain_torch_chunked,
     "liger FusedLinearKLDiv + chunked PMI target": liger_kl_pmi_target,
-    "pmi_kernels (triton), opsd 2 streams, jsd 0.5": pmi_kernels_opsd,
+    "pmi_kernels (auto), opsd 2 streams, jsd 0.5": pmi_kernels_opsd,
     "liger FusedLinearJSD, opsd 2 streams, jsd 0.5": liger_jsd_opsd,
 }
 CPU_IMPLEMENTATIONS = {
+    "pmi_kernels (cpu)": pmi_kernels_cpu,
     "pmi_kernels (torch backend)": pmi_kernels_torch,
     "plain torch": plain_torch,
     "plain torch, 1k-row chunks": plain_torch_chunked,

@@ -45,7 +45,10 @@ def ptxas() -> str:
     return "ptxas"
 
 
-def resources(kernel, signature, constexprs, warps) -> str:
+def resources(kernel, signature, constexprs, warps, absent=()) -> str:
+    """Compiles for sm_90 with the pointers in `absent` passed as None, as the launcher passes
+    absent streams."""
+    constexprs = {**constexprs, **{name: None for name in absent}}
     src = ASTSource(fn=kernel, signature={**signature, **{k: "constexpr" for k in constexprs}}, constexprs=constexprs)
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
     with tempfile.TemporaryDirectory() as tmp:
@@ -66,11 +69,13 @@ def main():
             consts = dict(case, HAS_MASK=False, HAS_ROW_SCALE=True, WRITE_GRAD=True, WRITE_STATS=False,
                           FAST_GRAD=case["LOSS_KIND"] == 0 and not case["ENTRY_CLIP"], ACC=tl.float32,
                           BLOCK_V=block)
+            absent = [p for p, present in (("p_r", case["HAS_R"]), ("p_a", case["HAS_A"]), ("p_mask", False),
+                                           ("p_stats", False), ("p_kappa", case["KAPPA"] == 1)) if not present]
             print(f"pmi_kl_fwd_kernel  {block:5d}x{warps:2d}  {name:40s} "
-                  f"{resources(pmi_kl_fwd_kernel, ROW_SIGNATURE, consts, warps)}")
+                  f"{resources(pmi_kl_fwd_kernel, ROW_SIGNATURE, consts, warps, absent)}")
         consts = dict(HAS_A=False, CLIP=True, CENTER=True, ACC=tl.float32, BLOCK_V=block)
         print(f"pmi_diagnostics    {block:5d}x{warps:2d}  {'3 logit streams':40s} "
-              f"{resources(pmi_diagnostics_kernel, DIAG_SIGNATURE, consts, warps)}")
+              f"{resources(pmi_diagnostics_kernel, DIAG_SIGNATURE, consts, warps, ['p_a'])}")
 
 
 if __name__ == "__main__":

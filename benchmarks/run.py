@@ -49,14 +49,15 @@ class Case:
 
 
 def default_cases(device: str):
-    """The headline case first, then V and H variants, then N scaling (largest last)."""
+    """The headline case first, then N scaling, then V and H variants."""
     if device == "cuda":
         head, grid_n = (8192, 4096, 151936), [1024, 4096, 16384, 32768, 65536, 131072]
         variants = [(8192, 4096, 32000), (8192, 4096, 128256), (8192, 2048, 151936)]
     else:
         head, grid_n = (512, 128, 8000), [128, 2048]
         variants = [(512, 128, 32000)]
-    shapes = [head] + variants + [(n, head[1], head[2]) for n in grid_n]
+    # The headline, then N scaling (largest last), then the V and H variants.
+    shapes = [head] + [(n, head[1], head[2]) for n in grid_n] + variants
     return [Case(n, h, v, backward) for n, h, v in shapes for backward in (True, False)]
 
 
@@ -165,6 +166,7 @@ def main():
     parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
                         help="cuda when a GPU is present (auto), else small CPU cases")
     parser.add_argument("--impl", nargs="*", help="implementations to run (default: all available here)")
+    parser.add_argument("--match", nargs="*", help="run only the implementations whose name contains one of these")
     parser.add_argument("--n", type=int, nargs="*", help="override the N grid (H and V of the headline case)")
     parser.add_argument("--calls", type=int, default=3, help="timed calls per measurement (median)")
     parser.add_argument("--max-minutes", type=float, default=None,
@@ -177,6 +179,8 @@ def main():
         cases = [Case(n, cases[0].hidden, cases[0].vocab, b) for n in args.n for b in (True, False)]
     names = [impls.FLOOR] + (args.impl or list(impls.GPU_IMPLEMENTATIONS if device == "cuda"
                                                else impls.CPU_IMPLEMENTATIONS))
+    if args.match:
+        names = [impls.FLOOR] + [n for n in names[1:] if any(m in n for m in args.match)]
     info = device_info(device)
     print(info)
     os.makedirs(args.out, exist_ok=True)

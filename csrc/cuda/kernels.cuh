@@ -240,8 +240,14 @@ __global__ void __launch_bounds__(kMaxThreadsFor<In>, kMinBlocksPerSM) pmi_rows_
     T sum[1] = {0};
     for_each_group<VEC>(V, [&](int64_t v, auto n) {
       constexpr int N = decltype(n)::value;
-      T s[N], d[N], base[N];
-      load_streams<N>(in, v, k.inv_tau, true, s, d, base);
+      T d[N];
+      load<N>(in.t, v, k.inv_tau, d);
+      if (in.r != nullptr) {  // else t already holds t - r
+        T r[N];
+        load<N>(in.r, v, k.inv_tau, r);
+#pragma unroll
+        for (int i = 0; i < N; ++i) d[i] -= r[i];
+      }
 #pragma unroll
       for (int i = 0; i < N; ++i) sum[0] += d[i];
     });
