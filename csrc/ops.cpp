@@ -10,6 +10,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #endif
 
+#include <string>
 #include <vector>
 
 #include "include/rows_args.h"
@@ -41,9 +42,12 @@ void check_stream(const char* name, const at::Tensor& x, const at::Tensor& stude
   TORCH_CHECK(x.size(1) <= 1 || x.stride(1) == 1, "pmi_kernels: ", name, " must be contiguous along the vocabulary");
 }
 
-void check_per_row(const char* name, const at::Tensor& x, const at::Tensor& student, at::ScalarType dtype) {
-  TORCH_CHECK(x.dim() == 1 && x.size(0) == student.size(0), "pmi_kernels: ", name, " must have shape [",
-              student.size(0), "], got ", x.sizes());
+void check_per_row(const char* name, const at::Tensor& x, const at::Tensor& student, at::ScalarType dtype,
+                   int64_t columns = 0) {
+  const bool shaped = columns == 0 ? x.dim() == 1 && x.size(0) == student.size(0)
+                                   : x.dim() == 2 && x.size(0) == student.size(0) && x.size(1) == columns;
+  TORCH_CHECK(shaped, "pmi_kernels: ", name, " must have shape [", student.size(0),
+              columns ? ", " + std::to_string(columns) : std::string(), "], got ", x.sizes());
   TORCH_CHECK(x.scalar_type() == dtype, "pmi_kernels: ", name, " must have dtype ", dtype, ", got ", x.scalar_type());
   TORCH_CHECK(x.device() == student.device(), "pmi_kernels: ", name, " is on ", x.device(), " but student is on ",
               student.device());
@@ -66,13 +70,22 @@ int64_t row_stride(const c10::optional<at::Tensor>& x) {
   return x.has_value() ? x->stride(0) : 0;
 }
 
+using OptTensor = c10::optional<at::Tensor>;
+
+void check_phase_tensor(const char* name, const OptTensor& x, const at::Tensor& s, at::ScalarType acc,
+                        int64_t columns) {
+  if (!x) return;
+  check_per_row(name, *x, s, acc, columns);
+  TORCH_CHECK(x->is_contiguous(), "pmi_kernels: ", name, " must be contiguous");
+}
+
 // Checks every argument and returns (args, loss); the caller runs the kernel.
-std::pair<RowsArgs, at::Tensor> rows_args(const at::Tensor& s, const at::Tensor& t, const c10::optional<at::Tensor>& r,
-                                          const c10::optional<at::Tensor>& a, const c10::optional<at::Tensor>& kappa,
-                                          const c10::optional<at::Tensor>& mask,
-                                          const c10::optional<at::Tensor>& row_scale,
-                                          const c10::optional<at::Tensor>& grad,
-                                          const c10::optional<at::Tensor>& stats, at::ArrayRef<double> options) {
+std::pair<RowsArgs, at::Tensor> rows_args(const at::Tensor& s, const at::Tensor& t, const OptTensor& r,
+                                          const OptTensor& a, const OptTensor& kappa, const OptTensor& mask,
+                                          const OptTensor& row_scale, const OptTensor& grad, const OptTensor& stats,
+                                          const OptTensor& lse_in, const OptTensor& lse_out,
+                                          const OptTensor& slope_sum_in, const OptTensor& slope_sum_out,
+                                          at::ArrayRef<double> options) {
   TORCH_CHECK(s.dim() == 2, "pmi_kernels: student must be 2-D [rows, vocab], got ", s.sizes());
   TORCH_CHECK(s.size(1) > 0, "pmi_kernels: the vocabulary must not be empty");
   const DType dtype = dtype_of(s);
@@ -93,18 +106,24 @@ std::pair<RowsArgs, at::Tensor> rows_args(const at::Tensor& s, const at::Tensor&
                     stats->is_contiguous() && stats->scalar_type() == acc && stats->device() == s.device(),
                 "pmi_kernels: stats must be a contiguous [", s.size(0), ", ", kStats, "] tensor of dtype ", acc);
   }
+  check_phase_tensor("lse_in", lse_in, s, acc, 4);
+  check_phase_tensor("lse_out", lse_out, s, acc, 4);
+  check_phase_tensor("slope_sum_in", slope_sum_in, s, acc, 0);
+  check_phase_tensor("slope_sum_out", slope_sum_out, s, acc, 0);
+  TORCH_CHECK(!slope_sum_in || lse_in, "pmi_kernels: slope_sum_in needs lse_in");
   at::Tensor loss = at::empty({s.size(0)}, s.options().dtype(acc));
   RowsArgs args{dtype, s.size(0), s.size(1), s.data_ptr(), t.data_ptr(), data_or_null(r), data_or_null(a),
                 s.stride(0), t.stride(0), row_stride(r), row_stride(a), data_or_null(kappa),
                 mask ? mask->data_ptr<bool>() : nullptr, data_or_null(row_scale), row_stride(row_scale),
                 loss.data_ptr(), grad ? grad->data_ptr() : nullptr, row_stride(grad),
-                stats ? stats->data_ptr() : nullptr, unpack_options(options)};
+                stats ? stats->data_ptr() : nullptr, data_or_null(lse_in),
+                lse_out ? lse_out->data_ptr() : nullptr, data_or_null(slope_sum_in),
+                slope_sum_out ? slope_sum_out->data_ptr() : nullptr, unpack_options(options)};
   return {args, loss};
 }
 
 std::pair<DiagnosticsArgs, at::Tensor> diagnostics_args(const at::Tensor& s, const at::Tensor& t, const at::Tensor& r,
-                                                        const c10::optional<at::Tensor>& a,
-                                                        at::ArrayRef<double> options) {
+                                                        const OptTensor& a, at::ArrayRef<double> options) {
   TORCH_CHECK(s.dim() == 2 && s.size(1) > 0, "pmi_kernels: student must be 2-D [rows, vocab > 0], got ", s.sizes());
   check_stream("student", s, s);
   check_stream("teacher", t, s);
@@ -117,12 +136,12 @@ std::pair<DiagnosticsArgs, at::Tensor> diagnostics_args(const at::Tensor& s, con
   return {args, out};
 }
 
-at::Tensor rows_cpu(const at::Tensor& s, const at::Tensor& t, const c10::optional<at::Tensor>& r,
-                    const c10::optional<at::Tensor>& a, const c10::optional<at::Tensor>& kappa,
-                    const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& row_scale,
-                    const c10::optional<at::Tensor>& grad, const c10::optional<at::Tensor>& stats,
-                    at::ArrayRef<double> options) {
-  auto [args, loss] = rows_args(s, t, r, a, kappa, mask, row_scale, grad, stats, options);
+at::Tensor rows_cpu(const at::Tensor& s, const at::Tensor& t, const OptTensor& r, const OptTensor& a,
+                    const OptTensor& kappa, const OptTensor& mask, const OptTensor& row_scale, const OptTensor& grad,
+                    const OptTensor& stats, const OptTensor& lse_in, const OptTensor& lse_out,
+                    const OptTensor& slope_sum_in, const OptTensor& slope_sum_out, at::ArrayRef<double> options) {
+  auto [args, loss] = rows_args(s, t, r, a, kappa, mask, row_scale, grad, stats, lse_in, lse_out, slope_sum_in,
+                                slope_sum_out, options);
   if (args.rows > 0) cpu::rows(args);
   return loss;
 }
@@ -135,13 +154,13 @@ at::Tensor diagnostics_cpu(const at::Tensor& s, const at::Tensor& t, const at::T
 }
 
 #ifdef PMI_WITH_CUDA
-at::Tensor rows_cuda(const at::Tensor& s, const at::Tensor& t, const c10::optional<at::Tensor>& r,
-                     const c10::optional<at::Tensor>& a, const c10::optional<at::Tensor>& kappa,
-                     const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& row_scale,
-                     const c10::optional<at::Tensor>& grad, const c10::optional<at::Tensor>& stats,
-                     at::ArrayRef<double> options) {
+at::Tensor rows_cuda(const at::Tensor& s, const at::Tensor& t, const OptTensor& r, const OptTensor& a,
+                     const OptTensor& kappa, const OptTensor& mask, const OptTensor& row_scale, const OptTensor& grad,
+                     const OptTensor& stats, const OptTensor& lse_in, const OptTensor& lse_out,
+                     const OptTensor& slope_sum_in, const OptTensor& slope_sum_out, at::ArrayRef<double> options) {
   const c10::cuda::CUDAGuard guard(s.device());
-  auto [args, loss] = rows_args(s, t, r, a, kappa, mask, row_scale, grad, stats, options);
+  auto [args, loss] = rows_args(s, t, r, a, kappa, mask, row_scale, grad, stats, lse_in, lse_out, slope_sum_in,
+                                slope_sum_out, options);
   if (args.rows > 0) {
     const char* error = cuda::rows(args, c10::cuda::getCurrentCUDAStream().stream());
     TORCH_CHECK(error == nullptr, "pmi_kernels: the CUDA row kernel failed to launch: ", error);
@@ -166,8 +185,11 @@ at::Tensor diagnostics_cuda(const at::Tensor& s, const at::Tensor& t, const at::
 
 TORCH_LIBRARY(pmi_kernels, m) {
   // grad may alias student: the kernels read every entry before they write it.
+  // The phases' tensors (lse_in, lse_out, slope_sum_in, slope_sum_out) serve a vocabulary split
+  // between processes (csrc/include/rows_args.h, Phase); absent, the whole operation runs.
   m.def("rows(Tensor student, Tensor teacher, Tensor? refonly, Tensor? anchor, Tensor? kappa, Tensor? mask, "
-        "Tensor? row_scale, Tensor(a!)? grad, Tensor(b!)? stats, float[] options) -> Tensor");
+        "Tensor? row_scale, Tensor(a!)? grad, Tensor(b!)? stats, Tensor? lse_in, Tensor(c!)? lse_out, "
+        "Tensor? slope_sum_in, Tensor(d!)? slope_sum_out, float[] options) -> Tensor");
   m.def("diagnostics_rows(Tensor student, Tensor teacher, Tensor refonly, Tensor? anchor, float[] options) -> Tensor");
 }
 

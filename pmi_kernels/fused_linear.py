@@ -19,6 +19,7 @@ The custom op keeps the data-dependent chunk loop and the kernels opaque to torc
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
@@ -26,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import validation
+from . import validation, vocab_parallel
 from .backends import REGISTRY, STATS, chunk_rows, resolve_backend, upstream_matches
 from .options import LossOptions, compute_dtype
 from .logits import DOUBLE_BACKWARD, stats_dict
@@ -35,14 +36,16 @@ from .reduction import divisor, reduce_rows
 
 @dataclass(frozen=True)
 class _Plan:
-    """How the rows are swept: the arguments of the launcher that are not tensors."""
+    """How the rows are swept: the arguments of the launcher that are not tensors. group names
+    the process group the vocabulary is split over (vocab_parallel.py), or is None."""
     opts: LossOptions
     backend: str
+    group: Optional[str]
     chunk_rows: int
     grad_weight_fp32: bool
 
     def op_args(self):
-        return self.opts.pack(), self.backend, self.chunk_rows, self.grad_weight_fp32
+        return self.opts.pack(), self.backend, self.group, self.chunk_rows, self.grad_weight_fp32
 
 
 def frozen_head(lm_head_weight, lm_head_bias, frozen_weight, frozen_bias):
@@ -83,9 +86,15 @@ def _accumulate_grad_weight(grad_w, grad_s, h, first: bool):
 
 
 def _sweep(plan: _Plan, h, w, b, h_t, h_r, h_a, w_f, b_f, row_scale, want_h, want_w, want_b, want_stats):
-    """Loss per row [n], the wanted gradients with row_scale [n] folded in, and the row statistics."""
+    """Loss per row [n], the wanted gradients with row_scale [n] folded in, and the row statistics.
+    Over a split vocabulary: the whole vocabulary's loss, this shard's weight and bias gradients,
+    and the hidden-state gradient summed over the shards."""
     n, vocab = h.shape[0], w.shape[0]
-    rows_fn = REGISTRY[plan.backend].rows
+    rows_fn, group, whole_vocab = REGISTRY[plan.backend].rows, None, vocab
+    if plan.group is not None:
+        group = vocab_parallel.group_of(plan.group)
+        rows_fn = functools.partial(vocab_parallel.parallel_rows, REGISTRY[plan.backend], group=group)
+        whole_vocab = vocab_parallel.global_vocab(vocab, group, h.device)
     loss = torch.empty(n, dtype=compute_dtype(h.dtype), device=h.device)
     stats = torch.empty(n, len(STATS), dtype=loss.dtype, device=h.device) if want_stats else None
     grad_h = torch.empty_like(h) if want_h else None
@@ -93,8 +102,11 @@ def _sweep(plan: _Plan, h, w, b, h_t, h_r, h_a, w_f, b_f, row_scale, want_h, wan
                          device=w.device) if want_w else None
     grad_b = torch.zeros(vocab, dtype=compute_dtype(w.dtype), device=w.device) if want_b else None
     want_grad = want_h or want_w or want_b
-    # Column mean of W_f, accumulated in fp32 without an fp32 copy of the weight.
-    w_f_mean = torch.sum(w_f, 0, dtype=compute_dtype(w_f.dtype)) / vocab if plan.opts.needs_kappa else None
+    # Column mean of W_f over the whole vocabulary, accumulated in fp32 without an fp32 copy.
+    w_f_mean = None
+    if plan.opts.needs_kappa:
+        w_f_sum = torch.sum(w_f, 0, dtype=compute_dtype(w_f.dtype))
+        w_f_mean = (w_f_sum if group is None else vocab_parallel.all_reduce(w_f_sum, group)) / whole_vocab
     for i in range(0, n, plan.chunk_rows):
         rows = slice(i, i + plan.chunk_rows)
         chunk = lambda x: None if x is None else x[rows]  # noqa: E731
@@ -102,6 +114,8 @@ def _sweep(plan: _Plan, h, w, b, h_t, h_r, h_a, w_f, b_f, row_scale, want_h, wan
         s = F.linear(hc, w, b)
         t, r, a, kappa = _frozen_streams(hc_t=chunk(h_t), hc_r=chunk(h_r), hc_a=chunk(h_a),
                                          w_f=w_f, b_f=b_f, w_f_mean=w_f_mean, opts=plan.opts)
+        if group is not None and plan.opts.separate_lse:
+            kappa = vocab_parallel.logits_kappa(t, r, plan.opts, whole_vocab, group)
         loss[rows] = rows_fn(s, t, r, a, opts=plan.opts, kappa=kappa, row_scale=chunk(row_scale),
                              grad_out=s if want_grad else None, stats_out=chunk(stats))
         # s now holds dloss/ds_raw, scaled per row.
@@ -115,20 +129,22 @@ def _sweep(plan: _Plan, h, w, b, h_t, h_r, h_a, w_f, b_f, row_scale, want_h, wan
         del s, t, r, a
     if want_w and n == 0:
         grad_w.zero_()
+    if want_h and group is not None:
+        vocab_parallel.all_reduce(grad_h, group)
     return loss, grad_h, grad_w, grad_b, stats
 
 
 @torch.library.custom_op("pmi_kernels::fused_pmi_kl_rows", mutates_args=())
 def fused_pmi_kl_rows(h: Tensor, w: Tensor, b: Optional[Tensor], h_t: Tensor, h_r: Optional[Tensor],
                       h_a: Optional[Tensor], w_f: Tensor, b_f: Optional[Tensor], mask: Optional[Tensor],
-                      row_scale: Optional[Tensor], options: List[float], backend: str, chunk_rows: int,
-                      grad_weight_fp32: bool, want_h: bool, want_w: bool, want_b: bool,
+                      row_scale: Optional[Tensor], options: List[float], backend: str, group: Optional[str],
+                      chunk_rows: int, grad_weight_fp32: bool, want_h: bool, want_w: bool, want_b: bool,
                       want_stats: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The launcher: loss per row [N] (0 where masked), the wanted gradients with row_scale [N]
     folded in, and the row statistics [N, 3]; anything not wanted is an empty tensor. Masked
     rows are dropped before any GEMM (the gather copies only [n_kept, H] per stream), so the
     shapes never depend on the mask's values and torch.compile traces the call whole."""
-    plan = _Plan(LossOptions.unpack(options), backend, chunk_rows, grad_weight_fp32)
+    plan = _Plan(LossOptions.unpack(options), backend, group, chunk_rows, grad_weight_fp32)
     kept = None if mask is None else mask.nonzero().squeeze(1)
     pick = lambda x: x if x is None or kept is None else x[kept]  # noqa: E731
     # The GEMMs run in the dtypes given (fused_pmi_kl has applied any autocast already); the
@@ -207,7 +223,7 @@ def fused_pmi_kl(student_hidden, lm_head_weight, teacher_hidden, refonly_hidden=
                  lm_head_bias=None, frozen_weight=None, frozen_bias=None, mask=None, labels=None, ignore_index=-100,
                  normalizer=None, beta=1.0, clip=10.0, center=True, temperature=1.0, jsd_beta=0.5, entry_clip=None,
                  reduction="mean", return_stats=False, check_finite=True, backend="auto", workspace_bytes=None,
-                 grad_weight_fp32=False):
+                 grad_weight_fp32=False, process_group=None):
     """The PMI-KL loss from final hidden states [..., H] and the lm_head (docs/loss.md),
     never holding [N, V] logits.
 
@@ -219,6 +235,10 @@ def fused_pmi_kl(student_hidden, lm_head_weight, teacher_hidden, refonly_hidden=
     normalizer, the loss options, reduction, return_stats, check_finite and backend are as in
     pmi_kl. workspace_bytes bounds a chunk's logit buffers (default: the CPU's cache, or 1 GiB
     on a GPU); grad_weight_fp32 accumulates the weight gradient over chunks in fp32.
+    process_group: the vocabulary is split over this torch.distributed group, each rank passing
+    its contiguous shard of the lm_head rows (weight, bias, frozen head) in rank order
+    (docs/distributed.md); the loss is the whole vocabulary's on every rank, the hidden-state
+    gradient is summed over the ranks, the weight and bias gradients are this rank's shard's.
     """
     if isinstance(student_hidden, torch.Tensor) and torch.is_autocast_enabled(student_hidden.device.type):
         # Under autocast the head's GEMMs run in the autocast dtype, as F.linear's would (the
@@ -242,6 +262,7 @@ def fused_pmi_kl(student_hidden, lm_head_weight, teacher_hidden, refonly_hidden=
                        ("grad_weight_fp32", grad_weight_fp32)):
         validation.check_bool(name, flag)
     opts = LossOptions(refonly_hidden is not None, beta, clip, center, temperature, jsd_beta, entry_clip)
+    group = vocab_parallel.group_name(process_group)
     impl = resolve_backend(backend, student.device)
     if check_finite:
         validation.check_finite({**streams, "lm_head_weight": lm_head_weight, "lm_head_bias": lm_head_bias,
@@ -252,10 +273,12 @@ def fused_pmi_kl(student_hidden, lm_head_weight, teacher_hidden, refonly_hidden=
     # sized for the CPU's cache re-read the [V, H] weights each time: at least H/4 rows (on 2
     # CPU cores 2-3x faster than 1 GiB chunks at H <= 256).
     buffers = 1 + (1 if refonly_hidden is None or not opts.separate_lse else 2) + (anchor_hidden is not None)
+    if group is not None:  # every rank must sweep the same chunks: planned for the widest shard
+        vocab = vocab_parallel.widest_shard(vocab, vocab_parallel.group_of(group), student.device)
     rows_per_chunk = chunk_rows(impl, student.device, vocab, buffers * student.element_size(),
                                 torch.finfo(compute_dtype(student.dtype)).bits // 8, workspace_bytes,
                                 min_rows=hidden // 4)
-    plan = _Plan(opts, impl.name, rows_per_chunk, grad_weight_fp32)
+    plan = _Plan(opts, impl.name, group, rows_per_chunk, grad_weight_fp32)
 
     flat = lambda x: None if x is None else x.reshape(-1, hidden)  # noqa: E731
     h, h_t, h_r, h_a = map(flat, (student_hidden, teacher_hidden, refonly_hidden, anchor_hidden))

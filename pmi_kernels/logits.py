@@ -11,19 +11,20 @@ arrives, the backward returns it untouched: no extra pass over [N, V].
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from . import validation
+from . import validation, vocab_parallel
 from .backends import REGISTRY, STATS, chunk_rows, resolve_backend, upstream_matches
 from .options import LossOptions, compute_dtype
 from .reduction import divisor, reduce_rows
 
 # The autograd of pmi_kl_rows returns a gradient for the student only.
-_NO_GRAD_ARGS = (None,) * 10
+_NO_GRAD_ARGS = (None,) * 11
 DOUBLE_BACKWARD = ("{} has no second derivative: its gradient is computed by its kernels, not by autograd, "
                    "so backward(create_graph=True) through it cannot build a graph of the gradient")
 
@@ -31,22 +32,32 @@ DOUBLE_BACKWARD = ("{} has no second derivative: its gradient is computed by its
 @torch.library.custom_op("pmi_kernels::pmi_kl_rows", mutates_args=())
 def pmi_kl_rows(student: Tensor, teacher: Tensor, refonly: Optional[Tensor], anchor: Optional[Tensor],
                 mask: Optional[Tensor], grad_scale: Tensor, options: List[float], backend: str, compute_grad: bool,
-                want_stats: bool, workspace_bytes: Optional[int]) -> Tuple[Tensor, Tensor, Tensor]:
+                want_stats: bool, workspace_bytes: Optional[int], group: Optional[str]) -> Tuple[Tensor, Tensor, Tensor]:
     """Per-row loss [N]; when compute_grad, grad_scale_n * dloss_n/dstudent_n [N, V]; when
     want_stats, the row statistics [N, 3] (backends.STATS). What is not asked for is an empty
-    tensor. grad_scale is [N] in the compute dtype, possibly a stride-0 view of one value."""
+    tensor. grad_scale is [N] in the compute dtype, possibly a stride-0 view of one value.
+    group: the name of the process group the vocabulary is split over (vocab_parallel.py)."""
     opts, impl = LossOptions.unpack(options), REGISTRY[backend]
     grad = torch.empty_like(student) if compute_grad else student.new_empty(0)
     n, vocab = student.shape
     loss = torch.empty(n, dtype=compute_dtype(student.dtype), device=student.device)
     stats = loss.new_empty(n, len(STATS)) if want_stats else loss.new_empty(0)
-    step = n if impl.streams_rows else chunk_rows(impl, student.device, vocab, 0, loss.element_size(), workspace_bytes)
+    rows_fn, kappa, planned_vocab = impl.rows, None, vocab
+    if group is not None:
+        pg = vocab_parallel.group_of(group)
+        rows_fn = functools.partial(vocab_parallel.parallel_rows, impl, group=pg)
+        kappa = vocab_parallel.logits_kappa(teacher, refonly, opts,
+                                            vocab_parallel.global_vocab(vocab, pg, student.device), pg)
+        # Every rank must sweep the same chunks: they are planned for the widest shard.
+        planned_vocab = vocab_parallel.widest_shard(vocab, pg, student.device)
+    step = n if impl.streams_rows else chunk_rows(impl, student.device, planned_vocab, 0, loss.element_size(),
+                                                  workspace_bytes)
     for i in range(0, n, max(1, step)):
         chunk = lambda x: None if x is None else x[i:i + step]  # noqa: E731
-        loss[i:i + step] = impl.rows(student[i:i + step], teacher[i:i + step], chunk(refonly), chunk(anchor),
-                                     opts=opts, mask=chunk(mask), row_scale=grad_scale[i:i + step],
-                                     grad_out=chunk(grad) if compute_grad else None,
-                                     stats_out=chunk(stats) if want_stats else None)
+        loss[i:i + step] = rows_fn(student[i:i + step], teacher[i:i + step], chunk(refonly), chunk(anchor),
+                                   opts=opts, kappa=chunk(kappa), mask=chunk(mask), row_scale=grad_scale[i:i + step],
+                                   grad_out=chunk(grad) if compute_grad else None,
+                                   stats_out=chunk(stats) if want_stats else None)
     return loss, grad, stats
 
 
@@ -72,8 +83,8 @@ def _backward(ctx, grad_loss, _grad, _stats):
     *tensors, grad_scale = ctx.saved_tensors
     grad = ctx.__dict__.pop("grad", None)
     if grad is None:
-        options, backend, _, _, workspace = ctx.rest
-        grad = pmi_kl_rows(*tensors, grad_scale, options, backend, True, False, workspace)[1]
+        options, backend, _, _, workspace, group = ctx.rest
+        grad = pmi_kl_rows(*tensors, grad_scale, options, backend, True, False, workspace, group)[1]
     if upstream_matches(grad_loss, grad_scale.to(grad_loss.dtype)):
         return (grad,) + _NO_GRAD_ARGS
     # Rescale in the compute dtype, store in the student's dtype, in place (the tensor is ours).
@@ -93,7 +104,7 @@ def stats_dict(per_row: Tensor, stats: Tensor, lead) -> Dict[str, Tensor]:
 def pmi_kl(student_logits, teacher_logits, refonly_logits=None, anchor_logits=None, *, mask=None, labels=None,
            ignore_index=-100, normalizer=None, beta=1.0, clip=10.0, center=True, temperature=1.0, jsd_beta=0.5,
            entry_clip=None, reduction="mean", return_stats=False, check_finite=True, backend="auto",
-           workspace_bytes=None):
+           workspace_bytes=None, process_group=None):
     """The PMI-KL loss from logit streams [..., V] (docs/loss.md); the gradient reaches
     student_logits only.
 
@@ -110,6 +121,9 @@ def pmi_kl(student_logits, teacher_logits, refonly_logits=None, anchor_logits=No
     rejects NaN/inf in any stream (a device sync; pass False under torch.compile).
     backend: "auto", "triton", "cuda", "cpu" or "torch" (docs/backends.md); workspace_bytes
     bounds the torch backend's temporaries (default: the CPU's cache, or 1 GiB on a GPU).
+    process_group: the vocabulary is split over this torch.distributed group, each rank passing
+    its contiguous shard of the logit columns in rank order (docs/distributed.md); the loss is
+    the whole vocabulary's on every rank, the gradient that of this rank's columns.
     """
     streams = {"student_logits": student_logits, "teacher_logits": teacher_logits,
                "refonly_logits": refonly_logits, "anchor_logits": anchor_logits}
@@ -122,6 +136,7 @@ def pmi_kl(student_logits, teacher_logits, refonly_logits=None, anchor_logits=No
     for name, flag in (("return_stats", return_stats), ("check_finite", check_finite)):
         validation.check_bool(name, flag)
     opts = LossOptions(refonly_logits is not None, beta, clip, center, temperature, jsd_beta, entry_clip)
+    group = vocab_parallel.group_name(process_group)
     impl = resolve_backend(backend, student.device)
     if check_finite:
         validation.check_finite(streams)
@@ -132,6 +147,6 @@ def pmi_kl(student_logits, teacher_logits, refonly_logits=None, anchor_logits=No
     denominator = divisor(flat_mask, rows, reduction, normalizer, compute_dtype(student.dtype), student.device)
     per_row, _, stats = pmi_kl_rows(flat(student), flat(teacher_logits), flat(refonly_logits), flat(anchor_logits),
                                     flat_mask, (1 / denominator).expand(rows), opts.pack(), impl.name, compute_grad,
-                                    return_stats, workspace_bytes)
+                                    return_stats, workspace_bytes, group)
     loss = reduce_rows(per_row.reshape(lead), denominator, reduction)
     return (loss, stats_dict(per_row, stats, lead)) if return_stats else loss

@@ -156,11 +156,11 @@ def test_op_schema_under_opcheck_and_compile():
     if resolve_backend("auto", torch.device("cpu")).name != "cpu":
         pytest.skip("the C++ extension is not built here")
     s, t, r = streams(3, 50, torch.float32, count=3)
-    args = (s, t, r, None, None, None, torch.ones(3), torch.empty_like(s), torch.empty(3, 3),
-            LossOptions(True).pack())
+    options = LossOptions(True).pack()
+    args = (s, t, r, None, None, None, torch.ones(3), torch.empty_like(s), torch.empty(3, 3), None, None, None, None,
+            options)
     torch.library.opcheck(torch.ops.pmi_kernels.rows.default, args)
-    torch.library.opcheck(torch.ops.pmi_kernels.diagnostics_rows.default, (s, t, r, None, LossOptions(True).pack()))
+    torch.library.opcheck(torch.ops.pmi_kernels.diagnostics_rows.default, (s, t, r, None, options))
+    loss_only = args[:7] + (None,) * 6 + (options,)
     compiled = torch.compile(lambda *xs: torch.ops.pmi_kernels.rows(*xs), fullgraph=True, backend="aot_eager")
-    assert torch.equal(compiled(*args[:7], None, None, args[9]), torch.ops.pmi_kernels.rows(*args[:7], None, None,
-                                                                                               args[9]))
-
+    assert torch.equal(compiled(*loss_only), torch.ops.pmi_kernels.rows(*loss_only))

@@ -110,7 +110,8 @@ def reference_stats(s, t, r, a=None, **options):
 @pytest.mark.parametrize("device,backend", PATHS)
 def test_return_stats_from_the_same_sweep(device, backend, mode, options):
     """Per position: the loss, KL(q||p) whatever the loss kind, H(p) and H(q), 0 where masked;
-    the loss and gradient are those of the call without statistics."""
+    the loss and gradient are those of the call without statistics (up to the kernels' rounding:
+    a compiler may fuse a multiply-add differently in the variant that also keeps p and q)."""
     s, t, r = (x.reshape(2, 3, 301) for x in streams(6, 301, torch.float32, device, count=3))
     r = r if mode == "pmi" else None
     mask = (LABELS != -100).to(device)
@@ -119,7 +120,8 @@ def test_return_stats_from_the_same_sweep(device, backend, mode, options):
     (grad,) = torch.autograd.grad(loss, s)
     plain = pmi_kl(s, t, r, mask=mask, backend=backend, **options)
     (plain_grad,) = torch.autograd.grad(plain, s)
-    assert torch.equal(loss, plain) and torch.equal(grad, plain_grad)
+    assert_close(loss, plain, torch.float32, "loss with statistics", factor=0.01)
+    assert_close(grad, plain_grad, torch.float32, "gradient with statistics", factor=0.01)
     per_row = pmi_kl_reference(upcast(s), upcast(t), upcast(r), mask=mask.cpu(), reduction="none", **options)
     assert_close(stats["loss"], per_row, torch.float32, "loss", atol=1e-6)
     for key, want in reference_stats(s, t, r, **options).items():
@@ -134,8 +136,8 @@ def test_fused_return_stats(device, backend, reduction):
     mask = (LABELS != -100).to(device)
     loss, stats = fused_pmi_kl(h, w, h_t, h_r, mask=mask, reduction=reduction, return_stats=True, backend=backend,
                                jsd_beta=0.0)
-    assert torch.equal(loss, fused_pmi_kl(h, w, h_t, h_r, mask=mask, reduction=reduction, backend=backend,
-                                          jsd_beta=0.0))
+    plain = fused_pmi_kl(h, w, h_t, h_r, mask=mask, reduction=reduction, backend=backend, jsd_beta=0.0)
+    assert_close(loss, plain, torch.float32, "loss with statistics", factor=0.01)
     s, t, r = (linear_logits(upcast(x), upcast(w)) for x in (h, h_t, h_r))
     want = reference_stats(s, t, r)
     ref = fused_pmi_kl_reference(upcast(h), upcast(w), upcast(h_t), upcast(h_r), mask=mask.cpu(), reduction="none",

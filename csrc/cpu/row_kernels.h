@@ -149,15 +149,26 @@ void zero_row(In* grad, int64_t n) {
   for (int64_t v = 0; v < n; ++v) grad[v] = from_compute<In>(T(0));
 }
 
+// exp(x - m) into e, with m the whole vocabulary's maximum (a shard's entries are <= it).
+template <typename T>
+void exps_into(T* e, const T* x, int64_t n, T m) {
+#pragma omp simd
+  for (int64_t v = 0; v < n; ++v) e[v] = exp_nonpos(x[v] - m);
+}
+
 template <typename In, typename T>
 void rows_typed(const RowsArgs& args) {
   const LossOptions& o = args.options;
   const Scalars<T> k = o.scalars<T>();
   const int64_t n = args.vocab;
   const int kappa_source = o.kappa_source(args.kappa != nullptr);
-  const bool fast = args.grad != nullptr && o.fast_grad();
+  const int phase = args.phase();
+  // Within the phases, only forward KL's gradient is written before the slopes are summed.
+  const bool write_grad = args.grad != nullptr && phase != kPhaseLse && (phase != kPhaseFromLse || o.fast_grad());
+  const bool fast = write_grad && o.fast_grad();
   T* loss_out = static_cast<T*>(args.loss);
-  T* stats_out = static_cast<T*>(args.stats);
+  T* stats_out = phase == kPhaseAll || phase == kPhaseFromLse ? static_cast<T*>(args.stats) : nullptr;
+  const T* lse_in = static_cast<const T*>(args.lse_in);
   at::parallel_for(0, args.rows, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> scratch(4 * n);
     T *S = scratch.data(), *G = S + n, *Es = G + n, *Eg = Es + n;
@@ -166,11 +177,17 @@ void rows_typed(const RowsArgs& args) {
       const In* t = static_cast<const In*>(args.t) + row * args.stride_t;
       const In* r = args.r ? static_cast<const In*>(args.r) + row * args.stride_r : nullptr;
       const In* a = args.a ? static_cast<const In*>(args.a) + row * args.stride_a : nullptr;
-      In* grad = args.grad ? static_cast<In*>(args.grad) + row * args.stride_grad : nullptr;
+      In* grad = write_grad ? static_cast<In*>(args.grad) + row * args.stride_grad : nullptr;
+      loss_out[row] = 0;
       if (args.mask != nullptr && !args.mask[row]) {
-        loss_out[row] = 0;
         if (stats_out) std::fill(stats_out + row * kStats, stats_out + (row + 1) * kStats, T(0));
         if (grad) zero_row<In, T>(grad, n);
+        if (args.lse_out) {  // no mass here
+          T* out = static_cast<T*>(args.lse_out) + row * 4;
+          out[0] = out[2] = neg_inf<T>();
+          out[1] = out[3] = 0;
+        }
+        if (args.slope_sum_out) static_cast<T*>(args.slope_sum_out)[row] = 0;
         continue;
       }
       // Everything is read before anything is written: grad may alias s.
@@ -193,15 +210,35 @@ void rows_typed(const RowsArgs& args) {
       }
       if (o.pmi) target_into(G, S, a, n, kappa, k, o.clip_on());
       T inv_zs, inv_zg;
-      const RowLse<T> ls = row_lse_keeping_exps(S, Es, n, inv_zs), lg = row_lse_keeping_exps(G, Eg, n, inv_zg);
+      RowLse<T> ls, lg;
+      if (phase == kPhaseAll || phase == kPhaseLse) {
+        ls = row_lse_keeping_exps(S, Es, n, inv_zs);
+        lg = row_lse_keeping_exps(G, Eg, n, inv_zg);
+        if (phase == kPhaseLse) {  // this shard's (max, sum of exp) of s and g
+          T* out = static_cast<T*>(args.lse_out) + row * 4;
+          out[0] = ls.max, out[1] = T(1) / inv_zs, out[2] = lg.max, out[3] = T(1) / inv_zg;
+          continue;
+        }
+      } else {  // the whole vocabulary's (max, log sum of exp), gathered from every shard
+        const T* in = lse_in + row * 4;
+        ls = {in[0], in[1]};
+        lg = {in[2], in[3]};
+        exps_into(Es, S, n, ls.max);
+        exps_into(Eg, G, n, lg.max);
+        inv_zs = std::exp(-ls.log_sum);
+        inv_zg = std::exp(-lg.log_sum);
+      }
       T sums[2], stats[kStats];
       with_loss_kind<T>(o.loss_kind(), o.entry_clip_on(), stats_out != nullptr, fast, [&](auto kind, auto clip,
                                                                                            auto with_stats, auto f) {
         loss_pass<decltype(kind)::value, decltype(clip)::value, decltype(with_stats)::value, decltype(f)::value>(
             S, G, Es, Eg, n, ls, lg, inv_zs, inv_zg, k, sums, stats);
       });
-      loss_out[row] = sums[0];
-      if (stats_out) std::copy(stats, stats + kStats, stats_out + row * kStats);
+      if (phase != kPhaseGrad) {
+        loss_out[row] = sums[0];
+        if (stats_out) std::copy(stats, stats + kStats, stats_out + row * kStats);
+        if (args.slope_sum_out) static_cast<T*>(args.slope_sum_out)[row] = sums[1];
+      }
       if (grad == nullptr) continue;
       T scale = k.inv_tau;
       if (args.row_scale) scale *= static_cast<const T*>(args.row_scale)[row * args.stride_row_scale];
@@ -209,7 +246,7 @@ void rows_typed(const RowsArgs& args) {
 #pragma omp simd
         for (int64_t v = 0; v < n; ++v) grad[v] = from_compute<In>(S[v] * scale);
       } else {
-        const T slope_sum = sums[1];
+        const T slope_sum = phase == kPhaseGrad ? static_cast<const T*>(args.slope_sum_in)[row] : sums[1];
 #pragma omp simd
         for (int64_t v = 0; v < n; ++v) grad[v] = from_compute<In>((G[v] - S[v] * slope_sum) * scale);
       }

@@ -204,10 +204,14 @@ struct RowsParams {
   In* grad;
   int64_t stride_grad;
   T* stats;
+  const T* lse_in;
+  T* lse_out;
+  const T* slope_in;
+  T* slope_out;
   int64_t vocab;
   Scalars<T> k;
   bool pmi, clip_on, fast_grad;
-  int kappa_source;
+  int kappa_source, phase;
 };
 
 template <typename In, int VEC, int KIND, bool ENTRY_CLIP>
@@ -229,6 +233,11 @@ __global__ void __launch_bounds__(kMaxThreadsFor<In>, kMinBlocksPerSM) pmi_rows_
     if (threadIdx.x == 0) {
       p.loss[row] = 0;
       if (stats) for (int j = 0; j < kStats; ++j) stats[j] = 0;
+      if (p.lse_out) {  // no mass here
+        p.lse_out[row * 4] = p.lse_out[row * 4 + 2] = neg_inf<T>();
+        p.lse_out[row * 4 + 1] = p.lse_out[row * 4 + 3] = 0;
+      }
+      if (p.slope_out) p.slope_out[row] = 0;
     }
     return;
   }
@@ -267,42 +276,61 @@ __global__ void __launch_bounds__(kMaxThreadsFor<In>, kMinBlocksPerSM) pmi_rows_
     kappa = (tr[0].m - tr[1].m) + (log(tr[0].z) - log(tr[1].z));
   }
 
-  // Pass 1: the log-sum-exps of s and g.
-  Lse<T> sg[2] = {{neg_inf<T>(), T(0)}, {neg_inf<T>(), T(0)}};
-  for_each_group<VEC>(V, [&](int64_t v, auto n) {
-    constexpr int N = decltype(n)::value;
-    T s[N], g[N], base[N];
-    load_streams<N>(in, v, k.inv_tau, p.pmi, s, g, base);
+  RowLse<T> ls, lg;
+  if (p.phase == kPhaseAll || p.phase == kPhaseLse) {
+    // Pass 1: the log-sum-exps of s and g.
+    Lse<T> sg[2] = {{neg_inf<T>(), T(0)}, {neg_inf<T>(), T(0)}};
+    for_each_group<VEC>(V, [&](int64_t v, auto n) {
+      constexpr int N = decltype(n)::value;
+      T s[N], g[N], base[N];
+      load_streams<N>(in, v, k.inv_tau, p.pmi, s, g, base);
 #pragma unroll
-    for (int i = 0; i < N; ++i) g[i] = target_logit(g[i], base[i], kappa, k, p.pmi, p.clip_on);
-    sg[0] = lse_merge(sg[0], group_lse(s));
-    sg[1] = lse_merge(sg[1], group_lse(g));
-  });
-  block_lse(sg, smem);
-  const RowLse<T> ls = finish(sg[0]), lg = finish(sg[1]);
+      for (int i = 0; i < N; ++i) g[i] = target_logit(g[i], base[i], kappa, k, p.pmi, p.clip_on);
+      sg[0] = lse_merge(sg[0], group_lse(s));
+      sg[1] = lse_merge(sg[1], group_lse(g));
+    });
+    block_lse(sg, smem);
+    if (p.phase == kPhaseLse) {  // this shard's (max, sum of exp) of s and g
+      if (threadIdx.x == 0) {
+        p.lse_out[row * 4] = sg[0].m, p.lse_out[row * 4 + 1] = sg[0].z;
+        p.lse_out[row * 4 + 2] = sg[1].m, p.lse_out[row * 4 + 3] = sg[1].z;
+        p.loss[row] = 0;
+      }
+      return;
+    }
+    ls = finish(sg[0]);
+    lg = finish(sg[1]);
+  } else {  // the whole vocabulary's (max, log sum of exp), gathered from every shard
+    ls = {p.lse_in[row * 4], p.lse_in[row * 4 + 1]};
+    lg = {p.lse_in[row * 4 + 2], p.lse_in[row * 4 + 3]};
+  }
   T scale = k.inv_tau;
   if (p.row_scale != nullptr) scale *= p.row_scale[row * p.stride_row_scale];
 
   // Pass 2: loss, sum of slopes, statistics; forward KL's gradient.
   const bool fast = grad != nullptr && p.fast_grad;
   T sums[2 + kStats] = {0, 0, 0, 0, 0};
-  for_each_group<VEC>(V, [&](int64_t v, auto n) {
-    constexpr int N = decltype(n)::value;
-    T s[N], g[N], base[N], out[N];
-    load_streams<N>(in, v, k.inv_tau, p.pmi, s, g, base);
+  if (p.phase == kPhaseGrad) {
+    sums[1] = p.slope_in[row];
+  } else {
+    for_each_group<VEC>(V, [&](int64_t v, auto n) {
+      constexpr int N = decltype(n)::value;
+      T s[N], g[N], base[N], out[N];
+      load_streams<N>(in, v, k.inv_tau, p.pmi, s, g, base);
 #pragma unroll
-    for (int i = 0; i < N; ++i) {
-      g[i] = target_logit(g[i], base[i], kappa, k, p.pmi, p.clip_on);
-      const T lp = (s[i] - ls.max) - ls.log_sum, lq = (g[i] - lg.max) - lg.log_sum;
-      const Terms<T> e = summand_and_slope<KIND, ENTRY_CLIP>(lp, lq, k);
-      sums[0] += e.f;
-      sums[1] += e.slope;
-      if (stats) add_stats(sums[2], sums[3], sums[4], lp, lq, e.p, e.q);
-      out[i] = (e.p - e.q) * scale;
-    }
-    if (fast) store(grad, v, out);
-  });
-  block_sum(sums, smem);
+      for (int i = 0; i < N; ++i) {
+        g[i] = target_logit(g[i], base[i], kappa, k, p.pmi, p.clip_on);
+        const T lp = (s[i] - ls.max) - ls.log_sum, lq = (g[i] - lg.max) - lg.log_sum;
+        const Terms<T> e = summand_and_slope<KIND, ENTRY_CLIP>(lp, lq, k);
+        sums[0] += e.f;
+        sums[1] += e.slope;
+        if (stats) add_stats(sums[2], sums[3], sums[4], lp, lq, e.p, e.q);
+        out[i] = (e.p - e.q) * scale;
+      }
+      if (fast) store(grad, v, out);
+    });
+    block_sum(sums, smem);
+  }
 
   // Pass 3: grad = (slope - p * sum of slopes) * scale.
   if (grad != nullptr && !fast) {
@@ -322,8 +350,9 @@ __global__ void __launch_bounds__(kMaxThreadsFor<In>, kMinBlocksPerSM) pmi_rows_
     });
   }
   if (threadIdx.x == 0) {
-    p.loss[row] = sums[0];
+    p.loss[row] = sums[0];  // 0 in the gradient-only phase
     if (stats) for (int j = 0; j < kStats; ++j) stats[j] = sums[2 + j];
+    if (p.slope_out) p.slope_out[row] = sums[1];
   }
 }
 
@@ -462,12 +491,19 @@ template <typename In>
 const char* launch_rows(const RowsArgs& a, cudaStream_t stream) {
   using T = Acc<In>;
   const LossOptions& o = a.options;
+  const int phase = a.phase();
+  // Within the phases, only forward KL's gradient is written before the slopes are summed.
+  const bool write_grad = a.grad != nullptr && phase != kPhaseLse && (phase != kPhaseFromLse || o.fast_grad());
+  const bool write_stats = phase == kPhaseAll || phase == kPhaseFromLse;
   const RowsParams<In> p{static_cast<const In*>(a.s), static_cast<const In*>(a.t), static_cast<const In*>(a.r),
                          static_cast<const In*>(a.a), a.stride_s, a.stride_t, a.stride_r, a.stride_a,
                          static_cast<const T*>(a.kappa), a.mask, static_cast<const T*>(a.row_scale),
-                         a.stride_row_scale, static_cast<T*>(a.loss), static_cast<In*>(a.grad), a.stride_grad,
-                         static_cast<T*>(a.stats), a.vocab, o.scalars<T>(), o.pmi, o.clip_on(), o.fast_grad(),
-                         o.kappa_source(a.kappa != nullptr)};
+                         a.stride_row_scale, static_cast<T*>(a.loss),
+                         write_grad ? static_cast<In*>(a.grad) : nullptr, a.stride_grad,
+                         write_stats ? static_cast<T*>(a.stats) : nullptr, static_cast<const T*>(a.lse_in),
+                         static_cast<T*>(a.lse_out), static_cast<const T*>(a.slope_sum_in),
+                         static_cast<T*>(a.slope_sum_out), a.vocab, o.scalars<T>(), o.pmi, o.clip_on(), o.fast_grad(),
+                         o.kappa_source(a.kappa != nullptr), phase};
   const bool vec = rows_aligned<In>({{a.s, a.stride_s}, {a.t, a.stride_t}, {a.r, a.stride_r}, {a.a, a.stride_a},
                                      {a.grad, a.stride_grad}});
   const int threads = threads_for<In>(a.vocab, vec ? kVec<In> : 1);

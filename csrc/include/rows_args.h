@@ -41,8 +41,15 @@ struct LossOptions {
   }
 };
 
+// Which passes run. A vocabulary split between processes runs the last three, gathering
+// between them (pmi_kernels/backends/vocab_parallel.py): pass 1 only, writing this shard's
+// (max, sum of exp) of s and g; pass 2 from the whole vocabulary's (max, log sum of exp),
+// writing the partial slope sum (and forward KL's gradient); pass 3 from the whole slope sum.
+enum Phase : int { kPhaseAll = 0, kPhaseLse = 1, kPhaseFromLse = 2, kPhaseGrad = 3 };
+
 // One call of the row operation over `rows` rows of `vocab` logits. s, t, r, a and grad have
-// `dtype`; kappa, row_scale, loss and stats the compute type (fp32, or fp64 for fp64). Absent
+// `dtype`; kappa, row_scale, loss, stats and the phases' per-row tensors (lse_in, lse_out
+// [rows, 4], slope sums [rows]; contiguous) the compute type (fp32, or fp64 for fp64). Absent
 // tensors are nullptr. grad may alias s. Strides are in elements.
 struct RowsArgs {
   DType dtype;
@@ -57,7 +64,17 @@ struct RowsArgs {
   void* grad;
   int64_t stride_grad;
   void* stats;  // [rows, kStats], contiguous
+  const void* lse_in;
+  void* lse_out;
+  const void* slope_sum_in;
+  void* slope_sum_out;
   LossOptions options;
+
+  int phase() const {
+    if (lse_out != nullptr) return kPhaseLse;
+    if (lse_in == nullptr) return kPhaseAll;
+    return slope_sum_in == nullptr ? kPhaseFromLse : kPhaseGrad;
+  }
 };
 
 // One call of the diagnostics rows: out is [rows, kDiagnostics] in the compute type.

@@ -10,9 +10,10 @@ from . import extension
 
 
 def rows(s, t, r=None, a=None, *, opts: LossOptions, kappa=None, mask=None, row_scale=None, grad_out=None,
-         stats_out=None) -> torch.Tensor:
+         stats_out=None, lse_out=None, lse_in=None, slope_sum_out=None, slope_sum_in=None) -> torch.Tensor:
     extension.load()
-    return torch.ops.pmi_kernels.rows(s, t, r, a, kappa, mask, row_scale, grad_out, stats_out, opts.pack())
+    return torch.ops.pmi_kernels.rows(s, t, r, a, kappa, mask, row_scale, grad_out, stats_out, lse_in, lse_out,
+                                      slope_sum_in, slope_sum_out, opts.pack())
 
 
 def diagnostics_rows(s, t, r, a=None, *, opts: LossOptions) -> torch.Tensor:

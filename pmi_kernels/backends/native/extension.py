@@ -119,7 +119,8 @@ def _register_fakes() -> None:
     from ...options import compute_dtype
 
     @torch.library.register_fake("pmi_kernels::rows")
-    def _(student, teacher, refonly, anchor, kappa, mask, row_scale, grad, stats, options):
+    def _(student, teacher, refonly, anchor, kappa, mask, row_scale, grad, stats, lse_in, lse_out, slope_sum_in,
+          slope_sum_out, options):
         return student.new_empty(student.shape[0], dtype=compute_dtype(student.dtype))
 
     @torch.library.register_fake("pmi_kernels::diagnostics_rows")

@@ -60,33 +60,65 @@ def row_stats(lp, lq):
     return torch.stack([(q * (lq - lp)).sum(-1), -(p * lp).sum(-1), -(q * lq).sum(-1)], dim=-1)
 
 
+def local_lse(x):
+    """[C, 2]: the row maximum and the sum of exp(x - max), over this part of the vocabulary."""
+    m = x.max(-1).values
+    return torch.stack([m, (x - m[:, None]).exp().sum(-1)], -1)
+
+
 def rows(s_raw, t_raw, r_raw=None, a_raw=None, *, opts: LossOptions, kappa: Optional[torch.Tensor] = None,
          mask: Optional[torch.Tensor] = None, row_scale: Optional[torch.Tensor] = None,
-         grad_out: Optional[torch.Tensor] = None, stats_out: Optional[torch.Tensor] = None):
+         grad_out: Optional[torch.Tensor] = None, stats_out: Optional[torch.Tensor] = None,
+         lse_out: Optional[torch.Tensor] = None, lse_in: Optional[torch.Tensor] = None,
+         slope_sum_out: Optional[torch.Tensor] = None, slope_sum_in: Optional[torch.Tensor] = None):
     """Per-row loss [C] (compute dtype) of raw logit rows [C, V]; writes row_scale * dloss/ds_raw
     into grad_out (any float dtype, may alias s_raw) and the row statistics into stats_out
-    when given. Masked rows give exactly 0."""
+    when given. Masked rows give exactly 0.
+
+    Over one shard of a vocabulary split between processes (backends/vocab_parallel.py), the
+    row operation runs in three phases, each given what the previous ones gathered: lse_out
+    [C, 4] receives this shard's (max, sum of exp) of s and of the target g; with lse_in [C, 4]
+    = the whole vocabulary's (max, log sum of exp) of s and g, the loss, statistics and
+    slope_sum_out [C] are this shard's partial sums (and the gradient of forward KL is written);
+    with slope_sum_in [C] too, only the gradient is written."""
     dtype = compute_dtype(s_raw.dtype)
     inv_tau = 1.0 / opts.temperature
     scale = lambda x: None if x is None else x.to(dtype) * inv_tau  # noqa: E731
     s, t, r, a = map(scale, (s_raw, t_raw, r_raw, a_raw))
     g = target_logits(s, t, r, a, kappa, opts)
-    lp, lq = s.log_softmax(-1), g.log_softmax(-1)
-    summand, slope = summand_and_slope(lp, lq, opts, slope=grad_out is not None)
+    keep = (lambda x: x) if mask is None else (lambda x: torch.where(mask.view(-1, *[1] * (x.dim() - 1)), x, 0.0))
+    zero_loss = torch.zeros(s.shape[0], dtype=dtype, device=s.device)
+    if lse_out is not None:
+        lse_out.copy_(torch.cat([local_lse(s), local_lse(g)], -1))
+        if mask is not None:
+            lse_out[~mask] = torch.tensor([float("-inf"), 0.0, float("-inf"), 0.0], dtype=lse_out.dtype,
+                                          device=lse_out.device)
+        return zero_loss
+    if lse_in is None:
+        lp, lq = s.log_softmax(-1), g.log_softmax(-1)
+    else:
+        lse_in = lse_in.to(dtype)
+        lp = (s - lse_in[:, 0:1]) - lse_in[:, 1:2]
+        lq = (g - lse_in[:, 2:3]) - lse_in[:, 3:4]
+    summand, slope = summand_and_slope(lp, lq, opts, slope=grad_out is not None or slope_sum_out is not None)
     if opts.entry_clip is not None:
         if slope is not None:
             slope = slope.masked_fill(summand > opts.entry_clip, 0.0)
         summand = summand.clamp(max=opts.entry_clip)
-    keep = (lambda x: x) if mask is None else (lambda x: torch.where(mask.view(-1, *[1] * (x.dim() - 1)), x, 0.0))
-    loss = keep(summand.sum(-1))
-    if stats_out is not None:
+    grad_only = slope_sum_in is not None
+    loss = zero_loss if grad_only else keep(summand.sum(-1))
+    if stats_out is not None and not grad_only:
         stats_out.copy_(keep(row_stats(lp, lq)))
-    if grad_out is None:
+    if slope_sum_out is not None:
+        slope_sum_out.copy_(keep(slope.sum(-1)))
+    # Within the phases, only forward KL's gradient is written before the slopes are summed.
+    if grad_out is None or (lse_in is not None and not grad_only and not opts.fast_grad):
         return loss
     if opts.fast_grad:
         grad = lp.exp() - lq.exp()
     else:
-        grad = slope - lp.exp() * slope.sum(-1, keepdim=True)
+        slope_sum = slope.sum(-1, keepdim=True) if slope_sum_in is None else slope_sum_in.to(dtype)[:, None]
+        grad = slope - lp.exp() * slope_sum
     grad = grad * inv_tau if row_scale is None else grad * (row_scale.to(dtype)[:, None] * inv_tau)
     grad_out.copy_(keep(grad))
     return loss

@@ -31,6 +31,13 @@ KAPPA_NONE: tl.constexpr = tl.constexpr(0)
 KAPPA_GIVEN: tl.constexpr = tl.constexpr(1)  # computed by the caller (the fused path's GEMM)
 KAPPA_MEAN: tl.constexpr = tl.constexpr(2)  # mean(t - r): centering on
 KAPPA_LSE_DIFF: tl.constexpr = tl.constexpr(3)  # lse(t) - lse(r): centering off
+# Which passes run (backends/vocab_parallel.py runs the last three, gathering between them):
+# all; pass 1 only, writing this shard's log-sum-exps; pass 2 from the gathered log-sum-exps,
+# writing the partial slope sum; pass 3 only, from the gathered slope sum.
+PHASE_ALL: tl.constexpr = tl.constexpr(0)
+PHASE_LSE: tl.constexpr = tl.constexpr(1)
+PHASE_FROM_LSE: tl.constexpr = tl.constexpr(2)
+PHASE_GRAD: tl.constexpr = tl.constexpr(3)
 # The kernel's LOSS_KIND branches, named as options.py numbers the losses.
 LOSS_FORWARD_KL: tl.constexpr = tl.constexpr(FORWARD_KL)
 LOSS_REVERSE_KL: tl.constexpr = tl.constexpr(REVERSE_KL)
@@ -120,11 +127,12 @@ def _tile_terms(p_s, p_t, p_r, p_a, o_v, m_v, inv_tau, kappa, clip, inv_clip, in
 @triton.jit
 def pmi_kl_fwd_kernel(
     p_s, p_t, p_r, p_a, p_kappa, p_mask, p_row_scale, p_loss, p_grad, p_stats, p_params,
+    p_lse_in, p_lse_out, p_slope_in, p_slope_out,
     stride_s, stride_t, stride_r, stride_a, stride_grad, stride_row_scale, V,
     PMI: tl.constexpr, HAS_R: tl.constexpr, HAS_A: tl.constexpr, CLIP: tl.constexpr,
     KAPPA: tl.constexpr, LOSS_KIND: tl.constexpr, ENTRY_CLIP: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, WRITE_GRAD: tl.constexpr, WRITE_STATS: tl.constexpr,
-    FAST_GRAD: tl.constexpr, ACC: tl.constexpr, BLOCK_V: tl.constexpr,
+    FAST_GRAD: tl.constexpr, PHASE: tl.constexpr, ACC: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     # 64-bit row offsets: N * V passes 2**31 at long rollouts.
     row = tl.program_id(0).to(tl.int64)
@@ -176,68 +184,87 @@ def pmi_kl_fwd_kernel(
             m_r, z_r = _online_lse(m_r, z_r, tl.where(m_v, _load_tile(p_r, o_v, m_v, inv_tau, ACC), float("-inf")))
         kappa = (m_t - m_r) + (tl.log(z_t) - tl.log(z_r))
 
-    # Pass 1: log-sum-exp of the student and of the target.
-    m_s = tl.full([], float("-inf"), ACC)
-    z_s = tl.zeros([], dtype=ACC)
-    m_g = tl.full([], float("-inf"), ACC)
-    z_g = tl.zeros([], dtype=ACC)
-    for v0 in range(0, v_end, BLOCK_V):
-        o_v = v0 + o_base
-        m_v = o_v < V
-        b_s = _load_tile(p_s, o_v, m_v, inv_tau, ACC)
-        b_g = _target_tile(b_s, p_t, p_r, p_a, o_v, m_v, inv_tau, kappa, clip, inv_clip, inv_beta,
-                           PMI, HAS_R, HAS_A, CLIP, ACC)
-        m_s, z_s = _online_lse(m_s, z_s, tl.where(m_v, b_s, float("-inf")))
-        m_g, z_g = _online_lse(m_g, z_g, tl.where(m_v, b_g, float("-inf")))
-    log_z_s = tl.log(z_s)
-    log_z_g = tl.log(z_g)
-
-    grad_scale = inv_tau
-    if HAS_ROW_SCALE:
-        grad_scale = grad_scale * tl.load(p_row_scale + row * stride_row_scale).to(ACC)
-
-    # Pass 2: the loss, sum_v A_v and the row statistics.
-    b_loss = tl.zeros([BLOCK_V], dtype=ACC)
-    b_slope_sum = tl.zeros([BLOCK_V], dtype=ACC)
-    b_kl = tl.zeros([BLOCK_V], dtype=ACC)
-    b_ent_p = tl.zeros([BLOCK_V], dtype=ACC)
-    b_ent_q = tl.zeros([BLOCK_V], dtype=ACC)
-    for v0 in range(0, v_end, BLOCK_V):
-        o_v = v0 + o_base
-        m_v = o_v < V
-        f, slope, p, q, lp, lq = _tile_terms(p_s, p_t, p_r, p_a, o_v, m_v, inv_tau, kappa, clip, inv_clip, inv_beta,
-                                             m_s, log_z_s, m_g, log_z_g, lam, log_1m_lam, log_lam, entry_clip,
-                                             PMI, HAS_R, HAS_A, CLIP, LOSS_KIND, ENTRY_CLIP, ACC)
-        b_loss += tl.where(m_v, f, 0.0)
-        b_slope_sum += tl.where(m_v, slope, 0.0)
-        if WRITE_STATS:
-            b_kl += tl.where(m_v, q * (lq - lp), 0.0)
-            b_ent_p -= tl.where(m_v, p * lp, 0.0)
-            b_ent_q -= tl.where(m_v, q * lq, 0.0)
-        if FAST_GRAD:
-            tl.store(p_grad + o_v, ((p - q) * grad_scale).to(p_grad.dtype.element_ty), mask=m_v)
-    loss = tl.sum(b_loss, axis=0)
-    slope_sum = tl.sum(b_slope_sum, axis=0)
-
-    # Pass 3: grad = A - p * sum A, for the losses whose gradient needs that row sum.
-    if WRITE_GRAD and not FAST_GRAD:
+    if PHASE == PHASE_ALL or PHASE == PHASE_LSE:
+        # Pass 1: log-sum-exp of the student and of the target.
+        m_s = tl.full([], float("-inf"), ACC)
+        z_s = tl.zeros([], dtype=ACC)
+        m_g = tl.full([], float("-inf"), ACC)
+        z_g = tl.zeros([], dtype=ACC)
         for v0 in range(0, v_end, BLOCK_V):
             o_v = v0 + o_base
             m_v = o_v < V
-            f, slope, p, q, lp, lq = _tile_terms(p_s, p_t, p_r, p_a, o_v, m_v, inv_tau, kappa, clip, inv_clip,
-                                                 inv_beta, m_s, log_z_s, m_g, log_z_g, lam, log_1m_lam, log_lam,
-                                                 entry_clip, PMI, HAS_R, HAS_A, CLIP, LOSS_KIND, ENTRY_CLIP, ACC)
-            tl.store(p_grad + o_v, ((slope - p * slope_sum) * grad_scale).to(p_grad.dtype.element_ty), mask=m_v)
-    if WRITE_GRAD and HAS_MASK:
-        for v0 in range(0, V - v_end, BLOCK_V):
-            o_v = v0 + o_base
-            tl.store(p_grad + o_v, tl.zeros([BLOCK_V], dtype=p_grad.dtype.element_ty), mask=o_v < V)
-    kept = v_end > 0
-    tl.store(p_loss + row, tl.where(kept, loss, 0.0))
-    if WRITE_STATS:
-        tl.store(p_stats + row * 3 + 0, tl.where(kept, tl.sum(b_kl, axis=0), 0.0))
-        tl.store(p_stats + row * 3 + 1, tl.where(kept, tl.sum(b_ent_p, axis=0), 0.0))
-        tl.store(p_stats + row * 3 + 2, tl.where(kept, tl.sum(b_ent_q, axis=0), 0.0))
+            b_s = _load_tile(p_s, o_v, m_v, inv_tau, ACC)
+            b_g = _target_tile(b_s, p_t, p_r, p_a, o_v, m_v, inv_tau, kappa, clip, inv_clip, inv_beta,
+                               PMI, HAS_R, HAS_A, CLIP, ACC)
+            m_s, z_s = _online_lse(m_s, z_s, tl.where(m_v, b_s, float("-inf")))
+            m_g, z_g = _online_lse(m_g, z_g, tl.where(m_v, b_g, float("-inf")))
+        log_z_s = tl.log(z_s)
+        log_z_g = tl.log(z_g)
+    else:
+        # The whole vocabulary's (max, log sum of exp), gathered from every shard.
+        m_s = tl.load(p_lse_in + row * 4 + 0).to(ACC)
+        log_z_s = tl.load(p_lse_in + row * 4 + 1).to(ACC)
+        m_g = tl.load(p_lse_in + row * 4 + 2).to(ACC)
+        log_z_g = tl.load(p_lse_in + row * 4 + 3).to(ACC)
+
+    if PHASE == PHASE_LSE:
+        # This shard's (max, sum of exp) of s and g; a masked row has no mass: (-inf, 0).
+        tl.store(p_lse_out + row * 4 + 0, m_s)
+        tl.store(p_lse_out + row * 4 + 1, z_s)
+        tl.store(p_lse_out + row * 4 + 2, m_g)
+        tl.store(p_lse_out + row * 4 + 3, z_g)
+        tl.store(p_loss + row, 0.0)
+    else:
+        grad_scale = inv_tau
+        if HAS_ROW_SCALE:
+            grad_scale = grad_scale * tl.load(p_row_scale + row * stride_row_scale).to(ACC)
+        kept = v_end > 0
+        if PHASE == PHASE_GRAD:
+            slope_sum = tl.load(p_slope_in + row).to(ACC)
+        else:
+            # Pass 2: the loss, sum_v A_v and the row statistics.
+            b_loss = tl.zeros([BLOCK_V], dtype=ACC)
+            b_slope_sum = tl.zeros([BLOCK_V], dtype=ACC)
+            b_kl = tl.zeros([BLOCK_V], dtype=ACC)
+            b_ent_p = tl.zeros([BLOCK_V], dtype=ACC)
+            b_ent_q = tl.zeros([BLOCK_V], dtype=ACC)
+            for v0 in range(0, v_end, BLOCK_V):
+                o_v = v0 + o_base
+                m_v = o_v < V
+                f, slope, p, q, lp, lq = _tile_terms(p_s, p_t, p_r, p_a, o_v, m_v, inv_tau, kappa, clip, inv_clip,
+                                                     inv_beta, m_s, log_z_s, m_g, log_z_g, lam, log_1m_lam, log_lam,
+                                                     entry_clip, PMI, HAS_R, HAS_A, CLIP, LOSS_KIND, ENTRY_CLIP, ACC)
+                b_loss += tl.where(m_v, f, 0.0)
+                b_slope_sum += tl.where(m_v, slope, 0.0)
+                if WRITE_STATS:
+                    b_kl += tl.where(m_v, q * (lq - lp), 0.0)
+                    b_ent_p -= tl.where(m_v, p * lp, 0.0)
+                    b_ent_q -= tl.where(m_v, q * lq, 0.0)
+                if FAST_GRAD:
+                    tl.store(p_grad + o_v, ((p - q) * grad_scale).to(p_grad.dtype.element_ty), mask=m_v)
+            slope_sum = tl.sum(b_slope_sum, axis=0)
+            tl.store(p_loss + row, tl.where(kept, tl.sum(b_loss, axis=0), 0.0))
+            if WRITE_STATS:
+                tl.store(p_stats + row * 3 + 0, tl.where(kept, tl.sum(b_kl, axis=0), 0.0))
+                tl.store(p_stats + row * 3 + 1, tl.where(kept, tl.sum(b_ent_p, axis=0), 0.0))
+                tl.store(p_stats + row * 3 + 2, tl.where(kept, tl.sum(b_ent_q, axis=0), 0.0))
+            if PHASE == PHASE_FROM_LSE:
+                tl.store(p_slope_out + row, tl.where(kept, slope_sum, 0.0))
+        # Pass 3: grad = A - p * sum A, for the losses whose gradient needs that row sum.
+        if WRITE_GRAD and not FAST_GRAD:
+            for v0 in range(0, v_end, BLOCK_V):
+                o_v = v0 + o_base
+                m_v = o_v < V
+                f, slope, p, q, lp, lq = _tile_terms(p_s, p_t, p_r, p_a, o_v, m_v, inv_tau, kappa, clip, inv_clip,
+                                                     inv_beta, m_s, log_z_s, m_g, log_z_g, lam, log_1m_lam, log_lam,
+                                                     entry_clip, PMI, HAS_R, HAS_A, CLIP, LOSS_KIND, ENTRY_CLIP, ACC)
+                tl.store(p_grad + o_v, ((slope - p * slope_sum) * grad_scale).to(p_grad.dtype.element_ty), mask=m_v)
+        if WRITE_GRAD and HAS_MASK:
+            for v0 in range(0, V - v_end, BLOCK_V):
+                o_v = v0 + o_base
+                tl.store(p_grad + o_v, tl.zeros([BLOCK_V], dtype=p_grad.dtype.element_ty), mask=o_v < V)
+        if PHASE == PHASE_GRAD:
+            tl.store(p_loss + row, 0.0)
 
 
 def block_v(vocab: int, interpret: bool, block: Optional[int] = None) -> int:
@@ -264,30 +291,48 @@ def kappa_source(opts: LossOptions, kappa_given: bool) -> int:
     return (KAPPA_MEAN if opts.center else KAPPA_LSE_DIFF).value
 
 
+def phase_of(lse_out, lse_in, slope_sum_in) -> int:
+    if lse_out is not None:
+        return PHASE_LSE.value
+    if lse_in is None:
+        return PHASE_ALL.value
+    return (PHASE_FROM_LSE if slope_sum_in is None else PHASE_GRAD).value
+
+
 def rows(s_raw, t_raw, r_raw=None, a_raw=None, *, opts: LossOptions, kappa: Optional[torch.Tensor] = None,
          mask: Optional[torch.Tensor] = None, row_scale: Optional[torch.Tensor] = None,
          grad_out: Optional[torch.Tensor] = None, stats_out: Optional[torch.Tensor] = None,
+         lse_out: Optional[torch.Tensor] = None, lse_in: Optional[torch.Tensor] = None,
+         slope_sum_out: Optional[torch.Tensor] = None, slope_sum_in: Optional[torch.Tensor] = None,
          block: Optional[int] = None, num_warps: int = NUM_WARPS) -> torch.Tensor:
-    """The row operation (pmi_kernels.backends) on [C, V] rows with unit stride along V.
-    `block` and `num_warps` override the launch configuration (tests, tuning)."""
+    """The row operation (pmi_kernels.backends, phases included) on [C, V] rows with unit stride
+    along V. `block` and `num_warps` override the launch configuration (tests, tuning)."""
     n_rows, vocab = s_raw.shape
     loss = torch.empty(n_rows, dtype=compute_dtype(s_raw.dtype), device=s_raw.device)
     if n_rows == 0:
         return loss
     for x in (s_raw, t_raw, r_raw, a_raw, grad_out):
         assert x is None or x.stride(-1) == 1, "rows must be contiguous along the vocabulary"
-    assert stats_out is None or stats_out.is_contiguous(), "stats_out must be contiguous"
+    for x in (stats_out, lse_out, lse_in, slope_sum_out, slope_sum_in):
+        assert x is None or x.is_contiguous(), "per-row outputs and inputs must be contiguous"
+    phase = phase_of(lse_out, lse_in, slope_sum_in)
+    # Within the phases, only forward KL's gradient is written before the slopes are summed.
+    if phase == PHASE_LSE.value or (phase == PHASE_FROM_LSE.value and not opts.fast_grad):
+        grad_out = None
     acc = tl.float64 if loss.dtype == torch.float64 else tl.float32
     stride = lambda x: 0 if x is None else x.stride(0)  # noqa: E731
     pmi_kl_fwd_kernel[(n_rows,)](
         p_s=s_raw, p_t=t_raw, p_r=r_raw, p_a=a_raw, p_kappa=kappa, p_mask=mask, p_row_scale=row_scale,
-        p_loss=loss, p_grad=grad_out, p_stats=stats_out, p_params=_params(opts, loss.dtype, s_raw.device),
+        p_loss=loss, p_grad=grad_out, p_stats=stats_out if phase in (PHASE_ALL.value, PHASE_FROM_LSE.value) else None,
+        p_params=_params(opts, loss.dtype, s_raw.device),
+        p_lse_in=lse_in, p_lse_out=lse_out, p_slope_in=slope_sum_in, p_slope_out=slope_sum_out,
         stride_s=s_raw.stride(0), stride_t=t_raw.stride(0), stride_r=stride(r_raw), stride_a=stride(a_raw),
         stride_grad=stride(grad_out), stride_row_scale=stride(row_scale), V=vocab,
         PMI=opts.pmi, HAS_R=r_raw is not None, HAS_A=a_raw is not None, CLIP=opts.needs_kappa,
         KAPPA=kappa_source(opts, kappa is not None), LOSS_KIND=opts.loss_kind, ENTRY_CLIP=opts.entry_clip is not None,
         HAS_MASK=mask is not None, HAS_ROW_SCALE=row_scale is not None, WRITE_GRAD=grad_out is not None,
-        WRITE_STATS=stats_out is not None, FAST_GRAD=grad_out is not None and opts.fast_grad,
+        WRITE_STATS=stats_out is not None and phase in (PHASE_ALL.value, PHASE_FROM_LSE.value), FAST_GRAD=grad_out is not None and opts.fast_grad,
+        PHASE=phase,
         ACC=acc, BLOCK_V=block_v(vocab, s_raw.device.type == "cpu", block), num_warps=num_warps,
     )
     return loss

@@ -1,0 +1,114 @@
+"""The row operation over a vocabulary split between processes (Megatron's vocabulary-parallel
+layout: each rank of a process group holds a contiguous shard of the vocabulary, in rank order,
+shards of any sizes).
+
+Every definition of the loss is over the whole vocabulary, so the per-row reductions are
+gathered with all-reduces of O(1) numbers per row, never a [N, V] tensor:
+
+    kappa        the centering sum of t - r (and the global V), or lse(t) - lse(r)
+    phase 1      each shard's (max, sum of exp) of s and of the target g  -> all-reduce max, sum
+    phase 2      from the whole log-sum-exps: each shard's loss, slope sum (and statistics)
+                 -> all-reduce sum; forward KL's gradient is written here
+    phase 3      other losses: the gradient, from the whole slope sum
+
+The backends run the phases (their row functions take lse_out / lse_in / slope_sum_in).
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+import torch.distributed as dist
+
+from .backends import Backend
+from .options import LossOptions, compute_dtype
+
+# Process groups by name: the custom ops take names (a group is no op argument type).
+_GROUPS: Dict[str, "dist.ProcessGroup"] = {}
+
+
+def group_name(group) -> Optional[str]:
+    """The name the custom ops carry for `group` (None: no vocabulary split)."""
+    if group is None:
+        return None
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError("process_group needs torch.distributed to be initialized (init_process_group)")
+    if not isinstance(group, dist.ProcessGroup):
+        raise ValueError(f"process_group must be a torch.distributed ProcessGroup, got {type(group).__name__}")
+    _GROUPS[group.group_name] = group
+    return group.group_name
+
+
+def group_of(name: str):
+    return _GROUPS[name]
+
+
+def all_reduce(x: torch.Tensor, group, op=None) -> torch.Tensor:
+    dist.all_reduce(x, op=op or dist.ReduceOp.SUM, group=group)
+    return x
+
+
+def gather_lse(local: torch.Tensor, group) -> torch.Tensor:
+    """[C, 2k] of this shard's (max, sum of exp) pairs -> the whole vocabulary's (max, log sum of
+    exp) pairs. A row with no mass anywhere (masked) gives (-inf, -inf)."""
+    m_local, z_local = local[:, 0::2], local[:, 1::2]
+    m = all_reduce(m_local.clone(), group, dist.ReduceOp.MAX)
+    shift = torch.where(z_local > 0, (m_local - m).exp(), torch.zeros_like(z_local))
+    z = all_reduce(z_local * shift, group)
+    out = torch.empty_like(local)
+    out[:, 0::2], out[:, 1::2] = m, z.log()
+    return out
+
+
+def local_lse(x: torch.Tensor) -> torch.Tensor:
+    """[C, 2]: (max, sum of exp(x - max)) over this shard of each row."""
+    m = x.max(-1).values
+    return torch.stack([m, (x - m[:, None]).exp().sum(-1)], -1)
+
+
+def global_vocab(local_vocab: int, group, device) -> int:
+    return int(all_reduce(torch.tensor([local_vocab], dtype=torch.int64, device=device), group).item())
+
+
+def widest_shard(local_vocab: int, group, device) -> int:
+    return int(all_reduce(torch.tensor([local_vocab], dtype=torch.int64, device=device), group,
+                          dist.ReduceOp.MAX).item())
+
+
+def logits_kappa(t_raw, r_raw, opts: LossOptions, vocab: int, group) -> Optional[torch.Tensor]:
+    """kappa of raw logit shards [C, V_k], as the kernels would compute it over the whole row."""
+    if not opts.needs_kappa:
+        return None
+    dtype = compute_dtype(t_raw.dtype)
+    if opts.center:
+        partial = (t_raw.sum(-1, dtype=dtype) - r_raw.sum(-1, dtype=dtype)) / opts.temperature
+        return all_reduce(partial, group) / vocab
+    scaled = lambda x: x.to(dtype) / opts.temperature  # noqa: E731
+    lse = gather_lse(torch.cat([local_lse(scaled(t_raw)), local_lse(scaled(r_raw))], -1), group)
+    return (lse[:, 0] - lse[:, 2]) + (lse[:, 1] - lse[:, 3])
+
+
+def parallel_rows(impl: Backend, s, t, r, a, *, opts: LossOptions, group, kappa=None, mask=None, row_scale=None,
+                  grad_out=None, stats_out=None) -> torch.Tensor:
+    """The row operation's contract (backends/__init__.py) over this rank's vocabulary shard:
+    the whole row's loss and statistics (the same on every rank), this shard's gradient."""
+    n = s.shape[0]
+    dtype = compute_dtype(s.dtype)
+    local = torch.empty(n, 4, dtype=dtype, device=s.device)
+    impl.rows(s, t, r, a, opts=opts, kappa=kappa, mask=mask, lse_out=local)
+    lse = gather_lse(local, group)
+    sums = torch.empty(n, 2 + (0 if stats_out is None else stats_out.shape[1]), dtype=dtype, device=s.device)
+    slope_sum = torch.empty(n, dtype=dtype, device=s.device)
+    stats = None if stats_out is None else torch.empty_like(stats_out)
+    sums[:, 0] = impl.rows(s, t, r, a, opts=opts, kappa=kappa, mask=mask, row_scale=row_scale, grad_out=grad_out,
+                           stats_out=stats, lse_in=lse, slope_sum_out=slope_sum)
+    sums[:, 1] = slope_sum
+    if stats is not None:
+        sums[:, 2:] = stats
+    all_reduce(sums, group)
+    if grad_out is not None and not opts.fast_grad:
+        impl.rows(s, t, r, a, opts=opts, kappa=kappa, mask=mask, row_scale=row_scale, grad_out=grad_out, lse_in=lse,
+                  slope_sum_in=sums[:, 1].contiguous())
+    if stats_out is not None:
+        stats_out.copy_(sums[:, 2:])
+    return sums[:, 0]

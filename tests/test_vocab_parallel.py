@@ -1,0 +1,131 @@
+"""The vocabulary split over a process group (gloo, spawned processes): every rank's loss, and
+its shard of the gradients, equal the unsharded float64 reference, at world sizes 2 and 3 with
+shards of different sizes, for every loss option, mode, reduction and dtype, on every backend."""
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from helpers import assert_close, upcast
+
+VOCAB = 1001
+# Contiguous shards in rank order, of different sizes.
+SHARDS = {2: [600, 401], 3: [400, 300, 301]}
+OPTIONS = [dict(), dict(jsd_beta=0.0), dict(jsd_beta=1.0, temperature=0.7), dict(jsd_beta=0.3, beta=0.5, clip=1.5),
+           dict(clip=None, center=False), dict(clip=3.0, center=False, jsd_beta=0.0), dict(entry_clip=1e-3)]
+MODES = ["pmi", "pmi-anchor", "opsd"]
+
+
+def shard_of(x, rank, world, dim):
+    sizes = SHARDS[world]
+    start = sum(sizes[:rank])
+    return x.narrow(dim, start, sizes[rank])
+
+
+def inputs(seed, dtype, n=6, hidden=12):
+    gen = torch.Generator().manual_seed(seed)
+    rand = lambda *shape, scale=1.0: (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype)  # noqa: E731
+    return dict(logits=[rand(n, VOCAB, scale=3.0) for _ in range(4)], hidden=[rand(n, hidden) for _ in range(4)],
+                weight=rand(VOCAB, hidden, scale=0.6), bias=rand(VOCAB), frozen=rand(VOCAB, hidden, scale=0.6),
+                mask=torch.rand(n, generator=gen) > 0.3)
+
+
+def streams_for(mode, xs):
+    s, t, r, a = xs
+    return s, t, None if mode == "opsd" else r, a if mode == "pmi-anchor" else None
+
+
+def check_logits(rank, world, group, backend, dtype, mode, options, reduction, mask, seed):
+    from pmi_kernels import pmi_kl
+    from pmi_kernels.reference import pmi_kl_reference
+    data = inputs(seed, dtype)
+    mask = {"some": data["mask"], "none-kept": torch.zeros(6, dtype=torch.bool), None: None}[mask]
+    s, t, r, a = streams_for(mode, data["logits"])
+    local = [None if x is None else shard_of(x, rank, world, 1).contiguous() for x in (s, t, r, a)]
+    student = local[0].clone().requires_grad_(True)
+    loss = pmi_kl(student, *local[1:], mask=mask, reduction=reduction, backend=backend, process_group=group, **options)
+    upstream = torch.linspace(0.5, 1.5, loss.numel(), dtype=torch.float64).reshape(loss.shape)
+    (grad,) = torch.autograd.grad((loss.double() * upstream).sum(), student)
+    s64 = upcast(s).requires_grad_(True)
+    ref = pmi_kl_reference(s64, upcast(t), upcast(r), upcast(a), mask=mask, reduction=reduction, **options)
+    (ref_grad,) = torch.autograd.grad((ref * upstream).sum(), s64)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    assert_close(loss, ref, acc, f"rank {rank} loss", factor=2, atol=1e-6)
+    assert_close(grad, shard_of(ref_grad, rank, world, 1), dtype, f"rank {rank} grad", factor=2, atol=1e-9)
+
+
+def check_fused(rank, world, group, backend, dtype, mode, options, reduction, mask, seed):
+    from pmi_kernels import fused_pmi_kl
+    from pmi_kernels.reference import fused_pmi_kl_reference
+    data = inputs(seed, dtype)
+    mask = {"some": data["mask"], "none-kept": torch.zeros(6, dtype=torch.bool), None: None}[mask]
+    h, h_t, h_r, h_a = streams_for(mode, data["hidden"])
+    leaves = [h.clone().requires_grad_(True), shard_of(data["weight"], rank, world, 0).clone().requires_grad_(True),
+              shard_of(data["bias"], rank, world, 0).clone().requires_grad_(True)]
+    loss = fused_pmi_kl(leaves[0], leaves[1], h_t, h_r, h_a, lm_head_bias=leaves[2],
+                        frozen_weight=shard_of(data["frozen"], rank, world, 0), mask=mask, reduction=reduction,
+                        backend=backend, process_group=group, **options)
+    upstream = torch.linspace(0.5, 1.5, loss.numel(), dtype=torch.float64).reshape(loss.shape)
+    grads = torch.autograd.grad((loss.double() * upstream).sum(), leaves)
+    ref_leaves = [upcast(x).requires_grad_(True) for x in (h, data["weight"], data["bias"])]
+    ref = fused_pmi_kl_reference(ref_leaves[0], ref_leaves[1], upcast(h_t), upcast(h_r), upcast(h_a),
+                                 lm_head_bias=ref_leaves[2], frozen_weight=upcast(data["frozen"]), mask=mask,
+                                 reduction=reduction, **options)
+    ref_grads = torch.autograd.grad((ref * upstream).sum(), ref_leaves)
+    # The GEMMs give logits in the input dtype: bf16 losses are as close as bf16 logits allow.
+    loss_dtype = torch.float64 if dtype == torch.float64 else torch.float32 if dtype == torch.float32 else dtype
+    factor = 1 if dtype == torch.float64 else 3  # the bf16 logits round once more in the t - r GEMM
+    assert_close(loss, ref, loss_dtype, f"rank {rank} loss", factor=factor, atol=1e-6)
+    assert_close(grads[0], ref_grads[0], dtype, f"rank {rank} grad_h (summed)", factor=factor, atol=1e-8)
+    assert_close(grads[1], shard_of(ref_grads[1], rank, world, 0), dtype, f"rank {rank} grad_W shard",
+                 factor=factor, atol=1e-8)
+    assert_close(grads[2], shard_of(ref_grads[2], rank, world, 0), dtype, f"rank {rank} grad_b shard",
+                 factor=factor, atol=1e-8)
+
+
+def cases(backends):
+    """(function, backend, dtype, mode, options, reduction, mask): every option and mode in fp64,
+    the other dtypes, reductions and masks on a few."""
+    out = []
+    for backend in backends:
+        for check in ("logits", "fused"):
+            out += [(check, backend, torch.float64, mode, options, "none", "some")
+                    for options in OPTIONS for mode in MODES]
+            out += [(check, backend, dtype, "pmi", dict(), reduction, mask)
+                    for dtype in (torch.float32, torch.bfloat16) for reduction in ("mean", "sum")
+                    for mask in ("some", None)]
+            out.append((check, backend, torch.float32, "pmi-anchor", dict(jsd_beta=0.0), "mean", "none-kept"))
+    return out
+
+
+def worker(rank, world, init_file, backends):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        group = dist.new_group(list(range(world)))
+        for i, (check, backend, dtype, mode, options, reduction, mask) in enumerate(cases(backends)):
+            fn = check_logits if check == "logits" else check_fused
+            try:
+                fn(rank, world, group, backend, dtype, mode, options, reduction, mask, seed=1000 + i)
+            except AssertionError as err:
+                raise AssertionError(f"{check} {backend} {dtype} {mode} {options} {reduction} mask={mask}: {err}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_vocab_parallel_equals_the_unsharded_reference(world):
+    from conftest import PATHS
+    backends = sorted({p.values[1] for p in PATHS if p.values[0] == "cpu"})
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(worker, args=(world, os.path.join(tmp, "rendezvous"), backends), nprocs=world, join=True)
+
+
+def test_process_group_needs_an_initialized_group():
+    from pmi_kernels import pmi_kl
+    x = torch.randn(2, 5)
+    with pytest.raises(ValueError, match="process_group"):
+        pmi_kl(x, x, x, process_group="not a group")
+
