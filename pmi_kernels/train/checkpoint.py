@@ -84,6 +84,7 @@ def point_latest(output_dir: str, name: str) -> None:
     fault_point("save-pointer-written")
     os.replace(tmp, os.path.join(output_dir, LATEST))
     fsync_path(output_dir)
+    fault_point("save-pointer-moved")
 
 
 def save_checkpoint(output_dir: str, step: int, state: dict, meta: dict, save_pretrained=None, keep: int = 2) -> str:
@@ -103,14 +104,12 @@ def save_checkpoint(output_dir: str, step: int, state: dict, meta: dict, save_pr
     if os.path.lexists(final):
         # `latest` may name `final`: it names the new, durable copy while `final` is replaced.
         point_latest(output_dir, os.path.basename(tmp))
-        fault_point("save-latest-at-temporary")
         shutil.rmtree(final)
         fault_point("save-old-removed")
     os.rename(tmp, final)
     fsync_path(output_dir)
     fault_point("save-renamed")
     point_latest(output_dir, name)
-    fault_point("save-latest-moved")
     prune_checkpoints(output_dir, keep)
     return final
 
