@@ -28,9 +28,10 @@ def tiny(tmp_path, **overrides):
 
 def tiny_flags(tmp_path, **overrides):
     """The same run as command-line flags, for `pmi-opsd train`."""
-    values = {"output_dir": str(tmp_path / "run"), **TINY, **overrides}
-    return [item for key, value in values.items() for item in ("--" + key.replace("_", "-"), str(value).lower()
-                                                                if isinstance(value, bool) else str(value))]
+    flags = []
+    for key, value in {"output_dir": str(tmp_path / "run"), **TINY, **overrides}.items():
+        flags += ["--" + key.replace("_", "-"), str(value).lower() if isinstance(value, bool) else str(value)]
+    return flags
 
 
 def trainable_snapshot(trainer):
