@@ -1,6 +1,7 @@
 """The training loop on CPU: tiny steps in each mode, context alignment, resume, bad input."""
 import json
 import os
+import signal
 
 import pytest
 import torch
@@ -17,11 +18,20 @@ from pmi_kernels.train.rollouts import merged_weights  # noqa: E402
 from pmi_kernels.train.toy import toy_model, toy_problems, toy_tokenizer  # noqa: E402
 
 
+TINY = dict(device="cpu", max_new_tokens=10, batch_size=2, max_steps=2, sft_steps=0, eval_limit=4, save_every=1,
+            use_chat_template=False, diagnostics_every=1, lr=1e-2)
+
+
 def tiny(tmp_path, **overrides):
-    values = dict(output_dir=str(tmp_path / "run"), device="cpu", max_new_tokens=10, batch_size=2, max_steps=2,
-                  sft_steps=0, eval_limit=4, save_every=1, use_chat_template=False, diagnostics_every=1, lr=1e-2)
-    values.update(overrides)
-    return TrainConfig(**values)
+    return TrainConfig(**{"output_dir": str(tmp_path / "run"), **TINY, **overrides})
+
+
+def tiny_flags(tmp_path, **overrides):
+    """The same run as command-line flags, for `pmi-opsd train`."""
+    flags = []
+    for key, value in {"output_dir": str(tmp_path / "run"), **TINY, **overrides}.items():
+        flags += ["--" + key.replace("_", "-"), str(value).lower() if isinstance(value, bool) else str(value)]
+    return flags
 
 
 def trainable_snapshot(trainer):
@@ -130,11 +140,11 @@ def test_interrupt_writes_a_checkpoint(tmp_path):
 
     def step_then_interrupt():
         record = original()
-        trainer.stop_requested = True  # what the SIGINT handler sets
+        trainer.stop.signum = signal.SIGINT  # what the SIGINT handler sets
         return record
     trainer.train_step = step_then_interrupt
     result = trainer.train(progress=False)
-    assert result["interrupted"] and result["steps"] == 1
+    assert result["interrupted"] == "SIGINT" and result["steps"] == 1
     out = tmp_path / "run"
     assert (out / "latest").read_text() == "checkpoint-1" and (out / "checkpoint-1" / "state.pt").exists()
     assert not [p for p in os.listdir(out) if ".tmp-" in p]
@@ -293,3 +303,17 @@ def test_chat_template_wraps_every_context():
         text = render(DEFAULT_TEMPLATES, kind, "What is 2 + 2?", "2 + 2 = 4.", tokenizer)
         assert text.startswith("<u>") and text.endswith("</u><a>") and ("2 + 2 = 4." in text) == (kind != "student")
     assert render(DEFAULT_TEMPLATES, "student", "q", "s", tokenizer, use_chat=False) == "Question: q\nAnswer: "
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["plain", "chat-template"])
+def test_batched_context_ids_equal_one_row_at_a_time(chat):
+    """The trainer tokenizes each context kind in one call; it must give prompt_ids's ids."""
+    from pmi_kernels.train.contexts import prompt_ids
+    from pmi_kernels.train.prompts import DEFAULT_TEMPLATES
+    from pmi_kernels.train.tokenized import contexts_ids
+    tokenizer = toy_tokenizer()
+    if chat:
+        tokenizer.chat_template = "{% for m in messages %}<u>{{ m['content'] }}</u>{% endfor %}<a>"
+    rows = toy_problems(5, 3)
+    got = contexts_ids(tokenizer, DEFAULT_TEMPLATES, KINDS, rows, use_chat=True)
+    assert got == {kind: [prompt_ids(tokenizer, DEFAULT_TEMPLATES, kind, row, True) for row in rows] for kind in KINDS}

@@ -1,57 +1,195 @@
-"""Checkpoints written atomically: a new directory under a temporary name, renamed into place,
-then a `latest` pointer replaced by rename. An interruption at any moment leaves the previous
-checkpoint intact and pointed to."""
+"""Checkpoints that survive any interruption.
+
+A save writes checkpoint-<step>/ under a temporary name (.checkpoint-<step>.tmp-<pid>), fsyncs
+every file and directory in it, renames it into place, then replaces the `latest` pointer by
+renaming a fsynced temporary file over it. What `latest` names is never deleted before its
+successor is durable: re-saving a step whose directory exists first points `latest` at the new
+copy, then swaps that in; a swap cut short is finished by `recover_interrupted_save` at the
+next start. Only the newest `keep` checkpoint-<digits> directories are kept, and nothing else
+in the directory is ever removed. Each checkpoint holds state.pt (tensors and plain containers
+only: it is read with torch.load(weights_only=True)) and checkpoint.json (its step and the run's
+config, compared on --resume before anything heavy loads).
+"""
 from __future__ import annotations
 
+import json
 import os
-import random
+import re
 import shutil
+from typing import Callable, List, Optional
 
 import torch
 
+from .interrupts import fault_point
+
 LATEST = "latest"
+STATE_FILE = "state.pt"
+META_FILE = "checkpoint.json"
+CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
+# The temporary names this trainer writes; what is left of them after a crash is removed at start.
+TEMPORARY_NAME = re.compile(r"\.(checkpoint-\d+|latest|toy-base|metrics\.jsonl)\.tmp-\d+")
 
 
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+def temporary_path(final: str) -> str:
+    return os.path.join(os.path.dirname(final), f".{os.path.basename(final)}.tmp-{os.getpid()}")
 
 
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
-def save_checkpoint(output_dir: str, step: int, state: dict, save_pretrained=None) -> str:
-    """state -> output_dir/checkpoint-<step>/state.pt (+ save_pretrained(dir) for the adapter)."""
-    name = f"checkpoint-{step}"
-    final = os.path.join(output_dir, name)
-    tmp = os.path.join(output_dir, f".{name}.tmp-{os.getpid()}")
+def fsync_tree(root: str) -> None:
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            fsync_path(os.path.join(dirpath, name))
+        fsync_path(dirpath)
+
+
+def write_dir_atomically(final: str, write: Callable[[str], None]) -> None:
+    """write(tmp) fills a temporary directory, which becomes `final` only once it is durable."""
+    tmp = temporary_path(final)
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    torch.save(state, os.path.join(tmp, "state.pt"))
+    write(tmp)
+    fsync_tree(tmp)
+    os.rename(tmp, final)
+    fsync_path(os.path.dirname(final) or ".")
+
+
+def checkpoint_steps(output_dir: str) -> List[int]:
+    """Steps of the checkpoint-<digits> directories, oldest first."""
+    found = (CHECKPOINT_NAME.fullmatch(name) for name in os.listdir(output_dir))
+    return sorted(int(m[1]) for m in found if m and os.path.isdir(os.path.join(output_dir, m[0])))
+
+
+def read_latest(output_dir: str) -> Optional[str]:
+    try:
+        with open(os.path.join(output_dir, LATEST)) as fh:
+            return fh.read().strip()
+    except FileNotFoundError:
+        return None
+
+
+def point_latest(output_dir: str, name: str) -> None:
+    """Replace `latest` by rename: a reader sees the old name or the new one, never a part."""
+    tmp = temporary_path(os.path.join(output_dir, LATEST))
+    with open(tmp, "w") as fh:
+        fh.write(name)
+        fh.flush()
+        os.fsync(fh.fileno())
+    fault_point("save-pointer-written")
+    os.replace(tmp, os.path.join(output_dir, LATEST))
+    fsync_path(output_dir)
+    fault_point("save-pointer-moved")
+
+
+def save_checkpoint(output_dir: str, step: int, state: dict, meta: dict, save_pretrained=None, keep: int = 2) -> str:
+    """state -> checkpoint-<step>/state.pt, meta -> checkpoint.json (+ save_pretrained(dir)/model)."""
+    name = f"checkpoint-{step}"
+    final = os.path.join(output_dir, name)
+    tmp = temporary_path(final)
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    torch.save(state, os.path.join(tmp, STATE_FILE))
+    with open(os.path.join(tmp, META_FILE), "w") as fh:
+        json.dump(meta, fh, indent=1, allow_nan=False)
     if save_pretrained is not None:
         save_pretrained(os.path.join(tmp, "model"))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    pointer = os.path.join(output_dir, f".{LATEST}.tmp-{os.getpid()}")
-    with open(pointer, "w") as fh:
-        fh.write(name)
-    os.replace(pointer, os.path.join(output_dir, LATEST))
-    for old in os.listdir(output_dir):  # keep only the newest checkpoint
-        if old.startswith("checkpoint-") and old != name:
-            shutil.rmtree(os.path.join(output_dir, old), ignore_errors=True)
+    fsync_tree(tmp)
+    fault_point("save-written")
+    if os.path.lexists(final):
+        # `latest` may name `final`: it names the new, durable copy while `final` is replaced.
+        point_latest(output_dir, os.path.basename(tmp))
+        shutil.rmtree(final)
+        fault_point("save-old-removed")
+    os.rename(tmp, final)
+    fsync_path(output_dir)
+    fault_point("save-renamed")
+    point_latest(output_dir, name)
+    prune_checkpoints(output_dir, keep)
     return final
 
 
+def prune_checkpoints(output_dir: str, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoint-<digits>; never the one `latest` names."""
+    protected = read_latest(output_dir)
+    steps = checkpoint_steps(output_dir)
+    for step in steps[:max(0, len(steps) - keep)]:
+        if f"checkpoint-{step}" != protected:
+            shutil.rmtree(os.path.join(output_dir, f"checkpoint-{step}"))
+
+
+def recover_interrupted_save(output_dir: str) -> None:
+    """Finish a re-save that was cut short while `latest` named its temporary copy, then remove
+    every other temporary this trainer leaves behind when it is killed."""
+    latest = read_latest(output_dir)
+    match = TEMPORARY_NAME.fullmatch(latest or "")
+    if match and CHECKPOINT_NAME.fullmatch(match[1]):
+        final, tmp = os.path.join(output_dir, match[1]), os.path.join(output_dir, latest)
+        if os.path.isdir(tmp):  # else it was already renamed into place
+            shutil.rmtree(final, ignore_errors=True)
+            os.rename(tmp, final)
+            fsync_path(output_dir)
+        point_latest(output_dir, match[1])
+    for name in os.listdir(output_dir):
+        if TEMPORARY_NAME.fullmatch(name):
+            path = os.path.join(output_dir, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+
+
+def _unreadable(output_dir: str, path: str, why: str) -> ValueError:
+    """One line: what cannot be read, and what else there is to resume from."""
+    latest = read_latest(output_dir)
+    names = [f"checkpoint-{step}" for step in reversed(checkpoint_steps(output_dir))]
+    others = [name for name in names if name != latest and os.path.isfile(os.path.join(output_dir, name, STATE_FILE))]
+    where = (f"other checkpoints here: {', '.join(others)} (to resume from one, write its name into "
+             f"{os.path.join(output_dir, LATEST)})" if others else "no other checkpoint is here")
+    return ValueError(f"--resume: {path}: {why}; {where}")
+
+
+def _reason(err: Exception) -> str:
+    """The error on one line, cut short: torch's refusals run to paragraphs."""
+    return f"{type(err).__name__}: {' '.join(str(err).split())[:200]}"
+
+
+def _latest_file(output_dir: str, filename: str) -> str:
+    name = read_latest(output_dir)
+    if name is None:
+        raise _unreadable(output_dir, os.path.join(output_dir, LATEST), "missing, so there is no checkpoint to resume")
+    return os.path.join(output_dir, name, filename)
+
+
+def read_checkpoint_meta(output_dir: str) -> dict:
+    """The newest checkpoint's checkpoint.json: {"step": int, "config": {...}}."""
+    path = _latest_file(output_dir, META_FILE)
+    try:
+        with open(path) as fh:
+            meta = json.load(fh)
+        return {"step": int(meta["step"]), "config": dict(meta["config"])}
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise _unreadable(output_dir, path, f"cannot be read ({_reason(err)})") from err
+
+
 def load_checkpoint(output_dir: str) -> dict:
-    pointer = os.path.join(output_dir, LATEST)
-    if not os.path.isfile(pointer):
-        raise ValueError(f"--resume: no checkpoint in {output_dir!r} (no '{LATEST}' file)")
-    with open(pointer) as fh:
-        path = os.path.join(output_dir, fh.read().strip(), "state.pt")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    path = _latest_file(output_dir, STATE_FILE)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 (corrupt files raise many kinds; name the file)
+        raise _unreadable(output_dir, path, f"cannot be read ({_reason(err)})") from err
+
+
+def rng_state() -> dict:
+    """The torch generators, as tensors (torch.load(weights_only=True) reads them back). Python's
+    `random` is not saved: the loop draws from its own seeded random.Random objects."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    return {"torch": torch.get_rng_state(), "cuda": cuda}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

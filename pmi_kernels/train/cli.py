@@ -4,33 +4,49 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 
 from .config import parse_config
+from .interrupts import Interrupted, StopRequest, TrainingFailed
+from .metrics import finite_or_none
 
-USAGE = """pmi-opsd train [--config FILE] [--output-dir DIR] [--max-steps N] [--resume] [--KEY VALUE ...]
+USAGE = """pmi-opsd train [--config FILE] [--output-dir DIR] [--max-steps N] [--resume | --overwrite] [--KEY VALUE ...]
 pmi-opsd plot  [--metrics FILE] [--out PNG]
 
 With no --model-path, train runs the embedded default: a tiny model and arithmetic task built
 locally, taught briefly by supervised fine-tuning, then distilled with the PMI target."""
 
 
-def train(argv) -> dict:
+def train(argv) -> int:
+    """The exit code: 0 done, 1 the run failed (e.g. non-finite steps), 130/143 interrupted by
+    SIGINT/SIGTERM (its last consistent state saved), 2 bad input (from main)."""
     from .loop import Trainer
     config = parse_config(argv, description="On-policy self-distillation with the PMI target.")
-    trainer = Trainer(config)
-    result = trainer.train()
+    stop = StopRequest()
+    with stop.catching():  # from the start: a signal during loading or the warm-up is caught too
+        try:
+            trainer = Trainer(config, stop)
+        except Interrupted as err:
+            print(f"interrupted by {signal.Signals(err.signum).name} during {err.where}: the run had no "
+                  "checkpoint yet; start it again", file=sys.stderr)
+            return err.exit_code
+        result = trainer.train()
     fmt = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
     print(f"accuracy before training: {fmt(result['accuracy_before'])}   "
-          f"after: {fmt(result['accuracy_after'])}   steps: {result['steps']}"
-          + ("   (interrupted; resume with --resume)" if result["interrupted"] else ""))
+          f"after: {fmt(result['accuracy_after'])}   steps: {result['steps']}")
     print(f"metrics: {trainer.metrics.path}")
     with open(os.path.join(config.output_dir, "result.json"), "w") as fh:
-        json.dump(result, fh)
-    return result
+        json.dump({key: finite_or_none(value) for key, value in result.items()}, fh, allow_nan=False)
+    if result["interrupted"]:
+        print(f"interrupted by {result['interrupted']} during {result['where']}: "
+              f"{os.path.join(config.output_dir, result['checkpoint'])} holds step {result['steps']}; "
+              "continue with --resume", file=sys.stderr)
+        return 128 + signal.Signals[result["interrupted"]]
+    return 0
 
 
-def plot(argv) -> str:
+def plot(argv) -> int:
     from .metrics import plot_metrics
     parser = argparse.ArgumentParser(description="Draw a run's metrics.jsonl as one PNG.")
     parser.add_argument("--metrics", default="runs/toy/metrics.jsonl")
@@ -38,7 +54,7 @@ def plot(argv) -> str:
     args = parser.parse_args(argv)
     out = args.out or os.path.join(os.path.dirname(args.metrics) or ".", "metrics.png")
     print(f"wrote {plot_metrics(args.metrics, out)}")
-    return out
+    return 0
 
 
 def main(argv=None):
@@ -47,11 +63,13 @@ def main(argv=None):
         print(USAGE)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     try:
-        (train if argv[0] == "train" else plot)(argv[1:])
+        return train(argv[1:]) if argv[0] == "train" else plot(argv[1:])
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return 0
+    except TrainingFailed as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

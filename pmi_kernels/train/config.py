@@ -1,5 +1,5 @@
 """Training configuration: one dataclass, loaded from a JSON file, every key overridable from
-the command line (--key value), checked before anything is loaded."""
+the command line (--key value), every value checked for type and range before anything loads."""
 from __future__ import annotations
 
 import argparse
@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 from ..options import LossOptions
+from .config_checks import check_types, check_values, coerce_flag, field_types
 from .prompts import DEFAULT_TEMPLATES
 from .rollouts import VLLM_MISSING, vllm_available
 
@@ -54,7 +55,7 @@ class TrainConfig:
     rollout_engine: str = "hf"
     vllm_kwargs: dict = field(default_factory=dict)
 
-    # The loss (../shared/SPEC.md); mode "pmi" or "opsd" (target = teacher).
+    # The loss (pmi_kernels.reference is its contract); mode "pmi" or "opsd" (target = teacher).
     mode: str = "pmi"
     anchor: bool = False
     beta: float = 1.0
@@ -89,7 +90,13 @@ class TrainConfig:
     eval_temperature: float = 0.0  # 0: greedy
     eval_limit: int = 64
     save_every: int = 50
-    resume: bool = False
+    keep_checkpoints: int = 2  # the newest k checkpoint-<step> directories are kept
+    # A step whose loss or gradients are not finite is skipped (no update); this many in a row stop the run.
+    max_nonfinite_steps: int = 5
+    resume: bool = False  # continue output_dir's run from its latest checkpoint
+    overwrite: bool = False  # replace the run in a non-empty output_dir (else it is refused)
+    # Keys --resume may change although they change the run (the keys in RESUME_MAY_CHANGE always may).
+    allow_config_change: List[str] = field(default_factory=list)
 
     def loss_options(self) -> LossOptions:
         return LossOptions(self.mode == "pmi", self.beta, self.clip, self.center, self.loss_temperature,
@@ -97,19 +104,11 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         """Every problem a config can have on its own, before any model or data is loaded."""
-        choices = {"mode": ("pmi", "opsd"), "teacher_weights": ("base", "current"),
-                   "device": ("auto", "cpu", "cuda"), "schedule": ("constant", "cosine", "linear"),
-                   "rollout_engine": ("hf", "vllm")}
-        for key, allowed in choices.items():
-            if getattr(self, key) not in allowed:
-                raise ValueError(f"config: {key} must be one of {allowed}, got {getattr(self, key)!r}")
-        for key in ("max_steps", "batch_size", "grad_accum", "max_new_tokens", "eval_samples", "save_every",
-                    "log_every", "diagnostics_every", "lora_rank", "sft_batch_size"):
-            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
-                raise ValueError(f"config: {key} must be an integer >= 1, got {getattr(self, key)!r}")
-        if self.lr <= 0 or not 0 < self.top_p <= 1 or self.temperature <= 0:
-            raise ValueError("config: lr and temperature must be > 0 and top_p in (0, 1]")
+        check_types(self)
+        check_values(self)
         self.loss_options()  # the loss's own checks, with its own messages
+        if self.resume and self.overwrite:
+            raise ValueError("config: resume and overwrite exclude each other: continue the run, or replace it")
         if self.rollout_engine == "vllm" and not vllm_available():
             raise ValueError(f"config: {VLLM_MISSING}")
         if self.model_path != TOY:
@@ -121,56 +120,62 @@ class TrainConfig:
                 path = getattr(self, key)
                 if path is not None and not os.path.isfile(path):
                     raise ValueError(f"config: {key} {path!r} does not exist")
-        missing = {"student", "teacher", "refonly"} - set(self.templates)
-        if missing:
-            raise ValueError(f"config: templates lacks {sorted(missing)}")
+            if self.sft_steps:
+                raise ValueError("config: sft_steps (the supervised warm-up) is for the toy model only; "
+                                 f"with model_path {self.model_path!r} set it to 0")
         return self
 
 
+# Keys a resumed run may change: they do not change what the steps compute (or, for max_steps,
+# they are how a run is extended). Any other changed key needs --allow-config-change KEY.
+RESUME_MAY_CHANGE = frozenset({
+    "max_steps", "eval_every", "eval_samples", "eval_temperature", "save_every", "log_every", "keep_checkpoints",
+    "max_nonfinite_steps", "diagnostics_every", "markers", "tensorboard", "gradient_checkpointing", "output_dir",
+    "resume", "overwrite", "allow_config_change"})
+
+
+def changed_keys(saved: dict, config: TrainConfig) -> List[str]:
+    """'key (saved -> now)' for each key that differs from the saved run's and may not change."""
+    now = json.loads(json.dumps(dataclasses.asdict(config)))
+    allowed = RESUME_MAY_CHANGE | set(config.allow_config_change)
+    return [f"{key} ({saved.get(key, '<unset>')!r} -> {value!r})" for key, value in now.items()
+            if key not in allowed and saved.get(key, '<unset>') != value]
+
+
+def read_config_file(path: str) -> dict:
+    try:
+        with open(path) as fh:
+            values = json.load(fh)
+    except OSError as err:
+        raise ValueError(f"--config {path}: cannot be read ({err.strerror})") from err
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--config {path}: not valid JSON ({err})") from err
+    if not isinstance(values, dict):
+        raise ValueError(f"--config {path}: expected a JSON object of config keys, got {type(values).__name__}")
+    unknown = set(values) - {f.name for f in dataclasses.fields(TrainConfig)}
+    if unknown:
+        raise ValueError(f"--config {path}: unknown keys {sorted(unknown)}")
+    return values
+
+
 def parse_config(argv=None, description: str = "") -> TrainConfig:
-    """--config FILE (JSON), then --key value for any key; --resume, --output-dir, --max-steps."""
+    """--config FILE (JSON), then --key value for any key (a bare --resume, --overwrite, ... is true)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", help="JSON file of config keys")
-    parser.add_argument("--resume", action="store_true", help="continue from output_dir's checkpoint")
+    types = field_types(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
-        if f.name == "resume":
-            continue
-        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None,
-                            help=f"(default {f.default if f.default is not dataclasses.MISSING else 'see docs'})")
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else "see docs"
+        if types[f.name][0] is bool:
+            parser.add_argument(flag, dest=f.name, nargs="?", const="true", metavar="true|false",
+                                help=f"(default {default})")
+        else:
+            parser.add_argument(flag, dest=f.name, help=f"(default {default})")
     args = parser.parse_args(argv)
-    values = {}
-    if args.config:
-        with open(args.config) as fh:
-            values = json.load(fh)
-        unknown = set(values) - {f.name for f in dataclasses.fields(TrainConfig)}
-        if unknown:
-            raise ValueError(f"config file {args.config}: unknown keys {sorted(unknown)}")
+    values = read_config_file(args.config) if args.config else {}
+    for key, (kind, optional) in types.items():
+        if getattr(args, key) is not None:
+            values[key] = coerce_flag(key, getattr(args, key), kind, optional)
     # The toy model brings its own defaults; the file and the command line override them.
-    toy = (args.model_path or values.get("model_path", TOY)) == TOY
-    config = TrainConfig(**{**(TOY_DEFAULTS if toy else {}), **values})
-    for f in dataclasses.fields(TrainConfig):
-        raw = getattr(args, f.name, None) if f.name != "resume" else None
-        if raw is not None:
-            setattr(config, f.name, _coerce(f.name, raw, getattr(config, f.name)))
-    config.resume = config.resume or args.resume
-    return config.validate()
-
-
-def _coerce(name: str, raw: str, current):
-    """A command-line string in the type of the key's current value (JSON for lists, dicts, None)."""
-    if isinstance(current, bool):
-        if raw.lower() not in ("true", "false", "1", "0"):
-            raise ValueError(f"--{name}: expected true or false, got {raw!r}")
-        return raw.lower() in ("true", "1")
-    if isinstance(current, (list, dict)) or raw in ("null", "none", "None"):
-        return json.loads(raw) if raw not in ("none", "None") else None
-    if isinstance(current, int):
-        return int(raw)
-    if isinstance(current, float):
-        return float(raw)
-    if current is None:
-        try:
-            return json.loads(raw)
-        except json.JSONDecodeError:
-            return raw
-    return raw
+    toy = values.get("model_path", TOY) == TOY
+    return TrainConfig(**{**(TOY_DEFAULTS if toy else {}), **values}).validate()

@@ -3,54 +3,49 @@
 One optimizer step = grad_accum micro-batches of batch_size questions. For each question the
 student samples a rollout; the student, teacher and reference-only contexts (and the anchor)
 are read to their final hidden states for the same rollout tokens; fused_pmi_kl turns those
-and the lm_head into the loss without ever forming [tokens, vocab] logits.
+and the lm_head into the loss without ever forming [tokens, vocab] logits. The loss is the
+mean over every rollout token of the step, whatever the micro-batches.
+
+A run keeps what it has: a step whose loss or gradients are not finite is skipped, a stop
+signal ends the run with its last consistent state saved, and checkpoints are atomic
+(checkpoint.py); the output directory is checked before anything loads (run_dir.py).
 """
 from __future__ import annotations
 
 import contextlib
-import copy
+import dataclasses
 import math
 import os
 import random
 import resource
 import signal
+import sys
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
 from .. import fused_pmi_kl, pmi_diagnostics
-from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import load_checkpoint, read_latest, rng_state, save_checkpoint, set_rng_state, write_dir_atomically
 from .config import TOY, TrainConfig
-from .contexts import KINDS, prompt_ids, rollout_hidden, trim_rollout
+from .contexts import KINDS, rollout_hidden, trim_rollout
 from .data import extract_answer, load_examples
-from .metrics import MetricsLog, count_markers
+from .interrupts import Interrupted, StopRequest, TrainingFailed, fault_point
+from .metrics import MetricsLog, count_markers, cut_metrics
+from .model import check_lengths, load_model, supervised_warmup, wrap_model
 from .rollouts import VllmRollouts, merged_weights
-from .toy import toy_model, toy_tokenizer
-
-
-def load_model(config: TrainConfig, device):
-    """(tokenizer, model): a local Hugging Face causal LM, or the toy one (built, and briefly
-    taught the task by supervised fine-tuning; that base is saved so --resume finds it)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    if config.model_path == TOY:
-        base_dir = os.path.join(config.output_dir, "toy-base")
-        if config.resume and os.path.isdir(base_dir):
-            return toy_tokenizer(), AutoModelForCausalLM.from_pretrained(base_dir).to(device)
-        tokenizer = toy_tokenizer()
-        return tokenizer, toy_model(tokenizer, config.seed).to(device)
-    dtype = torch.bfloat16 if device.type == "cuda" and config.bf16 else torch.float32
-    tokenizer = AutoTokenizer.from_pretrained(config.model_path, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(config.model_path, dtype=dtype, local_files_only=True)
-    return tokenizer, model.to(device)
+from .run_dir import TOY_BASE, prepare_output_dir
+from .tokenized import contexts_ids
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig):
+    def __init__(self, config: TrainConfig, stop: Optional[StopRequest] = None):
         self.config = config.validate()
+        self.stop = stop or StopRequest()
         auto = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(auto if config.device == "auto" else config.device)
-        os.makedirs(config.output_dir, exist_ok=True)
+        resumed = prepare_output_dir(config)  # refusals and the resume checks, before anything heavy
+        state = load_checkpoint(config.output_dir) if resumed is not None else None
         random.seed(config.seed)
         torch.manual_seed(config.seed)
         self.tokenizer, model = load_model(config, self.device)
@@ -60,68 +55,42 @@ class Trainer:
         if model.get_output_embeddings() is None:
             raise ValueError(f"model {config.model_path!r} has no lm_head (get_output_embeddings() is None)")
         self.train_rows, self.eval_rows = load_examples(config)
-        self.prompts = {kind: [prompt_ids(self.tokenizer, config.templates, kind, ex, config.use_chat_template)
-                               for ex in self.train_rows] for kind in KINDS}
-        self.eval_prompts = [prompt_ids(self.tokenizer, config.templates, "student", ex, config.use_chat_template)
-                             for ex in self.eval_rows]
-        self._check_lengths(model)
+        self.prompts = contexts_ids(self.tokenizer, config.templates, KINDS, self.train_rows, config.use_chat_template)
+        self.eval_prompts = contexts_ids(self.tokenizer, config.templates, ["student"], self.eval_rows,
+                                         config.use_chat_template)["student"]
+        check_lengths(model, {**{f"train ({kind} context)": self.prompts[kind] for kind in KINDS},
+                              "eval": self.eval_prompts}, config.max_new_tokens)
         model_dir = config.model_path
         if config.model_path == TOY:
-            model_dir = os.path.join(config.output_dir, "toy-base")
+            model_dir = os.path.join(config.output_dir, TOY_BASE)
             if not config.resume:
                 if config.sft_steps:
-                    self.supervised_warmup(model)
-                model.save_pretrained(model_dir)
-                self.tokenizer.save_pretrained(model_dir)
-        self.model, self.frozen = self._wrap(model)
+                    supervised_warmup(model, config, self.tokenizer, self.train_rows, self.prompts, self.device,
+                                      self.stop)
+                write_dir_atomically(model_dir, lambda d: (model.save_pretrained(d), self.tokenizer.save_pretrained(d)))
+        self.model, self.frozen = wrap_model(model, config)
         self.rollouts, self._synced_step = None, None
         if config.rollout_engine == "vllm":
             self.rollouts = self._vllm_engine(model, model_dir)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.trainable, lr=config.lr, weight_decay=config.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.step, self.position = 0, 0
+        self.nonfinite_in_a_row, self.nonfinite_total = 0, 0
+        self._saved_step: Optional[int] = None  # the step the newest checkpoint holds
         self.metrics = MetricsLog(config.output_dir, config.tensorboard)
-        self.stop_requested = False
-        if config.resume:
-            self._restore(load_checkpoint(config.output_dir))
+        if state is not None:
+            self._restore(state)
+            # A resumed run writes again what came after its checkpoint, and the evaluation it
+            # starts with (before training, or after it when the run was already at max_steps).
+            cut_metrics(self.metrics.path, self.step, redo_evaluation=self.step in (0, config.max_steps))
 
     # ---- set-up -----------------------------------------------------------------------
-    def _check_lengths(self, model) -> None:
-        limit = getattr(model.config, "max_position_embeddings", None)
-        if limit is None:
-            return
-        for kind, ids in self.prompts.items():
-            for i, prompt in enumerate(ids):
-                if len(prompt) + self.config.max_new_tokens > limit:
-                    raise ValueError(f"train row {i}: the {kind} context ({len(prompt)} tokens) plus max_new_tokens "
-                                     f"({self.config.max_new_tokens}) exceeds the model's {limit} positions")
-
-    def _wrap(self, model):
-        """(trained model, frozen base or None). LoRA: the base is the same model, adapter off."""
-        config = self.config
-        if config.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if config.lora:
-            from peft import LoraConfig, get_peft_model
-            present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-            targets = [t for t in config.lora_targets if t in present]
-            if not targets:
-                raise ValueError(f"none of lora_targets {config.lora_targets} is a module of the model")
-            lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, target_modules=targets)
-            return get_peft_model(model, lora), None
-        frozen = copy.deepcopy(model).eval().requires_grad_(False) if self._needs_base() else None
-        return model, frozen
-
     def _vllm_engine(self, model, model_dir: str) -> VllmRollouts:
         prompts = [*self.prompts["student"], *self.eval_prompts]
         length = max(map(len, prompts), default=0) + self.config.max_new_tokens
         limit = getattr(model.config, "max_position_embeddings", None)
         return VllmRollouts(model_dir, self.device, model.dtype, min(length, limit or length), self.config.seed,
                             self.config.vllm_kwargs)
-
-    def _needs_base(self) -> bool:
-        return self.config.teacher_weights == "base" or self.config.anchor
 
     def _lr_factor(self, step: int) -> float:
         config = self.config
@@ -196,45 +165,22 @@ class Trainer:
         width = batch["input_ids"].shape[1]
         return [trim_rollout(row[width:].tolist(), tok.eos_token_id, tok.pad_token_id) for row in out]
 
-    def evaluate(self) -> float:
-        """Accuracy on the held-out rows, averaged over eval_samples samples per question."""
+    def evaluate(self) -> Optional[float]:
+        """Accuracy on the held-out rows, averaged over eval_samples samples per question (None
+        without held-out rows). A stop signal ends it between batches (raises Interrupted)."""
         config, rows = self.config, self.eval_rows
         if not rows:
-            return float("nan")
-        prompts = self.eval_prompts
+            return None
         correct = 0
         for _ in range(config.eval_samples):
             for i in range(0, len(rows), 32):
-                outs = self.generate(prompts[i:i + 32], config.eval_temperature, 1.0, config.max_new_tokens)
+                fault_point("evaluation-batch")
+                self.stop.check("evaluation")
+                outs = self.generate(self.eval_prompts[i:i + 32], config.eval_temperature, 1.0, config.max_new_tokens)
                 for ex, out in zip(rows[i:i + 32], outs):
                     text = self.tokenizer.decode(out, skip_special_tokens=True)
                     correct += extract_answer(text, config.answer_pattern) == ex["answer"]
         return correct / (len(rows) * config.eval_samples)
-
-    def supervised_warmup(self, model) -> None:
-        """Teacher-forced cross-entropy from each context to the reference solution (the toy's
-        first lesson): a tiny model has to be taught to read a reference in its context before
-        it can act as its own teacher, as a real LLM already can."""
-        config, tok = self.config, self.tokenizer
-        optimizer = torch.optim.AdamW(model.parameters(), lr=config.sft_lr)
-        rng = random.Random(config.seed)
-        model.train()
-        for _ in range(config.sft_steps):
-            rows = rng.sample(range(len(self.train_rows)), config.sft_batch_size)
-            seqs, labels = [], []
-            for i in rows:
-                prompt = self.prompts[rng.choice(KINDS)][i]
-                answer = tok(self.train_rows[i]["solution"], add_special_tokens=False).input_ids + [tok.eos_token_id]
-                seqs.append(prompt + answer)
-                labels.append([-100] * len(prompt) + answer)
-            width = max(map(len, seqs))
-            ids = torch.tensor([s + [tok.pad_token_id] * (width - len(s)) for s in seqs], device=self.device)
-            lab = torch.tensor([s + [-100] * (width - len(s)) for s in labels], device=self.device)
-            attention = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=self.device)
-            loss = model(input_ids=ids, attention_mask=attention, labels=lab).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
 
     # ---- one step ---------------------------------------------------------------------
     def next_indices(self, count: int) -> List[int]:
@@ -250,38 +196,61 @@ class Trainer:
         return out
 
     def train_step(self) -> Dict:
+        """One optimizer step, or a skipped one if its loss or gradients are not finite. A stop
+        signal during it abandons it: the state stays that after the previous step."""
+        position = self.position
+        try:
+            return self._train_step()
+        except Interrupted:
+            self.position = position
+            self.optimizer.zero_grad(set_to_none=True)
+            raise
+
+    def _train_step(self) -> Dict:
         config = self.config
         # Sampling is seeded by the step, so an interrupted and resumed run samples the same.
         torch.manual_seed(config.seed * 1_000_003 + self.step)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
+        lr = config.lr * self._lr_factor(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
         diagnose = (self.step + 1) % config.diagnostics_every == 0
-        totals: Dict[str, float] = {"loss": 0.0}
-        texts, lengths = [], []
+        batch = []  # (example index, rollout) over all micro-batches: the loss is their token mean
         for _ in range(config.grad_accum):
+            self.stop.check("a step's sampling")
             indices = self.next_indices(config.batch_size)
             rollouts = self.generate([self.prompts["student"][i] for i in indices], config.temperature,
                                      config.top_p, config.max_new_tokens)
-            tokens = sum(map(len, rollouts))
-            lengths += [len(r) for r in rollouts]
-            texts += [self.tokenizer.decode(r, skip_special_tokens=True) for r in rollouts]
-            for i, rollout in zip(indices, rollouts):
-                if rollout:
-                    self._distil(i, rollout, tokens * config.grad_accum, diagnose, totals)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, config.max_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
+            batch += zip(indices, rollouts)
+        tokens = sum(len(rollout) for _, rollout in batch)
+        totals: Dict[str, float] = {"loss": 0.0}
+        for index, rollout in batch:
+            fault_point("step-rollout")
+            self.stop.check("a step")
+            if rollout:
+                self._distil(index, rollout, tokens, diagnose, totals)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, config.max_grad_norm))
+        finite = math.isfinite(totals["loss"]) and math.isfinite(grad_norm)
+        if finite:
+            self.optimizer.step()
+        self.nonfinite_in_a_row = 0 if finite else self.nonfinite_in_a_row + 1
+        self.nonfinite_total += not finite
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         elapsed = time.perf_counter() - start
-        token_count = max(1, sum(lengths))
-        record = {"step": self.step, "loss": totals.pop("loss"), "lr": self.scheduler.get_last_lr()[0],
-                  "grad_norm": float(grad_norm), "response_length": sum(lengths) / max(1, len(lengths)),
-                  "tokens_per_s": sum(lengths) / elapsed, "peak_memory_gib": self._peak_memory_gib()}
-        record.update({f"diag/{k}": v / token_count for k, v in totals.items()})
-        if "diag/kl_target_student" in record:
-            record["kl_q_p"] = record["diag/kl_target_student"]
+        record = {"step": self.step, "loss": totals.pop("loss"), "lr": lr, "grad_norm": grad_norm,
+                  "skipped": not finite, "nonfinite_steps": self.nonfinite_total,
+                  "response_length": tokens / max(1, len(batch)), "tokens_per_s": tokens / elapsed,
+                  "peak_memory_gib": self._peak_memory_gib()}
+        record.update({f"diag/{k}": v / max(1, tokens) for k, v in totals.items()})  # per token
+        # KL(q || p_student) for the run's own target q: the teacher in OPSD mode (the
+        # diagnostics' target is always the PMI one).
+        kl_key = "diag/kl_target_student" if config.mode == "pmi" else "diag/kl_teacher_student"
+        if kl_key in record:
+            record["kl_q_p"] = record[kl_key]
+        texts = [self.tokenizer.decode(rollout, skip_special_tokens=True) for _, rollout in batch]
         record.update({f"markers/{k}": v for k, v in count_markers(texts, config.markers).items()})
         return record
 
@@ -317,8 +286,8 @@ class Trainer:
     # ---- checkpoints and the loop -----------------------------------------------------
     def _state(self) -> Dict:
         return {"trainable": {n: p.detach().cpu() for n, p in self.model.named_parameters() if p.requires_grad},
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "step": self.step, "position": self.position, "rng": rng_state(), "config": vars(self.config)}
+                "optimizer": self.optimizer.state_dict(), "step": self.step, "position": self.position,
+                "nonfinite": [self.nonfinite_in_a_row, self.nonfinite_total], "rng": rng_state()}
 
     def _restore(self, state: Dict) -> None:
         params = dict(self.model.named_parameters())
@@ -329,46 +298,87 @@ class Trainer:
             for name, value in state["trainable"].items():
                 params[name].copy_(value)
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.position = state["step"], state["position"]
+        self.nonfinite_in_a_row, self.nonfinite_total = state["nonfinite"]
+        self._saved_step = self.step
         set_rng_state(state["rng"])
 
     def save(self) -> str:
+        """A checkpoint of the current step; refused (TrainingFailed) if any parameter or
+        optimizer value is not finite, so the previous checkpoint stays the newest."""
+        names = {p: n for n, p in self.model.named_parameters()}
+        tensors = [(name, p) for p, name in names.items() if p.requires_grad]
+        tensors += [(f"the optimizer's {key} of {names[p]}", value) for p, entry in self.optimizer.state.items()
+                    for key, value in entry.items() if value.is_floating_point()]
+        for name, tensor in tensors:
+            if not torch.isfinite(tensor).all():
+                raise TrainingFailed(f"step {self.step}: {name} is not finite; not saved, so the newest checkpoint "
+                                     f"is still {read_latest(self.config.output_dir)}")
+        meta = {"step": self.step, "config": dataclasses.asdict(self.config)}
         save_pretrained = self.model.save_pretrained if self.config.lora else None
-        return save_checkpoint(self.config.output_dir, self.step, self._state(), save_pretrained)
-
-    def _request_stop(self, signum, frame):
-        self.stop_requested = True
+        path = save_checkpoint(self.config.output_dir, self.step, self._state(), meta, save_pretrained,
+                               keep=self.config.keep_checkpoints)
+        self._saved_step = self.step
+        return path
 
     def train(self, progress: bool = True) -> Dict:
-        """Run to max_steps (or a SIGINT/SIGTERM, after which the step in flight finishes and a
-        checkpoint is written). Returns the accuracies before and after."""
+        """Run to max_steps. SIGINT/SIGTERM at any point (evaluation, a step, a save) end the run
+        with its last consistent state saved; the result names the signal ("interrupted")."""
+        result = {"accuracy_before": None, "accuracy_after": None, "steps": self.step, "interrupted": None,
+                  "checkpoint": None}
+        with self.stop.catching():
+            try:
+                self._run(result, progress)
+            except Interrupted as stop:
+                result["interrupted"], result["where"] = signal.Signals(stop.signum).name, stop.where
+                if self._saved_step != self.step:
+                    self.save()
+        result["steps"], result["checkpoint"] = self.step, read_latest(self.config.output_dir)
+        return result
+
+    def _run(self, result: Dict, progress: bool) -> None:
         from tqdm import tqdm
         config = self.config
-        previous = {s: signal.signal(s, self._request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        if self.step == 0:
+            result["accuracy_before"] = self._evaluate_and_log()
+        bar = tqdm(total=config.max_steps, initial=self.step, disable=not progress, desc="opsd")
         try:
-            before = self.evaluate() if self.step == 0 else None
-            if before is not None:
-                self.metrics.write({"step": 0, "eval/accuracy": before})
-            bar = tqdm(total=config.max_steps, initial=self.step, disable=not progress, desc="opsd")
-            while self.step < config.max_steps and not self.stop_requested:
+            while self.step < config.max_steps:
+                self.stop.check("a step")
                 record = self.train_step()
-                if config.eval_every and self.step % config.eval_every == 0 and self.step < config.max_steps:
-                    record["eval/accuracy"] = self.evaluate()
-                if self.step % config.log_every == 0:
-                    self.metrics.write(record)
+                try:
+                    if config.eval_every and self.step % config.eval_every == 0 and self.step < config.max_steps:
+                        record["eval/accuracy"] = self.evaluate()
+                finally:  # an interrupted evaluation still leaves the step's row
+                    self._log(record)
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", len=f"{record['response_length']:.0f}")
-                if self.step % config.save_every == 0 or self.stop_requested:
+                if self.step % config.save_every == 0:
                     self.save()
-            bar.close()
-            after = None
-            if self.step >= config.max_steps:
-                after = self.evaluate()
-                self.metrics.write({"step": self.step, "eval/accuracy": after})
-                self.save()
-            return {"accuracy_before": before, "accuracy_after": after, "steps": self.step,
-                    "interrupted": self.stop_requested}
         finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+            bar.close()
+        result["accuracy_after"] = self._evaluate_and_log()
+        if self._saved_step != self.step:
+            self.save()
+
+    def _evaluate_and_log(self) -> Optional[float]:
+        accuracy = self.evaluate()
+        if accuracy is not None:
+            self.metrics.write({"step": self.step, "eval/accuracy": accuracy})
+        return accuracy
+
+    def _log(self, record: Dict) -> None:
+        """Every log_every steps, and every skipped step; too many skipped in a row end the run."""
+        from tqdm import tqdm
+        if record["skipped"] or self.step % self.config.log_every == 0:
+            self.metrics.write(record)
+        if not record["skipped"]:
+            return
+        limit = self.config.max_nonfinite_steps
+        tqdm.write(f"step {self.step}: the loss or a gradient is not finite; step skipped, no update "
+                   f"({self.nonfinite_in_a_row} in a row, the run stops at {limit})", file=sys.stderr)
+        if self.nonfinite_in_a_row >= limit:
+            raise TrainingFailed(
+                f"stopped at step {self.step}: {limit} steps in a row had a non-finite loss or gradient "
+                f"(max_nonfinite_steps); the newest checkpoint is {read_latest(self.config.output_dir)}. "
+                "Check the loss options (beta, clip, loss_temperature) and lr")

@@ -24,8 +24,9 @@ class MetricsLog:
             self.writer = SummaryWriter(os.path.join(output_dir, "tensorboard"))
 
     def write(self, record: Dict) -> None:
+        record = {key: finite_or_none(value) for key, value in record.items()}
         with open(self.path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
+            fh.write(json.dumps(record, allow_nan=False) + "\n")
         if self.writer is not None:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key != "step":
@@ -33,9 +34,40 @@ class MetricsLog:
             self.writer.flush()
 
 
+def finite_or_none(value):
+    """JSON has no NaN or infinity: a non-finite number is written as null."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
 def read_metrics(path: str) -> List[Dict]:
     with open(path) as fh:
         return [json.loads(line) for line in fh if line.strip()]
+
+
+def cut_metrics(path: str, step: int, redo_evaluation: bool) -> None:
+    """Keep the rows up to `step` (a resumed run writes the later ones again; with
+    redo_evaluation, the evaluation rows at `step` too) and drop a line cut short by a kill.
+    The file is replaced by rename, never rewritten in place."""
+    if not os.path.isfile(path):
+        return
+    kept = []
+    with open(path) as fh:
+        for line in fh:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                continue
+            evaluation_only = set(row) == {"step", "eval/accuracy"}
+            if row["step"] < step or (row["step"] == step and not (redo_evaluation and evaluation_only)):
+                kept.append(line if line.endswith("\n") else line + "\n")
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    with open(tmp, "w") as fh:
+        fh.writelines(kept)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
 
 
 def plot_metrics(path: str, out: str) -> str:

@@ -1,0 +1,89 @@
+"""The model a run trains: loaded (a local Hugging Face causal LM, or the toy one), its contexts'
+lengths checked, wrapped for LoRA or full fine-tuning, and the toy's supervised warm-up."""
+from __future__ import annotations
+
+import copy
+import os
+import random
+from typing import Dict, List
+
+import torch
+
+from .config import TOY, TrainConfig
+from .contexts import KINDS
+from .interrupts import StopRequest, fault_point
+from .run_dir import TOY_BASE
+from .toy import toy_model, toy_tokenizer
+
+
+def load_model(config: TrainConfig, device):
+    """(tokenizer, model): a local Hugging Face causal LM; or the toy one, built (to be warmed up)
+    or, on --resume, the warmed-up base the run saved."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    if config.model_path == TOY:
+        if config.resume:
+            base = AutoModelForCausalLM.from_pretrained(os.path.join(config.output_dir, TOY_BASE))
+            return toy_tokenizer(), base.to(device)
+        tokenizer = toy_tokenizer()
+        return tokenizer, toy_model(tokenizer, config.seed).to(device)
+    dtype = torch.bfloat16 if device.type == "cuda" and config.bf16 else torch.float32
+    tokenizer = AutoTokenizer.from_pretrained(config.model_path, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(config.model_path, dtype=dtype, local_files_only=True)
+    return tokenizer, model.to(device)
+
+
+def check_lengths(model, contexts: Dict[str, List[List[int]]], max_new_tokens: int) -> None:
+    """Every context plus a full rollout fits the model's positions (else generation fails, or
+    asks the allocator for a tensor as long as the text)."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is None:
+        return
+    for what, prompts in contexts.items():
+        for i, prompt in enumerate(prompts):
+            if len(prompt) + max_new_tokens > limit:
+                raise ValueError(f"{what} row {i}: its context ({len(prompt)} tokens) plus max_new_tokens "
+                                 f"({max_new_tokens}) exceeds the model's {limit} positions")
+
+
+def wrap_model(model, config: TrainConfig):
+    """(trained model, frozen base or None). LoRA: the base is the same model, adapter off;
+    full fine-tuning: a frozen copy, made when a frozen stream or the anchor reads the base."""
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if config.lora:
+        from peft import LoraConfig, get_peft_model
+        present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+        targets = [t for t in config.lora_targets if t in present]
+        if not targets:
+            raise ValueError(f"none of lora_targets {config.lora_targets} is a module of the model")
+        lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, target_modules=targets)
+        return get_peft_model(model, lora), None
+    needs_base = config.teacher_weights == "base" or config.anchor
+    return model, copy.deepcopy(model).eval().requires_grad_(False) if needs_base else None
+
+
+def supervised_warmup(model, config: TrainConfig, tokenizer, train_rows, prompts, device, stop: StopRequest) -> None:
+    """Teacher-forced cross-entropy from each context to the reference solution (the toy's
+    first lesson): a tiny model has to be taught to read a reference in its context before
+    it can act as its own teacher, as a real LLM already can. A stop signal ends it (raises)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.sft_lr)
+    rng = random.Random(config.seed)
+    model.train()
+    for _ in range(config.sft_steps):
+        fault_point("warmup-step")
+        stop.check("the supervised warm-up")
+        rows = rng.sample(range(len(train_rows)), min(config.sft_batch_size, len(train_rows)))
+        seqs, labels = [], []
+        for i in rows:
+            prompt = prompts[rng.choice(KINDS)][i]
+            answer = tokenizer(train_rows[i]["solution"], add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+            seqs.append(prompt + answer)
+            labels.append([-100] * len(prompt) + answer)
+        width = max(map(len, seqs))
+        ids = torch.tensor([s + [tokenizer.pad_token_id] * (width - len(s)) for s in seqs], device=device)
+        lab = torch.tensor([s + [-100] * (width - len(s)) for s in labels], device=device)
+        attention = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
+        loss = model(input_ids=ids, attention_mask=attention, labels=lab).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,154 @@
+"""Issue #15, build point 3 (and #18, item 4): checkpoints are written to a temporary directory,
+made durable, renamed, and only then pointed to by `latest`, itself replaced by rename; the
+newest k are kept and only checkpoint-<digits> is ever pruned; stale temporaries go at start;
+state loads with weights_only=True; a bad checkpoint is a one-line error naming the file and
+the other checkpoints."""
+import os
+import pickle
+import shutil
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+import pmi_kernels.train.checkpoint as checkpoint  # noqa: E402
+from pmi_kernels.train.cli import main as cli_main  # noqa: E402
+from pmi_kernels.train.loop import Trainer  # noqa: E402
+from test_train import tiny, tiny_flags  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def two_step_run(tmp_path_factory):
+    """A finished 2-step run (checkpoint-1 and checkpoint-2), copied by each test that breaks it."""
+    root = tmp_path_factory.mktemp("two-step")
+    Trainer(tiny(root)).train(progress=False)
+    return root
+
+
+def copy_run(two_step_run, tmp_path):
+    shutil.copytree(two_step_run / "run", tmp_path / "run")
+    return tmp_path / "run"
+
+
+def test_keeps_the_newest_k_and_prunes_only_its_own_names(two_step_run, tmp_path):
+    """Resumed twice with keep_checkpoints 2 then 1: the older checkpoint-<digits> go, a user's
+    checkpoint-best-backup/ and checkpoint-2.bak stay. Fails on pruning every name that starts with
+    'checkpoint-' (the bug) or on keeping only the newest whatever keep_checkpoints says."""
+    out = copy_run(two_step_run, tmp_path)
+    (out / "checkpoint-best-backup").mkdir()
+    (out / "checkpoint-best-backup" / "weights").write_text("precious")
+    (out / "checkpoint-2.bak").write_text("precious")
+    user = {"checkpoint-best-backup", "checkpoint-2.bak"}
+    Trainer(tiny(tmp_path, max_steps=4, resume=True)).train(progress=False)
+    assert {p for p in os.listdir(out) if p.startswith("checkpoint")} == {"checkpoint-3", "checkpoint-4"} | user
+    Trainer(tiny(tmp_path, max_steps=5, resume=True, keep_checkpoints=1)).train(progress=False)
+    assert {p for p in os.listdir(out) if p.startswith("checkpoint")} == {"checkpoint-5"} | user
+    assert (out / "checkpoint-best-backup" / "weights").read_text() == "precious"
+
+
+def test_stale_temporaries_are_removed_at_start(two_step_run, tmp_path):
+    """What a killed save leaves (.checkpoint-N.tmp-PID/, .latest.tmp-PID, ...) is removed when
+    the run resumes; other dot files are not. Fails on temporaries that pile up (on a small disk
+    they kept a resumed run from saving)."""
+    out = copy_run(two_step_run, tmp_path)
+    stale = [".checkpoint-3.tmp-999", ".toy-base.tmp-12"]
+    for name in stale:
+        (out / name).mkdir()
+        (out / name / "state.pt").write_bytes(b"partial")
+    (out / ".latest.tmp-999").write_text("checkpoint-3")
+    (out / ".metrics.jsonl.tmp-5").write_text("")
+    (out / ".checkpoint-notes.tmp-mine").write_text("a user's file")
+    Trainer(tiny(tmp_path, max_steps=2, resume=True))
+    assert [p for p in os.listdir(out) if p.startswith(".")] == [".checkpoint-notes.tmp-mine"]
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+BREAKAGES = {
+    "empty-state": lambda out: (out / "checkpoint-2" / "state.pt").write_bytes(b""),
+    "truncated-state": lambda out: _truncate(out / "checkpoint-2" / "state.pt"),
+    "garbage-state": lambda out: (out / "checkpoint-2" / "state.pt").write_bytes(b"\x80\x02garbage" * 50),
+    "missing-state": lambda out: (out / "checkpoint-2" / "state.pt").unlink(),
+    "corrupt-meta": lambda out: (out / "checkpoint-2" / "checkpoint.json").write_text('{"step": '),
+    "dangling-latest": lambda out: (out / "latest").write_text("checkpoint-9"),
+    "missing-latest": lambda out: (out / "latest").unlink(),
+}
+
+
+@pytest.mark.parametrize("breakage", BREAKAGES)
+def test_a_bad_checkpoint_is_a_one_line_error_naming_the_file(two_step_run, tmp_path, capsys, breakage):
+    """--resume on a broken checkpoint exits 2 with one line naming the file and the checkpoint
+    that is still there. Fails on the raw UnpicklingError/EOFError/FileNotFoundError."""
+    out = copy_run(two_step_run, tmp_path)
+    BREAKAGES[breakage](out)
+    assert cli_main(["train", *tiny_flags(tmp_path, max_steps=3), "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err, err
+    named = {"missing-latest": "latest", "dangling-latest": "checkpoint-9"}.get(breakage, "checkpoint-2")
+    assert err.startswith(f"error: --resume: {out / named}"), err
+    assert "other checkpoints here: checkpoint-" in err, err
+
+
+class RunsCode:
+    """A pickled object that, when unpickled, creates a file: what weights_only=True refuses."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_loading_runs_no_code_from_the_checkpoint(two_step_run, tmp_path):
+    """state.pt is read with torch.load(weights_only=True). Fails on weights_only=False, which
+    runs whatever a checkpoint file contains."""
+    out = copy_run(two_step_run, tmp_path)
+    marker = tmp_path / "code-ran"
+    state = torch.load(out / "checkpoint-2" / "state.pt", weights_only=True)
+    state["payload"] = RunsCode(str(marker))
+    torch.save(state, out / "checkpoint-2" / "state.pt", pickle_protocol=pickle.DEFAULT_PROTOCOL)
+    with pytest.raises(ValueError, match="state.pt: cannot be read") as err:
+        Trainer(tiny(tmp_path, max_steps=3, resume=True))
+    assert not marker.exists()
+    assert "\n" not in str(err.value)  # torch's refusal runs to many lines; the error is one
+
+
+def test_latest_is_replaced_by_rename_never_written_in_place(tmp_path, monkeypatch):
+    """A failure while the pointer's text is being written (disk full, a kill) leaves `latest`
+    naming the previous checkpoint, and a save gives `latest` a new inode (a rename). Fails if
+    `latest` is written in place: opening it for writing empties it before the new name is in."""
+    trainer = Trainer(tiny(tmp_path))
+    trainer.train_step()
+    trainer.save()
+    out = tmp_path / "run"
+    inode = (out / "latest").stat().st_ino
+    trainer.train_step()
+    trainer.save()
+    assert (out / "latest").stat().st_ino != inode
+    trainer.train_step()
+
+    class FailingWrite:
+        def __init__(self, fh):
+            self.fh = fh
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.fh.close()
+
+        def write(self, text):
+            raise OSError("No space left on device")
+
+    def open_failing_for_latest(path, mode="r", *args, **kwargs):
+        fh = open(path, mode, *args, **kwargs)
+        return FailingWrite(fh) if "latest" in os.path.basename(path) and "w" in mode else fh
+    monkeypatch.setattr(checkpoint, "open", open_failing_for_latest, raising=False)
+    with pytest.raises(OSError, match="No space"):
+        trainer.save()
+    assert (out / "latest").read_text() == "checkpoint-2"
+    assert checkpoint.load_checkpoint(str(out))["step"] == 2

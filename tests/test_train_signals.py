@@ -1,0 +1,92 @@
+"""Issue #15, build point 5: SIGINT or SIGTERM at any point (the warm-up, an evaluation, a step,
+a save) ends the run with its last consistent state saved or kept, one line saying so, and the
+exit code 130 or 143; the resumed run ends where an uninterrupted one does, bit for bit.
+
+The signal is real: PMI_TRAIN_FAULT makes the process send it to itself at a named point."""
+import json
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+from pmi_kernels.train import interrupts  # noqa: E402
+from pmi_kernels.train.checkpoint import load_checkpoint  # noqa: E402
+from pmi_kernels.train.cli import main as cli_main  # noqa: E402
+from pmi_kernels.train.loop import Trainer  # noqa: E402
+from test_train import tiny, tiny_flags, trainable_snapshot  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    """The trainable weights of an uninterrupted 3-step run."""
+    trainer = Trainer(tiny(tmp_path_factory.mktemp("straight"), max_steps=3))
+    trainer.train(progress=False)
+    return trainable_snapshot(trainer)
+
+
+def interrupted_run(tmp_path, capsys, monkeypatch, fault, **overrides):
+    """Run `pmi-opsd train` with the fault; returns (exit code, its last stderr line)."""
+    monkeypatch.setenv(interrupts.FAULT_ENV, fault)
+    interrupts.FAULT_ARRIVALS.clear()
+    code = cli_main(["train", *tiny_flags(tmp_path, **{"max_steps": 3, **overrides})])
+    monkeypatch.delenv(interrupts.FAULT_ENV)
+    return code, capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def resume_to_the_end(tmp_path):
+    trainer = Trainer(tiny(tmp_path, max_steps=3, resume=True))
+    trainer.train(progress=False)
+    return trainable_snapshot(trainer)
+
+
+def assert_same_weights(got, want):
+    assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in want)
+
+
+def test_sigterm_during_the_warmup(tmp_path, capsys, monkeypatch):
+    """The warm-up has nothing consistent to save: exit 143 and a line that says so, and the
+    directory left empty so a fresh start needs no --overwrite. Fails on the signal killing the
+    process silently (the bug) or on a half-warmed base saved as if it were the run's."""
+    code, line = interrupted_run(tmp_path, capsys, monkeypatch, "warmup-step@2=SIGTERM", sft_steps=4,
+                                 sft_batch_size=4)
+    assert code == 143
+    assert line == "interrupted by SIGTERM during the supervised warm-up: the run had no checkpoint yet; start it again"
+    assert os.listdir(tmp_path / "run") == []
+
+
+def test_sigint_during_the_first_evaluation(tmp_path, capsys, monkeypatch, straight_run):
+    """Step 0 is saved (checkpoint-0), so the message's "continue with --resume" is true, and the
+    resumed run evaluates and trains as the uninterrupted one. Fails on exit 0 (the bug) or on
+    advice to resume when no checkpoint exists."""
+    code, line = interrupted_run(tmp_path, capsys, monkeypatch, "evaluation-batch@1=SIGINT")
+    out = tmp_path / "run"
+    assert code == 130
+    assert line == (f"interrupted by SIGINT during evaluation: {out / 'checkpoint-0'} holds step 0; "
+                    "continue with --resume")
+    assert json.loads((out / "result.json").read_text())["interrupted"] == "SIGINT"
+    assert_same_weights(resume_to_the_end(tmp_path), straight_run)
+    assert [json.loads(row)["step"] for row in open(out / "metrics.jsonl")] == [0, 1, 2, 3, 3]
+
+
+def test_sigterm_during_a_step(tmp_path, capsys, monkeypatch, straight_run):
+    """Mid-way through step 2's rollouts: step 2 is abandoned (its data position too) and the
+    state after step 1, not saved before, is saved. Fails on a half step kept, or its data
+    position kept, so that the resumed run skips its questions."""
+    code, line = interrupted_run(tmp_path, capsys, monkeypatch, "step-rollout@3=SIGTERM", save_every=100)
+    assert (code, line) == (143, f"interrupted by SIGTERM during a step: {tmp_path / 'run' / 'checkpoint-1'} "
+                                 "holds step 1; continue with --resume")
+    assert load_checkpoint(str(tmp_path / "run"))["position"] == 2
+    assert_same_weights(resume_to_the_end(tmp_path), straight_run)
+
+
+def test_sigterm_during_a_save(tmp_path, capsys, monkeypatch, straight_run):
+    """The save in flight completes, then the run stops: checkpoint-2 is whole and pointed to.
+    Fails on a save cut short by the signal or a run that goes on after it."""
+    code, line = interrupted_run(tmp_path, capsys, monkeypatch, "save-written@2=SIGTERM")
+    assert (code, line) == (143, f"interrupted by SIGTERM during a step: {tmp_path / 'run' / 'checkpoint-2'} "
+                                 "holds step 2; continue with --resume")
+    assert load_checkpoint(str(tmp_path / "run"))["step"] == 2
+    assert_same_weights(resume_to_the_end(tmp_path), straight_run)
