@@ -1,4 +1,4 @@
-"""The PMI-KL contract (../shared/SPEC.md) in plain PyTorch: its executable form.
+"""The PMI-KL contract (docs/loss.md) in plain PyTorch: its executable form.
 
 Materializes every [N, V] tensor on purpose and lets autograd find the gradient, so it
 shares no code with the fast paths and can be gradchecked in float64. It computes in

@@ -116,7 +116,9 @@ def test_distillation_gradient_equals_full_logits_reference(tmp_path, overrides)
     trainer.model.zero_grad(set_to_none=True)
     totals = {"loss": 0.0}
     trainer._distil(0, rollout, 7, False, totals)
-    assert totals["loss"] == pytest.approx(float(loss.detach()), rel=1e-5, abs=1e-7)
+    # A small KL is a sum of cancelling fp32 terms: per token about 1e-7 off the float64 value on
+    # every backend (torch and the C++ kernel alike, measured), so the bound is absolute.
+    assert totals["loss"] == pytest.approx(float(loss.detach()), rel=1e-5, abs=1e-6)
     scale = max(float(g.abs().max()) for g in want)
     for p, g in zip(params, want):
         assert torch.allclose(p.grad, g, rtol=1e-4, atol=1e-5 * scale)
@@ -257,7 +259,7 @@ def test_command_line_overrides(tmp_path):
 
 
 def test_diagnose_command_prints_the_table(tmp_path, capsys):
-    from pmi_kernels.diagnose import main as diagnose
+    from pmi_kernels.train.diagnose import main as diagnose
     assert diagnose(["--sft-steps", "0", "--limit", "2", "--max-new-tokens", "6",
                      "--output-dir", str(tmp_path / "d")]) == 0
     out = capsys.readouterr().out

@@ -86,26 +86,31 @@ def check_fused(rank, world, group, backend, dtype, mode, options, reduction, ma
                  factor=factor, atol=1e-8)
 
 
-def cases(backends):
-    """(function, backend, dtype, mode, options, reduction, mask): every option and mode in fp64,
-    the other dtypes, reductions and masks on a few."""
+def cases(backends, world):
+    """(function, backend, dtype, mode, options, reduction, mask): every option and mode in fp64 on
+    the native CPU paths, other dtypes, reductions and masks on a few; the Triton interpreter (slow)
+    on one case of each loss kind; at world size 3, the default CPU backend only."""
+    native = [b for b in backends if b != "triton"] if world == 2 else ["cpu" if "cpu" in backends else "torch"]
     out = []
-    for backend in backends:
-        for check in ("logits", "fused"):
+    for check in ("logits", "fused"):
+        for backend in native:
             out += [(check, backend, torch.float64, mode, options, "none", "some")
                     for options in OPTIONS for mode in MODES]
             out += [(check, backend, dtype, "pmi", dict(), reduction, mask)
-                    for dtype in (torch.float32, torch.bfloat16) for reduction in ("mean", "sum")
-                    for mask in ("some", None)]
+                    for dtype in (torch.float32, torch.bfloat16) for reduction, mask in (("mean", "some"), ("sum", None))]
             out.append((check, backend, torch.float32, "pmi-anchor", dict(jsd_beta=0.0), "mean", "none-kept"))
+        if "triton" in backends and world == 2:
+            out += [(check, "triton", torch.float64, "pmi", options, "none", "some")
+                    for options in (dict(jsd_beta=0.0), dict(jsd_beta=0.5, entry_clip=1e-3))]
     return out
 
 
 def worker(rank, world, init_file, backends):
+    torch.set_num_threads(1)  # the ranks share the machine's cores
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         group = dist.new_group(list(range(world)))
-        for i, (check, backend, dtype, mode, options, reduction, mask) in enumerate(cases(backends)):
+        for i, (check, backend, dtype, mode, options, reduction, mask) in enumerate(cases(backends, world)):
             fn = check_logits if check == "logits" else check_fused
             try:
                 fn(rank, world, group, backend, dtype, mode, options, reduction, mask, seed=1000 + i)
