@@ -2,6 +2,9 @@
 code with a character tokenizer (nothing is downloaded): training steps with LoRA and full
 fine-tuning, the loss against pmi_kl on materialized logits, the options and the model checks.
 Skipped without trl; CI installs it (the dev extra includes pmi-kernels[trl])."""
+import os
+import subprocess
+import sys
 from contextlib import contextmanager, nullcontext
 
 import pytest
@@ -167,6 +170,20 @@ def test_loss_equals_pmi_kl_on_full_logits(tmp_path, lora, overrides):
         if p.requires_grad:
             assert p.dtype == torch.float64
             assert torch.allclose(got[name], p.grad, rtol=1e-7, atol=1e-9 * float(p.grad.abs().max())), name
+
+
+def test_ddp_gradient_is_normalized_by_the_step_tokens_of_both_processes(tmp_path):
+    """Two processes under torchrun (DDP, gloo, CPU), one optimizer step of two micro-batches
+    each: the gradient DDP averages equals the sum over both processes' micro-batches of pmi_kl
+    on full logits divided by the completion tokens of the step on both (tests/trl_ddp_worker.py).
+    Seen failing with the normalizer not divided by the process count (off by 2x) and with the
+    token count not gathered across processes."""
+    worker = os.path.join(os.path.dirname(__file__), "trl_ddp_worker.py")
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          worker, str(tmp_path)], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1", "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
+    assert "ok 0" in run.stdout and "ok 1" in run.stdout
 
 
 @pytest.mark.parametrize("overrides, key", [
