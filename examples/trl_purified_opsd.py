@@ -33,7 +33,8 @@ def parse_args(argv=None):
 
 def word_problems(count: int) -> Dataset:
     """SDFT's columns: the student's prompt, and the reference solution as the privileged context."""
-    return Dataset.from_list([{"prompt": f"Question: {row['question']}\nAnswer: ", "privileged_context": row["solution"]}
+    return Dataset.from_list([{"prompt": f"Question: {row['question']}\nAnswer: ",
+                               "privileged_context": row["solution"]}
                               for row in toy_problems(count, seed=0)])
 
 

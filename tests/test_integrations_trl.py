@@ -29,7 +29,8 @@ LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"])
 
 def problems(count=4):
     """SDFT's dataset columns: the question as the prompt, the worked solution as the privileged context."""
-    return Dataset.from_list([{"prompt": f"Question: {row['question']}\nAnswer: ", "privileged_context": row["solution"]}
+    return Dataset.from_list([{"prompt": f"Question: {row['question']}\nAnswer: ",
+                               "privileged_context": row["solution"]}
                               for row in toy_problems(count, seed=0)])
 
 

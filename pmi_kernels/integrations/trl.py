@@ -106,7 +106,7 @@ class PurifiedOPSDConfig(SDFTConfig):
         if self.pmi_anchor and self.pmi_mode != "pmi":
             raise ValueError("pmi_anchor needs pmi_mode='pmi' (in 'opsd' mode the target is p_T, with no anchor)")
         self._check_refonly_template()
-        self._check_on_policy()
+        self._check_sdft_options()
 
     def _check_refonly_template(self):
         template = self.refonly_prompt_template
@@ -119,7 +119,7 @@ class PurifiedOPSDConfig(SDFTConfig):
             raise ValueError(f"refonly_prompt_template: only {{privileged_context}} may be formatted into it, "
                              f"got {template!r} ({err!r})") from None
 
-    def _check_on_policy(self):
+    def _check_sdft_options(self):
         if self.use_teacher_server:
             raise ValueError("use_teacher_server must be False: the loss reads the teacher's final hidden states "
                              "locally (a vLLM server returns top-k log-probabilities)")
@@ -130,7 +130,8 @@ class PurifiedOPSDConfig(SDFTConfig):
             raise ValueError(f"steps_per_generation (also set through generation_batch_size) must equal "
                              f"gradient_accumulation_steps ({self.gradient_accumulation_steps}), got "
                              f"{self.steps_per_generation}: each rollout is trained on in the optimizer step that "
-                             "sampled it, and the step's token count normalizes the loss")
+                             "sampled it, and the step's token count normalizes the loss (so SDFT computes no "
+                             "old log-probabilities either, which would take [B, T, V] logits)")
 
     def loss_options(self) -> dict:
         """fused_pmi_kl's keyword options."""
@@ -222,11 +223,6 @@ class PurifiedOPSDTrainer(SDFTTrainer):
             mask = mask * (positions >= self.num_loss_tokens_to_skip).long()
         return mask
 
-    def _compute_rollout_logps(self, *args, **kwargs):
-        """Training is on-policy (PurifiedOPSDConfig checks it): no old log-probabilities, whose
-        forward would materialize [B, T, V] logits."""
-        return None
-
     def _prepare_training_batch(self, inputs):
         """SDFT's batch (rollouts, teacher contexts) plus the reference-only contexts and the
         completion tokens of the whole generation batch on all processes, which is one optimizer
@@ -266,7 +262,6 @@ class PurifiedOPSDTrainer(SDFTTrainer):
         decoder, head = decoder_and_head(student)
         hidden = completion_hidden_states(decoder, input_ids, attention_mask, completion_length)
         frozen, frozen_head = self._frozen_hidden_states(inputs, input_ids, attention_mask, completion_length)
-        frozen = {name: states.to(hidden.dtype) for name, states in frozen.items()}
         mask = self._loss_mask(inputs).bool()
         frozen_weight = frozen_head.weight.detach()
         frozen_bias = None if frozen_head.bias is None else frozen_head.bias.detach()
