@@ -74,7 +74,7 @@ def test_two_training_steps(tmp_path, lora):
     after = trainable(trainer.model)
     assert all(not torch.equal(before[name], after[name]) for name in before), "a trained parameter did not move"
     for name, p in trainer.teacher_model.named_parameters():
-        if name in frozen and (lora or trainer.teacher_model is not trainer.model):
+        if name in frozen:
             assert torch.equal(p, frozen[name]), f"frozen {name} moved"
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(logs) == 2
@@ -124,8 +124,8 @@ def test_loss_equals_pmi_kl_on_full_logits(tmp_path, lora, overrides):
     the adapter off or through the frozen copy), over the counted completion tokens, divided by
     the completion tokens of the whole optimizer step (two micro-batches); the reference-only
     context is the template without the question; the lm_head module never runs in the loss.
-    Seen failing with: the teacher read with the student's weights (no adapter switch), the
-    reference-only context built from the teacher's template, the normalizer counted over the
+    Seen failing with: the teacher read with the student's weights (no adapter switch; the
+    student's modules in place of the frozen copy), the reference-only context built from the teacher's template, the normalizer counted over the
     micro-batch, num_loss_tokens_to_skip ignored, temperature not passed, the anchor dropped,
     opsd mode still using the reference-only stream, and the loss through model.lm_head."""
     # float64: the two computations agree to rounding, however small the loss of a random model.
@@ -205,8 +205,8 @@ def test_ddp_gradient_is_normalized_by_the_step_tokens_of_both_processes(tmp_pat
 ])
 def test_options_are_checked_up_front(tmp_path, overrides, key):
     """Each bad option is a ValueError naming its key, when the config is built. Seen failing
-    with each check removed in turn (the pmi_center case with the checks delegated to
-    LossOptions under its own names)."""
+    with each check removed in turn, and with the loss options' errors raised under
+    LossOptions' names (beta, not pmi_beta)."""
     with pytest.raises(ValueError, match=key):
         tiny_config(tmp_path, **overrides)
 
@@ -227,8 +227,8 @@ def test_trainer_refuses_what_it_cannot_train(tmp_path):
 def test_decoder_and_head_of_plain_and_peft_models():
     """The helper's decoder and head give the model's own logits, plain and under PEFT (where
     base_model is the LoraModel, which returns logits), with the adapter on and off; a model
-    whose logits are transformed is refused. Seen failing with `unwrap.base_model` as the
-    decoder under PEFT."""
+    whose logits are transformed is refused. Seen failing with `model.base_model` as the
+    decoder under PEFT, and without the logit-transform check."""
     tokenizer = toy_tokenizer()
     ids = torch.randint(4, len(tokenizer), (2, 9))
     plain = toy_model(tokenizer)
