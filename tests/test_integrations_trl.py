@@ -1,7 +1,8 @@
 """PurifiedOPSDTrainer (pmi_kernels.integrations.trl) on a tiny random Qwen3 on CPU, built in
 code with a character tokenizer (nothing is downloaded): training steps with LoRA and full
-fine-tuning, the loss against pmi_kl on materialized logits, the options and the model checks.
-Skipped without trl; CI installs it (the dev extra includes pmi-kernels[trl])."""
+fine-tuning, the loss against pmi_kl on materialized logits, DDP over two processes, the
+options, the model checks and the example. Skipped without trl; CI installs it (the dev extra
+includes pmi-kernels[trl])."""
 import os
 import subprocess
 import sys
@@ -25,6 +26,14 @@ from pmi_kernels.integrations.trl import (PurifiedOPSDConfig, PurifiedOPSDTraine
 from pmi_kernels.train.toy import toy_model, toy_problems, toy_tokenizer  # noqa: E402
 
 LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"])
+NO_TELEMETRY = {"HF_HUB_DISABLE_TELEMETRY": "1"}
+
+
+@pytest.fixture(autouse=True)
+def _no_telemetry(monkeypatch):
+    """TRL's trainers report their use to the Hub unless told not to: tests make no requests."""
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_TELEMETRY", True)
 
 
 def problems(count=4):
@@ -125,9 +134,10 @@ def test_loss_equals_pmi_kl_on_full_logits(tmp_path, lora, overrides):
     the completion tokens of the whole optimizer step (two micro-batches); the reference-only
     context is the template without the question; the lm_head module never runs in the loss.
     Seen failing with: the teacher read with the student's weights (no adapter switch; the
-    student's modules in place of the frozen copy), the reference-only context built from the teacher's template, the normalizer counted over the
-    micro-batch, num_loss_tokens_to_skip ignored, temperature not passed, the anchor dropped,
-    opsd mode still using the reference-only stream, and the loss through model.lm_head."""
+    student's modules in place of the frozen copy), the reference-only context built from the
+    teacher's template, the normalizer counted over the micro-batch, num_loss_tokens_to_skip
+    ignored, temperature not passed, the anchor dropped, opsd mode still using the
+    reference-only stream, and the loss through model.lm_head."""
     # float64: the two computations agree to rounding, however small the loss of a random model.
     trainer = tiny_trainer(tmp_path, lora, torch.float64, gradient_accumulation_steps=2, **overrides)
     args, model = trainer.args, trainer.model
@@ -182,7 +192,7 @@ def test_ddp_gradient_is_normalized_by_the_step_tokens_of_both_processes(tmp_pat
     worker = os.path.join(os.path.dirname(__file__), "trl_ddp_worker.py")
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           worker, str(tmp_path)], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1", "OMP_NUM_THREADS": "1"})
+                         env={**os.environ, **NO_TELEMETRY, "TRL_EXPERIMENTAL_SILENCE": "1", "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
     assert "ok 0" in run.stdout and "ok 1" in run.stdout
 
