@@ -12,9 +12,9 @@ Switching from SDFT changes the two classes and adds the PMI options:
 Kept from SDFT: the dataset ("prompt", "privileged_context": the reference solution), the
 rollouts (transformers or vLLM), the teacher's prompt (`teacher_prompt_template`), the
 teacher's weights (`teacher_model_kind`: "base" is the adapter switched off under PEFT, else a
-frozen copy; "live"; "ema"), accelerate/DDP/FSDP/DeepSpeed as TRL runs them,
-`num_loss_tokens_to_skip`, `temperature` (the loss reads logits / temperature, as SDFT's does)
-and the logging.
+frozen copy; "live"; "ema"), accelerate and DDP as TRL runs them (tested; FSDP and DeepSpeed
+are routed as in TRL's DistillationTrainer, untested here), `num_loss_tokens_to_skip`,
+`temperature` (the loss reads logits / temperature, as SDFT's does) and the logging.
 
 What changes:
 - a reference-only context, `refonly_prompt_template` over {privileged_context} without the
@@ -42,8 +42,7 @@ from trl.experimental.sdft import SDFTConfig, SDFTTrainer
 from trl.experimental.sdft.sdft_trainer import DemonstrationTeacherContextBuilder, _extract_last_user_text
 from trl.models.utils import _ForwardRedirection
 
-from .. import fused_pmi_kl, pmi_diagnostics
-from .. import validation
+from .. import fused_pmi_kl, pmi_diagnostics, validation
 from ..backends import DIAGNOSTICS
 from ..options import LossOptions
 
