@@ -1,0 +1,321 @@
+"""Purified OPSD in TRL: `PurifiedOPSDTrainer` is TRL's SDFT trainer (TRL's on-policy
+self-distillation trainer) with a third, reference-only context and the PMI-KL loss of
+`fused_pmi_kl`. Needs trl 1.16 (pip install "pmi-kernels[trl]").
+
+Switching from SDFT changes the two classes and adds the PMI options:
+
+    from pmi_kernels.integrations.trl import PurifiedOPSDConfig, PurifiedOPSDTrainer
+    args = PurifiedOPSDConfig(output_dir="out", pmi_mode="pmi", pmi_beta=1.0, pmi_clip=10.0)
+    trainer = PurifiedOPSDTrainer(model, args=args, train_dataset=dataset, peft_config=lora)
+    trainer.train()
+
+Kept from SDFT: the dataset ("prompt", "privileged_context": the reference solution), the
+rollouts (transformers or vLLM), the teacher's prompt (`teacher_prompt_template`), the
+teacher's weights (`teacher_model_kind`: "base" is the adapter switched off under PEFT, else a
+frozen copy; "live"; "ema"), accelerate and DDP as TRL runs them (tested; FSDP and DeepSpeed
+are routed as in TRL's DistillationTrainer, untested here), `num_loss_tokens_to_skip`,
+`temperature` (the loss reads logits / temperature, as SDFT's does) and the logging.
+
+What changes:
+- a reference-only context, `refonly_prompt_template` over {privileged_context} without the
+  question (system turns of a conversational prompt are kept), followed by the same completion;
+- the loss is fused_pmi_kl over final hidden states and the lm_head: the full vocabulary, and
+  no [B, T, V] logits anywhere. A micro-batch's loss is its sum over completion tokens divided
+  by the completion tokens of the whole optimizer step on all processes (TRL's
+  num_items_in_batch, counted as its DistillationTrainer counts it), where SDFT averages per
+  sequence; SDFT's distillation_* options do not apply;
+- training is on-policy: each rollout is trained on in the optimizer step that sampled it
+  (steps_per_generation == gradient_accumulation_steps, num_iterations == 1).
+
+Logged besides SDFT's metrics (masked means per completion token, over all processes):
+self_distillation/distillation_loss (the loss), pmi/kl_target_student (KL(q || p)), entropy
+(the student's), pmi/entropy_target, and with pmi_log_diagnostics the decomposition of the
+teacher's signal from `pmi_diagnostics`, as diag/<key>.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from accelerate.utils import is_peft_model
+from trl.experimental.sdft import SDFTConfig, SDFTTrainer
+from trl.experimental.sdft.sdft_trainer import DemonstrationTeacherContextBuilder, _extract_last_user_text
+from trl.models.utils import _ForwardRedirection
+
+from .. import fused_pmi_kl, pmi_diagnostics, validation
+from ..backends import DIAGNOSTICS
+from ..options import LossOptions
+
+MODES = ("pmi", "opsd")
+# Config key -> LossOptions field; each is checked by LossOptions, under the config's name.
+LOSS_OPTION_KEYS = {"pmi_beta": "beta", "pmi_clip": "clip", "pmi_center": "center", "pmi_jsd_beta": "jsd_beta",
+                    "pmi_entry_clip": "entry_clip", "temperature": "temperature"}
+# Config attributes of models whose logits are not lm_head(h): fused_pmi_kl computes lm_head(h).
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
+                    "logits_scaling")
+# fused_pmi_kl's per-position statistics -> logged names ("entropy" is TRL's name for the student's).
+STAT_LOG_NAMES = {"kl_target_student": "pmi/kl_target_student", "entropy_student": "entropy",
+                  "entropy_target": "pmi/entropy_target"}
+
+
+@dataclass
+class PurifiedOPSDConfig(SDFTConfig):
+    r"""SDFTConfig plus the options of the PMI target (pmi_kernels/reference.py).
+
+    Parameters:
+        pmi_mode (`str`, defaults to `"pmi"`): "pmi", the PMI target
+            q = softmax(anchor + c*tanh(centered(log p_T - log p_R)/c)/beta); or "opsd", standard
+            on-policy self-distillation (q = p_T, no reference-only context in the loss).
+        refonly_prompt_template (`str`, defaults to `"{privileged_context}"`): the reference-only
+            context, over {privileged_context} and without {prompt}.
+        pmi_beta (`float`, defaults to 1.0): the PMI residual is scaled by 1/beta.
+        pmi_clip (`float` or `None`, defaults to 10.0): the soft clip c of the PMI residual.
+        pmi_center (`bool`, defaults to True): center the PMI residual over the vocabulary.
+        pmi_jsd_beta (`float`, defaults to 0.0): the loss's generalized-JSD weight; 0 is KL(q || p),
+            1 is KL(p || q).
+        pmi_entry_clip (`float` or `None`): clip each summand of the divergence to this.
+        pmi_anchor (`bool`, defaults to False): the target's anchor is the teacher's weights read on
+            the student's context (one more forward), instead of the student's own logits.
+        pmi_log_diagnostics (`bool`, defaults to True): log `pmi_diagnostics`' masked means (one more
+            sweep over the head; in "opsd" mode also the reference-only forward they need).
+    """
+
+    pmi_mode: str = field(default="pmi", metadata={"help": "'pmi' (the PMI target) or 'opsd' (q = p_T)."})
+    refonly_prompt_template: str = field(
+        default="{privileged_context}",
+        metadata={"help": "The reference-only context: a template over {privileged_context}, without {prompt}."})
+    pmi_beta: float = field(default=1.0, metadata={"help": "Scale 1/beta of the PMI residual."})
+    pmi_clip: float | None = field(default=10.0, metadata={"help": "Soft clip of the PMI residual (None: off)."})
+    pmi_center: bool = field(default=True, metadata={"help": "Center the PMI residual over the vocabulary."})
+    pmi_jsd_beta: float = field(default=0.0, metadata={"help": "Generalized JSD weight: 0 is KL(q||p), 1 KL(p||q)."})
+    pmi_entry_clip: float | None = field(default=None, metadata={"help": "Clip of each divergence summand."})
+    pmi_anchor: bool = field(default=False, metadata={"help": "Anchor the target on the teacher's weights."})
+    pmi_log_diagnostics: bool = field(default=True, metadata={"help": "Log the decomposition diagnostics."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        validation.check_choice("pmi_mode", self.pmi_mode, MODES)
+        for key, option in LOSS_OPTION_KEYS.items():
+            try:
+                LossOptions(**{option: getattr(self, key)})
+            except ValueError as err:
+                raise ValueError(f"{key}: {err}") from None
+        for key in ("pmi_anchor", "pmi_log_diagnostics"):
+            validation.check_bool(key, getattr(self, key))
+        if self.pmi_anchor and self.pmi_mode != "pmi":
+            raise ValueError("pmi_anchor needs pmi_mode='pmi' (in 'opsd' mode the target is p_T, with no anchor)")
+        self._check_refonly_template()
+        self._check_sdft_options()
+
+    def _check_refonly_template(self):
+        template = self.refonly_prompt_template
+        if not isinstance(template, str) or "{privileged_context}" not in template or "{prompt}" in template:
+            raise ValueError("refonly_prompt_template must contain {privileged_context} and not {prompt} (the "
+                             f"reference-only context has no question), got {template!r}")
+        try:
+            template.format(privileged_context="")
+        except (KeyError, IndexError, ValueError) as err:
+            raise ValueError(f"refonly_prompt_template: only {{privileged_context}} may be formatted into it, "
+                             f"got {template!r} ({err!r})") from None
+
+    def _check_sdft_options(self):
+        if self.use_teacher_server:
+            raise ValueError("use_teacher_server must be False: the loss reads the teacher's final hidden states "
+                             "locally (a vLLM server returns top-k log-probabilities)")
+        if self.num_iterations != 1:
+            raise ValueError(f"num_iterations must be 1, got {self.num_iterations}: the loss is on-policy (no "
+                             "importance-sampling correction for reused rollouts)")
+        if self.steps_per_generation != self.gradient_accumulation_steps:
+            raise ValueError(f"steps_per_generation (also set through generation_batch_size) must equal "
+                             f"gradient_accumulation_steps ({self.gradient_accumulation_steps}), got "
+                             f"{self.steps_per_generation}: each rollout is trained on in the optimizer step that "
+                             "sampled it, and the step's token count normalizes the loss (so SDFT computes no "
+                             "old log-probabilities either, which would take [B, T, V] logits)")
+
+    def loss_options(self) -> dict:
+        """fused_pmi_kl's keyword options."""
+        return dict(beta=self.pmi_beta, clip=self.pmi_clip, center=self.pmi_center, temperature=self.temperature,
+                    jsd_beta=self.pmi_jsd_beta, entry_clip=self.pmi_entry_clip)
+
+
+def decoder_and_head(model):
+    """(decoder, lm_head) of a causal LM, plain or PEFT-wrapped (unwrap accelerate's wrappers
+    first): the decoder returns the final hidden states (after the final norm), the lm_head
+    turns them into logits. Under PEFT, `model.base_model` is the LoraModel, whose forward runs
+    the whole LM and returns logits; `get_base_model().get_decoder()` is the decoder, with the
+    adapter's layers inside it (switched off by `disable_adapter()` as for the whole model)."""
+    base = model.get_base_model() if is_peft_model(model) else model
+    get_decoder = getattr(base, "get_decoder", None)
+    decoder = get_decoder() if callable(get_decoder) else None
+    if decoder is None or decoder is base:
+        raise ValueError(f"model: {type(base).__name__} has no decoder (get_decoder()) to read hidden states from")
+    get_head = getattr(base, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if not isinstance(head, torch.nn.Linear):
+        raise ValueError(f"model: the lm_head must be a torch.nn.Linear, got {type(head).__name__} (fused_pmi_kl "
+                         "applies its weight and bias; leave lm_head out of a PEFT config's target_modules and "
+                         "modules_to_save)")
+    config = base.config.get_text_config()
+    for name in LOGIT_TRANSFORMS:
+        if getattr(config, name, None) is not None:
+            raise ValueError(f"model: {type(base).__name__} transforms its logits ({name}="
+                             f"{getattr(config, name)!r}); fused_pmi_kl computes plain lm_head(h)")
+    return decoder, head
+
+
+def completion_hidden_states(decoder, input_ids, attention_mask, completion_length: int) -> torch.Tensor:
+    """[B, T, H]: the final hidden states that predict the last T tokens of input_ids (the
+    completion). The last token predicts nothing trained on, so it is not read."""
+    hidden = decoder(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1],
+                     use_cache=False).last_hidden_state
+    return hidden.narrow(1, hidden.size(1) - completion_length, completion_length)
+
+
+class ReferenceOnlyContextBuilder(DemonstrationTeacherContextBuilder):
+    """SDFT's teacher-context builder (tokenize, left-pad, append the completion), with the
+    reference-only prompt: the privileged context in refonly_prompt_template, no question.
+    A conversational prompt keeps its earlier turns (the system prompt) and has its last user
+    turn replaced, so that the teacher's and the reference-only contexts differ by the question
+    alone - the variable whose pointwise mutual information the target keeps."""
+
+    def _compose_teacher_prompt(self, prompt, privileged_context):
+        text = self.trainer.args.refonly_prompt_template.format(
+            privileged_context=self._stringify_privileged_context(privileged_context))
+        if isinstance(prompt, list):
+            _extract_last_user_text(prompt)  # the same check as the teacher's: the last turn is the user's
+            return prompt[:-1] + [{"role": "user", "content": text}]
+        return text
+
+    def build(self, prompts, privileged_contexts, completion_ids, completion_mask):
+        built = super().build(prompts, privileged_contexts, completion_ids, completion_mask)
+        return {"refonly_input_ids": built["teacher_input_ids"],
+                "refonly_attention_mask": built["teacher_attention_mask"]}
+
+
+class PurifiedOPSDTrainer(SDFTTrainer):
+    """SDFTTrainer with the reference-only context and the PMI-KL loss (module docstring)."""
+
+    _tag_names = ["trl", "sdft", "pmi-kernels", "purified-opsd"]
+    _name = "Purified OPSD"
+    config_cls = PurifiedOPSDConfig
+
+    def __init__(self, model, args: PurifiedOPSDConfig = None, *pos, **kwargs):
+        if not isinstance(args, PurifiedOPSDConfig):
+            raise ValueError(f"args must be a PurifiedOPSDConfig (SDFTConfig plus the pmi_* options), got "
+                             f"{type(args).__name__}")
+        super().__init__(model, args, *pos, **kwargs)
+        self.refonly_context_builder = ReferenceOnlyContextBuilder(self)
+        self._forward_redirection = _ForwardRedirection()
+        # Fail before any rollout on a model whose hidden states and head cannot be read.
+        decoder_and_head(self.accelerator.unwrap_model(self.model))
+        decoder_and_head(self.accelerator.unwrap_model(self.teacher_model))
+
+    @property
+    def _reads_refonly(self) -> bool:
+        return self.args.pmi_mode == "pmi" or self.args.pmi_log_diagnostics
+
+    def _loss_mask(self, batch) -> torch.Tensor:
+        """The completion tokens that count: SDFT's, less the first num_loss_tokens_to_skip."""
+        mask = batch["completion_mask"]
+        if self.num_loss_tokens_to_skip > 0:
+            positions = torch.arange(mask.size(1), device=mask.device).unsqueeze(0)
+            mask = mask * (positions >= self.num_loss_tokens_to_skip).long()
+        return mask
+
+    def _prepare_training_batch(self, inputs):
+        """SDFT's batch (rollouts, teacher contexts) plus the reference-only contexts and the
+        completion tokens of the whole generation batch on all processes, which is one optimizer
+        step's (steps_per_generation == gradient_accumulation_steps)."""
+        batch = super()._prepare_training_batch(inputs)
+        if self._reads_refonly:
+            batch.update(self.refonly_context_builder.build(
+                [example["prompt"] for example in inputs], [example.get("privileged_context") for example in inputs],
+                batch["completion_ids"], batch["completion_mask"]))
+        # 0-d, so split_tensor_dict hands it whole to every micro-batch of the step.
+        batch["num_items_in_batch"] = self.accelerator.gather(self._loss_mask(batch).sum()).sum()
+        return batch
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """transformers' num_items_in_batch counts dataset labels, which this trainer has none of
+        (it is None): the count comes from the rollouts, as in TRL's DistillationTrainer."""
+        if return_outputs:
+            raise ValueError("PurifiedOPSDTrainer does not return outputs")
+        normalizer = None  # evaluation: the mean over the batch's completion tokens
+        if self.model.training:
+            # Divided by the process count because DDP averages the processes' gradients.
+            normalizer = inputs["num_items_in_batch"].clamp(min=1) / self.accelerator.num_processes
+        # Through the wrapper's forward, so that DDP prepares its backward and FSDP/DeepSpeed
+        # gather the parameters, the lm_head included.
+        unwrapped = self.accelerator.unwrap_model(model)
+        loss, totals = self._forward_redirection(model, unwrapped, self._pmi_loss, unwrapped, inputs, normalizer)
+        # Gathered here, outside the wrapped forward (a collective inside it risks a hang).
+        self._log_pmi_metrics(self.accelerator.gather(totals.unsqueeze(0)).sum(0))
+        return loss
+
+    def _pmi_loss(self, student, inputs, normalizer):
+        """(loss, totals): totals = [completion tokens, then the sums over them of the loss, each
+        statistic and each diagnostic], in the order _log_pmi_metrics reads them."""
+        completion_length = inputs["completion_ids"].size(1)
+        input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+        attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+        decoder, head = decoder_and_head(student)
+        hidden = completion_hidden_states(decoder, input_ids, attention_mask, completion_length)
+        frozen, frozen_head = self._frozen_hidden_states(inputs, input_ids, attention_mask, completion_length)
+        mask = self._loss_mask(inputs).bool()
+        frozen_weight = frozen_head.weight.detach()
+        frozen_bias = None if frozen_head.bias is None else frozen_head.bias.detach()
+        loss, stats = fused_pmi_kl(
+            hidden, head.weight, frozen["teacher"], frozen["refonly"] if self.args.pmi_mode == "pmi" else None,
+            frozen.get("anchor"), lm_head_bias=head.bias, frozen_weight=frozen_weight, frozen_bias=frozen_bias,
+            mask=mask, normalizer=normalizer, return_stats=True, check_finite=False, **self.args.loss_options())
+        totals = [mask.sum(), *(stats[key].sum() for key in ("loss", *STAT_LOG_NAMES))]
+        if self.args.pmi_log_diagnostics:
+            totals += self._diagnostic_sums(hidden[mask].detach(), {k: v[mask] for k, v in frozen.items()},
+                                            head, frozen_weight, frozen_bias)
+        return loss, torch.stack([t.detach().float() for t in totals])
+
+    def _frozen_hidden_states(self, inputs, student_ids, student_mask, completion_length):
+        """({"teacher", "refonly", "anchor"}: [B, T, H] without gradient, the frozen lm_head),
+        read with the teacher's weights as SDFT routes them (adapter off, EMA adapter, frozen copy
+        or the live student)."""
+        contexts = {"teacher": (inputs["teacher_input_ids"], inputs["teacher_attention_mask"])}
+        if self._reads_refonly:
+            contexts["refonly"] = (inputs["refonly_input_ids"], inputs["refonly_attention_mask"])
+        if self.args.pmi_anchor:
+            contexts["anchor"] = (student_ids, student_mask)
+        teacher = self.accelerator.unwrap_model(self.teacher_model)
+
+        def read(teacher):
+            decoder, head = decoder_and_head(teacher)
+            states = {name: completion_hidden_states(decoder, ids, mask, completion_length)
+                      for name, (ids, mask) in contexts.items()}
+            return states, head
+
+        with torch.no_grad(), self._get_teacher_context_for_self_distillation():
+            if self.teacher_model is self.model:  # the student's own modules, already gathered
+                return read(teacher)
+            # A separate frozen copy: through its own wrapper, so FSDP/DeepSpeed gather its shards.
+            return self._forward_redirection(self.teacher_model, teacher, read, teacher)
+
+    def _diagnostic_sums(self, student, frozen, head, frozen_weight, frozen_bias):
+        """Sums over the counted tokens of each pmi_diagnostics entry (NaN, where a norm is 0, as 0)."""
+        dtype = student.dtype  # under autocast the head may be fp32 masters of bf16 hidden states
+        bias = None if head.bias is None else head.bias.detach().to(dtype)
+        diagnostics = pmi_diagnostics(
+            student, frozen["teacher"], frozen["refonly"], frozen.get("anchor"),
+            lm_head_weight=head.weight.detach().to(dtype), lm_head_bias=bias,
+            frozen_weight=frozen_weight.to(dtype), frozen_bias=None if frozen_bias is None else frozen_bias.to(dtype),
+            beta=self.args.pmi_beta, clip=self.args.pmi_clip, center=self.args.pmi_center,
+            temperature=self.args.temperature, check_finite=False)
+        return [value.nan_to_num().sum() for value in diagnostics.values()]
+
+    def _log_pmi_metrics(self, totals: torch.Tensor) -> None:
+        mode = "train" if self.model.training else "eval"
+        count, loss_sum, *sums = totals.tolist()
+        count = max(count, 1.0)
+        self._log_self_distillation_metric(mode, loss_sum / count)
+        names = list(STAT_LOG_NAMES.values())
+        if self.args.pmi_log_diagnostics:
+            names += [f"diag/{key}" for key in DIAGNOSTICS]
+        for name, value in zip(names, sums, strict=True):
+            self._metrics[mode][name].append(value / count)

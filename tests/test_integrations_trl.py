@@ -1,0 +1,270 @@
+"""PurifiedOPSDTrainer (pmi_kernels.integrations.trl) on a tiny random Qwen3 on CPU, built in
+code with a character tokenizer (nothing is downloaded): training steps with LoRA and full
+fine-tuning, the loss against pmi_kl on materialized logits, DDP over two processes, the
+options, the model checks and the example. Skipped without trl; CI installs it (the dev extra
+includes pmi-kernels[trl])."""
+import os
+import subprocess
+import sys
+from contextlib import contextmanager, nullcontext
+
+import pytest
+import torch
+
+pytest.importorskip("trl")
+pytest.importorskip("peft")
+
+from datasets import Dataset  # noqa: E402
+from peft import LoraConfig, get_peft_model  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
+from trl.experimental.sdft import SDFTConfig  # noqa: E402
+from trl.trainer.utils import split_tensor_dict  # noqa: E402
+
+from pmi_kernels import pmi_kl  # noqa: E402
+from pmi_kernels.integrations.trl import (PurifiedOPSDConfig, PurifiedOPSDTrainer,  # noqa: E402
+                                          decoder_and_head)
+from pmi_kernels.train.toy import toy_model, toy_problems, toy_tokenizer  # noqa: E402
+
+LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"])
+NO_TELEMETRY = {"HF_HUB_DISABLE_TELEMETRY": "1"}
+
+
+@pytest.fixture(autouse=True)
+def _no_telemetry(monkeypatch):
+    """TRL's trainers report their use to the Hub unless told not to: tests make no requests."""
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_TELEMETRY", True)
+
+
+def problems(count=4):
+    """SDFT's dataset columns: the question as the prompt, the worked solution as the privileged context."""
+    return Dataset.from_list([{"prompt": f"Question: {row['question']}\nAnswer: ",
+                               "privileged_context": row["solution"]}
+                              for row in toy_problems(count, seed=0)])
+
+
+def tiny_config(tmp_path, **overrides):
+    values = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, num_generations=2,
+                  max_completion_length=6, max_steps=2, logging_steps=1, learning_rate=1e-2, report_to="none",
+                  use_cpu=True, bf16=False, save_strategy="no", gradient_checkpointing=False,
+                  refonly_prompt_template="Reference: {privileged_context}\nAnswer: ")
+    values.update(overrides)
+    return PurifiedOPSDConfig(**values)
+
+
+def tiny_trainer(tmp_path, lora: bool, dtype=torch.float32, **overrides):
+    """LoRA: the teacher is the student with the adapter off. Full fine-tuning: TRL builds the
+    frozen teacher from the model's path, so the model is saved and loaded from there."""
+    tokenizer = toy_tokenizer()
+    model = toy_model(tokenizer, seed=0).to(dtype)
+    if not lora:
+        model.save_pretrained(tmp_path / "base")
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=dtype)
+    return PurifiedOPSDTrainer(model, args=tiny_config(tmp_path, **overrides), train_dataset=problems(),
+                               processing_class=tokenizer, peft_config=LoraConfig(**LORA) if lora else None)
+
+
+def trainable(model):
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_two_training_steps(tmp_path, lora):
+    """Two optimizer steps of two micro-batches each: the trained parameters move, the frozen
+    ones (LoRA's base, the teacher copy) do not, and TRL's log has the loss, KL(q || p), the
+    student's entropy and the diagnostics, finite. Seen failing with the loss detached from the
+    student's graph (nothing moves) and with the entropy logged under another name."""
+    trainer = tiny_trainer(tmp_path, lora, gradient_accumulation_steps=2)
+    frozen = {name: p.detach().clone() for name, p in trainer.teacher_model.named_parameters()
+              if "lora_" not in name}
+    before = trainable(trainer.model)
+    trainer.train()
+    assert trainer.state.global_step == 2
+    after = trainable(trainer.model)
+    assert all(not torch.equal(before[name], after[name]) for name in before), "a trained parameter did not move"
+    for name, p in trainer.teacher_model.named_parameters():
+        if name in frozen:
+            assert torch.equal(p, frozen[name]), f"frozen {name} moved"
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 2
+    for entry in logs:
+        for key in ("loss", "self_distillation/distillation_loss", "pmi/kl_target_student", "entropy",
+                    "pmi/entropy_target", "diag/cos_total_ref", "diag/norm_ratio_ref_total"):
+            assert key in entry and torch.isfinite(torch.tensor(entry[key])), key
+        assert entry["entropy"] > 0 and entry["pmi/kl_target_student"] >= 0
+
+
+@contextmanager
+def no_logits(model):
+    """Fail if the lm_head module runs: the loss must use its weight through fused_pmi_kl only."""
+    def refuse(*_):
+        raise AssertionError("the lm_head ran: [B, T, V] logits were materialized")
+    handle = decoder_and_head(model)[1].register_forward_pre_hook(refuse)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def perturb_student(trainer, lora: bool):
+    """Make the student differ from its frozen teacher (a fresh LoRA adapter is the identity;
+    a fresh copy equals the student), so that reading a frozen context with the student's
+    weights would change the loss."""
+    with torch.no_grad():
+        for name, p in trainer.model.named_parameters():
+            if p.requires_grad and (not lora or "lora_B" in name):
+                p.add_(torch.randn_like(p) * 0.05)
+
+
+def full_logits(model, input_ids, attention_mask, completion_length):
+    """[B, T, V] logits that predict the completion, from the model's full forward."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    return logits[:, -completion_length - 1:-1]
+
+
+@pytest.mark.parametrize("lora, overrides", [
+    pytest.param(True, dict(pmi_beta=2.0, pmi_clip=3.0, temperature=1.3, num_loss_tokens_to_skip=1), id="lora-pmi"),
+    pytest.param(False, dict(pmi_anchor=True, pmi_jsd_beta=0.3), id="full-pmi-anchor"),
+    pytest.param(True, dict(pmi_mode="opsd", pmi_jsd_beta=1.0), id="lora-opsd"),
+])
+def test_loss_equals_pmi_kl_on_full_logits(tmp_path, lora, overrides):
+    """One micro-batch's loss and parameter gradients equal pmi_kl's on the full forward's logits
+    of the same three contexts (the teacher and reference-only contexts, and the anchor, with
+    the adapter off or through the frozen copy), over the counted completion tokens, divided by
+    the completion tokens of the whole optimizer step (two micro-batches); the reference-only
+    context is the template without the question; the lm_head module never runs in the loss.
+    Seen failing with: the teacher read with the student's weights (no adapter switch; the
+    student's modules in place of the frozen copy), the reference-only context built from the
+    teacher's template, the normalizer counted over the micro-batch, num_loss_tokens_to_skip
+    ignored, temperature not passed, the anchor dropped, opsd mode still using the
+    reference-only stream, and the loss through model.lm_head."""
+    # float64: the two computations agree to rounding, however small the loss of a random model.
+    trainer = tiny_trainer(tmp_path, lora, torch.float64, gradient_accumulation_steps=2, **overrides)
+    args, model = trainer.args, trainer.model
+    perturb_student(trainer, lora)
+    examples = list(problems())[:2] * 2  # one generation batch: 2 micro-batches of 2 completions
+    model.train()
+    batch = trainer._prepare_training_batch(examples)
+    micro = split_tensor_dict(batch, 2)[0]
+
+    completion_ids, completion_mask = micro["completion_ids"], micro["completion_mask"]
+    length = completion_ids.size(1)
+    refonly_prompt = trainer.processing_class(
+        args.refonly_prompt_template.format(privileged_context=examples[0]["privileged_context"])).input_ids
+    kept = micro["refonly_attention_mask"][0].bool()
+    assert micro["refonly_input_ids"][0][kept].tolist() == refonly_prompt + completion_ids[0][
+        completion_mask[0].bool()].tolist()
+
+    with no_logits(model):
+        loss = trainer.compute_loss(model, micro)
+    loss.backward()
+    got = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+
+    student_ids = torch.cat([micro["prompt_ids"], completion_ids], 1)
+    student_mask = torch.cat([micro["prompt_mask"], completion_mask], 1)
+    student = full_logits(model, student_ids, student_mask, length)
+    frozen_model = model if lora else trainer.teacher_model
+    with torch.no_grad(), model.disable_adapter() if lora else nullcontext():
+        teacher = full_logits(frozen_model, micro["teacher_input_ids"], micro["teacher_attention_mask"], length)
+        refonly = full_logits(frozen_model, micro["refonly_input_ids"], micro["refonly_attention_mask"], length)
+        anchor = full_logits(frozen_model, student_ids, student_mask, length) if args.pmi_anchor else None
+    counted = completion_mask.clone()
+    counted[:, :args.num_loss_tokens_to_skip] = 0
+    step_tokens = batch["completion_mask"][:, args.num_loss_tokens_to_skip:].sum()
+    want = pmi_kl(student, teacher, refonly if args.pmi_mode == "pmi" else None, anchor, mask=counted,
+                  normalizer=step_tokens, beta=args.pmi_beta, clip=args.pmi_clip, center=args.pmi_center,
+                  temperature=args.temperature, jsd_beta=args.pmi_jsd_beta)
+    want.backward()
+    assert float(loss.detach()) == pytest.approx(float(want.detach()), rel=1e-9)
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.dtype == torch.float64
+            assert torch.allclose(got[name], p.grad, rtol=1e-7, atol=1e-9 * float(p.grad.abs().max())), name
+
+
+def test_ddp_gradient_is_normalized_by_the_step_tokens_of_both_processes(tmp_path):
+    """Two processes under torchrun (DDP, gloo, CPU), one optimizer step of two micro-batches
+    each: the gradient DDP averages equals the sum over both processes' micro-batches of pmi_kl
+    on full logits divided by the completion tokens of the step on both (tests/trl_ddp_worker.py).
+    Seen failing with the normalizer not divided by the process count (off by 2x) and with the
+    token count not gathered across processes."""
+    worker = os.path.join(os.path.dirname(__file__), "trl_ddp_worker.py")
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          worker, str(tmp_path)], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, **NO_TELEMETRY, "TRL_EXPERIMENTAL_SILENCE": "1", "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
+    assert "ok 0" in run.stdout and "ok 1" in run.stdout
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (dict(pmi_mode="kl"), "pmi_mode"),
+    (dict(pmi_beta=0.0), "pmi_beta"),
+    (dict(pmi_clip=-1.0), "pmi_clip"),
+    (dict(pmi_jsd_beta=1.5), "pmi_jsd_beta"),
+    (dict(pmi_entry_clip=float("nan")), "pmi_entry_clip"),
+    (dict(pmi_center="no"), "pmi_center"),
+    (dict(pmi_log_diagnostics=1), "pmi_log_diagnostics"),
+    (dict(pmi_anchor=True, pmi_mode="opsd"), "pmi_anchor"),
+    (dict(refonly_prompt_template="{prompt}\n{privileged_context}"), "refonly_prompt_template"),
+    (dict(refonly_prompt_template="Reference:"), "refonly_prompt_template"),
+    (dict(refonly_prompt_template="{privileged_context} {answer}"), "refonly_prompt_template"),
+    (dict(use_teacher_server=True), "use_teacher_server"),
+    (dict(num_iterations=2), "num_iterations"),
+    (dict(generation_batch_size=8), "steps_per_generation"),
+])
+def test_options_are_checked_up_front(tmp_path, overrides, key):
+    """Each bad option is a ValueError naming its key, when the config is built. Seen failing
+    with each check removed in turn, and with the loss options' errors raised under
+    LossOptions' names (beta, not pmi_beta)."""
+    with pytest.raises(ValueError, match=key):
+        tiny_config(tmp_path, **overrides)
+
+
+def test_trainer_refuses_what_it_cannot_train(tmp_path):
+    """An SDFTConfig (no PMI options), and an lm_head adapted by LoRA (fused_pmi_kl applies a
+    plain head): a ValueError naming the argument before any rollout. Seen failing without
+    the checks (the adapted head trains through its base weight only)."""
+    tokenizer = toy_tokenizer()
+    sdft_args = SDFTConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=False)
+    with pytest.raises(ValueError, match="args"):
+        PurifiedOPSDTrainer(toy_model(tokenizer), args=sdft_args, train_dataset=problems(), processing_class=tokenizer)
+    with pytest.raises(ValueError, match="model"):
+        PurifiedOPSDTrainer(toy_model(tokenizer), args=tiny_config(tmp_path), train_dataset=problems(),
+                            processing_class=tokenizer, peft_config=LoraConfig(r=4, target_modules=["lm_head"]))
+
+
+def test_decoder_and_head_of_plain_and_peft_models():
+    """The helper's decoder and head give the model's own logits, plain and under PEFT (where
+    base_model is the LoraModel, which returns logits), with the adapter on and off; a model
+    whose logits are transformed is refused. Seen failing with `model.base_model` as the
+    decoder under PEFT, and without the logit-transform check."""
+    tokenizer = toy_tokenizer()
+    ids = torch.randint(4, len(tokenizer), (2, 9))
+    plain = toy_model(tokenizer)
+    peft = get_peft_model(toy_model(tokenizer), LoraConfig(**LORA))
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    for model in (plain, peft):
+        decoder, head = decoder_and_head(model)
+        for adapter_off in (False, True) if model is peft else (False,):
+            with torch.no_grad(), model.disable_adapter() if adapter_off else nullcontext():
+                want = model(input_ids=ids).logits
+                assert torch.allclose(head(decoder(input_ids=ids).last_hidden_state), want, atol=1e-5)
+    plain.config.final_logit_softcapping = 30.0
+    with pytest.raises(ValueError, match="model.*final_logit_softcapping"):
+        decoder_and_head(plain)
+
+
+def test_example_runs(tmp_path):
+    """examples/trl_purified_opsd.py, one step: it keeps running as the API changes (seen
+    failing with a renamed config key)."""
+    import importlib.util
+    path = os.path.join(os.path.dirname(__file__), "..", "examples", "trl_purified_opsd.py")
+    spec = importlib.util.spec_from_file_location("trl_purified_opsd", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    logs = example.main(["--steps", "1", "--output-dir", str(tmp_path)])
+    assert len(logs) == 1 and all(key in logs[0] for key in example.LOGGED)
