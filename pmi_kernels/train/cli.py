@@ -13,9 +13,12 @@ from .metrics import finite_or_none
 
 USAGE = """pmi-opsd train [--config FILE] [--output-dir DIR] [--max-steps N] [--resume | --overwrite] [--KEY VALUE ...]
 pmi-opsd plot  [--metrics FILE] [--out PNG]
+pmi-opsd compare [--seeds 0,1,2] [--output-dir DIR] [--KEY VALUE ...]
 
 With no --model-path, train runs the embedded default: a tiny model and arithmetic task built
-locally, taught briefly by supervised fine-tuning, then distilled with the PMI target."""
+locally, taught briefly by supervised fine-tuning, then distilled with the PMI target. compare
+runs standard OPSD and the PMI target (frozen-base and self anchors) from one warmed-up base and
+prints them side by side (the main job)."""
 
 
 def train(argv) -> int:
@@ -59,10 +62,13 @@ def plot(argv) -> int:
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in ("train", "plot"):
+    if not argv or argv[0] not in ("train", "plot", "compare"):
         print(USAGE)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     try:
+        if argv[0] == "compare":
+            from .compare import main as compare
+            return compare(argv[1:])
         return train(argv[1:]) if argv[0] == "train" else plot(argv[1:])
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -24,6 +24,12 @@ TOY_DEFAULTS = dict(max_new_tokens=40, batch_size=8, max_steps=40, lr=2e-4, sft_
 class TrainConfig:
     # Model: a local Hugging Face directory, or "toy" (a tiny model and task built in code).
     model_path: str = TOY
+    # The toy's task (tasks.py): "shortcut" (the reference gives the method and the answer, the
+    # question the numbers) or "arithmetic" (the reference is the worked solution).
+    toy_task: str = "shortcut"
+    # A directory of warmed-up toy bases, each keyed by everything that makes it (base_cache.py):
+    # a run finds its base there or builds it there. None: every run warms up its own.
+    base_cache: Optional[str] = None
     lora: bool = True
     lora_rank: int = 8
     lora_alpha: int = 16
@@ -93,6 +99,9 @@ class TrainConfig:
     keep_checkpoints: int = 2  # the newest k checkpoint-<step> directories are kept
     # A step whose loss or gradients are not finite is skipped (no update); this many in a row stop the run.
     max_nonfinite_steps: int = 5
+    # Warn when the student's KL from the frozen base passes this many nats per token (drift.py;
+    # measured on the diagnostics steps); None: never.
+    drift_warn_kl: Optional[float] = 1.0
     resume: bool = False  # continue output_dir's run from its latest checkpoint
     overwrite: bool = False  # replace the run in a non-empty output_dir (else it is refused)
     # Keys --resume may change although they change the run (the keys in RESUME_MAY_CHANGE always may).
@@ -131,7 +140,7 @@ class TrainConfig:
 RESUME_MAY_CHANGE = frozenset({
     "max_steps", "eval_every", "eval_samples", "eval_temperature", "save_every", "log_every", "keep_checkpoints",
     "max_nonfinite_steps", "diagnostics_every", "markers", "tensorboard", "gradient_checkpointing", "output_dir",
-    "resume", "overwrite", "allow_config_change"})
+    "resume", "overwrite", "allow_config_change", "drift_warn_kl", "base_cache"})
 
 
 def changed_keys(saved: dict, config: TrainConfig) -> List[str]:
@@ -158,8 +167,9 @@ def read_config_file(path: str) -> dict:
     return values
 
 
-def parse_config(argv=None, description: str = "") -> TrainConfig:
-    """--config FILE (JSON), then --key value for any key (a bare --resume, --overwrite, ... is true)."""
+def parse_config(argv=None, description: str = "", toy_defaults: Optional[dict] = None) -> TrainConfig:
+    """--config FILE (JSON), then --key value for any key (a bare --resume, --overwrite, ... is true).
+    The toy's defaults (TOY_DEFAULTS unless given) come under both."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", help="JSON file of config keys")
     types = field_types(TrainConfig)
@@ -178,4 +188,5 @@ def parse_config(argv=None, description: str = "") -> TrainConfig:
             values[key] = coerce_flag(key, getattr(args, key), kind, optional)
     # The toy model brings its own defaults; the file and the command line override them.
     toy = values.get("model_path", TOY) == TOY
-    return TrainConfig(**{**(TOY_DEFAULTS if toy else {}), **values}).validate()
+    defaults = TOY_DEFAULTS if toy_defaults is None else toy_defaults
+    return TrainConfig(**{**(defaults if toy else {}), **values}).validate()

@@ -19,13 +19,16 @@ AT_LEAST_ONE = ("lora_rank", "lora_alpha", "max_new_tokens", "max_steps", "batch
                 "sft_batch_size", "log_every", "diagnostics_every", "eval_samples", "save_every",
                 "keep_checkpoints", "max_nonfinite_steps")
 NON_NEGATIVE = ("seed", "warmup_steps", "sft_steps", "eval_every", "eval_limit", "weight_decay", "eval_temperature")
-POSITIVE = ("lr", "sft_lr", "temperature", "max_grad_norm", "beta", "clip", "loss_temperature", "entry_clip")
+POSITIVE = ("lr", "sft_lr", "temperature", "max_grad_norm", "beta", "clip", "loss_temperature", "entry_clip",
+            "drift_warn_kl")
 RANGES = [(AT_LEAST_ONE, lambda v: v >= 1, ">= 1"), (NON_NEGATIVE, lambda v: v >= 0, ">= 0"),
           (POSITIVE, lambda v: v > 0, "> 0"), (("top_p",), lambda v: 0 < v <= 1, "in (0, 1]"),
           (("jsd_beta",), lambda v: 0 <= v <= 1, "in [0, 1]"), (("seed",), lambda v: v < 2**32, "< 2**32")]
 CHOICES = {"mode": ("pmi", "opsd"), "teacher_weights": ("base", "current"), "device": ("auto", "cpu", "cuda"),
-           "schedule": ("constant", "cosine", "linear"), "rollout_engine": ("hf", "vllm")}
-NON_EMPTY = ("model_path", "output_dir", "question_field", "solution_field", "answer_field", "answer_pattern")
+           "schedule": ("constant", "cosine", "linear"), "rollout_engine": ("hf", "vllm"),
+           "toy_task": ("shortcut", "arithmetic")}
+NON_EMPTY = ("model_path", "output_dir", "base_cache", "question_field", "solution_field", "answer_field",
+             "answer_pattern")
 TEMPLATE_KINDS = ("student", "teacher", "refonly")
 
 

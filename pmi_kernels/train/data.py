@@ -6,7 +6,7 @@ import re
 from typing import Dict, List, Optional
 
 from .config import TOY, TrainConfig
-from .toy import toy_problems
+from .tasks import problems
 
 
 def load_rows(path: str) -> List[Dict]:
@@ -29,7 +29,7 @@ def extract_answer(text: str, pattern: str) -> Optional[str]:
 def load_examples(config: TrainConfig):
     """(train, eval) lists of {"question", "solution", "answer"}; errors name the problem."""
     if config.model_path == TOY:
-        rows = toy_problems(2000 + config.eval_limit, config.seed)
+        rows = problems(config.toy_task, 2000 + config.eval_limit, config.seed)
         return rows[config.eval_limit:], rows[:config.eval_limit]
     splits = []
     for key in ("train_file", "eval_file"):

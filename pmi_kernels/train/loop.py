@@ -26,13 +26,15 @@ from typing import Dict, List, Optional
 import torch
 
 from .. import fused_pmi_kl, pmi_diagnostics
+from .base_cache import warmed_up_base
 from .checkpoint import load_checkpoint, read_latest, rng_state, save_checkpoint, set_rng_state, write_dir_atomically
 from .config import TOY, TrainConfig
 from .contexts import KINDS, rollout_hidden, trim_rollout
 from .data import extract_answer, load_examples
+from .drift import Drift
 from .interrupts import Interrupted, StopRequest, TrainingFailed, fault_point
 from .metrics import MetricsLog, count_markers, cut_metrics
-from .model import check_lengths, load_model, supervised_warmup, wrap_model
+from .model import check_lengths, load_model, wrap_model
 from .rollouts import VllmRollouts, merged_weights
 from .run_dir import TOY_BASE, prepare_output_dir
 from .tokenized import contexts_ids
@@ -64,9 +66,8 @@ class Trainer:
         if config.model_path == TOY:
             model_dir = os.path.join(config.output_dir, TOY_BASE)
             if not config.resume:
-                if config.sft_steps:
-                    supervised_warmup(model, config, self.tokenizer, self.train_rows, self.prompts, self.device,
-                                      self.stop)
+                model = warmed_up_base(model, config, self.tokenizer, self.train_rows, self.prompts, self.device,
+                                       self.stop)  # base_cache.py: built, or loaded from the cache
                 write_dir_atomically(model_dir, lambda d: (model.save_pretrained(d), self.tokenizer.save_pretrained(d)))
         self.model, self.frozen = wrap_model(model, config)
         self.rollouts, self._synced_step = None, None
@@ -78,6 +79,7 @@ class Trainer:
         self.nonfinite_in_a_row, self.nonfinite_total = 0, 0
         self._saved_step: Optional[int] = None  # the step the newest checkpoint holds
         self.metrics = MetricsLog(config.output_dir, config.tensorboard)
+        self.drift = Drift(config.drift_warn_kl)
         if state is not None:
             self._restore(state)
             # A resumed run writes again what came after its checkpoint, and the evaluation it
@@ -171,9 +173,10 @@ class Trainer:
         config, rows = self.config, self.eval_rows
         if not rows:
             return None
+        from tqdm import tqdm
         correct = 0
         for _ in range(config.eval_samples):
-            for i in range(0, len(rows), 32):
+            for i in tqdm(range(0, len(rows), 32), desc="evaluation", leave=False, mininterval=2):
                 fault_point("evaluation-batch")
                 self.stop.check("evaluation")
                 outs = self.generate(self.eval_prompts[i:i + 32], config.eval_temperature, 1.0, config.max_new_tokens)
@@ -252,6 +255,9 @@ class Trainer:
             record["kl_q_p"] = record[kl_key]
         texts = [self.tokenizer.decode(rollout, skip_special_tokens=True) for _, rollout in batch]
         record.update({f"markers/{k}": v for k, v in count_markers(texts, config.markers).items()})
+        if diagnose:  # drift.py: the student's KL from the frozen base; a warning when it runs away
+            record.update(self.drift.measure(self, batch))
+            self.drift.check(self.step, record)
         return record
 
     def _distil(self, index: int, rollout: List[int], normalizer: int, diagnose: bool, totals: Dict) -> None:

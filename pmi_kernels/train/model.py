@@ -13,6 +13,7 @@ from .config import TOY, TrainConfig
 from .contexts import KINDS
 from .interrupts import StopRequest, fault_point
 from .run_dir import TOY_BASE
+from .tasks import warmup_target
 from .toy import toy_model, toy_tokenizer
 
 
@@ -66,17 +67,20 @@ def supervised_warmup(model, config: TrainConfig, tokenizer, train_rows, prompts
     """Teacher-forced cross-entropy from each context to the reference solution (the toy's
     first lesson): a tiny model has to be taught to read a reference in its context before
     it can act as its own teacher, as a real LLM already can. A stop signal ends it (raises)."""
+    from tqdm import tqdm
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.sft_lr)
     rng = random.Random(config.seed)
     model.train()
-    for _ in range(config.sft_steps):
+    for _ in tqdm(range(config.sft_steps), desc="warm-up", mininterval=2):
         fault_point("warmup-step")
         stop.check("the supervised warm-up")
         rows = rng.sample(range(len(train_rows)), min(config.sft_batch_size, len(train_rows)))
         seqs, labels = [], []
         for i in rows:
-            prompt = prompts[rng.choice(KINDS)][i]
-            answer = tokenizer(train_rows[i]["solution"], add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+            kind = rng.choice(KINDS)
+            prompt = prompts[kind][i]
+            target = warmup_target(train_rows[i], kind, rng)
+            answer = tokenizer(target, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
             seqs.append(prompt + answer)
             labels.append([-100] * len(prompt) + answer)
         width = max(map(len, seqs))

@@ -1,0 +1,273 @@
+"""pmi-opsd compare: standard OPSD and the PMI target, with the frozen-base anchor and with the
+self anchor, side by side on the toy's shortcut task (tasks.py). The main job (scripts/main.sh).
+
+Per seed, one warmed-up base (built once into <output-dir>/bases, keyed: base_cache.py), then
+three runs from it on the same budget: the same steps, batch, learning rate, data order and
+rollout seeds (the trainer seeds both from the seed); only the target differs:
+
+    opsd       q = p_T (the teacher)                          mode opsd
+    pmi-base   q = softmax(base + clip(Δ)/β), a frozen anchor  mode pmi, anchor true
+    pmi-self   q = softmax(sg(s) + clip(Δ)/β), a moving one    mode pmi, anchor false
+
+Before the runs and after each, a probe samples rollouts (temperature 1, as in training, with
+the same seed every time) for held-out questions and measures, per token, KL(q‖p) of the run's
+target, KL(p_T‖p), the student's entropy, its KL from the base (drift.py), the decomposition
+diagnostics, and per rollout the epistemic markers, the length and how often the work is
+skipped. Accuracy is greedy on all held-out problems (eval_limit). The table is printed and
+written (table.md, summary.json); compare.png draws accuracy, entropy and the KL from the base
+against steps, one line per run (the mean over seeds, the band their range).
+
+    pmi-opsd compare                       # one seed: the main job
+    pmi-opsd compare --seeds 0,1,2         # mean and spread over three
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import resource
+import signal
+import statistics
+import sys
+import time
+from typing import Dict, List, Optional
+
+import torch
+
+from .. import pmi_diagnostics
+from .config import TOY, TOY_DEFAULTS, TrainConfig, parse_config
+from .contexts import KINDS
+from .interrupts import Interrupted, StopRequest
+from .loop import Trainer
+from .metrics import count_markers, read_metrics
+from .tokenized import contexts_ids
+
+RUNS = (("opsd", dict(mode="opsd", anchor=False), "standard OPSD"),
+        ("pmi-base", dict(mode="pmi", anchor=True), "PMI, frozen-base anchor"),
+        ("pmi-self", dict(mode="pmi", anchor=False), "PMI, self anchor"))
+# The comparison's sizes: one seed within about 5 minutes on 2 CPU cores (README).
+COMPARE_DEFAULTS = {**TOY_DEFAULTS, "toy_task": "shortcut", "eval_limit": 640, "max_new_tokens": 72,
+                    "max_steps": 60, "eval_every": 20, "diagnostics_every": 5, "save_every": 1000, "lr": 5e-4,
+                    "markers": ["wait", "check"], "output_dir": "runs/compare"}
+SET_PER_RUN = ("mode", "anchor", "resume", "overwrite")
+PROBE_ROLLOUTS = 128
+PROBE_SEED = 12345
+# (summary key, column head, format)
+COLUMNS = [("accuracy", "accuracy", "{:.3f}"), ("accuracy_se", "s.e.", "{:.3f}"), ("kl_q_p", "KL(q‖p)", "{:.3f}"),
+           ("kl_teacher_student", "KL(pT‖p)", "{:.3f}"), ("entropy_student", "H(p)", "{:.3f}"),
+           ("kl_student_base", "KL(p‖base)", "{:.3f}"), ("markers/wait", "wait", "{:.2f}"),
+           ("markers/check", "check", "{:.2f}"), ("work_skipped", "no work", "{:.2f}"), ("length", "length", "{:.1f}"),
+           ("cos_total_ref", "cos(tot,ref)", "{:.2f}"), ("cos_total_pmi", "cos(tot,pmi)", "{:.2f}"),
+           ("norm_ratio_ref_total", "|ref|/|tot|", "{:.2f}")]
+NOTES = """KL(q‖p): of the run's own target (start: the PMI target, the same for both anchors there);
+KL(pT‖p): the teacher's; H(p): the student's entropy; KL(p‖base): the student's from the warmed-up
+base (drift.py); all per token of sampled rollouts for {probe} held-out questions. wait, check:
+markers per rollout; no work: the share of rollouts that answer without working it out; length in
+tokens. cos(tot,ref), cos(tot,pmi): cosine of the teacher's signal log pT - log p with its
+reference-induced part log pR - log p and with the PMI residual log pT - log pR; ‖ref‖/‖tot‖:
+the ratio of their norms. accuracy: greedy, on {eval} held-out problems (s.e. its binomial
+standard error)."""
+
+
+class ComparisonRun(Trainer):
+    """One run of the comparison: its evaluation at step 0 is the start's, measured once (every
+    run starts from the same base, and the evaluation is greedy)."""
+    start_accuracy: Optional[float] = None
+
+    def evaluate(self) -> Optional[float]:
+        if self.step == 0 and self.start_accuracy is not None:
+            return self.start_accuracy
+        return super().evaluate()
+
+
+def run_config(shared: TrainConfig, root: str, seed: int, name: str, overrides: dict) -> TrainConfig:
+    return dataclasses.replace(shared, **overrides, seed=seed, output_dir=os.path.join(root, f"seed-{seed}", name),
+                               base_cache=shared.base_cache or os.path.join(root, "bases"), overwrite=True,
+                               resume=False).validate()
+
+
+@torch.no_grad()
+def probe(trainer, count: int = PROBE_ROLLOUTS) -> Dict[str, float]:
+    """Means over sampled rollouts for the first `count` held-out questions (module docstring)."""
+    from tqdm import tqdm
+    config = trainer.config
+    rows = trainer.eval_rows[:count]
+    contexts = contexts_ids(trainer.tokenizer, config.templates, KINDS, rows, config.use_chat_template)
+    saved, trainer.prompts = trainer.prompts, contexts  # the trainer's own readers, on these rows
+    try:
+        torch.manual_seed(PROBE_SEED + config.seed)  # the same rollout seeds in every run
+        rollouts = trainer.generate(contexts["student"], config.temperature, config.top_p, config.max_new_tokens)
+        sums: Dict[str, float] = {}
+        for i, rollout in enumerate(tqdm(rollouts, desc="probe", leave=False, mininterval=2)):
+            trainer.stop.check("the probe")
+            if not rollout:
+                continue
+            states, head, frozen = trainer.rollout_states(i, rollout, with_refonly=True)
+            diag = pmi_diagnostics(states["student"], states["teacher"], states["refonly"], states.get("anchor"),
+                                   lm_head_weight=head.weight, lm_head_bias=head.bias, frozen_weight=frozen.weight,
+                                   frozen_bias=frozen.bias, beta=config.beta, clip=config.clip, center=config.center,
+                                   temperature=config.loss_temperature, check_finite=False)
+            for key, value in diag.items():
+                sums[key] = sums.get(key, 0.0) + float(value.nan_to_num().sum())
+        tokens = sum(map(len, rollouts))
+        out = {key: value / max(1, tokens) for key, value in sums.items()}
+        drift = trainer.drift.measure(trainer, list(enumerate(rollouts)))
+        out["kl_student_base"] = drift.get("drift/kl_student_base", float("nan"))
+    finally:
+        trainer.prompts = saved
+    out["kl_q_p"] = out["kl_teacher_student" if config.mode == "opsd" else "kl_target_student"]
+    texts = [trainer.tokenizer.decode(r, skip_special_tokens=True) for r in rollouts]
+    out.update({f"markers/{k}": v / len(texts) for k, v in count_markers(texts, config.markers).items()})
+    out["work_skipped"] = sum("=" not in text for text in texts) / len(texts)
+    out["length"] = tokens / len(texts)
+    return out
+
+
+def standard_error(accuracy: float, n: int) -> float:
+    return math.sqrt(accuracy * (1 - accuracy) / n) if n else float("nan")
+
+
+def compare_seed(shared: TrainConfig, root: str, seed: int, stop: StopRequest, progress: bool = True) -> Dict:
+    """{"start": {...}, run name: {...}, "curves": {run name: metrics rows}} for one seed."""
+    out: Dict = {"curves": {}}
+    start_accuracy = None
+    for number, (name, overrides, label) in enumerate(RUNS, 1):
+        config = run_config(shared, root, seed, name, overrides)
+        print(f"[seed {seed}] {number}/{len(RUNS)} {name}: {label}", flush=True)
+        trainer = ComparisonRun(config, stop)
+        trainer.start_accuracy = start_accuracy
+        if start_accuracy is None:
+            print(f"[seed {seed}] the start: accuracy on {len(trainer.eval_rows)} held-out problems, probe", flush=True)
+            start_accuracy = trainer.evaluate()
+            out["start"] = {"accuracy": start_accuracy, **probe(trainer)}
+        result = trainer.train(progress=progress)
+        if result["interrupted"]:
+            raise Interrupted(signal.Signals[result["interrupted"]], result["where"])
+        out[name] = {"accuracy": result["accuracy_after"], **probe(trainer)}
+        out["curves"][name] = read_metrics(trainer.metrics.path)
+    n = shared.eval_limit * shared.eval_samples
+    for key in ["start"] + [name for name, _, _ in RUNS]:
+        out[key]["accuracy_se"] = standard_error(out[key]["accuracy"], n)
+    return out
+
+
+def summarize(per_seed: Dict[int, Dict]) -> Dict[str, Dict[str, List[float]]]:
+    """run -> column -> the per-seed values."""
+    rows = ["start"] + [name for name, _, _ in RUNS]
+    return {row: {key: [per_seed[s][row].get(key, float("nan")) for s in per_seed] for key, _, _ in COLUMNS}
+            for row in rows}
+
+
+def format_table(summary: Dict[str, Dict[str, List[float]]], seeds: List[int]) -> str:
+    """A markdown table: the value (one seed) or mean ± sd over seeds."""
+    labels = {"start": "start (the warmed-up base)", **{name: label for name, _, label in RUNS}}
+    heads = ["run"] + [head for _, head, _ in COLUMNS]
+    lines = []
+    for row, values in summary.items():
+        cells = [labels[row]]
+        for key, _, fmt in COLUMNS:
+            xs = [x for x in values[key] if x is not None and not math.isnan(x)]
+            if not xs:
+                cells.append("n/a")
+            elif len(seeds) == 1 or key == "accuracy_se":
+                cells.append(fmt.format(statistics.fmean(xs)))
+            else:
+                cells.append(f"{fmt.format(statistics.fmean(xs))} ± {fmt.format(statistics.stdev(xs))}")
+        lines.append(cells)
+    widths = [max(len(r[i]) for r in [heads] + lines) for i in range(len(heads))]
+    fmt_row = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    return "\n".join([fmt_row(heads), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [fmt_row(r) for r in lines])
+
+
+def plot_comparison(per_seed: Dict[int, Dict], out: str) -> str:
+    """Accuracy, the student's entropy and its KL from the base against steps, one line per run
+    (mean over seeds; the band is their range when there are several)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    panels = [("eval/accuracy", "accuracy", "held-out accuracy (greedy)"),
+              ("drift/entropy_student", "entropy_student", "student entropy (nats/token)"),
+              ("drift/kl_student_base", "kl_student_base", "KL(student || base) (nats/token)")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6))
+    for ax, (key, start_key, title) in zip(axes, panels):
+        for (name, _, label), color in zip(RUNS, ("tab:red", "tab:blue", "tab:orange")):
+            by_step: Dict[int, List[float]] = {}
+            for result in per_seed.values():
+                by_step.setdefault(0, []).append(result["start"][start_key])
+                for row in result["curves"][name]:
+                    if isinstance(row.get(key), (int, float)) and row["step"] > 0:
+                        by_step.setdefault(row["step"], []).append(row[key])
+            steps = sorted(by_step)
+            mean = [statistics.fmean(by_step[s]) for s in steps]
+            ax.plot(steps, mean, color=color, label=label, marker="o" if key == "eval/accuracy" else None, ms=3)
+            if len(per_seed) > 1:
+                ax.fill_between(steps, [min(by_step[s]) for s in steps], [max(by_step[s]) for s in steps],
+                                color=color, alpha=0.15, lw=0)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("distillation step")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    seeds = ", ".join(map(str, per_seed))
+    fig.suptitle(f"toy shortcut task, one warmed-up base per seed (seeds {seeds})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def main(argv) -> int:
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--seeds", default=None, help="comma-separated seeds (default: --seed, 0)")
+    known, rest = parser.parse_known_args(argv)
+    if "-h" in rest or "--help" in rest:
+        print(__doc__)
+        return 0
+    shared = parse_config(rest, toy_defaults=COMPARE_DEFAULTS)
+    import transformers
+    transformers.utils.logging.disable_progress_bar()  # its bars for every save and load of the base
+    for flag in (f"--{key}" for key in SET_PER_RUN):
+        if any(arg == flag or arg.startswith(flag + "=") for arg in rest):
+            raise ValueError(f"compare: {flag} is set per run by the comparison (pmi-opsd compare --help)")
+    if shared.model_path != TOY:
+        raise ValueError("compare: runs on the toy model (model_path toy)")
+    try:
+        seeds = [int(s) for s in known.seeds.split(",")] if known.seeds else [shared.seed]
+    except ValueError as err:
+        raise ValueError(f"--seeds: expected comma-separated integers, got {known.seeds!r}") from err
+    root = shared.output_dir
+    os.makedirs(root, exist_ok=True)
+    start, load = time.perf_counter(), os.getloadavg()
+    stop = StopRequest()
+    per_seed = {}
+    with stop.catching():
+        try:
+            for seed in seeds:
+                per_seed[seed] = compare_seed(shared, root, seed, stop)
+        except Interrupted as err:
+            print(f"interrupted by {signal.Signals(err.signum).name} during {err.where}; the comparison is "
+                  "incomplete (the warmed-up bases stay cached: run it again)", file=sys.stderr)
+            return err.exit_code
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    timing = {"wall_s": time.perf_counter() - start, "cpu_s": usage.ru_utime + usage.ru_stime,
+              "load_average_1min": [load[0], os.getloadavg()[0]], "cpus": os.cpu_count(),
+              "torch_threads": torch.get_num_threads()}
+    summary = summarize(per_seed)
+    table = format_table(summary, seeds)
+    notes = NOTES.format(probe=PROBE_ROLLOUTS, eval=shared.eval_limit * shared.eval_samples)
+    title = (f"{shared.max_steps} steps x {shared.batch_size} rollouts, lr {shared.lr}, beta {shared.beta}, "
+             f"clip {shared.clip}; seeds {', '.join(map(str, seeds))}" + (" (mean ± sd)" if len(seeds) > 1 else ""))
+    print(f"\n{title}\n{table}\n\n{notes}\n")
+    with open(os.path.join(root, "table.md"), "w") as fh:
+        fh.write(f"{title}\n\n{table}\n\n{notes}\n")
+    with open(os.path.join(root, "summary.json"), "w") as fh:
+        json.dump({"config": dataclasses.asdict(shared), "seeds": seeds, "timing": timing,
+                   "results": {s: {k: v for k, v in r.items() if k != "curves"} for s, r in per_seed.items()}},
+                  fh, indent=1, default=str)
+    print(f"plot: {plot_comparison(per_seed, os.path.join(root, 'compare.png'))}")
+    print(f"table: {os.path.join(root, 'table.md')}   summary: {os.path.join(root, 'summary.json')}")
+    print(f"time: {timing['wall_s']:.0f} s wall, {timing['cpu_s']:.0f} s CPU, {timing['cpus']} CPUs, "
+          f"{timing['torch_threads']} torch threads, load average {load[0]:.1f} at the start and "
+          f"{timing['load_average_1min'][1]:.1f} at the end")
+    return 0

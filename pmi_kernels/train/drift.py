@@ -1,0 +1,94 @@
+"""The drift signal: how far the student has moved from the frozen base, and a warning when it
+runs away.
+
+Why a run can run away. The PMI target is q = softmax(a + clip(Δ)/β) with the anchor a. With
+the frozen base as the anchor (config `anchor: true`), a and Δ come from frozen weights: q is a
+fixed distribution per context, and the student settles where p = q. With the student itself as
+the anchor (`anchor: false`, a = sg(s), the loss functions' default), the target is rebuilt from
+the student at every step: it asks for s + clip(Δ)/β whatever s already is, so its fixed point
+moves with the student, and as long as Δ (from frozen teachers) is not zero the logits keep
+being pushed the same way, step after step, without end. Where Δ is large on a few tokens the
+student's distribution runs off toward them, and where it is noisy the student diffuses: its
+KL from the base grows without bound and its entropy changes with it (on the toy it rises,
+and accuracy collapses). Standard OPSD (q = p_T) and the frozen anchor have fixed targets, so
+their KL from the base levels off.
+
+The signal, per rollout token, on the steps that compute the diagnostics (diagnostics_every):
+KL(p_student || p_base) over the student's own context, H(p_student) and H(p_base). It costs two
+forwards without gradient per rollout on those steps (the student's context, by the student and
+by the base). The run warns (once, on stderr) when the KL exceeds `drift_warn_kl` nats per
+token; the comparison (compare.py) is where the threshold comes from.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Dict, List, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .contexts import rollout_hidden
+
+ROWS = 1024  # a chunk of rows: the logits of a chunk are [ROWS, V], never [tokens, V]
+
+
+@torch.no_grad()
+def drift_sums(student, base, weight, bias, base_weight, base_bias, temperature: float = 1.0) -> Dict[str, float]:
+    """Sums over the rows of hidden states [T, H] of KL(p_s || p_b), H(p_s) and H(p_b), with
+    p_s = softmax((student·Wᵀ + b)/τ) and p_b from the base's hidden states and head."""
+    sums = {"kl_student_base": 0.0, "entropy_student": 0.0, "entropy_base": 0.0}
+    for i in range(0, student.shape[0], ROWS):
+        log_s = F.log_softmax(F.linear(student[i:i + ROWS].float(), weight.float(),
+                                       None if bias is None else bias.float()) / temperature, dim=-1)
+        log_b = F.log_softmax(F.linear(base[i:i + ROWS].float(), base_weight.float(),
+                                       None if base_bias is None else base_bias.float()) / temperature, dim=-1)
+        p_s, p_b = log_s.exp(), log_b.exp()
+        sums["kl_student_base"] += float((p_s * (log_s - log_b)).sum())
+        sums["entropy_student"] += float(-(p_s * log_s).sum())
+        sums["entropy_base"] += float(-(p_b * log_b).sum())
+    return sums
+
+
+class Drift:
+    """Measures the drift of a Trainer's student over a step's rollouts, and warns once."""
+
+    def __init__(self, warn_kl):
+        self.warn_kl = warn_kl
+        self.warned = False
+
+    @torch.no_grad()
+    def measure(self, trainer, batch: List[Tuple[int, List[int]]]) -> Dict[str, float]:
+        """{"drift/kl_student_base", "drift/entropy_student", "drift/entropy_base"}: means per
+        rollout token of the (example index, rollout) pairs."""
+        if not trainer.config.lora and trainer.frozen is None:
+            return {}  # full fine-tuning that reads no frozen stream keeps no copy of the base
+        totals, tokens = {}, 0
+        base_model = trainer._base_model()
+        head = base_model.get_output_embeddings()
+        for index, rollout in batch:
+            if not rollout:
+                continue
+            prompt = trainer.prompts["student"][index]
+            with trainer._autocast():
+                student = rollout_hidden(base_model.get_decoder(), prompt, rollout, trainer.device)
+                with trainer._frozen_weights(True) as (decoder, base_head):
+                    base = rollout_hidden(decoder, prompt, rollout, trainer.device)
+            sums = drift_sums(student, base, head.weight, head.bias, base_head.weight, base_head.bias,
+                              trainer.config.loss_temperature)
+            for key, value in sums.items():
+                totals[key] = totals.get(key, 0.0) + value
+            tokens += len(rollout)
+        return {f"drift/{key}": value / tokens for key, value in totals.items()} if tokens else {}
+
+    def check(self, step: int, record: Dict) -> None:
+        """Warn once when the student's KL from the base passes warn_kl."""
+        kl = record.get("drift/kl_student_base")
+        if self.warn_kl is None or kl is None or kl <= self.warn_kl or self.warned:
+            return
+        self.warned = True
+        record["drift/warning"] = True
+        from tqdm import tqdm
+        tqdm.write(f"step {step}: the student has drifted from the frozen base: KL(student || base) = {kl:.3f} "
+                   f"nats per token > drift_warn_kl = {self.warn_kl} (entropy {record['drift/entropy_student']:.3f}"
+                   f", base {record['drift/entropy_base']:.3f}). With anchor false the PMI target moves with the "
+                   "student (drift.py); try --anchor true, a lower lr or a larger beta", file=sys.stderr)
