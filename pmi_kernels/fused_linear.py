@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import validation, vocab_parallel
+from . import sharded, validation, vocab_parallel
 from .backends import REGISTRY, STATS, chunk_rows, resolve_backend, upstream_matches
 from .options import LossOptions, compute_dtype
 from .logits import DOUBLE_BACKWARD, stats_dict
@@ -235,6 +235,8 @@ def fused_pmi_kl(student_hidden, lm_head_weight, teacher_hidden, refonly_hidden=
     normalizer, the loss options, reduction, return_stats, check_finite and backend are as in
     pmi_kl. workspace_bytes bounds a chunk's logit buffers (default: the CPU's cache, or 1 GiB
     on a GPU); grad_weight_fp32 accumulates the weight gradient over chunks in fp32.
+    A head sharded by FSDP2 (DTensor weight, bias or frozen head) is gathered once per call, its
+    gradient averaged and reduce-scattered back as FSDP2 does (docs/distributed.md).
     process_group: the vocabulary is split over this torch.distributed group, each rank passing
     its contiguous shard of the lm_head rows (weight, bias, frozen head) in rank order
     (docs/distributed.md); the loss is the whole vocabulary's on every rank, the hidden-state
@@ -248,6 +250,9 @@ def fused_pmi_kl(student_hidden, lm_head_weight, teacher_hidden, refonly_hidden=
         student_hidden, lm_head_weight, teacher_hidden, refonly_hidden, anchor_hidden = map(
             cast, (student_hidden, lm_head_weight, teacher_hidden, refonly_hidden, anchor_hidden))
         lm_head_bias, frozen_weight, frozen_bias = map(cast, (lm_head_bias, frozen_weight, frozen_bias))
+    heads = sharded.gather_heads({"lm_head_weight": lm_head_weight, "lm_head_bias": lm_head_bias,
+                                  "frozen_weight": frozen_weight, "frozen_bias": frozen_bias})
+    lm_head_weight, lm_head_bias, frozen_weight, frozen_bias = heads.values()
     streams = {"student_hidden": student_hidden, "teacher_hidden": teacher_hidden,
                "refonly_hidden": refonly_hidden, "anchor_hidden": anchor_hidden}
     student = validation.check_streams(streams, "H")
