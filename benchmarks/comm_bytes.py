@@ -85,6 +85,7 @@ def _traced(rank, world, init_file, n, hidden, vocab, result_file):
         assert vocab_parallel  # the module the counted all-reduces go through
     finally:
         dist.all_reduce = original
+        dist.barrier()  # no rank tears the group down while another still uses it
         dist.destroy_process_group()
 
 

@@ -74,6 +74,7 @@ def worker(rank, init_file):
         diag = pmi_diagnostics(h, h_t, h_r, lm_head_weight=head.weight, lm_head_bias=head.bias)
         assert torch.isfinite(diag["kl_target_student"]).all()
     finally:
+        dist.barrier()  # no rank tears the group down while another still uses it
         dist.destroy_process_group()
 
 

@@ -117,6 +117,7 @@ def worker(rank, world, init_file, backends):
             except AssertionError as err:
                 raise AssertionError(f"{check} {backend} {dtype} {mode} {options} {reduction} mask={mask}: {err}")
     finally:
+        dist.barrier()  # no rank tears the group down while another still uses it
         dist.destroy_process_group()
 
 
