@@ -4,7 +4,7 @@
 # plots to $OUT. Wheels carried in .wheels/ (liger-kernel is not on the GPU machine) are
 # installed first. Each stage has its own time limit, so one slow stage cannot take the others'
 # results with it; by default the whole run ends inside about 6 minutes on an H100/H200.
-#   STAGES   which stages run (default "build tests logits fused sweep"; also "train")
+#   STAGES   which stages run (default "build tests logits fused parallel sweep"; also "train")
 #   SWEEP_MINUTES   the sweep's time budget (default 2); SWEEP_MATCH: only implementations whose
 #                   name contains one of these words (run.py --match)
 set -uo pipefail
@@ -12,7 +12,7 @@ set -uo pipefail
 # stage ends by packing $RES into $OUT/results.tar.gz (and copying the short logs beside it).
 OUT=${OUT:-benchmarks/results/latest}
 RES=${RES:-$(mktemp -d)}
-STAGES=${STAGES:-build tests logits fused sweep}
+STAGES=${STAGES:-build tests logits fused parallel sweep}
 mkdir -p "$OUT" "$RES"
 pack() { tar -czf "$OUT/results.tar.gz" -C "$RES" . && cp "$RES"/*.log "$OUT"/ 2>/dev/null; true; }
 has() { [[ " $STAGES " == *" $1 "* ]]; }
@@ -35,6 +35,8 @@ has logits && { timeout 150 python3 benchmarks/bench_logits.py --out "$RES" 2>&1
     | tee "$RES/bench_logits.log"; pack; }
 has fused && { timeout 240 python3 benchmarks/bench_fused.py --out "$RES" 2>&1 | grep -v "Backend impl" \
     | tee "$RES/bench_fused.log"; pack; }
+has parallel && { timeout 120 python3 benchmarks/bench_vocab_parallel.py --out "$RES" 2>&1 \
+    | tee "$RES/bench_vocab_parallel.log"; pack; }
 has train && { timeout 120 python3 benchmarks/bench_train_step.py --out "$RES" 2>&1 | grep -v -i warn \
     | tee "$RES/train_step.log"; pack; }
 if has sweep; then
