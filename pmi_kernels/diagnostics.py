@@ -10,9 +10,9 @@ from typing import Dict
 import torch
 import torch.nn.functional as F
 
-from . import sharded, validation
+from . import validation
 from .backends import DIAGNOSTICS, chunk_rows, resolve_backend
-from .fused_linear import frozen_head
+from .heads import frozen_head, gather_heads
 from .options import LossOptions, compute_dtype
 
 
@@ -33,7 +33,7 @@ def pmi_diagnostics(student, teacher, refonly, anchor=None, *, lm_head_weight=No
     """
     if refonly is None:
         raise ValueError("refonly is required: the decomposition needs the reference-only stream")
-    heads = sharded.gather_heads({"lm_head_weight": lm_head_weight, "lm_head_bias": lm_head_bias,
+    heads = gather_heads({"lm_head_weight": lm_head_weight, "lm_head_bias": lm_head_bias,
                                   "frozen_weight": frozen_weight, "frozen_bias": frozen_bias})
     lm_head_weight, lm_head_bias, frozen_weight, frozen_bias = heads.values()
     streams = {"student": student, "teacher": teacher, "refonly": refonly, "anchor": anchor}

@@ -27,11 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import sharded, validation, vocab_parallel
+from . import validation, vocab_parallel
+from .heads import frozen_head, gather_heads
 from .backends import REGISTRY, STATS, chunk_rows, resolve_backend, upstream_matches
 from .options import LossOptions, compute_dtype
-from .logits import DOUBLE_BACKWARD, stats_dict
-from .reduction import divisor, reduce_rows
+from .reduction import DOUBLE_BACKWARD, divisor, reduce_rows, stats_dict
 
 
 @dataclass(frozen=True)
@@ -46,14 +46,6 @@ class _Plan:
 
     def op_args(self):
         return self.opts.pack(), self.backend, self.group, self.chunk_rows, self.grad_weight_fp32
-
-
-def frozen_head(lm_head_weight, lm_head_bias, frozen_weight, frozen_bias):
-    """(W_f, b_f): each defaults on its own to the student's, detached. (reference.py states the
-    same rule separately, so that the tests compare two readings of it, not one.)"""
-    w_f = lm_head_weight if frozen_weight is None else frozen_weight
-    b_f = lm_head_bias if frozen_bias is None else frozen_bias
-    return w_f.detach(), None if b_f is None else b_f.detach()
 
 
 def _frozen_streams(hc_t, hc_r, hc_a, w_f, b_f, w_f_mean, opts: LossOptions):
@@ -250,7 +242,7 @@ def fused_pmi_kl(student_hidden, lm_head_weight, teacher_hidden, refonly_hidden=
         student_hidden, lm_head_weight, teacher_hidden, refonly_hidden, anchor_hidden = map(
             cast, (student_hidden, lm_head_weight, teacher_hidden, refonly_hidden, anchor_hidden))
         lm_head_bias, frozen_weight, frozen_bias = map(cast, (lm_head_bias, frozen_weight, frozen_bias))
-    heads = sharded.gather_heads({"lm_head_weight": lm_head_weight, "lm_head_bias": lm_head_bias,
+    heads = gather_heads({"lm_head_weight": lm_head_weight, "lm_head_bias": lm_head_bias,
                                   "frozen_weight": frozen_weight, "frozen_bias": frozen_bias})
     lm_head_weight, lm_head_bias, frozen_weight, frozen_bias = heads.values()
     streams = {"student_hidden": student_hidden, "teacher_hidden": teacher_hidden,

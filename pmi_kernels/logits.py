@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -21,13 +21,10 @@ from torch import Tensor
 from . import validation, vocab_parallel
 from .backends import REGISTRY, STATS, chunk_rows, resolve_backend, upstream_matches
 from .options import LossOptions, compute_dtype
-from .reduction import divisor, reduce_rows
+from .reduction import DOUBLE_BACKWARD, divisor, reduce_rows, stats_dict
 
 # The autograd of pmi_kl_rows returns a gradient for the student only.
 _NO_GRAD_ARGS = (None,) * 11
-DOUBLE_BACKWARD = ("{} has no second derivative: its gradient is computed by its kernels, not by autograd, "
-                   "so backward(create_graph=True) through it cannot build a graph of the gradient")
-
 
 @torch.library.custom_op("pmi_kernels::pmi_kl_rows", mutates_args=())
 def pmi_kl_rows(student: Tensor, teacher: Tensor, refonly: Optional[Tensor], anchor: Optional[Tensor],
@@ -93,12 +90,6 @@ def _backward(ctx, grad_loss, _grad, _stats):
 
 
 pmi_kl_rows.register_autograd(_backward, setup_context=_setup_context)
-
-
-def stats_dict(per_row: Tensor, stats: Tensor, lead) -> Dict[str, Tensor]:
-    """return_stats' dict: per-position [...] tensors, 0 where masked."""
-    return {"loss": per_row.detach().reshape(lead),
-            **{key: stats[:, j].reshape(lead) for j, key in enumerate(STATS)}}
 
 
 def pmi_kl(student_logits, teacher_logits, refonly_logits=None, anchor_logits=None, *, mask=None, labels=None,

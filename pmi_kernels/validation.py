@@ -139,7 +139,7 @@ def check_linear(weight, bias, hidden: torch.Tensor, weight_name: str, bias_name
 
 def check_frozen_head(frozen_weight, frozen_bias, weight, bias, hidden: torch.Tensor) -> None:
     """The frozen streams' head: frozen_weight and frozen_bias each default on their own to the
-    student's (weight, bias), already checked. Run before fused_linear.frozen_head(), which would
+    student's (weight, bias), already checked. Run before heads.frozen_head(), which would
     fail on a non-tensor with a raw AttributeError."""
     w_f = weight if frozen_weight is None else frozen_weight
     check_linear(w_f, bias if frozen_bias is None else frozen_bias, hidden, "frozen_weight", "frozen_bias")

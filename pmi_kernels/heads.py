@@ -1,4 +1,9 @@
-"""Heads whose weights are sharded across data-parallel ranks.
+"""The lm_head arguments: the frozen head's defaults, and heads sharded across ranks.
+
+The frozen streams use (frozen_weight, frozen_bias), each defaulting on its own to the
+student's (W or b), detached: a frozen base weight with the student's bias is a LoRA'd head's
+usual case. (reference.py states the same rule separately, so that the tests compare two
+readings of it, not one.)
 
 FSDP2 (`fully_shard`) keeps each parameter as a DTensor sharded over a device mesh, and
 unshards it only inside its module's forward. A head weight passed to fused_pmi_kl outside that
@@ -13,6 +18,13 @@ such a weight is refused with a message that says so.
 from __future__ import annotations
 
 import torch
+
+
+def frozen_head(lm_head_weight, lm_head_bias, frozen_weight, frozen_bias):
+    """(W_f, b_f): each defaults on its own to the student's, detached."""
+    w_f = lm_head_weight if frozen_weight is None else frozen_weight
+    b_f = lm_head_bias if frozen_bias is None else frozen_bias
+    return w_f.detach(), None if b_f is None else b_f.detach()
 
 
 def _dtensor_type():
