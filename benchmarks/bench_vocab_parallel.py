@@ -12,29 +12,15 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 
 import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import implementations as impls  # noqa: E402
-from common import device_info, slug, write_json  # noqa: E402
+from common import device_info, slug, time_ms, write_json  # noqa: E402
 
 from pmi_kernels import fused_pmi_kl  # noqa: E402
-
-
-def timed_ms(fn, device: str) -> float:
-    if device == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end)
-    begin = time.perf_counter()
-    fn()
-    return (time.perf_counter() - begin) * 1e3
 
 
 def main():
@@ -61,7 +47,7 @@ def main():
             times = {name: [] for name in sides}
             for _ in range(args.repeats):
                 for name, fn in sides.items():
-                    times[name].append(timed_ms(fn, device))
+                    times[name].append(time_ms(fn, device))
         finally:
             dist.destroy_process_group()
     info = device_info(device)
