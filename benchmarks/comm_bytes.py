@@ -8,6 +8,7 @@ payload per rank).
     python benchmarks/comm_bytes.py                  # headline shapes + the traced check
 
 Per call, with N rows, compute dtype of 4 bytes (fp32; 8 for fp64):
+    every rank's checks settled together (Agreement)    3 x 8 bytes
     the whole vocabulary and the widest shard          2 x 8 bytes
     kappa (clip on): centering sum  N x 4 (fused_pmi_kl: W_f's column sum, H x 4),
                      or lse(t) - lse(r) (centering off): 4 N x 4
@@ -31,7 +32,7 @@ from pmi_kernels.options import LossOptions
 
 def payload_bytes(n: int, opts: LossOptions, *, stats=False, fused_hidden=None, grad_h_itemsize=2, acc=4) -> int:
     """The formula of the docstring. fused_hidden: H for fused_pmi_kl (None for pmi_kl)."""
-    total = 2 * 8
+    total = 3 * 8 + 2 * 8
     if opts.separate_lse:
         total += 4 * n * acc
     elif opts.needs_kappa:  # the centering sum: per row, or W_f's column sum in the fused form

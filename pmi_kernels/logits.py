@@ -116,21 +116,23 @@ def pmi_kl(student_logits, teacher_logits, refonly_logits=None, anchor_logits=No
     its contiguous shard of the logit columns in rank order (docs/distributed.md); the loss is
     the whole vocabulary's on every rank, the gradient that of this rank's columns.
     """
-    streams = {"student_logits": student_logits, "teacher_logits": teacher_logits,
-               "refonly_logits": refonly_logits, "anchor_logits": anchor_logits}
-    student = validation.check_streams(streams, "V")
-    lead, vocab = student.shape[:-1], student.shape[-1]
-    mask = validation.counted_positions(mask, labels, ignore_index, lead, student.device)
-    validation.check_reduction(reduction)
-    validation.check_normalizer(normalizer, reduction)
-    validation.check_workspace(workspace_bytes)
-    for name, flag in (("return_stats", return_stats), ("check_finite", check_finite)):
-        validation.check_bool(name, flag)
-    opts = LossOptions(refonly_logits is not None, beta, clip, center, temperature, jsd_beta, entry_clip)
     group = vocab_parallel.group_name(process_group)
-    impl = resolve_backend(backend, student.device)
-    if check_finite:
-        validation.check_finite(streams)
+    with vocab_parallel.Agreement(group) as agreement:
+        streams = {"student_logits": student_logits, "teacher_logits": teacher_logits,
+                   "refonly_logits": refonly_logits, "anchor_logits": anchor_logits}
+        student = validation.check_streams(streams, "V")
+        lead, vocab = student.shape[:-1], student.shape[-1]
+        mask = validation.counted_positions(mask, labels, ignore_index, lead, student.device)
+        validation.check_reduction(reduction)
+        validation.check_normalizer(normalizer, reduction)
+        validation.check_workspace(workspace_bytes)
+        for name, flag in (("return_stats", return_stats), ("check_finite", check_finite)):
+            validation.check_bool(name, flag)
+        opts = LossOptions(refonly_logits is not None, beta, clip, center, temperature, jsd_beta, entry_clip)
+        impl = resolve_backend(backend, student.device)
+        if check_finite:
+            validation.check_finite(streams)
+        agreement.fingerprint = (tuple(lead), opts, reduction, return_stats)
     flat = lambda x: None if x is None else x.reshape(-1, vocab).contiguous()  # noqa: E731
     flat_mask = None if mask is None else mask.reshape(-1)
     compute_grad = torch.is_grad_enabled() and student.requires_grad

@@ -151,3 +151,28 @@ def test_communication_is_o_n_and_matches_the_formula():
     from comm_bytes import traced_check
     report = traced_check()
     assert report.count("traced") == 4
+
+
+def disagreeing_worker(rank, world, init_file):
+    from pmi_kernels import pmi_kl
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        group = dist.new_group(list(range(world)))
+        for case in ("rows", "options", "empty shard"):
+            rows = 4 if case == "rows" and rank == 1 else 3
+            columns = 0 if case == "empty shard" and rank == 1 else 5
+            s, t, r = (torch.randn(rows, columns) for _ in range(3))
+            jsd_beta = 0.0 if case == "options" and rank == 1 else 0.5
+            with pytest.raises(ValueError, match="process_group|student_logits"):
+                pmi_kl(s, t, r, jsd_beta=jsd_beta, process_group=group)
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def test_ranks_that_disagree_all_get_a_value_error():
+    """One rank's bad input (an empty shard), other rows or other options: a ValueError on every
+    rank, not a hang in a collective (or a silently mixed loss) on the others."""
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(disagreeing_worker, args=(2, os.path.join(tmp, "rendezvous")), nprocs=2, join=True)
