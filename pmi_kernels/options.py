@@ -57,6 +57,10 @@ class LossOptions:
     entry_clip: Optional[float] = None
 
     def __post_init__(self):
+        # torch.compile(dynamic=True) traces float options as symbols, which no check can read:
+        # traced, the options pass as given (the kernels' bindings check them again).
+        if torch.compiler.is_compiling():
+            return
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
         set_("beta", _positive("beta", self.beta, SMALLEST))
         set_("temperature", _positive("temperature", self.temperature, SMALLEST))

@@ -235,3 +235,13 @@ def test_compile_with_labels_normalizer_and_stats():
     (l1, k1), (l2, k2) = loss_fn(eager_s), compiled(traced_s)
     (g1,), (g2,) = torch.autograd.grad(l1, eager_s), torch.autograd.grad(l2, traced_s)
     assert torch.allclose(l1, l2) and torch.allclose(k1, k2) and torch.allclose(g1, g2)
+
+
+def test_compile_with_dynamic_shapes():
+    """torch.compile(dynamic=True) traces float options as symbols: the options' checks read
+    them (math.isfinite) and broke the graph before they stepped aside under tracing."""
+    compiled = torch.compile(lambda s, t, r: pmi_kl(s, t, r, beta=2.0, jsd_beta=0.3, check_finite=False),
+                             fullgraph=True, dynamic=True, backend="aot_eager")
+    for rows in (5, 9):
+        s, t, r = streams(rows, 30, count=3)
+        assert torch.allclose(compiled(s, t, r), pmi_kl(s, t, r, beta=2.0, jsd_beta=0.3))
