@@ -34,7 +34,7 @@ def pmi_diagnostics(student, teacher, refonly, anchor=None, *, lm_head_weight=No
     if refonly is None:
         raise ValueError("refonly is required: the decomposition needs the reference-only stream")
     heads = gather_heads({"lm_head_weight": lm_head_weight, "lm_head_bias": lm_head_bias,
-                                  "frozen_weight": frozen_weight, "frozen_bias": frozen_bias})
+                          "frozen_weight": frozen_weight, "frozen_bias": frozen_bias})
     lm_head_weight, lm_head_bias, frozen_weight, frozen_bias = heads.values()
     streams = {"student": student, "teacher": teacher, "refonly": refonly, "anchor": anchor}
     first = validation.check_streams(streams, "H" if lm_head_weight is not None else "V")

@@ -249,7 +249,7 @@ def fused_pmi_kl(student_hidden, lm_head_weight, teacher_hidden, refonly_hidden=
             cast, (student_hidden, lm_head_weight, teacher_hidden, refonly_hidden, anchor_hidden))
         lm_head_bias, frozen_weight, frozen_bias = map(cast, (lm_head_bias, frozen_weight, frozen_bias))
     heads = gather_heads({"lm_head_weight": lm_head_weight, "lm_head_bias": lm_head_bias,
-                                  "frozen_weight": frozen_weight, "frozen_bias": frozen_bias})
+                          "frozen_weight": frozen_weight, "frozen_bias": frozen_bias})
     lm_head_weight, lm_head_bias, frozen_weight, frozen_bias = heads.values()
     group = vocab_parallel.group_name(process_group)
     with vocab_parallel.Agreement(group) as agreement:
