@@ -22,6 +22,7 @@ SHAPE = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_lay
 
 def tiny_model(family: str, attn: str = "sdpa", device="cpu", dtype=torch.float32):
     """A two-layer model of the family with random weights."""
+    packing.register_varlen()
     import transformers as tf
     configs = {"qwen3": lambda: tf.Qwen3Config(head_dim=8, **SHAPE),
                # Layer 1 attends to a window of 4 tokens: the packed mask must keep it.
@@ -43,14 +44,16 @@ def separate(decoder, prompts, rollouts):
     return torch.cat([rollout_hidden(decoder, p, r, "cpu") for p, r in zip(prompts, rollouts)])
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["varlen", "sdpa", "eager"])
 @pytest.mark.parametrize("family", ["qwen3", "qwen3-sliding", "llama", "olmo2"])
 def test_packed_hidden_states_equal_separate_forwards(family, attn):
     """Rollouts of 1 to 11 tokens after prompts of 3 to 9, packed in one row: the gathered
-    hidden states equal each sequence's own forward. Fails on a plain causal mask over the row
-    (a sequence sees the one before it), on a sliding-window layer given the full mask, and on
-    gather offsets off by one. (Positions that run on across sequences are not caught: with
-    rotary embeddings only their differences count.)"""
+    hidden states equal each sequence's own forward (varlen: per-sequence attention on a CPU;
+    sdpa, eager: the block-diagonal mask). Fails on a plain causal mask over the row (a sequence
+    sees the one before it), on a sliding-window layer given the full mask or a window one
+    token off, on query/key layouts or GQA heads mixed up, and on gather offsets off by one.
+    (Positions that run on across sequences are not caught: with rotary embeddings only their
+    differences count.)"""
     model = tiny_model(family, attn)
     prompts, rollouts = sequences(0)
     with torch.no_grad():
@@ -60,45 +63,24 @@ def test_packed_hidden_states_equal_separate_forwards(family, attn):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def fake_varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False):
-    """varlen_attn's contract on a CPU: q [N, Hq, D], k and v [N, Hkv, D]; each sequence of
-    cu_q attends inside itself, to keys at most window_size = (left, right) before and after
-    (-1: unbounded; (-1, 0) is causal)."""
-    assert torch.equal(cu_q, cu_k) and cu_q.dtype == torch.int32 and max_q == int(cu_q.diff().max())
-    out = torch.empty_like(q)
-    for start, end in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
-        index = torch.arange(end - start)
-        before = index[:, None] - index[None, :]  # query index - key index
-        allowed = torch.ones_like(before, dtype=torch.bool)
-        if window_size[0] >= 0:
-            allowed &= before <= window_size[0]
-        if window_size[1] >= 0:
-            allowed &= -before <= window_size[1]
-        qs, ks, vs = (x[start:end].transpose(0, 1) for x in (q, k, v))
-        out[start:end] = torch.nn.functional.scaled_dot_product_attention(
-            qs, ks, vs, attn_mask=allowed, scale=scale, enable_gqa=enable_gqa).transpose(0, 1)
-    return out
-
-
-@pytest.mark.parametrize("family", ["qwen3-sliding", "olmo2"])
-def test_torch_varlen_attention_wiring(family, monkeypatch):
-    """The torch_varlen attention registered for transformers, with varlen_attn (CUDA-only)
-    replaced by its contract in plain torch: packed forwards equal separate ones, up to the bf16
-    the kernel computes in; without sequence boundaries (a padded batch, as generate runs) it is
-    sdpa with its padding mask. Fails on the query/key layout or GQA heads mixed up, a causal
-    window of the wrong side or size, or the padding mask dropped outside packed forwards."""
-    import torch.nn.attention.varlen as varlen
+def test_varlen_attention_outside_packed_forwards_is_sdpa(monkeypatch):
+    """Without sequence boundaries (a left-padded batch, as generate runs) the varlen attention
+    is sdpa with its padding mask; in a packed forward it hands the kernel what varlen_attn
+    takes (int32 boundaries, the longest sequence). Fails on the padding mask dropped (no mask
+    function registered, or one that returns none) or on boundaries of another dtype or length."""
     calls = []
-    monkeypatch.setattr(varlen, "varlen_attn", lambda *args, **kw: calls.append(1) or fake_varlen_attn(*args, **kw))
-    packing.register_torch_varlen()
-    model = tiny_model(family, packing.VARLEN)
-    reference = tiny_model(family, "sdpa")
+
+    def checked(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs):
+        assert cu_q.dtype == torch.int32 and torch.equal(cu_q, cu_k) and max_q == max_k == int(cu_q.diff().max())
+        calls.append(q.shape)
+        return real(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs)
+    real = packing.segment_attention
+    monkeypatch.setattr(packing, "segment_attention", checked)
+    model, reference = tiny_model("olmo2", packing.VARLEN), tiny_model("olmo2", "sdpa")
     reference.load_state_dict(model.state_dict())
     prompts, rollouts = sequences(1)
     with torch.no_grad():
-        got = packed_hidden(model.get_decoder(), prompts, rollouts, torch.device("cpu"))
-        want = separate(reference.get_decoder(), prompts, rollouts)
-        torch.testing.assert_close(got, want, rtol=0, atol=0.05 * float(want.abs().max()))
+        packed_hidden(model.get_decoder(), prompts, rollouts, torch.device("cpu"))
         assert len(calls) == SHAPE["num_hidden_layers"]
         ids = torch.tensor([[0, 0, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14]])
         mask = (ids != 0).long()
@@ -151,14 +133,15 @@ def step_gradients(trainer, packed: bool, budget):
 @pytest.mark.parametrize("overrides, budget, packs", [
     pytest.param(dict(mode="pmi"), None, [[3, 7], [9, 5, 1]], id="lora"),
     pytest.param(dict(mode="pmi", anchor=True), "mixed", [[3], [7], [9, 5], [1]], id="lora-anchor-budget"),
-    pytest.param(dict(mode="pmi", lora=False, jsd_beta=0.4), None, [[3, 7], [9, 5, 1]], id="full"),
+    pytest.param(dict(mode="pmi", lora=False, jsd_beta=0.4, attn_implementation="sdpa"), None, [[3, 7], [9, 5, 1]],
+                 id="full-sdpa-mask"),
     pytest.param(dict(mode="opsd", lora=False, anchor=True), 1, [[3], [7], [9], [5], [1]], id="full-anchor-opsd-alone"),
 ])
 def test_packed_step_gradients_equal_the_per_rollout_loop(tmp_path, overrides, budget, packs):
     """One step (two micro-batches of three; rollouts of 3, 0, 7, 9, 5 and 1 tokens), packed and
     rollout by rollout from the same weights: the same parameter gradients, loss and
     diagnostics, and a time split that adds up to at most the step. Token budgets split the
-    packs. Fails on a pack whose sequences see each other, rows of one context gathered out of
+    packs; attention is varlen's (per sequence on a CPU), or sdpa's with the block mask. Fails on a pack whose sequences see each other, rows of one context gathered out of
     line with another's, or a normalizer per pack instead of the step's tokens."""
     trainer = Trainer(tiny(tmp_path, batch_size=3, grad_accum=2, max_grad_norm=1e9, diagnostics_every=1,
                            **overrides))
@@ -183,13 +166,13 @@ def test_packed_step_gradients_equal_the_per_rollout_loop(tmp_path, overrides, b
 
 
 @requires_cuda
-@pytest.mark.parametrize("attn", ["torch_varlen", "flash_attention_2"])
+@pytest.mark.parametrize("attn", ["varlen", "flash_attention_2"])
 def test_packed_hidden_states_on_cuda(attn):
-    """On a GPU, in bf16: the varlen kernels' packed forward equals separate sdpa forwards."""
+    """On a GPU, in bf16: the varlen kernels' packed forward (torch's varlen_attn, flash-attn's)
+    equals separate sdpa forwards, a sliding-window layer included."""
     if attn == "flash_attention_2" and not packing.flash_attn_installed():
         pytest.skip("flash-attn is not installed")
     packing.resolve_attn_implementation(attn, "cuda")
-    packing.register_torch_varlen()
     model = tiny_model("qwen3-sliding", attn, "cuda", torch.bfloat16)
     reference = tiny_model("qwen3-sliding", "sdpa", "cuda", torch.bfloat16)
     reference.load_state_dict(model.state_dict())

@@ -44,7 +44,8 @@ class TrainConfig:
     # forward per context, packed without padding (else one forward per rollout and context);
     # max_tokens_per_micro_batch (None: no bound) splits them into packs of at most that many
     # tokens. attn_implementation: "auto" is flash-attn's varlen kernels on CUDA when installed,
-    # else torch's varlen_attn ("torch_varlen") on CUDA, else "sdpa" with a block-diagonal mask.
+    # else "varlen" (torch's varlen_attn on CUDA, one sdpa call per sequence on a CPU); "sdpa" and
+    # "eager" get a block-diagonal mask over the whole pack (quadratic in its length).
     packed: bool = True
     max_tokens_per_micro_batch: Optional[int] = None
     attn_implementation: str = "auto"

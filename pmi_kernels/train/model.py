@@ -12,7 +12,7 @@ import torch
 from .config import TOY, TrainConfig
 from .contexts import KINDS
 from .interrupts import StopRequest, fault_point
-from .packing import VARLEN, register_torch_varlen, resolve_attn_implementation
+from .packing import VARLEN, register_varlen, resolve_attn_implementation
 from .run_dir import TOY_BASE
 from .toy import toy_model, toy_tokenizer
 
@@ -24,7 +24,7 @@ def load_model(config: TrainConfig, device):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     attn = resolve_attn_implementation(config.attn_implementation, device)
     if attn == VARLEN:
-        register_torch_varlen()
+        register_varlen()
     if config.model_path == TOY:
         if config.resume:
             base = AutoModelForCausalLM.from_pretrained(os.path.join(config.output_dir, TOY_BASE),
