@@ -242,8 +242,8 @@ class Trainer:
         batch = [pair for micro_batch in micro_batches for pair in micro_batch]
         tokens = sum(len(rollout) for _, rollout in batch)
         totals: Dict[str, float] = {"loss": 0.0}
+        budget = config.max_tokens_per_micro_batch
         for micro_batch in micro_batches:
-            budget = config.max_tokens_per_micro_batch
             for group in rollout_groups(micro_batch, self.prompts, config.packed, budget):
                 fault_point("step-rollout")
                 self.stop.check("a step")

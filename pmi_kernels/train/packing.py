@@ -27,7 +27,7 @@ import torch
 
 VARLEN = "varlen"
 IMPLEMENTATIONS = ("auto", "flash_attention_2", VARLEN, "sdpa", "eager")
-SEQUENCE_AWARE = ("flash_attention_2", "flash_attention_3", VARLEN)  # take cu_seq_lens, no mask
+SEQUENCE_AWARE = ("flash_attention_2", VARLEN)  # given cu_seq_lens, no mask
 
 
 @dataclass
@@ -180,7 +180,6 @@ def varlen_attention(module, query, key, value, attention_mask, dropout=0.0, sca
 
 def register_varlen() -> None:
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-    from transformers.masking_utils import sdpa_mask
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
     AttentionInterface.register(VARLEN, varlen_attention)
     AttentionMaskInterface.register(VARLEN, sdpa_mask)  # the masks of forwards that are not packed
