@@ -1,31 +1,53 @@
-"""One OPSD-PMI training step of a Qwen3-1.7B-shaped model (random bf16 weights, V = 151,936,
-gradient checkpointing, sdpa attention): student, teacher and reference-only contexts over the
-same rollout, the loss, and the backward into every weight. The loss is fused_pmi_kl on the
-gathered hidden states, or the plain-torch reference on full fp32 logits; step time and peak
-memory for each, at each rollout length, in one run. An out-of-memory step is recorded as OOM.
+"""One optimizer step of the trainer (pmi_kernels.train), packed against the per-rollout loop,
+measured side by side in one run; and (--mode loss) one step's loss, fused against the reference.
 
-    python benchmarks/bench_train_step.py --out benchmarks/results        # on a GPU
-    python benchmarks/bench_train_step.py --tiny --tokens 64              # a CPU smoke run
+--mode step (default). The trainer's own train_step, its rollouts fixed (random tokens, the same
+for every variant, so sampling is left out); tokens/s = the step's rollout tokens over its time
+less sampling (context forwards, loss, backward, optimizer), and the time split it logs.
+Every variant runs on one trainer, a step each in turn (the order alternating) after two
+warm-up rounds; the medians are reported.
+- CPU: the toy model (LoRA, its prompts), the toy run's 8 rollouts x 40 tokens unless told;
+  variants "packed" (attn_implementation "auto": varlen, one sdpa call per sequence),
+  "packed-mask" (sdpa over the whole pack with the block-diagonal mask), "per-rollout" and,
+  with --budget, "packed-budget" (varlen, packs of at most --budget tokens). Tokens/s by the wall clock and per
+  second of the process's CPU time (steadier on a shared machine). Peak memory: for each
+  variant a fresh process (so one variant's freed memory cannot serve another's) runs two
+  steps, then a third during which its peak resident memory (VmHWM) is read.
+- GPU (--gpu): a Qwen3-1.7B-shaped model with random bf16 weights (V = 151,936), 32 rollouts x
+  1,024 tokens after prompts of 64-512 tokens (the teacher's 512 longer), LoRA r64 on every
+  projection, gradient checkpointing; variants "packed" (varlen attention: flash-attn's if
+  installed, else torch's varlen_attn), "padded" (each context one right-padded batch through
+  sdpa with a padding mask) and "per-rollout" (sdpa); peak CUDA memory per step. Before
+  timing, the packed hidden states are checked against per-rollout ones.
+
+--mode loss: a Qwen3-1.7B-shaped model's student, teacher and reference-only contexts over one
+rollout of --tokens tokens, the loss and the backward: fused_pmi_kl on the gathered hidden
+states against the plain-torch reference on full fp32 logits; an out-of-memory step is OOM.
+
+    python benchmarks/bench_train_step.py --budget 600                # CPU, the toy model
+    python benchmarks/bench_train_step.py --gpu --out DIR            # on a GPU (a CPU check: --tiny)
+    python benchmarks/bench_train_step.py --mode loss --tokens 8192   # on a GPU (CPU: --tiny)
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import resource
+import statistics
+import subprocess
 import sys
+import tempfile
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import device_info, is_oom, median_ms_few, slug, write_json  # noqa: E402
 
-from pmi_kernels import fused_pmi_kl  # noqa: E402
-from pmi_kernels.reference import pmi_kl_reference  # noqa: E402
-from pmi_kernels.train.contexts import rollout_positions  # noqa: E402
-
-PROMPTS = {"student": 256, "teacher": 768, "refonly": 512}  # prompt lengths of the three contexts
+PROMPTS = {"student": 256, "teacher": 768, "refonly": 512}  # --mode loss: the three contexts' prompt lengths
 
 
-def qwen3_1p7b(tiny: bool):
+def qwen3_1p7b(tiny: bool = False):
     from transformers import Qwen3Config, Qwen3ForCausalLM
     if tiny:
         config = Qwen3Config(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -35,13 +57,165 @@ def qwen3_1p7b(tiny: bool):
                              num_attention_heads=16, num_key_value_heads=8, head_dim=128,
                              max_position_embeddings=40960, tie_word_embeddings=True)
     config._attn_implementation = "sdpa"
-    model = Qwen3ForCausalLM(config)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model
+    return Qwen3ForCausalLM(config)
 
 
-def step(model, contexts, tokens: int, fused: bool):
+# ---- --mode step ------------------------------------------------------------------------------
+def padded_hidden(decoder, prompts, rollouts, device):
+    """packing.packed_hidden's result from one right-padded batch with a padding mask (sdpa)."""
+    seqs = [p + r[:-1] for p, r in zip(prompts, rollouts)]
+    width = max(map(len, seqs))
+    ids = torch.tensor([s + [0] * (width - len(s)) for s in seqs], device=device)
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
+    hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+    return torch.cat([hidden[i, len(p) - 1:len(p) - 1 + len(r)] for i, (p, r) in enumerate(zip(prompts, rollouts))])
+
+
+def build_trainer(args, out_dir: str):
+    """The trainer on the toy model (CPU) or a Qwen3-1.7B-shaped one (--gpu), its rollouts fixed."""
+    from pmi_kernels.train import TrainConfig, loop
+    gpu = args.gpu
+    device = "cuda" if gpu and torch.cuda.is_available() else "cpu"  # --gpu --tiny: the GPU workload's code on a CPU
+    config = TrainConfig(output_dir=out_dir, device=device, sft_steps=0, use_chat_template=False,
+                         batch_size=args.rollouts, max_new_tokens=args.rollout_tokens, diagnostics_every=10**6,
+                         lora_rank=args.lora_rank, lora_alpha=2 * args.lora_rank, gradient_checkpointing=gpu,
+                         attn_implementation="sdpa", lr=5e-6)
+    if gpu:  # no weights on disk: the model is built on the GPU, and the toy base is not saved
+        def load_model(config, device):
+            with torch.device(device):
+                model = qwen3_1p7b(args.tiny).to(torch.bfloat16 if device.type == "cuda" else torch.float32)
+            from pmi_kernels.train.toy import toy_tokenizer
+            return toy_tokenizer(), model
+        loop.load_model, loop.write_dir_atomically = load_model, lambda *a, **k: None
+    trainer = loop.Trainer(config)
+    gen = torch.Generator().manual_seed(0)
+    vocab = len(trainer.tokenizer)  # rollouts the tokenizer can decode (the markers count them)
+    if gpu:  # prompts as long as a chain-of-thought task's: the teacher's carries the reference
+        trainer.train_rows = trainer.train_rows[:args.rollouts]
+        short = 8 if args.tiny else 64
+        student = [int(n) for n in torch.randint(short, 8 * short + 1, (args.rollouts,), generator=gen)]
+        lengths = {"student": student, "teacher": [n + 8 * short for n in student], "refonly": [8 * short] * args.rollouts}
+        trainer.prompts = {kind: [torch.randint(4, vocab, (n,), generator=gen).tolist() for n in lengths[kind]]
+                           for kind in lengths}
+    rollouts = [torch.randint(4, vocab, (args.rollout_tokens,), generator=gen).tolist() for _ in range(args.rollouts)]
+    trainer.generate = lambda prompts, *a: rollouts[:len(prompts)]
+    return trainer
+
+
+def use_variant(trainer, variant: str, args) -> None:
+    """Point the trainer at a variant between steps (never inside one: a checkpointed layer
+    recomputes with the attention it ran with)."""
+    from pmi_kernels.train import loop, packing
+    trainer.config.packed = variant != "per-rollout"
+    trainer.config.max_tokens_per_micro_batch = args.budget if variant == "packed-budget" else None
+    loop.packed_hidden = padded_hidden if variant == "padded" else packing.packed_hidden
+    attn = "sdpa" if variant in ("padded", "per-rollout", "packed-mask") else packing.resolve_attn_implementation(
+        "auto", trainer.device)
+    if attn == packing.VARLEN:
+        packing.register_varlen()
+    trainer._base_model().set_attn_implementation(attn)
+
+
+def step_row(trainer, variant: str) -> dict:
+    cpu = resource.getrusage(resource.RUSAGE_SELF)
+    record = trainer.train_step()
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    tokens = trainer.config.batch_size * trainer.config.max_new_tokens
+    work = record["time/step"] - record["time/sampling"]
+    cpu_s = after.ru_utime + after.ru_stime - cpu.ru_utime - cpu.ru_stime
+    return {"variant": variant, "tokens": tokens, "seconds": work, "tokens_per_s": tokens / work,
+            "cpu_seconds": cpu_s, "tokens_per_cpu_s": tokens / cpu_s, "peak_memory_gib": record["peak_memory_gib"],
+            **{key: value for key, value in record.items() if key.startswith("time/")}}
+
+
+def memory_kib() -> dict:
+    with open("/proc/self/status") as fh:
+        return {line.split(":")[0]: int(line.split()[1]) for line in fh if line.startswith(("VmRSS", "VmHWM"))}
+
+
+def measure_cpu_memory(args, variant: str) -> dict:
+    """In a fresh process: two warm-up steps, then the peak resident memory during a third (VmHWM,
+    reset before it), also above the process's before its first step."""
+    trainer = build_trainer(args, tempfile.mkdtemp(prefix="bench_train_step-"))
+    use_variant(trainer, variant, args)
+    baseline = memory_kib()["VmRSS"]
+    trainer.train_step()
+    trainer.train_step()
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")  # VmHWM := VmRSS
+    trainer.train_step()
+    peak = memory_kib()["VmHWM"]
+    return {"variant": variant, "peak_rss_mib": peak / 1024, "peak_extra_mib": (peak - baseline) / 1024}
+
+
+def check_packed_on_gpu(trainer) -> float:
+    """Largest |packed - per-rollout| hidden state over two rollouts, relative to the largest state."""
+    from pmi_kernels.train import packing
+    from pmi_kernels.train.contexts import rollout_hidden
+    decoder, device = trainer._base_model().get_decoder(), trainer.device
+    prompts, rollouts = trainer.prompts["teacher"][:2], trainer.generate([0, 0])
+    with torch.no_grad(), trainer._autocast():
+        got = packing.packed_hidden(decoder, prompts, rollouts, device).float()
+    use_variant(trainer, "per-rollout", argparse.Namespace(gpu=True, budget=None))
+    with torch.no_grad(), trainer._autocast():
+        want = torch.cat([rollout_hidden(decoder, p, r, device) for p, r in zip(prompts, rollouts)]).float()
+    return float((got - want).abs().max() / want.abs().max())
+
+
+def run_step_mode(args) -> dict:
+    """Every variant on one trainer, a step each in turn (the order alternating), after two
+    warm-up rounds; on CPU, each variant's peak memory from a fresh process."""
+    variants = ["packed", "padded", "per-rollout"] if args.gpu else ["packed", "packed-mask", "per-rollout"]
+    variants += ["packed-budget"] if args.budget else []
+    trainer = build_trainer(args, tempfile.mkdtemp(prefix="bench_train_step-"))
+    if args.gpu:
+        use_variant(trainer, "packed", args)
+        print(f"packed ({trainer._base_model().config._attn_implementation}) against per-rollout hidden states: "
+              f"largest difference {check_packed_on_gpu(trainer):.2e} of the largest state", flush=True)
+    rows = []
+    for rep in range(args.repeats + 2):
+        for variant in variants if rep % 2 == 0 else variants[::-1]:
+            use_variant(trainer, variant, args)
+            if args.gpu:
+                torch.cuda.empty_cache()
+            row = step_row(trainer, variant)
+            if rep < 2:
+                continue  # warm-up
+            rows.append(row)
+            print(f"{variant:14s} {row['tokens_per_s']:9.1f} tok/s  {row['tokens_per_cpu_s']:8.1f} tok/cpu-s  "
+                  + (f"peak {row['peak_memory_gib']:6.2f} GiB  " if args.gpu else "")
+                  + " ".join(f"{k[5:]} {v:.3f}" for k, v in row.items() if k.startswith("time/")), flush=True)
+    memory = {}
+    if not args.gpu:
+        for variant in variants:
+            cmd = [sys.executable, __file__, "--memory-of", variant, *sys.argv[1:]]
+            done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+            memory[variant] = json.loads(done.stdout.splitlines()[-1])
+            print(f"{variant:14s} peak RSS {memory[variant]['peak_rss_mib']:7.1f} MiB "
+                  f"({memory[variant]['peak_extra_mib']:+.1f} MiB over the process before its first step)", flush=True)
+    summary = {}
+    for variant in variants:
+        mine = [r for r in rows if r["variant"] == variant]
+        summary[variant] = {key: statistics.median(r[key] for r in mine) for key in mine[0] if key != "variant"}
+        if not args.gpu:
+            summary[variant].update({k: v for k, v in memory[variant].items() if k != "variant"})
+    base = summary["per-rollout"]
+    memory_key = "peak_memory_gib" if args.gpu else "peak_rss_mib"
+    for variant, s in summary.items():
+        s["speedup"] = s["tokens_per_s"] / base["tokens_per_s"]
+        s["cpu_speedup"] = s["tokens_per_cpu_s"] / base["tokens_per_cpu_s"]
+        s["memory_ratio"] = s[memory_key] / base[memory_key]
+        print(f"median {variant:14s} {s['tokens_per_s']:9.1f} tok/s ({s['speedup']:.2f}x the per-rollout loop; "
+              f"{s['cpu_speedup']:.2f}x per CPU second), peak memory {s['memory_ratio']:.3f}x the loop's")
+    return {"rows": rows, "memory": memory, "median": summary}
+
+
+# ---- --mode loss ------------------------------------------------------------------------------
+def loss_step(model, contexts, tokens: int, fused: bool):
     """Forward every context to the rollout's hidden states, the loss, and the backward."""
+    from pmi_kernels import fused_pmi_kl
+    from pmi_kernels.reference import pmi_kl_reference
+    from pmi_kernels.train.contexts import rollout_positions
     decoder, head = model.get_decoder(), model.get_output_embeddings()
     states = {}
     for kind, ids in contexts.items():
@@ -59,20 +233,13 @@ def step(model, contexts, tokens: int, fused: bool):
     model.zero_grad(set_to_none=True)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokens", type=int, nargs="+", default=[8192, 32768], help="rollout lengths")
-    parser.add_argument("--tiny", action="store_true", help="a tiny model (to check the script on a CPU)")
-    parser.add_argument("--out", default="benchmarks/results")
-    args = parser.parse_args()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    info = device_info(device)
-    print(info)
+def run_loss_mode(args, device: str) -> dict:
     with torch.device(device):  # initialize in place: a 1.7B model is slow to initialize on a CPU
         model = qwen3_1p7b(args.tiny).to(torch.bfloat16 if device == "cuda" else torch.float32)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     vocab = model.config.vocab_size
-    results = {"info": info, "model": "tiny" if args.tiny else "Qwen3-1.7B shape, random weights", "rows": []}
+    rows = []
     gen = torch.Generator().manual_seed(0)
     for tokens in args.tokens:
         rollout = torch.randint(0, vocab, (tokens,), generator=gen)
@@ -85,7 +252,7 @@ def main():
                 if device == "cuda":
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats()
-                row["ms"] = median_ms_few(lambda: step(model, contexts, tokens, fused), device, calls=2)
+                row["ms"] = median_ms_few(lambda: loss_step(model, contexts, tokens, fused), device, calls=2)
                 if device == "cuda":
                     row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
             except Exception as err:  # noqa: BLE001 (an OOM is a result; anything else is raised)
@@ -93,11 +260,49 @@ def main():
                     raise
                 row["ms"] = "OOM"
                 model.zero_grad(set_to_none=True)
-            results["rows"].append(row)
+            rows.append(row)
             shown = "OOM" if row["ms"] == "OOM" else f"{row['ms']:9.1f} ms" + (
                 f"  peak {row['peak_gib']:6.1f} GiB" if "peak_gib" in row else "")
             print(f"rollout {tokens:6d} tokens  {name:40s} {shown}")
-    write_json(os.path.join(args.out, f"train_step_{slug(info['device'])}_{info['date']}.json"), results)
+    return {"model": "tiny" if args.tiny else "Qwen3-1.7B shape, random weights", "rows": rows}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mode", choices=("step", "loss"), default="step")
+    parser.add_argument("--gpu", action="store_true", help="step: the Qwen3-1.7B-shaped workload on CUDA")
+    parser.add_argument("--rollouts", type=int, help="step: rollouts per step (8 on CPU, 32 with --gpu)")
+    parser.add_argument("--rollout-tokens", type=int, help="step: tokens per rollout (40 on CPU, 1024 with --gpu)")
+    parser.add_argument("--lora-rank", type=int, help="step: LoRA rank (8 on CPU, 64 with --gpu)")
+    parser.add_argument("--budget", type=int, help="step: also packed under this max_tokens_per_micro_batch")
+    parser.add_argument("--repeats", type=int, default=8, help="step: timed steps of each variant, in turn")
+    parser.add_argument("--tokens", type=int, nargs="+", default=[8192, 32768], help="loss: rollout lengths")
+    parser.add_argument("--tiny", action="store_true", help="a tiny model (to check the script on a CPU)")
+    parser.add_argument("--out", help="results folder (default benchmarks/results/<device>-<date>)")
+    parser.add_argument("--memory-of", help=argparse.SUPPRESS)  # step, CPU: one variant's peak memory, in this process
+    args = parser.parse_args()
+    defaults = (32, 1024, 64) if args.gpu else (8, 40, 8)
+    args.rollouts, args.rollout_tokens, args.lora_rank = (
+        given or default for given, default in zip((args.rollouts, args.rollout_tokens, args.lora_rank), defaults))
+    if args.memory_of:
+        print(json.dumps(measure_cpu_memory(args, args.memory_of)))
+        return
+    device = "cuda" if (args.gpu or args.mode == "loss") and torch.cuda.is_available() else "cpu"
+    if args.gpu and device != "cuda" and not args.tiny:
+        parser.error("--gpu needs a CUDA device (or --tiny, to check the script on a CPU)")
+    info = device_info(device)
+    print(info)
+    if args.mode == "step":
+        workload = {"rollouts": args.rollouts, "rollout_tokens": args.rollout_tokens, "lora_rank": args.lora_rank,
+                    "model": "Qwen3-1.7B shape, random bf16 weights" if args.gpu else "the toy model (train/toy.py)",
+                    "gradient_checkpointing": args.gpu, "budget": args.budget}
+        results = {"info": info, "workload": workload, **run_step_mode(args)}
+        name = f"train_step_{slug(info['device'])}_{args.rollouts}x{args.rollout_tokens}_{info['date']}.json"
+    else:
+        results = {"info": info, **run_loss_mode(args, device)}
+        name = f"train_loss_{slug(info['device'])}_{info['date']}.json"
+    short = "cpu" if device == "cpu" else slug(info["device"]).replace("nvidia-", "")
+    write_json(os.path.join(args.out or f"benchmarks/results/{short}-{info['date']}", name), results)
 
 
 if __name__ == "__main__":

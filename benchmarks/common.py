@@ -44,25 +44,26 @@ def median_ms(fn, device: str, warmup_ms: float = 200, rep_ms: float = 1000) -> 
     return statistics.median(times)
 
 
+def time_ms(fn, device: str) -> float:
+    """One call of fn in ms: CUDA events on a GPU, the wall clock on a CPU."""
+    if device == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end)
+    begin = time.perf_counter()
+    fn()
+    return (time.perf_counter() - begin) * 1000
+
+
 def median_ms_few(fn, device: str, calls: int = 3, warm_up: bool = True) -> float:
     """Median of a few timed calls after one warm-up (unless the caller just ran fn): for sweeps
     whose large cases take seconds a call, where do_bench's estimate-and-repeat takes minutes."""
     if warm_up:
         fn()
-    times = []
-    for _ in range(calls):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1000)
-    return statistics.median(times)
+    return statistics.median(time_ms(fn, device) for _ in range(calls))
 
 
 def peak_extra_gib(fn, keep_bytes: int = 0) -> float:

@@ -4,7 +4,8 @@
 # plots to $OUT. Wheels carried in .wheels/ (liger-kernel is not on the GPU machine) are
 # installed first. Each stage has its own time limit, so one slow stage cannot take the others'
 # results with it; by default the whole run ends inside about 6 minutes on an H100/H200.
-#   STAGES   which stages run (default "build tests logits fused sweep"; also "train")
+#   STAGES   which stages run (default "build tests logits fused parallel sweep"; also "train": the
+#            packing tests on CUDA and bench_train_step.py --gpu, about 4 minutes more)
 #   SWEEP_MINUTES   the sweep's time budget (default 2); SWEEP_MATCH: only implementations whose
 #                   name contains one of these words (run.py --match)
 set -uo pipefail
@@ -12,7 +13,7 @@ set -uo pipefail
 # stage ends by packing $RES into $OUT/results.tar.gz (and copying the short logs beside it).
 OUT=${OUT:-benchmarks/results/latest}
 RES=${RES:-$(mktemp -d)}
-STAGES=${STAGES:-build tests logits fused sweep}
+STAGES=${STAGES:-build tests logits fused parallel sweep}
 mkdir -p "$OUT" "$RES"
 pack() { tar -czf "$OUT/results.tar.gz" -C "$RES" . && cp "$RES"/*.log "$OUT"/ 2>/dev/null; true; }
 has() { [[ " $STAGES " == *" $1 "* ]]; }
@@ -35,8 +36,17 @@ has logits && { timeout 150 python3 benchmarks/bench_logits.py --out "$RES" 2>&1
     | tee "$RES/bench_logits.log"; pack; }
 has fused && { timeout 240 python3 benchmarks/bench_fused.py --out "$RES" 2>&1 | grep -v "Backend impl" \
     | tee "$RES/bench_fused.log"; pack; }
-has train && { timeout 120 python3 benchmarks/bench_train_step.py --out "$RES" 2>&1 | grep -v -i warn \
-    | tee "$RES/train_step.log"; pack; }
+has parallel && { timeout 120 python3 benchmarks/bench_vocab_parallel.py --out "$RES" 2>&1 \
+    | tee "$RES/bench_vocab_parallel.log"; pack; }
+if has train; then
+    # Packed training steps: the packing tests on CUDA (varlen_attn, flash-attn if installed),
+    # then one optimizer step of a Qwen3-1.7B-shaped model (32 rollouts x 1,024 tokens, LoRA r64,
+    # gradient checkpointing): packed varlen against padded sdpa and the per-rollout loop.
+    timeout 120 python3 -m pytest tests/test_train_packed.py -k cuda -q -p no:cacheprovider 2>&1 \
+        | tee "$RES/train_tests.log" | tail -4
+    timeout 360 python3 benchmarks/bench_train_step.py --gpu --repeats 3 --out "$RES" 2>&1 | grep -v -i warn \
+        | tee "$RES/train_step.log"; pack
+fi
 if has sweep; then
     # The sweep starts a case only if it should end within the budget; the hard limit is a minute more.
     minutes=${SWEEP_MINUTES:-2}

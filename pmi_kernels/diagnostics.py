@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from . import validation
 from .backends import DIAGNOSTICS, chunk_rows, resolve_backend
-from .fused_linear import frozen_head
+from .heads import frozen_head, gather_heads
 from .options import LossOptions, compute_dtype
 
 
@@ -33,9 +33,13 @@ def pmi_diagnostics(student, teacher, refonly, anchor=None, *, lm_head_weight=No
     """
     if refonly is None:
         raise ValueError("refonly is required: the decomposition needs the reference-only stream")
+    heads = gather_heads({"lm_head_weight": lm_head_weight, "lm_head_bias": lm_head_bias,
+                          "frozen_weight": frozen_weight, "frozen_bias": frozen_bias})
+    lm_head_weight, lm_head_bias, frozen_weight, frozen_bias = heads.values()
     streams = {"student": student, "teacher": teacher, "refonly": refonly, "anchor": anchor}
     first = validation.check_streams(streams, "H" if lm_head_weight is not None else "V")
     validation.check_workspace(workspace_bytes)
+    validation.check_bool("check_finite", check_finite)
     opts = LossOptions(True, beta, clip, center, temperature)
     head = {"lm_head_weight": lm_head_weight, "lm_head_bias": lm_head_bias, "frozen_weight": frozen_weight,
             "frozen_bias": frozen_bias}

@@ -28,10 +28,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import validation, vocab_parallel
+from .heads import frozen_head, gather_heads
 from .backends import REGISTRY, STATS, chunk_rows, resolve_backend, upstream_matches
 from .options import LossOptions, compute_dtype
-from .logits import DOUBLE_BACKWARD, stats_dict
-from .reduction import divisor, reduce_rows
+from .reduction import DOUBLE_BACKWARD, divisor, reduce_rows, stats_dict
 
 
 @dataclass(frozen=True)
@@ -46,14 +46,6 @@ class _Plan:
 
     def op_args(self):
         return self.opts.pack(), self.backend, self.group, self.chunk_rows, self.grad_weight_fp32
-
-
-def frozen_head(lm_head_weight, lm_head_bias, frozen_weight, frozen_bias):
-    """(W_f, b_f): each defaults on its own to the student's, detached. (reference.py states the
-    same rule separately, so that the tests compare two readings of it, not one.)"""
-    w_f = lm_head_weight if frozen_weight is None else frozen_weight
-    b_f = lm_head_bias if frozen_bias is None else frozen_bias
-    return w_f.detach(), None if b_f is None else b_f.detach()
 
 
 def _frozen_streams(hc_t, hc_r, hc_a, w_f, b_f, w_f_mean, opts: LossOptions):
@@ -98,7 +90,7 @@ def _sweep(plan: _Plan, h, w, b, h_t, h_r, h_a, w_f, b_f, row_scale, want_h, wan
     loss = torch.empty(n, dtype=compute_dtype(h.dtype), device=h.device)
     stats = torch.empty(n, len(STATS), dtype=loss.dtype, device=h.device) if want_stats else None
     grad_h = torch.empty_like(h) if want_h else None
-    grad_w = torch.empty(w.shape, dtype=torch.float32 if plan.grad_weight_fp32 else w.dtype,
+    grad_w = torch.empty(w.shape, dtype=compute_dtype(w.dtype) if plan.grad_weight_fp32 else w.dtype,
                          device=w.device) if want_w else None
     grad_b = torch.zeros(vocab, dtype=compute_dtype(w.dtype), device=w.device) if want_b else None
     want_grad = want_h or want_w or want_b
@@ -164,7 +156,7 @@ def _(h, w, *args):
     shaped = lambda want, *size, **kwargs: h.new_empty(*size, **kwargs) if want else h.new_empty(0)  # noqa: E731
     acc = compute_dtype(h.dtype)
     return (h.new_empty(h.shape[0], dtype=acc), shaped(want_h, h.shape),
-            shaped(want_w, w.shape, dtype=torch.float32 if grad_weight_fp32 else w.dtype),
+            shaped(want_w, w.shape, dtype=compute_dtype(w.dtype) if grad_weight_fp32 else w.dtype),
             shaped(want_b, w.shape[0], dtype=compute_dtype(w.dtype)), shaped(want_stats, h.shape[0], len(STATS), dtype=acc))
 
 
@@ -185,13 +177,20 @@ class _FusedPMIKL(torch.autograd.Function):
         ctx.plan, ctx.wants, ctx.reduction = plan, wants, reduction
         ctx.dtypes = (w.dtype, None if b is None else b.dtype)
         tensors = (h, w, b, h_t, h_r, h_a, w_f, b_f, mask)
+        grads = []
         if reduction == "none" or not any(wants):
             loss, _, _, _, stats = _rows(plan, tensors, None, (False, False, False), want_stats)
-            ctx.save_for_backward(*tensors)
         else:
             # One sweep computes the gradients for an incoming gradient of 1.
             loss, *grads, stats = _rows(plan, tensors, (1 / denominator).expand(h.shape[0]), wants, want_stats)
-            ctx.save_for_backward(*grads)
+        if torch.compiler.is_compiling() or not grads:
+            ctx.save_for_backward(*tensors, denominator, *grads)
+        else:
+            # The gradients are handed to the caller, who may own and modify them (zero .grad, or
+            # scale what autograd.grad returned, in place); a retained graph's next backward
+            # computes them again from the saved inputs.
+            ctx.save_for_backward(*tensors, denominator)
+            ctx.grads = grads
         per_row = loss.clone() if want_stats else loss.new_empty(0)
         ctx.mark_non_differentiable(per_row, stats)
         return reduce_rows(loss, denominator, reduction), per_row, stats
@@ -200,16 +199,15 @@ class _FusedPMIKL(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_per_row, _grad_stats):
         if torch.is_grad_enabled():
             raise RuntimeError(DOUBLE_BACKWARD.format("fused_pmi_kl"))
+        saved = ctx.saved_tensors
+        tensors, denominator, grads = saved[:9], saved[9], list(saved[10:])
         if ctx.reduction == "none":
             # grad_loss has the loss's (compute) dtype: it is the per-row scale as it comes.
-            grads = _rows(ctx.plan, ctx.saved_tensors, grad_loss, ctx.wants)[1:4]
+            grads = _rows(ctx.plan, tensors, grad_loss, ctx.wants)[1:4]
         else:
-            grad_h, grad_w, grad_b = ctx.saved_tensors
-            # grad_h reaches the caller through a view (the flattening): a copy of its own, so that
-            # modifying it (zeroing .grad in place) cannot touch what a retained graph saved. The
-            # weight and bias gradients reach leaves, whose accumulation copies while the graph
-            # still holds them.
-            grads = [grad_h.clone(), grad_w, grad_b]
+            if not grads:
+                grads = ctx.__dict__.pop("grads", None) or _rows(
+                    ctx.plan, tensors, (1 / denominator).expand(tensors[0].shape[0]), ctx.wants)[1:4]
             if not upstream_matches(grad_loss, torch.ones_like(grad_loss)):
                 grads = [x * grad_loss.to(x.dtype) for x in grads]
         grad_h, grad_w, grad_b = (x if want else None for x, want in zip(grads, ctx.wants))
@@ -235,6 +233,8 @@ def fused_pmi_kl(student_hidden, lm_head_weight, teacher_hidden, refonly_hidden=
     normalizer, the loss options, reduction, return_stats, check_finite and backend are as in
     pmi_kl. workspace_bytes bounds a chunk's logit buffers (default: the CPU's cache, or 1 GiB
     on a GPU); grad_weight_fp32 accumulates the weight gradient over chunks in fp32.
+    A head sharded by FSDP2 (DTensor weight, bias or frozen head) is gathered once per call, its
+    gradient averaged and reduce-scattered back as FSDP2 does (docs/distributed.md).
     process_group: the vocabulary is split over this torch.distributed group, each rank passing
     its contiguous shard of the lm_head rows (weight, bias, frozen head) in rank order
     (docs/distributed.md); the loss is the whole vocabulary's on every rank, the hidden-state
@@ -248,25 +248,31 @@ def fused_pmi_kl(student_hidden, lm_head_weight, teacher_hidden, refonly_hidden=
         student_hidden, lm_head_weight, teacher_hidden, refonly_hidden, anchor_hidden = map(
             cast, (student_hidden, lm_head_weight, teacher_hidden, refonly_hidden, anchor_hidden))
         lm_head_bias, frozen_weight, frozen_bias = map(cast, (lm_head_bias, frozen_weight, frozen_bias))
-    streams = {"student_hidden": student_hidden, "teacher_hidden": teacher_hidden,
-               "refonly_hidden": refonly_hidden, "anchor_hidden": anchor_hidden}
-    student = validation.check_streams(streams, "H")
-    validation.check_linear(lm_head_weight, lm_head_bias, student, "lm_head_weight", "lm_head_bias")
-    validation.check_frozen_head(frozen_weight, frozen_bias, lm_head_weight, lm_head_bias, student)
-    w_f, b_f = frozen_head(lm_head_weight, lm_head_bias, frozen_weight, frozen_bias)
-    mask = validation.counted_positions(mask, labels, ignore_index, student.shape[:-1], student.device)
-    validation.check_reduction(reduction)
-    validation.check_normalizer(normalizer, reduction)
-    validation.check_workspace(workspace_bytes)
-    for name, flag in (("return_stats", return_stats), ("check_finite", check_finite),
-                       ("grad_weight_fp32", grad_weight_fp32)):
-        validation.check_bool(name, flag)
-    opts = LossOptions(refonly_hidden is not None, beta, clip, center, temperature, jsd_beta, entry_clip)
+    heads = gather_heads({"lm_head_weight": lm_head_weight, "lm_head_bias": lm_head_bias,
+                          "frozen_weight": frozen_weight, "frozen_bias": frozen_bias})
+    lm_head_weight, lm_head_bias, frozen_weight, frozen_bias = heads.values()
     group = vocab_parallel.group_name(process_group)
-    impl = resolve_backend(backend, student.device)
-    if check_finite:
-        validation.check_finite({**streams, "lm_head_weight": lm_head_weight, "lm_head_bias": lm_head_bias,
-                                 "frozen_weight": frozen_weight, "frozen_bias": frozen_bias})
+    with vocab_parallel.Agreement(group) as agreement:
+        streams = {"student_hidden": student_hidden, "teacher_hidden": teacher_hidden,
+                   "refonly_hidden": refonly_hidden, "anchor_hidden": anchor_hidden}
+        student = validation.check_streams(streams, "H")
+        validation.check_linear(lm_head_weight, lm_head_bias, student, "lm_head_weight", "lm_head_bias")
+        validation.check_frozen_head(frozen_weight, frozen_bias, lm_head_weight, lm_head_bias, student)
+        w_f, b_f = frozen_head(lm_head_weight, lm_head_bias, frozen_weight, frozen_bias)
+        mask = validation.counted_positions(mask, labels, ignore_index, student.shape[:-1], student.device)
+        validation.check_reduction(reduction)
+        validation.check_normalizer(normalizer, reduction)
+        validation.check_workspace(workspace_bytes)
+        for name, flag in (("return_stats", return_stats), ("check_finite", check_finite),
+                           ("grad_weight_fp32", grad_weight_fp32)):
+            validation.check_bool(name, flag)
+        opts = LossOptions(refonly_hidden is not None, beta, clip, center, temperature, jsd_beta, entry_clip)
+        impl = resolve_backend(backend, student.device)
+        if check_finite:
+            validation.check_finite({**streams, "lm_head_weight": lm_head_weight, "lm_head_bias": lm_head_bias,
+                                     "frozen_weight": frozen_weight, "frozen_bias": frozen_bias})
+        agreement.fingerprint = (tuple(student.shape), opts, reduction, return_stats,
+                                 anchor_hidden is not None, lm_head_bias is not None)
 
     vocab, hidden = lm_head_weight.shape
     # Chunk buffers: s plus each frozen stream the plan computes, in the input dtype. Chunks

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -21,13 +21,10 @@ from torch import Tensor
 from . import validation, vocab_parallel
 from .backends import REGISTRY, STATS, chunk_rows, resolve_backend, upstream_matches
 from .options import LossOptions, compute_dtype
-from .reduction import divisor, reduce_rows
+from .reduction import DOUBLE_BACKWARD, divisor, reduce_rows, stats_dict
 
 # The autograd of pmi_kl_rows returns a gradient for the student only.
 _NO_GRAD_ARGS = (None,) * 11
-DOUBLE_BACKWARD = ("{} has no second derivative: its gradient is computed by its kernels, not by autograd, "
-                   "so backward(create_graph=True) through it cannot build a graph of the gradient")
-
 
 @torch.library.custom_op("pmi_kernels::pmi_kl_rows", mutates_args=())
 def pmi_kl_rows(student: Tensor, teacher: Tensor, refonly: Optional[Tensor], anchor: Optional[Tensor],
@@ -95,12 +92,6 @@ def _backward(ctx, grad_loss, _grad, _stats):
 pmi_kl_rows.register_autograd(_backward, setup_context=_setup_context)
 
 
-def stats_dict(per_row: Tensor, stats: Tensor, lead) -> Dict[str, Tensor]:
-    """return_stats' dict: per-position [...] tensors, 0 where masked."""
-    return {"loss": per_row.detach().reshape(lead),
-            **{key: stats[:, j].reshape(lead) for j, key in enumerate(STATS)}}
-
-
 def pmi_kl(student_logits, teacher_logits, refonly_logits=None, anchor_logits=None, *, mask=None, labels=None,
            ignore_index=-100, normalizer=None, beta=1.0, clip=10.0, center=True, temperature=1.0, jsd_beta=0.5,
            entry_clip=None, reduction="mean", return_stats=False, check_finite=True, backend="auto",
@@ -125,21 +116,23 @@ def pmi_kl(student_logits, teacher_logits, refonly_logits=None, anchor_logits=No
     its contiguous shard of the logit columns in rank order (docs/distributed.md); the loss is
     the whole vocabulary's on every rank, the gradient that of this rank's columns.
     """
-    streams = {"student_logits": student_logits, "teacher_logits": teacher_logits,
-               "refonly_logits": refonly_logits, "anchor_logits": anchor_logits}
-    student = validation.check_streams(streams, "V")
-    lead, vocab = student.shape[:-1], student.shape[-1]
-    mask = validation.counted_positions(mask, labels, ignore_index, lead, student.device)
-    validation.check_reduction(reduction)
-    validation.check_normalizer(normalizer, reduction)
-    validation.check_workspace(workspace_bytes)
-    for name, flag in (("return_stats", return_stats), ("check_finite", check_finite)):
-        validation.check_bool(name, flag)
-    opts = LossOptions(refonly_logits is not None, beta, clip, center, temperature, jsd_beta, entry_clip)
     group = vocab_parallel.group_name(process_group)
-    impl = resolve_backend(backend, student.device)
-    if check_finite:
-        validation.check_finite(streams)
+    with vocab_parallel.Agreement(group) as agreement:
+        streams = {"student_logits": student_logits, "teacher_logits": teacher_logits,
+                   "refonly_logits": refonly_logits, "anchor_logits": anchor_logits}
+        student = validation.check_streams(streams, "V")
+        lead, vocab = student.shape[:-1], student.shape[-1]
+        mask = validation.counted_positions(mask, labels, ignore_index, lead, student.device)
+        validation.check_reduction(reduction)
+        validation.check_normalizer(normalizer, reduction)
+        validation.check_workspace(workspace_bytes)
+        for name, flag in (("return_stats", return_stats), ("check_finite", check_finite)):
+            validation.check_bool(name, flag)
+        opts = LossOptions(refonly_logits is not None, beta, clip, center, temperature, jsd_beta, entry_clip)
+        impl = resolve_backend(backend, student.device)
+        if check_finite:
+            validation.check_finite(streams)
+        agreement.fingerprint = (tuple(lead), opts, reduction, return_stats)
     flat = lambda x: None if x is None else x.reshape(-1, vocab).contiguous()  # noqa: E731
     flat_mask = None if mask is None else mask.reshape(-1)
     compute_grad = torch.is_grad_enabled() and student.requires_grad

@@ -6,6 +6,7 @@ list of floats that the custom ops (Python and C++) take, and come back.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
@@ -22,10 +23,22 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _positive(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
+# The options' range: the kernels compute in fp32, where a reciprocal of a beta or temperature
+# below 1e-30 scales logits past fp32's range, and a clip above 1e30 is no clip (pass None).
+SMALLEST, LARGEST = 1e-30, 1e30
+
+
+def _positive(name: str, value, lowest: float = 0.0) -> float:
+    """A finite number in (lowest, LARGEST] (at least `lowest`, when it is not 0)."""
+    valid = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    try:
+        number = float(value) if valid else math.nan
+    except OverflowError:  # an int too large for a float
+        number = math.inf
+    if not (math.isfinite(number) and number > 0 and number >= lowest and number <= LARGEST):
+        bounds = f"in [{lowest:g}, {LARGEST:g}]" if lowest else f"> 0 and at most {LARGEST:g}"
+        raise ValueError(f"{name} must be a finite number {bounds}, got {value!r}")
+    return number
 
 
 @dataclass(frozen=True)
@@ -44,9 +57,13 @@ class LossOptions:
     entry_clip: Optional[float] = None
 
     def __post_init__(self):
+        # torch.compile(dynamic=True) traces float options as symbols, which no check can read:
+        # traced, the options pass as given (the kernels' bindings check them again).
+        if torch.compiler.is_compiling():
+            return
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
-        set_("beta", _positive("beta", self.beta))
-        set_("temperature", _positive("temperature", self.temperature))
+        set_("beta", _positive("beta", self.beta, SMALLEST))
+        set_("temperature", _positive("temperature", self.temperature, SMALLEST))
         if self.clip is not None:
             set_("clip", _positive("clip", self.clip))
         if self.entry_clip is not None:

@@ -1,11 +1,13 @@
-"""How per-row losses become the returned loss: masks, reductions, the normalizer, and the
-per-row gradient scale the forward folds into the gradient it computes ahead of the backward."""
+"""What the API functions return: the reduced loss (masks, reductions, the normalizer), the
+statistics' dict, and the error of a second derivative."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 from torch import Tensor
+
+from .backends import STATS
 
 
 def divisor(mask: Optional[Tensor], rows: int, reduction: str, normalizer, dtype, device) -> Tensor:
@@ -23,3 +25,13 @@ def divisor(mask: Optional[Tensor], rows: int, reduction: str, normalizer, dtype
 def reduce_rows(per_row: Tensor, denominator: Tensor, reduction: str) -> Tensor:
     """Masked rows are already exactly 0."""
     return per_row if reduction == "none" else per_row.sum() / denominator
+
+
+def stats_dict(per_row: Tensor, stats: Tensor, lead) -> Dict[str, Tensor]:
+    """return_stats' dict: per-position [...] tensors, 0 where masked."""
+    return {"loss": per_row.detach().reshape(lead),
+            **{key: stats[:, j].reshape(lead) for j, key in enumerate(STATS)}}
+
+
+DOUBLE_BACKWARD = ("{} has no second derivative: its gradient is computed by its kernels, not by autograd, "
+                   "so backward(create_graph=True) through it cannot build a graph of the gradient")

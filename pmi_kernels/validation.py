@@ -6,6 +6,7 @@ values), raised before any kernel runs.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Dict, Optional
 
 import torch
@@ -69,6 +70,8 @@ def counted_positions(mask, labels, ignore_index, lead_shape, device) -> Optiona
     `mask` (bool, or 0/1 integers), or `labels != ignore_index` (Liger's and TRL's convention)."""
     if mask is not None and labels is not None:
         raise ValueError("mask and labels both given: pass one (labels count where labels != ignore_index)")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise ValueError(f"ignore_index must be an integer, got {ignore_index!r}")
     name, x = ("labels", labels) if labels is not None else ("mask", mask)
     if x is None:
         return None
@@ -82,8 +85,6 @@ def counted_positions(mask, labels, ignore_index, lead_shape, device) -> Optiona
     if labels is not None:
         if not integer:
             raise ValueError(f"labels must be an integer tensor (token ids), got {x.dtype}")
-        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-            raise ValueError(f"ignore_index must be an integer, got {ignore_index!r}")
         return x != ignore_index
     if x.dtype == torch.bool:
         return x
@@ -107,9 +108,14 @@ def check_normalizer(normalizer, reduction: str) -> None:
                              f"{normalizer.dtype}")
         if torch.compiler.is_compiling():
             return
+        if normalizer.device.type == "meta":
+            raise ValueError("normalizer is a meta tensor: it holds no value")
         value = float(normalizer)
-    elif isinstance(normalizer, (int, float)) and not isinstance(normalizer, bool):
-        value = float(normalizer)
+    elif isinstance(normalizer, numbers.Real) and not isinstance(normalizer, bool):
+        try:
+            value = float(normalizer)
+        except OverflowError:
+            value = math.inf
     else:
         raise ValueError(f"normalizer must be a number or a 0-d tensor, got {type(normalizer).__name__}")
     if not math.isfinite(value) or value <= 0:
@@ -119,7 +125,8 @@ def check_normalizer(normalizer, reduction: str) -> None:
 def check_linear(weight, bias, hidden: torch.Tensor, weight_name: str, bias_name: str) -> None:
     """An lm_head weight [V, H] (and optional bias [V]) matching the hidden states [..., H]."""
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        raise ValueError(f"{weight_name} must be a 2-D tensor [V, H], got {getattr(weight, 'shape', weight)!r}")
+        got = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise ValueError(f"{weight_name} must be a 2-D tensor [V, H], got {got}")
     vocab, hidden_size = weight.shape
     if vocab == 0 or hidden_size == 0:
         raise ValueError(f"{weight_name} must have V > 0 and H > 0, got shape {tuple(weight.shape)}")
@@ -132,14 +139,15 @@ def check_linear(weight, bias, hidden: torch.Tensor, weight_name: str, bias_name
     if bias is None:
         return
     if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (vocab,):
-        raise ValueError(f"{bias_name} must be a tensor of shape [{vocab}], got {getattr(bias, 'shape', bias)!r}")
+        got = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
+        raise ValueError(f"{bias_name} must be a tensor of shape [{vocab}], got {got}")
     if bias.dtype != weight.dtype or bias.device != weight.device:
         raise ValueError(f"{bias_name} must match {weight_name} in dtype and device")
 
 
 def check_frozen_head(frozen_weight, frozen_bias, weight, bias, hidden: torch.Tensor) -> None:
     """The frozen streams' head: frozen_weight and frozen_bias each default on their own to the
-    student's (weight, bias), already checked. Run before fused_linear.frozen_head(), which would
+    student's (weight, bias), already checked. Run before heads.frozen_head(), which would
     fail on a non-tensor with a raw AttributeError."""
     w_f = weight if frozen_weight is None else frozen_weight
     check_linear(w_f, bias if frozen_bias is None else frozen_bias, hidden, "frozen_weight", "frozen_bias")

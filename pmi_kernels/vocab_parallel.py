@@ -15,6 +15,7 @@ The backends run the phases (their row functions take lse_out / lse_in / slope_s
 """
 from __future__ import annotations
 
+import zlib
 from typing import Dict, Optional
 
 import torch
@@ -41,6 +42,38 @@ def group_name(group) -> Optional[str]:
 
 def group_of(name: str):
     return _GROUPS[name]
+
+
+class Agreement:
+    """Every rank's input checks, settled together before any work: `with Agreement(group) as a:`
+    around a call's checks, setting `a.fingerprint` to what must be equal on every rank (rows,
+    options). A ValueError on one rank is raised there and, as "another rank's input was
+    refused", on the others; different fingerprints are a ValueError on every rank. Without it,
+    the other ranks would wait in a collective until their timeout. No group: no-op."""
+
+    def __init__(self, group_name: Optional[str]):
+        self.group = None if group_name is None else group_of(group_name)
+        self.fingerprint = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        if self.group is None or (kind is not None and not issubclass(kind, ValueError)):
+            return False
+        mark = zlib.crc32(repr(self.fingerprint).encode())
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(self.group) == "nccl" \
+            else torch.device("cpu")
+        flags = all_reduce(torch.tensor([int(kind is not None), mark, -mark], dtype=torch.int64, device=device),
+                           self.group, dist.ReduceOp.MAX).tolist()
+        if kind is not None:
+            return False
+        if flags[0]:
+            raise ValueError("process_group: another rank's input was refused (its own error says why)")
+        if flags[1] != -flags[2]:
+            raise ValueError("process_group: the ranks differ in their rows or loss options; every rank must "
+                             "pass the same rows (its own vocabulary shard of them) and the same options")
+        return False
 
 
 def all_reduce(x: torch.Tensor, group, op=None) -> torch.Tensor:

@@ -6,7 +6,7 @@ import torch
 
 from conftest import PATHS
 from helpers import assert_close, streams, upcast
-from pmi_kernels import FusedPMIKLLoss, PMIKLLoss, fused_pmi_kl, pmi_kl
+from pmi_kernels import FusedPMIKLLoss, PMIKLLoss, fused_pmi_kl, pmi_diagnostics, pmi_kl
 from pmi_kernels.reference import fused_pmi_kl_reference, linear_logits, pmi_kl_reference, pmi_target_logits
 
 LABELS = torch.tensor([[5, -100, 7], [-100, 9, 2]])
@@ -80,6 +80,13 @@ def test_bad_normalizer_is_a_value_error(normalizer):
     (dict(return_stats=1), "return_stats"),
     (dict(workspace_bytes="abc"), "workspace_bytes"),
     (dict(workspace_bytes=0), "workspace_bytes"),
+    (dict(ignore_index="a"), "ignore_index"),
+    (dict(normalizer=torch.tensor(2.0, device="meta")), "normalizer"),
+    (dict(beta=10**400), "beta"),
+    (dict(beta=1e-40), "beta"),
+    (dict(temperature=1e-38), "temperature"),
+    (dict(clip=1e300), "clip"),
+    (dict(entry_clip=1e39), "entry_clip"),
 ])
 def test_bad_conventions_are_value_errors(kwargs, name):
     s, t, r = streams(3, 10, count=3)
@@ -88,6 +95,20 @@ def test_bad_conventions_are_value_errors(kwargs, name):
     h = [torch.randn(3, 4) for _ in range(3)]
     with pytest.raises(ValueError, match=f"^{name}"):
         fused_pmi_kl(h[0], torch.randn(10, 4), h[1], h[2], **kwargs)
+
+
+def test_numpy_normalizers_are_numbers():
+    import numpy as np
+    s, t, r = streams(3, 10, count=3)
+    want = pmi_kl(s, t, r, normalizer=4.0)
+    for normalizer in (np.float32(4.0), np.float64(4.0), np.int64(4)):
+        assert torch.allclose(pmi_kl(s, t, r, normalizer=normalizer), want)
+
+
+def test_diagnostics_flags_are_bools():
+    s, t, r = streams(3, 10, count=3)
+    with pytest.raises(ValueError, match="^check_finite"):
+        pmi_diagnostics(s, t, r, check_finite=0)
 
 
 def reference_stats(s, t, r, a=None, **options):
@@ -192,6 +213,12 @@ def test_retained_graph_and_gradients_the_caller_modifies(fn_name, reduction):
             x.grad.zero_()
         (loss * scale).backward(retain_graph=True)
         assert all(torch.allclose(x.grad, g * scale, rtol=1e-6, atol=1e-9) for x, g in zip(leaves, first))
+    # autograd.grad hands the gradients over directly: scaling them in place must not reach the graph.
+    for _ in range(2):
+        handed = torch.autograd.grad(loss, leaves, retain_graph=True)
+        assert all(torch.allclose(x, g, rtol=1e-6, atol=1e-9) for x, g in zip(handed, first))
+        for x in handed:
+            x.mul_(0.5)
 
 
 def test_compile_with_labels_normalizer_and_stats():
@@ -208,3 +235,13 @@ def test_compile_with_labels_normalizer_and_stats():
     (l1, k1), (l2, k2) = loss_fn(eager_s), compiled(traced_s)
     (g1,), (g2,) = torch.autograd.grad(l1, eager_s), torch.autograd.grad(l2, traced_s)
     assert torch.allclose(l1, l2) and torch.allclose(k1, k2) and torch.allclose(g1, g2)
+
+
+def test_compile_with_dynamic_shapes():
+    """torch.compile(dynamic=True) traces float options as symbols: the options' checks read
+    them (math.isfinite) and broke the graph before they stepped aside under tracing."""
+    compiled = torch.compile(lambda s, t, r: pmi_kl(s, t, r, beta=2.0, jsd_beta=0.3, check_finite=False),
+                             fullgraph=True, dynamic=True, backend="aot_eager")
+    for rows in (5, 9):
+        s, t, r = streams(rows, 30, count=3)
+        assert torch.allclose(compiled(s, t, r), pmi_kl(s, t, r, beta=2.0, jsd_beta=0.3))

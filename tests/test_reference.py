@@ -1,4 +1,4 @@
-"""The reference against SPEC written out by hand, its properties, and gradcheck."""
+"""The reference against the definition (docs/loss.md) written out by hand, its properties, and gradcheck."""
 import math
 
 import pytest
@@ -8,39 +8,15 @@ from pmi_kernels.reference import (fused_pmi_kl_reference, pmi_diagnostics_refer
                                    pmi_target_logits)
 from pmi_kernels.options import LossOptions
 from helpers import streams
+from test_hand_expansion import divergence, log_softmax, target_logits
 
 
 def hand_loss(s, t, r, a, *, beta, clip, center, temperature, jsd_beta, entry_clip):
-    """One row of SPEC, step by step, in Python floats."""
-    lse = lambda x: max(x) + math.log(sum(math.exp(v - max(x)) for v in x))  # noqa: E731
-    s, t = [v / temperature for v in s], [v / temperature for v in t]
-    if r is None:
-        g = t
-    else:
-        r = [v / temperature for v in r]
-        base = s if a is None else [v / temperature for v in a]
-        delta = [(tv - lse(t)) - (rv - lse(r)) for tv, rv in zip(t, r)]
-        if center:
-            mean = sum(delta) / len(delta)
-            delta = [d - mean for d in delta]
-        if clip is not None:
-            delta = [clip * math.tanh(d / clip) for d in delta]
-        g = [b + d / beta for b, d in zip(base, delta)]
-    lp = [v - lse(s) for v in s]
-    lq = [v - lse(g) for v in g]
-    lam = jsd_beta
-    terms = []
-    for lpv, lqv in zip(lp, lq):
-        p, q = math.exp(lpv), math.exp(lqv)
-        if lam == 0:
-            term = q * (lqv - lpv)
-        elif lam == 1:
-            term = p * (lpv - lqv)
-        else:
-            lm = math.log((1 - lam) * p + lam * q)
-            term = lam * q * (lqv - lm) + (1 - lam) * p * (lpv - lm)
-        terms.append(min(term, entry_clip) if entry_clip is not None else term)
-    return sum(terms)
+    """One row of the definition, step by step, in Python floats (test_hand_expansion.py's)."""
+    scale = lambda x: None if x is None else [v / temperature for v in x]  # noqa: E731
+    s, t, r, a = map(scale, (s, t, r, a))
+    g = target_logits(s, t, r, a, beta=beta, clip=clip, center=center)
+    return divergence(log_softmax(s), log_softmax(g), jsd_beta, entry_clip)
 
 
 OPTION_CASES = [

@@ -14,6 +14,7 @@ from pmi_kernels.train.cli import main as cli_main  # noqa: E402
 from pmi_kernels.train.config import parse_config  # noqa: E402
 from pmi_kernels.train.contexts import KINDS, rollout_hidden  # noqa: E402
 from pmi_kernels.train.loop import Trainer  # noqa: E402
+from pmi_kernels.train.metrics import StepTimer  # noqa: E402
 from pmi_kernels.train.rollouts import merged_weights  # noqa: E402
 from pmi_kernels.train.toy import toy_model, toy_problems, toy_tokenizer  # noqa: E402
 
@@ -115,7 +116,7 @@ def test_distillation_gradient_equals_full_logits_reference(tmp_path, overrides)
     want = torch.autograd.grad(loss, params)
     trainer.model.zero_grad(set_to_none=True)
     totals = {"loss": 0.0}
-    trainer._distil(0, rollout, 7, False, totals)
+    trainer._distil([(0, rollout)], 7, False, totals, StepTimer(trainer.device))
     # A small KL is a sum of cancelling fp32 terms: per token about 1e-7 off the float64 value on
     # every backend (torch and the C++ kernel alike, measured), so the bound is absolute.
     assert totals["loss"] == pytest.approx(float(loss.detach()), rel=1e-5, abs=1e-6)

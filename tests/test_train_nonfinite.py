@@ -14,17 +14,27 @@ pytest.importorskip("peft")
 from pmi_kernels.train.checkpoint import load_checkpoint  # noqa: E402
 from pmi_kernels.train.cli import main as cli_main  # noqa: E402
 from pmi_kernels.train.interrupts import TrainingFailed  # noqa: E402
+from pmi_kernels.train import loop  # noqa: E402
 from pmi_kernels.train.loop import Trainer  # noqa: E402
 from test_train import tiny, tiny_flags, trainable_snapshot  # noqa: E402
 
-OVERFLOW = 1e-300  # beta this small makes the PMI target's logits infinite: the loss is NaN
+
+def poison_loss(monkeypatch, poisoned=lambda: True):
+    """The trainer's loss (and so every gradient) is NaN while poisoned() holds: a non-finite step
+    from outside the loss's checks, which refuse any option that would make one."""
+    real = loop.fused_pmi_kl
+
+    def loss(*args, **kwargs):
+        value = real(*args, **kwargs)
+        return value * float("nan") if poisoned() else value
+    monkeypatch.setattr(loop, "fused_pmi_kl", loss)
 
 
 def strict_json(line):
     return json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} is not JSON"))
 
 
-def test_a_nonfinite_step_is_skipped_counted_and_logged(tmp_path, capsys):
+def test_a_nonfinite_step_is_skipped_counted_and_logged(tmp_path, capsys, monkeypatch):
     """Step 2 of 3 has a NaN loss: its update is skipped (the weights and the optimizer state
     stay as they were), its row says so with loss null, stderr says so, the good step 3 resets
     the count in a row, and checkpoint-2 holds finite weights. Fails on: the optimizer stepping on
@@ -32,9 +42,9 @@ def test_a_nonfinite_step_is_skipped_counted_and_logged(tmp_path, capsys):
     step not counted or not logged; NaN written into metrics.jsonl (not JSON)."""
     trainer = Trainer(tiny(tmp_path, max_steps=3))
     before, real_step = {}, trainer.train_step
+    poison_loss(monkeypatch, lambda: trainer.step == 1)
 
     def step():
-        trainer.config.beta = OVERFLOW if trainer.step == 1 else 1.0
         before[trainer.step] = (trainable_snapshot(trainer), copy.deepcopy(trainer.optimizer.state_dict()["state"]))
         return real_step()
     trainer.train_step = step
@@ -56,12 +66,13 @@ def test_a_nonfinite_step_is_skipped_counted_and_logged(tmp_path, capsys):
     assert os.path.isdir(tmp_path / "run" / "checkpoint-2")
 
 
-def test_nonfinite_steps_in_a_row_stop_the_run_with_exit_1(tmp_path, capsys):
+def test_nonfinite_steps_in_a_row_stop_the_run_with_exit_1(tmp_path, capsys, monkeypatch):
     """Every step NaN: the run stops after max_nonfinite_steps of them with a one-line message and
     exit code 1, and no checkpoint holds a non-finite value. Fails on a run that trains on (or
     exits 0, as it did) through NaN steps."""
     out = tmp_path / "run"
-    assert cli_main(["train", *tiny_flags(tmp_path, max_steps=6, beta=OVERFLOW, max_nonfinite_steps=2)]) == 1
+    poison_loss(monkeypatch)
+    assert cli_main(["train", *tiny_flags(tmp_path, max_steps=6, max_nonfinite_steps=2)]) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: stopped at step 2: 2 steps in a row had a non-finite loss or gradient"), err
     assert sorted(p for p in os.listdir(out) if p.startswith("checkpoint")) == ["checkpoint-1"]

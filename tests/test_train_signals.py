@@ -72,10 +72,10 @@ def test_sigint_during_the_first_evaluation(tmp_path, capsys, monkeypatch, strai
 
 
 def test_sigterm_during_a_step(tmp_path, capsys, monkeypatch, straight_run):
-    """Mid-way through step 2's rollouts: step 2 is abandoned (its data position too) and the
-    state after step 1, not saved before, is saved. Fails on a half step kept, or its data
-    position kept, so that the resumed run skips its questions."""
-    code, line = interrupted_run(tmp_path, capsys, monkeypatch, "step-rollout@3=SIGTERM", save_every=100)
+    """At step 2's pack of rollouts (one pack a step), its rollouts sampled: step 2 is abandoned
+    (its data position too) and the state after step 1, not saved before, is saved. Fails on a
+    half step kept, or its data position kept, so that the resumed run skips its questions."""
+    code, line = interrupted_run(tmp_path, capsys, monkeypatch, "step-rollout@2=SIGTERM", save_every=100)
     assert (code, line) == (143, f"interrupted by SIGTERM during a step: {tmp_path / 'run' / 'checkpoint-1'} "
                                  "holds step 1; continue with --resume")
     assert load_checkpoint(str(tmp_path / "run"))["position"] == 2

@@ -46,7 +46,10 @@ def check_logits(rank, world, group, backend, dtype, mode, options, reduction, m
     s, t, r, a = streams_for(mode, data["logits"])
     local = [None if x is None else shard_of(x, rank, world, 1).contiguous() for x in (s, t, r, a)]
     student = local[0].clone().requires_grad_(True)
-    loss = pmi_kl(student, *local[1:], mask=mask, reduction=reduction, backend=backend, process_group=group, **options)
+    options = dict(options)
+    workspace = options.pop("workspace_bytes", None)
+    loss = pmi_kl(student, *local[1:], mask=mask, reduction=reduction, backend=backend, process_group=group,
+                  workspace_bytes=workspace, **options)
     upstream = torch.linspace(0.5, 1.5, loss.numel(), dtype=torch.float64).reshape(loss.shape)
     (grad,) = torch.autograd.grad((loss.double() * upstream).sum(), student)
     s64 = upcast(s).requires_grad_(True)
@@ -65,9 +68,11 @@ def check_fused(rank, world, group, backend, dtype, mode, options, reduction, ma
     h, h_t, h_r, h_a = streams_for(mode, data["hidden"])
     leaves = [h.clone().requires_grad_(True), shard_of(data["weight"], rank, world, 0).clone().requires_grad_(True),
               shard_of(data["bias"], rank, world, 0).clone().requires_grad_(True)]
+    options = dict(options)
+    workspace = options.pop("workspace_bytes", None)
     loss = fused_pmi_kl(leaves[0], leaves[1], h_t, h_r, h_a, lm_head_bias=leaves[2],
                         frozen_weight=shard_of(data["frozen"], rank, world, 0), mask=mask, reduction=reduction,
-                        backend=backend, process_group=group, **options)
+                        backend=backend, process_group=group, workspace_bytes=workspace, **options)
     upstream = torch.linspace(0.5, 1.5, loss.numel(), dtype=torch.float64).reshape(loss.shape)
     grads = torch.autograd.grad((loss.double() * upstream).sum(), leaves)
     ref_leaves = [upcast(x).requires_grad_(True) for x in (h, data["weight"], data["bias"])]
@@ -99,6 +104,9 @@ def cases(backends, world):
             out += [(check, backend, dtype, "pmi", dict(), reduction, mask)
                     for dtype in (torch.float32, torch.bfloat16) for reduction, mask in (("mean", "some"), ("sum", None))]
             out.append((check, backend, torch.float32, "pmi-anchor", dict(jsd_beta=0.0), "mean", "none-kept"))
+        if world == 2:  # the chunked torch path over several chunks: every rank must sweep the same ones
+            out.append((check, "torch", torch.float64, "pmi-anchor", dict(jsd_beta=0.4, workspace_bytes=120_000),
+                        "sum", "some"))
         if "triton" in backends and world == 2:
             out += [(check, "triton", torch.float64, "pmi", options, "none", "some")
                     for options in (dict(jsd_beta=0.0), dict(jsd_beta=0.5, entry_clip=1e-3))]
@@ -117,6 +125,7 @@ def worker(rank, world, init_file, backends):
             except AssertionError as err:
                 raise AssertionError(f"{check} {backend} {dtype} {mode} {options} {reduction} mask={mask}: {err}")
     finally:
+        dist.barrier()  # no rank tears the group down while another still uses it
         dist.destroy_process_group()
 
 
@@ -134,3 +143,36 @@ def test_process_group_needs_an_initialized_group():
     with pytest.raises(ValueError, match="process_group"):
         pmi_kl(x, x, x, process_group="not a group")
 
+
+
+def test_communication_is_o_n_and_matches_the_formula():
+    """Every byte handed to an all-reduce, traced on 2 processes, equals benchmarks/comm_bytes.py's
+    formula from the shapes: O(N) per call for pmi_kl, O(N H) for fused_pmi_kl, no O(N V) term."""
+    from comm_bytes import traced_check
+    report = traced_check()
+    assert report.count("traced") == 4
+
+
+def disagreeing_worker(rank, world, init_file):
+    from pmi_kernels import pmi_kl
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        group = dist.new_group(list(range(world)))
+        for case in ("rows", "options", "empty shard"):
+            rows = 4 if case == "rows" and rank == 1 else 3
+            columns = 0 if case == "empty shard" and rank == 1 else 5
+            s, t, r = (torch.randn(rows, columns) for _ in range(3))
+            jsd_beta = 0.0 if case == "options" and rank == 1 else 0.5
+            with pytest.raises(ValueError, match="process_group|student_logits"):
+                pmi_kl(s, t, r, jsd_beta=jsd_beta, process_group=group)
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def test_ranks_that_disagree_all_get_a_value_error():
+    """One rank's bad input (an empty shard), other rows or other options: a ValueError on every
+    rank, not a hang in a collective (or a silently mixed loss) on the others."""
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(disagreeing_worker, args=(2, os.path.join(tmp, "rendezvous")), nprocs=2, join=True)

@@ -5,14 +5,15 @@
 // compute type (the scaled student S, the target G, and their exponentials), which stay in the
 // core's cache while the passes over them run; every inner loop is a plain loop over arrays that the compiler
 // vectorizes (#pragma omp simd, whose reductions are the only reassociation allowed). Sums run
-// in blocks of kSumBlock entries whose sums then add in order, so their rounding error grows
-// with kSumBlock + n / kSumBlock, not n (plain torch's cascade sums are as accurate).
+// in blocks of kSumBlock entries whose sums then add in order in double, so their rounding
+// error grows with kSumBlock, not n, and a row's many tiny terms are not lost beside a large
+// one (a confident row: a sum of exps near 1 plus 150k terms of 1e-11).
 
 constexpr int64_t kSumBlock = 256;
 
 template <typename T, typename F>
 T blocked_sum(int64_t n, F&& f) {
-  T total = 0;
+  double total = 0;
   for (int64_t b0 = 0; b0 < n; b0 += kSumBlock) {
     const int64_t b1 = std::min(n, b0 + kSumBlock);
     T part = 0;
@@ -20,7 +21,7 @@ T blocked_sum(int64_t n, F&& f) {
     for (int64_t v = b0; v < b1; ++v) part += f(v);
     total += part;
   }
-  return total;
+  return T(total);
 }
 
 template <typename T>
@@ -104,7 +105,7 @@ void target_into(T* G, const T* S, const In* a, int64_t n, T kappa, const Scalar
 template <int KIND, bool ENTRY_CLIP, bool STATS, bool FAST, typename T>
 void loss_pass(T* S, T* G, const T* Es, const T* Eg, int64_t n, RowLse<T> ls, RowLse<T> lg, T inv_zs, T inv_zg,
                const Scalars<T>& k, T (&result)[2], T (&stats)[kStats]) {
-  T total[2 + kStats] = {0};
+  double total[2 + kStats] = {0};
   for (int64_t b0 = 0; b0 < n; b0 += kSumBlock) {
     const int64_t b1 = std::min(n, b0 + kSumBlock);
     T loss = 0, slope_sum = 0, kl = 0, ent_p = 0, ent_q = 0;
@@ -125,8 +126,8 @@ void loss_pass(T* S, T* G, const T* Es, const T* Eg, int64_t n, RowLse<T> ls, Ro
     const T part[2 + kStats] = {loss, slope_sum, kl, ent_p, ent_q};
     for (int j = 0; j < 2 + kStats; ++j) total[j] += part[j];
   }
-  std::copy(total, total + 2, result);
-  std::copy(total + 2, total + 2 + kStats, stats);
+  for (int j = 0; j < 2; ++j) result[j] = T(total[j]);
+  for (int j = 0; j < kStats; ++j) stats[j] = T(total[2 + j]);
 }
 
 template <typename T, typename F>
@@ -274,7 +275,7 @@ void diagnostics_typed(const DiagnosticsArgs& args) {
       scale_into(R, static_cast<const In*>(args.r) + row * args.stride_r, n, k.inv_tau);
       const RowLse<T> ls = row_lse(S, n), lt = row_lse(Tt, n), lr = row_lse(R, n);
       // tt, rr, tr, ii, ti: the dot products of total, ref and pmi; then KL(p_T || p_S), H(p), sum(t - r).
-      T sums[8] = {0};
+      double sums[8] = {0};
       for (int64_t b0 = 0; b0 < n; b0 += kSumBlock) {
         const int64_t b1 = std::min(n, b0 + kSumBlock);
         T tt = 0, rr = 0, tr = 0, ii = 0, ti = 0, kl_ts = 0, ent_p = 0, sum_d = 0;
@@ -295,8 +296,8 @@ void diagnostics_typed(const DiagnosticsArgs& args) {
         const T part[8] = {tt, rr, tr, ii, ti, kl_ts, ent_p, sum_d};
         for (int j = 0; j < 8; ++j) sums[j] += part[j];
       }
-      const T tt = sums[0], rr = sums[1], tr = sums[2], ii = sums[3], ti = sums[4], kl_ts = sums[5],
-              ent_p = sums[6], sum_d = sums[7];
+      const T tt = T(sums[0]), rr = T(sums[1]), tr = T(sums[2]), ii = T(sums[3]), ti = T(sums[4]),
+              kl_ts = T(sums[5]), ent_p = T(sums[6]), sum_d = T(sums[7]);
       const T kappa = o.center ? sum_d / T(n) : (lt.max - lr.max) + (lt.log_sum - lr.log_sum);
       // Tt <- t - r, then the target logits.
 #pragma omp simd

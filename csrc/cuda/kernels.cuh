@@ -191,61 +191,69 @@ __device__ __forceinline__ void load_streams(const Row<In>& row, int64_t v, T in
   }
 }
 
+// One row's streams, offset to the row, from a launch's arguments.
 template <typename In>
-struct RowsParams {
-  using T = Acc<In>;
-  const In *s, *t, *r, *a;
-  int64_t stride_s, stride_t, stride_r, stride_a;
-  const T* kappa;
-  const bool* mask;
-  const T* row_scale;
-  int64_t stride_row_scale;
-  T* loss;
-  In* grad;
-  int64_t stride_grad;
-  T* stats;
-  const T* lse_in;
-  T* lse_out;
-  const T* slope_in;
-  T* slope_out;
-  int64_t vocab;
-  Scalars<T> k;
-  bool pmi, clip_on, fast_grad;
-  int kappa_source, phase;
-};
+__device__ __forceinline__ Row<In> row_streams(const RowsArgs& a, int64_t row) {
+  const auto at = [row](const void* p, int64_t stride) {
+    return p ? static_cast<const In*>(p) + row * stride : nullptr;
+  };
+  return {at(a.s, a.stride_s), at(a.t, a.stride_t), at(a.r, a.stride_r), at(a.a, a.stride_a)};
+}
 
+// f(i, log p, log q, loss terms) for each of N entries from v on, once the log-sum-exps are
+// known (a callback, so that each entry's values are used at once and not kept in registers).
+template <int KIND, bool ENTRY_CLIP, int N, typename In, typename T, typename F>
+__device__ __forceinline__ void group_terms(const Row<In>& in, int64_t v, const Scalars<T>& k, T kappa, bool pmi,
+                                            bool clip_on, RowLse<T> ls, RowLse<T> lg, F&& f) {
+  T s[N], g[N], base[N];
+  load_streams<N>(in, v, k.inv_tau, pmi, s, g, base);
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    const T lp = (s[i] - ls.max) - ls.log_sum;
+    const T lq = (target_logit(g[i], base[i], kappa, k, pmi, clip_on) - lg.max) - lg.log_sum;
+    f(i, lp, lq, summand_and_slope<KIND, ENTRY_CLIP>(lp, lq, k));
+  }
+}
+
+// The row operation on one row per block. `a` is the launch's arguments with grad and stats
+// already cleared where this phase writes none (launch_rows).
 template <typename In, int VEC, int KIND, bool ENTRY_CLIP>
-__global__ void __launch_bounds__(kMaxThreadsFor<In>, kMinBlocksPerSM) pmi_rows_kernel(const RowsParams<In> p) {
+__global__ void __launch_bounds__(kMaxThreadsFor<In>, kMinBlocksPerSM)
+    pmi_rows_kernel(const RowsArgs a, const Scalars<Acc<In>> k) {
   using T = Acc<In>;
   __shared__ T smem[kMaxWarps * kMaxSums];
-  const int64_t row = blockIdx.x, V = p.vocab;
-  const Scalars<T>& k = p.k;
-  const Row<In> in{p.s + row * p.stride_s, p.t + row * p.stride_t, p.r ? p.r + row * p.stride_r : nullptr,
-                   p.a ? p.a + row * p.stride_a : nullptr};
-  In* grad = p.grad ? p.grad + row * p.stride_grad : nullptr;
-  T* stats = p.stats ? p.stats + row * kStats : nullptr;
+  const int64_t row = blockIdx.x, V = a.vocab;
+  const int phase = a.phase();
+  const bool pmi = a.options.pmi, clip_on = a.options.clip_on();
+  const Row<In> in = row_streams<In>(a, row);
+  In* grad = a.grad ? static_cast<In*>(a.grad) + row * a.stride_grad : nullptr;
+  T* loss = static_cast<T*>(a.loss);
+  T* stats = a.stats ? static_cast<T*>(a.stats) + row * kStats : nullptr;
+  T* lse_out = a.lse_out ? static_cast<T*>(a.lse_out) + row * 4 : nullptr;
+  T* slope_out = a.slope_sum_out ? static_cast<T*>(a.slope_sum_out) + row : nullptr;
 
-  if (p.mask != nullptr && !p.mask[row]) {
+  if (a.mask != nullptr && !a.mask[row]) {
     if (grad) for_each_group<VEC>(V, [&](int64_t v, auto n) {
       T zero[decltype(n)::value] = {};
       store(grad, v, zero);
     });
     if (threadIdx.x == 0) {
-      p.loss[row] = 0;
+      loss[row] = 0;
       if (stats) for (int j = 0; j < kStats; ++j) stats[j] = 0;
-      if (p.lse_out) {  // no mass here
-        p.lse_out[row * 4] = p.lse_out[row * 4 + 2] = neg_inf<T>();
-        p.lse_out[row * 4 + 1] = p.lse_out[row * 4 + 3] = 0;
+      if (lse_out) {  // no mass here
+        lse_out[0] = lse_out[2] = neg_inf<T>();
+        lse_out[1] = lse_out[3] = 0;
       }
-      if (p.slope_out) p.slope_out[row] = 0;
+      if (slope_out) *slope_out = 0;
     }
     return;
   }
 
   T kappa = 0;
-  if (p.kappa_source == kKappaGiven) {
-    kappa = p.kappa[row];
-  } else if (p.kappa_source == kKappaMean) {
+  const int kappa_source = a.options.kappa_source(a.kappa != nullptr);
+  if (kappa_source == kKappaGiven) {
+    kappa = static_cast<const T*>(a.kappa)[row];
+  } else if (kappa_source == kKappaMean) {
     T sum[1] = {0};
     for_each_group<VEC>(V, [&](int64_t v, auto n) {
       constexpr int N = decltype(n)::value;
@@ -262,7 +270,7 @@ __global__ void __launch_bounds__(kMaxThreadsFor<In>, kMinBlocksPerSM) pmi_rows_
     });
     block_sum(sum, smem);
     kappa = sum[0] / T(V);
-  } else if (p.kappa_source == kKappaLseDiff) {
+  } else if (kappa_source == kKappaLseDiff) {
     Lse<T> tr[2] = {{neg_inf<T>(), T(0)}, {neg_inf<T>(), T(0)}};
     for_each_group<VEC>(V, [&](int64_t v, auto n) {
       constexpr int N = decltype(n)::value;
@@ -277,56 +285,52 @@ __global__ void __launch_bounds__(kMaxThreadsFor<In>, kMinBlocksPerSM) pmi_rows_
   }
 
   RowLse<T> ls, lg;
-  if (p.phase == kPhaseAll || p.phase == kPhaseLse) {
+  if (phase == kPhaseAll || phase == kPhaseLse) {
     // Pass 1: the log-sum-exps of s and g.
     Lse<T> sg[2] = {{neg_inf<T>(), T(0)}, {neg_inf<T>(), T(0)}};
     for_each_group<VEC>(V, [&](int64_t v, auto n) {
       constexpr int N = decltype(n)::value;
       T s[N], g[N], base[N];
-      load_streams<N>(in, v, k.inv_tau, p.pmi, s, g, base);
+      load_streams<N>(in, v, k.inv_tau, pmi, s, g, base);
 #pragma unroll
-      for (int i = 0; i < N; ++i) g[i] = target_logit(g[i], base[i], kappa, k, p.pmi, p.clip_on);
+      for (int i = 0; i < N; ++i) g[i] = target_logit(g[i], base[i], kappa, k, pmi, clip_on);
       sg[0] = lse_merge(sg[0], group_lse(s));
       sg[1] = lse_merge(sg[1], group_lse(g));
     });
     block_lse(sg, smem);
-    if (p.phase == kPhaseLse) {  // this shard's (max, sum of exp) of s and g
+    if (phase == kPhaseLse) {  // this shard's (max, sum of exp) of s and g
       if (threadIdx.x == 0) {
-        p.lse_out[row * 4] = sg[0].m, p.lse_out[row * 4 + 1] = sg[0].z;
-        p.lse_out[row * 4 + 2] = sg[1].m, p.lse_out[row * 4 + 3] = sg[1].z;
-        p.loss[row] = 0;
+        lse_out[0] = sg[0].m, lse_out[1] = sg[0].z, lse_out[2] = sg[1].m, lse_out[3] = sg[1].z;
+        loss[row] = 0;
       }
       return;
     }
     ls = finish(sg[0]);
     lg = finish(sg[1]);
   } else {  // the whole vocabulary's (max, log sum of exp), gathered from every shard
-    ls = {p.lse_in[row * 4], p.lse_in[row * 4 + 1]};
-    lg = {p.lse_in[row * 4 + 2], p.lse_in[row * 4 + 3]};
+    const T* lse_in = static_cast<const T*>(a.lse_in) + row * 4;
+    ls = {lse_in[0], lse_in[1]};
+    lg = {lse_in[2], lse_in[3]};
   }
   T scale = k.inv_tau;
-  if (p.row_scale != nullptr) scale *= p.row_scale[row * p.stride_row_scale];
+  if (a.row_scale != nullptr) scale *= static_cast<const T*>(a.row_scale)[row * a.stride_row_scale];
 
   // Pass 2: loss, sum of slopes, statistics; forward KL's gradient.
-  const bool fast = grad != nullptr && p.fast_grad;
+  const bool fast = grad != nullptr && a.options.fast_grad();
   T sums[2 + kStats] = {0, 0, 0, 0, 0};
-  if (p.phase == kPhaseGrad) {
-    sums[1] = p.slope_in[row];
+  if (phase == kPhaseGrad) {
+    sums[1] = static_cast<const T*>(a.slope_sum_in)[row];
   } else {
     for_each_group<VEC>(V, [&](int64_t v, auto n) {
       constexpr int N = decltype(n)::value;
-      T s[N], g[N], base[N], out[N];
-      load_streams<N>(in, v, k.inv_tau, p.pmi, s, g, base);
-#pragma unroll
-      for (int i = 0; i < N; ++i) {
-        g[i] = target_logit(g[i], base[i], kappa, k, p.pmi, p.clip_on);
-        const T lp = (s[i] - ls.max) - ls.log_sum, lq = (g[i] - lg.max) - lg.log_sum;
-        const Terms<T> e = summand_and_slope<KIND, ENTRY_CLIP>(lp, lq, k);
-        sums[0] += e.f;
-        sums[1] += e.slope;
-        if (stats) add_stats(sums[2], sums[3], sums[4], lp, lq, e.p, e.q);
-        out[i] = (e.p - e.q) * scale;
-      }
+      T out[N];
+      group_terms<KIND, ENTRY_CLIP, N>(in, v, k, kappa, pmi, clip_on, ls, lg,
+                                       [&](int i, T lp, T lq, const Terms<T>& e) {
+                                         sums[0] += e.f;
+                                         sums[1] += e.slope;
+                                         if (stats) add_stats(sums[2], sums[3], sums[4], lp, lq, e.p, e.q);
+                                         out[i] = (e.p - e.q) * scale;
+                                       });
       if (fast) store(grad, v, out);
     });
     block_sum(sums, smem);
@@ -337,47 +341,33 @@ __global__ void __launch_bounds__(kMaxThreadsFor<In>, kMinBlocksPerSM) pmi_rows_
     const T slope_sum = sums[1];
     for_each_group<VEC>(V, [&](int64_t v, auto n) {
       constexpr int N = decltype(n)::value;
-      T s[N], g[N], base[N], out[N];
-      load_streams<N>(in, v, k.inv_tau, p.pmi, s, g, base);
-#pragma unroll
-      for (int i = 0; i < N; ++i) {
-        g[i] = target_logit(g[i], base[i], kappa, k, p.pmi, p.clip_on);
-        const T lp = (s[i] - ls.max) - ls.log_sum, lq = (g[i] - lg.max) - lg.log_sum;
-        const Terms<T> e = summand_and_slope<KIND, ENTRY_CLIP>(lp, lq, k);
-        out[i] = (e.slope - e.p * slope_sum) * scale;
-      }
+      T out[N];
+      group_terms<KIND, ENTRY_CLIP, N>(in, v, k, kappa, pmi, clip_on, ls, lg,
+                                       [&](int i, T, T, const Terms<T>& e) { out[i] = (e.slope - e.p * slope_sum) * scale; });
       store(grad, v, out);
     });
   }
   if (threadIdx.x == 0) {
-    p.loss[row] = sums[0];  // 0 in the gradient-only phase
+    loss[row] = sums[0];  // 0 in the gradient-only phase
     if (stats) for (int j = 0; j < kStats; ++j) stats[j] = sums[2 + j];
-    if (p.slope_out) p.slope_out[row] = sums[1];
+    if (slope_out) *slope_out = sums[1];
   }
 }
-
-template <typename In>
-struct DiagnosticsParams {
-  using T = Acc<In>;
-  const In *s, *t, *r, *a;
-  int64_t stride_s, stride_t, stride_r, stride_a;
-  T* out;
-  int64_t vocab;
-  Scalars<T> k;
-  bool center, clip_on;
-};
 
 // The diagnostics of one row in four passes: the log-sum-exps of s, t and r; the
 // decomposition's dot products, KL(p_T || p_S), H(p) and sum(t - r); the target's
 // log-sum-exp; KL(q || p) and H(q). out: pmi_kernels.backends.DIAGNOSTICS order.
 template <typename In, int VEC>
-__global__ void __launch_bounds__(kMaxThreadsFor<In>, kMinBlocksPerSM) pmi_diagnostics_kernel(const DiagnosticsParams<In> p) {
+__global__ void __launch_bounds__(kMaxThreadsFor<In>, kMinBlocksPerSM)
+    pmi_diagnostics_kernel(const DiagnosticsArgs a, const Scalars<Acc<In>> k) {
   using T = Acc<In>;
   __shared__ T smem[kMaxWarps * kMaxSums];
-  const int64_t row = blockIdx.x, V = p.vocab;
-  const Scalars<T>& k = p.k;
-  const Row<In> in{p.s + row * p.stride_s, p.t + row * p.stride_t, p.r + row * p.stride_r,
-                   p.a ? p.a + row * p.stride_a : nullptr};
+  const int64_t row = blockIdx.x, V = a.vocab;
+  const bool clip_on = a.options.clip_on();
+  const auto at = [row](const void* p, int64_t stride) {
+    return p ? static_cast<const In*>(p) + row * stride : nullptr;
+  };
+  const Row<In> in{at(a.s, a.stride_s), at(a.t, a.stride_t), at(a.r, a.stride_r), at(a.a, a.stride_a)};
 
   Lse<T> str[3] = {{neg_inf<T>(), T(0)}, {neg_inf<T>(), T(0)}, {neg_inf<T>(), T(0)}};
   for_each_group<VEC>(V, [&](int64_t v, auto n) {
@@ -417,7 +407,7 @@ __global__ void __launch_bounds__(kMaxThreadsFor<In>, kMinBlocksPerSM) pmi_diagn
     }
   });
   block_sum(sums, smem);
-  const T kappa = p.center ? sums[7] / T(V) : (lt.max - lr.max) + (lt.log_sum - lr.log_sum);
+  const T kappa = a.options.center ? sums[7] / T(V) : (lt.max - lr.max) + (lt.log_sum - lr.log_sum);
 
   Lse<T> g_lse[1] = {{neg_inf<T>(), T(0)}};
   for_each_group<VEC>(V, [&](int64_t v, auto n) {
@@ -425,7 +415,7 @@ __global__ void __launch_bounds__(kMaxThreadsFor<In>, kMinBlocksPerSM) pmi_diagn
     T s[N], g[N], base[N];
     load_streams<N>(in, v, k.inv_tau, true, s, g, base);
 #pragma unroll
-    for (int i = 0; i < N; ++i) g[i] = target_logit(g[i], base[i], kappa, k, true, p.clip_on);
+    for (int i = 0; i < N; ++i) g[i] = target_logit(g[i], base[i], kappa, k, true, clip_on);
     g_lse[0] = lse_merge(g_lse[0], group_lse(g));
   });
   block_lse(g_lse, smem);
@@ -438,7 +428,7 @@ __global__ void __launch_bounds__(kMaxThreadsFor<In>, kMinBlocksPerSM) pmi_diagn
     load_streams<N>(in, v, k.inv_tau, true, s, g, base);
 #pragma unroll
     for (int i = 0; i < N; ++i) {
-      g[i] = target_logit(g[i], base[i], kappa, k, true, p.clip_on);
+      g[i] = target_logit(g[i], base[i], kappa, k, true, clip_on);
       const T lp = (s[i] - ls.max) - ls.log_sum, lq = (g[i] - lg.max) - lg.log_sum;
       const T q = exp_nonpos(lq);
       target[0] += q * (lq - lp);
@@ -450,7 +440,7 @@ __global__ void __launch_bounds__(kMaxThreadsFor<In>, kMinBlocksPerSM) pmi_diagn
   if (threadIdx.x == 0) {
     const T tiny = std::numeric_limits<T>::min();
     const T norm_t = sqrt(sums[0]), norm_r = sqrt(sums[1]), norm_i = sqrt(sums[3]);
-    T* out = p.out + row * kDiagnostics;
+    T* out = static_cast<T*>(a.out) + row * kDiagnostics;
     out[0] = sums[2] / max(norm_t * norm_r, tiny);
     out[1] = sums[4] / max(norm_t * norm_i, tiny);
     out[2] = norm_r / max(norm_t, tiny);
@@ -488,28 +478,21 @@ inline const char* last_error() {
 }
 
 template <typename In>
-const char* launch_rows(const RowsArgs& a, cudaStream_t stream) {
+const char* launch_rows(const RowsArgs& args, cudaStream_t stream) {
   using T = Acc<In>;
-  const LossOptions& o = a.options;
-  const int phase = a.phase();
+  const LossOptions& o = args.options;
+  RowsArgs a = args;
   // Within the phases, only forward KL's gradient is written before the slopes are summed.
-  const bool write_grad = a.grad != nullptr && phase != kPhaseLse && (phase != kPhaseFromLse || o.fast_grad());
-  const bool write_stats = phase == kPhaseAll || phase == kPhaseFromLse;
-  const RowsParams<In> p{static_cast<const In*>(a.s), static_cast<const In*>(a.t), static_cast<const In*>(a.r),
-                         static_cast<const In*>(a.a), a.stride_s, a.stride_t, a.stride_r, a.stride_a,
-                         static_cast<const T*>(a.kappa), a.mask, static_cast<const T*>(a.row_scale),
-                         a.stride_row_scale, static_cast<T*>(a.loss),
-                         write_grad ? static_cast<In*>(a.grad) : nullptr, a.stride_grad,
-                         write_stats ? static_cast<T*>(a.stats) : nullptr, static_cast<const T*>(a.lse_in),
-                         static_cast<T*>(a.lse_out), static_cast<const T*>(a.slope_sum_in),
-                         static_cast<T*>(a.slope_sum_out), a.vocab, o.scalars<T>(), o.pmi, o.clip_on(), o.fast_grad(),
-                         o.kappa_source(a.kappa != nullptr), phase};
+  const int phase = a.phase();
+  if (phase == kPhaseLse || (phase == kPhaseFromLse && !o.fast_grad())) a.grad = nullptr;
+  if (phase != kPhaseAll && phase != kPhaseFromLse) a.stats = nullptr;
   const bool vec = rows_aligned<In>({{a.s, a.stride_s}, {a.t, a.stride_t}, {a.r, a.stride_r}, {a.a, a.stride_a},
                                      {a.grad, a.stride_grad}});
   const int threads = threads_for<In>(a.vocab, vec ? kVec<In> : 1);
+  const Scalars<T> k = o.scalars<T>();
   auto go = [&](auto vec_c, auto kind_c, auto clip_c) {
     pmi_rows_kernel<In, decltype(vec_c)::value, decltype(kind_c)::value, decltype(clip_c)::value>
-        <<<a.rows, threads, 0, stream>>>(p);
+        <<<a.rows, threads, 0, stream>>>(a, k);
   };
   auto kinds = [&](auto vec_c, auto clip_c) {
     using std::integral_constant;
@@ -532,16 +515,11 @@ const char* launch_rows(const RowsArgs& a, cudaStream_t stream) {
 
 template <typename In>
 const char* launch_diagnostics(const DiagnosticsArgs& a, cudaStream_t stream) {
-  using T = Acc<In>;
-  const LossOptions& o = a.options;
-  const DiagnosticsParams<In> p{static_cast<const In*>(a.s), static_cast<const In*>(a.t), static_cast<const In*>(a.r),
-                                static_cast<const In*>(a.a), a.stride_s, a.stride_t, a.stride_r, a.stride_a,
-                                static_cast<T*>(a.out), a.vocab, o.scalars<T>(), o.center, o.clip > 0};
-  const bool vec = rows_aligned<In>({{a.s, a.stride_s}, {a.t, a.stride_t}, {a.r, a.stride_r}, {a.a, a.stride_a}});
-  if (vec) {
-    pmi_diagnostics_kernel<In, kVec<In>><<<a.rows, threads_for<In>(a.vocab, kVec<In>), 0, stream>>>(p);
+  const Scalars<Acc<In>> k = a.options.scalars<Acc<In>>();
+  if (rows_aligned<In>({{a.s, a.stride_s}, {a.t, a.stride_t}, {a.r, a.stride_r}, {a.a, a.stride_a}})) {
+    pmi_diagnostics_kernel<In, kVec<In>><<<a.rows, threads_for<In>(a.vocab, kVec<In>), 0, stream>>>(a, k);
   } else {
-    pmi_diagnostics_kernel<In, 1><<<a.rows, threads_for<In>(a.vocab, 1), 0, stream>>>(p);
+    pmi_diagnostics_kernel<In, 1><<<a.rows, threads_for<In>(a.vocab, 1), 0, stream>>>(a, k);
   }
   return last_error();
 }

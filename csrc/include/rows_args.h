@@ -22,10 +22,10 @@ struct LossOptions {
   static LossOptions unpack(const std::vector<double>& v) {
     return {v[0] != 0, v[1], v[2], v[3] != 0, v[4], v[5], v[6]};
   }
-  int loss_kind() const { return jsd_beta == 0 ? kForwardKL : jsd_beta == 1 ? kReverseKL : kMixedJSD; }
-  bool clip_on() const { return pmi && clip > 0; }  // the soft clip, and so kappa, matter
-  bool entry_clip_on() const { return entry_clip > 0; }
-  bool fast_grad() const { return loss_kind() == kForwardKL && !entry_clip_on(); }
+  PMI_HD int loss_kind() const { return jsd_beta == 0 ? kForwardKL : jsd_beta == 1 ? kReverseKL : kMixedJSD; }
+  PMI_HD bool clip_on() const { return pmi && clip > 0; }  // the soft clip, and so kappa, matter
+  PMI_HD bool entry_clip_on() const { return entry_clip > 0; }
+  PMI_HD bool fast_grad() const { return loss_kind() == kForwardKL && !entry_clip_on(); }
 
   template <typename T>
   Scalars<T> scalars() const {
@@ -34,7 +34,7 @@ struct LossOptions {
             T(jsd_beta < 1 ? std::log1p(-jsd_beta) : 0.0), T(jsd_beta > 0 ? std::log(jsd_beta) : 0.0),
             T(entry_clip)};
   }
-  int kappa_source(bool kappa_given) const {
+  PMI_HD int kappa_source(bool kappa_given) const {
     if (!clip_on()) return kKappaNone;
     if (kappa_given) return kKappaGiven;
     return center ? kKappaMean : kKappaLseDiff;
@@ -70,14 +70,15 @@ struct RowsArgs {
   void* slope_sum_out;
   LossOptions options;
 
-  int phase() const {
+  PMI_HD int phase() const {
     if (lse_out != nullptr) return kPhaseLse;
     if (lse_in == nullptr) return kPhaseAll;
     return slope_sum_in == nullptr ? kPhaseFromLse : kPhaseGrad;
   }
 };
 
-// One call of the diagnostics rows: out is [rows, kDiagnostics] in the compute type.
+// One call of the diagnostics rows: out is [rows, kDiagnostics] in the compute type. Absent
+// streams (only a) are nullptr.
 struct DiagnosticsArgs {
   DType dtype;
   int64_t rows, vocab;

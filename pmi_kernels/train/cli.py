@@ -7,25 +7,32 @@ import os
 import signal
 import sys
 
-from .config import parse_config
+from .config import parse_args
 from .interrupts import Interrupted, StopRequest, TrainingFailed
 from .metrics import finite_or_none
 
 USAGE = """pmi-opsd train [--config FILE] [--output-dir DIR] [--max-steps N] [--resume | --overwrite] [--KEY VALUE ...]
+pmi-opsd train --config FILE --dry-run [--world-size N] [--prompt-tokens N]
 pmi-opsd plot  [--metrics FILE] [--out PNG]
 pmi-opsd compare [--seeds 0,1,2] [--output-dir DIR] [--KEY VALUE ...]
 
 With no --model-path, train runs the embedded default: a tiny model and arithmetic task built
-locally, taught briefly by supervised fine-tuning, then distilled with the PMI target. compare
-runs standard OPSD and the PMI target (frozen-base and self anchors) from one warmed-up base and
-prints them side by side (the main job)."""
+locally, taught briefly by supervised fine-tuning, then distilled with the PMI target.
+--dry-run prints a step's plan (tokens, memory per GPU) from the model's config.json or the
+config's architecture key, loading and downloading nothing (configs/ has the paper's recipes).
+compare runs standard OPSD and the PMI target (frozen-base and self anchors) from one warmed-up
+base and prints them side by side (the main job)."""
 
 
 def train(argv) -> int:
     """The exit code: 0 done, 1 the run failed (e.g. non-finite steps), 130/143 interrupted by
     SIGINT/SIGTERM (its last consistent state saved), 2 bad input (from main)."""
+    config, flags = parse_args(argv, description="On-policy self-distillation with the PMI target.")
+    if flags.dry_run:
+        from .plan import format_plan, plan
+        print(format_plan(plan(config, flags.world_size, flags.prompt_tokens), config))
+        return 0
     from .loop import Trainer
-    config = parse_config(argv, description="On-policy self-distillation with the PMI target.")
     stop = StopRequest()
     with stop.catching():  # from the start: a signal during loading or the warm-up is caught too
         try:

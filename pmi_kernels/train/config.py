@@ -11,6 +11,7 @@ from typing import List, Optional
 
 from ..options import LossOptions
 from .config_checks import check_types, check_values, coerce_flag, field_types
+from .packing import resolve_attn_implementation
 from .prompts import DEFAULT_TEMPLATES
 from .rollouts import VLLM_MISSING, vllm_available
 
@@ -41,6 +42,19 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     bf16: bool = True  # autocast on CUDA only
     device: str = "auto"  # "cuda" when a GPU is present, else "cpu"
+    # The model's architecture numbers (config.json's names: hidden_size, num_hidden_layers, ...),
+    # for --dry-run's plan when model_path is not a local directory; training reads config.json.
+    architecture: dict = field(default_factory=dict)
+
+    # Context forwards (packing.py). packed: a micro-batch's rollouts go through the model in one
+    # forward per context, packed without padding (else one forward per rollout and context);
+    # max_tokens_per_micro_batch (None: no bound) splits them into packs of at most that many
+    # tokens. attn_implementation: "auto" is flash-attn's varlen kernels on CUDA when installed,
+    # else "varlen" (torch's varlen_attn on CUDA, one sdpa call per sequence on a CPU); "sdpa" and
+    # "eager" get a block-diagonal mask over the whole pack (quadratic in its length).
+    packed: bool = True
+    max_tokens_per_micro_batch: Optional[int] = None
+    attn_implementation: str = "auto"
 
     # Data: local jsonl or parquet; the toy model ignores these and builds its own.
     train_file: Optional[str] = None
@@ -111,8 +125,9 @@ class TrainConfig:
         return LossOptions(self.mode == "pmi", self.beta, self.clip, self.center, self.loss_temperature,
                            self.jsd_beta, self.entry_clip)
 
-    def validate(self) -> "TrainConfig":
-        """Every problem a config can have on its own, before any model or data is loaded."""
+    def validate(self, paths: bool = True) -> "TrainConfig":
+        """Every problem a config can have on its own, before any model or data is loaded (paths:
+        whether model_path, train_file and eval_file must exist; --dry-run needs none of them)."""
         check_types(self)
         check_values(self)
         self.loss_options()  # the loss's own checks, with its own messages
@@ -120,7 +135,8 @@ class TrainConfig:
             raise ValueError("config: resume and overwrite exclude each other: continue the run, or replace it")
         if self.rollout_engine == "vllm" and not vllm_available():
             raise ValueError(f"config: {VLLM_MISSING}")
-        if self.model_path != TOY:
+        resolve_attn_implementation(self.attn_implementation, self.torch_device())
+        if self.model_path != TOY and paths:
             if not os.path.isdir(self.model_path):
                 raise ValueError(f"config: model_path {self.model_path!r} is not a local directory")
             if self.train_file is None:
@@ -134,13 +150,18 @@ class TrainConfig:
                                  f"with model_path {self.model_path!r} set it to 0")
         return self
 
+    def torch_device(self):
+        import torch
+        return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device)
+
 
 # Keys a resumed run may change: they do not change what the steps compute (or, for max_steps,
 # they are how a run is extended). Any other changed key needs --allow-config-change KEY.
 RESUME_MAY_CHANGE = frozenset({
     "max_steps", "eval_every", "eval_samples", "eval_temperature", "save_every", "log_every", "keep_checkpoints",
     "max_nonfinite_steps", "diagnostics_every", "markers", "tensorboard", "gradient_checkpointing", "output_dir",
-    "resume", "overwrite", "allow_config_change", "drift_warn_kl", "base_cache"})
+    "resume", "overwrite", "allow_config_change", "architecture", "packed", "max_tokens_per_micro_batch",
+    "attn_implementation", "drift_warn_kl", "base_cache"})
 
 
 def changed_keys(saved: dict, config: TrainConfig) -> List[str]:
@@ -170,8 +191,20 @@ def read_config_file(path: str) -> dict:
 def parse_config(argv=None, description: str = "", toy_defaults: Optional[dict] = None) -> TrainConfig:
     """--config FILE (JSON), then --key value for any key (a bare --resume, --overwrite, ... is true).
     The toy's defaults (TOY_DEFAULTS unless given) come under both."""
+    return parse_args(argv, description, toy_defaults)[0]
+
+
+def parse_args(argv=None, description: str = "", toy_defaults: Optional[dict] = None):
+    """(config, the dry-run flags): --dry-run prints the plan (plan.py) and loads nothing, so
+    the paths need not exist."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", help="JSON file of config keys")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the step's plan (tokens, memory per GPU) from the model's config.json or "
+                             "the architecture key; no weights are loaded, nothing is downloaded")
+    parser.add_argument("--world-size", type=int, default=1, help="--dry-run: GPUs the step is split over")
+    parser.add_argument("--prompt-tokens", type=int, default=512,
+                        help="--dry-run: the longest context's prompt length assumed (default 512)")
     types = field_types(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -182,6 +215,9 @@ def parse_config(argv=None, description: str = "", toy_defaults: Optional[dict] 
         else:
             parser.add_argument(flag, dest=f.name, help=f"(default {default})")
     args = parser.parse_args(argv)
+    for flag in ("world_size", "prompt_tokens"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     values = read_config_file(args.config) if args.config else {}
     for key, (kind, optional) in types.items():
         if getattr(args, key) is not None:
@@ -189,4 +225,5 @@ def parse_config(argv=None, description: str = "", toy_defaults: Optional[dict] 
     # The toy model brings its own defaults; the file and the command line override them.
     toy = values.get("model_path", TOY) == TOY
     defaults = TOY_DEFAULTS if toy_defaults is None else toy_defaults
-    return TrainConfig(**{**(defaults if toy else {}), **values}).validate()
+    config = TrainConfig(**{**(defaults if toy else {}), **values}).validate(paths=not args.dry_run)
+    return config, args

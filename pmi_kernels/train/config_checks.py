@@ -12,12 +12,14 @@ from typing import Dict, List, Tuple
 
 import torch
 
+from .packing import IMPLEMENTATIONS
+
 TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string",
               dict: "a JSON object", List[str]: "a list of strings"}
 
 AT_LEAST_ONE = ("lora_rank", "lora_alpha", "max_new_tokens", "max_steps", "batch_size", "grad_accum",
                 "sft_batch_size", "log_every", "diagnostics_every", "eval_samples", "save_every",
-                "keep_checkpoints", "max_nonfinite_steps")
+                "keep_checkpoints", "max_nonfinite_steps", "max_tokens_per_micro_batch")
 NON_NEGATIVE = ("seed", "warmup_steps", "sft_steps", "eval_every", "eval_limit", "weight_decay", "eval_temperature")
 POSITIVE = ("lr", "sft_lr", "temperature", "max_grad_norm", "beta", "clip", "loss_temperature", "entry_clip",
             "drift_warn_kl")
@@ -26,10 +28,17 @@ RANGES = [(AT_LEAST_ONE, lambda v: v >= 1, ">= 1"), (NON_NEGATIVE, lambda v: v >
           (("jsd_beta",), lambda v: 0 <= v <= 1, "in [0, 1]"), (("seed",), lambda v: v < 2**32, "< 2**32")]
 CHOICES = {"mode": ("pmi", "opsd"), "teacher_weights": ("base", "current"), "device": ("auto", "cpu", "cuda"),
            "schedule": ("constant", "cosine", "linear"), "rollout_engine": ("hf", "vllm"),
-           "toy_task": ("shortcut", "arithmetic")}
+           "attn_implementation": IMPLEMENTATIONS, "toy_task": ("shortcut", "arithmetic")}
 NON_EMPTY = ("model_path", "output_dir", "base_cache", "question_field", "solution_field", "answer_field",
              "answer_pattern")
 TEMPLATE_KINDS = ("student", "teacher", "refonly")
+# The architecture key: config.json's names for what the dry run's plan needs (the first five
+# required), each an integer >= 1 or a flag; model_type is a name.
+ARCHITECTURE = {"vocab_size": int, "hidden_size": int, "intermediate_size": int, "num_hidden_layers": int,
+                "num_attention_heads": int, "num_key_value_heads": int, "head_dim": int,
+                "max_position_embeddings": int, "tie_word_embeddings": bool, "attention_bias": bool,
+                "model_type": str}
+ARCHITECTURE_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 
 def field_types(cls) -> Dict[str, Tuple[object, bool]]:
@@ -90,6 +99,7 @@ def check_values(config) -> None:
             raise _fail(key, "a list of non-empty strings", getattr(config, key))
     if config.lora and not config.lora_targets:
         raise _fail("lora_targets", "a non-empty list with lora on", config.lora_targets)
+    _check_architecture(config.architecture)
     _check_answer_pattern(config.answer_pattern)
     _check_templates(config.templates)
     unknown = set(config.allow_config_change) - {f.name for f in dataclasses.fields(config)}
@@ -97,6 +107,22 @@ def check_values(config) -> None:
         raise _fail("allow_config_change", "a list of config keys", sorted(unknown))
     if config.device == "cuda" and not torch.cuda.is_available():
         raise _fail("device", f"'auto' or 'cpu': this torch ({torch.__version__}) sees no CUDA GPU", "cuda")
+
+
+def _check_architecture(arch: dict) -> None:
+    if not arch:
+        return
+    unknown = set(arch) - set(ARCHITECTURE)
+    if unknown:
+        raise _fail("architecture", f"keyed by {sorted(ARCHITECTURE)} (unknown: {sorted(unknown)})", arch)
+    missing = [key for key in ARCHITECTURE_REQUIRED if key not in arch]
+    if missing:
+        raise _fail("architecture", f"a JSON object with at least {list(ARCHITECTURE_REQUIRED)} (it lacks {missing})",
+                    arch)
+    for key, value in arch.items():
+        kind = ARCHITECTURE[key]
+        if not _has_type(value, kind) or (kind is int and value < 1):
+            raise _fail(f"architecture.{key}", "an integer >= 1" if kind is int else TYPE_NAMES[kind], value)
 
 
 def _check_answer_pattern(pattern: str) -> None:

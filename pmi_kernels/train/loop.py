@@ -2,9 +2,11 @@
 
 One optimizer step = grad_accum micro-batches of batch_size questions. For each question the
 student samples a rollout; the student, teacher and reference-only contexts (and the anchor)
-are read to their final hidden states for the same rollout tokens; fused_pmi_kl turns those
+are read to their final hidden states for the same rollout tokens, a micro-batch's rollouts
+packed into one forward per context (packing.py); one fused_pmi_kl call per pack turns those
 and the lm_head into the loss without ever forming [tokens, vocab] logits. The loss is the
-mean over every rollout token of the step, whatever the micro-batches.
+mean over every rollout token of the step, whatever the micro-batches and packs. The metrics
+log each step's time split (sampling, context forwards, loss, backward, optimizer).
 
 A run keeps what it has: a step whose loss or gradients are not finite is skipped, a stop
 signal ends the run with its last consistent state saved, and checkpoints are atomic
@@ -33,8 +35,9 @@ from .contexts import KINDS, rollout_hidden, trim_rollout
 from .data import extract_answer, load_examples
 from .drift import Drift
 from .interrupts import Interrupted, StopRequest, TrainingFailed, fault_point
-from .metrics import MetricsLog, count_markers, cut_metrics
+from .metrics import MetricsLog, StepTimer, count_markers, cut_metrics
 from .model import check_lengths, load_model, wrap_model
+from .packing import packed_hidden, rollout_groups
 from .rollouts import VllmRollouts, merged_weights
 from .run_dir import TOY_BASE, prepare_output_dir
 from .tokenized import contexts_ids
@@ -125,24 +128,34 @@ class Trainer:
         else:
             yield self._base_model().get_decoder(), self._base_model().get_output_embeddings()
 
-    def rollout_states(self, example_index: int, rollout: List[int], with_refonly: bool):
-        """Hidden states [T, H] of the rollout in each context; only the student's has a graph."""
-        prompts = {kind: self.prompts[kind][example_index] for kind in KINDS}
+    def group_states(self, indices: List[int], rollouts: List[List[int]], with_refonly: bool):
+        """Hidden states [sum of rollout lengths, H] of the rollouts (none empty) in each context,
+        rows in order; only the student's has a graph. Packed: each context's sequences in one
+        forward (packing.py); else one forward per rollout and context."""
+        def read(decoder, kind):
+            prompts = [self.prompts[kind][i] for i in indices]
+            if self.config.packed:
+                return packed_hidden(decoder, prompts, rollouts, self.device)
+            return torch.cat([rollout_hidden(decoder, p, r, self.device) for p, r in zip(prompts, rollouts)])
         base = self._base_model()
         with self._autocast():
-            states = {"student": rollout_hidden(base.get_decoder(), prompts["student"], rollout, self.device)}
+            states = {"student": read(base.get_decoder(), "student")}
             with torch.no_grad():
                 with self._frozen_weights(self.config.teacher_weights == "base") as (decoder, head):
-                    states["teacher"] = rollout_hidden(decoder, prompts["teacher"], rollout, self.device)
+                    states["teacher"] = read(decoder, "teacher")
                     if with_refonly:
-                        states["refonly"] = rollout_hidden(decoder, prompts["refonly"], rollout, self.device)
+                        states["refonly"] = read(decoder, "refonly")
                     frozen_head = head
                 if self.config.anchor:
                     with self._frozen_weights(True) as (decoder, _):
-                        states["anchor"] = rollout_hidden(decoder, prompts["student"], rollout, self.device)
+                        states["anchor"] = read(decoder, "student")
         head = base.get_output_embeddings()
         states = {k: v.to(head.weight.dtype) for k, v in states.items()}
         return states, head, frozen_head
+
+    def rollout_states(self, example_index: int, rollout: List[int], with_refonly: bool):
+        """Hidden states [T, H] of one rollout in each context."""
+        return self.group_states([example_index], [rollout], with_refonly)
 
     # ---- sampling and evaluation ------------------------------------------------------
     @torch.no_grad()
@@ -220,33 +233,39 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         diagnose = (self.step + 1) % config.diagnostics_every == 0
-        batch = []  # (example index, rollout) over all micro-batches: the loss is their token mean
-        for _ in range(config.grad_accum):
-            self.stop.check("a step's sampling")
-            indices = self.next_indices(config.batch_size)
-            rollouts = self.generate([self.prompts["student"][i] for i in indices], config.temperature,
-                                     config.top_p, config.max_new_tokens)
-            batch += zip(indices, rollouts)
+        timer = StepTimer(self.device)
+        micro_batches = []  # of (example index, rollout); the loss is the token mean over all of them
+        with timer("sampling"):
+            for _ in range(config.grad_accum):
+                self.stop.check("a step's sampling")
+                indices = self.next_indices(config.batch_size)
+                rollouts = self.generate([self.prompts["student"][i] for i in indices], config.temperature,
+                                         config.top_p, config.max_new_tokens)
+                micro_batches.append(list(zip(indices, rollouts)))
+        batch = [pair for micro_batch in micro_batches for pair in micro_batch]
         tokens = sum(len(rollout) for _, rollout in batch)
         totals: Dict[str, float] = {"loss": 0.0}
-        for index, rollout in batch:
-            fault_point("step-rollout")
-            self.stop.check("a step")
-            if rollout:
-                self._distil(index, rollout, tokens, diagnose, totals)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, config.max_grad_norm))
-        finite = math.isfinite(totals["loss"]) and math.isfinite(grad_norm)
-        if finite:
-            self.optimizer.step()
+        budget = config.max_tokens_per_micro_batch
+        for micro_batch in micro_batches:
+            for group in rollout_groups(micro_batch, self.prompts, config.packed, budget):
+                fault_point("step-rollout")
+                self.stop.check("a step")
+                self._distil(group, tokens, diagnose, totals, timer)
+        with timer("optimizer"):
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, config.max_grad_norm))
+            finite = math.isfinite(totals["loss"]) and math.isfinite(grad_norm)
+            if finite:
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         self.nonfinite_in_a_row = 0 if finite else self.nonfinite_in_a_row + 1
         self.nonfinite_total += not finite
-        self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         elapsed = time.perf_counter() - start
         record = {"step": self.step, "loss": totals.pop("loss"), "lr": lr, "grad_norm": grad_norm,
                   "skipped": not finite, "nonfinite_steps": self.nonfinite_total,
                   "response_length": tokens / max(1, len(batch)), "tokens_per_s": tokens / elapsed,
-                  "peak_memory_gib": self._peak_memory_gib()}
+                  "peak_memory_gib": self._peak_memory_gib(), "time/step": elapsed}
+        record.update({f"time/{part}": seconds for part, seconds in timer.seconds.items()})
         record.update({f"diag/{k}": v / max(1, tokens) for k, v in totals.items()})  # per token
         # KL(q || p_student) for the run's own target q: the teacher in OPSD mode (the
         # diagnostics' target is always the PMI one).
@@ -260,29 +279,34 @@ class Trainer:
             self.drift.check(self.step, record)
         return record
 
-    def _distil(self, index: int, rollout: List[int], normalizer: int, diagnose: bool, totals: Dict) -> None:
+    def _distil(self, group: List, normalizer: int, diagnose: bool, totals: Dict, timer: StepTimer) -> None:
+        """The loss over every token of a group of (index, rollout) pairs, one fused_pmi_kl call,
+        divided by the step's token count; its gradients accumulate into the parameters'."""
         config = self.config
         pmi = config.mode == "pmi"
-        states, head, frozen_head = self.rollout_states(index, rollout, with_refonly=pmi or diagnose)
-        loss = fused_pmi_kl(states["student"], head.weight, states["teacher"], states.get("refonly") if pmi else None,
-                            states.get("anchor"), lm_head_bias=head.bias,
-                            frozen_weight=frozen_head.weight.detach(),
-                            frozen_bias=None if frozen_head.bias is None else frozen_head.bias.detach(),
-                            beta=config.beta, clip=config.clip, center=config.center,
-                            temperature=config.loss_temperature, jsd_beta=config.jsd_beta,
-                            entry_clip=config.entry_clip, reduction="sum", check_finite=False) / normalizer
-        loss.backward()
+        indices, rollouts = [i for i, _ in group], [rollout for _, rollout in group]
+        with timer("forwards"):
+            states, head, frozen_head = self.group_states(indices, rollouts, with_refonly=pmi or diagnose)
+        frozen = dict(frozen_weight=frozen_head.weight.detach(),
+                      frozen_bias=None if frozen_head.bias is None else frozen_head.bias.detach())
+        with timer("loss"):
+            loss = fused_pmi_kl(states["student"], head.weight, states["teacher"],
+                                states.get("refonly") if pmi else None, states.get("anchor"), lm_head_bias=head.bias,
+                                **frozen, normalizer=normalizer, beta=config.beta, clip=config.clip,
+                                center=config.center, temperature=config.loss_temperature, jsd_beta=config.jsd_beta,
+                                entry_clip=config.entry_clip, check_finite=False)
+        with timer("backward"):
+            loss.backward()
         totals["loss"] += float(loss.detach())  # the normalizer makes the step's sum a token mean
         if diagnose:
-            diag = pmi_diagnostics(states["student"], states["teacher"], states["refonly"], states.get("anchor"),
-                                   lm_head_weight=head.weight.detach(),
-                                   lm_head_bias=None if head.bias is None else head.bias.detach(),
-                                   frozen_weight=frozen_head.weight.detach(),
-                                   frozen_bias=None if frozen_head.bias is None else frozen_head.bias.detach(),
-                                   beta=config.beta, clip=config.clip, center=config.center,
-                                   temperature=config.loss_temperature, check_finite=False)
-            for key, value in diag.items():
-                totals[key] = totals.get(key, 0.0) + float(value.nan_to_num().sum())
+            with timer("diagnostics"):
+                diag = pmi_diagnostics(states["student"], states["teacher"], states["refonly"], states.get("anchor"),
+                                       lm_head_weight=head.weight.detach(),
+                                       lm_head_bias=None if head.bias is None else head.bias.detach(), **frozen,
+                                       beta=config.beta, clip=config.clip, center=config.center,
+                                       temperature=config.loss_temperature, check_finite=False)
+                for key, value in diag.items():
+                    totals[key] = totals.get(key, 0.0) + float(value.nan_to_num().sum())
 
     def _peak_memory_gib(self) -> float:
         if self.device.type == "cuda":

@@ -2,10 +2,12 @@
 counts in rollouts, and `pmi-opsd plot` that draws the metrics file as one PNG."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
+import time
 from typing import Dict, List
 
 
@@ -13,6 +15,27 @@ def count_markers(texts: List[str], markers: List[str]) -> Dict[str, int]:
     """Whole-word, case-insensitive counts of each epistemic marker over the rollouts."""
     return {m: sum(len(re.findall(rf"\b{re.escape(m)}\b", t, flags=re.IGNORECASE)) for t in texts)
             for m in markers}
+
+
+class StepTimer:
+    """Seconds spent in each part of a step (logged as time/<part>). On CUDA a part ends with a
+    synchronize, so the kernels it queued count in it."""
+    PARTS = ("sampling", "forwards", "loss", "diagnostics", "backward", "optimizer")
+
+    def __init__(self, device):
+        self.device = device
+        self.seconds = dict.fromkeys(self.PARTS, 0.0)
+
+    @contextlib.contextmanager
+    def __call__(self, part: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.device.type == "cuda":
+                import torch
+                torch.cuda.synchronize(self.device)
+            self.seconds[part] += time.perf_counter() - start
 
 
 class MetricsLog:

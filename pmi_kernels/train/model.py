@@ -12,6 +12,7 @@ import torch
 from .config import TOY, TrainConfig
 from .contexts import KINDS
 from .interrupts import StopRequest, fault_point
+from .packing import VARLEN, register_varlen, resolve_attn_implementation
 from .run_dir import TOY_BASE
 from .tasks import warmup_target
 from .toy import toy_model, toy_tokenizer
@@ -19,17 +20,25 @@ from .toy import toy_model, toy_tokenizer
 
 def load_model(config: TrainConfig, device):
     """(tokenizer, model): a local Hugging Face causal LM; or the toy one, built (to be warmed up)
-    or, on --resume, the warmed-up base the run saved."""
+    or, on --resume, the warmed-up base the run saved. Its attention is config.attn_implementation
+    (packing.py)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    attn = resolve_attn_implementation(config.attn_implementation, device)
+    if attn == VARLEN:
+        register_varlen()
     if config.model_path == TOY:
         if config.resume:
-            base = AutoModelForCausalLM.from_pretrained(os.path.join(config.output_dir, TOY_BASE))
+            base = AutoModelForCausalLM.from_pretrained(os.path.join(config.output_dir, TOY_BASE),
+                                                        attn_implementation=attn)
             return toy_tokenizer(), base.to(device)
         tokenizer = toy_tokenizer()
-        return tokenizer, toy_model(tokenizer, config.seed).to(device)
+        model = toy_model(tokenizer, config.seed)
+        model.set_attn_implementation(attn)
+        return tokenizer, model.to(device)
     dtype = torch.bfloat16 if device.type == "cuda" and config.bf16 else torch.float32
     tokenizer = AutoTokenizer.from_pretrained(config.model_path, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(config.model_path, dtype=dtype, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(config.model_path, dtype=dtype, local_files_only=True,
+                                                 attn_implementation=attn)
     return tokenizer, model.to(device)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ...options import LossOptions, compute_dtype
-from .row_op import target_logits
+from .row_op import log_softmax, target_logits
 
 
 def _cosine(x, y, tiny):
@@ -16,8 +16,8 @@ def diagnostics_rows(s_raw, t_raw, r_raw, a_raw=None, *, opts: LossOptions) -> t
     dtype = compute_dtype(s_raw.dtype)
     scale = lambda x: None if x is None else x.to(dtype) / opts.temperature  # noqa: E731
     s, t, r, a = map(scale, (s_raw, t_raw, r_raw, a_raw))
-    lp, lt, lr = s.log_softmax(-1), t.log_softmax(-1), r.log_softmax(-1)
-    lq = target_logits(s, t, r, a, None, opts).log_softmax(-1)
+    lp, lt, lr = log_softmax(s), log_softmax(t), log_softmax(r)
+    lq = log_softmax(target_logits(s, t, r, a, None, opts))
     total, ref, pmi = lt - lp, lr - lp, lt - lr
     tiny = torch.finfo(dtype).tiny
     columns = [_cosine(total, ref, tiny), _cosine(total, pmi, tiny),

@@ -60,6 +60,13 @@ def row_stats(lp, lq):
     return torch.stack([(q * (lq - lp)).sum(-1), -(p * lp).sum(-1), -(q * lq).sum(-1)], dim=-1)
 
 
+def log_softmax(x):
+    """(x - max) - log sum exp(x - max), the sum accumulated in float64: beside a confident row's
+    largest term, its many tiny ones would round away in a float32 sum."""
+    y = x - x.amax(-1, keepdim=True)
+    return y - y.exp().sum(-1, keepdim=True, dtype=torch.float64).log().to(x.dtype)
+
+
 def local_lse(x):
     """[C, 2]: the row maximum and the sum of exp(x - max), over this part of the vocabulary."""
     m = x.max(-1).values
@@ -95,7 +102,7 @@ def rows(s_raw, t_raw, r_raw=None, a_raw=None, *, opts: LossOptions, kappa: Opti
                                           device=lse_out.device)
         return zero_loss
     if lse_in is None:
-        lp, lq = s.log_softmax(-1), g.log_softmax(-1)
+        lp, lq = log_softmax(s), log_softmax(g)
     else:
         lse_in = lse_in.to(dtype)
         lp = (s - lse_in[:, 0:1]) - lse_in[:, 1:2]

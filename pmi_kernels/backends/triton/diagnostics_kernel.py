@@ -43,6 +43,9 @@ def pmi_diagnostics_kernel(p_s, p_t, p_r, p_a, p_out, p_params, stride_s, stride
     inv_beta = tl.load(p_params + 1)
     clip = tl.load(p_params + 2)
     inv_clip = tl.load(p_params + 3)
+    # The smallest normal number of the compute dtype: what a zero norm is clamped to, as the
+    # other backends and the reference clamp it.
+    tiny = tl.load(p_params + 4)
     p_s += row * stride_s
     p_t += row * stride_t
     p_r += row * stride_r
@@ -96,7 +99,6 @@ def pmi_diagnostics_kernel(p_s, p_t, p_r, p_a, p_out, p_params, stride_s, stride
     ti = tt - tr
     tt = tl.maximum(tt, 0.0)
     rr = tl.maximum(rr, 0.0)
-    tiny = 1e-30
     kl_ts = (e_tu / z_t + u0) - (lse_t - lse_s)
 
     # Pass 2: the target. kappa: the centering mean of t - r, or lse(t) - lse(r).
@@ -121,9 +123,10 @@ def pmi_diagnostics_kernel(p_s, p_t, p_r, p_a, p_out, p_params, stride_s, stride
     lse_g = m_g + tl.log(z_g)
 
     p_out += row * 7
-    tl.store(p_out + 0, tr / tl.maximum(tl.sqrt(tt * rr), tiny))
-    tl.store(p_out + 1, ti / tl.maximum(tl.sqrt(tt * ii), tiny))
-    tl.store(p_out + 2, tl.sqrt(rr / tl.maximum(tt, tiny)))
+    norm_t = tl.sqrt(tt)
+    tl.store(p_out + 0, tr / tl.maximum(norm_t * tl.sqrt(rr), tiny))
+    tl.store(p_out + 1, ti / tl.maximum(norm_t * tl.sqrt(ii), tiny))
+    tl.store(p_out + 2, tl.sqrt(rr) / tl.maximum(norm_t, tiny))
     tl.store(p_out + 3, kl_ts)
     tl.store(p_out + 4, e_gs / z_g - (lse_g - lse_s))
     tl.store(p_out + 5, tl.log(z_s) - y_s / z_s)
@@ -133,7 +136,8 @@ def pmi_diagnostics_kernel(p_s, p_t, p_r, p_a, p_out, p_params, stride_s, stride
 @functools.lru_cache(maxsize=64)
 def _params(opts: LossOptions, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     clip = opts.clip or 1.0
-    return torch.tensor([1.0 / opts.temperature, 1.0 / opts.beta, clip, 1.0 / clip], dtype=dtype, device=device)
+    return torch.tensor([1.0 / opts.temperature, 1.0 / opts.beta, clip, 1.0 / clip, torch.finfo(dtype).tiny],
+                        dtype=dtype, device=device)
 
 
 def diagnostics_rows(s_raw, t_raw, r_raw, a_raw=None, *, opts: LossOptions, block=None) -> torch.Tensor:

@@ -1,0 +1,184 @@
+"""Packed context forwards (issue #16): a micro-batch's rollouts in one forward per context.
+
+Without padding, a packed row is only right if attention stays inside each sequence and the
+positions restart: each packed path is checked against separate forwards, and the packed step's
+gradients against the per-rollout loop's."""
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+from conftest import requires_cuda  # noqa: E402
+from pmi_kernels.train import packing  # noqa: E402
+from pmi_kernels.train.contexts import rollout_hidden  # noqa: E402
+from pmi_kernels.train.loop import Trainer  # noqa: E402
+from pmi_kernels.train.packing import packed_hidden, rollout_groups  # noqa: E402
+from test_train import tiny  # noqa: E402
+
+SHAPE = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def tiny_model(family: str, attn: str = "sdpa", device="cpu", dtype=torch.float32):
+    """A two-layer model of the family with random weights."""
+    packing.register_varlen()
+    import transformers as tf
+    configs = {"qwen3": lambda: tf.Qwen3Config(head_dim=8, **SHAPE),
+               # Layer 1 attends to a window of 4 tokens: the packed mask must keep it.
+               "qwen3-sliding": lambda: tf.Qwen3Config(head_dim=8, use_sliding_window=True, sliding_window=4,
+                                                       max_window_layers=1, **SHAPE),
+               "llama": lambda: tf.LlamaConfig(**SHAPE), "olmo2": lambda: tf.Olmo2Config(**SHAPE)}
+    model = tf.AutoModelForCausalLM.from_config(configs[family]()).to(device, dtype)
+    model.set_attn_implementation(attn)
+    return model.eval()
+
+
+def sequences(seed: int, prompt_lengths=(4, 9, 3, 6), rollout_lengths=(1, 6, 11, 4)):
+    gen = torch.Generator().manual_seed(seed)
+    draw = lambda n: torch.randint(3, SHAPE["vocab_size"], (n,), generator=gen).tolist()  # noqa: E731
+    return [draw(n) for n in prompt_lengths], [draw(n) for n in rollout_lengths]
+
+
+def separate(decoder, prompts, rollouts):
+    return torch.cat([rollout_hidden(decoder, p, r, "cpu") for p, r in zip(prompts, rollouts)])
+
+
+@pytest.mark.parametrize("attn", ["varlen", "sdpa", "eager"])
+@pytest.mark.parametrize("family", ["qwen3", "qwen3-sliding", "llama", "olmo2"])
+def test_packed_hidden_states_equal_separate_forwards(family, attn):
+    """Rollouts of 1 to 11 tokens after prompts of 3 to 9, packed in one row: the gathered
+    hidden states equal each sequence's own forward (varlen: per-sequence attention on a CPU;
+    sdpa, eager: the block-diagonal mask). Fails on a plain causal mask over the row (a sequence
+    sees the one before it), on a sliding-window layer given the full mask or a window one
+    token off, on query/key layouts or GQA heads mixed up, and on gather offsets off by one.
+    (Positions that run on across sequences are not caught: with rotary embeddings only their
+    differences count.)"""
+    model = tiny_model(family, attn)
+    prompts, rollouts = sequences(0)
+    with torch.no_grad():
+        got = packed_hidden(model.get_decoder(), prompts, rollouts, torch.device("cpu"))
+        want = separate(model.get_decoder(), prompts, rollouts)
+    assert got.shape == (sum(map(len, rollouts)), SHAPE["hidden_size"])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_varlen_attention_outside_packed_forwards_is_sdpa(monkeypatch):
+    """Without sequence boundaries (a left-padded batch, as generate runs) the varlen attention
+    is sdpa with its padding mask; in a packed forward it hands the kernel what varlen_attn
+    takes (int32 boundaries, the longest sequence). Fails on the padding mask dropped (no mask
+    function registered, or one that returns none) or on boundaries of another dtype or length."""
+    calls = []
+
+    def checked(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs):
+        assert cu_q.dtype == torch.int32 and torch.equal(cu_q, cu_k) and max_q == max_k == int(cu_q.diff().max())
+        calls.append(q.shape)
+        return real(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs)
+    real = packing.segment_attention
+    monkeypatch.setattr(packing, "segment_attention", checked)
+    model, reference = tiny_model("olmo2", packing.VARLEN), tiny_model("olmo2", "sdpa")
+    reference.load_state_dict(model.state_dict())
+    prompts, rollouts = sequences(1)
+    with torch.no_grad():
+        packed_hidden(model.get_decoder(), prompts, rollouts, torch.device("cpu"))
+        assert len(calls) == SHAPE["num_hidden_layers"]
+        ids = torch.tensor([[0, 0, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14]])
+        mask = (ids != 0).long()
+        torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits[mask.bool()],
+                                   reference(input_ids=ids, attention_mask=mask).logits[mask.bool()])
+    assert len(calls) == SHAPE["num_hidden_layers"]
+
+
+def test_rollout_groups_respect_the_token_budget():
+    """Each pack's longest context stays within the budget (a context longer than the budget
+    goes alone); order kept; empty rollouts dropped; one rollout per group unpacked."""
+    prompts = {"student": [[1] * 3, [1] * 4, [1] * 2, [1] * 5], "teacher": [[1] * 6, [1] * 5, [1] * 9, [1] * 6]}
+    batch = [(0, [7] * 5), (1, []), (2, [7] * 3), (3, [7] * 30)]
+    lengths = {0: 10, 2: 11, 3: 35}
+    assert rollout_groups(batch, prompts, True, None) == [[batch[0], batch[2], batch[3]]]
+    assert rollout_groups(batch, prompts, True, 21) == [[batch[0], batch[2]], [batch[3]]]
+    assert rollout_groups(batch, prompts, True, 20) == [[batch[0]], [batch[2]], [batch[3]]]
+    assert rollout_groups(batch, prompts, False, 21) == [[batch[0]], [batch[2]], [batch[3]]]
+    assert sum(lengths[i] for i, _ in rollout_groups(batch, prompts, True, 21)[0]) <= 21
+
+
+CUTS = [3, 0, 7, 9, 5, 1]  # the step's rollout lengths (two micro-batches of three): uneven, one empty
+
+
+def step_gradients(trainer, packed: bool, budget):
+    """A step over random rollouts of CUTS tokens, packed under `budget` ("mixed": the second
+    micro-batch's first two rollouts fit a pack, the third does not) or rollout by rollout; the
+    weights are left as they were. Returns (record, the trainable parameters' gradients, the
+    lengths of the rollouts in each group read)."""
+    from pmi_kernels.train import loop
+    indices = trainer.next_indices(len(CUTS))
+    trainer.step, trainer.position = 0, 0
+    context = [max(len(trainer.prompts[kind][i]) for kind in trainer.prompts) + n - 1 for i, n in zip(indices, CUTS)]
+    trainer.config.packed = packed
+    trainer.config.max_tokens_per_micro_batch = context[3] + context[4] if budget == "mixed" else budget
+    gen = torch.Generator().manual_seed(3)
+    rollouts = iter([torch.randint(4, len(trainer.tokenizer), (n,), generator=gen).tolist() for n in CUTS])
+    trainer.generate = lambda prompts, *args: [next(rollouts) for _ in prompts]
+    grads, groups = [], []
+    trainer.optimizer.step = lambda: grads.extend(p.grad.clone() for p in trainer.trainable)
+    real_groups = loop.rollout_groups
+    try:
+        loop.rollout_groups = lambda *args: groups.extend(real_groups(*args)) or real_groups(*args)
+        record = trainer.train_step()
+    finally:
+        loop.rollout_groups = real_groups
+    return record, grads, [[len(rollout) for _, rollout in group] for group in groups]
+
+
+@pytest.mark.parametrize("overrides, budget, packs", [
+    pytest.param(dict(mode="pmi"), None, [[3, 7], [9, 5, 1]], id="lora"),
+    pytest.param(dict(mode="pmi", anchor=True), "mixed", [[3], [7], [9, 5], [1]], id="lora-anchor-budget"),
+    pytest.param(dict(mode="pmi", lora=False, jsd_beta=0.4, attn_implementation="sdpa"), None, [[3, 7], [9, 5, 1]],
+                 id="full-sdpa-mask"),
+    pytest.param(dict(mode="opsd", lora=False, anchor=True), 1, [[3], [7], [9], [5], [1]], id="full-anchor-opsd-alone"),
+])
+def test_packed_step_gradients_equal_the_per_rollout_loop(tmp_path, overrides, budget, packs):
+    """One step (two micro-batches of three; rollouts of 3, 0, 7, 9, 5 and 1 tokens), packed and
+    rollout by rollout from the same weights: the same parameter gradients, loss and
+    diagnostics, and a time split that adds up to at most the step. Token budgets split the
+    packs; attention is varlen's (per sequence on a CPU), or sdpa's with the block mask. Fails on a pack whose sequences see each other, rows of one context gathered out of
+    line with another's, or a normalizer per pack instead of the step's tokens."""
+    trainer = Trainer(tiny(tmp_path, batch_size=3, grad_accum=2, max_grad_norm=1e9, diagnostics_every=1,
+                           **overrides))
+    with torch.no_grad():  # LoRA's B off zero, so the adapter changes the student's contexts
+        for name, p in trainer.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    packed, packed_grads, groups = step_gradients(trainer, True, budget)
+    loop, loop_grads, _ = step_gradients(trainer, False, None)
+    assert groups == packs
+    assert packed["response_length"] == loop["response_length"] == sum(CUTS) / len(CUTS)
+    assert packed["loss"] == pytest.approx(loop["loss"], rel=1e-5, abs=1e-7)
+    for key in [k for k in loop if k.startswith("diag/")]:
+        assert packed[key] == pytest.approx(loop[key], rel=1e-4, abs=1e-6), key
+    scale = max(float(g.abs().max()) for g in loop_grads)
+    assert len(packed_grads) == len(loop_grads) and scale > 0
+    for got, want in zip(packed_grads, loop_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * scale)
+    parts = ["sampling", "forwards", "loss", "diagnostics", "backward", "optimizer"]
+    assert all(packed[f"time/{p}"] > 0 for p in parts)
+    assert sum(packed[f"time/{p}"] for p in parts) <= packed["time/step"]
+
+
+@requires_cuda
+@pytest.mark.parametrize("attn", ["varlen", "flash_attention_2"])
+def test_packed_hidden_states_on_cuda(attn):
+    """On a GPU, in bf16: the varlen kernels' packed forward (torch's varlen_attn, flash-attn's)
+    equals separate sdpa forwards, a sliding-window layer included."""
+    if attn == "flash_attention_2" and not packing.flash_attn_installed():
+        pytest.skip("flash-attn is not installed")
+    packing.resolve_attn_implementation(attn, "cuda")
+    model = tiny_model("qwen3-sliding", attn, "cuda", torch.bfloat16)
+    reference = tiny_model("qwen3-sliding", "sdpa", "cuda", torch.bfloat16)
+    reference.load_state_dict(model.state_dict())
+    prompts, rollouts = sequences(2)
+    with torch.no_grad():
+        got = packed_hidden(model.get_decoder(), prompts, rollouts, torch.device("cuda"))
+        want = torch.cat([rollout_hidden(reference.get_decoder(), p, r, "cuda") for p, r in zip(prompts, rollouts)])
+    torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=0.05 * float(want.abs().max()))
+
