@@ -1,14 +1,12 @@
 #!/usr/bin/env bash
-# The main job on the embedded default: a tiny model and arithmetic task built locally, taught
-# briefly by supervised fine-tuning, then distilled with the PMI target; prints the accuracy
-# before and after, and draws the run's metrics (runs/toy/metrics.png). Extra flags go to
-# `pmi-opsd train` (see `pmi-opsd train --help`). A rerun replaces the previous runs/toy (the
-# trainer refuses a non-empty output directory otherwise), unless it continues it (--resume).
-# The exit code is the trainer's: 1 if the run failed, 130/143 if it was interrupted.
+# The main job: what the method does, on the embedded shortcut task (README, "The main job").
+# From one warmed-up base (built once into runs/bases, reused by later runs), standard OPSD, the
+# PMI target with the frozen-base anchor and with the self anchor run on the same budget; it
+# prints their table beside the start (held-out accuracy with its standard error, KL(q||p),
+# the student's entropy and drift, the markers, the decomposition diagnostics) and draws
+# runs/compare/compare.png (accuracy, entropy and drift against steps, one line per run).
+# Extra flags go to `pmi-opsd compare` (see `pmi-opsd compare --help`); `--seeds 0,1,2` runs
+# it over three seeds (mean and spread). A rerun replaces runs/compare (the cached bases stay).
+# The exit code is the comparison's: 2 on a bad flag, 130/143 if it was interrupted.
 source "$(dirname "$0")/env.sh"
-replace=(--overwrite)
-for arg in "$@"; do
-    [ "$arg" = --resume ] && replace=()
-done
-pmi-opsd train --output-dir runs/toy "${replace[@]}" "$@"
-pmi-opsd plot --metrics runs/toy/metrics.jsonl
+pmi-opsd compare "$@"

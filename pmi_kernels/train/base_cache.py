@@ -112,7 +112,11 @@ def _load_checked(path: str, key: dict, model, device):
 def _load(path: str, model, device):
     from transformers import AutoModelForCausalLM
     attn = model.config._attn_implementation  # the one load_model chose for this run
-    return AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn).to(device)
+    loaded = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn)
+    with torch.no_grad():  # in memory: the weights may be memory-mapped from the cache's file, which
+        for tensor in [*loaded.parameters(), *loaded.buffers()]:  # another run may rebuild or change
+            tensor.data = tensor.data.clone()
+    return loaded.to(device)
 
 
 def _store(path: str, model, tokenizer, key: dict) -> None:

@@ -1,8 +1,9 @@
 """pmi-opsd compare: standard OPSD and the PMI target, with the frozen-base anchor and with the
 self anchor, side by side on the toy's shortcut task (tasks.py). The main job (scripts/main.sh).
 
-Per seed, one warmed-up base (built once into <output-dir>/bases, keyed: base_cache.py), then
-three runs from it on the same budget: the same steps, batch, learning rate, data order and
+Per seed, one warmed-up base (built once into base_cache, runs/bases by default, keyed by all
+that makes it: base_cache.py, so a later comparison loads it and the second run starts
+distilling at once), then three runs from it on the same budget: the same steps, batch, learning rate, data order and
 rollout seeds (the trainer seeds both from the seed); only the target differs:
 
     opsd       q = p_T (the teacher)                          mode opsd
@@ -50,7 +51,8 @@ RUNS = (("opsd", dict(mode="opsd", anchor=False), "standard OPSD"),
 # The comparison's sizes: one seed within about 5 minutes on 2 CPU cores (README).
 COMPARE_DEFAULTS = {**TOY_DEFAULTS, "toy_task": "shortcut", "eval_limit": 640, "max_new_tokens": 72,
                     "max_steps": 60, "eval_every": 20, "diagnostics_every": 5, "save_every": 1000, "lr": 5e-4,
-                    "markers": ["wait", "check"], "output_dir": "runs/compare"}
+                    "markers": ["wait", "check"], "output_dir": "runs/compare",
+                    "base_cache": "runs/bases"}
 SET_PER_RUN = ("mode", "anchor", "resume", "overwrite")
 PROBE_ROLLOUTS = 128
 PROBE_SEED = 12345
@@ -60,7 +62,7 @@ COLUMNS = [("accuracy", "accuracy", "{:.3f}"), ("accuracy_se", "s.e.", "{:.3f}")
            ("kl_student_base", "KL(p‖base)", "{:.3f}"), ("markers/wait", "wait", "{:.2f}"),
            ("markers/check", "check", "{:.2f}"), ("work_skipped", "no work", "{:.2f}"), ("length", "length", "{:.1f}"),
            ("cos_total_ref", "cos(tot,ref)", "{:.2f}"), ("cos_total_pmi", "cos(tot,pmi)", "{:.2f}"),
-           ("norm_ratio_ref_total", "|ref|/|tot|", "{:.2f}")]
+           ("norm_ratio_ref_total", "‖ref‖/‖tot‖", "{:.2f}")]
 NOTES = """KL(q‖p): of the run's own target (start: the PMI target, the same for both anchors there);
 KL(pT‖p): the teacher's; H(p): the student's entropy; KL(p‖base): the student's from the warmed-up
 base (drift.py); all per token of sampled rollouts for {probe} held-out questions. wait, check:
@@ -140,7 +142,7 @@ def compare_seed(shared: TrainConfig, root: str, seed: int, stop: StopRequest, p
         trainer.start_accuracy = start_accuracy
         if start_accuracy is None:
             print(f"[seed {seed}] the start: accuracy on {len(trainer.eval_rows)} held-out problems, probe", flush=True)
-            start_accuracy = trainer.evaluate()
+            start_accuracy = trainer.start_accuracy = trainer.evaluate()  # the run's own step-0 evaluation reuses it
             out["start"] = {"accuracy": start_accuracy, **probe(trainer)}
         result = trainer.train(progress=progress)
         if result["interrupted"]:

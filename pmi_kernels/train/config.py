@@ -17,7 +17,7 @@ from .rollouts import VLLM_MISSING, vllm_available
 
 TOY = "toy"
 # The embedded default's sizes: the toy task runs end to end on a CPU in a few minutes.
-TOY_DEFAULTS = dict(max_new_tokens=40, batch_size=8, max_steps=40, lr=2e-4, sft_steps=800, save_every=10,
+TOY_DEFAULTS = dict(max_new_tokens=72, batch_size=8, max_steps=40, lr=2e-4, sft_steps=800, save_every=10,
                     eval_limit=64, output_dir="runs/toy", use_chat_template=False, diagnostics_every=5)
 
 
@@ -77,7 +77,14 @@ class TrainConfig:
 
     # The loss (pmi_kernels.reference is its contract); mode "pmi" or "opsd" (target = teacher).
     mode: str = "pmi"
-    anchor: bool = False
+    # The PMI target's anchor a in q = softmax(a + clip(Δ)/β). true: the frozen base read in the
+    # student's context (one more forward a step), a fixed target. false: the student itself,
+    # detached (the loss functions' default), a target that moves with the student: at every
+    # step it asks for s + clip(Δ)/β whatever s already is, so it has no fixed point while Δ is
+    # not zero (drift.py). The trainer's default is true because the comparison measured it
+    # (README, "The main job": on the toy the self anchor drifted into collapse, the frozen one
+    # held); `--anchor false` is the paper's choice, and configs/ writes it out.
+    anchor: bool = True
     beta: float = 1.0
     clip: Optional[float] = 10.0
     center: bool = True

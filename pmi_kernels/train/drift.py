@@ -52,9 +52,20 @@ def drift_sums(student, base, weight, bias, base_weight, base_bias, temperature:
 class Drift:
     """Measures the drift of a Trainer's student over a step's rollouts, and warns once."""
 
-    def __init__(self, warn_kl):
+    def __init__(self, warn_kl, cause: str = ""):
         self.warn_kl = warn_kl
+        self.cause = cause  # what the warning adds about the run's target (advice())
         self.warned = False
+
+    @staticmethod
+    def advice(config) -> str:
+        """What a runaway most likely means for this run's target."""
+        if config.mode == "pmi" and not config.anchor:
+            return ("with anchor false the PMI target moves with the student (drift.py): try --anchor true, a "
+                    "lower lr or a larger beta")
+        if config.mode == "pmi":
+            return "the frozen-anchored PMI target asks for little movement: check beta, clip and lr"
+        return "standard OPSD moves the student toward the teacher: check the markers and the accuracy"
 
     @torch.no_grad()
     def measure(self, trainer, batch: List[Tuple[int, List[int]]]) -> Dict[str, float]:
@@ -81,7 +92,8 @@ class Drift:
         return {f"drift/{key}": value / tokens for key, value in totals.items()} if tokens else {}
 
     def check(self, step: int, record: Dict) -> None:
-        """Warn once when the student's KL from the base passes warn_kl."""
+        """Warn once (on stderr, and drift/warning in the record) when the student's KL from the
+        base passes warn_kl."""
         kl = record.get("drift/kl_student_base")
         if self.warn_kl is None or kl is None or kl <= self.warn_kl or self.warned:
             return
@@ -90,5 +102,5 @@ class Drift:
         from tqdm import tqdm
         tqdm.write(f"step {step}: the student has drifted from the frozen base: KL(student || base) = {kl:.3f} "
                    f"nats per token > drift_warn_kl = {self.warn_kl} (entropy {record['drift/entropy_student']:.3f}"
-                   f", base {record['drift/entropy_base']:.3f}). With anchor false the PMI target moves with the "
-                   "student (drift.py); try --anchor true, a lower lr or a larger beta", file=sys.stderr)
+                   f", base {record['drift/entropy_base']:.3f})" + (f"; {self.cause}" if self.cause else ""),
+                   file=sys.stderr)

@@ -82,7 +82,7 @@ class Trainer:
         self.nonfinite_in_a_row, self.nonfinite_total = 0, 0
         self._saved_step: Optional[int] = None  # the step the newest checkpoint holds
         self.metrics = MetricsLog(config.output_dir, config.tensorboard)
-        self.drift = Drift(config.drift_warn_kl)
+        self.drift = Drift(config.drift_warn_kl, Drift.advice(config))
         if state is not None:
             self._restore(state)
             # A resumed run writes again what came after its checkpoint, and the evaluation it

@@ -1,0 +1,190 @@
+"""Issue #17: the main job's comparison. The embedded shortcut task's structure, the cached
+warm-up base (reused, and rebuilt when it is corrupt or does not match), and the comparison's
+output (its table's rows and columns, its files, the second run skipping the warm-up)."""
+import json
+import os
+import random
+import re
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+from pmi_kernels.train import base_cache, compare, tasks  # noqa: E402
+from pmi_kernels.train.cli import main as cli_main  # noqa: E402
+from pmi_kernels.train.config import TrainConfig  # noqa: E402
+from pmi_kernels.train.data import extract_answer  # noqa: E402
+from pmi_kernels.train.loop import Trainer  # noqa: E402
+from pmi_kernels.train.tasks import problems, warmup_target  # noqa: E402
+from test_train import TINY  # noqa: E402
+
+QUESTION = re.compile(r"has (\d+) \w+ and (gets|gives) (\d+) (more|away)")
+
+
+def solve(question: str) -> int:
+    """The answer, read from the question alone."""
+    a, verb, b, _ = QUESTION.search(question).groups()
+    return int(a) + int(b) if verb == "gets" else int(a) - int(b)
+
+
+def test_the_shortcut_task_needs_the_question():
+    """The question carries the numbers, the reference only the method and the answer. Fails on
+    a reference that leaks an operand (then the PMI residual has nothing to teach: the
+    arithmetic task's flaw) or on an answer that the question does not determine."""
+    rows = problems("shortcut", 400, seed=3)
+    pattern = TrainConfig().answer_pattern
+    for row in rows:
+        assert solve(row["question"]) == int(row["answer"])
+        reference = row["solution"]
+        assert extract_answer(reference, pattern) == row["answer"]
+        without_answer = reference.replace(f"\\boxed{{{row['answer']}}}", "")
+        assert not re.search(r"\d", without_answer), reference  # no number but the answer
+        assert reference.split(".")[0] in ("Add them", "Subtract")
+        # The worked solutions the student is taught are correct, and some check with markers.
+        for text, _ in row["warmup"]["student"]:
+            assert extract_answer(text, pattern) == row["answer"]
+            for left, op, right, result in re.findall(r"(\d+) ([+-]) (\d+) = (\d+)", text):
+                assert (int(left) + int(right) if op == "+" else int(left) - int(right)) == int(result)
+    rng = random.Random(0)
+    texts = [warmup_target(row, "student", rng) for row in rows[:200]]
+    assert 0.2 < sum("Wait, let me check" in t for t in texts) / len(texts) < 0.8
+    # Both answer kinds (addition, subtraction), and the arithmetic task keeps its worked references.
+    assert {row["solution"].split(".")[0] for row in rows} == {"Add them", "Subtract"}
+    assert all(re.search(r"\d+ [+-] \d+ =", row["solution"]) for row in problems("arithmetic", 20, seed=3))
+
+
+def test_the_teacher_is_taught_the_shortcut_and_the_student_the_work():
+    """What each context is taught to write: with the reference in view (teacher, refonly) the
+    answer alone half the time; without it (student) always the work. Fails if the student is
+    taught the shortcut (then no context would need the question)."""
+    rows = problems("shortcut", 300, seed=1)
+    rng = random.Random(0)
+    for kind, low, high in (("student", 0.0, 0.0), ("teacher", 0.35, 0.65), ("refonly", 0.35, 0.65)):
+        share = sum("=" not in warmup_target(row, kind, rng) for row in rows) / len(rows)
+        assert low <= share <= high, (kind, share)
+    with pytest.raises(ValueError, match="toy_task"):
+        problems("nope", 1, 0)
+
+
+def cached(tmp_path, **overrides):
+    return TrainConfig(**{**TINY, "output_dir": str(tmp_path / "run"), "sft_steps": 2, "sft_batch_size": 4,
+                          "base_cache": str(tmp_path / "bases"), "overwrite": True, **overrides})
+
+
+@pytest.fixture
+def warmups(monkeypatch):
+    """Counts the supervised warm-ups run."""
+    calls = []
+    real = base_cache.supervised_warmup
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(base_cache, "supervised_warmup", counting)
+    return calls
+
+
+def base_weights(trainer):
+    return {n: p.detach().clone() for n, p in trainer._base_model().named_parameters() if "lora" not in n}
+
+
+def test_the_second_run_loads_the_cached_base(tmp_path, warmups):
+    """Built once, then loaded bit for bit without a warm-up, and the LoRA initialization after
+    it is the same either way. Fails on a second warm-up (the cache unused) or on a loaded base
+    or adapter that differs from the built one."""
+    first = Trainer(cached(tmp_path))
+    second = Trainer(cached(tmp_path))
+    assert len(warmups) == 1
+    a, b = base_weights(first), base_weights(second)
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    lora = [n for n, p in first.model.named_parameters() if p.requires_grad]
+    assert lora and all(torch.equal(dict(first.model.named_parameters())[n], dict(second.model.named_parameters())[n])
+                        for n in lora)
+    # A change of a key the warm-up reads names another base.
+    Trainer(cached(tmp_path, sft_lr=1e-3))
+    assert len(warmups) == 2 and len(os.listdir(tmp_path / "bases")) == 2
+
+
+@pytest.mark.parametrize("damage", ["truncated weights", "flipped byte", "edited key", "missing manifest"])
+def test_a_damaged_cached_base_is_rebuilt(tmp_path, warmups, capsys, damage):
+    """A cached base whose files or key do not check out is said so and rebuilt, never loaded.
+    Fails if a damaged base is used silently (a flipped byte loads without error) or crashes."""
+    config = cached(tmp_path)
+    first = Trainer(config)
+    path = base_cache.base_path(config, "cpu")
+    weights = os.path.join(path, "model.safetensors")
+    if damage == "truncated weights":
+        with open(weights, "r+b") as fh:
+            fh.truncate(os.path.getsize(weights) // 2)
+    elif damage == "flipped byte":
+        with open(weights, "r+b") as fh:
+            fh.seek(os.path.getsize(weights) - 5)
+            byte = fh.read(1)
+            fh.seek(-1, os.SEEK_CUR)
+            fh.write(bytes([byte[0] ^ 0x40]))
+    elif damage == "edited key":
+        key_file = os.path.join(path, base_cache.KEY_FILE)
+        key = json.load(open(key_file))
+        key["sft_steps"] = 999
+        json.dump(key, open(key_file, "w"))
+    else:
+        os.remove(os.path.join(path, base_cache.MANIFEST))
+    capsys.readouterr()
+    second = Trainer(config)
+    assert len(warmups) == 2
+    assert "is not used" in capsys.readouterr().err
+    a, b = base_weights(first), base_weights(second)
+    assert all(torch.equal(a[n], b[n]) for n in a)  # rebuilt: the same warm-up, the same base
+    assert base_cache.cache_problem(path, base_cache.base_key(config, "cpu")) is None
+
+
+def test_base_cache_is_checked():
+    with pytest.raises(ValueError, match="base_cache"):
+        TrainConfig(base_cache="").validate()
+    with pytest.raises(ValueError, match="toy_task"):
+        TrainConfig(toy_task="algebra").validate()
+    with pytest.raises(ValueError, match="drift_warn_kl"):
+        TrainConfig(drift_warn_kl=0.0).validate()
+
+
+def test_table_has_a_row_per_run_and_the_columns():
+    """The comparison's table: the start and the three runs, every column, mean ± sd over
+    seeds. Fails on a lost run or column, or a spread printed for one seed."""
+    result = {row: {key: 0.5 for key, _, _ in compare.COLUMNS} for row in ["start", "opsd", "pmi-base", "pmi-self"]}
+    other = {row: {key: 0.7 for key, _, _ in compare.COLUMNS} for row in result}
+    one = compare.format_table(compare.summarize({0: result}), [0]).splitlines()
+    heads = [c.strip() for c in one[0].strip("|").split("|")]
+    assert heads == ["run"] + [head for _, head, _ in compare.COLUMNS]
+    for needed in ("accuracy", "s.e.", "KL(q‖p)", "H(p)", "KL(p‖base)", "wait", "check", "cos(tot,ref)"):
+        assert needed in heads
+    assert [line.split("|")[1].strip() for line in one[2:]] == [
+        "start (the warmed-up base)", "standard OPSD", "PMI, frozen-base anchor", "PMI, self anchor"]
+    assert "±" not in "\n".join(one)
+    two = compare.format_table(compare.summarize({0: result, 1: other}), [0, 1])
+    assert "0.600 ± 0.141" in two
+
+
+def test_compare_runs_end_to_end_and_reuses_its_base(tmp_path, warmups, capsys, monkeypatch):
+    """`pmi-opsd compare` on a tiny budget: the table (4 rows), table.md, summary.json and the
+    plot; a second invocation loads the base (no warm-up). Fails on a run missing from the
+    output, a second warm-up, or per-run flags that the comparison sets silently taken."""
+    monkeypatch.setattr(compare, "PROBE_ROLLOUTS", 4)
+    flags = ["--output-dir", str(tmp_path / "cmp"), "--base-cache", str(tmp_path / "bases"), "--device", "cpu",
+             "--sft-steps", "2", "--sft-batch-size", "4",
+             "--max-steps", "2", "--eval-limit", "8", "--eval-every", "1", "--diagnostics-every", "1",
+             "--max-new-tokens", "12", "--batch-size", "2"]
+    assert cli_main(["compare", *flags]) == 0
+    out = capsys.readouterr().out
+    assert "(built)" in out
+    for label in ("start (the warmed-up base)", "standard OPSD", "PMI, frozen-base anchor", "PMI, self anchor"):
+        assert label in out
+    root = tmp_path / "cmp"
+    assert (root / "compare.png").stat().st_size > 0 and (root / "table.md").exists()
+    summary = json.load(open(root / "summary.json"))
+    assert set(summary["results"]["0"]) == {"start", "opsd", "pmi-base", "pmi-self"}
+    assert cli_main(["compare", *flags]) == 0
+    assert "(cached)" in capsys.readouterr().out and len(warmups) == 1
+    assert cli_main(["compare", *flags, "--anchor", "true"]) == 2
+    assert "--anchor" in capsys.readouterr().err
