@@ -68,6 +68,19 @@ def test_the_teacher_is_taught_the_shortcut_and_the_student_the_work():
         problems("nope", 1, 0)
 
 
+def test_position_parts_name_the_work_and_the_answer():
+    """The parts the comparison reads the decomposition at. Fails on an operand read as the
+    result (the PMI residual's and the reference's places swapped) or a check digit as the work."""
+    text = "19 + 3 = 22. Wait, let me check: 22 - 3 = 19. The answer is \\boxed{22}."
+    marked = [(char, part) for char, part in zip(text, compare.position_parts(text)) if part]
+    assert marked == [("1", "first token"), ("9", "operands"), ("3", "operands"), ("2", "result"), ("2", "result"),
+                      ("W", "'Wait'"), ("2", "the check"), ("2", "the check"), ("3", "the check"),
+                      ("1", "the check"), ("9", "the check"), ("2", "the answer"), ("2", "the answer")]
+    shortcut = "The answer is \\boxed{7}."
+    assert [p for p in compare.position_parts(shortcut) if p] == ["first token", "the answer"]
+    assert set(compare.PARTS) >= {p for p in compare.position_parts(text) if p}
+
+
 def cached(tmp_path, **overrides):
     return TrainConfig(**{**TINY, "output_dir": str(tmp_path / "run"), "sft_steps": 2, "sft_batch_size": 4,
                           "base_cache": str(tmp_path / "bases"), "overwrite": True, **overrides})
@@ -180,6 +193,7 @@ def test_compare_runs_end_to_end_and_reuses_its_base(tmp_path, warmups, capsys, 
     assert "(built)" in out
     for label in ("start (the warmed-up base)", "standard OPSD", "PMI, frozen-base anchor", "PMI, self anchor"):
         assert label in out
+    assert "Where the teacher's signal lives" in out and all(f"| {part} |" in out for part in compare.PARTS)
     root = tmp_path / "cmp"
     assert (root / "compare.png").stat().st_size > 0 and (root / "table.md").exists()
     summary = json.load(open(root / "summary.json"))

@@ -28,6 +28,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import resource
 import signal
 import statistics
@@ -36,6 +37,7 @@ import time
 from typing import Dict, List, Optional
 
 import torch
+import torch.nn.functional as F
 
 from .. import pmi_diagnostics
 from .config import TOY, TOY_DEFAULTS, TrainConfig, parse_config
@@ -73,6 +75,40 @@ the ratio of their norms. accuracy: greedy, on {eval} held-out problems (s.e. it
 standard error)."""
 
 
+# The parts of a shortcut-task rollout (tasks.py) the comparison reads the decomposition at.
+PARTS = ("first token", "operands", "result", "'Wait'", "the check", "the answer")
+WORK = re.compile(r"(\d+) [+-] (\d+) = (\d+)\.")
+
+
+def position_parts(text: str) -> List[Optional[str]]:
+    """The part (PARTS) each character of a rollout's text belongs to, None elsewhere: the first
+    token (where a rollout works or answers at once); in a worked rollout the work's operands and result, the W of "Wait", the check's
+    digits; the boxed answer's digits."""
+    parts: List[Optional[str]] = [None] * len(text)
+    if not text:
+        return parts
+    work = WORK.match(text)
+    if work:
+        for group, part in ((1, "operands"), (2, "operands"), (3, "result")):
+            for k in range(*work.span(group)):
+                parts[k] = part
+        wait = text.find("Wait", work.end())
+        if wait >= 0:
+            parts[wait] = "'Wait'"
+            end = text.find("The answer", wait)
+            for k in range(wait, end if end >= 0 else len(text)):
+                if text[k].isdigit():
+                    parts[k] = "the check"
+    boxed = text.find("\\boxed{")
+    if boxed >= 0:
+        for k in range(boxed + len("\\boxed{"), len(text)):
+            if not text[k].isdigit():
+                break
+            parts[k] = "the answer"
+    parts[0] = "first token"  # the choice between working and answering at once
+    return parts
+
+
 class ComparisonRun(Trainer):
     """One run of the comparison: its evaluation at step 0 is the start's, measured once (every
     run starts from the same base, and the evaluation is greedy)."""
@@ -102,6 +138,7 @@ def probe(trainer, count: int = PROBE_ROLLOUTS) -> Dict[str, float]:
         torch.manual_seed(PROBE_SEED + config.seed)  # the same rollout seeds in every run
         rollouts = trainer.generate(contexts["student"], config.temperature, config.top_p, config.max_new_tokens)
         sums: Dict[str, float] = {}
+        parts: Dict[str, list] = {part: [0, {"pmi": 0.0, "ref": 0.0}] for part in PARTS}
         for i, rollout in enumerate(tqdm(rollouts, desc="probe", leave=False, mininterval=2)):
             trainer.stop.check("the probe")
             if not rollout:
@@ -113,8 +150,11 @@ def probe(trainer, count: int = PROBE_ROLLOUTS) -> Dict[str, float]:
                                    temperature=config.loss_temperature, check_finite=False)
             for key, value in diag.items():
                 sums[key] = sums.get(key, 0.0) + float(value.nan_to_num().sum())
+            add_parts(parts, trainer.tokenizer, rollout, states, head, frozen, config.loss_temperature)
         tokens = sum(map(len, rollouts))
         out = {key: value / max(1, tokens) for key, value in sums.items()}
+        out.update({f"where/{part}/{kind}": total / count for part, (count, sums_) in parts.items() if count
+                    for kind, total in sums_.items()})
         drift = trainer.drift.measure(trainer, list(enumerate(rollouts)))
         out["kl_student_base"] = drift.get("drift/kl_student_base", float("nan"))
     finally:
@@ -125,6 +165,32 @@ def probe(trainer, count: int = PROBE_ROLLOUTS) -> Dict[str, float]:
     out["work_skipped"] = sum("=" not in text for text in texts) / len(texts)
     out["length"] = tokens / len(texts)
     return out
+
+
+def add_parts(parts: Dict[str, list], tokenizer, rollout: List[int], states, head, frozen, temperature: float):
+    """Adds, per part of the rollout (tasks.position_parts), the norms of the centered PMI
+    residual Δ = log pT - log pR and of the reference-induced part log pR - log p: where each of
+    the teacher's two signals lives. Reads only rollouts whose tokens are one character each
+    (the toy tokenizer's)."""
+    pieces = [tokenizer.decode([t], skip_special_tokens=True) for t in rollout]
+    if any(len(piece) > 1 for piece in pieces):
+        return
+    text_parts = position_parts("".join(pieces))
+    rows = [k for k, piece in enumerate(pieces) if piece]  # a special token (the end) has no part
+    if len(rows) != len(text_parts):
+        return
+    logp = lambda h, w: torch.log_softmax(F.linear(h.float(), w.weight.float(),  # noqa: E731
+                                                   None if w.bias is None else w.bias.float()) / temperature, -1)
+    student, teacher, refonly = logp(states["student"], head), logp(states["teacher"], frozen), \
+        logp(states["refonly"], frozen)
+    for kind, delta in (("pmi", teacher - refonly), ("ref", refonly - student)):
+        norms = (delta - delta.mean(-1, keepdim=True)).norm(dim=-1)
+        for row, part in zip(rows, text_parts):
+            if part is not None:
+                parts[part][1][kind] += float(norms[row])
+    for part in text_parts:
+        if part is not None:
+            parts[part][0] += 1
 
 
 def standard_error(accuracy: float, n: int) -> float:
@@ -181,6 +247,22 @@ def format_table(summary: Dict[str, Dict[str, List[float]]], seeds: List[int]) -
     widths = [max(len(r[i]) for r in [heads] + lines) for i in range(len(heads))]
     fmt_row = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
     return "\n".join([fmt_row(heads), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [fmt_row(r) for r in lines])
+
+
+def format_parts(per_seed: Dict[int, Dict]) -> str:
+    """A markdown table of where the teacher's two signals live at the start (add_parts): per
+    part of the rollouts, the mean norm of the PMI residual and of the reference-induced part
+    (mean ± sd over seeds)."""
+    def cell(part, kind):
+        xs = [r["start"].get(f"where/{part}/{kind}") for r in per_seed.values()]
+        xs = [x for x in xs if x is not None]
+        if not xs:
+            return "n/a"
+        return f"{statistics.fmean(xs):.1f}" + (f" ± {statistics.stdev(xs):.1f}" if len(xs) > 1 else "")
+    lines = ["| part of the rollout | ‖Δ‖ PMI residual, log pT - log pR | ‖Δ_ref‖ reference-induced, log pR - log p |",
+             "|---|---|---|"]
+    lines += [f"| {part} | {cell(part, 'pmi')} | {cell(part, 'ref')} |" for part in PARTS]
+    return "\n".join(lines)
 
 
 def plot_comparison(per_seed: Dict[int, Dict], out: str) -> str:
@@ -260,9 +342,11 @@ def main(argv) -> int:
     notes = NOTES.format(probe=PROBE_ROLLOUTS, eval=shared.eval_limit * shared.eval_samples)
     title = (f"{shared.max_steps} steps x {shared.batch_size} rollouts, lr {shared.lr}, beta {shared.beta}, "
              f"clip {shared.clip}; seeds {', '.join(map(str, seeds))}" + (" (mean ± sd)" if len(seeds) > 1 else ""))
-    print(f"\n{title}\n{table}\n\n{notes}\n")
+    parts = ("Where the teacher's signal lives at the start (the warmed-up base's sampled rollouts; norms of the "
+             f"centered log-ratios over the vocabulary, per token):\n{format_parts(per_seed)}")
+    print(f"\n{title}\n{table}\n\n{notes}\n\n{parts}\n")
     with open(os.path.join(root, "table.md"), "w") as fh:
-        fh.write(f"{title}\n\n{table}\n\n{notes}\n")
+        fh.write(f"{title}\n\n{table}\n\n{notes}\n\n{parts}\n")
     with open(os.path.join(root, "summary.json"), "w") as fh:
         json.dump({"config": dataclasses.asdict(shared), "seeds": seeds, "timing": timing,
                    "results": {s: {k: v for k, v in r.items() if k != "curves"} for s, r in per_seed.items()}},

@@ -122,7 +122,7 @@ class TrainConfig:
     max_nonfinite_steps: int = 5
     # Warn when the student's KL from the frozen base passes this many nats per token (drift.py;
     # measured on the diagnostics steps); None: never.
-    drift_warn_kl: Optional[float] = 1.0
+    drift_warn_kl: Optional[float] = 0.3
     resume: bool = False  # continue output_dir's run from its latest checkpoint
     overwrite: bool = False  # replace the run in a non-empty output_dir (else it is refused)
     # Keys --resume may change although they change the run (the keys in RESUME_MAY_CHANGE always may).

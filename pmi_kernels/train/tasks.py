@@ -23,14 +23,14 @@ What each context sees, and what the warm-up teaches it to write (`warmup` of ea
 The teacher's shortcut is built in, as the paper reports LLM teachers behave with the answer in
 view (shorter, more confident, fewer "wait"s): the toy shows what each target does with such a
 teacher, not that a teacher behaves so. What the decomposition should find on a student's
-worked rollout: at the first token, the teacher's pull to the shortcut is the reference's
-(p_T ~ p_R there, so Δ_ref carries it and the PMI residual Δ = log p_T - log p_R ~ 0); at the
-operands, the teacher reads the question and the reference-only teacher cannot (Δ large, the
-transferable part); at the result and the answer both copy the reference's answer (Δ ~ 0,
-Δ_ref large); at "Wait" both check less than the student (Δ ~ 0). So standard OPSD (target
-p_T) teaches the student to answer at once and to stop checking, which fails without the
-reference; the PMI target keeps the work and the checks and moves the operands toward the
-question's numbers.
+worked rollout (the comparison prints it, per part: compare.py): at the first token, where a
+rollout works or answers at once, the teacher's pull to the shortcut comes mostly from the
+reference (log p_R - log p larger than the PMI residual Δ = log p_T - log p_R); at the
+operands the teacher reads the question and the reference-only teacher cannot (Δ large: the
+part that transfers); at the result both copy the reference's answer (Δ small, the
+reference-induced part large). So standard OPSD (target p_T) teaches the student to answer at
+once and to stop checking, which fails without the reference; the PMI target leaves the work
+and the checks in place.
 """
 from __future__ import annotations
 
