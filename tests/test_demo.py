@@ -197,7 +197,12 @@ def test_compare_runs_end_to_end_and_reuses_its_base(tmp_path, warmups, capsys, 
     root = tmp_path / "cmp"
     assert (root / "compare.png").stat().st_size > 0 and (root / "table.md").exists()
     summary = json.load(open(root / "summary.json"))
-    assert set(summary["results"]["0"]) == {"start", "opsd", "pmi-base", "pmi-self"}
+    results = summary["results"]["0"]
+    assert set(results) == {"start", "opsd", "pmi-base", "pmi-self"}
+    # KL(q‖p) is each row's own target's: the PMI target's at the start (probed by the OPSD run).
+    assert results["start"]["kl_q_p"] == results["start"]["kl_target_student"]
+    assert results["opsd"]["kl_q_p"] == results["opsd"]["kl_teacher_student"]
+    assert results["pmi-self"]["kl_q_p"] == results["pmi-self"]["kl_target_student"]
     assert cli_main(["compare", *flags]) == 0
     assert "(cached)" in capsys.readouterr().out and len(warmups) == 1
     assert cli_main(["compare", *flags, "--anchor", "true"]) == 2

@@ -127,8 +127,9 @@ def run_config(shared: TrainConfig, root: str, seed: int, name: str, overrides: 
 
 
 @torch.no_grad()
-def probe(trainer, count: int = PROBE_ROLLOUTS) -> Dict[str, float]:
-    """Means over sampled rollouts for the first `count` held-out questions (module docstring)."""
+def probe(trainer, count: int = PROBE_ROLLOUTS, mode: Optional[str] = None) -> Dict[str, float]:
+    """Means over sampled rollouts for the first `count` held-out questions (module docstring);
+    kl_q_p is KL(q‖p) of the target of `mode` (the run's own by default)."""
     from tqdm import tqdm
     config = trainer.config
     rows = trainer.eval_rows[:count]
@@ -159,7 +160,7 @@ def probe(trainer, count: int = PROBE_ROLLOUTS) -> Dict[str, float]:
         out["kl_student_base"] = drift.get("drift/kl_student_base", float("nan"))
     finally:
         trainer.prompts = saved
-    out["kl_q_p"] = out["kl_teacher_student" if config.mode == "opsd" else "kl_target_student"]
+    out["kl_q_p"] = out["kl_teacher_student" if (mode or config.mode) == "opsd" else "kl_target_student"]
     texts = [trainer.tokenizer.decode(r, skip_special_tokens=True) for r in rollouts]
     out.update({f"markers/{k}": v / len(texts) for k, v in count_markers(texts, config.markers).items()})
     out["work_skipped"] = sum("=" not in text for text in texts) / len(texts)
@@ -209,7 +210,8 @@ def compare_seed(shared: TrainConfig, root: str, seed: int, stop: StopRequest, p
         if start_accuracy is None:
             print(f"[seed {seed}] the start: accuracy on {len(trainer.eval_rows)} held-out problems, probe", flush=True)
             start_accuracy = trainer.start_accuracy = trainer.evaluate()  # the run's own step-0 evaluation reuses it
-            out["start"] = {"accuracy": start_accuracy, **probe(trainer)}
+            # At the start KL(q‖p) is the PMI target's (the same for both anchors: the student is the base).
+            out["start"] = {"accuracy": start_accuracy, **probe(trainer, mode="pmi")}
         result = trainer.train(progress=progress)
         if result["interrupted"]:
             raise Interrupted(signal.Signals[result["interrupted"]], result["where"])
