@@ -207,3 +207,6 @@ def test_compare_runs_end_to_end_and_reuses_its_base(tmp_path, warmups, capsys, 
     assert "(cached)" in capsys.readouterr().out and len(warmups) == 1
     assert cli_main(["compare", *flags, "--anchor", "true"]) == 2
     assert "--anchor" in capsys.readouterr().err
+    for seeds in ("0,x", "1,1"):
+        assert cli_main(["compare", *flags, "--seeds", seeds]) == 2
+        assert "--seeds" in capsys.readouterr().err

@@ -322,6 +322,8 @@ def main(argv) -> int:
         seeds = [int(s) for s in known.seeds.split(",")] if known.seeds else [shared.seed]
     except ValueError as err:
         raise ValueError(f"--seeds: expected comma-separated integers, got {known.seeds!r}") from err
+    if len(set(seeds)) != len(seeds) or any(not 0 <= seed < 2**32 for seed in seeds):
+        raise ValueError(f"--seeds: expected distinct seeds in [0, 2**32), got {known.seeds!r}")
     root = shared.output_dir
     os.makedirs(root, exist_ok=True)
     start, load = time.perf_counter(), os.getloadavg()
