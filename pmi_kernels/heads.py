@@ -80,6 +80,10 @@ def _storage_key(x):
 def gather_heads(named: dict) -> dict:
     """gather_head for each named tensor, gathering the same data passed twice (e.g. the frozen
     head given as the student's weight, detached) only once: one full copy beside the shard."""
+    dtensor = _dtensor_type()
+    if dtensor is None or not any(isinstance(x, dtensor) for x in named.values()):
+        # Nothing to gather; no data_ptr either (torch 2.11's dynamo cannot trace one as a key).
+        return {name: gather_head(x, name) for name, x in named.items()}
     out, seen = {}, {}
     for name, x in named.items():
         key = _storage_key(x) if isinstance(x, torch.Tensor) and x.numel() > 0 else None

@@ -89,6 +89,34 @@ def test_varlen_attention_outside_packed_forwards_is_sdpa(monkeypatch):
     assert len(calls) == SHAPE["num_hidden_layers"]
 
 
+@pytest.mark.parametrize("signature", ["torch-2.11", "newer"])
+def test_flash_varlen_adapts_to_the_installed_varlen_attn(monkeypatch, signature):
+    """flash_varlen on torch 2.11's varlen_attn (is_causal; no scale, window or enable_gqa) and on
+    the newer one gives segment_attention's result with grouped heads and a non-default scale.
+    Fails on keywords the installed signature lacks (the TypeError seen on torch 2.11), on the
+    key/value heads not repeated for GQA, or on the scale dropped."""
+    import torch.nn.attention.varlen as varlen
+
+    def old(q, k, v, cu_q, cu_k, max_q, max_k, is_causal=False, return_aux=None):
+        assert is_causal and q.shape[1] == k.shape[1]
+        return packing.segment_attention(q, k, v, cu_q, cu_k, max_q, max_k, window_size=(-1, 0))
+
+    def new(q, k, v, cu_q, cu_k, max_q, max_k, *, return_aux=None, scale=None, window_size=(-1, -1),
+            enable_gqa=False):
+        return packing.segment_attention(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, window_size=window_size,
+                                         enable_gqa=enable_gqa)
+    monkeypatch.setattr(varlen, "varlen_attn", old if signature == "torch-2.11" else new)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(9, heads, 8, generator=gen, dtype=torch.float64) for heads in (4, 2, 2))
+    lengths = torch.tensor([0, 4, 9], dtype=torch.int32), torch.tensor([0, 4, 9], dtype=torch.int32), 5, 5
+    got = packing.flash_varlen(q, k, v, lengths, 0.2, (-1, 0))
+    want = packing.segment_attention(q, k, v, *lengths, scale=0.2, window_size=(-1, 0), enable_gqa=True)
+    torch.testing.assert_close(got, want)
+    if signature == "torch-2.11":
+        with pytest.raises(ValueError, match="sliding window"):
+            packing.flash_varlen(q, k, v, lengths, 0.2, (3, 0))
+
+
 def test_rollout_groups_respect_the_token_budget():
     """Each pack's longest context stays within the budget (a context longer than the budget
     goes alone); order kept; empty rollouts dropped; one rollout per group unpacked."""

@@ -164,12 +164,13 @@ def _latest_file(output_dir: str, filename: str) -> str:
 
 
 def read_checkpoint_meta(output_dir: str) -> dict:
-    """The newest checkpoint's checkpoint.json: {"step": int, "config": {...}}."""
+    """The newest checkpoint's checkpoint.json: {"step": int, "config": {...}, "world_size": int}
+    (1 for a checkpoint written before the trainer ran under torchrun)."""
     path = _latest_file(output_dir, META_FILE)
     try:
         with open(path) as fh:
             meta = json.load(fh)
-        return {"step": int(meta["step"]), "config": dict(meta["config"])}
+        return {"step": int(meta["step"]), "config": dict(meta["config"]), "world_size": int(meta.get("world_size", 1))}
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise _unreadable(output_dir, path, f"cannot be read ({_reason(err)})") from err
 

@@ -42,6 +42,11 @@ def train(argv) -> int:
                   "checkpoint yet; start it again", file=sys.stderr)
             return err.exit_code
         result = trainer.train()
+    if trainer.world.distributed:
+        import torch.distributed as dist
+        dist.destroy_process_group()
+    if not trainer.world.main:  # rank 0 reports for the run
+        return 128 + signal.Signals[result["interrupted"]] if result["interrupted"] else 0
     fmt = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
     print(f"accuracy before training: {fmt(result['accuracy_before'])}   "
           f"after: {fmt(result['accuracy_after'])}   steps: {result['steps']}")

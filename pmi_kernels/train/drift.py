@@ -68,12 +68,13 @@ class Drift:
         return "standard OPSD moves the student toward the teacher: check the markers and the accuracy"
 
     @torch.no_grad()
-    def measure(self, trainer, batch: List[Tuple[int, List[int]]]) -> Dict[str, float]:
+    def measure(self, trainer, batch: List[Tuple[int, List[int]]], reduce=None) -> Dict[str, float]:
         """{"drift/kl_student_base", "drift/entropy_student", "drift/entropy_base"}: means per
-        rollout token of the (example index, rollout) pairs."""
+        rollout token of the (example index, rollout) pairs; reduce (under torchrun: the sum
+        over the ranks) turns this process's sums and token count into the totals."""
         if not trainer.config.lora and trainer.frozen is None:
             return {}  # full fine-tuning that reads no frozen stream keeps no copy of the base
-        totals, tokens = {}, 0
+        totals, tokens = {key: 0.0 for key in ("kl_student_base", "entropy_student", "entropy_base")}, 0
         base_model = trainer._base_model()
         head = base_model.get_output_embeddings()
         for index, rollout in batch:
@@ -87,9 +88,12 @@ class Drift:
             sums = drift_sums(student, base, head.weight, head.bias, base_head.weight, base_head.bias,
                               trainer.config.loss_temperature)
             for key, value in sums.items():
-                totals[key] = totals.get(key, 0.0) + value
+                totals[key] += value
             tokens += len(rollout)
-        return {f"drift/{key}": value / tokens for key, value in totals.items()} if tokens else {}
+        if reduce is not None:
+            totals = reduce({**totals, "tokens": tokens})
+            tokens = totals.pop("tokens")
+        return {f"drift/{key}": float(value) / tokens for key, value in totals.items()} if tokens else {}
 
     def check(self, step: int, record: Dict) -> None:
         """Warn once (on stderr, and drift/warning in the record) when the student's KL from the

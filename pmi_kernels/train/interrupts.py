@@ -44,6 +44,10 @@ class StopRequest:
         if self.signum is not None:
             raise Interrupted(self.signum, where)
 
+    def check_local(self, where: str) -> None:
+        """check(), at a point that ranks of a distributed run reach unequal numbers of times."""
+        self.check(where)
+
     def _handle(self, signum, frame) -> None:
         self.signum = signum
 

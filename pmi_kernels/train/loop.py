@@ -11,6 +11,9 @@ log each step's time split (sampling, context forwards, loss, backward, optimize
 A run keeps what it has: a step whose loss or gradients are not finite is skipped, a stop
 signal ends the run with its last consistent state saved, and checkpoints are atomic
 (checkpoint.py); the output directory is checked before anything loads (run_dir.py).
+
+Under torchrun each rank samples its slice of every micro-batch and the step's gradients are
+summed over the ranks, so a config takes the same step at any world size (distributed.py).
 """
 from __future__ import annotations
 
@@ -33,6 +36,8 @@ from .checkpoint import load_checkpoint, read_latest, rng_state, save_checkpoint
 from .config import TOY, TrainConfig
 from .contexts import KINDS, rollout_hidden, trim_rollout
 from .data import extract_answer, load_examples
+from .distributed import (SyncedStop, barrier, broadcast_module, join_world, on_main, sum_gradients, sum_over_ranks,
+                          training_device)
 from .drift import Drift
 from .interrupts import Interrupted, StopRequest, TrainingFailed, fault_point
 from .metrics import MetricsLog, StepTimer, count_markers, cut_metrics
@@ -46,10 +51,16 @@ from .tokenized import contexts_ids
 class Trainer:
     def __init__(self, config: TrainConfig, stop: Optional[StopRequest] = None):
         self.config = config.validate()
-        self.stop = stop or StopRequest()
-        auto = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(auto if config.device == "auto" else config.device)
-        resumed = prepare_output_dir(config)  # refusals and the resume checks, before anything heavy
+        self.world = world = join_world(config.device)  # one process, or a rank under torchrun
+        self.device = training_device(config.device, world)
+        self.stop = SyncedStop(world, self.device, stop or StopRequest()) if world.distributed else stop or StopRequest()
+        if world.distributed and config.rollout_engine == "vllm":
+            raise ValueError("rollout_engine: 'vllm' runs in one process; under torchrun use 'hf'")
+        if config.batch_size % world.size:
+            raise ValueError(f"batch_size: {config.batch_size} rollouts per micro-batch do not split evenly over "
+                             f"{world.size} processes (each samples batch_size / world size of them)")
+        # Refusals and the resume checks, before anything heavy (rank 0 looks; every rank hears).
+        resumed = on_main(world, lambda: prepare_output_dir(config, world.size))
         state = load_checkpoint(config.output_dir) if resumed is not None else None
         random.seed(config.seed)
         torch.manual_seed(config.seed)
@@ -71,8 +82,12 @@ class Trainer:
             if not config.resume:
                 model = warmed_up_base(model, config, self.tokenizer, self.train_rows, self.prompts, self.device,
                                        self.stop)  # base_cache.py: built, or loaded from the cache
-                write_dir_atomically(model_dir, lambda d: (model.save_pretrained(d), self.tokenizer.save_pretrained(d)))
+                on_main(world, lambda: write_dir_atomically(
+                    model_dir, lambda d: (model.save_pretrained(d), self.tokenizer.save_pretrained(d))))
         self.model, self.frozen = wrap_model(model, config)
+        for module in (self.model, self.frozen):  # rank 0's weights everywhere, as DDP starts
+            if module is not None:
+                broadcast_module(world, module)
         self.rollouts, self._synced_step = None, None
         if config.rollout_engine == "vllm":
             self.rollouts = self._vllm_engine(model, model_dir)
@@ -82,12 +97,14 @@ class Trainer:
         self.nonfinite_in_a_row, self.nonfinite_total = 0, 0
         self._saved_step: Optional[int] = None  # the step the newest checkpoint holds
         self.metrics = MetricsLog(config.output_dir, config.tensorboard)
-        self.drift = Drift(config.drift_warn_kl, Drift.advice(config))
+        self.drift = Drift(config.drift_warn_kl if world.main else None, Drift.advice(config))  # rank 0 warns
         if state is not None:
             self._restore(state)
             # A resumed run writes again what came after its checkpoint, and the evaluation it
             # starts with (before training, or after it when the run was already at max_steps).
-            cut_metrics(self.metrics.path, self.step, redo_evaluation=self.step in (0, config.max_steps))
+            if world.main:
+                cut_metrics(self.metrics.path, self.step, redo_evaluation=self.step in (0, config.max_steps))
+        barrier(world)
 
     # ---- set-up -----------------------------------------------------------------------
     def _vllm_engine(self, model, model_dir: str) -> VllmRollouts:
@@ -183,27 +200,36 @@ class Trainer:
     def evaluate(self) -> Optional[float]:
         """Accuracy on the held-out rows, averaged over eval_samples samples per question (None
         without held-out rows). A stop signal ends it between batches (raises Interrupted)."""
-        config, rows = self.config, self.eval_rows
+        config, rows, world = self.config, self.eval_rows, self.world
         if not rows:
             return None
+        mine = range(world.rank, len(rows), world.size)  # each rank its share, in batches of 32
+        batches = -(-len(range(0, len(rows), world.size)) // 32)  # rank 0's count: the same checks on every rank
         from tqdm import tqdm
         correct = 0
         for _ in range(config.eval_samples):
-            for i in tqdm(range(0, len(rows), 32), desc="evaluation", leave=False, mininterval=2):
+            for b in tqdm(range(batches), desc="evaluation", leave=False, mininterval=2, disable=not world.main):
                 fault_point("evaluation-batch")
                 self.stop.check("evaluation")
-                outs = self.generate(self.eval_prompts[i:i + 32], config.eval_temperature, 1.0, config.max_new_tokens)
-                for ex, out in zip(rows[i:i + 32], outs):
+                chunk = mine[32 * b:32 * (b + 1)]
+                if not chunk:
+                    continue
+                outs = self.generate([self.eval_prompts[i] for i in chunk], config.eval_temperature, 1.0,
+                                     config.max_new_tokens)
+                for i, out in zip(chunk, outs):
                     text = self.tokenizer.decode(out, skip_special_tokens=True)
-                    correct += extract_answer(text, config.answer_pattern) == ex["answer"]
+                    correct += extract_answer(text, config.answer_pattern) == rows[i]["answer"]
+        correct = sum_over_ranks(world, {"correct": correct}, self.device)["correct"]
         return correct / (len(rows) * config.eval_samples)
 
     # ---- one step ---------------------------------------------------------------------
     def next_indices(self, count: int) -> List[int]:
-        """The data order: a fresh permutation per epoch, seeded, so a resume continues it."""
-        n = len(self.train_rows)
+        """This rank's share of the next `count` rows of the data order (a fresh permutation per
+        epoch, seeded, so a resume continues it): the ranks take consecutive equal slices."""
+        n, share = len(self.train_rows), count // self.world.size
         out = []
-        for pos in range(self.position, self.position + count):
+        start = self.position + self.world.rank * share
+        for pos in range(start, start + share):
             epoch, offset = divmod(pos, n)
             order = list(range(n))
             random.Random(self.config.seed * 7919 + epoch).shuffle(order)
@@ -223,9 +249,9 @@ class Trainer:
             raise
 
     def _train_step(self) -> Dict:
-        config = self.config
-        # Sampling is seeded by the step, so an interrupted and resumed run samples the same.
-        torch.manual_seed(config.seed * 1_000_003 + self.step)
+        config, world = self.config, self.world
+        # Sampling is seeded by the step (and the rank), so an interrupted and resumed run samples the same.
+        torch.manual_seed((config.seed * 1_000_003 + self.step) * world.size + world.rank)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
@@ -243,14 +269,20 @@ class Trainer:
                                          config.top_p, config.max_new_tokens)
                 micro_batches.append(list(zip(indices, rollouts)))
         batch = [pair for micro_batch in micro_batches for pair in micro_batch]
-        tokens = sum(len(rollout) for _, rollout in batch)
+        counts = {"tokens": sum(len(rollout) for _, rollout in batch), "rollouts": len(batch)}
+        counts = sum_over_ranks(world, counts, self.device)  # the loss is the mean over every rank's tokens
+        tokens = int(counts["tokens"])
         totals: Dict[str, float] = {"loss": 0.0}
         budget = config.max_tokens_per_micro_batch
         for micro_batch in micro_batches:
             for group in rollout_groups(micro_batch, self.prompts, config.packed, budget):
                 fault_point("step-rollout")
-                self.stop.check("a step")
+                self.stop.check_local("a step")
                 self._distil(group, tokens, diagnose, totals, timer)
+        if world.distributed:
+            with timer("all_reduce"):  # gradients and the logged sums, over the ranks
+                sum_gradients(world, self.trainable)
+                totals = sum_over_ranks(world, totals, self.device)
         with timer("optimizer"):
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, config.max_grad_norm))
             finite = math.isfinite(totals["loss"]) and math.isfinite(grad_norm)
@@ -263,7 +295,7 @@ class Trainer:
         elapsed = time.perf_counter() - start
         record = {"step": self.step, "loss": totals.pop("loss"), "lr": lr, "grad_norm": grad_norm,
                   "skipped": not finite, "nonfinite_steps": self.nonfinite_total,
-                  "response_length": tokens / max(1, len(batch)), "tokens_per_s": tokens / elapsed,
+                  "response_length": tokens / max(1, counts["rollouts"]), "tokens_per_s": tokens / elapsed,
                   "peak_memory_gib": self._peak_memory_gib(), "time/step": elapsed}
         record.update({f"time/{part}": seconds for part, seconds in timer.seconds.items()})
         record.update({f"diag/{k}": v / max(1, tokens) for k, v in totals.items()})  # per token
@@ -273,9 +305,10 @@ class Trainer:
         if kl_key in record:
             record["kl_q_p"] = record[kl_key]
         texts = [self.tokenizer.decode(rollout, skip_special_tokens=True) for _, rollout in batch]
-        record.update({f"markers/{k}": v for k, v in count_markers(texts, config.markers).items()})
-        if diagnose:  # drift.py: the student's KL from the frozen base; a warning when it runs away
-            record.update(self.drift.measure(self, batch))
+        markers = sum_over_ranks(world, count_markers(texts, config.markers), self.device)
+        record.update({f"markers/{k}": int(v) for k, v in markers.items()})
+        if diagnose:  # drift.py: the student's KL from the frozen base (over every rank's rollouts); a warning
+            record.update(self.drift.measure(self, batch, lambda sums: sum_over_ranks(world, sums, self.device)))
             self.drift.check(self.step, record)
         return record
 
@@ -344,10 +377,11 @@ class Trainer:
             if not torch.isfinite(tensor).all():
                 raise TrainingFailed(f"step {self.step}: {name} is not finite; not saved, so the newest checkpoint "
                                      f"is still {read_latest(self.config.output_dir)}")
-        meta = {"step": self.step, "config": dataclasses.asdict(self.config)}
+        meta = {"step": self.step, "config": dataclasses.asdict(self.config), "world_size": self.world.size}
         save_pretrained = self.model.save_pretrained if self.config.lora else None
-        path = save_checkpoint(self.config.output_dir, self.step, self._state(), meta, save_pretrained,
-                               keep=self.config.keep_checkpoints)
+        # Every rank holds the same weights and optimizer state: rank 0 writes them.
+        path = on_main(self.world, lambda: save_checkpoint(self.config.output_dir, self.step, self._state(), meta,
+                                                           save_pretrained, keep=self.config.keep_checkpoints))
         self._saved_step = self.step
         return path
 
@@ -371,7 +405,7 @@ class Trainer:
         config = self.config
         if self.step == 0:
             result["accuracy_before"] = self._evaluate_and_log()
-        bar = tqdm(total=config.max_steps, initial=self.step, disable=not progress, desc="opsd")
+        bar = tqdm(total=config.max_steps, initial=self.step, disable=not progress or not self.world.main, desc="opsd")
         try:
             while self.step < config.max_steps:
                 self.stop.check("a step")
@@ -393,20 +427,21 @@ class Trainer:
 
     def _evaluate_and_log(self) -> Optional[float]:
         accuracy = self.evaluate()
-        if accuracy is not None:
+        if accuracy is not None and self.world.main:
             self.metrics.write({"step": self.step, "eval/accuracy": accuracy})
         return accuracy
 
     def _log(self, record: Dict) -> None:
         """Every log_every steps, and every skipped step; too many skipped in a row end the run."""
         from tqdm import tqdm
-        if record["skipped"] or self.step % self.config.log_every == 0:
+        if (record["skipped"] or self.step % self.config.log_every == 0) and self.world.main:
             self.metrics.write(record)
         if not record["skipped"]:
             return
         limit = self.config.max_nonfinite_steps
-        tqdm.write(f"step {self.step}: the loss or a gradient is not finite; step skipped, no update "
-                   f"({self.nonfinite_in_a_row} in a row, the run stops at {limit})", file=sys.stderr)
+        if self.world.main:
+            tqdm.write(f"step {self.step}: the loss or a gradient is not finite; step skipped, no update "
+                       f"({self.nonfinite_in_a_row} in a row, the run stops at {limit})", file=sys.stderr)
         if self.nonfinite_in_a_row >= limit:
             raise TrainingFailed(
                 f"stopped at step {self.step}: {limit} steps in a row had a non-finite loss or gradient "

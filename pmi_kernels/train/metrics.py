@@ -20,7 +20,7 @@ def count_markers(texts: List[str], markers: List[str]) -> Dict[str, int]:
 class StepTimer:
     """Seconds spent in each part of a step (logged as time/<part>). On CUDA a part ends with a
     synchronize, so the kernels it queued count in it."""
-    PARTS = ("sampling", "forwards", "loss", "diagnostics", "backward", "optimizer")
+    PARTS = ("sampling", "forwards", "loss", "diagnostics", "backward", "all_reduce", "optimizer")
 
     def __init__(self, device):
         self.device = device

@@ -166,16 +166,42 @@ def varlen_attention(module, query, key, value, attention_mask, dropout=0.0, sca
         raise ValueError(f"{VARLEN} attention has no softcap or dropout; use attn_implementation 'sdpa'")
     if query.shape[0] != 1:
         raise ValueError(f"{VARLEN} attention takes one packed row, got a batch of {query.shape[0]}")
-    dtype, kernel = query.dtype, segment_attention
-    compute = dtype
-    if query.is_cuda:  # flash kernels: half precision only
-        from torch.nn.attention.varlen import varlen_attn as kernel
-        compute = dtype if dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
-    q, k, v = (x[0].transpose(0, 1).to(compute) for x in (query, key, value))  # [N, heads, D]
+    dtype = query.dtype
+    q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [N, heads, D]
     window = (-1, 0) if sliding_window is None else (sliding_window - 1, 0)
-    out = kernel(q, k, v, kwargs["cu_seq_lens_q"], kwargs["cu_seq_lens_k"], kwargs["max_length_q"],
-                 kwargs["max_length_k"], scale=scaling, window_size=window, enable_gqa=q.shape[1] != k.shape[1])
+    lengths = kwargs["cu_seq_lens_q"], kwargs["cu_seq_lens_k"], kwargs["max_length_q"], kwargs["max_length_k"]
+    if not query.is_cuda:
+        out = segment_attention(q, k, v, *lengths, scale=scaling, window_size=window, enable_gqa=q.shape[1] != k.shape[1])
+        return out[None], None
+    compute = dtype if dtype in (torch.float16, torch.bfloat16) else torch.bfloat16  # flash: half precision
+    out = flash_varlen(q.to(compute), k.to(compute), v.to(compute), lengths, scaling, window)
     return out.to(dtype)[None], None
+
+
+def flash_varlen(q, k, v, lengths, scale, window):
+    """torch's varlen_attn across the versions users have: torch 2.11's takes is_causal and no
+    scale, window or enable_gqa (the newer keywords are used where the signature has them)."""
+    import inspect
+    from torch.nn.attention.varlen import varlen_attn
+    takes = inspect.signature(varlen_attn).parameters
+    options = {}
+    if "window_size" in takes:
+        options["window_size"] = window
+    elif window == (-1, 0):
+        options["is_causal"] = True
+    else:
+        raise ValueError(f"{VARLEN} attention with a sliding window needs torch's varlen_attn with window_size "
+                         f"(torch {torch.__version__} has none); use attn_implementation 'sdpa'")
+    if "enable_gqa" in takes:
+        options["enable_gqa"] = q.shape[1] != k.shape[1]
+    elif q.shape[1] != k.shape[1]:
+        k, v = (x.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for x in (k, v))
+    default_scale = q.shape[-1] ** -0.5
+    if "scale" in takes:
+        options["scale"] = scale
+    elif scale is not None and scale != default_scale:
+        q = q * (scale / default_scale)
+    return varlen_attn(q, k, v, *lengths, **options)
 
 
 def register_varlen() -> None:

@@ -15,9 +15,10 @@ TOY_BASE = "toy-base"  # the toy run's model after its warm-up: the base every l
 TRAINER_FILES = ("latest", "metrics.jsonl", "metrics.png", "result.json", TOY_BASE, "tensorboard")
 
 
-def prepare_output_dir(config: TrainConfig) -> Optional[dict]:
-    """Make output_dir; for --resume, check it and return its newest checkpoint's meta
-    ({"step", "config"}); otherwise refuse a non-empty directory unless --overwrite."""
+def prepare_output_dir(config: TrainConfig, world_size: int = 1) -> Optional[dict]:
+    """Make output_dir; for --resume, check it (written by as many processes as this run has)
+    and return its newest checkpoint's meta ({"step", "config", "world_size"}); otherwise refuse
+    a non-empty directory unless --overwrite."""
     out = config.output_dir
     try:
         os.makedirs(out, exist_ok=True)
@@ -27,7 +28,7 @@ def prepare_output_dir(config: TrainConfig) -> Optional[dict]:
     if not os.access(out, os.W_OK | os.X_OK):
         raise ValueError(f"config: output_dir {out!r} is not writable")
     if config.resume:
-        return _check_resumable(config)
+        return _check_resumable(config, world_size)
     entries = sorted(os.listdir(out))
     if entries and not config.overwrite:
         shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
@@ -40,10 +41,16 @@ def prepare_output_dir(config: TrainConfig) -> Optional[dict]:
     return None
 
 
-def _check_resumable(config: TrainConfig) -> dict:
+def _check_resumable(config: TrainConfig, world_size: int) -> dict:
     out = config.output_dir
     recover_interrupted_save(out)
     meta = read_checkpoint_meta(out)
+    ranks = meta["world_size"]
+    if ranks != world_size:
+        # The step's batch and each rank's slice of the data order depend on the world size.
+        raise ValueError(f"--resume: the run in {out!r} was trained by {ranks} process(es) and this run has "
+                         f"{world_size}; resume it at its world size (torchrun --nproc-per-node ... with "
+                         f"{ranks} in all) to continue it exactly")
     changed = changed_keys(meta["config"], config)
     if changed:
         keys = ",".join(item.split(" ", 1)[0] for item in changed)

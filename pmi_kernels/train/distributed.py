@@ -1,0 +1,163 @@
+"""The trainer under torchrun: data parallelism on torch.distributed.
+
+Every rank holds the whole model (LoRA adapters or all weights, and the frozen copy) and reads
+its own rollouts: batch_size is the micro-batch over all ranks, each rank taking its equal,
+rank-disjoint slice of the seeded data order and sampling with its own seed, so a config means
+the same step at any world size.
+Each rank's loss is its token sum divided by the step's token count over all ranks (one
+all-reduce), so after the gradients are summed over the ranks (one all-reduce of one flat
+buffer per step, after the last micro-batch, where DDP under no_sync would reduce) every rank
+holds the gradient of the whole step's token mean: N ranks take the step one process would take
+with N times the batch. Rank 0 writes the metrics and the checkpoints (output_dir must be a
+filesystem every rank sees); every rank reads a checkpoint to resume.
+
+A stop signal (torchrun forwards SIGINT/SIGTERM to every worker) is acted on where every rank
+checks it together (SyncedStop), so no rank leaves a collective the others are in.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterable, List, Optional, TypeVar
+
+import torch
+
+from .interrupts import Interrupted, StopRequest, TrainingFailed
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the trainer's processes (a plain run: rank 0 of 1)."""
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+
+def join_world(device: str) -> World:
+    """The default process group: the one already initialized (a test's, a launcher's), or
+    torchrun's (WORLD_SIZE > 1 in the environment; nccl for CUDA devices, gloo for "cpu")."""
+    import torch.distributed as dist
+    if not dist.is_available():
+        return World()
+    if not dist.is_initialized():
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return World()
+        cuda = torch.cuda.is_available() and device != "cpu"
+        dist.init_process_group("nccl" if cuda else "gloo")
+    size = dist.get_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
+    return World(dist.get_rank(), size, local_rank) if size > 1 else World()
+
+
+def training_device(device: str, world: World) -> torch.device:
+    """config.device, with "auto" and "cuda" meaning this rank's GPU (LOCAL_RANK) under torchrun."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and world.distributed:
+        torch.cuda.set_device(world.local_rank)
+        return torch.device("cuda", world.local_rank)
+    return torch.device(device)
+
+
+def on_main(world: World, fn: Callable[[], T]) -> T:
+    """fn() run by rank 0 only, its result handed to every rank; its error raised on every rank
+    (a ValueError as one, anything else as TrainingFailed), so none waits forever for rank 0."""
+    if not world.distributed:
+        return fn()
+    import torch.distributed as dist
+    box: List = [None]
+    if world.main:
+        try:
+            box[0] = ("ok", fn())
+        except Exception as err:
+            box[0] = (type(err).__name__, str(err))
+            dist.broadcast_object_list(box, src=0)
+            raise
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "ok":
+        return value
+    raise (ValueError if kind == "ValueError" else TrainingFailed)(f"(from rank 0) {value}")
+
+
+def broadcast_module(world: World, module: torch.nn.Module) -> None:
+    """Rank 0's parameters and buffers on every rank (as DDP does when it wraps a model)."""
+    if not world.distributed:
+        return
+    import torch.distributed as dist
+    with torch.no_grad():
+        for tensor in [*module.parameters(), *module.buffers()]:
+            dist.broadcast(tensor.data, src=0)
+
+
+def sum_gradients(world: World, params: List[torch.nn.Parameter]) -> None:
+    """Each gradient summed over the ranks, in one all-reduce of one flat fp32 buffer. A rank
+    without a gradient for a parameter (e.g. one whose rollouts were all empty) adds zeros; a
+    parameter no rank has a gradient for keeps none, as in one process (AdamW skips it)."""
+    if not world.distributed or not params:
+        return
+    import torch.distributed as dist
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=grads[0].device)
+    flat = torch.cat([g.reshape(-1).to(torch.float32) for g in grads] + [has_grad])
+    dist.all_reduce(flat)
+    sizes = [g.numel() for g in grads] + [len(params)]
+    *summed, anyone = flat.split(sizes)
+    for p, chunk, had in zip(params, summed, anyone.tolist()):
+        p.grad = chunk.view_as(p).to(p.dtype) if had else None
+
+
+def sum_over_ranks(world: World, values: Dict[str, float], device: torch.device) -> Dict[str, float]:
+    """The per-key sums over the ranks (keys any rank has; missing ones count 0), in fp64."""
+    if not world.distributed:
+        return dict(values)
+    import torch.distributed as dist
+    every: List[Optional[Iterable[str]]] = [None] * world.size
+    dist.all_gather_object(every, sorted(values))
+    keys = sorted(set().union(*every))
+    flat = torch.tensor([float(values.get(k, 0.0)) for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(flat)
+    return dict(zip(keys, flat.tolist()))
+
+
+def barrier(world: World) -> None:
+    if world.distributed:
+        import torch.distributed as dist
+        dist.barrier()
+
+
+class SyncedStop(StopRequest):
+    """A StopRequest whose check() is a collective: every rank reaches the same checks in the same
+    order and all stop together when any has the flag. check_local() (reached a different number of
+    times on different ranks, e.g. once per packed group) defers to the next check()."""
+
+    def __init__(self, world: World, device: torch.device, stop: StopRequest):
+        super().__init__()
+        self.world, self.device, self.local = world, device, stop
+
+    @property
+    def requested(self) -> bool:
+        return self.local.requested
+
+    def catching(self):
+        return self.local.catching()
+
+    def check(self, where: str) -> None:
+        import torch.distributed as dist
+        flag = torch.tensor([self.local.signum or 0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if int(flag):
+            raise Interrupted(int(flag), where)
+
+    def check_local(self, where: str) -> None:
+        pass
