@@ -59,7 +59,8 @@ SET_PER_RUN = ("mode", "anchor", "resume", "overwrite")
 PROBE_ROLLOUTS = 128
 PROBE_SEED = 12345
 # (summary key, column head, format)
-COLUMNS = [("accuracy", "accuracy", "{:.3f}"), ("accuracy_se", "s.e.", "{:.3f}"), ("kl_q_p", "KL(q‖p)", "{:.3f}"),
+COLUMNS = [("accuracy", "accuracy", "{:.3f}"), ("accuracy_se", "s.e.", "{:.3f}"),
+           ("accuracy_change", "vs start", "{:+.3f}"), ("kl_q_p", "KL(q‖p)", "{:.3f}"),
            ("kl_teacher_student", "KL(pT‖p)", "{:.3f}"), ("entropy_student", "H(p)", "{:.3f}"),
            ("kl_student_base", "KL(p‖base)", "{:.3f}"), ("markers/wait", "wait", "{:.2f}"),
            ("markers/check", "check", "{:.2f}"), ("work_skipped", "no work", "{:.2f}"), ("length", "length", "{:.1f}"),
@@ -72,7 +73,7 @@ markers per rollout; no work: the share of rollouts that answer without working 
 tokens. cos(tot,ref), cos(tot,pmi): cosine of the teacher's signal log pT - log p with its
 reference-induced part log pR - log p and with the PMI residual log pT - log pR; ‖ref‖/‖tot‖:
 the ratio of their norms. accuracy: greedy, on {eval} held-out problems (s.e. its binomial
-standard error)."""
+standard error; vs start: the change from the same seed's start, the runs' paired comparison)."""
 
 
 # The parts of a shortcut-task rollout (tasks.py) the comparison reads the decomposition at.
@@ -194,17 +195,33 @@ def add_parts(parts: Dict[str, list], tokenizer, rollout: List[int], states, hea
             parts[part][0] += 1
 
 
+def fit_threads(default_threads: int) -> int:
+    """The torch threads for the next run: its default, or 1 while the machine's other work keeps
+    its cores busy (a 1-minute load average within half a core of the CPU count). On the shared
+    2-core machine the README's timings come from, 2 threads beside another busy process ran the
+    warm-up at 0.4-1 steps/s against 4 with 1 thread (they wait on each other's time slices);
+    the results did not change (the same table at either count). OMP_NUM_THREADS set: left alone."""
+    if "OMP_NUM_THREADS" in os.environ or default_threads <= 1:
+        return torch.get_num_threads()
+    busy = os.getloadavg()[0] >= (os.cpu_count() or 1) - 0.5
+    torch.set_num_threads(1 if busy else default_threads)
+    return torch.get_num_threads()
+
+
 def standard_error(accuracy: float, n: int) -> float:
     return math.sqrt(accuracy * (1 - accuracy) / n) if n else float("nan")
 
 
-def compare_seed(shared: TrainConfig, root: str, seed: int, stop: StopRequest, progress: bool = True) -> Dict:
+def compare_seed(shared: TrainConfig, root: str, seed: int, stop: StopRequest, progress: bool = True,
+                 threads: int = 1) -> Dict:
     """{"start": {...}, run name: {...}, "curves": {run name: metrics rows}} for one seed."""
     out: Dict = {"curves": {}}
     start_accuracy = None
     for number, (name, overrides, label) in enumerate(RUNS, 1):
         config = run_config(shared, root, seed, name, overrides)
-        print(f"[seed {seed}] {number}/{len(RUNS)} {name}: {label}", flush=True)
+        used = out.setdefault("threads", {})[name] = fit_threads(threads)
+        print(f"[seed {seed}] {number}/{len(RUNS)} {name}: {label} ({used} torch thread{'s' * (used > 1)})",
+              flush=True)
         trainer = ComparisonRun(config, stop)
         trainer.start_accuracy = start_accuracy
         if start_accuracy is None:
@@ -220,6 +237,7 @@ def compare_seed(shared: TrainConfig, root: str, seed: int, stop: StopRequest, p
     n = shared.eval_limit * shared.eval_samples
     for key in ["start"] + [name for name, _, _ in RUNS]:
         out[key]["accuracy_se"] = standard_error(out[key]["accuracy"], n)
+        out[key]["accuracy_change"] = out[key]["accuracy"] - out["start"]["accuracy"]  # paired: the same base
     return out
 
 
@@ -244,7 +262,7 @@ def format_table(summary: Dict[str, Dict[str, List[float]]], seeds: List[int]) -
             elif len(seeds) == 1 or key == "accuracy_se":
                 cells.append(fmt.format(statistics.fmean(xs)))
             else:
-                cells.append(f"{fmt.format(statistics.fmean(xs))} ± {fmt.format(statistics.stdev(xs))}")
+                cells.append(f"{fmt.format(statistics.fmean(xs))} ± {fmt.replace('+', '').format(statistics.stdev(xs))}")
         lines.append(cells)
     widths = [max(len(r[i]) for r in [heads] + lines) for i in range(len(heads))]
     fmt_row = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
@@ -331,8 +349,9 @@ def main(argv) -> int:
     per_seed = {}
     with stop.catching():
         try:
+            threads = torch.get_num_threads()
             for seed in seeds:
-                per_seed[seed] = compare_seed(shared, root, seed, stop)
+                per_seed[seed] = compare_seed(shared, root, seed, stop, threads=threads)
         except Interrupted as err:
             print(f"interrupted by {signal.Signals(err.signum).name} during {err.where}; the comparison is "
                   "incomplete (the warmed-up bases stay cached: run it again)", file=sys.stderr)
@@ -340,7 +359,7 @@ def main(argv) -> int:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     timing = {"wall_s": time.perf_counter() - start, "cpu_s": usage.ru_utime + usage.ru_stime,
               "load_average_1min": [load[0], os.getloadavg()[0]], "cpus": os.cpu_count(),
-              "torch_threads": torch.get_num_threads()}
+              "torch_threads": sorted({n for r in per_seed.values() for n in r["threads"].values()})}
     summary = summarize(per_seed)
     table = format_table(summary, seeds)
     notes = NOTES.format(probe=PROBE_ROLLOUTS, eval=shared.eval_limit * shared.eval_samples)
@@ -358,6 +377,6 @@ def main(argv) -> int:
     print(f"plot: {plot_comparison(per_seed, os.path.join(root, 'compare.png'))}")
     print(f"table: {os.path.join(root, 'table.md')}   summary: {os.path.join(root, 'summary.json')}")
     print(f"time: {timing['wall_s']:.0f} s wall, {timing['cpu_s']:.0f} s CPU, {timing['cpus']} CPUs, "
-          f"{timing['torch_threads']} torch threads, load average {load[0]:.1f} at the start and "
+          f"{'/'.join(map(str, timing['torch_threads']))} torch threads, load average {load[0]:.1f} at the start and "
           f"{timing['load_average_1min'][1]:.1f} at the end")
     return 0
