@@ -198,7 +198,7 @@ def test_compare_runs_end_to_end_and_reuses_its_base(tmp_path, warmups, capsys, 
     assert (root / "compare.png").stat().st_size > 0 and (root / "table.md").exists()
     summary = json.load(open(root / "summary.json"))
     results = summary["results"]["0"]
-    assert set(results) == {"start", "opsd", "pmi-base", "pmi-self", "threads"}
+    assert set(results) == {"start", "opsd", "pmi-base", "pmi-self"}
     # KL(q‖p) is each row's own target's: the PMI target's at the start (probed by the OPSD run).
     assert results["start"]["kl_q_p"] == results["start"]["kl_target_student"]
     assert results["opsd"]["kl_q_p"] == results["opsd"]["kl_teacher_student"]
@@ -212,20 +212,36 @@ def test_compare_runs_end_to_end_and_reuses_its_base(tmp_path, warmups, capsys, 
         assert "--seeds" in capsys.readouterr().err
 
 
-def test_one_thread_while_the_machine_is_busy(monkeypatch):
-    """The comparison's threads: 1 while other work keeps the cores busy, else the default, and
-    OMP_NUM_THREADS left alone. Fails on a busy machine run at the default (the measured 4-10x
-    slowdown) or an idle one held at 1."""
+def test_one_thread_while_other_processes_are_busy(monkeypatch):
+    """The comparison's threads: 1 while other processes used half a core or more over the last
+    interval (the machine's CPU time less this process's), else the default; OMP_NUM_THREADS
+    left alone. Fails on a busy machine run at the default (the measured 4-8x slowdown), on an
+    idle one held at 1, or on this process's own load counted as the others'."""
     before = torch.get_num_threads()
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(compare.os, "cpu_count", lambda: 2)
+    clock = {"now": 0.0, "busy": 0.0, "own": 0.0}
+    monkeypatch.setattr(compare.time, "monotonic", lambda: clock["now"])
+    monkeypatch.setattr(compare, "machine_busy_seconds", lambda: clock["busy"])
+    monkeypatch.setattr(compare, "own_cpu_seconds", lambda: clock["own"])
+
+    def tick(seconds, own, others):
+        clock["now"] += seconds
+        clock["own"] += own
+        clock["busy"] += own + others
+        return fitter()
     try:
-        monkeypatch.setattr(compare.os, "getloadavg", lambda: (2.4, 2.0, 2.0))
-        assert compare.fit_threads(2) == 1
-        monkeypatch.setattr(compare.os, "getloadavg", lambda: (0.3, 1.0, 1.0))
-        assert compare.fit_threads(2) == 2
+        fitter = compare.ThreadFitter(2, every=5.0)
+        fitter()
+        assert tick(5, own=9.0, others=0.5) == 2  # this process busy, the others at 0.1 core
+        assert tick(5, own=4.0, others=4.0) == 1  # another process at 0.8 core
+        assert tick(2, own=1.0, others=0.0) == 1  # too soon to look again
+        assert tick(5, own=5.0, others=0.5) == 2  # the other process gone
         monkeypatch.setenv("OMP_NUM_THREADS", "2")
-        monkeypatch.setattr(compare.os, "getloadavg", lambda: (9.0, 9.0, 9.0))
-        assert compare.fit_threads(2) == 2
+        torch.set_num_threads(2)
+        fixed = compare.ThreadFitter(2)
+        fixed()
+        clock["now"] += 5
+        clock["busy"] += 9.0
+        assert fixed() == 2
     finally:
         torch.set_num_threads(before)

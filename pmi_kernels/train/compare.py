@@ -195,33 +195,76 @@ def add_parts(parts: Dict[str, list], tokenizer, rollout: List[int], states, hea
             parts[part][0] += 1
 
 
-def fit_threads(default_threads: int) -> int:
-    """The torch threads for the next run: its default, or 1 while the machine's other work keeps
-    its cores busy (a 1-minute load average within half a core of the CPU count). On the shared
-    2-core machine the README's timings come from, 2 threads beside another busy process ran the
-    warm-up at 0.4-1 steps/s against 4 with 1 thread (they wait on each other's time slices);
-    the results did not change (the same table at either count). OMP_NUM_THREADS set: left alone."""
-    if "OMP_NUM_THREADS" in os.environ or default_threads <= 1:
+def machine_busy_seconds() -> Optional[float]:
+    """CPU seconds every process on the machine has used (/proc/stat), None where unreadable."""
+    try:
+        with open("/proc/stat") as fh:
+            fields = [int(x) for x in fh.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle and iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    times = os.times()
+    return times.user + times.system
+
+
+class ThreadFitter:
+    """Fits torch's threads to the machine, every `every` seconds: 1 while other processes kept
+    at least half a core busy over the last interval, else the default. On the shared 2-core
+    machine the README's timings come from, 2 threads beside another busy process ran the
+    warm-up at about 1 step/s against 4 with 1 thread (the threads wait on each other's time
+    slices); on an idle one 2 threads ran it at 7.8 steps/s. The table came out the same at
+    either count. Set OMP_NUM_THREADS to fix the count instead."""
+
+    def __init__(self, default: int, every: float = 5.0):
+        self.default, self.every = default, every
+        self.last = None  # (time, machine busy seconds, own CPU seconds)
+        self.enabled = "OMP_NUM_THREADS" not in os.environ and default > 1
+
+    def __call__(self) -> int:
+        now = time.monotonic()
+        if not self.enabled or (self.last is not None and now - self.last[0] < self.every):
+            return torch.get_num_threads()
+        busy, own = machine_busy_seconds(), own_cpu_seconds()
+        if busy is None:
+            self.enabled = False
+            return torch.get_num_threads()
+        if self.last is not None:
+            others = ((busy - self.last[1]) - (own - self.last[2])) / max(now - self.last[0], 1e-9)
+            threads = 1 if others >= 0.5 else self.default
+            if threads != torch.get_num_threads():
+                torch.set_num_threads(threads)
+        self.last = (now, busy, own)
         return torch.get_num_threads()
-    busy = os.getloadavg()[0] >= (os.cpu_count() or 1) - 0.5
-    torch.set_num_threads(1 if busy else default_threads)
-    return torch.get_num_threads()
+
+
+class FittingStop(StopRequest):
+    """The stop flag, whose checks (at every warm-up step, evaluation batch, training step and
+    probe rollout) also fit the threads."""
+
+    def __init__(self, fitter: ThreadFitter):
+        super().__init__()
+        self.fitter = fitter
+
+    def check(self, where: str) -> None:
+        self.fitter()
+        super().check(where)
 
 
 def standard_error(accuracy: float, n: int) -> float:
     return math.sqrt(accuracy * (1 - accuracy) / n) if n else float("nan")
 
 
-def compare_seed(shared: TrainConfig, root: str, seed: int, stop: StopRequest, progress: bool = True,
-                 threads: int = 1) -> Dict:
+def compare_seed(shared: TrainConfig, root: str, seed: int, stop: StopRequest, progress: bool = True) -> Dict:
     """{"start": {...}, run name: {...}, "curves": {run name: metrics rows}} for one seed."""
     out: Dict = {"curves": {}}
     start_accuracy = None
     for number, (name, overrides, label) in enumerate(RUNS, 1):
         config = run_config(shared, root, seed, name, overrides)
-        used = out.setdefault("threads", {})[name] = fit_threads(threads)
-        print(f"[seed {seed}] {number}/{len(RUNS)} {name}: {label} ({used} torch thread{'s' * (used > 1)})",
-              flush=True)
+        print(f"[seed {seed}] {number}/{len(RUNS)} {name}: {label}", flush=True)
         trainer = ComparisonRun(config, stop)
         trainer.start_accuracy = start_accuracy
         if start_accuracy is None:
@@ -345,13 +388,13 @@ def main(argv) -> int:
     root = shared.output_dir
     os.makedirs(root, exist_ok=True)
     start, load = time.perf_counter(), os.getloadavg()
-    stop = StopRequest()
+    fitter = ThreadFitter(torch.get_num_threads())
+    stop = FittingStop(fitter)
     per_seed = {}
     with stop.catching():
         try:
-            threads = torch.get_num_threads()
             for seed in seeds:
-                per_seed[seed] = compare_seed(shared, root, seed, stop, threads=threads)
+                per_seed[seed] = compare_seed(shared, root, seed, stop)
         except Interrupted as err:
             print(f"interrupted by {signal.Signals(err.signum).name} during {err.where}; the comparison is "
                   "incomplete (the warmed-up bases stay cached: run it again)", file=sys.stderr)
@@ -359,7 +402,8 @@ def main(argv) -> int:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     timing = {"wall_s": time.perf_counter() - start, "cpu_s": usage.ru_utime + usage.ru_stime,
               "load_average_1min": [load[0], os.getloadavg()[0]], "cpus": os.cpu_count(),
-              "torch_threads": sorted({n for r in per_seed.values() for n in r["threads"].values()})}
+              "torch_threads": fitter.default if fitter.enabled else torch.get_num_threads(),
+              "threads_fitted": fitter.enabled}
     summary = summarize(per_seed)
     table = format_table(summary, seeds)
     notes = NOTES.format(probe=PROBE_ROLLOUTS, eval=shared.eval_limit * shared.eval_samples)
@@ -377,6 +421,7 @@ def main(argv) -> int:
     print(f"plot: {plot_comparison(per_seed, os.path.join(root, 'compare.png'))}")
     print(f"table: {os.path.join(root, 'table.md')}   summary: {os.path.join(root, 'summary.json')}")
     print(f"time: {timing['wall_s']:.0f} s wall, {timing['cpu_s']:.0f} s CPU, {timing['cpus']} CPUs, "
-          f"{'/'.join(map(str, timing['torch_threads']))} torch threads, load average {load[0]:.1f} at the start and "
+          f"{timing['torch_threads']} torch threads" + (" (1 while other processes were busy)" if fitter.enabled else "")
+          + f", load average {load[0]:.1f} at the start and "
           f"{timing['load_average_1min'][1]:.1f} at the end")
     return 0
