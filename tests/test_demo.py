@@ -170,7 +170,8 @@ def test_table_has_a_row_per_run_and_the_columns():
     one = compare.format_table(compare.summarize({0: result}), [0]).splitlines()
     heads = [c.strip() for c in one[0].strip("|").split("|")]
     assert heads == ["run"] + [head for _, head, _ in compare.COLUMNS]
-    for needed in ("accuracy", "s.e.", "vs start", "KL(q‖p)", "H(p)", "KL(p‖base)", "wait", "check", "cos(tot,ref)"):
+    for needed in ("accuracy", "s.e.", "vs start", "KL(q‖p)", "H(p)", "KL(p‖base)", "wait", "check",
+                   "cos(tot,ref)"):
         assert needed in heads
     assert [line.split("|")[1].strip() for line in one[2:]] == [
         "start (the warmed-up base)", "standard OPSD", "PMI, frozen-base anchor", "PMI, self anchor"]

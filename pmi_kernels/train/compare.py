@@ -83,8 +83,8 @@ WORK = re.compile(r"(\d+) [+-] (\d+) = (\d+)\.")
 
 def position_parts(text: str) -> List[Optional[str]]:
     """The part (PARTS) each character of a rollout's text belongs to, None elsewhere: the first
-    token (where a rollout works or answers at once); in a worked rollout the work's operands and result, the W of "Wait", the check's
-    digits; the boxed answer's digits."""
+    token (where a rollout works or answers at once); in a worked rollout the work's operands
+    and result, the W of "Wait", the check's digits; the boxed answer's digits."""
     parts: List[Optional[str]] = [None] * len(text)
     if not text:
         return parts
@@ -305,11 +305,13 @@ def format_table(summary: Dict[str, Dict[str, List[float]]], seeds: List[int]) -
             elif len(seeds) == 1 or key == "accuracy_se":
                 cells.append(fmt.format(statistics.fmean(xs)))
             else:
-                cells.append(f"{fmt.format(statistics.fmean(xs))} ± {fmt.replace('+', '').format(statistics.stdev(xs))}")
+                spread = fmt.replace("+", "").format(statistics.stdev(xs))  # a spread has no sign
+                cells.append(f"{fmt.format(statistics.fmean(xs))} ± {spread}")
         lines.append(cells)
     widths = [max(len(r[i]) for r in [heads] + lines) for i in range(len(heads))]
     fmt_row = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
-    return "\n".join([fmt_row(heads), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [fmt_row(r) for r in lines])
+    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([fmt_row(heads), rule] + [fmt_row(r) for r in lines])
 
 
 def format_parts(per_seed: Dict[int, Dict]) -> str:
@@ -322,7 +324,8 @@ def format_parts(per_seed: Dict[int, Dict]) -> str:
         if not xs:
             return "n/a"
         return f"{statistics.fmean(xs):.1f}" + (f" ± {statistics.stdev(xs):.1f}" if len(xs) > 1 else "")
-    lines = ["| part of the rollout | ‖Δ‖ PMI residual, log pT - log pR | ‖Δ_ref‖ reference-induced, log pR - log p |",
+    lines = ["| part of the rollout | ‖Δ‖ PMI residual, log pT - log pR "
+             "| ‖Δ_ref‖ reference-induced, log pR - log p |",
              "|---|---|---|"]
     lines += [f"| {part} | {cell(part, 'pmi')} | {cell(part, 'ref')} |" for part in PARTS]
     return "\n".join(lines)
@@ -421,7 +424,7 @@ def main(argv) -> int:
     print(f"plot: {plot_comparison(per_seed, os.path.join(root, 'compare.png'))}")
     print(f"table: {os.path.join(root, 'table.md')}   summary: {os.path.join(root, 'summary.json')}")
     print(f"time: {timing['wall_s']:.0f} s wall, {timing['cpu_s']:.0f} s CPU, {timing['cpus']} CPUs, "
-          f"{timing['torch_threads']} torch threads" + (" (1 while other processes were busy)" if fitter.enabled else "")
-          + f", load average {load[0]:.1f} at the start and "
+          f"{timing['torch_threads']} torch threads"
+          + (" (1 while other processes were busy)" if fitter.enabled else "") + f", load average {load[0]:.1f} at the start and "
           f"{timing['load_average_1min'][1]:.1f} at the end")
     return 0
