@@ -309,8 +309,8 @@ class Trainer:
     def _distil(self, group: List, normalizer: int, diagnose: bool, totals: Dict, timer: StepTimer) -> None:
         """The loss over every token of a group of (index, rollout) pairs, one fused_pmi_kl call,
         divided by the step's token count; its gradients accumulate into the parameters'."""
-        config = self.config
-        pmi = config.mode == "pmi"
+        options = self.config.loss_options()  # the loss keys, as LossOptions (validate() checked them)
+        pmi = options.pmi
         indices, rollouts = [i for i, _ in group], [rollout for _, rollout in group]
         with timer("forwards"):
             states, head, frozen_head = self.group_states(indices, rollouts, with_refonly=pmi or diagnose)
@@ -319,9 +319,7 @@ class Trainer:
         with timer("loss"):
             loss = fused_pmi_kl(states["student"], head.weight, states["teacher"],
                                 states.get("refonly") if pmi else None, states.get("anchor"), lm_head_bias=head.bias,
-                                **frozen, normalizer=normalizer, beta=config.beta, clip=config.clip,
-                                center=config.center, temperature=config.loss_temperature, jsd_beta=config.jsd_beta,
-                                entry_clip=config.entry_clip, check_finite=False)
+                                **frozen, normalizer=normalizer, **options.keywords(), check_finite=False)
         with timer("backward"):
             loss.backward()
         totals["loss"] += float(loss.detach())  # the normalizer makes the step's sum a token mean
@@ -330,8 +328,7 @@ class Trainer:
                 diag = pmi_diagnostics(states["student"], states["teacher"], states["refonly"], states.get("anchor"),
                                        lm_head_weight=head.weight.detach(),
                                        lm_head_bias=None if head.bias is None else head.bias.detach(), **frozen,
-                                       beta=config.beta, clip=config.clip, center=config.center,
-                                       temperature=config.loss_temperature, check_finite=False)
+                                       **options.target_keywords(), check_finite=False)
                 for key, value in diag.items():
                     totals[key] = totals.get(key, 0.0) + float(value.nan_to_num().sum())
 
