@@ -35,8 +35,8 @@ from .checkpoint import load_checkpoint, read_latest, rng_state, save_checkpoint
 from .config import TOY, TrainConfig
 from .contexts import KINDS, rollout_hidden, trim_rollout
 from .data import extract_answer, load_examples
-from .distributed import (SyncedStop, barrier, broadcast_module, join_world, on_main, sum_gradients, sum_over_ranks,
-                          training_device)
+from .distributed import (SyncedStop, barrier, broadcast_module, check_world, join_world, on_main, sum_gradients,
+                          sum_over_ranks, training_device)
 from .interrupts import Interrupted, StopRequest, TrainingFailed, fault_point
 from .metrics import MetricsLog, StepTimer, count_markers, cut_metrics
 from .model import check_lengths, load_model, supervised_warmup, wrap_model
@@ -52,13 +52,8 @@ class Trainer:
         self.world = world = join_world(config.device)  # one process, or a rank under torchrun
         self.device = training_device(config.device, world)
         self.stop = SyncedStop(world, self.device, stop or StopRequest()) if world.distributed else stop or StopRequest()
-        if world.distributed and config.rollout_engine == "vllm":
-            raise ValueError("rollout_engine: 'vllm' runs in one process; under torchrun use 'hf'")
-        if config.batch_size % world.size:
-            raise ValueError(f"batch_size: {config.batch_size} rollouts per micro-batch do not split evenly over "
-                             f"{world.size} processes (each samples batch_size / world size of them)")
         # Refusals and the resume checks, before anything heavy (rank 0 looks; every rank hears).
-        resumed = on_main(world, lambda: prepare_output_dir(config, world.size))
+        resumed = on_main(world, lambda: check_world(config, world) or prepare_output_dir(config, world.size))
         state = load_checkpoint(config.output_dir) if resumed is not None else None
         random.seed(config.seed)
         torch.manual_seed(config.seed)
@@ -95,7 +90,7 @@ class Trainer:
         self.step, self.position = 0, 0
         self.nonfinite_in_a_row, self.nonfinite_total = 0, 0
         self._saved_step: Optional[int] = None  # the step the newest checkpoint holds
-        self.metrics = MetricsLog(config.output_dir, config.tensorboard)
+        self.metrics = MetricsLog(config.output_dir, config.tensorboard and world.main)
         if state is not None:
             self._restore(state)
             # A resumed run writes again what came after its checkpoint, and the evaluation it
@@ -190,7 +185,8 @@ class Trainer:
         with self._autocast():
             out = self.model.generate(**batch, do_sample=sample, temperature=temperature if sample else None,
                                       top_p=top_p if sample else None, top_k=None, max_new_tokens=max_new_tokens,
-                                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+                                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                                      stopping_criteria=self.stop.generation_criteria())
         self.model.train()
         width = batch["input_ids"].shape[1]
         return [trim_rollout(row[width:].tolist(), tok.eos_token_id, tok.pad_token_id) for row in out]
@@ -201,6 +197,7 @@ class Trainer:
         config, rows, world = self.config, self.eval_rows, self.world
         if not rows:
             return None
+        torch.manual_seed(self._seed(evaluation=True))  # a resumed run's evaluation samples alike
         mine = range(world.rank, len(rows), world.size)  # each rank its share, in batches of 32
         batches = -(-len(range(0, len(rows), world.size)) // 32)  # rank 0's count: the same checks on every rank
         correct = 0
@@ -216,6 +213,7 @@ class Trainer:
                 for i, out in zip(chunk, outs):
                     text = self.tokenizer.decode(out, skip_special_tokens=True)
                     correct += extract_answer(text, config.answer_pattern) == rows[i]["answer"]
+        self.stop.check("evaluation")  # a stop that cut the last batch's generation short
         correct = sum_over_ranks(world, {"correct": correct}, self.device)["correct"]
         return correct / (len(rows) * config.eval_samples)
 
@@ -245,10 +243,15 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             raise
 
+    def _seed(self, evaluation: bool = False) -> int:
+        """The step's sampling seed on this rank (its evaluation's, apart)."""
+        world = self.world
+        return ((self.config.seed * 1_000_003 + self.step) * world.size + world.rank) * 2 + evaluation
+
     def _train_step(self) -> Dict:
         config, world = self.config, self.world
         # Sampling is seeded by the step (and the rank), so an interrupted and resumed run samples the same.
-        torch.manual_seed((config.seed * 1_000_003 + self.step) * world.size + world.rank)
+        torch.manual_seed(self._seed())
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
@@ -272,6 +275,7 @@ class Trainer:
         totals: Dict[str, float] = {"loss": 0.0}
         budget = config.max_tokens_per_micro_batch
         for micro_batch in micro_batches:
+            self.stop.check("a step")  # every rank, once per micro-batch: a stop waits for no more than one
             for group in rollout_groups(micro_batch, self.prompts, config.packed, budget):
                 fault_point("step-rollout")
                 self.stop.check_local("a step")
