@@ -65,7 +65,12 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="benchmarks/results/cpu")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch's and the kernel's threads (default: torch's, every core); 1 shows the "
+                             "per-core ratio, which a machine shared with other jobs disturbs less")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     info = device_info("cpu")
     info["threads"] = torch.get_num_threads()
     print(info)
@@ -83,7 +88,9 @@ def main():
         results["cases"][label] = row
         print(f"{label:44s} cpu {ms['cpu']:8.1f} ms  torch {ms['torch']:8.1f} ms  x{row['torch / cpu']:5.2f}"
               f"   return_stats {100 * row['return_stats cost']:+5.1f}%")
-    write_json(os.path.join(args.out, f"cpu_kernel_{slug(info['device'])}_{info['date']}.json"), results)
+    info["load_average"] = os.getloadavg()  # what else the machine ran meanwhile
+    threads = f"_{info['threads']}-thread" if args.threads else ""
+    write_json(os.path.join(args.out, f"cpu_kernel_{slug(info['device'])}{threads}_{info['date']}.json"), results)
 
 
 if __name__ == "__main__":

@@ -87,6 +87,14 @@ class LossOptions:
         pmi, beta, clip, center, temperature, jsd_beta, entry_clip = values
         return cls(bool(pmi), beta, clip or None, bool(center), temperature, jsd_beta, entry_clip or None)
 
+    def target_keywords(self) -> dict:
+        """The options that define the target q, as pmi_diagnostics takes them."""
+        return dict(beta=self.beta, clip=self.clip, center=self.center, temperature=self.temperature)
+
+    def keywords(self) -> dict:
+        """Every option, as pmi_kl and fused_pmi_kl take them (pmi is their refonly stream's presence)."""
+        return dict(self.target_keywords(), jsd_beta=self.jsd_beta, entry_clip=self.entry_clip)
+
     @property
     def loss_kind(self) -> int:
         if self.jsd_beta == 0.0:

@@ -90,3 +90,17 @@ def test_sigterm_during_a_save(tmp_path, capsys, monkeypatch, straight_run):
                                  "holds step 2; continue with --resume")
     assert load_checkpoint(str(tmp_path / "run"))["step"] == 2
     assert_same_weights(resume_to_the_end(tmp_path), straight_run)
+
+
+def test_a_stop_ends_the_sampling_at_once(tmp_path):
+    """A stop signal that arrives while rollouts are sampled ends generate() after its next token,
+    rather than after max_new_tokens (a large model's sampling can outlast the 30 s torchrun
+    waits before it kills its workers). Fails on a generate() that ignores the stop."""
+    import signal
+    trainer = Trainer(tiny(tmp_path, max_new_tokens=60))
+    prompts = trainer.prompts["student"][:3]
+    trainer.stop.signum = signal.SIGTERM
+    stopped = trainer.generate(prompts, 1.0, 1.0, 60)
+    trainer.stop.signum = None
+    free = trainer.generate(prompts, 1.0, 1.0, 60)
+    assert max(map(len, stopped)) <= 1 < max(map(len, free))

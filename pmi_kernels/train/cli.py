@@ -32,19 +32,21 @@ def train(argv) -> int:
         from .plan import format_plan, plan
         print(format_plan(plan(config, flags.world_size, flags.prompt_tokens), config))
         return 0
+    from .distributed import leave_process_group
     from .loop import Trainer
     stop = StopRequest()
-    with stop.catching():  # from the start: a signal during loading or the warm-up is caught too
-        try:
-            trainer = Trainer(config, stop)
-        except Interrupted as err:
-            print(f"interrupted by {signal.Signals(err.signum).name} during {err.where}: the run had no "
-                  "checkpoint yet; start it again", file=sys.stderr)
-            return err.exit_code
-        result = trainer.train()
-    if trainer.world.distributed:
-        import torch.distributed as dist
-        dist.destroy_process_group()
+    try:
+        with stop.catching():  # from the start: a signal during loading or the warm-up is caught too
+            try:
+                trainer = Trainer(config, stop)
+            except Interrupted as err:
+                if os.environ.get("RANK", "0") == "0":
+                    print(f"interrupted by {signal.Signals(err.signum).name} during {err.where}: the run had no "
+                          "checkpoint yet; start it again", file=sys.stderr)
+                return err.exit_code
+            result = trainer.train()
+    finally:
+        leave_process_group()  # under torchrun, whether the run ended well or not
     if not trainer.world.main:  # rank 0 reports for the run
         return 128 + signal.Signals[result["interrupted"]] if result["interrupted"] else 0
     fmt = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
@@ -82,12 +84,10 @@ def main(argv=None):
             from .compare import main as compare
             return compare(argv[1:])
         return train(argv[1:]) if argv[0] == "train" else plot(argv[1:])
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except TrainingFailed as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    except (ValueError, TrainingFailed) as err:
+        if not getattr(err, "from_rank_zero", False):  # under torchrun, rank 0 has said it
+            print(f"error: {err}", file=sys.stderr)
+        return 2 if isinstance(err, ValueError) else 1
 
 
 if __name__ == "__main__":

@@ -69,6 +69,15 @@ def training_device(device: str, world: World) -> torch.device:
     return torch.device(device)
 
 
+def check_world(config, world: World) -> None:
+    """What a run under torchrun cannot do, named by its config key."""
+    if world.distributed and config.rollout_engine == "vllm":
+        raise ValueError("rollout_engine: 'vllm' runs in one process; under torchrun use 'hf'")
+    if config.batch_size % world.size:
+        raise ValueError(f"batch_size: {config.batch_size} rollouts per micro-batch do not split evenly over "
+                         f"{world.size} processes (each samples batch_size / world size of them)")
+
+
 def on_main(world: World, fn: Callable[[], T]) -> T:
     """fn() run by rank 0 only, its result handed to every rank; its error raised on every rank
     (a ValueError as one, anything else as TrainingFailed), so none waits forever for rank 0."""
@@ -87,7 +96,9 @@ def on_main(world: World, fn: Callable[[], T]) -> T:
     kind, value = box[0]
     if kind == "ok":
         return value
-    raise (ValueError if kind == "ValueError" else TrainingFailed)(f"(from rank 0) {value}")
+    error = (ValueError if kind == "ValueError" else TrainingFailed)(f"(from rank 0) {value}")
+    error.from_rank_zero = True  # the CLI prints it once, on rank 0
+    raise error
 
 
 def broadcast_module(world: World, module: torch.nn.Module) -> None:
@@ -100,21 +111,38 @@ def broadcast_module(world: World, module: torch.nn.Module) -> None:
             dist.broadcast(tensor.data, src=0)
 
 
+BUCKET_ELEMENTS = 2**25  # gradients all-reduced 128 MiB of fp32 at a time: the transient copy is one bucket
+
+
 def sum_gradients(world: World, params: List[torch.nn.Parameter]) -> None:
-    """Each gradient summed over the ranks, in one all-reduce of one flat fp32 buffer. A rank
-    without a gradient for a parameter (e.g. one whose rollouts were all empty) adds zeros; a
-    parameter no rank has a gradient for keeps none, as in one process (AdamW skips it)."""
+    """Each gradient summed over the ranks in fp32, in buckets of flat buffers. A rank without a
+    gradient for a parameter (e.g. one whose rollouts were all empty) adds zeros; a parameter no
+    rank has a gradient for keeps none, as in one process (AdamW skips it)."""
     if not world.distributed or not params:
         return
     import torch.distributed as dist
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=grads[0].device)
-    flat = torch.cat([g.reshape(-1).to(torch.float32) for g in grads] + [has_grad])
-    dist.all_reduce(flat)
-    sizes = [g.numel() for g in grads] + [len(params)]
-    *summed, anyone = flat.split(sizes)
-    for p, chunk, had in zip(params, summed, anyone.tolist()):
-        p.grad = chunk.view_as(p).to(p.dtype) if had else None
+    device = params[0].device
+    has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=device)
+    dist.all_reduce(has_grad)
+    params = [p for p, anyone in zip(params, has_grad.tolist()) if anyone]
+    for bucket in _buckets(params):
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in bucket]
+        flat = torch.cat([g.reshape(-1).to(torch.float32) for g in grads])
+        dist.all_reduce(flat)
+        for p, chunk in zip(bucket, flat.split([g.numel() for g in grads])):
+            p.grad = chunk.view_as(p).to(p.dtype)
+
+
+def _buckets(params: List[torch.nn.Parameter]) -> Iterable[List[torch.nn.Parameter]]:
+    bucket, size = [], 0
+    for p in params:
+        if bucket and size + p.numel() > BUCKET_ELEMENTS:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append(p)
+        size += p.numel()
+    if bucket:
+        yield bucket
 
 
 def sum_over_ranks(world: World, values: Dict[str, float], device: torch.device) -> Dict[str, float]:
@@ -128,6 +156,12 @@ def sum_over_ranks(world: World, values: Dict[str, float], device: torch.device)
     flat = torch.tensor([float(values.get(k, 0.0)) for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(flat)
     return dict(zip(keys, flat.tolist()))
+
+
+def leave_process_group() -> None:
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def barrier(world: World) -> None:

@@ -48,6 +48,18 @@ class StopRequest:
         """check(), at a point that ranks of a distributed run reach unequal numbers of times."""
         self.check(where)
 
+    def generation_criteria(self):
+        """For generate(): end it at once when a stop signal has arrived (its outputs are dropped
+        at the next check), so a stop does not wait for a long sampling to finish."""
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList
+        stop = self
+
+        class Stopped(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                return torch.full((input_ids.shape[0],), stop.requested, dtype=torch.bool, device=input_ids.device)
+        return StoppingCriteriaList([Stopped()])
+
     def _handle(self, signum, frame) -> None:
         self.signum = signum
 

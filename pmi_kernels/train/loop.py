@@ -36,8 +36,8 @@ from .checkpoint import load_checkpoint, read_latest, rng_state, save_checkpoint
 from .config import TOY, TrainConfig
 from .contexts import KINDS, rollout_hidden, trim_rollout
 from .data import extract_answer, load_examples
-from .distributed import (SyncedStop, barrier, broadcast_module, join_world, on_main, sum_gradients, sum_over_ranks,
-                          training_device)
+from .distributed import (SyncedStop, barrier, broadcast_module, check_world, join_world, on_main, sum_gradients,
+                          sum_over_ranks, training_device)
 from .drift import Drift
 from .interrupts import Interrupted, StopRequest, TrainingFailed, fault_point
 from .metrics import MetricsLog, StepTimer, count_markers, cut_metrics
@@ -54,13 +54,8 @@ class Trainer:
         self.world = world = join_world(config.device)  # one process, or a rank under torchrun
         self.device = training_device(config.device, world)
         self.stop = SyncedStop(world, self.device, stop or StopRequest()) if world.distributed else stop or StopRequest()
-        if world.distributed and config.rollout_engine == "vllm":
-            raise ValueError("rollout_engine: 'vllm' runs in one process; under torchrun use 'hf'")
-        if config.batch_size % world.size:
-            raise ValueError(f"batch_size: {config.batch_size} rollouts per micro-batch do not split evenly over "
-                             f"{world.size} processes (each samples batch_size / world size of them)")
         # Refusals and the resume checks, before anything heavy (rank 0 looks; every rank hears).
-        resumed = on_main(world, lambda: prepare_output_dir(config, world.size))
+        resumed = on_main(world, lambda: check_world(config, world) or prepare_output_dir(config, world.size))
         state = load_checkpoint(config.output_dir) if resumed is not None else None
         random.seed(config.seed)
         torch.manual_seed(config.seed)
@@ -96,7 +91,7 @@ class Trainer:
         self.step, self.position = 0, 0
         self.nonfinite_in_a_row, self.nonfinite_total = 0, 0
         self._saved_step: Optional[int] = None  # the step the newest checkpoint holds
-        self.metrics = MetricsLog(config.output_dir, config.tensorboard)
+        self.metrics = MetricsLog(config.output_dir, config.tensorboard and world.main)
         self.drift = Drift(config.drift_warn_kl if world.main else None, Drift.advice(config))  # rank 0 warns
         if state is not None:
             self._restore(state)
@@ -192,7 +187,8 @@ class Trainer:
         with self._autocast():
             out = self.model.generate(**batch, do_sample=sample, temperature=temperature if sample else None,
                                       top_p=top_p if sample else None, top_k=None, max_new_tokens=max_new_tokens,
-                                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+                                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                                      stopping_criteria=self.stop.generation_criteria())
         self.model.train()
         width = batch["input_ids"].shape[1]
         return [trim_rollout(row[width:].tolist(), tok.eos_token_id, tok.pad_token_id) for row in out]
@@ -203,6 +199,7 @@ class Trainer:
         config, rows, world = self.config, self.eval_rows, self.world
         if not rows:
             return None
+        torch.manual_seed(self._seed(evaluation=True))  # a resumed run's evaluation samples alike
         mine = range(world.rank, len(rows), world.size)  # each rank its share, in batches of 32
         batches = -(-len(range(0, len(rows), world.size)) // 32)  # rank 0's count: the same checks on every rank
         from tqdm import tqdm
@@ -219,6 +216,7 @@ class Trainer:
                 for i, out in zip(chunk, outs):
                     text = self.tokenizer.decode(out, skip_special_tokens=True)
                     correct += extract_answer(text, config.answer_pattern) == rows[i]["answer"]
+        self.stop.check("evaluation")  # a stop that cut the last batch's generation short
         correct = sum_over_ranks(world, {"correct": correct}, self.device)["correct"]
         return correct / (len(rows) * config.eval_samples)
 
@@ -248,10 +246,15 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             raise
 
+    def _seed(self, evaluation: bool = False) -> int:
+        """The step's sampling seed on this rank (its evaluation's, apart)."""
+        world = self.world
+        return ((self.config.seed * 1_000_003 + self.step) * world.size + world.rank) * 2 + evaluation
+
     def _train_step(self) -> Dict:
         config, world = self.config, self.world
         # Sampling is seeded by the step (and the rank), so an interrupted and resumed run samples the same.
-        torch.manual_seed((config.seed * 1_000_003 + self.step) * world.size + world.rank)
+        torch.manual_seed(self._seed())
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
@@ -275,6 +278,7 @@ class Trainer:
         totals: Dict[str, float] = {"loss": 0.0}
         budget = config.max_tokens_per_micro_batch
         for micro_batch in micro_batches:
+            self.stop.check("a step")  # every rank, once per micro-batch: a stop waits for no more than one
             for group in rollout_groups(micro_batch, self.prompts, config.packed, budget):
                 fault_point("step-rollout")
                 self.stop.check_local("a step")
@@ -315,8 +319,8 @@ class Trainer:
     def _distil(self, group: List, normalizer: int, diagnose: bool, totals: Dict, timer: StepTimer) -> None:
         """The loss over every token of a group of (index, rollout) pairs, one fused_pmi_kl call,
         divided by the step's token count; its gradients accumulate into the parameters'."""
-        config = self.config
-        pmi = config.mode == "pmi"
+        options = self.config.loss_options()  # the loss keys, as LossOptions (validate() checked them)
+        pmi = options.pmi
         indices, rollouts = [i for i, _ in group], [rollout for _, rollout in group]
         with timer("forwards"):
             states, head, frozen_head = self.group_states(indices, rollouts, with_refonly=pmi or diagnose)
@@ -325,9 +329,7 @@ class Trainer:
         with timer("loss"):
             loss = fused_pmi_kl(states["student"], head.weight, states["teacher"],
                                 states.get("refonly") if pmi else None, states.get("anchor"), lm_head_bias=head.bias,
-                                **frozen, normalizer=normalizer, beta=config.beta, clip=config.clip,
-                                center=config.center, temperature=config.loss_temperature, jsd_beta=config.jsd_beta,
-                                entry_clip=config.entry_clip, check_finite=False)
+                                **frozen, normalizer=normalizer, **options.keywords(), check_finite=False)
         with timer("backward"):
             loss.backward()
         totals["loss"] += float(loss.detach())  # the normalizer makes the step's sum a token mean
@@ -336,8 +338,7 @@ class Trainer:
                 diag = pmi_diagnostics(states["student"], states["teacher"], states["refonly"], states.get("anchor"),
                                        lm_head_weight=head.weight.detach(),
                                        lm_head_bias=None if head.bias is None else head.bias.detach(), **frozen,
-                                       beta=config.beta, clip=config.clip, center=config.center,
-                                       temperature=config.loss_temperature, check_finite=False)
+                                       **options.target_keywords(), check_finite=False)
                 for key, value in diag.items():
                     totals[key] = totals.get(key, 0.0) + float(value.nan_to_num().sum())
 

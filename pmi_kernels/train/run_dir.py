@@ -48,9 +48,9 @@ def _check_resumable(config: TrainConfig, world_size: int) -> dict:
     ranks = meta["world_size"]
     if ranks != world_size:
         # The step's batch and each rank's slice of the data order depend on the world size.
+        how = "in one process (without torchrun)" if ranks == 1 else f"with torchrun and {ranks} processes in all"
         raise ValueError(f"--resume: the run in {out!r} was trained by {ranks} process(es) and this run has "
-                         f"{world_size}; resume it at its world size (torchrun --nproc-per-node ... with "
-                         f"{ranks} in all) to continue it exactly")
+                         f"{world_size}; resume it {how} to continue it exactly")
     changed = changed_keys(meta["config"], config)
     if changed:
         keys = ",".join(item.split(" ", 1)[0] for item in changed)
