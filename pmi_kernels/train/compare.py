@@ -148,8 +148,8 @@ def probe(trainer, count: int = PROBE_ROLLOUTS, mode: Optional[str] = None) -> D
             states, head, frozen = trainer.rollout_states(i, rollout, with_refonly=True)
             diag = pmi_diagnostics(states["student"], states["teacher"], states["refonly"], states.get("anchor"),
                                    lm_head_weight=head.weight, lm_head_bias=head.bias, frozen_weight=frozen.weight,
-                                   frozen_bias=frozen.bias, beta=config.beta, clip=config.clip, center=config.center,
-                                   temperature=config.loss_temperature, check_finite=False)
+                                   frozen_bias=frozen.bias, **config.loss_options().target_keywords(),
+                                   check_finite=False)
             for key, value in diag.items():
                 sums[key] = sums.get(key, 0.0) + float(value.nan_to_num().sum())
             add_parts(parts, trainer.tokenizer, rollout, states, head, frozen, config.loss_temperature)

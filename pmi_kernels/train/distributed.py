@@ -164,12 +164,6 @@ def leave_process_group() -> None:
         dist.destroy_process_group()
 
 
-def barrier(world: World) -> None:
-    if world.distributed:
-        import torch.distributed as dist
-        dist.barrier()
-
-
 class SyncedStop(StopRequest):
     """A StopRequest whose check() is a collective: every rank reaches the same checks in the same
     order and all stop together when any has the flag. check_local() (reached a different number of

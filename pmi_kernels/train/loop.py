@@ -36,7 +36,7 @@ from .checkpoint import load_checkpoint, read_latest, rng_state, save_checkpoint
 from .config import TOY, TrainConfig
 from .contexts import KINDS, rollout_hidden, trim_rollout
 from .data import extract_answer, load_examples
-from .distributed import (SyncedStop, barrier, broadcast_module, check_world, join_world, on_main, sum_gradients,
+from .distributed import (SyncedStop, broadcast_module, check_world, join_world, on_main, sum_gradients,
                           sum_over_ranks, training_device)
 from .drift import Drift
 from .interrupts import Interrupted, StopRequest, TrainingFailed, fault_point
@@ -99,7 +99,6 @@ class Trainer:
             # starts with (before training, or after it when the run was already at max_steps).
             if world.main:
                 cut_metrics(self.metrics.path, self.step, redo_evaluation=self.step in (0, config.max_steps))
-        barrier(world)
 
     # ---- set-up -----------------------------------------------------------------------
     def _vllm_engine(self, model, model_dir: str) -> VllmRollouts:

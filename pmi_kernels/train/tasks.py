@@ -37,7 +37,7 @@ from __future__ import annotations
 import random
 from typing import Dict, List
 
-from .toy import ITEMS, NAMES, toy_problems
+from .toy import draw_problem, toy_problems
 
 TASKS = ("shortcut", "arithmetic")
 # Warm-up targets of the contexts that see the reference, as (kind of target, share).
@@ -55,9 +55,8 @@ def problems(task: str, count: int, seed: int) -> List[Dict]:
     rng = random.Random(seed)
     rows = []
     for _ in range(count):
-        name, item = rng.choice(NAMES), rng.choice(ITEMS)
-        a, b = rng.randint(2, 20), rng.randint(1, 9)
-        if rng.random() < 0.5:
+        name, item, a, b, adds = draw_problem(rng)
+        if adds:
             question = f"{name} has {a} {item}s and gets {b} more. How many now?"
             answer, work, check, method = a + b, f"{a} + {b} = {a + b}", f"{a + b} - {b} = {a}", "Add them"
         else:

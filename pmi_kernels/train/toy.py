@@ -9,14 +9,21 @@ NAMES = ["Ana", "Ben", "Chen", "Dara", "Eli", "Fay", "Gus", "Hana"]
 ITEMS = ["apple", "book", "coin", "shell", "stamp", "marble"]
 
 
+def draw_problem(rng: random.Random):
+    """One word problem's draw, (name, item, a, b, adds): "gets b more" from a when adds, else
+    "gives b away" from a + b; either way the answer of the subtraction is a."""
+    name, item = rng.choice(NAMES), rng.choice(ITEMS)
+    a, b = rng.randint(2, 20), rng.randint(1, 9)
+    return name, item, a, b, rng.random() < 0.5
+
+
 def toy_problems(count: int, seed: int):
     """Addition and subtraction word problems: question, worked solution, answer."""
     rng = random.Random(seed)
     rows = []
     for _ in range(count):
-        name, item = rng.choice(NAMES), rng.choice(ITEMS)
-        a, b = rng.randint(2, 20), rng.randint(1, 9)
-        if rng.random() < 0.5:
+        name, item, a, b, adds = draw_problem(rng)
+        if adds:
             question = f"{name} has {a} {item}s and gets {b} more. How many {item}s does {name} have?"
             answer, work = a + b, f"{a} + {b} = {a + b}"
         else:
