@@ -3,6 +3,7 @@ unsharded call on each rank's data, the full weight is gathered once per call, a
 bias gradients are each rank's shard of the average over the ranks, as FSDP2 reduces them. A
 ZeRO-3 partitioned weight is refused with a message that says what to do."""
 import os
+import sys
 import tempfile
 
 import pytest
@@ -27,55 +28,65 @@ def head_params():
 
 
 def worker(rank, init_file):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        check_sharded_head(rank)
+    finally:
+        dist.barrier()  # no rank tears the group down while another still uses it
+        dist.destroy_process_group()
+    # After FSDP2 ran on gloo, something in C++ keeps the default group's threads alive past
+    # destroy_process_group; torn down at interpreter exit they abort the process now and then
+    # ("terminate called without an active exception"). A rank that passed leaves without that.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def check_sharded_head(rank):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
     from pmi_kernels import fused_pmi_kl, pmi_diagnostics
     from pmi_kernels.reference import fused_pmi_kl_reference
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
-        weight, bias = head_params()
-        head = torch.nn.Linear(H, V, dtype=torch.float64)
-        with torch.no_grad():
-            head.weight.copy_(weight)
-            head.bias.copy_(bias)
-        fully_shard(head, mesh=init_device_mesh("cpu", (WORLD,)))
-        assert isinstance(head.weight, DTensor)
-        h, h_t, h_r = rank_inputs(rank)
-        gathers = []
-        original = DTensor.full_tensor
+    weight, bias = head_params()
+    head = torch.nn.Linear(H, V, dtype=torch.float64)
+    with torch.no_grad():
+        head.weight.copy_(weight)
+        head.bias.copy_(bias)
+    fully_shard(head, mesh=init_device_mesh("cpu", (WORLD,)))
+    assert isinstance(head.weight, DTensor)
+    h, h_t, h_r = rank_inputs(rank)
+    gathers = []
+    original = DTensor.full_tensor
 
-        def counted(self, *args, **kwargs):
-            gathers.append(tuple(self.shape))
-            return original(self, *args, **kwargs)
-        DTensor.full_tensor = counted
-        try:
-            loss = fused_pmi_kl(h, head.weight, h_t, h_r, lm_head_bias=head.bias,
-                                frozen_weight=head.weight.detach(), jsd_beta=0.3)
-        finally:
-            DTensor.full_tensor = original
-        assert gathers.count((V, H)) == 1, f"the weight was gathered {gathers.count((V, H))} times"
-        loss.backward()
-        ref = fused_pmi_kl_reference(h, weight, h_t, h_r, lm_head_bias=bias, jsd_beta=0.3)
-        assert_close(loss, ref, torch.float64, "loss")
-        # FSDP2's reduction: each rank's gradient, averaged over the ranks.
-        want = [torch.zeros_like(weight), torch.zeros_like(bias)]
-        for other in range(WORLD):
-            leaves = [weight.clone().requires_grad_(True), bias.clone().requires_grad_(True)]
-            x, x_t, x_r = rank_inputs(other)
-            grads = torch.autograd.grad(fused_pmi_kl_reference(x, leaves[0], x_t, x_r, lm_head_bias=leaves[1],
-                                                               jsd_beta=0.3), leaves)
-            want = [w + g / WORLD for w, g in zip(want, grads)]
-        assert isinstance(head.weight.grad, DTensor) and head.weight.grad.placements == head.weight.placements
-        assert_close(head.weight.grad.full_tensor(), want[0], torch.float64, "grad_W")
-        assert_close(head.bias.grad.full_tensor(), want[1], torch.float64, "grad_b")
-        diag = pmi_diagnostics(h, h_t, h_r, lm_head_weight=head.weight, lm_head_bias=head.bias)
-        assert torch.isfinite(diag["kl_target_student"]).all()
+    def counted(self, *args, **kwargs):
+        gathers.append(tuple(self.shape))
+        return original(self, *args, **kwargs)
+    DTensor.full_tensor = counted
+    try:
+        loss = fused_pmi_kl(h, head.weight, h_t, h_r, lm_head_bias=head.bias,
+                            frozen_weight=head.weight.detach(), jsd_beta=0.3)
     finally:
-        dist.barrier()  # no rank tears the group down while another still uses it
-        dist.destroy_process_group()
+        DTensor.full_tensor = original
+    assert gathers.count((V, H)) == 1, f"the weight was gathered {gathers.count((V, H))} times"
+    loss.backward()
+    ref = fused_pmi_kl_reference(h, weight, h_t, h_r, lm_head_bias=bias, jsd_beta=0.3)
+    assert_close(loss, ref, torch.float64, "loss")
+    # FSDP2's reduction: each rank's gradient, averaged over the ranks.
+    want = [torch.zeros_like(weight), torch.zeros_like(bias)]
+    for other in range(WORLD):
+        leaves = [weight.clone().requires_grad_(True), bias.clone().requires_grad_(True)]
+        x, x_t, x_r = rank_inputs(other)
+        grads = torch.autograd.grad(fused_pmi_kl_reference(x, leaves[0], x_t, x_r, lm_head_bias=leaves[1],
+                                                           jsd_beta=0.3), leaves)
+        want = [w + g / WORLD for w, g in zip(want, grads)]
+    assert isinstance(head.weight.grad, DTensor) and head.weight.grad.placements == head.weight.placements
+    assert_close(head.weight.grad.full_tensor(), want[0], torch.float64, "grad_W")
+    assert_close(head.bias.grad.full_tensor(), want[1], torch.float64, "grad_b")
+    diag = pmi_diagnostics(h, h_t, h_r, lm_head_weight=head.weight, lm_head_bias=head.bias)
+    assert torch.isfinite(diag["kl_target_student"]).all()
 
 
 def test_fsdp2_sharded_head_equals_the_unsharded_call():
