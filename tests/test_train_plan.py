@@ -1,4 +1,5 @@
 """The paper's recipes (configs/*.json) and `pmi-opsd train --dry-run` (issue #16, item 2)."""
+import dataclasses
 import glob
 import json
 import os
@@ -133,3 +134,18 @@ def test_dry_run_reads_a_model_directorys_config_json(tmp_path, capsys):
     assert cli_main(["train", "--dry-run"]) == 0 and "the toy model" in capsys.readouterr().out
     assert cli_main(["train", "--model-path", str(tmp_path / "none"), "--dry-run"]) == 2
     assert "has no config.json and the config has no architecture key" in capsys.readouterr().err
+
+
+def test_the_plan_under_fsdp_splits_the_state_over_the_ranks():
+    """Full fine-tuning with a frozen copy at 8 ranks: FSDP2 holds an eighth of the weights (both
+    copies), gradients and AdamW state, plus what it gathers: each copy's root unit (embeddings,
+    lm_head, norm) and two layers. Fails on a plan that still counts the whole model per GPU."""
+    recipe, _ = parse_args(["--config", os.path.join(os.path.dirname(__file__), "..", "configs", "qwen3-8b-pmi.json"), "--dry-run"])
+    config, arch = dataclasses.replace(recipe, lora=False, anchor=True), recipe.architecture
+    replicated = plan.plan(config, 8, 512)
+    sharded = plan.plan(dataclasses.replace(config, fsdp=True), 8, 512)
+    root = plan.root_parameter_count(arch)
+    layer = (replicated["params"] - root) // arch["num_hidden_layers"]
+    assert sharded["weights"] == replicated["weights"] // 8 + (2 * root + 2 * layer) * 2
+    assert sharded["optimizer"] == replicated["optimizer"] // 8 and sharded["gradients"] == replicated["gradients"] // 8
+    assert sharded["activations"] == replicated["activations"]

@@ -27,7 +27,8 @@ STATE_FILE = "state.pt"
 META_FILE = "checkpoint.json"
 CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
 # The temporary names this trainer writes; what is left of them after a crash is removed at start.
-TEMPORARY_NAME = re.compile(r"\.(checkpoint-\d+|latest|toy-base|metrics\.jsonl)\.tmp-\d+")
+TEMPORARY_NAME = re.compile(r"\.(checkpoint-\d+|latest|toy-base|metrics\.jsonl)\.tmp-(\d+|sharded)")
+SHARDED_DIR = "sharded"  # under FSDP2: the weights and optimizer state, as torch.distributed.checkpoint writes them
 
 
 def temporary_path(final: str) -> str:
@@ -87,8 +88,16 @@ def point_latest(output_dir: str, name: str) -> None:
     fault_point("save-pointer-moved")
 
 
-def save_checkpoint(output_dir: str, step: int, state: dict, meta: dict, save_pretrained=None, keep: int = 2) -> str:
-    """state -> checkpoint-<step>/state.pt, meta -> checkpoint.json (+ save_pretrained(dir)/model)."""
+def sharded_staging(output_dir: str, step: int) -> str:
+    """Where every rank writes its shards before rank 0 moves them into the checkpoint (one name
+    for all ranks; a crash leaves it to recover_interrupted_save)."""
+    return os.path.join(output_dir, f".checkpoint-{step}.tmp-sharded")
+
+
+def save_checkpoint(output_dir: str, step: int, state: dict, meta: dict, save_pretrained=None, keep: int = 2,
+                    sharded: Optional[str] = None) -> str:
+    """state -> checkpoint-<step>/state.pt, meta -> checkpoint.json (+ save_pretrained(dir)/model,
+    + the directory `sharded` moved in as sharded/)."""
     name = f"checkpoint-{step}"
     final = os.path.join(output_dir, name)
     tmp = temporary_path(final)
@@ -99,6 +108,8 @@ def save_checkpoint(output_dir: str, step: int, state: dict, meta: dict, save_pr
         json.dump(meta, fh, indent=1, allow_nan=False)
     if save_pretrained is not None:
         save_pretrained(os.path.join(tmp, "model"))
+    if sharded is not None:
+        os.rename(sharded, os.path.join(tmp, SHARDED_DIR))
     fsync_tree(tmp)
     fault_point("save-written")
     if os.path.lexists(final):
@@ -173,6 +184,10 @@ def read_checkpoint_meta(output_dir: str) -> dict:
         return {"step": int(meta["step"]), "config": dict(meta["config"]), "world_size": int(meta.get("world_size", 1))}
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise _unreadable(output_dir, path, f"cannot be read ({_reason(err)})") from err
+
+
+def latest_sharded(output_dir: str) -> str:
+    return _latest_file(output_dir, SHARDED_DIR)
 
 
 def load_checkpoint(output_dir: str) -> dict:

@@ -40,6 +40,10 @@ class TrainConfig:
     # frozen copy when fine-tuning fully); "current": they run the weights being trained.
     teacher_weights: str = "base"
     gradient_checkpointing: bool = False
+    # Full fine-tuning under torchrun with FSDP2 (fully_shard per decoder layer and the whole
+    # model): weights, gradients and optimizer state sharded over the ranks, the frozen copy too;
+    # checkpoints through torch.distributed.checkpoint. Needs lora false and torchrun.
+    fsdp: bool = False
     bf16: bool = True  # autocast on CUDA only
     device: str = "auto"  # "cuda" when a GPU is present, else "cpu"
     # The model's architecture numbers (config.json's names: hidden_size, num_hidden_layers, ...),

@@ -97,6 +97,9 @@ def check_values(config) -> None:
     for key in ("markers", "lora_targets"):
         if not all(item.strip() for item in getattr(config, key)):
             raise _fail(key, "a list of non-empty strings", getattr(config, key))
+    if config.fsdp and config.lora:
+        raise _fail("fsdp", "false with lora on (FSDP2 shards full fine-tuning; LoRA runs data-parallel, every rank "
+                    "holding the base)", config.fsdp)
     if config.lora and not config.lora_targets:
         raise _fail("lora_targets", "a non-empty list with lora on", config.lora_targets)
     _check_architecture(config.architecture)

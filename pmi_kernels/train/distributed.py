@@ -73,6 +73,9 @@ def check_world(config, world: World) -> None:
     """What a run under torchrun cannot do, named by its config key."""
     if world.distributed and config.rollout_engine == "vllm":
         raise ValueError("rollout_engine: 'vllm' runs in one process; under torchrun use 'hf'")
+    if config.fsdp and not world.distributed:
+        raise ValueError("fsdp: shards the model over torchrun's processes; this run has one (start it with torchrun "
+                         "--nproc-per-node N, or set fsdp false)")
     if config.batch_size % world.size:
         raise ValueError(f"batch_size: {config.batch_size} rollouts per micro-batch do not split evenly over "
                          f"{world.size} processes (each samples batch_size / world size of them)")
@@ -109,6 +112,55 @@ def broadcast_module(world: World, module: torch.nn.Module) -> None:
     with torch.no_grad():
         for tensor in [*module.parameters(), *module.buffers()]:
             dist.broadcast(tensor.data, src=0)
+
+
+def shard_model(model: torch.nn.Module) -> None:
+    """FSDP2 over every rank: each decoder layer a unit (gathered for its forward and backward,
+    then freed), the rest of the model (embeddings, tied or not, the final norm, the lm_head) the
+    root unit. Gradients come back reduce-scattered and averaged over the ranks."""
+    from torch.distributed.fsdp import fully_shard
+    for layer in getattr(model.get_decoder(), "layers", []):
+        fully_shard(layer)
+    fully_shard(model)
+
+
+class WholeModelDecoder:
+    """Called like the decoder, it runs the whole model, so that FSDP2's hooks on the root unit
+    gather the embeddings and norm, and returns the decoder's output; the lm_head runs on the last
+    position only (logits_to_keep=1), a [B, 1, V] cost, since the loss applies the head itself."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model, self.config = model, model.config
+
+    def __call__(self, **kwargs):
+        outputs = []
+        hook = self.model.get_decoder().register_forward_hook(lambda module, args, out: outputs.append(out))
+        try:
+            self.model(**kwargs, logits_to_keep=1)
+        finally:
+            hook.remove()
+        return outputs[-1]
+
+
+def most_over_ranks(world: World, count: int, device: torch.device) -> int:
+    """The largest count any rank has: under FSDP2 every rank must run as many forwards (each
+    gathers weights with the others), so the ranks with fewer pad to it."""
+    if not world.distributed:
+        return count
+    import torch.distributed as dist
+    flat = torch.tensor([count], dtype=torch.int64, device=device)
+    dist.all_reduce(flat, op=dist.ReduceOp.MAX)
+    return int(flat)
+
+
+def first_over_ranks(world: World, message: Optional[str]) -> Optional[str]:
+    """The first rank's message that is not None (every rank gets it), so that all raise together."""
+    if not world.distributed:
+        return message
+    import torch.distributed as dist
+    every: List[Optional[str]] = [None] * world.size
+    dist.all_gather_object(every, message)
+    return next((m for m in every if m is not None), None)
 
 
 BUCKET_ELEMENTS = 2**25  # gradients all-reduced 128 MiB of fp32 at a time: the transient copy is one bucket

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from .contexts import rollout_hidden
+from .distributed import most_over_ranks
 
 ROWS = 1024  # a chunk of rows: the logits of a chunk are [ROWS, V], never [tokens, V]
 
@@ -82,19 +83,22 @@ class Drift:
         totals, tokens = {key: 0.0 for key in ("kl_student_base", "entropy_student", "entropy_base")}, 0
         base_model = trainer._base_model()
         head = base_model.get_output_embeddings()
-        for index, rollout in batch:
-            if not rollout:
-                continue
+        pairs = [(index, rollout) for index, rollout in batch if rollout]
+        real = len(pairs)
+        if trainer.config.fsdp:  # as many forwards as every other rank; the fillers' sums are not counted
+            pairs += trainer.filler_group() * (most_over_ranks(trainer.world, real, trainer.device) - real)
+        for n, (index, rollout) in enumerate(pairs):
             prompt = trainer.prompts["student"][index]
             with trainer._autocast():
-                student = rollout_hidden(base_model.get_decoder(), prompt, rollout, trainer.device)
+                student = rollout_hidden(trainer.reader(base_model), prompt, rollout, trainer.device)
                 with trainer._frozen_weights(True) as (decoder, base_head):
                     base = rollout_hidden(decoder, prompt, rollout, trainer.device)
             sums = drift_sums(student, base, head.weight, head.bias, base_head.weight, base_head.bias,
                               trainer.config.loss_temperature)
-            for key, value in sums.items():
-                totals[key] += value
-            tokens += len(rollout)
+            if n < real:
+                for key, value in sums.items():
+                    totals[key] += value
+                tokens += len(rollout)
         if reduce is not None:
             totals = reduce({**totals, "tokens": tokens})
             tokens = totals.pop("tokens")

@@ -13,7 +13,9 @@ signal ends the run with its last consistent state saved, and checkpoints are at
 (checkpoint.py); the output directory is checked before anything loads (run_dir.py).
 
 Under torchrun each rank samples its slice of every micro-batch and the step's gradients are
-summed over the ranks, so a config takes the same step at any world size (distributed.py).
+summed over the ranks, so a config takes the same step at any world size (distributed.py); with
+fsdp the model is sharded by FSDP2, which reduces the gradients itself, and every rank runs as
+many forwards as the others (a rank with fewer packs reads a filler one, its loss times zero).
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import math
 import os
 import random
 import resource
+import shutil
 import signal
 import sys
 import time
@@ -32,12 +35,13 @@ import torch
 
 from .. import fused_pmi_kl, pmi_diagnostics
 from .base_cache import warmed_up_base
-from .checkpoint import load_checkpoint, read_latest, rng_state, save_checkpoint, set_rng_state, write_dir_atomically
+from .checkpoint import (latest_sharded, load_checkpoint, read_latest, rng_state, save_checkpoint, set_rng_state,
+                         sharded_staging, write_dir_atomically)
 from .config import TOY, TrainConfig
 from .contexts import KINDS, rollout_hidden, trim_rollout
 from .data import extract_answer, load_examples
-from .distributed import (SyncedStop, broadcast_module, check_world, join_world, on_main, sum_gradients,
-                          sum_over_ranks, training_device)
+from .distributed import (SyncedStop, WholeModelDecoder, broadcast_module, check_world, first_over_ranks, join_world,
+                          most_over_ranks, on_main, shard_model, sum_gradients, sum_over_ranks, training_device)
 from .drift import Drift
 from .interrupts import Interrupted, StopRequest, TrainingFailed, fault_point
 from .metrics import MetricsLog, StepTimer, count_markers, cut_metrics
@@ -83,6 +87,8 @@ class Trainer:
         for module in (self.model, self.frozen):  # rank 0's weights everywhere, as DDP starts
             if module is not None:
                 broadcast_module(world, module)
+                if config.fsdp:
+                    shard_model(module)
         self.rollouts, self._synced_step = None, None
         if config.rollout_engine == "vllm":
             self.rollouts = self._vllm_engine(model, model_dir)
@@ -128,16 +134,21 @@ class Trainer:
     def _base_model(self):
         return self.model.get_base_model() if self.config.lora else self.model
 
+    def reader(self, model):
+        """What reads a context to its final hidden states: the decoder, or under FSDP2 the whole
+        model (its root unit holds the embeddings: distributed.WholeModelDecoder)."""
+        return WholeModelDecoder(model) if self.config.fsdp else model.get_decoder()
+
     @contextlib.contextmanager
     def _frozen_weights(self, use_base: bool):
         """The decoder and lm_head to read the frozen contexts with."""
         if use_base and self.config.lora:
             with self.model.disable_adapter():
-                yield self._base_model().get_decoder(), self._base_model().get_output_embeddings()
+                yield self.reader(self._base_model()), self._base_model().get_output_embeddings()
         elif use_base:
-            yield self.frozen.get_decoder(), self.frozen.get_output_embeddings()
+            yield self.reader(self.frozen), self.frozen.get_output_embeddings()
         else:
-            yield self._base_model().get_decoder(), self._base_model().get_output_embeddings()
+            yield self.reader(self._base_model()), self._base_model().get_output_embeddings()
 
     def group_states(self, indices: List[int], rollouts: List[List[int]], with_refonly: bool):
         """Hidden states [sum of rollout lengths, H] of the rollouts (none empty) in each context,
@@ -150,7 +161,7 @@ class Trainer:
             return torch.cat([rollout_hidden(decoder, p, r, self.device) for p, r in zip(prompts, rollouts)])
         base = self._base_model()
         with self._autocast():
-            states = {"student": read(base.get_decoder(), "student")}
+            states = {"student": read(self.reader(base), "student")}
             with torch.no_grad():
                 with self._frozen_weights(self.config.teacher_weights == "base") as (decoder, head):
                     states["teacher"] = read(decoder, "teacher")
@@ -187,7 +198,8 @@ class Trainer:
             out = self.model.generate(**batch, do_sample=sample, temperature=temperature if sample else None,
                                       top_p=top_p if sample else None, top_k=None, max_new_tokens=max_new_tokens,
                                       pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                                      stopping_criteria=self.stop.generation_criteria())
+                                      stopping_criteria=self.stop.generation_criteria(),
+                                      synced_gpus=self.config.fsdp)  # a rank that is done forwards on with the rest
         self.model.train()
         width = batch["input_ids"].shape[1]
         return [trim_rollout(row[width:].tolist(), tok.eos_token_id, tok.pad_token_id) for row in out]
@@ -209,6 +221,8 @@ class Trainer:
                 self.stop.check("evaluation")
                 chunk = mine[32 * b:32 * (b + 1)]
                 if not chunk:
+                    if config.fsdp:  # its forwards gather the weights with the other ranks'
+                        self.generate(self.eval_prompts[:1], config.eval_temperature, 1.0, config.max_new_tokens)
                     continue
                 outs = self.generate([self.eval_prompts[i] for i in chunk], config.eval_temperature, 1.0,
                                      config.max_new_tokens)
@@ -278,16 +292,22 @@ class Trainer:
         budget = config.max_tokens_per_micro_batch
         for micro_batch in micro_batches:
             self.stop.check("a step")  # every rank, once per micro-batch: a stop waits for no more than one
-            for group in rollout_groups(micro_batch, self.prompts, config.packed, budget):
+            groups = rollout_groups(micro_batch, self.prompts, config.packed, budget)
+            for group in groups:
                 fault_point("step-rollout")
                 self.stop.check_local("a step")
                 self._distil(group, tokens, diagnose, totals, timer)
+            if config.fsdp:
+                for _ in range(most_over_ranks(world, len(groups), self.device) - len(groups)):
+                    self._distil(self.filler_group(), tokens, diagnose, {"loss": 0.0}, timer, scale=0.0)
         if world.distributed:
-            with timer("all_reduce"):  # gradients and the logged sums, over the ranks
-                sum_gradients(world, self.trainable)
+            with timer("all_reduce"):  # gradients (FSDP2 reduced its own) and the logged sums, over the ranks
+                if not config.fsdp:
+                    sum_gradients(world, self.trainable)
                 totals = sum_over_ranks(world, totals, self.device)
         with timer("optimizer"):
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, config.max_grad_norm))
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, config.max_grad_norm)
+            grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
             finite = math.isfinite(totals["loss"]) and math.isfinite(grad_norm)
             if finite:
                 self.optimizer.step()
@@ -315,9 +335,16 @@ class Trainer:
             self.drift.check(self.step, record)
         return record
 
-    def _distil(self, group: List, normalizer: int, diagnose: bool, totals: Dict, timer: StepTimer) -> None:
+    def filler_group(self) -> List:
+        """A one-token rollout of the first row: read by a rank with fewer packs than the others."""
+        return [(0, [self.tokenizer.eos_token_id])]
+
+    def _distil(self, group: List, normalizer: int, diagnose: bool, totals: Dict, timer: StepTimer,
+                scale: float = 1.0) -> None:
         """The loss over every token of a group of (index, rollout) pairs, one fused_pmi_kl call,
-        divided by the step's token count; its gradients accumulate into the parameters'."""
+        divided by the step's token count; its gradients, times scale, accumulate into the
+        parameters'. FSDP2 averages gradients over the ranks where the step needs their sum, so
+        there the backward is of the loss times the world size."""
         options = self.config.loss_options()  # the loss keys, as LossOptions (validate() checked them)
         pmi = options.pmi
         indices, rollouts = [i for i, _ in group], [rollout for _, rollout in group]
@@ -330,7 +357,7 @@ class Trainer:
                                 states.get("refonly") if pmi else None, states.get("anchor"), lm_head_bias=head.bias,
                                 **frozen, normalizer=normalizer, **options.keywords(), check_finite=False)
         with timer("backward"):
-            loss.backward()
+            (loss * (scale * (self.world.size if self.config.fsdp else 1))).backward()
         totals["loss"] += float(loss.detach())  # the normalizer makes the step's sum a token mean
         if diagnose:
             with timer("diagnostics"):
@@ -348,11 +375,28 @@ class Trainer:
 
     # ---- checkpoints and the loop -----------------------------------------------------
     def _state(self) -> Dict:
-        return {"trainable": {n: p.detach().cpu() for n, p in self.model.named_parameters() if p.requires_grad},
-                "optimizer": self.optimizer.state_dict(), "step": self.step, "position": self.position,
-                "nonfinite": [self.nonfinite_in_a_row, self.nonfinite_total], "rng": rng_state()}
+        """What state.pt holds; under FSDP2 the weights and optimizer state are in sharded/ instead."""
+        sharded = self.config.fsdp
+        return {"trainable": {} if sharded else {n: p.detach().cpu() for n, p in self.model.named_parameters()
+                                                 if p.requires_grad},
+                "optimizer": {} if sharded else self.optimizer.state_dict(), "step": self.step,
+                "position": self.position, "nonfinite": [self.nonfinite_in_a_row, self.nonfinite_total],
+                "rng": rng_state()}
+
+    def _sharded_state(self) -> Dict:
+        """The model's and optimizer's state as DTensor shards, for torch.distributed.checkpoint."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+        model, optimizer = get_state_dict(self.model, self.optimizer)
+        return {"model": model, "optimizer": optimizer}
 
     def _restore(self, state: Dict) -> None:
+        if self.config.fsdp:  # every rank reads its shards
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import set_state_dict
+            sharded = self._sharded_state()
+            dcp.load(sharded, checkpoint_id=latest_sharded(self.config.output_dir))
+            set_state_dict(self.model, self.optimizer, model_state_dict=sharded["model"],
+                           optim_state_dict=sharded["optimizer"])
         params = dict(self.model.named_parameters())
         missing = set(state["trainable"]) - set(params)
         if missing:
@@ -360,7 +404,8 @@ class Trainer:
         with torch.no_grad():
             for name, value in state["trainable"].items():
                 params[name].copy_(value)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if not self.config.fsdp:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.position = state["step"], state["position"]
         self.nonfinite_in_a_row, self.nonfinite_total = state["nonfinite"]
         self._saved_step = self.step
@@ -369,19 +414,31 @@ class Trainer:
     def save(self) -> str:
         """A checkpoint of the current step; refused (TrainingFailed) if any parameter or
         optimizer value is not finite, so the previous checkpoint stays the newest."""
+        if self.config.fsdp:  # the root unit stays gathered after forwards without a backward (evaluation)
+            for module in filter(None, (self.model, self.frozen)):
+                module.reshard()
         names = {p: n for n, p in self.model.named_parameters()}
         tensors = [(name, p) for p, name in names.items() if p.requires_grad]
         tensors += [(f"the optimizer's {key} of {names[p]}", value) for p, entry in self.optimizer.state.items()
                     for key, value in entry.items() if value.is_floating_point()]
-        for name, tensor in tensors:
-            if not torch.isfinite(tensor).all():
-                raise TrainingFailed(f"step {self.step}: {name} is not finite; not saved, so the newest checkpoint "
-                                     f"is still {read_latest(self.config.output_dir)}")
+        local = (getattr(tensor, "to_local", lambda: tensor)() for _, tensor in tensors)  # FSDP2: this rank's shard
+        bad = next((name for (name, _), tensor in zip(tensors, local) if not torch.isfinite(tensor).all()), None)
+        bad = first_over_ranks(self.world, bad) if self.config.fsdp else bad  # all ranks refuse together
+        if bad is not None:
+            raise TrainingFailed(f"step {self.step}: {bad} is not finite; not saved, so the newest checkpoint "
+                                 f"is still {read_latest(self.config.output_dir)}")
         meta = {"step": self.step, "config": dataclasses.asdict(self.config), "world_size": self.world.size}
         save_pretrained = self.model.save_pretrained if self.config.lora else None
-        # Every rank holds the same weights and optimizer state: rank 0 writes them.
+        sharded = None
+        if self.config.fsdp:  # every rank writes its shards, then rank 0 moves them into the checkpoint
+            import torch.distributed.checkpoint as dcp
+            sharded = sharded_staging(self.config.output_dir, self.step)
+            on_main(self.world, lambda: shutil.rmtree(sharded, ignore_errors=True))
+            dcp.save(self._sharded_state(), checkpoint_id=sharded)
+        # Otherwise every rank holds the same weights and optimizer state: rank 0 writes them.
         path = on_main(self.world, lambda: save_checkpoint(self.config.output_dir, self.step, self._state(), meta,
-                                                           save_pretrained, keep=self.config.keep_checkpoints))
+                                                           save_pretrained, keep=self.config.keep_checkpoints,
+                                                           sharded=sharded))
         self._saved_step = self.step
         return path
 

@@ -3,7 +3,8 @@ config.json, or the config's architecture key): tokens per step, and the memory 
 optimizer state, activations and the loss per GPU, before any weight is downloaded or loaded.
 
 The numbers are estimates for the trainer's GPU setting (bf16 weights, bf16 autocast, one data-
-parallel replica per GPU: the step's rollouts split over --world-size GPUs, the weights on each).
+parallel replica per GPU: the step's rollouts split over --world-size GPUs, the weights on each;
+with fsdp, weights, gradients and optimizer state split over them too).
 Parameter counts are exact for Llama-, Qwen2/3- and OLMo2/3-style decoders. Activations are the
 bytes autograd keeps for the student's forward, per token and layer, measured on those layers
 under bf16 autocast (24H + 8I + 13 q + 12 kv + 64 bytes, + 20r with LoRA; H hidden, I intermediate,
@@ -67,8 +68,14 @@ def parameter_count(arch: Dict) -> int:
     attention = 2 * H * Q + 2 * H * KV + biases
     qk_norm = 2 * s["D"] if kind.startswith("qwen3") else Q + KV if kind.startswith("olmo") else 0
     layer = attention + 3 * H * I + 2 * H + qk_norm
-    embeddings = s["V"] * H * (1 if arch.get("tie_word_embeddings", False) else 2)
-    return s["L"] * layer + embeddings + H
+    return s["L"] * layer + root_parameter_count(arch)
+
+
+def root_parameter_count(arch: Dict) -> int:
+    """What is not in a decoder layer: the embeddings, the lm_head unless tied, the final norm
+    (FSDP2's root unit in the trainer)."""
+    s = shape(arch)
+    return s["V"] * s["H"] * (1 if arch.get("tie_word_embeddings", False) else 2) + s["H"]
 
 
 def lora_count(arch: Dict, rank: int, targets: List[str]) -> int:
@@ -92,6 +99,12 @@ def plan(config: TrainConfig, world_size: int, prompt_tokens: int) -> Dict:
     trainable = lora_count(arch, config.lora_rank, config.lora_targets) if config.lora else params
     state_bytes = 4 if config.lora else b  # peft keeps adapters in fp32; full fine-tuning trains the bf16 weights
     frozen_copy = not config.lora and (config.teacher_weights == "base" or config.anchor)
+    copies = 2 if frozen_copy else 1
+    shards = world_size if config.fsdp else 1  # FSDP2: weights, gradients and optimizer state split over the ranks
+    root = root_parameter_count(arch)
+    # FSDP2 gathers the root unit (which stays gathered between forward and backward) of each copy
+    # and up to two layers at a time (the one running and the one prefetched).
+    gathered = (copies * root + 2 * (params - root) // s["L"]) * b if config.fsdp else 0
     contexts = 2 + (config.mode == "pmi" or config.diagnostics_every == 1) + config.anchor
     rollouts = config.batch_size * config.grad_accum
     per_rank = math.ceil(config.batch_size / world_size)  # rollouts of a micro-batch on one GPU
@@ -108,8 +121,9 @@ def plan(config: TrainConfig, world_size: int, prompt_tokens: int) -> Dict:
             "rollouts": rollouts, "rollout_tokens": rollouts * config.max_new_tokens, "contexts": contexts,
             "context_tokens": rollouts * contexts * sequence, "per_rank": per_rank, "pack_rollouts": pack_rollouts,
             "pack_tokens": pack, "prompt_tokens": prompt_tokens,
-            "weights": params * b * (2 if frozen_copy else 1) + (trainable * 4 if config.lora else 0),
-            "frozen_copy": frozen_copy, "gradients": trainable * state_bytes, "optimizer": 2 * trainable * state_bytes,
+            "weights": params * b * copies // shards + gathered + (trainable * 4 if config.lora else 0),
+            "frozen_copy": frozen_copy, "gradients": trainable * state_bytes // shards,
+            "optimizer": 2 * trainable * state_bytes // shards, "fsdp": config.fsdp,
             "activations": activations, "loss": loss, "kv_cache": kv_cache,
             "checkpointing": "on" if config.gradient_checkpointing else "off"}
 
@@ -132,7 +146,9 @@ def format_plan(p: Dict, config: TrainConfig) -> str:
         "at most",
         f"  {p['contexts']} contexts per rollout (prompts of {p['prompt_tokens']:,} tokens assumed, --prompt-tokens): "
         f"{p['context_tokens']:,} context tokens",
-        f"per GPU at world size {p['world_size']} (data parallel, the whole model on each GPU):",
+        f"per GPU at world size {p['world_size']} " + ("(FSDP2: weights, gradients and optimizer state sharded; "
+                                                        "weights include the gathered root unit and two layers):"
+                                                        if p["fsdp"] else "(data parallel, the whole model on each GPU):"),
         f"  {p['per_rank']} rollouts a micro-batch, packed {p['pack_rollouts']} to a forward: {p['pack_tokens']:,} "
         f"tokens (max_tokens_per_micro_batch {config.max_tokens_per_micro_batch})",
         "memory per GPU, estimated:",
