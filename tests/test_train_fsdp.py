@@ -101,8 +101,10 @@ def sharded_weights(run_dir, step):
 
 def test_a_sharded_run_killed_and_resumed_equals_the_uninterrupted_one(tmp_path):
     """torchrun, two ranks, fsdp: one run to the end; another killed (SIGKILL) in step 3 and
-    resumed. The checkpoints' shards (read whole), the optimizer state and the metrics rows equal
-    the uninterrupted run's. Fails on a resume that does not restore the shards or the optimizer."""
+    resumed; a third stopped (SIGTERM) in its first evaluation and resumed from step 0. Their
+    checkpoints' shards (read whole) and metrics rows equal the uninterrupted run's. Fails on a
+    resume that does not restore the shards or the optimizer, or that starts Adam's step count
+    from an optimizer state created by reading it."""
     flags = ["--lora", "false", "--anchor", "true", "--fsdp", "true"]
     whole = torchrun(tmp_path, tmp_path / "whole", *flags)
     assert whole.returncode == 0, whole.stderr[-3000:]
@@ -116,9 +118,17 @@ def test_a_sharded_run_killed_and_resumed_equals_the_uninterrupted_one(tmp_path)
         assert want.keys() == got.keys() and len(want) > 10
         for name, value in want.items():
             assert torch.equal(got[name], value), (step, name)
+    # Stopped (SIGTERM) in the first evaluation: step 0 is saved, with no optimizer state yet.
+    stopped = torchrun(tmp_path, tmp_path / "stopped", *flags, env={"PMI_TRAIN_FAULT": "evaluation-batch@1=SIGTERM"})
+    assert stopped.returncode != 0 and load_checkpoint(str(tmp_path / "stopped"))["step"] == 0, stopped.stderr[-3000:]
+    resumed = torchrun(tmp_path, tmp_path / "stopped", *flags, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    want, got = sharded_weights(tmp_path / "whole", 3), sharded_weights(tmp_path / "stopped", 3)
+    assert all(torch.equal(got[name], value) for name, value in want.items())
     rows = [[{k: v for k, v in json.loads(line).items() if not k.startswith(("time/", "tokens_per_s", "peak"))}
-             for line in open(out / "metrics.jsonl")] for out in (tmp_path / "whole", tmp_path / "killed")]
-    assert rows[0] == rows[1]
+             for line in open(out / "metrics.jsonl")] for out in (tmp_path / "whole", tmp_path / "killed",
+                                                                   tmp_path / "stopped")]
+    assert rows[0] == rows[1] == rows[2]
     assert load_checkpoint(str(tmp_path / "killed"))["step"] == 3 == RUN["max_steps"]
 
 

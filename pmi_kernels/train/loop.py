@@ -377,26 +377,34 @@ class Trainer:
     def _state(self) -> Dict:
         """What state.pt holds; under FSDP2 the weights and optimizer state are in sharded/ instead."""
         sharded = self.config.fsdp
-        return {"trainable": {} if sharded else {n: p.detach().cpu() for n, p in self.model.named_parameters()
-                                                 if p.requires_grad},
-                "optimizer": {} if sharded else self.optimizer.state_dict(), "step": self.step,
-                "position": self.position, "nonfinite": [self.nonfinite_in_a_row, self.nonfinite_total],
-                "rng": rng_state()}
+        state = {"trainable": {} if sharded else {n: p.detach().cpu() for n, p in self.model.named_parameters()
+                                                  if p.requires_grad},
+                 "optimizer": {} if sharded else self.optimizer.state_dict(), "step": self.step,
+                 "position": self.position, "nonfinite": [self.nonfinite_in_a_row, self.nonfinite_total],
+                 "rng": rng_state()}
+        if sharded:
+            state["sharded_optimizer"] = bool(self.optimizer.state)
+        return state
 
-    def _sharded_state(self) -> Dict:
-        """The model's and optimizer's state as DTensor shards, for torch.distributed.checkpoint."""
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-        model, optimizer = get_state_dict(self.model, self.optimizer)
-        return {"model": model, "optimizer": optimizer}
+    def _sharded_state(self, with_optimizer: bool) -> Dict:
+        """The model's (and optimizer's) state as DTensor shards, for torch.distributed.checkpoint.
+        An optimizer that has not stepped is left out: reading its state would create it, with a
+        step count that changes Adam's first update."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+        state = {"model": get_model_state_dict(self.model)}
+        if with_optimizer:
+            state["optimizer"] = get_optimizer_state_dict(self.model, self.optimizer)
+        return state
 
     def _restore(self, state: Dict) -> None:
         if self.config.fsdp:  # every rank reads its shards
             import torch.distributed.checkpoint as dcp
-            from torch.distributed.checkpoint.state_dict import set_state_dict
-            sharded = self._sharded_state()
+            from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+            sharded = self._sharded_state(with_optimizer=state["sharded_optimizer"])
             dcp.load(sharded, checkpoint_id=latest_sharded(self.config.output_dir))
-            set_state_dict(self.model, self.optimizer, model_state_dict=sharded["model"],
-                           optim_state_dict=sharded["optimizer"])
+            set_model_state_dict(self.model, sharded["model"])
+            if "optimizer" in sharded:
+                set_optimizer_state_dict(self.model, self.optimizer, sharded["optimizer"])
         params = dict(self.model.named_parameters())
         missing = set(state["trainable"]) - set(params)
         if missing:
@@ -421,8 +429,8 @@ class Trainer:
         tensors = [(name, p) for p, name in names.items() if p.requires_grad]
         tensors += [(f"the optimizer's {key} of {names[p]}", value) for p, entry in self.optimizer.state.items()
                     for key, value in entry.items() if value.is_floating_point()]
-        local = (getattr(tensor, "to_local", lambda: tensor)() for _, tensor in tensors)  # FSDP2: this rank's shard
-        bad = next((name for (name, _), tensor in zip(tensors, local) if not torch.isfinite(tensor).all()), None)
+        local = lambda tensor: tensor.to_local() if hasattr(tensor, "to_local") else tensor  # noqa: E731 (a shard)
+        bad = next((name for name, tensor in tensors if not torch.isfinite(local(tensor)).all()), None)
         bad = first_over_ranks(self.world, bad) if self.config.fsdp else bad  # all ranks refuse together
         if bad is not None:
             raise TrainingFailed(f"step {self.step}: {bad} is not finite; not saved, so the newest checkpoint "
@@ -434,7 +442,7 @@ class Trainer:
             import torch.distributed.checkpoint as dcp
             sharded = sharded_staging(self.config.output_dir, self.step)
             on_main(self.world, lambda: shutil.rmtree(sharded, ignore_errors=True))
-            dcp.save(self._sharded_state(), checkpoint_id=sharded)
+            dcp.save(self._sharded_state(with_optimizer=bool(self.optimizer.state)), checkpoint_id=sharded)
         # Otherwise every rank holds the same weights and optimizer state: rank 0 writes them.
         path = on_main(self.world, lambda: save_checkpoint(self.config.output_dir, self.step, self._state(), meta,
                                                            save_pretrained, keep=self.config.keep_checkpoints,
