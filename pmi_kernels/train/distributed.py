@@ -118,7 +118,12 @@ def shard_model(model: torch.nn.Module) -> None:
     """FSDP2 over every rank: each decoder layer a unit (gathered for its forward and backward,
     then freed), the rest of the model (embeddings, tied or not, the final norm, the lm_head) the
     root unit. Gradients come back reduce-scattered and averaged over the ranks."""
+    import inspect
+
     from torch.distributed.fsdp import fully_shard
+    if "logits_to_keep" not in inspect.signature(model.forward).parameters:
+        raise ValueError(f"fsdp: {type(model).__name__}.forward takes no logits_to_keep, which the sharded model's "
+                         "contexts are read with (WholeModelDecoder); set fsdp false")
     for layer in getattr(model.get_decoder(), "layers", []):
         fully_shard(layer)
     fully_shard(model)
