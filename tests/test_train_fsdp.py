@@ -15,9 +15,18 @@ from pmi_kernels.train.loop import Trainer  # noqa: E402
 from test_train import TINY, tiny  # noqa: E402
 from test_train_distributed import ROOT, RUN, STEP, TESTS, fixed_generate, run_ranks, torchrun  # noqa: E402
 
-# Full fine-tuning with the frozen anchor, two micro-batches, packs of at most 40 tokens: the
-# rollouts' lengths give the ranks different numbers of packs.
-FULL = dict(lora=False, anchor=True, grad_accum=2, mode="pmi", max_tokens_per_micro_batch=40)
+# Full fine-tuning: with the frozen anchor, two micro-batches and packs of at most 40 tokens; or
+# the teacher on the current weights (the trained model's head is the frozen streams') unpacked.
+CASES = [pytest.param(dict(lora=False, anchor=True, grad_accum=2, mode="pmi", max_tokens_per_micro_batch=40),
+                      id="anchor-packs"),
+         pytest.param(dict(lora=False, anchor=False, teacher_weights="current", packed=False), id="current-unpacked")]
+
+
+def uneven_generate(self, prompts, temperature, top_p, max_new_tokens):
+    """fixed_generate, with the training rollouts of some prompts empty, so that the ranks read
+    different numbers of packs."""
+    outs = fixed_generate(self, prompts, temperature, top_p, max_new_tokens)
+    return [[] if prompt not in self.eval_prompts and sum(prompt) % 3 == 0 else out for prompt, out in zip(prompts, outs)]
 
 
 def full(tensor):
@@ -26,32 +35,32 @@ def full(tensor):
 
 def one_step(out_dir, overrides):
     """One fixed-rollout step: (accuracy, record, the gradients stepped with, the weights after,
-    how many filler packs this rank read), every tensor whole."""
+    how many filler packs this rank distilled), every tensor whole."""
     torch.manual_seed(0)
-    Trainer.generate = fixed_generate
+    Trainer.generate = uneven_generate
     trainer = Trainer(tiny(out_dir, **{**STEP, **overrides}))
     accuracy = trainer.evaluate()
-    grads, fillers, real_step, real_filler = {}, [], trainer.optimizer.step, trainer.filler_group
+    grads, fillers, real_step, real_distil = {}, [], trainer.optimizer.step, trainer._distil
 
     def step(*args, **kwargs):
         grads.update({n: full(p.grad).clone() for n, p in trainer.model.named_parameters() if p.grad is not None})
         return real_step(*args, **kwargs)
 
-    def filler():
-        fillers.append(1)
-        return real_filler()
-    trainer.optimizer.step, trainer.filler_group = step, filler
+    def distil(*args, scale=1.0, **kwargs):
+        fillers.append(scale == 0.0)
+        return real_distil(*args, scale=scale, **kwargs)
+    trainer.optimizer.step, trainer._distil = step, distil
     record = trainer.train_step()
     weights = {n: full(p.detach()).clone() for n, p in trainer.model.named_parameters()}
-    return accuracy, record, grads, weights, len(fillers)
+    return accuracy, record, grads, weights, sum(fillers)
 
 
-def step_worker(rank, world, init_file, out_dir, result_file):
+def step_worker(rank, world, init_file, out_dir, overrides, result_file):
     import torch.distributed as dist
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        result = one_step(out_dir, dict(FULL, fsdp=True))
+        result = one_step(out_dir, dict(overrides, fsdp=True))
         fillers = [None] * world
         dist.all_gather_object(fillers, result[-1])
         if rank == 0:
@@ -62,22 +71,24 @@ def step_worker(rank, world, init_file, out_dir, result_file):
     os._exit(0)  # see test_sharded_head.py: FSDP2's gloo threads outlive the group and may abort the exit
 
 
-def test_two_sharded_ranks_take_the_step_one_process_takes(tmp_path, monkeypatch):
+@pytest.mark.parametrize("overrides", CASES)
+def test_two_sharded_ranks_take_the_step_one_process_takes(tmp_path, overrides, monkeypatch):
     """fsdp on two ranks against one unsharded process, the same config otherwise: the gradients
     (gathered from their shards) and the weights after the step equal one process's over both
     ranks' rollouts (fp32, 1e-5 relative), and so do the loss, grad norm and drift; one rank read
-    filler packs to keep its forwards in step with the other's. Fails on gradients averaged by
+    filler packs (its rollouts were fewer: some are empty) to keep its forwards in step. Fails on gradients averaged by
     FSDP2 where the step needs their sum, tied embeddings untied by sharding, a filler whose
     loss counts, or ranks whose forwards fall out of step (a hang, then the timeout)."""
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [TESTS, ROOT, os.environ.get("PYTHONPATH")])))
     result_file = str(tmp_path / "two_ranks.pt")
-    run_ranks(step_worker, 2, (str(tmp_path / "rendezvous"), tmp_path / "two", result_file))
+    run_ranks(step_worker, 2, (str(tmp_path / "rendezvous"), tmp_path / "two", overrides, result_file))
     accuracy, record, grads, weights, fillers = torch.load(result_file, weights_only=False)
     assert sum(fillers) > 0, f"no rank read a filler pack ({fillers}): the test does not cover the padding"
     monkeypatch.setattr(Trainer, "generate", Trainer.generate)
-    one_accuracy, one_record, one_grads, one_weights, _ = one_step(tmp_path / "one", FULL)
+    one_accuracy, one_record, one_grads, one_weights, _ = one_step(tmp_path / "one", overrides)
     assert accuracy == pytest.approx(one_accuracy)
-    for key in ("loss", "response_length", "grad_norm", "drift/kl_student_base", "diag/kl_target_student"):
+    keys = ["loss", "response_length", "grad_norm", "diag/kl_target_student"]
+    for key in keys + ["drift/kl_student_base"] * overrides["anchor"]:  # drift needs a frozen copy
         # The loss terms are KLs of near-equal distributions (the student starts at the anchor), sums
         # of O(1) fp32 summands: the packs, split otherwise on two ranks, round them by about 2e-8.
         assert record[key] == pytest.approx(one_record[key], rel=1e-5, abs=1e-7), key
@@ -130,6 +141,10 @@ def test_a_sharded_run_killed_and_resumed_equals_the_uninterrupted_one(tmp_path)
                                                                    tmp_path / "stopped")]
     assert rows[0] == rows[1] == rows[2]
     assert load_checkpoint(str(tmp_path / "killed"))["step"] == 3 == RUN["max_steps"]
+    # The checkpoints' layout cannot change on resume, even with the key allowed to change.
+    with pytest.raises(ValueError, match=r"saved its weights sharded \(fsdp true\); resume it with fsdp true"):
+        Trainer(tiny(tmp_path, **{**RUN, "lora": False, "anchor": True, "output_dir": str(tmp_path / "whole"),
+                                  "resume": True, "allow_config_change": ["fsdp"]}))
 
 
 def test_fsdp_with_lora_or_in_one_process_is_refused(tmp_path):

@@ -293,13 +293,14 @@ class Trainer:
         for micro_batch in micro_batches:
             self.stop.check("a step")  # every rank, once per micro-batch: a stop waits for no more than one
             groups = rollout_groups(micro_batch, self.prompts, config.packed, budget)
+            # Under FSDP2 the ranks agree on the count first: a rank with fewer packs pads at its end.
+            most = most_over_ranks(world, len(groups), self.device) if config.fsdp else len(groups)
             for group in groups:
                 fault_point("step-rollout")
                 self.stop.check_local("a step")
                 self._distil(group, tokens, diagnose, totals, timer)
-            if config.fsdp:
-                for _ in range(most_over_ranks(world, len(groups), self.device) - len(groups)):
-                    self._distil(self.filler_group(), tokens, diagnose, {"loss": 0.0}, timer, scale=0.0)
+            for _ in range(most - len(groups)):
+                self._distil(self.filler_group(), tokens, diagnose, {"loss": 0.0}, timer, scale=0.0)
         if world.distributed:
             with timer("all_reduce"):  # gradients (FSDP2 reduced its own) and the logged sums, over the ranks
                 if not config.fsdp:
@@ -350,12 +351,14 @@ class Trainer:
         indices, rollouts = [i for i, _ in group], [rollout for _, rollout in group]
         with timer("forwards"):
             states, head, frozen_head = self.group_states(indices, rollouts, with_refonly=pmi or diagnose)
-        frozen = dict(frozen_weight=frozen_head.weight.detach(),
-                      frozen_bias=None if frozen_head.bias is None else frozen_head.bias.detach())
+
+        def frozen():  # read at each use: under FSDP2 a backward reshards the weights it gathered
+            return dict(frozen_weight=frozen_head.weight.detach(),
+                        frozen_bias=None if frozen_head.bias is None else frozen_head.bias.detach())
         with timer("loss"):
             loss = fused_pmi_kl(states["student"], head.weight, states["teacher"],
                                 states.get("refonly") if pmi else None, states.get("anchor"), lm_head_bias=head.bias,
-                                **frozen, normalizer=normalizer, **options.keywords(), check_finite=False)
+                                **frozen(), normalizer=normalizer, **options.keywords(), check_finite=False)
         with timer("backward"):
             (loss * (scale * (self.world.size if self.config.fsdp else 1))).backward()
         totals["loss"] += float(loss.detach())  # the normalizer makes the step's sum a token mean
@@ -363,7 +366,7 @@ class Trainer:
             with timer("diagnostics"):
                 diag = pmi_diagnostics(states["student"], states["teacher"], states["refonly"], states.get("anchor"),
                                        lm_head_weight=head.weight.detach(),
-                                       lm_head_bias=None if head.bias is None else head.bias.detach(), **frozen,
+                                       lm_head_bias=None if head.bias is None else head.bias.detach(), **frozen(),
                                        **options.target_keywords(), check_finite=False)
                 for key, value in diag.items():
                     totals[key] = totals.get(key, 0.0) + float(value.nan_to_num().sum())

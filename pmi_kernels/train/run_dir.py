@@ -46,6 +46,10 @@ def _check_resumable(config: TrainConfig, world_size: int) -> dict:
     recover_interrupted_save(out)
     meta = read_checkpoint_meta(out)
     ranks = meta["world_size"]
+    sharded = bool(meta["config"].get("fsdp", False))
+    if sharded != config.fsdp:  # the checkpoints' layout: not a key --allow-config-change can change
+        raise ValueError(f"--resume: the run in {out!r} saved its weights {'sharded' if sharded else 'whole'} "
+                         f"(fsdp {str(sharded).lower()}); resume it with fsdp {str(sharded).lower()}")
     if ranks != world_size:
         # The step's batch and each rank's slice of the data order depend on the world size.
         how = "in one process (without torchrun)" if ranks == 1 else f"with torchrun and {ranks} processes in all"
