@@ -108,13 +108,25 @@ def test_two_ranks_take_the_step_one_process_takes_over_the_union(tmp_path, over
     for key in ("loss", "response_length", "grad_norm"):
         assert record[key] == pytest.approx(one_record[key], rel=1e-5), key
     assert grads.keys() == one_grads.keys() == weights.keys()
-    for name, grad in grads.items():
-        torch.testing.assert_close(grad, one_grads[name], rtol=1e-5, atol=1e-5 * float(grad.abs().max()), msg=name)
-        # Adam's first update is lr * g / (|g| + eps): where |g| is near eps (1e-8) the rounding of
-        # the sums moves it by up to about 3e-4 lr (measured), hence the absolute bound on weights.
-        torch.testing.assert_close(weights[name], one_weights[name], rtol=1e-5, atol=1e-3 * TINY["lr"], msg=name)
+    assert_same_step(grads, one_grads, weights, one_weights)
     assert any(not torch.equal(weights[n], w) for n, w in trainable_snapshot(Trainer(tiny(
         tmp_path / "fresh", **{**STEP, **overrides}))).items()), "the step changed no weight"
+
+
+def assert_same_step(grads, one_grads, weights, one_weights):
+    """The step's gradients equal one process's (fp32, 1e-5 relative) and so do the weights after
+    it, where the update does not hinge on rounding: Adam's first update is lr * g / (|g| + eps),
+    eps = 1e-8, so a rounding d of g moves it by about lr * eps * d / g^2 - up to lr where |g| is
+    near eps, below 1e-3 lr where |g| > 1e-4 (or g is 0 on both sides: at least a tenth of the
+    weights here)."""
+    checked = torch.zeros(2, dtype=torch.int64)  # weights compared, of all
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, one_grads[name], rtol=1e-5, atol=1e-5 * float(grad.abs().max()), msg=name)
+        clear = (one_grads[name].abs() > 1e-4) | ((one_grads[name] == 0) & (grad == 0))  # no update, decay only
+        checked += torch.tensor([int(clear.sum()), clear.numel()])
+        torch.testing.assert_close(weights[name][clear], one_weights[name][clear], rtol=1e-5,
+                                   atol=1e-3 * TINY["lr"], msg=name)
+    assert checked[0] > checked[1] // 10, f"only {checked[0]} of {checked[1]} weights compared"
 
 
 def torchrun(tmp_path, out, *extra, env=None, timeout=420):

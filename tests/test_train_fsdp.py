@@ -12,8 +12,9 @@ pytest.importorskip("transformers")
 
 from pmi_kernels.train.checkpoint import SHARDED_DIR, load_checkpoint  # noqa: E402
 from pmi_kernels.train.loop import Trainer  # noqa: E402
-from test_train import TINY, tiny  # noqa: E402
-from test_train_distributed import ROOT, RUN, STEP, TESTS, fixed_generate, run_ranks, torchrun  # noqa: E402
+from test_train import tiny  # noqa: E402
+from test_train_distributed import (ROOT, RUN, STEP, TESTS, assert_same_step, fixed_generate, run_ranks,  # noqa: E402
+                                    torchrun)
 
 # Full fine-tuning: with the frozen anchor, two micro-batches and packs of at most 40 tokens; or
 # the teacher on the current weights (the trained model's head is the frozen streams') unpacked.
@@ -87,19 +88,14 @@ def test_two_sharded_ranks_take_the_step_one_process_takes(tmp_path, overrides, 
     monkeypatch.setattr(Trainer, "generate", Trainer.generate)
     one_accuracy, one_record, one_grads, one_weights, _ = one_step(tmp_path / "one", overrides)
     assert accuracy == pytest.approx(one_accuracy)
-    keys = ["loss", "response_length", "grad_norm", "diag/kl_target_student"]
-    for key in keys + ["drift/kl_student_base"] * overrides["anchor"]:  # drift needs a frozen copy
+    for key in ("loss", "response_length", "grad_norm", "diag/kl_target_student"):
         # The loss terms are KLs of near-equal distributions (the student starts at the anchor), sums
         # of O(1) fp32 summands: the packs, split otherwise on two ranks, round them by about 2e-8.
         assert record[key] == pytest.approx(one_record[key], rel=1e-5, abs=1e-7), key
+    if overrides["anchor"]:  # measured after the update: weights whose |g| is near eps moved by rounding
+        assert record["drift/kl_student_base"] == pytest.approx(one_record["drift/kl_student_base"], rel=1e-4)
     assert grads.keys() == one_grads.keys() == weights.keys() == one_weights.keys()
-    for name, grad in grads.items():
-        torch.testing.assert_close(grad, one_grads[name], rtol=1e-5, atol=1e-5 * float(grad.abs().max()), msg=name)
-        # Adam's first update is lr * g / (|g| + 1e-8): where |g| is within a few eps the rounding of
-        # g picks the step's size; elsewhere the weights agree to 1e-3 lr.
-        clear = one_grads[name].abs() > 1e-6
-        torch.testing.assert_close(weights[name][clear], one_weights[name][clear], rtol=1e-5, atol=1e-3 * TINY["lr"],
-                                   msg=name)
+    assert_same_step(grads, one_grads, weights, one_weights)
 
 
 def sharded_weights(run_dir, step):
