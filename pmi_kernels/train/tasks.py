@@ -37,7 +37,7 @@ from __future__ import annotations
 import random
 from typing import Dict, List
 
-from .toy import draw_problem, toy_problems
+from .toy import draw_problems, toy_problems
 
 TASKS = ("shortcut", "arithmetic")
 # Warm-up targets of the contexts that see the reference, as (kind of target, share).
@@ -52,10 +52,8 @@ def problems(task: str, count: int, seed: int) -> List[Dict]:
         raise ValueError(f"toy_task must be one of {TASKS}, got {task!r}")
     if task == "arithmetic":
         return toy_problems(count, seed)  # every context is taught the reference itself
-    rng = random.Random(seed)
     rows = []
-    for _ in range(count):
-        name, item, a, b, adds = draw_problem(rng)
+    for name, item, a, b, adds in draw_problems(count, seed):
         if adds:
             question = f"{name} has {a} {item}s and gets {b} more. How many now?"
             answer, work, check, method = a + b, f"{a} + {b} = {a + b}", f"{a + b} - {b} = {a}", "Add them"

@@ -9,20 +9,20 @@ NAMES = ["Ana", "Ben", "Chen", "Dara", "Eli", "Fay", "Gus", "Hana"]
 ITEMS = ["apple", "book", "coin", "shell", "stamp", "marble"]
 
 
-def draw_problem(rng: random.Random):
-    """One word problem's draw, (name, item, a, b, adds): "gets b more" from a when adds, else
-    "gives b away" from a + b; either way the answer of the subtraction is a."""
-    name, item = rng.choice(NAMES), rng.choice(ITEMS)
-    a, b = rng.randint(2, 20), rng.randint(1, 9)
-    return name, item, a, b, rng.random() < 0.5
+def draw_problems(count: int, seed: int):
+    """`count` word problems' draws, seeded, each (name, item, a, b, adds): "gets b more" from a
+    when adds, else "gives b away" from a + b; either way the answer of the subtraction is a."""
+    rng = random.Random(seed)
+    for _ in range(count):
+        name, item = rng.choice(NAMES), rng.choice(ITEMS)
+        a, b = rng.randint(2, 20), rng.randint(1, 9)
+        yield name, item, a, b, rng.random() < 0.5
 
 
 def toy_problems(count: int, seed: int):
     """Addition and subtraction word problems: question, worked solution, answer."""
-    rng = random.Random(seed)
     rows = []
-    for _ in range(count):
-        name, item, a, b, adds = draw_problem(rng)
+    for name, item, a, b, adds in draw_problems(count, seed):
         if adds:
             question = f"{name} has {a} {item}s and gets {b} more. How many {item}s does {name} have?"
             answer, work = a + b, f"{a} + {b} = {a + b}"
