@@ -19,7 +19,9 @@ the order of the pack's rollouts, the same in every context.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
+import inspect
 from dataclasses import dataclass
 from typing import Dict, List, Sequence
 
@@ -181,9 +183,8 @@ def varlen_attention(module, query, key, value, attention_mask, dropout=0.0, sca
 def flash_varlen(q, k, v, lengths, scale, window):
     """torch's varlen_attn across the versions users have: torch 2.11's takes is_causal and no
     scale, window or enable_gqa (the newer keywords are used where the signature has them)."""
-    import inspect
     from torch.nn.attention.varlen import varlen_attn
-    takes = inspect.signature(varlen_attn).parameters
+    takes = _parameters(varlen_attn)
     options = {}
     if "window_size" in takes:
         options["window_size"] = window
@@ -202,6 +203,12 @@ def flash_varlen(q, k, v, lengths, scale, window):
     elif scale is not None and scale != default_scale:
         q = q * (scale / default_scale)
     return varlen_attn(q, k, v, *lengths, **options)
+
+
+@functools.lru_cache(maxsize=None)
+def _parameters(fn) -> frozenset:
+    """fn's parameter names, read once per function (flash_varlen runs in every layer's attention)."""
+    return frozenset(inspect.signature(fn).parameters)
 
 
 def register_varlen() -> None:
