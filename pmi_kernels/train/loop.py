@@ -161,7 +161,9 @@ class Trainer:
             return torch.cat([rollout_hidden(decoder, p, r, self.device) for p, r in zip(prompts, rollouts)])
         base = self._base_model()
         with self._autocast():
-            states = {"student": read(self.reader(base), "student")}
+            states = {}
+            # The frozen contexts first: the passing peak of their forwards (the longest
+            # contexts) then never sits on top of the student's activations, held for the backward.
             with torch.no_grad():
                 with self._frozen_weights(self.config.teacher_weights == "base") as (decoder, head):
                     states["teacher"] = read(decoder, "teacher")
@@ -171,6 +173,7 @@ class Trainer:
                 if self.config.anchor:
                     with self._frozen_weights(True) as (decoder, _):
                         states["anchor"] = read(decoder, "student")
+            states["student"] = read(self.reader(base), "student")
         head = base.get_output_embeddings()
         states = {k: v.to(head.weight.dtype) for k, v in states.items()}
         return states, head, frozen_head
