@@ -141,18 +141,21 @@ def probe(trainer, count: int = PROBE_ROLLOUTS, mode: Optional[str] = None) -> D
         rollouts = trainer.generate(contexts["student"], config.temperature, config.top_p, config.max_new_tokens)
         sums: Dict[str, float] = {}
         parts: Dict[str, list] = {part: [0, {"pmi": 0.0, "ref": 0.0}] for part in PARTS}
-        for i, rollout in enumerate(tqdm(rollouts, desc="probe", leave=False, mininterval=2)):
+        for group in tqdm(trainer.groups(list(enumerate(rollouts))), desc="probe", leave=False, mininterval=2):
             trainer.stop.check("the probe")
-            if not rollout:
-                continue
-            states, head, frozen = trainer.rollout_states(i, rollout, with_refonly=True)
+            group_rollouts = [rollout for _, rollout in group]
+            states, head, frozen = trainer.group_states([i for i, _ in group], group_rollouts, with_refonly=True)
             diag = pmi_diagnostics(states["student"], states["teacher"], states["refonly"], states.get("anchor"),
                                    lm_head_weight=head.weight, lm_head_bias=head.bias, frozen_weight=frozen.weight,
                                    frozen_bias=frozen.bias, **config.loss_options().target_keywords(),
                                    check_finite=False)
             for key, value in diag.items():
                 sums[key] = sums.get(key, 0.0) + float(value.nan_to_num().sum())
-            add_parts(parts, trainer.tokenizer, rollout, states, head, frozen, config.loss_temperature)
+            lengths = [len(rollout) for rollout in group_rollouts]
+            per_rollout = {kind: state.split(lengths) for kind, state in states.items()}
+            for k, rollout in enumerate(group_rollouts):
+                add_parts(parts, trainer.tokenizer, rollout, {kind: split[k] for kind, split in per_rollout.items()},
+                          head, frozen, config.loss_temperature)
         tokens = sum(map(len, rollouts))
         out = {key: value / max(1, tokens) for key, value in sums.items()}
         out.update({f"where/{part}/{kind}": total / count for part, (count, sums_) in parts.items() if count

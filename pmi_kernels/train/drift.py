@@ -15,10 +15,10 @@ their KL from the base levels off.
 
 The signal, per rollout token, on the steps that compute the diagnostics (diagnostics_every):
 KL(p_student || p_base) over the student's own context, H(p_student) and H(p_base). It costs two
-forwards without gradient per rollout on those steps (the student's context, by the student and
-by the base). The run warns once, on stderr and as drift/warning in the metrics, when the KL
-passes `drift_warn_kl` nats per token. Its default, 0.3, is from the comparison (compare.py,
-README "The main job": 60 steps, 3 seeds): the frozen-anchored runs stayed under 0.04 and the
+forwards without gradient per pack of rollouts on those steps (the student's context, by the
+student and by the base). The run warns once, on stderr and as drift/warning in the metrics,
+when the KL passes `drift_warn_kl` nats per token. Its default, 0.3, is from the comparison
+(compare.py, README "The main job": 60 steps, 3 seeds): the frozen-anchored runs stayed under 0.04 and the
 standard OPSD runs, which move toward a fixed teacher, under 0.29, while every self-anchored
 run passed 0.3 (at steps 20 to 45) on its way to collapse. It is a toy's scale: on another
 model, read drift/kl_student_base's curve (a fixed target levels off, a moving one does not)
@@ -32,7 +32,6 @@ from typing import Dict, List, Tuple
 import torch
 import torch.nn.functional as F
 
-from .contexts import rollout_hidden
 from .distributed import most_over_ranks
 
 ROWS = 1024  # a chunk of rows: the logits of a chunk are [ROWS, V], never [tokens, V]
@@ -83,22 +82,22 @@ class Drift:
         totals, tokens = {key: 0.0 for key in ("kl_student_base", "entropy_student", "entropy_base")}, 0
         base_model = trainer._base_model()
         head = base_model.get_output_embeddings()
-        pairs = [(index, rollout) for index, rollout in batch if rollout]
-        real = len(pairs)
+        groups = trainer.groups([(index, rollout) for index, rollout in batch if rollout])
+        real = len(groups)
         if trainer.config.fsdp:  # as many forwards as every other rank; the fillers' sums are not counted
-            pairs += trainer.filler_group() * (most_over_ranks(trainer.world, real, trainer.device) - real)
-        for n, (index, rollout) in enumerate(pairs):
-            prompt = trainer.prompts["student"][index]
+            groups += [trainer.filler_group()] * (most_over_ranks(trainer.world, real, trainer.device) - real)
+        for n, group in enumerate(groups):
+            indices, rollouts = [index for index, _ in group], [rollout for _, rollout in group]
             with trainer._autocast():
-                student = rollout_hidden(trainer.reader(base_model), prompt, rollout, trainer.device)
+                student = trainer.read_hidden(trainer.reader(base_model), "student", indices, rollouts)
                 with trainer._frozen_weights(True) as (decoder, base_head):
-                    base = rollout_hidden(decoder, prompt, rollout, trainer.device)
+                    base = trainer.read_hidden(decoder, "student", indices, rollouts)
             sums = drift_sums(student, base, head.weight, head.bias, base_head.weight, base_head.bias,
                               trainer.config.loss_temperature)
             if n < real:
                 for key, value in sums.items():
                     totals[key] += value
-                tokens += len(rollout)
+                tokens += sum(map(len, rollouts))
         if reduce is not None:
             totals = reduce({**totals, "tokens": tokens})
             tokens = totals.pop("tokens")

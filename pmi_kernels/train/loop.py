@@ -29,7 +29,7 @@ import shutil
 import signal
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -150,15 +150,24 @@ class Trainer:
         else:
             yield self.reader(self._base_model()), self._base_model().get_output_embeddings()
 
+    def read_hidden(self, decoder, kind: str, indices: Sequence[int], rollouts: Sequence[List[int]]) -> torch.Tensor:
+        """[sum of rollout lengths, H]: the final hidden states of the rollouts (none empty) in
+        context `kind`, rows in order. Packed: the sequences in one forward (packing.py); else
+        one forward per rollout."""
+        prompts = [self.prompts[kind][i] for i in indices]
+        if self.config.packed:
+            return packed_hidden(decoder, prompts, rollouts, self.device)
+        return torch.cat([rollout_hidden(decoder, p, r, self.device) for p, r in zip(prompts, rollouts)])
+
+    def groups(self, pairs: Sequence) -> List[List]:
+        """(example index, rollout) pairs in the groups read together (packing.rollout_groups)."""
+        return rollout_groups(pairs, self.prompts, self.config.packed, self.config.max_tokens_per_micro_batch)
+
     def group_states(self, indices: List[int], rollouts: List[List[int]], with_refonly: bool):
         """Hidden states [sum of rollout lengths, H] of the rollouts (none empty) in each context,
-        rows in order; only the student's has a graph. Packed: each context's sequences in one
-        forward (packing.py); else one forward per rollout and context."""
+        rows in order; only the student's has a graph (read_hidden)."""
         def read(decoder, kind):
-            prompts = [self.prompts[kind][i] for i in indices]
-            if self.config.packed:
-                return packed_hidden(decoder, prompts, rollouts, self.device)
-            return torch.cat([rollout_hidden(decoder, p, r, self.device) for p, r in zip(prompts, rollouts)])
+            return self.read_hidden(decoder, kind, indices, rollouts)
         base = self._base_model()
         with self._autocast():
             states = {}
@@ -292,10 +301,9 @@ class Trainer:
         counts = sum_over_ranks(world, counts, self.device)  # the loss is the mean over every rank's tokens
         tokens = int(counts["tokens"])
         totals: Dict[str, float] = {"loss": 0.0}
-        budget = config.max_tokens_per_micro_batch
         for micro_batch in micro_batches:
             self.stop.check("a step")  # every rank, once per micro-batch: a stop waits for no more than one
-            groups = rollout_groups(micro_batch, self.prompts, config.packed, budget)
+            groups = self.groups(micro_batch)
             # Under FSDP2 the ranks agree on the count first: a rank with fewer packs pads at its end.
             most = most_over_ranks(world, len(groups), self.device) if config.fsdp else len(groups)
             for group in groups:
