@@ -19,7 +19,7 @@ OPTIONS = [
 @pytest.mark.parametrize("device,backend", PATHS)
 def test_logits_match_reference(device, backend, anchor, kwargs):
     s, t, r, a = streams(7, 1031, torch.float32, device, scale=4.0)
-    # A large common offset: the raw sums must not cancel it away.
+    # A large common offset, which no sum may cancel away.
     t += 30.0
     got = pmi_diagnostics(s, t, r, a if anchor else None, backend=backend, **kwargs)
     want = pmi_diagnostics_reference(*(upcast(x) for x in (s, t, r, a if anchor else None)), **kwargs)
@@ -39,6 +39,22 @@ def test_hidden_states_match_reference(device, backend):
     for key in want:
         assert got[key].shape == (2, 5)
         assert_close(got[key], want[key], torch.float32, key, factor=3, atol=1e-5)
+
+
+@pytest.mark.parametrize("device,backend", PATHS)
+def test_small_pmi_residual(device, backend):
+    """Δ_it = log p_T - log p_R zero or small next to Δ_total: its cosine is 0 for a zero vector
+    and otherwise the reference's (the Triton kernel once expanded the dot products from raw
+    sums, which cancelled here into cosines of -1e34)."""
+    s, t = streams(5, 600, torch.float64, device, scale=3.0, count=2)
+    same = pmi_diagnostics(s, t, t.clone(), backend=backend)
+    assert (same["cos_total_pmi"] == 0).all()
+    assert_close(same["cos_total_ref"], torch.ones(5, dtype=torch.float64, device=device), torch.float64, "cos")
+    r = t + 1e-6 * torch.randn_like(t)
+    got = pmi_diagnostics(s, t, r, backend=backend)
+    want = pmi_diagnostics_reference(s, t, r)
+    for key in want:
+        assert_close(got[key], want[key], torch.float64, key, factor=1e3, atol=1e-9)
 
 
 def test_properties():

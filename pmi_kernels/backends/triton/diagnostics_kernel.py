@@ -1,13 +1,13 @@
 """Triton kernel for pmi_diagnostics: the decomposition of the teacher's signal, per row.
 
-With u = t - s, w = r - s (scaled logits) and the log-normalizers S, T, R, the vectors are
-Δ_total = u - (T - S), Δ_ref = w - (R - S), Δ_it = Δ_total - Δ_ref, so every dot product
-among them follows from the raw sums Σu, Σw, Σu², Σw², Σuw (shifted by the row's first
-entry, so the squares do not cancel at large logits). Two passes over a row:
+Two passes over a row:
 
-    1. online lse of s, t, r; the raw sums; E_pT[u] and the entropy terms of p   reads s, t, r
-    2. the target g (needs the centering mean of pass 1): lse of g, E_q[g - s],
-       the entropy terms of q                                                  reads s, t, r, a
+    1. online lse of s, t, r; E_pT[t - s] and the entropy terms of p; Σ(t - r)   reads s, t, r
+    2. with the log-probabilities known: the dot products of Δ_total = log p_T - log p_S,
+       Δ_ref = log p_R - log p_S and Δ_it = log p_T - log p_R, each summed from its own
+       entries (a dot product expanded from raw sums cancels when Δ_it is small next to
+       Δ_total); the target g (needs the centering mean of pass 1): lse of g, E_q[g - s],
+       the entropy terms of q                                                    reads s, t, r, a
 """
 from __future__ import annotations
 
@@ -52,21 +52,14 @@ def pmi_diagnostics_kernel(p_s, p_t, p_r, p_a, p_out, p_params, stride_s, stride
     if HAS_A:
         p_a += row * stride_a
     o_base = tl.arange(0, BLOCK_V)
-    # Shifts: the first entry's u and w.
-    s0 = tl.load(p_s).to(ACC) * inv_tau
-    u0 = tl.load(p_t).to(ACC) * inv_tau - s0
-    w0 = tl.load(p_r).to(ACC) * inv_tau - s0
 
+    # Pass 1: the log-sum-exps, E_pT[t - s] (rescaled with z_t), H(p) and Σ(t - r).
     zero = tl.zeros([], dtype=ACC)
     m_s, z_s, y_s = zero - float("inf"), zero, zero
     m_t, z_t, y_t = zero - float("inf"), zero, zero
     m_r, z_r, y_r = zero - float("inf"), zero, zero
-    e_tu = zero  # Σ e^(t - m_t) u, rescaled with z_t
-    b_u = tl.zeros([BLOCK_V], dtype=ACC)
-    b_w = tl.zeros([BLOCK_V], dtype=ACC)
-    b_uu = tl.zeros([BLOCK_V], dtype=ACC)
-    b_ww = tl.zeros([BLOCK_V], dtype=ACC)
-    b_uw = tl.zeros([BLOCK_V], dtype=ACC)
+    e_tu = zero
+    b_tr = tl.zeros([BLOCK_V], dtype=ACC)
     for v0 in range(0, V, BLOCK_V):
         o_v = v0 + o_base
         m_v = o_v < V
@@ -76,42 +69,41 @@ def pmi_diagnostics_kernel(p_s, p_t, p_r, p_a, p_out, p_params, stride_s, stride
         m_s, z_s, y_s, _, _ = _online(m_s, z_s, y_s, b_s, m_v)
         m_t, z_t, y_t, alpha, e = _online(m_t, z_t, y_t, b_t, m_v)
         m_r, z_r, y_r, _, _ = _online(m_r, z_r, y_r, b_r, m_v)
-        u = tl.where(m_v, b_t - b_s - u0, 0.0)
-        w = tl.where(m_v, b_r - b_s - w0, 0.0)
-        e_tu = alpha * e_tu + tl.sum(e * u, axis=0)
-        b_u += u
-        b_w += w
-        b_uu += u * u
-        b_ww += w * w
-        b_uw += u * w
-    lse_s = m_s + tl.log(z_s)
-    lse_t = m_t + tl.log(z_t)
-    lse_r = m_r + tl.log(z_r)
-    sum_u = tl.sum(b_u, axis=0)
-    sum_w = tl.sum(b_w, axis=0)
-    # Δ_total = u' - cu, Δ_ref = w' - cw, with u' = u - u0 and the constants shifted alike.
-    cu = (lse_t - lse_s) - u0
-    cw = (lse_r - lse_s) - w0
-    tt = tl.sum(b_uu, axis=0) - 2.0 * cu * sum_u + V * cu * cu
-    rr = tl.sum(b_ww, axis=0) - 2.0 * cw * sum_w + V * cw * cw
-    tr = tl.sum(b_uw, axis=0) - cw * sum_u - cu * sum_w + V * cu * cw
-    ii = tl.maximum(tt - 2.0 * tr + rr, 0.0)
-    ti = tt - tr
-    tt = tl.maximum(tt, 0.0)
-    rr = tl.maximum(rr, 0.0)
-    kl_ts = (e_tu / z_t + u0) - (lse_t - lse_s)
+        e_tu = alpha * e_tu + tl.sum(e * tl.where(m_v, b_t - b_s, 0.0), axis=0)
+        b_tr += tl.where(m_v, b_t - b_r, 0.0)
+    log_z_s = tl.log(z_s)
+    log_z_t = tl.log(z_t)
+    log_z_r = tl.log(z_r)
+    # log p = (x - max) - log z, never x - (max + log z): the latter rounds log z away at |x| ~ 1e4.
+    kl_ts = e_tu / z_t - ((m_t - m_s) + (log_z_t - log_z_s))
 
-    # Pass 2: the target. kappa: the centering mean of t - r, or lse(t) - lse(r).
-    kappa = lse_t - lse_r
+    # Pass 2: the dot products, and the target. kappa: the centering mean of t - r, or lse(t) - lse(r).
+    kappa = (m_t - m_r) + (log_z_t - log_z_r)
     if CENTER:
-        kappa = (sum_u - sum_w) / V + (u0 - w0)
+        kappa = tl.sum(b_tr, axis=0) / V
+    b_tt = tl.zeros([BLOCK_V], dtype=ACC)
+    b_rr = tl.zeros([BLOCK_V], dtype=ACC)
+    b_trr = tl.zeros([BLOCK_V], dtype=ACC)
+    b_ii = tl.zeros([BLOCK_V], dtype=ACC)
+    b_ti = tl.zeros([BLOCK_V], dtype=ACC)
     m_g, z_g, y_g = zero - float("inf"), zero, zero
     e_gs = zero  # Σ e^(g - m_g) (g - s)
     for v0 in range(0, V, BLOCK_V):
         o_v = v0 + o_base
         m_v = o_v < V
         b_s = _load_tile(p_s, o_v, m_v, inv_tau, ACC)
-        b_d = _load_tile(p_t, o_v, m_v, inv_tau, ACC) - _load_tile(p_r, o_v, m_v, inv_tau, ACC)
+        b_t = _load_tile(p_t, o_v, m_v, inv_tau, ACC)
+        b_r = _load_tile(p_r, o_v, m_v, inv_tau, ACC)
+        lp = (b_s - m_s) - log_z_s
+        total = tl.where(m_v, ((b_t - m_t) - log_z_t) - lp, 0.0)
+        ref = tl.where(m_v, ((b_r - m_r) - log_z_r) - lp, 0.0)
+        pmi = tl.where(m_v, ((b_t - m_t) - log_z_t) - ((b_r - m_r) - log_z_r), 0.0)
+        b_tt += total * total
+        b_rr += ref * ref
+        b_trr += total * ref
+        b_ii += pmi * pmi
+        b_ti += total * pmi
+        b_d = b_t - b_r
         if CLIP:
             b_d = clip * _tanh((b_d - kappa) * inv_clip)
         if HAS_A:
@@ -120,17 +112,19 @@ def pmi_diagnostics_kernel(p_s, p_t, p_r, p_a, p_out, p_params, stride_s, stride
             b_g = b_s + b_d * inv_beta
         m_g, z_g, y_g, alpha, e = _online(m_g, z_g, y_g, b_g, m_v)
         e_gs = alpha * e_gs + tl.sum(e * tl.where(m_v, b_g - b_s, 0.0), axis=0)
-    lse_g = m_g + tl.log(z_g)
+    log_z_g = tl.log(z_g)
+    norm_t = tl.sqrt(tl.sum(b_tt, axis=0))
+    norm_r = tl.sqrt(tl.sum(b_rr, axis=0))
+    norm_i = tl.sqrt(tl.sum(b_ii, axis=0))
 
     p_out += row * 7
-    norm_t = tl.sqrt(tt)
-    tl.store(p_out + 0, tr / tl.maximum(norm_t * tl.sqrt(rr), tiny))
-    tl.store(p_out + 1, ti / tl.maximum(norm_t * tl.sqrt(ii), tiny))
-    tl.store(p_out + 2, tl.sqrt(rr) / tl.maximum(norm_t, tiny))
+    tl.store(p_out + 0, tl.sum(b_trr, axis=0) / tl.maximum(norm_t * norm_r, tiny))
+    tl.store(p_out + 1, tl.sum(b_ti, axis=0) / tl.maximum(norm_t * norm_i, tiny))
+    tl.store(p_out + 2, norm_r / tl.maximum(norm_t, tiny))
     tl.store(p_out + 3, kl_ts)
-    tl.store(p_out + 4, e_gs / z_g - (lse_g - lse_s))
-    tl.store(p_out + 5, tl.log(z_s) - y_s / z_s)
-    tl.store(p_out + 6, tl.log(z_g) - y_g / z_g)
+    tl.store(p_out + 4, e_gs / z_g - ((m_g - m_s) + (log_z_g - log_z_s)))
+    tl.store(p_out + 5, log_z_s - y_s / z_s)
+    tl.store(p_out + 6, log_z_g - y_g / z_g)
 
 
 @functools.lru_cache(maxsize=64)
