@@ -32,14 +32,17 @@ def check_workspace(workspace_bytes) -> None:
         raise ValueError(f"workspace_bytes must be an integer > 0 (bytes), got {workspace_bytes!r}")
 
 
-def check_streams(streams: Dict[str, Optional[torch.Tensor]], what: str) -> torch.Tensor:
+def check_streams(streams: Dict[str, Optional[torch.Tensor]], what: str, required: int = 2) -> torch.Tensor:
     """All given streams: tensors of one float dtype, one device, one shape [..., D], D > 0.
 
-    `streams` maps argument names to tensors (None = stream absent); the first is the
-    student, against which the others are compared. Returns the student.
+    `streams` maps argument names to tensors (None = stream absent); the first `required`
+    (the student and the teacher) must be given; the first is the student, against which the
+    others are compared. Returns the student.
     """
     first_name, first = next(iter(streams.items()))
-    for name, x in streams.items():
+    for index, (name, x) in enumerate(streams.items()):
+        if x is None and index < required:
+            raise ValueError(f"{name} is required, got None")
         if x is None:
             continue
         if not isinstance(x, torch.Tensor):

@@ -37,6 +37,8 @@ def stream_cases(names):
         case(student, "0-d", lambda a: {k: torch.tensor(1.0) for k in names}),
         case(student, "empty-last-dim", lambda a: {k: a[k][:, :0] for k in names}),
         case(student, "nan", lambda a: {student: nan_at_one_entry(a[student])}),
+        case(student, "none", lambda a: {student: None}),
+        case(names[1], "none", lambda a: {names[1]: None}),
     ]
     for k in names[1:]:
         cases += [
