@@ -42,7 +42,7 @@ def pmi_target_logits(s, t, r=None, a=None, opts: LossOptions = LossOptions()):
     with torch.no_grad():
         if r is None:
             return t.clone()
-        delta = (t - t.logsumexp(-1, keepdim=True)) - (r - r.logsumexp(-1, keepdim=True))
+        delta = t.log_softmax(-1) - r.log_softmax(-1)
         if opts.center:
             delta = delta - delta.mean(-1, keepdim=True)
         if opts.clip is not None:

@@ -57,6 +57,20 @@ def test_small_pmi_residual(device, backend):
         assert_close(got[key], want[key], torch.float64, key, factor=1e3, atol=1e-9)
 
 
+@pytest.mark.parametrize("device,backend", PATHS)
+def test_uncentered_target_at_large_logits(device, backend):
+    """Centering off under the clip, a teacher or reference-only logit of 1e6 or 1e8 beside O(1)
+    ones (test_pmi_kl.test_uncentered_clip_at_large_logits): the target's KL and entropy as
+    close to the float64 ones as fp32 allows at O(1)."""
+    s, t, r = streams(3, 97, torch.float32, device, count=3)
+    t[0, 7], r[1, 3], t[2, 2], r[2, 2] = 1e6, 1e8, 1e8, 1e8 - 8.0
+    kwargs = dict(center=False, clip=3.0, beta=0.5)
+    got = pmi_diagnostics(s, t, r, backend=backend, **kwargs)
+    want = pmi_diagnostics_reference(*(upcast(x) for x in (s, t, r)), **kwargs)
+    for key in ("kl_target_student", "entropy_target"):
+        assert_close(got[key], want[key], torch.float32, key, factor=0.1)
+
+
 def test_properties():
     s, t, r = streams(6, 200, torch.float64, count=3)
     d = pmi_diagnostics(s, t, r)

@@ -104,6 +104,21 @@ def test_extreme_logits(device, backend, jsd_beta):
     assert_close(grad, ref_grad, torch.float32, "grad", factor=100, atol=1e-6)
 
 
+@pytest.mark.parametrize("jsd_beta", [0.0, 0.5])
+@pytest.mark.parametrize("device,backend", PATHS)
+def test_uncentered_clip_at_large_logits(device, backend, jsd_beta):
+    """Centering off, the clip on, a teacher or reference-only logit of 1e6 or 1e8 beside O(1)
+    ones: Δ = log p_T - log p_R is formed from (x - max) - log z, so the loss stays as close to
+    the float64 one as fp32 allows at O(1) (t - r less lse(t) - lse(r) cancelled to 3% at 1e8)."""
+    s, t, r, a = streams(4, 97, torch.float32, device)
+    t[0, 7], r[1, 3], t[2, 5], r[2, 11], t[3, 2] = 1e6, 1e8, 1e8, 5e7, 1e8
+    r[3, 2] = 1e8 - 8.0  # both large at one token: their difference, not their size, counts
+    loss, grad, ref, ref_grad = run_both(device, backend, s, t, r, a, jsd_beta=jsd_beta, center=False, clip=3.0,
+                                         beta=0.5)
+    assert_close(loss, ref, torch.float32, "loss", factor=0.1)
+    assert_close(grad, ref_grad, torch.float32, "grad", atol=1e-6)
+
+
 @pytest.mark.skipif(not (INTERPRET or torch.cuda.is_available()), reason="needs Triton (GPU or interpreter)")
 def test_kernel_writes_every_output():
     """Outputs are NaN before the launch; every gradient element and loss must be written."""

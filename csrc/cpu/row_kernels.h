@@ -78,6 +78,18 @@ void difference_into(T* out, const In* x, const In* y, int64_t n, T scale) {
   for (int64_t v = 0; v < n; ++v) out[v] = to_compute<T>(x[v]) * scale - to_compute<T>(y[v]) * scale;
 }
 
+// out = (x - y) - max_diff, x and y scaled, summed in double: with max_diff = max x - max y,
+// log p_T - log p_R up to the log-sums' difference. Both differences of float numbers are exact
+// in double; in float they would cancel to the logits' ulp where |x| ~ 1e5 (one stream's logit
+// far above the other's, or both far above the rest).
+template <typename In, typename T>
+void log_ratio_into(T* out, const In* x, const In* y, int64_t n, T scale, double max_diff) {
+#pragma omp simd
+  for (int64_t v = 0; v < n; ++v) {
+    out[v] = T((double(to_compute<T>(x[v]) * scale) - double(to_compute<T>(y[v]) * scale)) - max_diff);
+  }
+}
+
 // G <- the target logits, from G holding d (t, or t - r) and the base (anchor, or S). The
 // branches are hoisted out of the loops, which then vectorize.
 template <bool CLIP, typename In, typename T>
@@ -193,21 +205,21 @@ void rows_typed(const RowsArgs& args) {
       }
       // Everything is read before anything is written: grad may alias s.
       scale_into(S, s, n, k.inv_tau);
-      if (o.pmi && r != nullptr) {
+      T kappa = 0;
+      if (kappa_source == kKappaLseDiff) {
+        // Centering off: Δ = log p_T - log p_R, G <- (t - r) - (max t - max r), kappa the log-sums'.
+        const RowLse<T> lt = raw_lse(t, n, k.inv_tau), lr = raw_lse(r, n, k.inv_tau);
+        log_ratio_into(G, t, r, n, k.inv_tau, double(lt.max) - double(lr.max));
+        kappa = lt.log_sum - lr.log_sum;
+      } else if (o.pmi && r != nullptr) {
         difference_into(G, t, r, n, k.inv_tau);
       } else {
         scale_into(G, t, n, k.inv_tau);
       }
-      T kappa = 0;
       if (kappa_source == kKappaGiven) {
         kappa = static_cast<const T*>(args.kappa)[row];
       } else if (kappa_source == kKappaMean) {
         kappa = row_sum(G, n) / T(n);
-      } else if (kappa_source == kKappaLseDiff) {
-        // G holds t - r: lse(t) and lse(r) come from the raw rows, grouped as the maxima's
-        // difference plus the log-sums' (the sum m + log z would round log z at large m).
-        const RowLse<T> lt = raw_lse(t, n, k.inv_tau), lr = raw_lse(r, n, k.inv_tau);
-        kappa = (lt.max - lr.max) + (lt.log_sum - lr.log_sum);
       }
       if (o.pmi) target_into(G, S, a, n, kappa, k, o.clip_on());
       T inv_zs, inv_zg;
@@ -298,10 +310,12 @@ void diagnostics_typed(const DiagnosticsArgs& args) {
       }
       const T tt = T(sums[0]), rr = T(sums[1]), tr = T(sums[2]), ii = T(sums[3]), ti = T(sums[4]),
               kl_ts = T(sums[5]), ent_p = T(sums[6]), sum_d = T(sums[7]);
-      const T kappa = o.center ? sum_d / T(n) : (lt.max - lr.max) + (lt.log_sum - lr.log_sum);
-      // Tt <- t - r, then the target logits.
+      // Tt <- t - r less the centering mean, or log p_T - log p_R as rows_typed forms it; then the
+      // target logits.
+      const T kappa = o.center ? sum_d / T(n) : lt.log_sum - lr.log_sum;
+      const double max_diff = o.center ? 0.0 : double(lt.max) - double(lr.max);
 #pragma omp simd
-      for (int64_t v = 0; v < n; ++v) Tt[v] -= R[v];
+      for (int64_t v = 0; v < n; ++v) Tt[v] = T((double(Tt[v]) - double(R[v])) - max_diff);
       target_into(Tt, S, a, n, kappa, k, o.clip_on());
       const RowLse<T> lg = row_lse(Tt, n);
       const T kl_qp = blocked_sum<T>(n, [&](int64_t v) {

@@ -5,7 +5,8 @@
 // before it writes it). The per-entry arithmetic is csrc/include/pmi_math.h, shared with the
 // CPU kernel. Each rows_<dtype>.cu instantiates these templates for one input dtype.
 //
-//   0. kappa, when the soft clip needs it and it is not given: mean(t - r) or lse(t) - lse(r)
+//   0. kappa, when the soft clip needs it and it is not given: mean(t - r), or with centering
+//      off the rows' maxima and log-sums of t and r (TargetShift)
 //   1. log-sum-exp of the student s and the target g
 //   2. loss, sum of slopes, row statistics; forward KL writes (p - q) * scale
 //   3. other losses: grad = (slope - p * sum of slopes) * scale
@@ -170,18 +171,35 @@ struct Row {
   const In *s, *t, *r, *a;
 };
 
-// The scaled student s, d (the teacher, or t - r in PMI mode), and the target's base (the
-// anchor, or s) for N entries from v on.
+// What the soft clip's argument subtracts from d: kappa, the centering mean of t - r or given;
+// with centering off (log_ratio), d = Δ = log p_T - log p_R up to kappa = log z_t - log z_r,
+// summed as (t - r) - max_diff in double with max_diff = max t - max r: both differences of
+// float numbers are exact there, where in float they would cancel to the logits' ulp at
+// |x| ~ 1e5 (one stream's logit far above the other's, or both far above the rest).
+template <typename T>
+struct TargetShift {
+  T kappa;
+  double max_diff;
+  bool log_ratio;
+};
+
+// The scaled student s, d (the teacher, or t - r in PMI mode: TargetShift), and the target's
+// base (the anchor, or s) for N entries from v on.
 template <int N, typename In, typename T>
-__device__ __forceinline__ void load_streams(const Row<In>& row, int64_t v, T inv_tau, bool pmi, T (&s)[N], T (&d)[N],
-                                             T (&base)[N]) {
+__device__ __forceinline__ void load_streams(const Row<In>& row, int64_t v, T inv_tau, bool pmi,
+                                             const TargetShift<T>& shift, T (&s)[N], T (&d)[N], T (&base)[N]) {
   load<N>(row.s, v, inv_tau, s);
   load<N>(row.t, v, inv_tau, d);
   if (pmi && row.r != nullptr) {
     T r[N];
     load<N>(row.r, v, inv_tau, r);
+    if (shift.log_ratio) {
 #pragma unroll
-    for (int i = 0; i < N; ++i) d[i] -= r[i];
+      for (int i = 0; i < N; ++i) d[i] = T((double(d[i]) - double(r[i])) - shift.max_diff);
+    } else {
+#pragma unroll
+      for (int i = 0; i < N; ++i) d[i] -= r[i];
+    }
   }
   if (row.a != nullptr) {
     load<N>(row.a, v, inv_tau, base);
@@ -203,14 +221,15 @@ __device__ __forceinline__ Row<In> row_streams(const RowsArgs& a, int64_t row) {
 // f(i, log p, log q, loss terms) for each of N entries from v on, once the log-sum-exps are
 // known (a callback, so that each entry's values are used at once and not kept in registers).
 template <int KIND, bool ENTRY_CLIP, int N, typename In, typename T, typename F>
-__device__ __forceinline__ void group_terms(const Row<In>& in, int64_t v, const Scalars<T>& k, T kappa, bool pmi,
-                                            bool clip_on, RowLse<T> ls, RowLse<T> lg, F&& f) {
+__device__ __forceinline__ void group_terms(const Row<In>& in, int64_t v, const Scalars<T>& k,
+                                            const TargetShift<T>& shift, bool pmi, bool clip_on, RowLse<T> ls,
+                                            RowLse<T> lg, F&& f) {
   T s[N], g[N], base[N];
-  load_streams<N>(in, v, k.inv_tau, pmi, s, g, base);
+  load_streams<N>(in, v, k.inv_tau, pmi, shift, s, g, base);
 #pragma unroll
   for (int i = 0; i < N; ++i) {
     const T lp = (s[i] - ls.max) - ls.log_sum;
-    const T lq = (target_logit(g[i], base[i], kappa, k, pmi, clip_on) - lg.max) - lg.log_sum;
+    const T lq = (target_logit(g[i], base[i], shift.kappa, k, pmi, clip_on) - lg.max) - lg.log_sum;
     f(i, lp, lq, summand_and_slope<KIND, ENTRY_CLIP>(lp, lq, k));
   }
 }
@@ -249,10 +268,10 @@ __global__ void __launch_bounds__(kMaxThreadsFor<In>, kMinBlocksPerSM)
     return;
   }
 
-  T kappa = 0;
+  TargetShift<T> shift{0, 0.0, false};
   const int kappa_source = a.options.kappa_source(a.kappa != nullptr);
   if (kappa_source == kKappaGiven) {
-    kappa = static_cast<const T*>(a.kappa)[row];
+    shift.kappa = static_cast<const T*>(a.kappa)[row];
   } else if (kappa_source == kKappaMean) {
     T sum[1] = {0};
     for_each_group<VEC>(V, [&](int64_t v, auto n) {
@@ -269,7 +288,7 @@ __global__ void __launch_bounds__(kMaxThreadsFor<In>, kMinBlocksPerSM)
       for (int i = 0; i < N; ++i) sum[0] += d[i];
     });
     block_sum(sum, smem);
-    kappa = sum[0] / T(V);
+    shift.kappa = sum[0] / T(V);
   } else if (kappa_source == kKappaLseDiff) {
     Lse<T> tr[2] = {{neg_inf<T>(), T(0)}, {neg_inf<T>(), T(0)}};
     for_each_group<VEC>(V, [&](int64_t v, auto n) {
@@ -281,7 +300,7 @@ __global__ void __launch_bounds__(kMaxThreadsFor<In>, kMinBlocksPerSM)
       tr[1] = lse_merge(tr[1], group_lse(r));
     });
     block_lse(tr, smem);
-    kappa = (tr[0].m - tr[1].m) + (log(tr[0].z) - log(tr[1].z));
+    shift = {log(tr[0].z) - log(tr[1].z), double(tr[0].m) - double(tr[1].m), true};
   }
 
   RowLse<T> ls, lg;
@@ -291,9 +310,9 @@ __global__ void __launch_bounds__(kMaxThreadsFor<In>, kMinBlocksPerSM)
     for_each_group<VEC>(V, [&](int64_t v, auto n) {
       constexpr int N = decltype(n)::value;
       T s[N], g[N], base[N];
-      load_streams<N>(in, v, k.inv_tau, pmi, s, g, base);
+      load_streams<N>(in, v, k.inv_tau, pmi, shift, s, g, base);
 #pragma unroll
-      for (int i = 0; i < N; ++i) g[i] = target_logit(g[i], base[i], kappa, k, pmi, clip_on);
+      for (int i = 0; i < N; ++i) g[i] = target_logit(g[i], base[i], shift.kappa, k, pmi, clip_on);
       sg[0] = lse_merge(sg[0], group_lse(s));
       sg[1] = lse_merge(sg[1], group_lse(g));
     });
@@ -324,7 +343,7 @@ __global__ void __launch_bounds__(kMaxThreadsFor<In>, kMinBlocksPerSM)
     for_each_group<VEC>(V, [&](int64_t v, auto n) {
       constexpr int N = decltype(n)::value;
       T out[N];
-      group_terms<KIND, ENTRY_CLIP, N>(in, v, k, kappa, pmi, clip_on, ls, lg,
+      group_terms<KIND, ENTRY_CLIP, N>(in, v, k, shift, pmi, clip_on, ls, lg,
                                        [&](int i, T lp, T lq, const Terms<T>& e) {
                                          sums[0] += e.f;
                                          sums[1] += e.slope;
@@ -342,7 +361,7 @@ __global__ void __launch_bounds__(kMaxThreadsFor<In>, kMinBlocksPerSM)
     for_each_group<VEC>(V, [&](int64_t v, auto n) {
       constexpr int N = decltype(n)::value;
       T out[N];
-      group_terms<KIND, ENTRY_CLIP, N>(in, v, k, kappa, pmi, clip_on, ls, lg,
+      group_terms<KIND, ENTRY_CLIP, N>(in, v, k, shift, pmi, clip_on, ls, lg,
                                        [&](int i, T, T, const Terms<T>& e) { out[i] = (e.slope - e.p * slope_sum) * scale; });
       store(grad, v, out);
     });
@@ -407,15 +426,17 @@ __global__ void __launch_bounds__(kMaxThreadsFor<In>, kMinBlocksPerSM)
     }
   });
   block_sum(sums, smem);
-  const T kappa = a.options.center ? sums[7] / T(V) : (lt.max - lr.max) + (lt.log_sum - lr.log_sum);
+  const TargetShift<T> shift = a.options.center
+                                   ? TargetShift<T>{sums[7] / T(V), 0.0, false}
+                                   : TargetShift<T>{lt.log_sum - lr.log_sum, double(lt.max) - double(lr.max), true};
 
   Lse<T> g_lse[1] = {{neg_inf<T>(), T(0)}};
   for_each_group<VEC>(V, [&](int64_t v, auto n) {
     constexpr int N = decltype(n)::value;
     T s[N], g[N], base[N];
-    load_streams<N>(in, v, k.inv_tau, true, s, g, base);
+    load_streams<N>(in, v, k.inv_tau, true, shift, s, g, base);
 #pragma unroll
-    for (int i = 0; i < N; ++i) g[i] = target_logit(g[i], base[i], kappa, k, true, clip_on);
+    for (int i = 0; i < N; ++i) g[i] = target_logit(g[i], base[i], shift.kappa, k, true, clip_on);
     g_lse[0] = lse_merge(g_lse[0], group_lse(g));
   });
   block_lse(g_lse, smem);
@@ -425,10 +446,10 @@ __global__ void __launch_bounds__(kMaxThreadsFor<In>, kMinBlocksPerSM)
   for_each_group<VEC>(V, [&](int64_t v, auto n) {
     constexpr int N = decltype(n)::value;
     T s[N], g[N], base[N];
-    load_streams<N>(in, v, k.inv_tau, true, s, g, base);
+    load_streams<N>(in, v, k.inv_tau, true, shift, s, g, base);
 #pragma unroll
     for (int i = 0; i < N; ++i) {
-      g[i] = target_logit(g[i], base[i], kappa, k, true, clip_on);
+      g[i] = target_logit(g[i], base[i], shift.kappa, k, true, clip_on);
       const T lp = (s[i] - ls.max) - ls.log_sum, lq = (g[i] - lg.max) - lg.log_sum;
       const T q = exp_nonpos(lq);
       target[0] += q * (lq - lp);

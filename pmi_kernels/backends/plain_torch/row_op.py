@@ -20,22 +20,32 @@ import torch
 from ...options import FORWARD_KL, REVERSE_KL, LossOptions, compute_dtype
 
 
-def target_shift(t, r, opts: LossOptions):
-    """kappa: the per-row constant subtracted from t - r before the soft clip (scaled units)."""
-    if opts.center:
-        return (t - r).mean(-1) if r is not None else t.mean(-1)
-    return t.logsumexp(-1) - r.logsumexp(-1)
+def log_ratio(t, r):
+    """log p_T - log p_R = (t - r) - (max t - max r) - (log z_t - log z_r), the first two terms
+    summed in float64, where both differences of float32 numbers are exact: in float32 they
+    would cancel to the logits' ulp at |x| ~ 1e5 (one stream's logit far above the other's, or
+    both far above the rest)."""
+    m_t, m_r = t.amax(-1, keepdim=True), r.amax(-1, keepdim=True)
+    wide = torch.promote_types(t.dtype, torch.float64)
+    shifted = ((t.to(wide) - r.to(wide)) - (m_t.to(wide) - m_r.to(wide))).to(t.dtype)
+    log_z = lambda x, m: (x - m).exp().sum(-1, keepdim=True, dtype=torch.float64).log().to(x.dtype)  # noqa: E731
+    return shifted - (log_z(t, m_t) - log_z(r, m_r))
 
 
 def target_logits(s, t, r, a, kappa, opts: LossOptions):
-    """g from scaled logits. With r None in PMI mode, t already holds t - r."""
+    """g from scaled logits. With r None in PMI mode, t already holds t - r. kappa: the per-row
+    shift of t - r under the soft clip, when given (vocabulary-parallel, or the fused path's
+    centering mean)."""
     if not opts.pmi:
         return t
-    delta = t - r if r is not None else t
-    if opts.needs_kappa:
-        if kappa is None:
-            kappa = target_shift(t, r, opts)
-        delta = opts.clip * torch.tanh((delta - kappa[:, None]) / opts.clip)
+    if opts.needs_kappa and kappa is None and not opts.center:
+        delta = opts.clip * torch.tanh(log_ratio(t, r) / opts.clip)
+    else:
+        delta = t - r if r is not None else t
+        if opts.needs_kappa:
+            if kappa is None:  # the centering mean
+                kappa = delta.mean(-1)
+            delta = opts.clip * torch.tanh((delta - kappa[:, None]) / opts.clip)
     return (s if a is None else a) + delta / opts.beta
 
 

@@ -77,10 +77,13 @@ def pmi_diagnostics_kernel(p_s, p_t, p_r, p_a, p_out, p_params, stride_s, stride
     # log p = (x - max) - log z, never x - (max + log z): the latter rounds log z away at |x| ~ 1e4.
     kl_ts = e_tu / z_t - ((m_t - m_s) + (log_z_t - log_z_s))
 
-    # Pass 2: the dot products, and the target. kappa: the centering mean of t - r, or lse(t) - lse(r).
-    kappa = (m_t - m_r) + (log_z_t - log_z_r)
+    # Pass 2: the dot products, and the target: Δ = t - r less the centering mean, or log p_T - log p_R
+    # summed as row_kernel._target_tile sums it (t - r less the maxima's difference, in float64).
     if CENTER:
         kappa = tl.sum(b_tr, axis=0) / V
+    else:
+        kappa = log_z_t - log_z_r
+        max_diff = m_t.to(tl.float64) - m_r.to(tl.float64)
     b_tt = tl.zeros([BLOCK_V], dtype=ACC)
     b_rr = tl.zeros([BLOCK_V], dtype=ACC)
     b_trr = tl.zeros([BLOCK_V], dtype=ACC)
@@ -103,7 +106,10 @@ def pmi_diagnostics_kernel(p_s, p_t, p_r, p_a, p_out, p_params, stride_s, stride
         b_trr += total * ref
         b_ii += pmi * pmi
         b_ti += total * pmi
-        b_d = b_t - b_r
+        if CENTER:
+            b_d = b_t - b_r
+        else:
+            b_d = ((b_t.to(tl.float64) - b_r.to(tl.float64)) - max_diff).to(ACC)
         if CLIP:
             b_d = clip * _tanh((b_d - kappa) * inv_clip)
         if HAS_A:

@@ -30,7 +30,7 @@ from ...options import FORWARD_KL, MIXED_JSD, REVERSE_KL, LossOptions, compute_d
 KAPPA_NONE: tl.constexpr = tl.constexpr(0)
 KAPPA_GIVEN: tl.constexpr = tl.constexpr(1)  # computed by the caller (the fused path's GEMM)
 KAPPA_MEAN: tl.constexpr = tl.constexpr(2)  # mean(t - r): centering on
-KAPPA_LSE_DIFF: tl.constexpr = tl.constexpr(3)  # lse(t) - lse(r): centering off
+KAPPA_LSE_DIFF: tl.constexpr = tl.constexpr(3)  # lse(t) - lse(r): centering off (_target_tile)
 # Which passes run (backends/vocab_parallel.py runs the last three, gathering between them):
 # all; pass 1 only, writing this shard's log-sum-exps; pass 2 from the gathered log-sum-exps,
 # writing the partial slope sum; pass 3 only, from the gathered slope sum.
@@ -67,14 +67,22 @@ def _load_tile(p_row, o_v, m_v, scale, ACC: tl.constexpr):
 
 
 @triton.jit
-def _target_tile(b_s, p_t, p_r, p_a, o_v, m_v, inv_tau, kappa, clip, inv_clip, inv_beta,
+def _target_tile(b_s, p_t, p_r, p_a, o_v, m_v, inv_tau, kappa, max_diff, clip, inv_clip, inv_beta,
                  PMI: tl.constexpr, HAS_R: tl.constexpr, HAS_A: tl.constexpr, CLIP: tl.constexpr,
-                 ACC: tl.constexpr):
-    """Target logits g for one tile, from the scaled student tile and the frozen streams."""
+                 LOG_RATIO: tl.constexpr, ACC: tl.constexpr):
+    """Target logits g for one tile, from the scaled student tile and the frozen streams.
+    LOG_RATIO (centering off, the clip on): Δ = log p_T - log p_R = ((t - r) - max_diff) - kappa,
+    max_diff = max t - max r and kappa = log z_t - log z_r; t - r less max_diff is summed in
+    float64, where both differences of float32 numbers are exact: in the compute dtype they
+    would cancel to the logits' ulp where |x| ~ 1e5 (one stream's logit far above the other's,
+    or both far above the rest)."""
     b_t = _load_tile(p_t, o_v, m_v, inv_tau, ACC)
     if not PMI:
         return b_t
-    if HAS_R:
+    if LOG_RATIO:
+        b_r = _load_tile(p_r, o_v, m_v, inv_tau, ACC)
+        b_t = ((b_t.to(tl.float64) - b_r.to(tl.float64)) - max_diff).to(ACC)
+    elif HAS_R:
         b_t -= _load_tile(p_r, o_v, m_v, inv_tau, ACC)
     if CLIP:
         b_t = clip * _tanh((b_t - kappa) * inv_clip)
@@ -115,15 +123,17 @@ def _summand_and_slope(lp, lq, lam, log_1m_lam, log_lam, entry_clip,
 
 
 @triton.jit
-def _tile_terms(p_s, p_t, p_r, p_a, o_v, m_v, inv_tau, kappa, clip, inv_clip, inv_beta, m_s, log_z_s, m_g, log_z_g,
+def _tile_terms(p_s, p_t, p_r, p_a, o_v, m_v, inv_tau, kappa, max_diff, clip, inv_clip, inv_beta,
+                m_s, log_z_s, m_g, log_z_g,
                 lam, log_1m_lam, log_lam, entry_clip, PMI: tl.constexpr, HAS_R: tl.constexpr, HAS_A: tl.constexpr,
-                CLIP: tl.constexpr, LOSS_KIND: tl.constexpr, ENTRY_CLIP: tl.constexpr, ACC: tl.constexpr):
+                CLIP: tl.constexpr, KAPPA: tl.constexpr, LOSS_KIND: tl.constexpr, ENTRY_CLIP: tl.constexpr,
+                ACC: tl.constexpr):
     """(summand, slope, p, q, log p, log q) of one tile, once both log-sum-exps are known.
     log p = (s - max) - log z, never s - (max + log z): the latter rounds log z away at
     |s| ~ 1e4, where an fp32 ulp of the max is larger than a runner-up's share of the mass."""
     b_s = _load_tile(p_s, o_v, m_v, inv_tau, ACC)
-    b_g = _target_tile(b_s, p_t, p_r, p_a, o_v, m_v, inv_tau, kappa, clip, inv_clip, inv_beta,
-                       PMI, HAS_R, HAS_A, CLIP, ACC)
+    b_g = _target_tile(b_s, p_t, p_r, p_a, o_v, m_v, inv_tau, kappa, max_diff, clip, inv_clip, inv_beta,
+                       PMI, HAS_R, HAS_A, CLIP, KAPPA == KAPPA_LSE_DIFF, ACC)
     lp = (b_s - m_s) - log_z_s
     lq = (b_g - m_g) - log_z_g
     f, slope, p, q = _summand_and_slope(lp, lq, lam, log_1m_lam, log_lam, entry_clip, LOSS_KIND, ENTRY_CLIP)
@@ -166,6 +176,7 @@ def pmi_kl_fwd_kernel(
         v_end = tl.where(tl.load(p_mask + row) != 0, V, 0)
 
     kappa = 0.0
+    max_diff = tl.zeros([], dtype=tl.float64)  # used with KAPPA_LSE_DIFF only (_target_tile)
     if KAPPA == KAPPA_GIVEN:
         kappa = tl.load(p_kappa + row).to(ACC)
     elif KAPPA == KAPPA_MEAN:
@@ -188,7 +199,8 @@ def pmi_kl_fwd_kernel(
             m_v = o_v < V
             m_t, z_t = _online_lse(m_t, z_t, tl.where(m_v, _load_tile(p_t, o_v, m_v, inv_tau, ACC), float("-inf")))
             m_r, z_r = _online_lse(m_r, z_r, tl.where(m_v, _load_tile(p_r, o_v, m_v, inv_tau, ACC), float("-inf")))
-        kappa = (m_t - m_r) + (tl.log(z_t) - tl.log(z_r))
+        max_diff = m_t.to(tl.float64) - m_r.to(tl.float64)
+        kappa = tl.log(z_t) - tl.log(z_r)
 
     if PHASE == PHASE_ALL or PHASE == PHASE_LSE:
         # Pass 1: log-sum-exp of the student and of the target.
@@ -200,8 +212,8 @@ def pmi_kl_fwd_kernel(
             o_v = v0 + o_base
             m_v = o_v < V
             b_s = _load_tile(p_s, o_v, m_v, inv_tau, ACC)
-            b_g = _target_tile(b_s, p_t, p_r, p_a, o_v, m_v, inv_tau, kappa, clip, inv_clip, inv_beta,
-                               PMI, HAS_R, HAS_A, CLIP, ACC)
+            b_g = _target_tile(b_s, p_t, p_r, p_a, o_v, m_v, inv_tau, kappa, max_diff, clip, inv_clip, inv_beta,
+                               PMI, HAS_R, HAS_A, CLIP, KAPPA == KAPPA_LSE_DIFF, ACC)
             m_s, z_s = _online_lse(m_s, z_s, tl.where(m_v, b_s, float("-inf")))
             m_g, z_g = _online_lse(m_g, z_g, tl.where(m_v, b_g, float("-inf")))
         log_z_s = tl.log(z_s)
@@ -237,9 +249,10 @@ def pmi_kl_fwd_kernel(
             for v0 in range(0, v_end, BLOCK_V):
                 o_v = v0 + o_base
                 m_v = o_v < V
-                f, slope, p, q, lp, lq = _tile_terms(p_s, p_t, p_r, p_a, o_v, m_v, inv_tau, kappa, clip, inv_clip,
-                                                     inv_beta, m_s, log_z_s, m_g, log_z_g, lam, log_1m_lam, log_lam,
-                                                     entry_clip, PMI, HAS_R, HAS_A, CLIP, LOSS_KIND, ENTRY_CLIP, ACC)
+                f, slope, p, q, lp, lq = _tile_terms(p_s, p_t, p_r, p_a, o_v, m_v, inv_tau, kappa, max_diff, clip,
+                                                     inv_clip, inv_beta, m_s, log_z_s, m_g, log_z_g, lam,
+                                                     log_1m_lam, log_lam, entry_clip, PMI, HAS_R, HAS_A, CLIP,
+                                                     KAPPA, LOSS_KIND, ENTRY_CLIP, ACC)
                 b_loss += tl.where(m_v, f, 0.0)
                 b_slope_sum += tl.where(m_v, slope, 0.0)
                 if WRITE_STATS:
@@ -261,9 +274,10 @@ def pmi_kl_fwd_kernel(
             for v0 in range(0, v_end, BLOCK_V):
                 o_v = v0 + o_base
                 m_v = o_v < V
-                f, slope, p, q, lp, lq = _tile_terms(p_s, p_t, p_r, p_a, o_v, m_v, inv_tau, kappa, clip, inv_clip,
-                                                     inv_beta, m_s, log_z_s, m_g, log_z_g, lam, log_1m_lam, log_lam,
-                                                     entry_clip, PMI, HAS_R, HAS_A, CLIP, LOSS_KIND, ENTRY_CLIP, ACC)
+                f, slope, p, q, lp, lq = _tile_terms(p_s, p_t, p_r, p_a, o_v, m_v, inv_tau, kappa, max_diff, clip,
+                                                     inv_clip, inv_beta, m_s, log_z_s, m_g, log_z_g, lam,
+                                                     log_1m_lam, log_lam, entry_clip, PMI, HAS_R, HAS_A, CLIP,
+                                                     KAPPA, LOSS_KIND, ENTRY_CLIP, ACC)
                 tl.store(p_grad + o_v, ((slope - p * slope_sum) * grad_scale).to(p_grad.dtype.element_ty), mask=m_v)
         if WRITE_GRAD and HAS_MASK:
             for v0 in range(0, V - v_end, BLOCK_V):
