@@ -25,6 +25,7 @@ BAD_VALUES = [
     ("loss_temperature", 0), ("mode", "kl"), ("schedule", "step"), ("output_dir", " "), ("lora_targets", []),
     ("answer_pattern", "(["), ("answer_pattern", r"\d+"),
     ("templates", {"student": "{q}", "teacher": "", "refonly": ""}),
+    ("templates", {"student": "{question}", "teacher": "{question} {solution}", "refonly": " "}),
     ("allow_config_change", ["betta"]), ("vllm_kwargs", [1]),
 ]
 
@@ -117,5 +118,24 @@ def test_local_model_checks(tmp_path):
     with pytest.raises(ValueError, match="sft_steps"):
         tiny(tmp_path, sft_steps=5, **local).validate()
     pytest.importorskip("datasets")
-    with pytest.raises(ValueError, match="eval row 0: .* exceeds the model's 512 positions"):
+    with pytest.raises(ValueError, match=r"templates.student \(eval\): row 0: .* exceeds the model's 512 positions"):
         loop.Trainer(tiny(tmp_path, eval_file=str(tmp_path / "eval.jsonl"), **local))
+    # A context of no tokens (the loader refuses empty fields and the checks empty templates; a
+    # tokenizer may still map a text to nothing): the packed path gathered position -1 for it.
+    from pmi_kernels.train.model import check_lengths
+    with pytest.raises(ValueError, match=r"templates.refonly \(train\): row 1 renders to no tokens"):
+        check_lengths(toy_model(tokenizer), {"templates.refonly (train)": [[5, 6], []]}, 4)
+
+
+@pytest.mark.parametrize("targets,message", [
+    (["q_proj", "lm_head"], "'lm_head' is the output head"),
+    (["q_proj", "v_porj"], "'v_porj' names no module of the model .*q_proj"),
+    (["layers"], "'layers' names a ModuleList"),
+])
+def test_lora_targets_are_checked_before_the_warmup(tmp_path, monkeypatch, targets, message):
+    """Each target names linear or embedding layers, none the head (whose LoRA the fused loss
+    never read: the run trained nothing there, or crashed with 'does not require grad'), before
+    the toy's warm-up. Fails on a typo dropped in silence, or a refusal after minutes of warm-up."""
+    monkeypatch.setattr(loop, "warmed_up_base", lambda *a: pytest.fail("the warm-up ran before the check"))
+    with pytest.raises(ValueError, match="lora_targets: " + message):
+        loop.Trainer(tiny(tmp_path, sft_steps=5, lora_targets=targets))

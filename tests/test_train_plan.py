@@ -117,6 +117,14 @@ def test_dry_run_prints_the_plan_of_each_recipe_without_the_model(path, capsys):
     assert eight["weights"] == all_32["weights"]
 
 
+def test_dry_run_refuses_what_torchrun_would(capsys):
+    """A batch that does not split over the world size (32 over 3 GPUs) is refused by name, as
+    the run itself would refuse it; it was planned as 11 rollouts a GPU."""
+    path = RECIPES[0]
+    assert cli_main(["train", "--config", path, "--dry-run", "--world-size", "3"]) == 2
+    assert "batch_size" in capsys.readouterr().err
+
+
 def test_dry_run_reads_a_model_directorys_config_json(tmp_path, capsys):
     """A local directory with only a config.json (no weights, no tokenizer) plans from it; the
     toy model plans too; with neither a directory nor an architecture key the run is refused

@@ -95,6 +95,9 @@ def test_resuming_a_finished_run_evaluates_again_without_a_duplicate_row(three_s
     result = Trainer(tiny(tmp_path, max_steps=3, save_every=2, resume=True)).train(progress=False)
     assert result["accuracy_after"] is not None and result["steps"] == 3
     assert [row["step"] for row in rows(out)] == [row["step"] for row in before] == [0, 1, 2, 3, 3]
+    # Resumed again with max_steps below the step it holds: it trains nothing and evaluates again.
+    result = Trainer(tiny(tmp_path, max_steps=2, save_every=2, resume=True)).train(progress=False)
+    assert result["steps"] == 3 and [row["step"] for row in rows(out)] == [0, 1, 2, 3, 3]
 
 
 def test_the_toy_base_is_saved_with_the_run_and_required_to_resume(three_step_run, tmp_path):

@@ -145,10 +145,13 @@ def _check_templates(templates: dict) -> None:
         if kind not in TEMPLATE_KINDS:
             raise _fail("templates", f"keyed by {TEMPLATE_KINDS} only", templates)
         try:
-            text.format(question="q", solution="s")
+            rendered = text.format(question="q", solution="s")
         except (AttributeError, IndexError, KeyError, ValueError) as err:
             raise _fail(f"templates.{kind}", "a str.format string over {question} and {solution} "
                         f"({type(err).__name__}: {err})", text) from err
+        if not rendered.strip():
+            raise _fail(f"templates.{kind}", "a template that renders to some text (a context's last token "
+                        "predicts the rollout's first)", text)
 
 
 def coerce_flag(key: str, raw: str, kind, optional: bool):

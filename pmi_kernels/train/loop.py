@@ -45,7 +45,7 @@ from .distributed import (SyncedStop, WholeModelDecoder, broadcast_module, check
 from .drift import Drift
 from .interrupts import Interrupted, StopRequest, TrainingFailed, fault_point
 from .metrics import MetricsLog, StepTimer, count_markers, cut_metrics
-from .model import check_lengths, load_model, wrap_model
+from .model import check_lengths, check_lora_targets, load_model, wrap_model
 from .packing import packed_hidden, rollout_groups
 from .rollouts import VllmRollouts, merged_weights
 from .run_dir import TOY_BASE, prepare_output_dir
@@ -69,12 +69,13 @@ class Trainer:
         self.tokenizer.padding_side = "left"
         if model.get_output_embeddings() is None:
             raise ValueError(f"model {config.model_path!r} has no lm_head (get_output_embeddings() is None)")
+        check_lora_targets(model, config)
         self.train_rows, self.eval_rows = load_examples(config)
         self.prompts = contexts_ids(self.tokenizer, config.templates, KINDS, self.train_rows, config.use_chat_template)
         self.eval_prompts = contexts_ids(self.tokenizer, config.templates, ["student"], self.eval_rows,
                                          config.use_chat_template)["student"]
-        check_lengths(model, {**{f"train ({kind} context)": self.prompts[kind] for kind in KINDS},
-                              "eval": self.eval_prompts}, config.max_new_tokens)
+        check_lengths(model, {**{f"templates.{kind} (train)": self.prompts[kind] for kind in KINDS},
+                              "templates.student (eval)": self.eval_prompts}, config.max_new_tokens)
         model_dir = config.model_path
         if config.model_path == TOY:
             model_dir = os.path.join(config.output_dir, TOY_BASE)
@@ -104,7 +105,7 @@ class Trainer:
             # A resumed run writes again what came after its checkpoint, and the evaluation it
             # starts with (before training, or after it when the run was already at max_steps).
             if world.main:
-                cut_metrics(self.metrics.path, self.step, redo_evaluation=self.step in (0, config.max_steps))
+                cut_metrics(self.metrics.path, self.step, redo_evaluation=self.step == 0 or self.step >= config.max_steps)
 
     # ---- set-up -----------------------------------------------------------------------
     def _vllm_engine(self, model, model_dir: str) -> VllmRollouts:

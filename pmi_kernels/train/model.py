@@ -43,16 +43,42 @@ def load_model(config: TrainConfig, device):
 
 
 def check_lengths(model, contexts: Dict[str, List[List[int]]], max_new_tokens: int) -> None:
-    """Every context plus a full rollout fits the model's positions (else generation fails, or
-    asks the allocator for a tensor as long as the text)."""
+    """Every context has a token (its last predicts the rollout's first) and, with a full
+    rollout, fits the model's positions (else generation fails, or asks the allocator for a
+    tensor as long as the text). `contexts` is keyed by the templates.<kind> that made them."""
     limit = getattr(model.config, "max_position_embeddings", None)
-    if limit is None:
-        return
     for what, prompts in contexts.items():
         for i, prompt in enumerate(prompts):
-            if len(prompt) + max_new_tokens > limit:
-                raise ValueError(f"{what} row {i}: its context ({len(prompt)} tokens) plus max_new_tokens "
+            if not prompt:
+                raise ValueError(f"{what}: row {i} renders to no tokens (a context's last token predicts the "
+                                 "rollout's first)")
+            if limit is not None and len(prompt) + max_new_tokens > limit:
+                raise ValueError(f"{what}: row {i}: its context ({len(prompt)} tokens) plus max_new_tokens "
                                  f"({max_new_tokens}) exceeds the model's {limit} positions")
+
+
+def check_lora_targets(model, config: TrainConfig) -> None:
+    """With LoRA, each of lora_targets names linear or embedding layers of the model (as peft
+    matches a name: the end of a module's dotted name), and none is the output head: the loss
+    reads the head's weight itself (fused_pmi_kl), so an adapter there would never train."""
+    if not config.lora:
+        return
+    modules = dict(model.named_modules())
+    head = model.get_output_embeddings()
+    for target in config.lora_targets:
+        matched = [m for name, m in modules.items() if name == target or name.endswith("." + target)]
+        if not matched:
+            layers = sorted({name.rsplit(".", 1)[-1] for name, m in modules.items()
+                             if isinstance(m, torch.nn.Linear)})
+            raise ValueError(f"lora_targets: {target!r} names no module of the model (its linear layers: "
+                             f"{', '.join(layers)})")
+        other = next((m for m in matched if not isinstance(m, (torch.nn.Linear, torch.nn.Embedding))), None)
+        if other is not None:
+            raise ValueError(f"lora_targets: {target!r} names a {type(other).__name__}, not a linear or embedding "
+                             "layer")
+        if any(m is head for m in matched):
+            raise ValueError(f"lora_targets: {target!r} is the output head, whose weight the loss reads itself "
+                             "(an adapter there would never train); leave it out")
 
 
 def wrap_model(model, config: TrainConfig):
@@ -62,11 +88,7 @@ def wrap_model(model, config: TrainConfig):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if config.lora:
         from peft import LoraConfig, get_peft_model
-        present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-        targets = [t for t in config.lora_targets if t in present]
-        if not targets:
-            raise ValueError(f"none of lora_targets {config.lora_targets} is a module of the model")
-        lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, target_modules=targets)
+        lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, target_modules=config.lora_targets)
         return get_peft_model(model, lora), None
     needs_base = config.teacher_weights == "base" or config.anchor
     return model, copy.deepcopy(model).eval().requires_grad_(False) if needs_base else None

@@ -5,8 +5,9 @@ a single row, without padding; position_ids restart at 0 for each, and attention
 each sequence. Every linear layer, norm and adapter runs once over the whole pack; attention:
 
 - "varlen" (registered here as an attention implementation for transformers) is given the
-  sequences' boundaries (cu_seq_lens): on CUDA PyTorch's own torch.nn.attention.varlen
-  .varlen_attn runs them in one kernel; elsewhere each sequence goes through sdpa on its own
+  sequences' boundaries (cu_seq_lens): on CUDA in bf16 or fp16 PyTorch's own
+  torch.nn.attention.varlen.varlen_attn runs them in one kernel; elsewhere (a CPU, or fp32
+  weights, which a flash kernel would round to bf16) each sequence goes through sdpa on its own
   (its own causal attention, nothing of size [N, N]).
 - "flash_attention_2" (the flash-attn package, CUDA) is given the same boundaries.
 - "sdpa" and "eager" are given an explicit block-diagonal causal mask [1, 1, N, N] (a sliding-
@@ -172,12 +173,10 @@ def varlen_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [N, heads, D]
     window = (-1, 0) if sliding_window is None else (sliding_window - 1, 0)
     lengths = kwargs["cu_seq_lens_q"], kwargs["cu_seq_lens_k"], kwargs["max_length_q"], kwargs["max_length_k"]
-    if not query.is_cuda:
+    if not (query.is_cuda and dtype in (torch.float16, torch.bfloat16)):  # flash runs half precision only
         out = segment_attention(q, k, v, *lengths, scale=scaling, window_size=window, enable_gqa=q.shape[1] != k.shape[1])
         return out[None], None
-    compute = dtype if dtype in (torch.float16, torch.bfloat16) else torch.bfloat16  # flash: half precision
-    out = flash_varlen(q.to(compute), k.to(compute), v.to(compute), lengths, scaling, window)
-    return out.to(dtype)[None], None
+    return flash_varlen(q, k, v, lengths, scaling, window)[None], None
 
 
 def flash_varlen(q, k, v, lengths, scale, window):

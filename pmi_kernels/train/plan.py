@@ -90,7 +90,10 @@ def activation_bytes(s: Dict[str, int], lora_rank: int) -> int:
 
 
 def plan(config: TrainConfig, world_size: int, prompt_tokens: int) -> Dict:
-    """The plan's numbers (bytes and tokens)."""
+    """The plan's numbers (bytes and tokens); a ValueError for what torchrun at world_size would
+    refuse (distributed.check_world)."""
+    from .distributed import World, check_world
+    check_world(config, World(size=world_size))
     arch, source = architecture(config)
     s = shape(arch)
     H, L = s["H"], s["L"]
