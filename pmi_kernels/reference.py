@@ -53,6 +53,14 @@ def pmi_target_logits(s, t, r=None, a=None, opts: LossOptions = LossOptions()):
 
 def generalized_jsd(student_logprobs, target_logprobs, jsd_beta: float, entry_clip=None):
     """Per-row loss: forward KL, reverse KL, or the λ-mixture JSD, summed over the last dim."""
+    summand = jsd_summands(student_logprobs, target_logprobs, jsd_beta)
+    if entry_clip is not None:
+        summand = summand.clamp(max=entry_clip)
+    return summand.sum(-1)
+
+
+def jsd_summands(student_logprobs, target_logprobs, jsd_beta: float):
+    """The loss's per-entry summands, before entry_clip."""
     lp, lq = student_logprobs, target_logprobs
     if jsd_beta == 0.0:
         summand = lq.exp() * (lq - lp)
@@ -63,9 +71,7 @@ def generalized_jsd(student_logprobs, target_logprobs, jsd_beta: float, entry_cl
         lm = torch.logsumexp(torch.stack([lp + torch.log1p(torch.tensor(-lam, dtype=lp.dtype)),
                                           lq + torch.log(torch.tensor(lam, dtype=lp.dtype))]), dim=0)
         summand = lam * lq.exp() * (lq - lm) + (1 - lam) * lp.exp() * (lp - lm)
-    if entry_clip is not None:
-        summand = summand.clamp(max=entry_clip)
-    return summand.sum(-1)
+    return summand
 
 
 def reduce_loss(per_row, mask, reduction: str):

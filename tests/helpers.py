@@ -23,3 +23,20 @@ def assert_close(actual, expected, dtype, what, factor=1.0, atol=0.0):
     bound = factor * TOLERANCE[dtype] * expected.abs().max().clamp_min(1e-30) + atol
     err = (actual - expected).abs().max()
     assert err <= bound, f"{what}: max error {err:.3e} > {bound:.3e}"
+
+
+def clear_entry_clip(kwargs: dict, s, t, r=None, a=None, gap: float = 1e-5) -> dict:
+    """kwargs with entry_clip moved (by parts in 1e5) off every summand of the float64 reference
+    over logits s, t, r, a: a summand within rounding of the clip is clamped on one side and not
+    the other, and the gradient jumps there (its slope is 0 where clamped)."""
+    from pmi_kernels.options import LossOptions
+    from pmi_kernels.reference import jsd_summands, pmi_target_logits
+    clip = kwargs.get("entry_clip")
+    if clip is None:
+        return kwargs
+    opts = LossOptions(r is not None, **kwargs)
+    s, t, r, a = (None if x is None else upcast(x) / opts.temperature for x in (s, t, r, a))
+    summands = jsd_summands(s.log_softmax(-1), pmi_target_logits(s, t, r, a, opts).log_softmax(-1), opts.jsd_beta)
+    while ((summands - clip).abs() <= gap * clip).any():
+        clip *= 1 + 4 * gap
+    return {**kwargs, "entry_clip": clip}

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import PATHS
-from helpers import assert_close, streams, upcast
+from helpers import assert_close, clear_entry_clip, streams, upcast
 from pmi_kernels.backends import REGISTRY, STATS, resolve_backend
 from pmi_kernels.options import LossOptions, compute_dtype
 from pmi_kernels.reference import pmi_kl_reference, pmi_target_logits
@@ -59,9 +59,9 @@ def run_rows(backend, s, t, r, a, opts, **kwargs):
 def test_rows_match_reference(device, backend, mode, kwargs):
     """Loss, gradient (with a per-row scale) and statistics of every row, masked rows all zero.
     V = 1031 crosses tiles, sum blocks and thread groups on every kernel."""
-    opts = LossOptions(mode != "opsd", **kwargs)
     s, t, r, a = streams(6, 1031, torch.float32, device)
     a = a if mode == "pmi-anchor" else None
+    opts = LossOptions(mode != "opsd", **clear_entry_clip(kwargs, s, t, r if mode != "opsd" else None, a))
     mask = torch.tensor([True, False, True, True, True, False], device=device)
     row_scale = torch.rand(6, dtype=torch.float32, device=device) + 0.5
     loss, grad, stats = run_rows(backend, s, t, r, a, opts, mask=mask, row_scale=row_scale)

@@ -4,9 +4,9 @@ import torch
 import torch.nn.functional as F
 
 from conftest import PATHS, requires_cuda
-from helpers import assert_close, upcast
+from helpers import assert_close, clear_entry_clip, upcast
 from pmi_kernels import fused_pmi_kl
-from pmi_kernels.reference import fused_pmi_kl_reference, pmi_kl_reference
+from pmi_kernels.reference import fused_pmi_kl_reference, linear_logits, pmi_kl_reference
 
 OPTIONS = [
     pytest.param(dict(), id="defaults"),
@@ -67,6 +67,8 @@ def test_matches_reference(device, backend, mode, kwargs):
     # Odd sizes; chunks of 4 rows so several chunks and a ragged last one run.
     hidden, weight, bias, _ = make(11, 24, 517, torch.float32, device)
     mask = torch.rand(11, device=device) > 0.25
+    s, t, r, a = (linear_logits(upcast(h), upcast(weight), upcast(bias)) for h in hidden)
+    kwargs = clear_entry_clip(kwargs, s, t, None if mode == "opsd" else r, a if mode == "pmi-anchor" else None)
     out = run_both(backend, hidden, weight, bias, mode, mask=mask, chunk_rows=4, **kwargs)
     check(*out)
 
