@@ -105,7 +105,8 @@ class Trainer:
             # A resumed run writes again what came after its checkpoint, and the evaluation it
             # starts with (before training, or after it when the run was already at max_steps).
             if world.main:
-                cut_metrics(self.metrics.path, self.step, redo_evaluation=self.step == 0 or self.step >= config.max_steps)
+                redo = self.step == 0 or self.step >= config.max_steps
+                cut_metrics(self.metrics.path, self.step, redo_evaluation=redo)
 
     # ---- set-up -----------------------------------------------------------------------
     def _vllm_engine(self, model, model_dir: str) -> VllmRollouts:

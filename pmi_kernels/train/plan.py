@@ -21,6 +21,7 @@ from typing import Dict, List, Tuple
 
 from .config import TOY, TrainConfig
 from .config_checks import ARCHITECTURE
+from .distributed import World, check_world
 
 GIB = 2**30
 LORA_SHAPES = {  # module -> (fan in, fan out) in terms of the architecture
@@ -92,7 +93,6 @@ def activation_bytes(s: Dict[str, int], lora_rank: int) -> int:
 def plan(config: TrainConfig, world_size: int, prompt_tokens: int) -> Dict:
     """The plan's numbers (bytes and tokens); a ValueError for what torchrun at world_size would
     refuse (distributed.check_world)."""
-    from .distributed import World, check_world
     check_world(config, World(size=world_size))
     arch, source = architecture(config)
     s = shape(arch)

@@ -26,8 +26,8 @@ def log_ratio(t, r):
     would cancel to the logits' ulp at |x| ~ 1e5 (one stream's logit far above the other's, or
     both far above the rest)."""
     m_t, m_r = t.amax(-1, keepdim=True), r.amax(-1, keepdim=True)
-    wide = torch.promote_types(t.dtype, torch.float64)
-    shifted = ((t.to(wide) - r.to(wide)) - (m_t.to(wide) - m_r.to(wide))).to(t.dtype)
+    wide = lambda x: x.to(torch.float64)  # noqa: E731
+    shifted = ((wide(t) - wide(r)) - (wide(m_t) - wide(m_r))).to(t.dtype)
     log_z = lambda x, m: (x - m).exp().sum(-1, keepdim=True, dtype=torch.float64).log().to(x.dtype)  # noqa: E731
     return shifted - (log_z(t, m_t) - log_z(r, m_r))
 
