@@ -4,8 +4,9 @@
 // and the row statistics. The loss it computes is docs/loss.md; the plain-torch form of the
 // same arithmetic is pmi_kernels/backends/plain_torch/row_op.py.
 //
-// Only exp, log1p and log differ between the two: the GPU uses its special-function unit
-// (as Triton's tl.exp does), the CPU branch-free polynomials that vectorize.
+// Only exp, log1p, log and tanh's one division differ between the two: the GPU uses its
+// special-function unit (as Triton's tl.exp and `/` do), the CPU branch-free polynomials that
+// vectorize and an exact division.
 #pragma once
 
 #include <cmath>
@@ -96,6 +97,21 @@ struct Scalars {
   T inv_tau, inv_beta, clip, inv_clip, lam, log_1m_lam, log_lam, entry_clip;
 };
 
+// a / b for b in [1, 2]: on the GPU the fast division (MUFU.RCP and a multiply, within 2 ulp,
+// as Triton's `/` on fp32), not the IEEE one (a Newton step and a slow-path check); exact on
+// the CPU, where the division vectorizes.
+PMI_HD float ratio_unit(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fdividef(a, b);
+#else
+  return a / b;
+#endif
+}
+
+PMI_HD double ratio_unit(double a, double b) {
+  return a / b;
+}
+
 // tanh(u): through e^(-2|u|) so nothing overflows; below |u| = 1/8, where 1 - e^(-2|u|) would
 // cancel (a large clip c makes every u = x / c small), its odd Taylor series to u^11 (relative
 // error under 1e-11).
@@ -110,7 +126,7 @@ PMI_HD T tanh_(T u) {
   series = series * u2 + T(2.0 / 15.0);
   series = series * u2 + T(-1.0 / 3.0);
   series = series * u2 + T(1);
-  const T th = au < T(0.125) ? au * series : (T(1) - e) / (T(1) + e);
+  const T th = au < T(0.125) ? au * series : ratio_unit(T(1) - e, T(1) + e);
   return u < T(0) ? -th : th;
 }
 
