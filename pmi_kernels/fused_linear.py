@@ -3,7 +3,8 @@
 Rows go in chunks sized from a workspace budget; per chunk:
     s      = h W^T + b                      GEMM, [C, V] in the input dtype
     t - r  = (h_T - h_R) W_f^T              ONE GEMM for both frozen streams, where SPEC
-                                            allows it (the bias and lse(t) - lse(r) cancel),
+                                            allows it (the bias and lse(t) - lse(r) cancel)
+                                            and the input is not fp16 (streams_apart),
     kappa  = (h_T - h_R) . mean_v(W_f) / tau   the centering mean, from the same product
     row op: loss, and dloss/ds written over s in place
     grad_h = dS W,  grad_W += dS^T h,  grad_b += sum dS      (when those gradients are wanted)
@@ -48,13 +49,20 @@ class _Plan:
         return self.opts.pack(), self.backend, self.group, self.chunk_rows, self.grad_weight_fp32
 
 
+def streams_apart(opts: LossOptions, dtype: torch.dtype) -> bool:
+    """Whether the teacher's and the reference-only logits take a GEMM each: where lse(t) and
+    lse(r) are needed apart, and for fp16, where h_T - h_R and t - r can pass its range (6.5e4)
+    while each stream stays inside it. Otherwise one product of h_T - h_R serves both."""
+    return opts.separate_lse or dtype == torch.float16
+
+
 def _frozen_streams(hc_t, hc_r, hc_a, w_f, b_f, w_f_mean, opts: LossOptions):
     """(t, r, a, kappa) for one chunk; t holds t - r where one GEMM serves both streams."""
     linear = lambda x: None if x is None else F.linear(x, w_f, b_f)  # noqa: E731
     if not opts.pmi:
         return linear(hc_t), None, None, None
     anchor = linear(hc_a)
-    if opts.separate_lse:
+    if streams_apart(opts, hc_t.dtype):
         return linear(hc_t), linear(hc_r), anchor, None
     diff = hc_t - hc_r
     kappa = None
@@ -106,7 +114,7 @@ def _sweep(plan: _Plan, h, w, b, h_t, h_r, h_a, w_f, b_f, row_scale, want_h, wan
         s = F.linear(hc, w, b)
         t, r, a, kappa = _frozen_streams(hc_t=chunk(h_t), hc_r=chunk(h_r), hc_a=chunk(h_a),
                                          w_f=w_f, b_f=b_f, w_f_mean=w_f_mean, opts=plan.opts)
-        if group is not None and plan.opts.separate_lse:
+        if group is not None and r is not None:  # streams apart: kappa over the whole vocabulary
             kappa = vocab_parallel.logits_kappa(t, r, plan.opts, whole_vocab, group)
         loss[rows] = rows_fn(s, t, r, a, opts=plan.opts, kappa=kappa, row_scale=chunk(row_scale),
                              grad_out=s if want_grad else None, stats_out=chunk(stats))
@@ -278,7 +286,8 @@ def fused_pmi_kl(student_hidden, lm_head_weight, teacher_hidden, refonly_hidden=
     # Chunk buffers: s plus each frozen stream the plan computes, in the input dtype. Chunks
     # sized for the CPU's cache re-read the [V, H] weights each time: at least H/4 rows (on 2
     # CPU cores 2-3x faster than 1 GiB chunks at H <= 256).
-    buffers = 1 + (1 if refonly_hidden is None or not opts.separate_lse else 2) + (anchor_hidden is not None)
+    apart = refonly_hidden is not None and streams_apart(opts, student.dtype)
+    buffers = 1 + (2 if apart else 1) + (anchor_hidden is not None)
     if group is not None:  # every rank must sweep the same chunks: planned for the widest shard
         vocab = vocab_parallel.widest_shard(vocab, vocab_parallel.group_of(group), student.device)
     rows_per_chunk = chunk_rows(impl, student.device, vocab, buffers * student.element_size(),

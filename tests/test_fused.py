@@ -237,3 +237,19 @@ def test_autocast_runs_the_head_in_the_autocast_dtype(device, backend, reduction
         results.append((loss, *grads))
     for under_autocast, cast_by_hand in zip(*results):
         assert torch.equal(under_autocast, cast_by_hand.to(under_autocast.dtype))
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(clip=None, center=False)], ids=["centered", "no-clip"])
+@pytest.mark.parametrize("device,backend", PATHS)
+def test_fp16_streams_whose_difference_passes_fp16(device, backend, kwargs):
+    """fp16 teacher and reference-only states near +-6e4: each finite, h_T - h_R past fp16's
+    range. The loss equals the reference's (one product of h_T - h_R made it NaN)."""
+    vocab = 8
+    weight = torch.eye(vocab, dtype=torch.float16, device=device)  # logits = hidden states exactly
+    h = torch.randn(3, vocab, device=device).half()
+    h_t = torch.full((3, vocab), 6e4, device=device).half()
+    h_r = torch.full((3, vocab), -6e4, device=device).half()
+    h_t[:, 0], h_r[:, 1] = 5e4, -5e4
+    loss = fused_pmi_kl(h, weight, h_t, h_r, reduction="none", backend=backend, **kwargs)
+    want = fused_pmi_kl_reference(upcast(h), upcast(weight), upcast(h_t), upcast(h_r), reduction="none", **kwargs)
+    assert_close(loss, want, torch.float32, "loss", atol=1e-6)
