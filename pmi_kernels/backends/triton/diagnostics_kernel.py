@@ -2,12 +2,14 @@
 
 Two passes over a row:
 
-    1. online lse of s, t, r; E_pT[t - s] and the entropy terms of p; Σ(t - r)   reads s, t, r
+    1. online lse of s, t, r; the entropy terms of p; Σ(t - r)                   reads s, t, r
     2. with the log-probabilities known: the dot products of Δ_total = log p_T - log p_S,
-       Δ_ref = log p_R - log p_S and Δ_it = log p_T - log p_R, each summed from its own
-       entries (a dot product expanded from raw sums cancels when Δ_it is small next to
-       Δ_total); the target g (needs the centering mean of pass 1): lse of g, E_q[g - s],
-       the entropy terms of q                                                    reads s, t, r, a
+       Δ_ref = log p_R - log p_S and Δ_it = log p_T - log p_R and KL(p_T || p_S), each
+       summed from its own entries (expanded from raw sums they cancel: a dot product when
+       Δ_it is small next to Δ_total, E_pT[t - s] - (lse t - lse s) when t stands far from
+       s); the target g (needs the centering mean of pass 1): its online lse, E_q[s - max s]
+       and the entropy terms of q, so KL(q || p) = E_q[lq] - E_q[log p] without a third pass
+                                                                                  reads s, t, r, a
 """
 from __future__ import annotations
 
@@ -53,12 +55,11 @@ def pmi_diagnostics_kernel(p_s, p_t, p_r, p_a, p_out, p_params, stride_s, stride
         p_a += row * stride_a
     o_base = tl.arange(0, BLOCK_V)
 
-    # Pass 1: the log-sum-exps, E_pT[t - s] (rescaled with z_t), H(p) and Σ(t - r).
+    # Pass 1: the log-sum-exps, H(p) and Σ(t - r).
     zero = tl.zeros([], dtype=ACC)
     m_s, z_s, y_s = zero - float("inf"), zero, zero
     m_t, z_t, y_t = zero - float("inf"), zero, zero
     m_r, z_r, y_r = zero - float("inf"), zero, zero
-    e_tu = zero
     b_tr = tl.zeros([BLOCK_V], dtype=ACC)
     for v0 in range(0, V, BLOCK_V):
         o_v = v0 + o_base
@@ -67,15 +68,12 @@ def pmi_diagnostics_kernel(p_s, p_t, p_r, p_a, p_out, p_params, stride_s, stride
         b_t = _load_tile(p_t, o_v, m_v, inv_tau, ACC)
         b_r = _load_tile(p_r, o_v, m_v, inv_tau, ACC)
         m_s, z_s, y_s, _, _ = _online(m_s, z_s, y_s, b_s, m_v)
-        m_t, z_t, y_t, alpha, e = _online(m_t, z_t, y_t, b_t, m_v)
+        m_t, z_t, y_t, _, _ = _online(m_t, z_t, y_t, b_t, m_v)
         m_r, z_r, y_r, _, _ = _online(m_r, z_r, y_r, b_r, m_v)
-        e_tu = alpha * e_tu + tl.sum(e * tl.where(m_v, b_t - b_s, 0.0), axis=0)
         b_tr += tl.where(m_v, b_t - b_r, 0.0)
     log_z_s = tl.log(z_s)
     log_z_t = tl.log(z_t)
     log_z_r = tl.log(z_r)
-    # log p = (x - max) - log z, never x - (max + log z): the latter rounds log z away at |x| ~ 1e4.
-    kl_ts = e_tu / z_t - ((m_t - m_s) + (log_z_t - log_z_s))
 
     # Pass 2: the dot products, and the target: Δ = t - r less the centering mean, or log p_T - log p_R
     # summed as row_kernel._target_tile sums it (t - r less the maxima's difference, in float64).
@@ -89,18 +87,22 @@ def pmi_diagnostics_kernel(p_s, p_t, p_r, p_a, p_out, p_params, stride_s, stride
     b_trr = tl.zeros([BLOCK_V], dtype=ACC)
     b_ii = tl.zeros([BLOCK_V], dtype=ACC)
     b_ti = tl.zeros([BLOCK_V], dtype=ACC)
+    b_kl_ts = tl.zeros([BLOCK_V], dtype=ACC)
     m_g, z_g, y_g = zero - float("inf"), zero, zero
-    e_gs = zero  # Σ e^(g - m_g) (g - s)
+    e_qs = zero  # Σ e^(g - m_g) (s - m_s), rescaled with z_g
     for v0 in range(0, V, BLOCK_V):
         o_v = v0 + o_base
         m_v = o_v < V
         b_s = _load_tile(p_s, o_v, m_v, inv_tau, ACC)
         b_t = _load_tile(p_t, o_v, m_v, inv_tau, ACC)
         b_r = _load_tile(p_r, o_v, m_v, inv_tau, ACC)
+        # log p = (x - max) - log z, never x - (max + log z), which rounds log z away at |x| ~ 1e4.
         lp = (b_s - m_s) - log_z_s
-        total = tl.where(m_v, ((b_t - m_t) - log_z_t) - lp, 0.0)
+        lt = (b_t - m_t) - log_z_t
+        total = tl.where(m_v, lt - lp, 0.0)
         ref = tl.where(m_v, ((b_r - m_r) - log_z_r) - lp, 0.0)
-        pmi = tl.where(m_v, ((b_t - m_t) - log_z_t) - ((b_r - m_r) - log_z_r), 0.0)
+        pmi = tl.where(m_v, lt - ((b_r - m_r) - log_z_r), 0.0)
+        b_kl_ts += tl.where(m_v, tl.exp(lt), 0.0) * total
         b_tt += total * total
         b_rr += ref * ref
         b_trr += total * ref
@@ -117,7 +119,7 @@ def pmi_diagnostics_kernel(p_s, p_t, p_r, p_a, p_out, p_params, stride_s, stride
         else:
             b_g = b_s + b_d * inv_beta
         m_g, z_g, y_g, alpha, e = _online(m_g, z_g, y_g, b_g, m_v)
-        e_gs = alpha * e_gs + tl.sum(e * tl.where(m_v, b_g - b_s, 0.0), axis=0)
+        e_qs = alpha * e_qs + tl.sum(e * tl.where(m_v, b_s - m_s, 0.0), axis=0)
     log_z_g = tl.log(z_g)
     norm_t = tl.sqrt(tl.sum(b_tt, axis=0))
     norm_r = tl.sqrt(tl.sum(b_rr, axis=0))
@@ -127,8 +129,9 @@ def pmi_diagnostics_kernel(p_s, p_t, p_r, p_a, p_out, p_params, stride_s, stride
     tl.store(p_out + 0, tl.sum(b_trr, axis=0) / tl.maximum(norm_t * norm_r, tiny))
     tl.store(p_out + 1, tl.sum(b_ti, axis=0) / tl.maximum(norm_t * norm_i, tiny))
     tl.store(p_out + 2, norm_r / tl.maximum(norm_t, tiny))
-    tl.store(p_out + 3, kl_ts)
-    tl.store(p_out + 4, e_gs / z_g - ((m_g - m_s) + (log_z_g - log_z_s)))
+    tl.store(p_out + 3, tl.sum(b_kl_ts, axis=0))
+    # KL(q || p) = E_q[(g - m_g) - log z_g] - E_q[(s - m_s) - log z_s], with y_g = Σ e^(g - m_g)(g - m_g).
+    tl.store(p_out + 4, (y_g - e_qs) / z_g - (log_z_g - log_z_s))
     tl.store(p_out + 5, log_z_s - y_s / z_s)
     tl.store(p_out + 6, log_z_g - y_g / z_g)
 
