@@ -42,7 +42,7 @@ def test_parameter_counts_equal_the_models(family, extra):
     model = AutoModelForCausalLM.from_config(config)
     arch = config.to_dict()
     assert plan.parameter_count(arch) == sum(p.numel() for p in model.parameters())
-    targets = ["q_proj", "v_proj", "down_proj"]
+    targets = ["q_proj", "v_proj", "down_proj", "embed_tokens"]
     lora = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets))
     assert plan.lora_count(arch, 4, targets) == sum(p.numel() for p in lora.parameters() if p.requires_grad)
 
@@ -119,10 +119,14 @@ def test_dry_run_prints_the_plan_of_each_recipe_without_the_model(path, capsys):
 
 def test_dry_run_refuses_what_torchrun_would(capsys):
     """A batch that does not split over the world size (32 over 3 GPUs) is refused by name, as
-    the run itself would refuse it; it was planned as 11 rollouts a GPU."""
+    the run itself would refuse it (it was planned as 11 rollouts a GPU), and so is a LoRA
+    target the plan cannot count (it was counted as no adapter)."""
     path = RECIPES[0]
     assert cli_main(["train", "--config", path, "--dry-run", "--world-size", "3"]) == 2
     assert "batch_size" in capsys.readouterr().err
+    # A LoRA target the plan cannot count (the run refuses the typo, and the head, too).
+    assert cli_main(["train", "--config", path, "--dry-run", "--lora-targets", "q_proj,q_projj"]) == 2
+    assert "lora_targets" in capsys.readouterr().err
 
 
 def test_dry_run_reads_a_model_directorys_config_json(tmp_path, capsys):

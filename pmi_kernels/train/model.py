@@ -69,7 +69,7 @@ def check_lora_targets(model, config: TrainConfig) -> None:
         matched = [m for name, m in modules.items() if name == target or name.endswith("." + target)]
         if not matched:
             layers = sorted({name.rsplit(".", 1)[-1] for name, m in modules.items()
-                             if isinstance(m, torch.nn.Linear)})
+                             if isinstance(m, torch.nn.Linear) and m is not head})
             raise ValueError(f"lora_targets: {target!r} names no module of the model (its linear layers: "
                              f"{', '.join(layers)})")
         other = next((m for m in matched if not isinstance(m, (torch.nn.Linear, torch.nn.Embedding))), None)

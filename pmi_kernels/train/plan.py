@@ -80,9 +80,16 @@ def root_parameter_count(arch: Dict) -> int:
 
 
 def lora_count(arch: Dict, rank: int, targets: List[str]) -> int:
+    """Adapter parameters of LoRA on the decoder's projections and the input embeddings; another
+    target is refused, as the run refuses a name that is not a layer of the model."""
     s = shape(arch)
+    known = [*LORA_SHAPES, "embed_tokens"]
+    unknown = sorted(set(targets) - set(known))
+    if unknown:
+        raise ValueError(f"lora_targets: the plan counts adapters on {', '.join(known)}, not "
+                         f"{', '.join(map(repr, unknown))}")
     per_layer = sum(rank * (s[LORA_SHAPES[t][0]] + s[LORA_SHAPES[t][1]]) for t in set(targets) if t in LORA_SHAPES)
-    return s["L"] * per_layer
+    return s["L"] * per_layer + (rank * (s["V"] + s["H"]) if "embed_tokens" in targets else 0)
 
 
 def activation_bytes(s: Dict[str, int], lora_rank: int) -> int:
