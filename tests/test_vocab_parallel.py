@@ -102,7 +102,8 @@ def cases(backends, world):
             out += [(check, backend, torch.float64, mode, options, "none", "some")
                     for options in OPTIONS for mode in MODES]
             out += [(check, backend, dtype, "pmi", dict(), reduction, mask)
-                    for dtype in (torch.float32, torch.bfloat16) for reduction, mask in (("mean", "some"), ("sum", None))]
+                    for dtype in (torch.float32, torch.bfloat16, torch.float16)
+                    for reduction, mask in (("mean", "some"), ("sum", None))]
             out.append((check, backend, torch.float32, "pmi-anchor", dict(jsd_beta=0.0), "mean", "none-kept"))
         if world == 2:  # the chunked torch path over several chunks: every rank must sweep the same ones
             out.append((check, "torch", torch.float64, "pmi-anchor", dict(jsd_beta=0.4, workspace_bytes=120_000),
