@@ -9,7 +9,7 @@ warm-up rounds; the medians are reported.
 - CPU: the toy model (LoRA, its prompts), the toy run's 8 rollouts x 40 tokens unless told;
   variants "packed" (attn_implementation "auto": varlen, one sdpa call per sequence),
   "packed-mask" (sdpa over the whole pack with the block-diagonal mask), "per-rollout" and,
-  with --budget, "packed-budget" (varlen, packs of at most --budget tokens). Tokens/s by the wall clock and per
+  with --budget N [N ...], "packed<=N" (varlen, packs of at most N tokens) for each N. Tokens/s by the wall clock and per
   second of the process's CPU time (steadier on a shared machine). Peak memory: for each
   variant a fresh process (so one variant's freed memory cannot serve another's) runs two
   steps, then a third during which its peak resident memory (VmHWM) is read.
@@ -107,7 +107,7 @@ def use_variant(trainer, variant: str, args) -> None:
     recomputes with the attention it ran with)."""
     from pmi_kernels.train import loop, packing
     trainer.config.packed = variant != "per-rollout"
-    trainer.config.max_tokens_per_micro_batch = args.budget if variant == "packed-budget" else None
+    trainer.config.max_tokens_per_micro_batch = int(variant[len("packed<="):]) if variant.startswith("packed<=") else None
     loop.packed_hidden = padded_hidden if variant == "padded" else packing.packed_hidden
     attn = "sdpa" if variant in ("padded", "per-rollout", "packed-mask") else packing.resolve_attn_implementation(
         "auto", trainer.device)
@@ -166,7 +166,7 @@ def run_step_mode(args) -> dict:
     """Every variant on one trainer, a step each in turn (the order alternating), after two
     warm-up rounds; on CPU, each variant's peak memory from a fresh process."""
     variants = ["packed", "padded", "per-rollout"] if args.gpu else ["packed", "packed-mask", "per-rollout"]
-    variants += ["packed-budget"] if args.budget else []
+    variants += [f"packed<={budget}" for budget in args.budget or []]
     trainer = build_trainer(args, tempfile.mkdtemp(prefix="bench_train_step-"))
     if args.gpu:
         use_variant(trainer, "packed", args)
@@ -274,7 +274,8 @@ def main():
     parser.add_argument("--rollouts", type=int, help="step: rollouts per step (8 on CPU, 32 with --gpu)")
     parser.add_argument("--rollout-tokens", type=int, help="step: tokens per rollout (40 on CPU, 1024 with --gpu)")
     parser.add_argument("--lora-rank", type=int, help="step: LoRA rank (8 on CPU, 64 with --gpu)")
-    parser.add_argument("--budget", type=int, help="step: also packed under this max_tokens_per_micro_batch")
+    parser.add_argument("--budget", type=int, nargs="+", help="step: also packed under each of these "
+                        "max_tokens_per_micro_batch")
     parser.add_argument("--repeats", type=int, default=8, help="step: timed steps of each variant, in turn")
     parser.add_argument("--tokens", type=int, nargs="+", default=[8192, 32768], help="loss: rollout lengths")
     parser.add_argument("--tiny", action="store_true", help="a tiny model (to check the script on a CPU)")

@@ -41,11 +41,11 @@ has parallel && { timeout 120 python3 benchmarks/bench_vocab_parallel.py --out "
 if has train; then
     # Packed training steps: the packing tests on CUDA (varlen_attn, flash-attn if installed),
     # then one optimizer step of a Qwen3-1.7B-shaped model (32 rollouts x 1,024 tokens, LoRA r64,
-    # gradient checkpointing): packed varlen (whole, and in packs of <= 4,096 tokens) against padded
-    # sdpa and the per-rollout loop.
+    # gradient checkpointing): packed varlen (whole, and in packs of <= 2,048, 4,096 and 8,192
+    # tokens: the memory the budget buys back) against padded sdpa and the per-rollout loop.
     timeout 120 python3 -m pytest tests/test_train_packed.py -k cuda -q -p no:cacheprovider 2>&1 \
         | tee "$RES/train_tests.log" | tail -4
-    timeout 420 python3 benchmarks/bench_train_step.py --gpu --repeats 3 --budget 4096 --out "$RES" 2>&1 | grep -v -i warn \
+    timeout 420 python3 benchmarks/bench_train_step.py --gpu --repeats 3 --budget 2048 4096 8192 --out "$RES" 2>&1 | grep -v -i warn \
         | tee "$RES/train_step.log"; pack
 fi
 if has sweep; then
