@@ -73,12 +73,12 @@ def test_uncentered_target_at_large_logits(device, backend):
 
 @pytest.mark.parametrize("device,backend", PATHS)
 def test_streams_far_apart(device, backend):
-    """A teacher 1e5 above the student, the reference-only 1e4 below it and an anchor 1e3 above
-    it (each shift leaves its distribution as it was): KL(p_T || p_S) and KL(q || p) as close to the float64 ones as fp32
+    """A teacher 1e5 above the student and an anchor 1e3 above it (each shift leaves its
+    distribution as it was): KL(p_T || p_S) and KL(q || p) as close to the float64 ones as fp32
     allows at that scale (the Triton kernel once expanded E_pT[t - s] - (lse t - lse s), which
     cancelled to 1.0 against 1.007)."""
     s, t, r, a = streams(4, 300, torch.float32, device)
-    t, r, a = t + 1e5, r - 1e4, a + 1e3
+    t, a = t + 1e5, a + 1e3
     got = pmi_diagnostics(s, t, r, a, backend=backend)
     want = pmi_diagnostics_reference(*(upcast(x) for x in (s, t, r, a)))
     assert_close(got["kl_teacher_student"], want["kl_teacher_student"], torch.float32, "kl_teacher_student")

@@ -72,13 +72,10 @@ void scale_into(T* out, const In* x, int64_t n, T scale) {
   for (int64_t v = 0; v < n; ++v) out[v] = to_compute<T>(x[v]) * scale;
 }
 
-// out = (x - shift_x) - (y - shift_y), x and y scaled.
 template <typename In, typename T>
-void difference_into(T* out, const In* x, const In* y, int64_t n, T scale, T shift_x = 0, T shift_y = 0) {
+void difference_into(T* out, const In* x, const In* y, int64_t n, T scale) {
 #pragma omp simd
-  for (int64_t v = 0; v < n; ++v) {
-    out[v] = (to_compute<T>(x[v]) * scale - shift_x) - (to_compute<T>(y[v]) * scale - shift_y);
-  }
+  for (int64_t v = 0; v < n; ++v) out[v] = to_compute<T>(x[v]) * scale - to_compute<T>(y[v]) * scale;
 }
 
 // out = (x - y) - max_diff, x and y scaled, summed in double: with max_diff = max x - max y,
@@ -93,31 +90,25 @@ void log_ratio_into(T* out, const In* x, const In* y, int64_t n, T scale, double
   }
 }
 
-// G <- the target logits, from G holding d (t, or t - r) and the base (anchor, or S) less
-// base0: its first entry, so that Δ̂/β is not rounded at the size of an offset common to the
-// base's logits (softmax(g) is the same), or 0 where the vocabulary is split (every shard must
-// shift alike). The branches are hoisted out of the loops, which then vectorize.
+// G <- the target logits, from G holding d (t, or t - r) and the base (anchor, or S). The
+// branches are hoisted out of the loops, which then vectorize.
 template <bool CLIP, typename In, typename T>
-void target_loop(T* G, const T* S, const In* a, int64_t n, T kappa, T base0, const Scalars<T>& k) {
+void target_loop(T* G, const T* S, const In* a, int64_t n, T kappa, const Scalars<T>& k) {
   if (a != nullptr) {
 #pragma omp simd
-    for (int64_t v = 0; v < n; ++v) {
-      G[v] = target_logit(G[v], to_compute<T>(a[v]) * k.inv_tau - base0, kappa, k, true, CLIP);
-    }
+    for (int64_t v = 0; v < n; ++v) G[v] = target_logit(G[v], to_compute<T>(a[v]) * k.inv_tau, kappa, k, true, CLIP);
   } else {
 #pragma omp simd
-    for (int64_t v = 0; v < n; ++v) G[v] = target_logit(G[v], S[v] - base0, kappa, k, true, CLIP);
+    for (int64_t v = 0; v < n; ++v) G[v] = target_logit(G[v], S[v], kappa, k, true, CLIP);
   }
 }
 
 template <typename In, typename T>
-void target_into(T* G, const T* S, const In* a, int64_t n, T kappa, bool shift_base, const Scalars<T>& k,
-                 bool clip_on) {
-  const T base0 = !shift_base ? T(0) : a != nullptr ? to_compute<T>(a[0]) * k.inv_tau : S[0];
+void target_into(T* G, const T* S, const In* a, int64_t n, T kappa, const Scalars<T>& k, bool clip_on) {
   if (clip_on) {
-    target_loop<true>(G, S, a, n, kappa, base0, k);
+    target_loop<true>(G, S, a, n, kappa, k);
   } else {
-    target_loop<false>(G, S, a, n, kappa, base0, k);
+    target_loop<false>(G, S, a, n, kappa, k);
   }
 }
 
@@ -220,10 +211,6 @@ void rows_typed(const RowsArgs& args) {
         const RowLse<T> lt = raw_lse(t, n, k.inv_tau), lr = raw_lse(r, n, k.inv_tau);
         log_ratio_into(G, t, r, n, k.inv_tau, double(lt.max) - double(lr.max));
         kappa = lt.log_sum - lr.log_sum;
-      } else if (kappa_source == kKappaMean && r != nullptr) {
-        // Centered: each stream less its first entry, so that an offset common to a stream's
-        // logits cancels before t - r is rounded to its ulp; kappa is the mean of that.
-        difference_into(G, t, r, n, k.inv_tau, to_compute<T>(t[0]) * k.inv_tau, to_compute<T>(r[0]) * k.inv_tau);
       } else if (o.pmi && r != nullptr) {
         difference_into(G, t, r, n, k.inv_tau);
       } else {
@@ -234,7 +221,7 @@ void rows_typed(const RowsArgs& args) {
       } else if (kappa_source == kKappaMean) {
         kappa = row_sum(G, n) / T(n);
       }
-      if (o.pmi) target_into(G, S, a, n, kappa, phase == kPhaseAll, k, o.clip_on());
+      if (o.pmi) target_into(G, S, a, n, kappa, k, o.clip_on());
       T inv_zs, inv_zg;
       RowLse<T> ls, lg;
       if (phase == kPhaseAll || phase == kPhaseLse) {
@@ -299,9 +286,7 @@ void diagnostics_typed(const DiagnosticsArgs& args) {
       scale_into(Tt, static_cast<const In*>(args.t) + row * args.stride_t, n, k.inv_tau);
       scale_into(R, static_cast<const In*>(args.r) + row * args.stride_r, n, k.inv_tau);
       const RowLse<T> ls = row_lse(S, n), lt = row_lse(Tt, n), lr = row_lse(R, n);
-      const T t0 = Tt[0], r0 = R[0];  // the centered difference's shifts (as rows_typed takes them)
-      // tt, rr, tr, ii, ti: the dot products of total, ref and pmi; then KL(p_T || p_S), H(p),
-      // the sum of (t - t0) - (r - r0).
+      // tt, rr, tr, ii, ti: the dot products of total, ref and pmi; then KL(p_T || p_S), H(p), sum(t - r).
       double sums[8] = {0};
       for (int64_t b0 = 0; b0 < n; b0 += kSumBlock) {
         const int64_t b1 = std::min(n, b0 + kSumBlock);
@@ -318,27 +303,20 @@ void diagnostics_typed(const DiagnosticsArgs& args) {
           ti += total * pmi_part;
           kl_ts += exp_nonpos(ltv) * total;
           ent_p -= exp_nonpos(lp) * lp;
-          sum_d += (Tt[v] - t0) - (R[v] - r0);
+          sum_d += Tt[v] - R[v];
         }
         const T part[8] = {tt, rr, tr, ii, ti, kl_ts, ent_p, sum_d};
         for (int j = 0; j < 8; ++j) sums[j] += part[j];
       }
       const T tt = T(sums[0]), rr = T(sums[1]), tr = T(sums[2]), ii = T(sums[3]), ti = T(sums[4]),
               kl_ts = T(sums[5]), ent_p = T(sums[6]), sum_d = T(sums[7]);
-      // Tt <- (t - t0) - (r - r0) less the centering mean, or log p_T - log p_R, as rows_typed
-      // forms them; then the target logits.
-      T kappa;
-      if (o.center) {
-        kappa = sum_d / T(n);
+      // Tt <- t - r less the centering mean, or log p_T - log p_R as rows_typed forms it; then the
+      // target logits.
+      const T kappa = o.center ? sum_d / T(n) : lt.log_sum - lr.log_sum;
+      const double max_diff = o.center ? 0.0 : double(lt.max) - double(lr.max);
 #pragma omp simd
-        for (int64_t v = 0; v < n; ++v) Tt[v] = (Tt[v] - t0) - (R[v] - r0);
-      } else {
-        kappa = lt.log_sum - lr.log_sum;
-        const double max_diff = double(lt.max) - double(lr.max);
-#pragma omp simd
-        for (int64_t v = 0; v < n; ++v) Tt[v] = T((double(Tt[v]) - double(R[v])) - max_diff);
-      }
-      target_into(Tt, S, a, n, kappa, true, k, o.clip_on());
+      for (int64_t v = 0; v < n; ++v) Tt[v] = T((double(Tt[v]) - double(R[v])) - max_diff);
+      target_into(Tt, S, a, n, kappa, k, o.clip_on());
       const RowLse<T> lg = row_lse(Tt, n);
       const T kl_qp = blocked_sum<T>(n, [&](int64_t v) {
         const T lp = (S[v] - ls.max) - ls.log_sum, lq = (Tt[v] - lg.max) - lg.log_sum;

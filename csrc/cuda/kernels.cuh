@@ -171,25 +171,20 @@ struct Row {
   const In *s, *t, *r, *a;
 };
 
-// How d and what the soft clip subtracts from it come about: centered, d = (t - t_shift) -
-// (r - r_shift) with the rows' first entries as shifts, so that an offset common to a stream's
-// logits cancels before t - r is rounded to its ulp, and kappa the mean of d; with centering off
-// (log_ratio), d = (t - r) - max_diff with max_diff = max t - max r, summed in double, where
-// both differences of float numbers are exact (in float they cancel to the logits' ulp where
-// one stream's logit stands 1e5 above the other's, or both far above the rest), and kappa =
-// log z_t - log z_r, so that d - kappa = log p_T - log p_R; kappa given: d = t - r. The base
-// (the anchor, or s) less base0: its row's first entry, so that Δ̂/β is not rounded at the size
-// of an offset common to its logits (softmax(g) is the same), or 0 where the vocabulary is split
-// (every shard must shift alike).
+// What the soft clip's argument subtracts from d: kappa, the centering mean of t - r or given;
+// with centering off (log_ratio), d = Δ = log p_T - log p_R up to kappa = log z_t - log z_r,
+// summed as (t - r) - max_diff in double with max_diff = max t - max r: both differences of
+// float numbers are exact there, where in float they would cancel to the logits' ulp at
+// |x| ~ 1e5 (one stream's logit far above the other's, or both far above the rest).
 template <typename T>
 struct TargetShift {
-  T kappa, t_shift, r_shift, base0;
+  T kappa;
   double max_diff;
   bool log_ratio;
 };
 
 // The scaled student s, d (the teacher, or t - r in PMI mode: TargetShift), and the target's
-// base (the anchor, or s, less base0) for N entries from v on.
+// base (the anchor, or s) for N entries from v on.
 template <int N, typename In, typename T>
 __device__ __forceinline__ void load_streams(const Row<In>& row, int64_t v, T inv_tau, bool pmi,
                                              const TargetShift<T>& shift, T (&s)[N], T (&d)[N], T (&base)[N]) {
@@ -203,7 +198,7 @@ __device__ __forceinline__ void load_streams(const Row<In>& row, int64_t v, T in
       for (int i = 0; i < N; ++i) d[i] = T((double(d[i]) - double(r[i])) - shift.max_diff);
     } else {
 #pragma unroll
-      for (int i = 0; i < N; ++i) d[i] = (d[i] - shift.t_shift) - (r[i] - shift.r_shift);
+      for (int i = 0; i < N; ++i) d[i] -= r[i];
     }
   }
   if (row.a != nullptr) {
@@ -212,8 +207,6 @@ __device__ __forceinline__ void load_streams(const Row<In>& row, int64_t v, T in
 #pragma unroll
     for (int i = 0; i < N; ++i) base[i] = s[i];
   }
-#pragma unroll
-  for (int i = 0; i < N; ++i) base[i] -= shift.base0;
 }
 
 // One row's streams, offset to the row, from a launch's arguments.
@@ -275,28 +268,21 @@ __global__ void __launch_bounds__(kMaxThreadsFor<In>, kMinBlocksPerSM)
     return;
   }
 
-  TargetShift<T> shift{0, 0, 0, 0, 0.0, false};
-  if (pmi && phase == kPhaseAll) {  // read before anything is written: the gradient may overwrite s
-    shift.base0 = to_acc<T>(in.a != nullptr ? in.a[0] : in.s[0]) * k.inv_tau;
-  }
+  TargetShift<T> shift{0, 0.0, false};
   const int kappa_source = a.options.kappa_source(a.kappa != nullptr);
   if (kappa_source == kKappaGiven) {
     shift.kappa = static_cast<const T*>(a.kappa)[row];
   } else if (kappa_source == kKappaMean) {
-    if (in.r != nullptr) {  // else t already holds t - r
-      shift.t_shift = to_acc<T>(in.t[0]) * k.inv_tau;
-      shift.r_shift = to_acc<T>(in.r[0]) * k.inv_tau;
-    }
     T sum[1] = {0};
     for_each_group<VEC>(V, [&](int64_t v, auto n) {
       constexpr int N = decltype(n)::value;
       T d[N];
       load<N>(in.t, v, k.inv_tau, d);
-      if (in.r != nullptr) {
+      if (in.r != nullptr) {  // else t already holds t - r
         T r[N];
         load<N>(in.r, v, k.inv_tau, r);
 #pragma unroll
-        for (int i = 0; i < N; ++i) d[i] = (d[i] - shift.t_shift) - (r[i] - shift.r_shift);
+        for (int i = 0; i < N; ++i) d[i] -= r[i];
       }
 #pragma unroll
       for (int i = 0; i < N; ++i) sum[0] += d[i];
@@ -314,9 +300,7 @@ __global__ void __launch_bounds__(kMaxThreadsFor<In>, kMinBlocksPerSM)
       tr[1] = lse_merge(tr[1], group_lse(r));
     });
     block_lse(tr, smem);
-    shift.kappa = log(tr[0].z) - log(tr[1].z);
-    shift.max_diff = double(tr[0].m) - double(tr[1].m);
-    shift.log_ratio = true;
+    shift = {log(tr[0].z) - log(tr[1].z), double(tr[0].m) - double(tr[1].m), true};
   }
 
   RowLse<T> ls, lg;
@@ -418,9 +402,7 @@ __global__ void __launch_bounds__(kMaxThreadsFor<In>, kMinBlocksPerSM)
   block_lse(str, smem);
   const RowLse<T> ls = finish(str[0]), lt = finish(str[1]), lr = finish(str[2]);
 
-  // tt, rr, tr, ii, ti: the dot products of total, ref and pmi; then KL(p_T || p_S), H(p) and
-  // the sum of (t - t0) - (r - r0), t0 and r0 the rows' first entries (TargetShift).
-  const T t0 = to_acc<T>(in.t[0]) * k.inv_tau, r0 = to_acc<T>(in.r[0]) * k.inv_tau;
+  // tt, rr, tr, ii, ti: the dot products of total, ref and pmi; then KL(p_T || p_S), H(p), sum(t - r).
   T sums[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   for_each_group<VEC>(V, [&](int64_t v, auto n) {
     constexpr int N = decltype(n)::value;
@@ -440,14 +422,13 @@ __global__ void __launch_bounds__(kMaxThreadsFor<In>, kMinBlocksPerSM)
       sums[4] += total * pmi_part;
       sums[5] += exp_nonpos(ltv) * total;
       sums[6] -= exp_nonpos(lp) * lp;
-      sums[7] += (t[i] - t0) - (r[i] - r0);
+      sums[7] += t[i] - r[i];
     }
   });
   block_sum(sums, smem);
-  const T base0 = to_acc<T>(in.a != nullptr ? in.a[0] : in.s[0]) * k.inv_tau;
-  const TargetShift<T> shift =
-      a.options.center ? TargetShift<T>{sums[7] / T(V), t0, r0, base0, 0.0, false}
-                       : TargetShift<T>{lt.log_sum - lr.log_sum, 0, 0, base0, double(lt.max) - double(lr.max), true};
+  const TargetShift<T> shift = a.options.center
+                                   ? TargetShift<T>{sums[7] / T(V), 0.0, false}
+                                   : TargetShift<T>{lt.log_sum - lr.log_sum, double(lt.max) - double(lr.max), true};
 
   Lse<T> g_lse[1] = {{neg_inf<T>(), T(0)}};
   for_each_group<VEC>(V, [&](int64_t v, auto n) {

@@ -32,27 +32,21 @@ def log_ratio(t, r):
     return shifted - (log_z(t, m_t) - log_z(r, m_r))
 
 
-def target_logits(s, t, r, a, kappa, opts: LossOptions, shift_base: bool = True):
+def target_logits(s, t, r, a, kappa, opts: LossOptions):
     """g from scaled logits. With r None in PMI mode, t already holds t - r. kappa: the per-row
     shift of t - r under the soft clip, when given (vocabulary-parallel, or the fused path's
-    centering mean). shift_base: g = (base - its first entry) + Δ̂/β, so that Δ̂/β is not rounded
-    at the size of an offset common to the base's logits (softmax(g) is the same; off where the
-    vocabulary is split, as every shard must shift alike)."""
+    centering mean)."""
     if not opts.pmi:
         return t
     if opts.needs_kappa and kappa is None and not opts.center:
         delta = opts.clip * torch.tanh(log_ratio(t, r) / opts.clip)
-    elif opts.needs_kappa and kappa is None:
-        # Centered, each stream less its first entry: an offset common to a stream's logits
-        # cancels before t - r is rounded to its ulp (1e-4 of the loss at offsets of +-1e4).
-        delta = t - t[:, :1] if r is None else (t - t[:, :1]) - (r - r[:, :1])
-        delta = opts.clip * torch.tanh((delta - delta.mean(-1, keepdim=True)) / opts.clip)
     else:
         delta = t - r if r is not None else t
         if opts.needs_kappa:
+            if kappa is None:  # the centering mean
+                kappa = delta.mean(-1)
             delta = opts.clip * torch.tanh((delta - kappa[:, None]) / opts.clip)
-    base = s if a is None else a
-    return (base - base[:, :1] if shift_base else base) + delta / opts.beta
+    return (s if a is None else a) + delta / opts.beta
 
 
 def summand_and_slope(lp, lq, opts: LossOptions, slope: bool = True):
@@ -108,7 +102,7 @@ def rows(s_raw, t_raw, r_raw=None, a_raw=None, *, opts: LossOptions, kappa: Opti
     inv_tau = 1.0 / opts.temperature
     scale = lambda x: None if x is None else x.to(dtype) * inv_tau  # noqa: E731
     s, t, r, a = map(scale, (s_raw, t_raw, r_raw, a_raw))
-    g = target_logits(s, t, r, a, kappa, opts, shift_base=lse_out is None and lse_in is None)
+    g = target_logits(s, t, r, a, kappa, opts)
     keep = (lambda x: x) if mask is None else (lambda x: torch.where(mask.view(-1, *[1] * (x.dim() - 1)), x, 0.0))
     zero_loss = torch.zeros(s.shape[0], dtype=dtype, device=s.device)
     if lse_out is not None:

@@ -55,15 +55,7 @@ def pmi_diagnostics_kernel(p_s, p_t, p_r, p_a, p_out, p_params, stride_s, stride
         p_a += row * stride_a
     o_base = tl.arange(0, BLOCK_V)
 
-    # Pass 1: the log-sum-exps, H(p) and Σ (t - t0) - (r - r0) with the rows' first entries
-    # (row_kernel._target_tile's centered shifts).
-    t0 = tl.load(p_t).to(ACC) * inv_tau
-    r0 = tl.load(p_r).to(ACC) * inv_tau
-    # The target's base less its first entry (row_kernel._target_tile).
-    if HAS_A:
-        base0 = tl.load(p_a).to(ACC) * inv_tau
-    else:
-        base0 = tl.load(p_s).to(ACC) * inv_tau
+    # Pass 1: the log-sum-exps, H(p) and Σ(t - r).
     zero = tl.zeros([], dtype=ACC)
     m_s, z_s, y_s = zero - float("inf"), zero, zero
     m_t, z_t, y_t = zero - float("inf"), zero, zero
@@ -78,13 +70,13 @@ def pmi_diagnostics_kernel(p_s, p_t, p_r, p_a, p_out, p_params, stride_s, stride
         m_s, z_s, y_s, _, _ = _online(m_s, z_s, y_s, b_s, m_v)
         m_t, z_t, y_t, _, _ = _online(m_t, z_t, y_t, b_t, m_v)
         m_r, z_r, y_r, _, _ = _online(m_r, z_r, y_r, b_r, m_v)
-        b_tr += tl.where(m_v, (b_t - t0) - (b_r - r0), 0.0)
+        b_tr += tl.where(m_v, b_t - b_r, 0.0)
     log_z_s = tl.log(z_s)
     log_z_t = tl.log(z_t)
     log_z_r = tl.log(z_r)
 
-    # Pass 2: the dot products, and the target: Δ = (t - t0) - (r - r0) less the centering mean,
-    # or log p_T - log p_R, summed as row_kernel._target_tile sums them.
+    # Pass 2: the dot products, and the target: Δ = t - r less the centering mean, or log p_T - log p_R
+    # summed as row_kernel._target_tile sums it (t - r less the maxima's difference, in float64).
     if CENTER:
         kappa = tl.sum(b_tr, axis=0) / V
     else:
@@ -117,15 +109,15 @@ def pmi_diagnostics_kernel(p_s, p_t, p_r, p_a, p_out, p_params, stride_s, stride
         b_ii += pmi * pmi
         b_ti += total * pmi
         if CENTER:
-            b_d = (b_t - t0) - (b_r - r0)
+            b_d = b_t - b_r
         else:
             b_d = ((b_t.to(tl.float64) - b_r.to(tl.float64)) - max_diff).to(ACC)
         if CLIP:
             b_d = clip * _tanh((b_d - kappa) * inv_clip)
         if HAS_A:
-            b_g = (_load_tile(p_a, o_v, m_v, inv_tau, ACC) - base0) + b_d * inv_beta
+            b_g = _load_tile(p_a, o_v, m_v, inv_tau, ACC) + b_d * inv_beta
         else:
-            b_g = (b_s - base0) + b_d * inv_beta
+            b_g = b_s + b_d * inv_beta
         m_g, z_g, y_g, alpha, e = _online(m_g, z_g, y_g, b_g, m_v)
         e_qs = alpha * e_qs + tl.sum(e * tl.where(m_v, b_s - m_s, 0.0), axis=0)
     log_z_g = tl.log(z_g)

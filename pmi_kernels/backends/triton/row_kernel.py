@@ -67,22 +67,15 @@ def _load_tile(p_row, o_v, m_v, scale, ACC: tl.constexpr):
 
 
 @triton.jit
-def _target_tile(b_s, p_t, p_r, p_a, o_v, m_v, inv_tau, kappa, shift_t, shift_r, max_diff, base0, clip,
-                 inv_clip, inv_beta, PMI: tl.constexpr, HAS_R: tl.constexpr, HAS_A: tl.constexpr,
-                 CLIP: tl.constexpr, LOG_RATIO: tl.constexpr, ACC: tl.constexpr):
-    """Target logits g for one tile, from the scaled student tile and the frozen streams. Under
-    the clip, Δ̃ = d - kappa:
-    - centered: d = (t - shift_t) - (r - shift_r), the shifts the rows' first entries, so that
-      an offset common to a stream's logits cancels before t - r is rounded to its ulp (kappa:
-      the mean of d);
-    - LOG_RATIO (centering off): d = (t - r) - max_diff with max_diff = max t - max r, summed
-      in float64, where both differences of float32 numbers are exact (in the compute dtype
-      they cancel to the logits' ulp where one stream's logit stands 1e5 above the other's,
-      or both far above the rest); kappa = log z_t - log z_r, so Δ̃ = log p_T - log p_R;
-    - kappa given: d = t - r (shifts 0).
-    g = (base - base0) + Δ̂/β, base the anchor or the student and base0 its row's first entry
-    (0 where the vocabulary is split: every shard must shift alike), so that Δ̂/β is not rounded
-    at the size of an offset common to the base's logits (softmax(g) is the same)."""
+def _target_tile(b_s, p_t, p_r, p_a, o_v, m_v, inv_tau, kappa, max_diff, clip, inv_clip, inv_beta,
+                 PMI: tl.constexpr, HAS_R: tl.constexpr, HAS_A: tl.constexpr, CLIP: tl.constexpr,
+                 LOG_RATIO: tl.constexpr, ACC: tl.constexpr):
+    """Target logits g for one tile, from the scaled student tile and the frozen streams.
+    LOG_RATIO (centering off, the clip on): Δ = log p_T - log p_R = ((t - r) - max_diff) - kappa,
+    max_diff = max t - max r and kappa = log z_t - log z_r; t - r less max_diff is summed in
+    float64, where both differences of float32 numbers are exact: in the compute dtype they
+    would cancel to the logits' ulp where |x| ~ 1e5 (one stream's logit far above the other's,
+    or both far above the rest)."""
     b_t = _load_tile(p_t, o_v, m_v, inv_tau, ACC)
     if not PMI:
         return b_t
@@ -90,12 +83,12 @@ def _target_tile(b_s, p_t, p_r, p_a, o_v, m_v, inv_tau, kappa, shift_t, shift_r,
         b_r = _load_tile(p_r, o_v, m_v, inv_tau, ACC)
         b_t = ((b_t.to(tl.float64) - b_r.to(tl.float64)) - max_diff).to(ACC)
     elif HAS_R:
-        b_t = (b_t - shift_t) - (_load_tile(p_r, o_v, m_v, inv_tau, ACC) - shift_r)
+        b_t -= _load_tile(p_r, o_v, m_v, inv_tau, ACC)
     if CLIP:
         b_t = clip * _tanh((b_t - kappa) * inv_clip)
     if HAS_A:
-        return (_load_tile(p_a, o_v, m_v, inv_tau, ACC) - base0) + b_t * inv_beta
-    return (b_s - base0) + b_t * inv_beta
+        return _load_tile(p_a, o_v, m_v, inv_tau, ACC) + b_t * inv_beta
+    return b_s + b_t * inv_beta
 
 
 @triton.jit
@@ -130,8 +123,8 @@ def _summand_and_slope(lp, lq, lam, log_1m_lam, log_lam, entry_clip,
 
 
 @triton.jit
-def _tile_terms(p_s, p_t, p_r, p_a, o_v, m_v, inv_tau, kappa, shift_t, shift_r, max_diff, base0, clip,
-                inv_clip, inv_beta, m_s, log_z_s, m_g, log_z_g,
+def _tile_terms(p_s, p_t, p_r, p_a, o_v, m_v, inv_tau, kappa, max_diff, clip, inv_clip, inv_beta,
+                m_s, log_z_s, m_g, log_z_g,
                 lam, log_1m_lam, log_lam, entry_clip, PMI: tl.constexpr, HAS_R: tl.constexpr, HAS_A: tl.constexpr,
                 CLIP: tl.constexpr, KAPPA: tl.constexpr, LOSS_KIND: tl.constexpr, ENTRY_CLIP: tl.constexpr,
                 ACC: tl.constexpr):
@@ -139,8 +132,8 @@ def _tile_terms(p_s, p_t, p_r, p_a, o_v, m_v, inv_tau, kappa, shift_t, shift_r, 
     log p = (s - max) - log z, never s - (max + log z): the latter rounds log z away at
     |s| ~ 1e4, where an fp32 ulp of the max is larger than a runner-up's share of the mass."""
     b_s = _load_tile(p_s, o_v, m_v, inv_tau, ACC)
-    b_g = _target_tile(b_s, p_t, p_r, p_a, o_v, m_v, inv_tau, kappa, shift_t, shift_r, max_diff, base0, clip,
-                       inv_clip, inv_beta, PMI, HAS_R, HAS_A, CLIP, KAPPA == KAPPA_LSE_DIFF, ACC)
+    b_g = _target_tile(b_s, p_t, p_r, p_a, o_v, m_v, inv_tau, kappa, max_diff, clip, inv_clip, inv_beta,
+                       PMI, HAS_R, HAS_A, CLIP, KAPPA == KAPPA_LSE_DIFF, ACC)
     lp = (b_s - m_s) - log_z_s
     lq = (b_g - m_g) - log_z_g
     f, slope, p, q = _summand_and_slope(lp, lq, lam, log_1m_lam, log_lam, entry_clip, LOSS_KIND, ENTRY_CLIP)
@@ -182,32 +175,19 @@ def pmi_kl_fwd_kernel(
     if HAS_MASK:
         v_end = tl.where(tl.load(p_mask + row) != 0, V, 0)
 
-    # What Δ̃ and g subtract (_target_tile): kappa, the rows' first entries (centered), max t - max r,
-    # the base's first entry.
     kappa = 0.0
-    shift_t = tl.zeros([], dtype=ACC)
-    shift_r = tl.zeros([], dtype=ACC)
-    max_diff = tl.zeros([], dtype=tl.float64)
-    base0 = tl.zeros([], dtype=ACC)
-    if PMI and PHASE == PHASE_ALL:  # read before anything is written: the gradient may overwrite s
-        if HAS_A:
-            base0 = tl.load(p_a).to(ACC) * inv_tau
-        else:
-            base0 = tl.load(p_s).to(ACC) * inv_tau
+    max_diff = tl.zeros([], dtype=tl.float64)  # used with KAPPA_LSE_DIFF only (_target_tile)
     if KAPPA == KAPPA_GIVEN:
         kappa = tl.load(p_kappa + row).to(ACC)
     elif KAPPA == KAPPA_MEAN:
-        if HAS_R:
-            shift_t = tl.load(p_t).to(ACC) * inv_tau
-            shift_r = tl.load(p_r).to(ACC) * inv_tau
         b_sum = tl.zeros([BLOCK_V], dtype=ACC)
         for v0 in range(0, v_end, BLOCK_V):
             o_v = v0 + o_base
             m_v = o_v < V
-            b_x = _load_tile(p_t, o_v, m_v, inv_tau, ACC) - shift_t
+            b_x = _load_tile(p_t, o_v, m_v, inv_tau, ACC)
             if HAS_R:
-                b_x -= _load_tile(p_r, o_v, m_v, inv_tau, ACC) - shift_r
-            b_sum += tl.where(m_v, b_x, 0.0)
+                b_x -= _load_tile(p_r, o_v, m_v, inv_tau, ACC)
+            b_sum += b_x
         kappa = tl.sum(b_sum, axis=0) / V
     elif KAPPA == KAPPA_LSE_DIFF:
         m_t = tl.full([], float("-inf"), ACC)
@@ -232,8 +212,8 @@ def pmi_kl_fwd_kernel(
             o_v = v0 + o_base
             m_v = o_v < V
             b_s = _load_tile(p_s, o_v, m_v, inv_tau, ACC)
-            b_g = _target_tile(b_s, p_t, p_r, p_a, o_v, m_v, inv_tau, kappa, shift_t, shift_r, max_diff, base0,
-                               clip, inv_clip, inv_beta, PMI, HAS_R, HAS_A, CLIP, KAPPA == KAPPA_LSE_DIFF, ACC)
+            b_g = _target_tile(b_s, p_t, p_r, p_a, o_v, m_v, inv_tau, kappa, max_diff, clip, inv_clip, inv_beta,
+                               PMI, HAS_R, HAS_A, CLIP, KAPPA == KAPPA_LSE_DIFF, ACC)
             m_s, z_s = _online_lse(m_s, z_s, tl.where(m_v, b_s, float("-inf")))
             m_g, z_g = _online_lse(m_g, z_g, tl.where(m_v, b_g, float("-inf")))
         log_z_s = tl.log(z_s)
@@ -269,10 +249,10 @@ def pmi_kl_fwd_kernel(
             for v0 in range(0, v_end, BLOCK_V):
                 o_v = v0 + o_base
                 m_v = o_v < V
-                f, slope, p, q, lp, lq = _tile_terms(p_s, p_t, p_r, p_a, o_v, m_v, inv_tau, kappa, shift_t, shift_r,
-                                                     max_diff, base0, clip, inv_clip, inv_beta, m_s, log_z_s, m_g,
-                                                     log_z_g, lam, log_1m_lam, log_lam, entry_clip, PMI, HAS_R,
-                                                     HAS_A, CLIP, KAPPA, LOSS_KIND, ENTRY_CLIP, ACC)
+                f, slope, p, q, lp, lq = _tile_terms(p_s, p_t, p_r, p_a, o_v, m_v, inv_tau, kappa, max_diff, clip,
+                                                     inv_clip, inv_beta, m_s, log_z_s, m_g, log_z_g, lam,
+                                                     log_1m_lam, log_lam, entry_clip, PMI, HAS_R, HAS_A, CLIP,
+                                                     KAPPA, LOSS_KIND, ENTRY_CLIP, ACC)
                 b_loss += tl.where(m_v, f, 0.0)
                 b_slope_sum += tl.where(m_v, slope, 0.0)
                 if WRITE_STATS:
@@ -294,10 +274,10 @@ def pmi_kl_fwd_kernel(
             for v0 in range(0, v_end, BLOCK_V):
                 o_v = v0 + o_base
                 m_v = o_v < V
-                f, slope, p, q, lp, lq = _tile_terms(p_s, p_t, p_r, p_a, o_v, m_v, inv_tau, kappa, shift_t, shift_r,
-                                                     max_diff, base0, clip, inv_clip, inv_beta, m_s, log_z_s, m_g,
-                                                     log_z_g, lam, log_1m_lam, log_lam, entry_clip, PMI, HAS_R,
-                                                     HAS_A, CLIP, KAPPA, LOSS_KIND, ENTRY_CLIP, ACC)
+                f, slope, p, q, lp, lq = _tile_terms(p_s, p_t, p_r, p_a, o_v, m_v, inv_tau, kappa, max_diff, clip,
+                                                     inv_clip, inv_beta, m_s, log_z_s, m_g, log_z_g, lam,
+                                                     log_1m_lam, log_lam, entry_clip, PMI, HAS_R, HAS_A, CLIP,
+                                                     KAPPA, LOSS_KIND, ENTRY_CLIP, ACC)
                 tl.store(p_grad + o_v, ((slope - p * slope_sum) * grad_scale).to(p_grad.dtype.element_ty), mask=m_v)
         if WRITE_GRAD and HAS_MASK:
             for v0 in range(0, V - v_end, BLOCK_V):
