@@ -42,7 +42,9 @@ def pmi_target_logits(s, t, r=None, a=None, opts: LossOptions = LossOptions()):
     with torch.no_grad():
         if r is None:
             return t.clone()
-        delta = t.log_softmax(-1) - r.log_softmax(-1)
+        # log p_T - log p_R as (t - r) - (lse t - lse r): per stream, t - lse t would round lse t
+        # away beside a masked logit of -1e30 (fp64 too), and the centering mean with it.
+        delta = (t - r) - (t.logsumexp(-1, keepdim=True) - r.logsumexp(-1, keepdim=True))
         if opts.center:
             delta = delta - delta.mean(-1, keepdim=True)
         if opts.clip is not None:

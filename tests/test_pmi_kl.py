@@ -120,6 +120,24 @@ def test_uncentered_clip_at_large_logits(device, backend, jsd_beta):
     assert_close(grad, ref_grad, torch.float32, "grad", atol=1e-6)
 
 
+@pytest.mark.parametrize("masked,streams_masked", [(-1e30, "tr"), (-1e4, "stra")])
+@pytest.mark.parametrize("device,backend", PATHS)
+def test_masked_first_tokens(device, backend, masked, streams_masked):
+    """Token 0 masked with a large negative logit (a padding token) in the teacher streams, or in
+    every stream: the loss and gradient as the reference's. A shift of each row by its first
+    entry (tried once, to cancel large offsets) made t - r and the target lose their variation:
+    a loss of 0 against 0.36, or 2e-4 off with the student's token 0 at -1e4. (The reference
+    once formed log p_T - log p_R per stream, which rounds lse away beside -1e30 even in fp64.)"""
+    s, t, r, a = streams(4, 257, torch.float32, device)
+    for name, x in zip("stra", (s, t, r, a)):
+        if name in streams_masked:
+            x[:, 0] = masked
+    for anchor in (None, a):
+        loss, grad, ref, ref_grad = run_both(device, backend, s, t, r, anchor)
+        assert_close(loss, ref, torch.float32, "loss", atol=1e-6)
+        assert_close(grad, ref_grad, torch.float32, "grad", atol=1e-9)
+
+
 @pytest.mark.skipif(not (INTERPRET or torch.cuda.is_available()), reason="needs Triton (GPU or interpreter)")
 def test_kernel_writes_every_output():
     """Outputs are NaN before the launch; every gradient element and loss must be written."""
