@@ -32,7 +32,6 @@ from typing import Dict, List, Tuple
 import torch
 import torch.nn.functional as F
 
-from .distributed import most_over_ranks
 
 ROWS = 1024  # a chunk of rows: the logits of a chunk are [ROWS, V], never [tokens, V]
 
@@ -84,8 +83,7 @@ class Drift:
         head = base_model.get_output_embeddings()
         groups = trainer.groups([(index, rollout) for index, rollout in batch if rollout])
         real = len(groups)
-        if trainer.config.fsdp:  # as many forwards as every other rank; the fillers' sums are not counted
-            groups += [trainer.filler_group()] * (most_over_ranks(trainer.world, real, trainer.device) - real)
+        groups += trainer.fillers(real)  # under FSDP2; their sums are not counted
         for n, group in enumerate(groups):
             indices, rollouts = [index for index, _ in group], [rollout for _, rollout in group]
             with trainer._autocast():

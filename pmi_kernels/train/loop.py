@@ -306,14 +306,13 @@ class Trainer:
         for micro_batch in micro_batches:
             self.stop.check("a step")  # every rank, once per micro-batch: a stop waits for no more than one
             groups = self.groups(micro_batch)
-            # Under FSDP2 the ranks agree on the count first: a rank with fewer packs pads at its end.
-            most = most_over_ranks(world, len(groups), self.device) if config.fsdp else len(groups)
+            fillers = self.fillers(len(groups))  # agreed before the packs run, or a rank waits on the others
             for group in groups:
                 fault_point("step-rollout")
                 self.stop.check_local("a step")
                 self._distil(group, tokens, diagnose, totals, timer)
-            for _ in range(most - len(groups)):
-                self._distil(self.filler_group(), tokens, diagnose, {"loss": 0.0}, timer, scale=0.0)
+            for group in fillers:
+                self._distil(group, tokens, diagnose, {"loss": 0.0}, timer, scale=0.0)
         if world.distributed:
             with timer("all_reduce"):  # gradients (FSDP2 reduced its own) and the logged sums, over the ranks
                 if not config.fsdp:
@@ -352,6 +351,13 @@ class Trainer:
     def filler_group(self) -> List:
         """A one-token rollout of the first row: read by a rank with fewer packs than the others."""
         return [(0, [self.tokenizer.eos_token_id])]
+
+    def fillers(self, count: int) -> List[List]:
+        """The filler groups a rank with `count` groups reads after them: under FSDP2 every rank
+        runs as many forwards as the others (each gathers weights with them); none otherwise."""
+        if not self.config.fsdp:
+            return []
+        return [self.filler_group()] * (most_over_ranks(self.world, count, self.device) - count)
 
     def _distil(self, group: List, normalizer: int, diagnose: bool, totals: Dict, timer: StepTimer,
                 scale: float = 1.0) -> None:
