@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from contextlib import contextmanager, nullcontext
+from unittest import mock
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ pytest.importorskip("peft")
 from datasets import Dataset  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
-from trl.experimental.sdft import SDFTConfig  # noqa: E402
+from trl.experimental.sdft import SDFTConfig, SDFTTrainer  # noqa: E402
 from trl.trainer.utils import split_tensor_dict  # noqa: E402
 
 from pmi_kernels import pmi_kl  # noqa: E402
@@ -116,9 +117,14 @@ def perturb_student(trainer, lora: bool):
                 p.add_(torch.randn_like(p) * 0.05)
 
 
+def mask_positions(attention_mask):
+    """Position ids as generate() counts them: 0 at each row's first real token."""
+    return (attention_mask.long().cumsum(1) - 1).clamp(min=0)
+
+
 def full_logits(model, input_ids, attention_mask, completion_length):
     """[B, T, V] logits that predict the completion, from the model's full forward."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=mask_positions(attention_mask)).logits
     return logits[:, -completion_length - 1:-1]
 
 
@@ -183,6 +189,74 @@ def test_loss_equals_pmi_kl_on_full_logits(tmp_path, lora, overrides):
             assert torch.allclose(got[name], p.grad, rtol=1e-7, atol=1e-9 * float(p.grad.abs().max())), name
 
 
+def fixed_rollouts(trainer, lengths):
+    """Rollouts of the given lengths in turn, in place of sampling (a short one ends in EOS)."""
+    eos, turn = trainer.processing_class.eos_token_id, iter(lengths)
+
+    def generate(prompt_ids):
+        sizes = [next(turn) for _ in prompt_ids]
+        return prompt_ids, [[10 + n] * (n - 1) + [eos] if n < max(lengths) else [10] * n for n in sizes]
+    trainer._generate = generate
+
+
+def test_logged_means_weigh_every_token_alike(tmp_path):
+    """Two micro-batches of 12 and 2 completion tokens in one step: the logged distillation loss
+    is the step's loss (its sum over the step's tokens over their count), not the mean of the
+    two micro-batches' means. Seen failing with a mean per micro-batch appended to TRL's lists
+    (0.0080 against 0.0095)."""
+    trainer = tiny_trainer(tmp_path, True, per_device_train_batch_size=2, num_generations=1, max_steps=1,
+                           gradient_accumulation_steps=2, learning_rate=0.0, max_completion_length=6)
+    perturb_student(trainer, lora=True)
+    fixed_rollouts(trainer, [6, 6, 1, 1])
+    trainer.train()
+    entry = next(e for e in trainer.state.log_history if "loss" in e)
+    assert entry["self_distillation/distillation_loss"] == pytest.approx(entry["loss"], rel=1e-5)
+
+
+def test_bf16_runs_the_loss_under_autocast(tmp_path, monkeypatch):
+    """bf16=True on fp32 weights: fused_pmi_kl runs under bf16 autocast, and so do the loss's
+    forwards (a projection's outputs are bf16), as the model's own forward under accelerate would.
+    Seen failing with the forward redirection skipping accelerate's autocast (fp32 throughout,
+    the loss bit-identical to bf16=False)."""
+    import pmi_kernels.integrations.trl as integration
+    seen, projections = [], []
+
+    def recording(*args, **kwargs):
+        seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu"))
+        return fused(*args, **kwargs)
+    fused = integration.fused_pmi_kl
+    monkeypatch.setattr(integration, "fused_pmi_kl", recording)
+    trainer = tiny_trainer(tmp_path, True, bf16=True, max_steps=1)
+    layer = decoder_and_head(trainer.model)[0].layers[0].mlp.down_proj
+    layer.register_forward_hook(lambda module, inputs, output: projections.append(output.dtype))
+    trainer.train()
+    assert seen and all(dtype == torch.bfloat16 for dtype in seen), seen
+    # The step's last three forwards are the loss's (student, teacher, reference-only); the
+    # rollouts were sampled before, as TRL samples them.
+    assert projections[-3:] == [torch.bfloat16] * 3, projections
+
+
+def test_left_padding_moves_no_position(tmp_path):
+    """GPT-2 (learned absolute positions): the hidden states of a left-padded batch equal each
+    row's read alone. Seen failing without position ids from the mask (the padded row's
+    completion read at shifted positions, its states off by O(1))."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from pmi_kernels.integrations.trl import completion_hidden_states
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=32, n_embd=16, n_layer=2, n_head=2)).eval()
+    decoder, _ = decoder_and_head(model)
+    short, long = torch.randint(1, 50, (7,)), torch.randint(1, 50, (11,))
+    ids = torch.stack([torch.cat([torch.zeros(4, dtype=torch.long), short]), long])
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    with torch.no_grad():
+        got = completion_hidden_states(decoder, ids, mask, 3)
+        for row, alone in enumerate((short, long)):
+            want = completion_hidden_states(decoder, alone[None], torch.ones(1, alone.numel(), dtype=torch.long), 3)
+            assert torch.allclose(got[row], want[0], atol=1e-5), row
+
+
 def test_ddp_gradient_is_normalized_by_the_step_tokens_of_both_processes(tmp_path):
     """Two processes under torchrun (DDP, gloo, CPU), one optimizer step of two micro-batches
     each: the gradient DDP averages equals the sum over both processes' micro-batches of pmi_kl
@@ -209,6 +283,7 @@ def test_ddp_gradient_is_normalized_by_the_step_tokens_of_both_processes(tmp_pat
     (dict(refonly_prompt_template="{prompt}\n{privileged_context}"), "refonly_prompt_template"),
     (dict(refonly_prompt_template="Reference:"), "refonly_prompt_template"),
     (dict(refonly_prompt_template="{privileged_context} {answer}"), "refonly_prompt_template"),
+    (dict(refonly_prompt_template="Reference: {{privileged_context}}"), "refonly_prompt_template"),
     (dict(use_teacher_server=True), "use_teacher_server"),
     (dict(num_iterations=2), "num_iterations"),
     (dict(generation_batch_size=8), "steps_per_generation"),
@@ -221,10 +296,24 @@ def test_options_are_checked_up_front(tmp_path, overrides, key):
         tiny_config(tmp_path, **overrides)
 
 
+def test_clip_off_and_literal_braces(tmp_path):
+    """pmi_clip=inf is the clip off (None), also from a command line, where None cannot be
+    written; {{prompt}} is literal text, not the question. Seen failing with inf refused and
+    with the template's check a substring test."""
+    from transformers import HfArgumentParser
+    assert tiny_config(tmp_path, pmi_clip=float("inf")).pmi_clip is None
+    (parsed,) = HfArgumentParser(PurifiedOPSDConfig).parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--pmi_clip", "inf", "--report_to", "none", "--use_cpu", "true"])
+    assert parsed.pmi_clip is None
+    config = tiny_config(tmp_path, refonly_prompt_template="Answer {{prompt}} from: {privileged_context}")
+    assert config.refonly_prompt_template.format(privileged_context="x") == "Answer {prompt} from: x"
+
+
 def test_trainer_refuses_what_it_cannot_train(tmp_path):
-    """An SDFTConfig (no PMI options), and an lm_head adapted by LoRA (fused_pmi_kl applies a
-    plain head): a ValueError naming the argument before any rollout. Seen failing without
-    the checks (the adapted head trains through its base weight only)."""
+    """An SDFTConfig (no PMI options), an lm_head adapted by LoRA (fused_pmi_kl applies a
+    plain head), and a model with soft-capped logits (refused before SDFT sets anything up):
+    a ValueError naming the argument before any rollout. Seen failing without the checks (the
+    adapted head trains through its base weight only)."""
     tokenizer = toy_tokenizer()
     sdft_args = SDFTConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=False)
     with pytest.raises(ValueError, match="args"):
@@ -232,6 +321,11 @@ def test_trainer_refuses_what_it_cannot_train(tmp_path):
     with pytest.raises(ValueError, match="model"):
         PurifiedOPSDTrainer(toy_model(tokenizer), args=tiny_config(tmp_path), train_dataset=problems(),
                             processing_class=tokenizer, peft_config=LoraConfig(r=4, target_modules=["lm_head"]))
+    capped = toy_model(tokenizer)
+    capped.config.final_logit_softcapping = 30.0
+    with pytest.raises(ValueError, match="final_logit_softcapping"), \
+            mock.patch.object(SDFTTrainer, "__init__", side_effect=AssertionError("SDFT set up first")):
+        PurifiedOPSDTrainer(capped, args=tiny_config(tmp_path), train_dataset=problems(), processing_class=tokenizer)
 
 
 def test_decoder_and_head_of_plain_and_peft_models():
@@ -253,6 +347,12 @@ def test_decoder_and_head_of_plain_and_peft_models():
             with torch.no_grad(), model.disable_adapter() if adapter_off else nullcontext():
                 want = model(input_ids=ids).logits
                 assert torch.allclose(head(decoder(input_ids=ids).last_hidden_state), want, atol=1e-5)
+    plain.config.logits_scaling = 1.0  # Granite's default: the logits unchanged
+    decoder_and_head(plain)
+    plain.config.logits_scaling = 8.0
+    with pytest.raises(ValueError, match="model.*logits_scaling"):
+        decoder_and_head(plain)
+    plain.config.logits_scaling = None
     plain.config.final_logit_softcapping = 30.0
     with pytest.raises(ValueError, match="model.*final_logit_softcapping"):
         decoder_and_head(plain)

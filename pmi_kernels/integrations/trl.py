@@ -27,13 +27,23 @@ What changes:
 - training is on-policy: each rollout is trained on in the optimizer step that sampled it
   (steps_per_generation == gradient_accumulation_steps, num_iterations == 1).
 
-Logged besides SDFT's metrics (masked means per completion token, over all processes):
-self_distillation/distillation_loss (the loss), pmi/kl_target_student (KL(q || p)), entropy
-(the student's), pmi/entropy_target, and with pmi_log_diagnostics the decomposition of the
-teacher's signal from `pmi_diagnostics`, as diag/<key>.
+Logged besides SDFT's metrics (masked means per completion token over the logging interval,
+every micro-batch weighted by its tokens, over all processes): self_distillation/distillation_loss
+(the loss), pmi/kl_target_student (KL(q || p)), entropy (the student's), pmi/entropy_target, and
+with pmi_log_diagnostics the decomposition of the teacher's signal from `pmi_diagnostics`, as
+diag/<key>.
+
+Positions: every context is read with position ids counted from its attention mask (0 at its
+first real token), as generate() sampled the rollouts; left padding moves nothing (a model with
+learned absolute positions, GPT-2's, reads a left-padded prompt as it reads it alone). Mixed
+precision: the loss's forwards run under accelerate's autocast (bf16=True / fp16=True), as the
+model's own forward does under accelerate.
 """
 from __future__ import annotations
 
+import math
+import string
+from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
@@ -50,9 +60,10 @@ MODES = ("pmi", "opsd")
 # Config key -> LossOptions field; each is checked by LossOptions, under the config's name.
 LOSS_OPTION_KEYS = {"pmi_beta": "beta", "pmi_clip": "clip", "pmi_center": "center", "pmi_jsd_beta": "jsd_beta",
                     "pmi_entry_clip": "entry_clip", "temperature": "temperature"}
-# Config attributes of models whose logits are not lm_head(h): fused_pmi_kl computes lm_head(h).
-LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
-                    "logits_scaling")
+# Config attributes of models whose logits are not lm_head(h) (fused_pmi_kl computes lm_head(h)),
+# with the value that leaves them unchanged: a soft cap is off only when unset, a scale at 1.
+LOGIT_TRANSFORMS = {"final_logit_softcapping": None, "logit_scale": 1, "output_multiplier": 1,
+                    "lm_head_multiplier": 1, "logits_scaling": 1}
 # fused_pmi_kl's per-position statistics -> logged names ("entropy" is TRL's name for the student's).
 STAT_LOG_NAMES = {"kl_target_student": "pmi/kl_target_student", "entropy_student": "entropy",
                   "entropy_target": "pmi/entropy_target"}
@@ -69,7 +80,8 @@ class PurifiedOPSDConfig(SDFTConfig):
         refonly_prompt_template (`str`, defaults to `"{privileged_context}"`): the reference-only
             context, over {privileged_context} and without {prompt}.
         pmi_beta (`float`, defaults to 1.0): the PMI residual is scaled by 1/beta.
-        pmi_clip (`float` or `None`, defaults to 10.0): the soft clip c of the PMI residual.
+        pmi_clip (`float` or `None`, defaults to 10.0): the soft clip c of the PMI residual; None or
+            inf turns it off (c*tanh(x/c) tends to x; on a command line: --pmi_clip inf).
         pmi_center (`bool`, defaults to True): center the PMI residual over the vocabulary.
         pmi_jsd_beta (`float`, defaults to 0.0): the loss's generalized-JSD weight; 0 is KL(q || p),
             1 is KL(p || q).
@@ -85,7 +97,7 @@ class PurifiedOPSDConfig(SDFTConfig):
         default="{privileged_context}",
         metadata={"help": "The reference-only context: a template over {privileged_context}, without {prompt}."})
     pmi_beta: float = field(default=1.0, metadata={"help": "Scale 1/beta of the PMI residual."})
-    pmi_clip: float | None = field(default=10.0, metadata={"help": "Soft clip of the PMI residual (None: off)."})
+    pmi_clip: float | None = field(default=10.0, metadata={"help": "Soft clip of the PMI residual (inf or None: off)."})
     pmi_center: bool = field(default=True, metadata={"help": "Center the PMI residual over the vocabulary."})
     pmi_jsd_beta: float = field(default=0.0, metadata={"help": "Generalized JSD weight: 0 is KL(q||p), 1 KL(p||q)."})
     pmi_entry_clip: float | None = field(default=None, metadata={"help": "Clip of each divergence summand."})
@@ -95,6 +107,8 @@ class PurifiedOPSDConfig(SDFTConfig):
     def __post_init__(self):
         super().__post_init__()
         validation.check_choice("pmi_mode", self.pmi_mode, MODES)
+        if isinstance(self.pmi_clip, float) and self.pmi_clip == math.inf:
+            self.pmi_clip = None  # the clip's limit; a command line cannot say None
         for key, option in LOSS_OPTION_KEYS.items():
             try:
                 LossOptions(**{option: getattr(self, key)})
@@ -109,7 +123,11 @@ class PurifiedOPSDConfig(SDFTConfig):
 
     def _check_refonly_template(self):
         template = self.refonly_prompt_template
-        if not isinstance(template, str) or "{privileged_context}" not in template or "{prompt}" in template:
+        try:  # the fields formatted into it ({{ and }} are literal braces)
+            fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+        except (TypeError, ValueError):
+            fields = set()
+        if "privileged_context" not in fields or "prompt" in fields:
             raise ValueError("refonly_prompt_template must contain {privileged_context} and not {prompt} (the "
                              f"reference-only context has no question), got {template!r}")
         try:
@@ -156,8 +174,8 @@ def decoder_and_head(model):
                          "applies its weight and bias; leave lm_head out of a PEFT config's target_modules and "
                          "modules_to_save)")
     config = base.config.get_text_config()
-    for name in LOGIT_TRANSFORMS:
-        if getattr(config, name, None) is not None:
+    for name, identity in LOGIT_TRANSFORMS.items():
+        if getattr(config, name, None) not in (None, identity):
             raise ValueError(f"model: {type(base).__name__} transforms its logits ({name}="
                              f"{getattr(config, name)!r}); fused_pmi_kl computes plain lm_head(h)")
     return decoder, head
@@ -165,9 +183,11 @@ def decoder_and_head(model):
 
 def completion_hidden_states(decoder, input_ids, attention_mask, completion_length: int) -> torch.Tensor:
     """[B, T, H]: the final hidden states that predict the last T tokens of input_ids (the
-    completion). The last token predicts nothing trained on, so it is not read."""
+    completion), each row at the positions its attention mask counts (left padding takes none,
+    as in generate()). The last token predicts nothing trained on, so it is not read."""
+    positions = (attention_mask.long().cumsum(1) - 1).clamp(min=0)
     hidden = decoder(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1],
-                     use_cache=False).last_hidden_state
+                     position_ids=positions[:, :-1], use_cache=False).last_hidden_state
     return hidden.narrow(1, hidden.size(1) - completion_length, completion_length)
 
 
@@ -203,9 +223,12 @@ class PurifiedOPSDTrainer(SDFTTrainer):
         if not isinstance(args, PurifiedOPSDConfig):
             raise ValueError(f"args must be a PurifiedOPSDConfig (SDFTConfig plus the pmi_* options), got "
                              f"{type(args).__name__}")
+        if isinstance(model, torch.nn.Module):  # before SDFT copies a teacher or starts vLLM
+            decoder_and_head(model)
         super().__init__(model, args, *pos, **kwargs)
         self.refonly_context_builder = ReferenceOnlyContextBuilder(self)
         self._forward_redirection = _ForwardRedirection()
+        self._pmi_sums = {"train": defaultdict(float), "eval": defaultdict(float)}  # since the last log
         # Fail before any rollout on a model whose hidden states and head cannot be read.
         decoder_and_head(self.accelerator.unwrap_model(self.model))
         decoder_and_head(self.accelerator.unwrap_model(self.teacher_model))
@@ -245,9 +268,11 @@ class PurifiedOPSDTrainer(SDFTTrainer):
             # Divided by the process count because DDP averages the processes' gradients.
             normalizer = inputs["num_items_in_batch"].clamp(min=1) / self.accelerator.num_processes
         # Through the wrapper's forward, so that DDP prepares its backward and FSDP/DeepSpeed
-        # gather the parameters, the lm_head included.
+        # gather the parameters, the lm_head included; under the autocast that accelerate puts
+        # on the model's own forward, which the redirection bypasses.
         unwrapped = self.accelerator.unwrap_model(model)
-        loss, totals = self._forward_redirection(model, unwrapped, self._pmi_loss, unwrapped, inputs, normalizer)
+        with self.accelerator.autocast():
+            loss, totals = self._forward_redirection(model, unwrapped, self._pmi_loss, unwrapped, inputs, normalizer)
         # Gathered here, outside the wrapped forward (a collective inside it risks a hang).
         self._log_pmi_metrics(self.accelerator.gather(totals.unsqueeze(0)).sum(0))
         return loss
@@ -309,13 +334,27 @@ class PurifiedOPSDTrainer(SDFTTrainer):
             temperature=self.args.temperature, check_finite=False)
         return [value.nan_to_num().sum() for value in diagnostics.values()]
 
-    def _log_pmi_metrics(self, totals: torch.Tensor) -> None:
-        mode = "train" if self.model.training else "eval"
-        count, loss_sum, *sums = totals.tolist()
-        count = max(count, 1.0)
-        self._log_self_distillation_metric(mode, loss_sum / count)
+    def _metric_names(self):
+        """The logged names of _pmi_loss's totals after the token count and the loss."""
         names = list(STAT_LOG_NAMES.values())
         if self.args.pmi_log_diagnostics:
             names += [f"diag/{key}" for key in DIAGNOSTICS]
-        for name, value in zip(names, sums, strict=True):
-            self._metrics[mode][name].append(value / count)
+        return names
+
+    def _log_pmi_metrics(self, totals: torch.Tensor) -> None:
+        """Add a micro-batch's sums to the interval's: the means are taken when TRL logs (log),
+        so that each token weighs the same, however the micro-batches split them."""
+        sums = self._pmi_sums["train" if self.model.training else "eval"]
+        for name, value in zip(("tokens", "loss", *self._metric_names()), totals.tolist(), strict=True):
+            sums[name] += value
+
+    def log(self, logs: dict, start_time: float | None = None) -> None:
+        mode = "train" if self.model.training else "eval"
+        sums = self._pmi_sums[mode]
+        if sums:
+            count = max(sums["tokens"], 1.0)
+            self._log_self_distillation_metric(mode, sums["loss"] / count)
+            for name in self._metric_names():
+                self._metrics[mode][name] = [sums[name] / count]
+            sums.clear()
+        super().log(logs, start_time)
