@@ -97,7 +97,7 @@ def _sweep(plan: _Plan, h, w, b, h_t, h_r, h_a, w_f, b_f, row_scale, want_h, wan
         whole_vocab = vocab_parallel.global_vocab(vocab, group, h.device)
     loss = torch.empty(n, dtype=compute_dtype(h.dtype), device=h.device)
     stats = torch.empty(n, len(STATS), dtype=loss.dtype, device=h.device) if want_stats else None
-    grad_h = torch.empty_like(h) if want_h else None
+    grad_h = h.new_empty(h.shape) if want_h else None  # contiguous, as the fake's (h may be a transposed view)
     grad_w = torch.empty(w.shape, dtype=compute_dtype(w.dtype) if plan.grad_weight_fp32 else w.dtype,
                          device=w.device) if want_w else None
     grad_b = torch.zeros(vocab, dtype=compute_dtype(w.dtype), device=w.device) if want_b else None
@@ -172,6 +172,28 @@ def _rows(plan: _Plan, tensors, row_scale, wants, want_stats=False):
     return fused_pmi_kl_rows(*tensors, row_scale, *plan.op_args(), *wants, want_stats)
 
 
+def _folded_scale(denominator: Tensor, dtype) -> Tensor:
+    """The scale the forward folds into the gradients it computes: 1/denominator, the incoming
+    gradient of an upstream 1. Not for fp16, whose range would flush entries (p - q)/N to 0
+    before a loss scaler's factor (GradScaler's 65536) arrives: there the backward applies
+    1/denominator with the upstream gradient, in fp32 (the weight gradient is kept in fp32)."""
+    return torch.ones_like(denominator) if dtype == torch.float16 else 1 / denominator
+
+
+def scaled(x: Tensor, factor: Tensor) -> Tensor:
+    """x * factor (a 0-d tensor), each product formed in fp32 (fp64 for fp64) and rounded once to x's
+    dtype: factor itself may pass fp16's range (65536), and a bf16 factor (1/3 for gradient
+    accumulation) would bias every entry. In slices of about 64 MiB of fp32 outside compile."""
+    wide = torch.promote_types(x.dtype, torch.float32)  # fp64 stays fp64
+    if torch.compiler.is_compiling() or x.dim() == 0 or x.numel() == 0:
+        return (x.to(wide) * factor).to(x.dtype)
+    out = torch.empty_like(x)
+    rows = max(1, (1 << 24) // max(1, x[0].numel()))
+    for i in range(0, x.shape[0], rows):
+        out[i:i + rows] = x[i:i + rows].to(wide) * factor
+    return out
+
+
 class _FusedPMIKL(torch.autograd.Function):
     """(loss, per-row loss, row statistics): the per-row loss [N] for reduction="none", else the
     masked sum over `denominator`; the last two only when want_stats (else empty tensors)."""
@@ -189,8 +211,9 @@ class _FusedPMIKL(torch.autograd.Function):
         if reduction == "none" or not any(wants):
             loss, _, _, _, stats = _rows(plan, tensors, None, (False, False, False), want_stats)
         else:
-            # One sweep computes the gradients for an incoming gradient of 1.
-            loss, *grads, stats = _rows(plan, tensors, (1 / denominator).expand(h.shape[0]), wants, want_stats)
+            # One sweep computes the gradients for an incoming gradient of 1 (fp16: of denominator).
+            loss, *grads, stats = _rows(plan, tensors, _folded_scale(denominator, h.dtype).expand(h.shape[0]), wants,
+                                        want_stats)
         if torch.compiler.is_compiling() or not grads:
             ctx.save_for_backward(*tensors, denominator, *grads)
         else:
@@ -213,11 +236,13 @@ class _FusedPMIKL(torch.autograd.Function):
             # grad_loss has the loss's (compute) dtype: it is the per-row scale as it comes.
             grads = _rows(ctx.plan, tensors, grad_loss, ctx.wants)[1:4]
         else:
+            folded = _folded_scale(denominator, tensors[0].dtype)
             if not grads:
                 grads = ctx.__dict__.pop("grads", None) or _rows(
-                    ctx.plan, tensors, (1 / denominator).expand(tensors[0].shape[0]), ctx.wants)[1:4]
-            if not upstream_matches(grad_loss, torch.ones_like(grad_loss)):
-                grads = [x * grad_loss.to(x.dtype) for x in grads]
+                    ctx.plan, tensors, folded.expand(tensors[0].shape[0]), ctx.wants)[1:4]
+            factor = grad_loss / denominator if tensors[0].dtype == torch.float16 else grad_loss  # not folded in
+            if not upstream_matches(factor, torch.ones_like(factor)):
+                grads = [scaled(x, factor) for x in grads]
         grad_h, grad_w, grad_b = (x if want else None for x, want in zip(grads, ctx.wants))
         w_dtype, b_dtype = ctx.dtypes
         grad_w = None if grad_w is None else grad_w.to(w_dtype)
@@ -280,7 +305,8 @@ def fused_pmi_kl(student_hidden, lm_head_weight, teacher_hidden, refonly_hidden=
             validation.check_finite({**streams, "lm_head_weight": lm_head_weight, "lm_head_bias": lm_head_bias,
                                      "frozen_weight": frozen_weight, "frozen_bias": frozen_bias})
         agreement.fingerprint = (tuple(student.shape), opts, reduction, return_stats,
-                                 anchor_hidden is not None, lm_head_bias is not None)
+                                 anchor_hidden is not None, lm_head_bias is not None,
+                                 vocab_parallel.mask_digest(mask) if group is not None else ())
 
     vocab, hidden = lm_head_weight.shape
     # Chunk buffers: s plus each frozen stream the plan computes, in the input dtype. Chunks
@@ -293,7 +319,8 @@ def fused_pmi_kl(student_hidden, lm_head_weight, teacher_hidden, refonly_hidden=
     rows_per_chunk = chunk_rows(impl, student.device, vocab, buffers * student.element_size(),
                                 torch.finfo(compute_dtype(student.dtype)).bits // 8, workspace_bytes,
                                 min_rows=hidden // 4)
-    plan = _Plan(opts, impl.name, group, rows_per_chunk, grad_weight_fp32)
+    # fp16 sums the weight gradient's unscaled rows (_folded_scale): in fp32, past fp16's range.
+    plan = _Plan(opts, impl.name, group, rows_per_chunk, grad_weight_fp32 or student.dtype == torch.float16)
 
     flat = lambda x: None if x is None else x.reshape(-1, hidden)  # noqa: E731
     h, h_t, h_r, h_a = map(flat, (student_hidden, teacher_hidden, refonly_hidden, anchor_hidden))

@@ -132,14 +132,18 @@ def pmi_kl(student_logits, teacher_logits, refonly_logits=None, anchor_logits=No
         impl = resolve_backend(backend, student.device)
         if check_finite:
             validation.check_finite(streams)
-        agreement.fingerprint = (tuple(lead), opts, reduction, return_stats)
+        agreement.fingerprint = (tuple(lead), opts, reduction, return_stats,
+                                 vocab_parallel.mask_digest(mask) if group is not None else ())
     flat = lambda x: None if x is None else x.reshape(-1, vocab).contiguous()  # noqa: E731
     flat_mask = None if mask is None else mask.reshape(-1)
     compute_grad = torch.is_grad_enabled() and student.requires_grad
     rows = math.prod(lead)
     denominator = divisor(flat_mask, rows, reduction, normalizer, compute_dtype(student.dtype), student.device)
+    # The gradient is stored in the student's dtype: fp16 keeps it unscaled (as (p - q)), so that
+    # (p - q)/N does not flush to 0 before a loss scaler's factor arrives in the backward.
+    grad_scale = torch.ones_like(denominator) if student.dtype == torch.float16 else 1 / denominator
     per_row, _, stats = pmi_kl_rows(flat(student), flat(teacher_logits), flat(refonly_logits), flat(anchor_logits),
-                                    flat_mask, (1 / denominator).expand(rows), opts.pack(), impl.name, compute_grad,
+                                    flat_mask, grad_scale.expand(rows), opts.pack(), impl.name, compute_grad,
                                     return_stats, workspace_bytes, group)
     loss = reduce_rows(per_row.reshape(lead), denominator, reduction)
     return (loss, stats_dict(per_row, stats, lead)) if return_stats else loss

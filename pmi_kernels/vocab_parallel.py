@@ -71,9 +71,21 @@ class Agreement:
         if flags[0]:
             raise ValueError("process_group: another rank's input was refused (its own error says why)")
         if flags[1] != -flags[2]:
-            raise ValueError("process_group: the ranks differ in their rows or loss options; every rank must "
-                             "pass the same rows (its own vocabulary shard of them) and the same options")
+            raise ValueError("process_group: the ranks differ in their rows, masks or loss options; every rank must "
+                             "pass the same rows (its own vocabulary shard of them), mask and options")
         return False
+
+
+def mask_digest(mask: Optional[torch.Tensor]) -> tuple:
+    """What Agreement compares of a mask: the counted rows' count, and the sums of their indices
+    and of their squares (two masks of one count differ in these unless chosen to collide).
+    Ranks with different masks would sweep different rows: a crash in a collective, or a loss
+    that mixes rows."""
+    if mask is None:
+        return ()
+    counted = mask.reshape(-1).to(torch.int64)
+    index = torch.arange(counted.numel(), device=counted.device)
+    return tuple(torch.stack([counted.sum(), (counted * index).sum(), (counted * index * index).sum()]).tolist())
 
 
 def all_reduce(x: torch.Tensor, group, op=None) -> torch.Tensor:

@@ -108,7 +108,9 @@ def test_the_second_run_loads_the_cached_base(tmp_path, warmups):
     it is the same either way. Fails on a second warm-up (the cache unused) or on a loaded base
     or adapter that differs from the built one."""
     first = Trainer(cached(tmp_path))
+    first.close()  # its directory, for the second
     second = Trainer(cached(tmp_path))
+    second.close()
     assert len(warmups) == 1
     a, b = base_weights(first), base_weights(second)
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
@@ -126,6 +128,7 @@ def test_a_damaged_cached_base_is_rebuilt(tmp_path, warmups, capsys, damage):
     Fails if a damaged base is used silently (a flipped byte loads without error) or crashes."""
     config = cached(tmp_path)
     first = Trainer(config)
+    first.close()
     path = base_cache.base_path(config, "cpu")
     weights = os.path.join(path, "model.safetensors")
     if damage == "truncated weights":

@@ -253,3 +253,42 @@ def test_fp16_streams_whose_difference_passes_fp16(device, backend, kwargs):
     loss = fused_pmi_kl(h, weight, h_t, h_r, reduction="none", backend=backend, **kwargs)
     want = fused_pmi_kl_reference(upcast(h), upcast(weight), upcast(h_t), upcast(h_r), reduction="none", **kwargs)
     assert_close(loss, want, torch.float32, "loss", atol=1e-6)
+
+
+@pytest.mark.parametrize("device,backend", PATHS)
+def test_the_launcher_lays_out_grad_h_as_its_fake(device, backend):
+    """A column-major student (a transposed view): the launcher's grad_h has the contiguous
+    layout its fake kernel promises, so opcheck holds and a compiled graph's layout checks pass
+    (inductor asserted stride 1 == 5). Fails with the launcher's empty_like(h)."""
+    from pmi_kernels.fused_linear import fused_pmi_kl_rows
+    from pmi_kernels.options import LossOptions
+    (h, h_t, h_r, _), w, _, _ = make(6, 5, 9, torch.float32, device)
+    h = h.t().contiguous().t()
+    args = (h, w, None, h_t, h_r, None, w, None, None, torch.full((6,), 1 / 6, device=device),
+            LossOptions().pack(), backend, None, 4, False, True, True, False, False)
+    torch.library.opcheck(fused_pmi_kl_rows, args, test_utils=("test_faketensor",))
+    assert fused_pmi_kl_rows(*args)[1].is_contiguous()
+
+
+@pytest.mark.parametrize("device,backend", PATHS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_a_scaled_loss_scales_the_gradients_exactly(device, backend, dtype):
+    """The gradients of loss * k are k times the float64 reference's, to the dtype's rounding:
+    GradScaler's k = 65536 (past fp16's range) must not turn them to inf, nor flush fp16's small
+    entries (p - q)/N to 0 before k arrives (N = 256 rows: half of them were 0), and a bf16
+    k = 1/3 (gradient accumulation) must not bias every entry by bf16's rounding of 1/3 (+0.19%).
+    Fails with the upstream gradient cast to the inputs' dtype and 1/N folded in fp16."""
+    (h, h_t, h_r, _), w, _, _ = make(256, 16, 300, dtype, device, bias=False)
+    h, w = (x.detach().requires_grad_(True) for x in (h, w))
+    h64, w64 = upcast(h).requires_grad_(True), upcast(w).requires_grad_(True)
+    fused_pmi_kl_reference(h64, w64, upcast(h_t), upcast(h_r)).backward()
+    unscaled = torch.autograd.grad(fused_pmi_kl(h, w, h_t, h_r, backend=backend), [h, w])
+    for k in (65536.0, 1 / 3):
+        grads = torch.autograd.grad(fused_pmi_kl(h, w, h_t, h_r, backend=backend) * k, [h, w])
+        for got, one, ref, what in zip(grads, unscaled, (h64.grad, w64.grad), ("grad_h", "grad_w")):
+            assert got.isfinite().all(), what
+            ref = ref * k
+            scale = ref.abs().max()
+            assert ((got.double() - ref).abs().max() / scale) < (1e-2 if dtype == torch.float16 else 5e-2), (what, k)
+            big = ref.abs() > 1e-2 * scale  # k times the unscaled gradient, unbiased
+            assert abs(float((got.double()[big] / (k * one.double()[big])).mean()) - 1) < 5e-4, (what, k)

@@ -188,3 +188,19 @@ def test_cuda_and_cpu_paths_agree():
     gpu = pmi_kl(s, t, r, reduction="none", backend="triton")
     cpu = pmi_kl(s.cpu(), t.cpu(), r.cpu(), reduction="none", backend="torch")
     assert torch.allclose(gpu.cpu(), cpu, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("device,backend", PATHS)
+def test_fp16_gradient_under_a_loss_scaler(device, backend):
+    """fp16 logits, the loss scaled by GradScaler's 65536: the gradient is 65536 times the
+    float64 reference's. The stored gradient is (p - q), scaled in the backward, not (p - q)/N in
+    fp16, whose entries (about 2e-6 here) sat among fp16's subnormals or flushed to 0. Fails with
+    1/N folded into the fp16 gradient in the forward."""
+    gen = torch.Generator().manual_seed(5)
+    s, t, r = (torch.randn(512, 1024, generator=gen).to(device, torch.float16) for _ in range(3))
+    s.requires_grad_(True)
+    (pmi_kl(s, t, r, backend=backend) * 65536.0).backward()
+    s64 = upcast(s.detach()).requires_grad_(True)
+    (pmi_kl_reference(s64, upcast(t), upcast(r)) * 65536.0).backward()
+    error = (s.grad.double() - s64.grad).norm() / s64.grad.norm()
+    assert s.grad.isfinite().all() and error < 2e-3, float(error)

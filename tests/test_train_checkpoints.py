@@ -16,6 +16,7 @@ pytest.importorskip("peft")
 import pmi_kernels.train.checkpoint as checkpoint  # noqa: E402
 from pmi_kernels.train.cli import main as cli_main  # noqa: E402
 from pmi_kernels.train.loop import Trainer  # noqa: E402
+from pmi_kernels.train.run_dir import RUN_MARKER  # noqa: E402
 from test_train import tiny, tiny_flags  # noqa: E402
 
 
@@ -61,7 +62,7 @@ def test_stale_temporaries_are_removed_at_start(two_step_run, tmp_path):
     (out / ".metrics.jsonl.tmp-5").write_text("")
     (out / ".checkpoint-notes.tmp-mine").write_text("a user's file")
     Trainer(tiny(tmp_path, max_steps=2, resume=True))
-    assert [p for p in os.listdir(out) if p.startswith(".")] == [".checkpoint-notes.tmp-mine"]
+    assert sorted(p for p in os.listdir(out) if p.startswith(".")) == [".checkpoint-notes.tmp-mine", RUN_MARKER]
 
 
 def _truncate(path):
@@ -76,6 +77,7 @@ BREAKAGES = {
     "corrupt-meta": lambda out: (out / "checkpoint-2" / "checkpoint.json").write_text('{"step": '),
     "dangling-latest": lambda out: (out / "latest").write_text("checkpoint-9"),
     "missing-latest": lambda out: (out / "latest").unlink(),
+    "empty-latest": lambda out: (out / "latest").write_text(""),
 }
 
 
@@ -88,9 +90,20 @@ def test_a_bad_checkpoint_is_a_one_line_error_naming_the_file(two_step_run, tmp_
     assert cli_main(["train", *tiny_flags(tmp_path, max_steps=3), "--resume"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err, err
-    named = {"missing-latest": "latest", "dangling-latest": "checkpoint-9"}.get(breakage, "checkpoint-2")
+    named = {"missing-latest": "latest", "empty-latest": "latest", "dangling-latest": "checkpoint-9"}.get(
+        breakage, "checkpoint-2")
     assert err.startswith(f"error: --resume: {out / named}"), err
     assert "other checkpoints here: checkpoint-" in err, err
+
+
+def test_a_damaged_toy_base_is_a_one_line_error(two_step_run, tmp_path, capsys):
+    """--resume with the toy run's base damaged: exit 2, one line naming toy-base. Fails on the
+    raw SafetensorError traceback."""
+    out = copy_run(two_step_run, tmp_path)
+    _truncate(out / "toy-base" / "model.safetensors")
+    assert cli_main(["train", *tiny_flags(tmp_path, max_steps=3), "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith(f"error: --resume: {out / 'toy-base'}, the toy run's warmed-up base"), err
 
 
 class RunsCode:

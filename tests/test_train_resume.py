@@ -52,6 +52,56 @@ def test_a_second_run_is_refused_and_overwrite_replaces_only_what_a_run_wrote(th
     assert (out / "notes.txt").read_text() == "mine"
 
 
+def test_overwrite_removes_nothing_until_the_new_run_checks_out(three_step_run, tmp_path, capsys):
+    """--overwrite with a config the run then refuses (a LoRA target the model lacks, a rollout
+    longer than its positions) leaves the old run whole. Fails on the old run deleted first, as
+    it was before the checks (the directory emptied, and the new run never started)."""
+    out = copy_run(three_step_run, tmp_path)
+    before = {name: sorted(os.listdir(out / name)) if os.path.isdir(out / name) else (out / name).read_bytes()
+              for name in os.listdir(out)}
+    for flags, key in ((["--lora-targets", "q_prj"], "lora_targets"), (["--max-new-tokens", "600"], "max_new_tokens")):
+        assert cli_main(["train", *tiny_flags(tmp_path), "--overwrite", *flags]) == 2
+        assert key in capsys.readouterr().err
+        assert {name: sorted(os.listdir(out / name)) if os.path.isdir(out / name) else (out / name).read_bytes()
+                for name in os.listdir(out)} == before
+
+
+def test_overwrite_leaves_files_no_trainer_wrote(tmp_path, capsys):
+    """A directory no run began in (no run mark) with files named as a trainer's (another tool's
+    checkpoint-500/, result.json, tensorboard/): --overwrite refuses and removes nothing. Fails
+    on files removed by their names alone."""
+    out = tmp_path / "run"
+    (out / "checkpoint-500").mkdir(parents=True)
+    (out / "tensorboard").mkdir()
+    (out / "result.json").write_text("{}")
+    assert cli_main(["train", *tiny_flags(tmp_path), "--overwrite"]) == 2
+    assert "no trainer's run began there" in capsys.readouterr().err
+    assert sorted(os.listdir(out)) == ["checkpoint-500", "result.json", "tensorboard"]
+
+
+def test_one_run_at_a_time_in_a_directory(tmp_path):
+    """While a run holds its output directory, a second (a resubmitted job, a requeue) is refused
+    by name before it touches anything; once the first has trained, or a run has failed to start,
+    the directory is free.
+    Fails without the lock (two runs wrote into one directory: a crash in the pruning and steps
+    written twice into metrics.jsonl)."""
+    first = Trainer(tiny(tmp_path, max_steps=1))
+    with pytest.raises(ValueError, match="output_dir .* in use by another run"):
+        Trainer(tiny(tmp_path, max_steps=2, resume=True))
+    first.train(progress=False)
+    with pytest.raises(ValueError, match="lora_targets") as failed:  # held by the error's traceback
+        Trainer(tiny(tmp_path, max_steps=2, resume=True, lora_targets=["q_prj"], allow_config_change=["lora_targets"]))
+    assert failed.value is not None and Trainer(tiny(tmp_path, max_steps=2, resume=True)).step == 1
+
+
+def test_abbreviated_flags_are_refused(tmp_path, capsys):
+    """--max-step is a typo, not --max-steps (argparse would take a unique prefix). Fails with
+    abbreviations allowed."""
+    with pytest.raises(SystemExit):
+        cli_main(["train", *tiny_flags(tmp_path), "--max-step", "3"])
+    assert "unrecognized arguments: --max-step" in capsys.readouterr().err
+
+
 def test_resume_refuses_changed_keys_by_name(three_step_run, tmp_path):
     """Changed loss options or LoRA rank are refused by name before the model loads; the keys
     meant to change are accepted, and --allow-config-change accepts the others. Fails on a

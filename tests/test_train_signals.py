@@ -16,6 +16,7 @@ from pmi_kernels.train import interrupts  # noqa: E402
 from pmi_kernels.train.checkpoint import load_checkpoint  # noqa: E402
 from pmi_kernels.train.cli import main as cli_main  # noqa: E402
 from pmi_kernels.train.loop import Trainer  # noqa: E402
+from pmi_kernels.train.run_dir import RUN_MARKER  # noqa: E402
 from test_train import tiny, tiny_flags, trainable_snapshot  # noqa: E402
 
 
@@ -48,13 +49,13 @@ def assert_same_weights(got, want):
 
 def test_sigterm_during_the_warmup(tmp_path, capsys, monkeypatch):
     """The warm-up has nothing consistent to save: exit 143 and a line that says so, and the
-    directory left empty so a fresh start needs no --overwrite. Fails on the signal killing the
+    directory left empty (but for the run's mark) so a fresh start needs no --overwrite. Fails on the signal killing the
     process silently (the bug) or on a half-warmed base saved as if it were the run's."""
     code, line = interrupted_run(tmp_path, capsys, monkeypatch, "warmup-step@2=SIGTERM", sft_steps=4,
                                  sft_batch_size=4)
     assert code == 143
     assert line == "interrupted by SIGTERM during the supervised warm-up: the run had no checkpoint yet; start it again"
-    assert os.listdir(tmp_path / "run") == []
+    assert os.listdir(tmp_path / "run") == [RUN_MARKER]  # which a fresh start does not count
 
 
 def test_sigint_during_the_first_evaluation(tmp_path, capsys, monkeypatch, straight_run):
@@ -69,6 +70,40 @@ def test_sigint_during_the_first_evaluation(tmp_path, capsys, monkeypatch, strai
     assert json.loads((out / "result.json").read_text())["interrupted"] == "SIGINT"
     assert_same_weights(resume_to_the_end(tmp_path), straight_run)
     assert [json.loads(row)["step"] for row in open(out / "metrics.jsonl")] == [0, 1, 2, 3, 3]
+
+
+def test_sigint_during_a_scheduled_evaluation(tmp_path, capsys, monkeypatch):
+    """A stop during step 2's evaluation (eval_every 2) saves step 2 without it; the resumed run
+    evaluates step 2 before it goes on, so its metrics hold every evaluation the uninterrupted
+    run's do, with the same accuracies. Fails on the evaluation never redone (step 2 had none)."""
+    flags = dict(max_steps=4, eval_every=2, save_every=100)
+    straight = Trainer(tiny(tmp_path / "straight", **flags))
+    straight.train(progress=False)
+    evaluations = lambda out: [(r["step"], r["eval/accuracy"]) for r in map(json.loads, open(out / "metrics.jsonl"))  # noqa: E731
+                               if "eval/accuracy" in r]
+    # The evaluation at step 0 reads batch 1, at step 2 batch 2.
+    code, _ = interrupted_run(tmp_path, capsys, monkeypatch, "evaluation-batch@2=SIGINT", **flags)
+    assert code == 130 and load_checkpoint(str(tmp_path / "run"))["step"] == 2
+    resumed = Trainer(tiny(tmp_path, resume=True, **flags))
+    resumed.train(progress=False)
+    assert evaluations(tmp_path / "run") == evaluations(tmp_path / "straight" / "run")
+    assert_same_weights(trainable_snapshot(resumed), trainable_snapshot(straight))
+
+
+def test_a_crash_after_the_warmup_can_resume(tmp_path):
+    """The toy's warm-up is saved as checkpoint-0 before anything else runs: a run killed before
+    its first scheduled save (SIGKILL, no handler runs; here a crash in the first evaluation)
+    resumes at step 0 from the warmed-up base. Fails without checkpoint-0 (--resume found no
+    checkpoint, and a fresh start needed --overwrite, losing the warm-up)."""
+    trainer = Trainer(tiny(tmp_path, sft_steps=2, sft_batch_size=4, save_every=100))
+
+    def crash():
+        raise RuntimeError("killed")
+    trainer.evaluate = crash
+    with pytest.raises(RuntimeError, match="killed"):
+        trainer.train(progress=False)
+    assert (tmp_path / "run" / "latest").read_text() == "checkpoint-0"
+    assert Trainer(tiny(tmp_path, sft_steps=2, sft_batch_size=4, save_every=100, resume=True)).step == 0
 
 
 def test_sigterm_during_a_step(tmp_path, capsys, monkeypatch, straight_run):

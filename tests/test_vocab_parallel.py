@@ -155,25 +155,33 @@ def test_communication_is_o_n_and_matches_the_formula():
 
 
 def disagreeing_worker(rank, world, init_file):
-    from pmi_kernels import pmi_kl
+    from pmi_kernels import fused_pmi_kl, pmi_kl
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         group = dist.new_group(list(range(world)))
-        for case in ("rows", "options", "empty shard"):
+        for case in ("rows", "options", "empty shard", "mask count", "mask rows"):
             rows = 4 if case == "rows" and rank == 1 else 3
             columns = 0 if case == "empty shard" and rank == 1 else 5
             s, t, r = (torch.randn(rows, columns) for _ in range(3))
             jsd_beta = 0.0 if case == "options" and rank == 1 else 0.5
+            mask = torch.tensor([True, True, False]) if case.startswith("mask") else None
+            if rank == 1 and case.startswith("mask"):  # fewer rows counted, or as many but others
+                mask = torch.tensor([True, False, False] if case == "mask count" else [False, True, True])
             with pytest.raises(ValueError, match="process_group|student_logits"):
-                pmi_kl(s, t, r, jsd_beta=jsd_beta, process_group=group)
+                pmi_kl(s, t, r, jsd_beta=jsd_beta, mask=mask, process_group=group)
+            if case.startswith("mask"):  # the fused path crashed in a collective (its chunks differed)
+                h, h_t, h_r, w = torch.randn(3, 4), torch.randn(3, 4), torch.randn(3, 4), torch.randn(5, 4)
+                with pytest.raises(ValueError, match="process_group"):
+                    fused_pmi_kl(h, w, h_t, h_r, mask=mask, process_group=group)
     finally:
         dist.barrier()
         dist.destroy_process_group()
 
 
 def test_ranks_that_disagree_all_get_a_value_error():
-    """One rank's bad input (an empty shard), other rows or other options: a ValueError on every
-    rank, not a hang in a collective (or a silently mixed loss) on the others."""
+    """One rank's bad input (an empty shard), other rows, options or masks (another count, or as
+    many rows but others): a ValueError on every rank, not a hang in a collective (or a silently
+    mixed loss, or gloo's abort on the fused path's different chunk counts) on the others."""
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(disagreeing_worker, args=(2, os.path.join(tmp, "rendezvous")), nprocs=2, join=True)

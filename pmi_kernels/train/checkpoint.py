@@ -171,6 +171,8 @@ def _latest_file(output_dir: str, filename: str) -> str:
     name = read_latest(output_dir)
     if name is None:
         raise _unreadable(output_dir, os.path.join(output_dir, LATEST), "missing, so there is no checkpoint to resume")
+    if not CHECKPOINT_NAME.fullmatch(name):
+        raise _unreadable(output_dir, os.path.join(output_dir, LATEST), f"names no checkpoint-<step> ({name!r})")
     return os.path.join(output_dir, name, filename)
 
 

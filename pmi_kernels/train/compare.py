@@ -371,7 +371,7 @@ def plot_comparison(per_seed: Dict[int, Dict], out: str) -> str:
 
 
 def main(argv) -> int:
-    parser = argparse.ArgumentParser(add_help=False)
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # --seed is not --seeds
     parser.add_argument("--seeds", default=None, help="comma-separated seeds (default: --seed, 0)")
     known, rest = parser.parse_known_args(argv)
     if "-h" in rest or "--help" in rest:

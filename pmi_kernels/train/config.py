@@ -208,7 +208,7 @@ def parse_config(argv=None, description: str = "", toy_defaults: Optional[dict] 
 def parse_args(argv=None, description: str = "", toy_defaults: Optional[dict] = None):
     """(config, the dry-run flags): --dry-run prints the plan (plan.py) and loads nothing, so
     the paths need not exist."""
-    parser = argparse.ArgumentParser(description=description)
+    parser = argparse.ArgumentParser(description=description, allow_abbrev=False)  # --max-step is a typo, not max_steps
     parser.add_argument("--config", help="JSON file of config keys")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the step's plan (tokens, memory per GPU) from the model's config.json or "

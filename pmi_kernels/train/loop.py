@@ -44,11 +44,11 @@ from .distributed import (SyncedStop, WholeModelDecoder, broadcast_module, check
                           most_over_ranks, on_main, shard_model, sum_gradients, sum_over_ranks, training_device)
 from .drift import Drift
 from .interrupts import Interrupted, StopRequest, TrainingFailed, fault_point
-from .metrics import MetricsLog, StepTimer, count_markers, cut_metrics
+from .metrics import MetricsLog, StepTimer, count_markers, cut_metrics, evaluated_at
 from .model import check_lengths, check_lora_targets, load_model, wrap_model
 from .packing import packed_hidden, rollout_groups
 from .rollouts import VllmRollouts, merged_weights
-from .run_dir import TOY_BASE, prepare_output_dir
+from .run_dir import TOY_BASE, prepare_output_dir, start_output_dir
 from .tokenized import contexts_ids
 
 
@@ -59,8 +59,32 @@ class Trainer:
         self.device = training_device(config.device, world)
         self.stop = SyncedStop(world, self.device, stop or StopRequest()) if world.distributed else stop or StopRequest()
         # Refusals and the resume checks, before anything heavy (rank 0 looks; every rank hears).
-        resumed = on_main(world, lambda: check_world(config, world) or prepare_output_dir(config, world.size))
+        # Rank 0 holds the output directory's lock for as long as the run lasts.
+        self._dir_lock = None
+
+        def prepare():
+            check_world(config, world)
+            self._dir_lock, meta = prepare_output_dir(config, world.size)
+            return meta
+        resumed = on_main(world, prepare)
+        try:
+            self._set_up(config, resumed)
+        except BaseException:
+            self.close()  # a run that failed to start holds nothing
+            raise
+
+    def close(self) -> None:
+        """Release the output directory's lock (train() does when it ends): another run may use
+        the directory while this trainer still exists."""
+        if self._dir_lock is not None:
+            self._dir_lock.release()
+
+    def _set_up(self, config: TrainConfig, resumed: Optional[dict]) -> None:
+        """Everything after the output directory's checks: the data and the model (checked before
+        --overwrite removes anything), the warm-up, the wrapping, and a resumed run's state."""
+        world = self.world
         state = load_checkpoint(config.output_dir) if resumed is not None else None
+        self.train_rows, self.eval_rows = load_examples(config)  # a bad file is refused before the model loads
         random.seed(config.seed)
         torch.manual_seed(config.seed)
         self.tokenizer, model = load_model(config, self.device)
@@ -70,12 +94,12 @@ class Trainer:
         if model.get_output_embeddings() is None:
             raise ValueError(f"model {config.model_path!r} has no lm_head (get_output_embeddings() is None)")
         check_lora_targets(model, config)
-        self.train_rows, self.eval_rows = load_examples(config)
         self.prompts = contexts_ids(self.tokenizer, config.templates, KINDS, self.train_rows, config.use_chat_template)
         self.eval_prompts = contexts_ids(self.tokenizer, config.templates, ["student"], self.eval_rows,
                                          config.use_chat_template)["student"]
         check_lengths(model, {**{f"templates.{kind} (train)": self.prompts[kind] for kind in KINDS},
                               "templates.student (eval)": self.eval_prompts}, config.max_new_tokens)
+        on_main(world, lambda: start_output_dir(config))  # every check passed: --overwrite may remove now
         model_dir = config.model_path
         if config.model_path == TOY:
             model_dir = os.path.join(config.output_dir, TOY_BASE)
@@ -98,15 +122,22 @@ class Trainer:
         self.step, self.position = 0, 0
         self.nonfinite_in_a_row, self.nonfinite_total = 0, 0
         self._saved_step: Optional[int] = None  # the step the newest checkpoint holds
-        self.metrics = MetricsLog(config.output_dir, config.tensorboard and world.main)
+        self._redo_evaluation = False  # resumed from a step whose evaluation a stop cut short
+        # TensorBoard drops what an interrupted run logged after the checkpoint it resumes from.
+        self.metrics = MetricsLog(config.output_dir, config.tensorboard and world.main,
+                                  purge_step=None if resumed is None else resumed["step"] + 1)
         self.drift = Drift(config.drift_warn_kl if world.main else None, Drift.advice(config))  # rank 0 warns
         if state is not None:
             self._restore(state)
+            self._saved_step = self.step
             # A resumed run writes again what came after its checkpoint, and the evaluation it
             # starts with (before training, or after it when the run was already at max_steps).
             if world.main:
                 redo = self.step == 0 or self.step >= config.max_steps
                 cut_metrics(self.metrics.path, self.step, redo_evaluation=redo)
+            # A stop during a scheduled evaluation saved the step without it: it runs first.
+            due = config.eval_every and self.step % config.eval_every == 0 and 0 < self.step < config.max_steps
+            self._redo_evaluation = bool(due) and on_main(world, lambda: not evaluated_at(self.metrics.path, self.step))
 
     # ---- set-up -----------------------------------------------------------------------
     def _vllm_engine(self, model, model_dir: str) -> VllmRollouts:
@@ -484,14 +515,20 @@ class Trainer:
                 result["interrupted"], result["where"] = signal.Signals(stop.signum).name, stop.where
                 if self._saved_step != self.step:
                     self.save()
+            finally:
+                self.close()  # the run is over: another may use the directory
         result["steps"], result["checkpoint"] = self.step, read_latest(self.config.output_dir)
         return result
 
     def _run(self, result: Dict, progress: bool) -> None:
         from tqdm import tqdm
         config = self.config
+        if self.step == 0 and self._saved_step is None and config.model_path == TOY and config.sft_steps:
+            self.save()  # the warmed-up start: a stop before the first scheduled save can --resume
         if self.step == 0:
             result["accuracy_before"] = self._evaluate_and_log()
+        elif self._redo_evaluation:
+            self._evaluate_and_log()
         bar = tqdm(total=config.max_steps, initial=self.step, disable=not progress or not self.world.main, desc="opsd")
         try:
             while self.step < config.max_steps:
@@ -519,9 +556,11 @@ class Trainer:
         return accuracy
 
     def _log(self, record: Dict) -> None:
-        """Every log_every steps, and every skipped step; too many skipped in a row end the run."""
+        """Every log_every steps, every evaluated step and every skipped one; too many skipped
+        in a row end the run."""
         from tqdm import tqdm
-        if (record["skipped"] or self.step % self.config.log_every == 0) and self.world.main:
+        logged = record["skipped"] or self.step % self.config.log_every == 0 or "eval/accuracy" in record
+        if logged and self.world.main:
             self.metrics.write(record)
         if not record["skipped"]:
             return

@@ -39,12 +39,13 @@ class StepTimer:
 
 
 class MetricsLog:
-    def __init__(self, output_dir: str, tensorboard: bool):
+    def __init__(self, output_dir: str, tensorboard: bool, purge_step=None):
+        """purge_step: TensorBoard hides the events an earlier writer logged at this step and after."""
         self.path = os.path.join(output_dir, "metrics.jsonl")
         self.writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+            self.writer = SummaryWriter(os.path.join(output_dir, "tensorboard"), purge_step=purge_step)
 
     def write(self, record: Dict) -> None:
         record = {key: finite_or_none(value) for key, value in record.items()}
@@ -65,6 +66,19 @@ def finite_or_none(value):
 def read_metrics(path: str) -> List[Dict]:
     with open(path) as fh:
         return [json.loads(line) for line in fh if line.strip()]
+
+
+def evaluated_at(path: str, step: int) -> bool:
+    """Whether the metrics file has an evaluation at `step` (a line cut short by a kill is skipped)."""
+    if not os.path.isfile(path):
+        return False
+    with open(path) as fh:
+        for line in fh:
+            with contextlib.suppress(json.JSONDecodeError):
+                row = json.loads(line)
+                if isinstance(row, dict) and row.get("step") == step and "eval/accuracy" in row:
+                    return True
+    return False
 
 
 def cut_metrics(path: str, step: int, redo_evaluation: bool) -> None:

@@ -28,8 +28,12 @@ def load_model(config: TrainConfig, device):
         register_varlen()
     if config.model_path == TOY:
         if config.resume:
-            base = AutoModelForCausalLM.from_pretrained(os.path.join(config.output_dir, TOY_BASE),
-                                                        attn_implementation=attn)
+            path = os.path.join(config.output_dir, TOY_BASE)
+            try:
+                base = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn)
+            except Exception as err:  # noqa: BLE001 (a damaged file raises many kinds; name the directory)
+                raise ValueError(f"--resume: {path}, the toy run's warmed-up base, cannot be loaded ({type(err).__name__}: "
+                                 f"{' '.join(str(err).split())[:200]}); the run cannot continue without it") from err
             return toy_tokenizer(), base.to(device)
         tokenizer = toy_tokenizer()
         model = toy_model(tokenizer, config.seed)

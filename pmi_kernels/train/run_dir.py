@@ -1,10 +1,17 @@
 """The run's output directory, checked before anything heavy loads: a run never overwrites
-another by accident, and a resumed run continues the run that is there, unchanged."""
+another by accident, and a resumed run continues the run that is there, unchanged.
+
+A run holds an exclusive lock on the directory (flock on the directory itself: nothing is
+written, and the lock goes with the process however it ends), so two runs never write into one.
+A fresh run marks the directory as a trainer's (RUN_MARKER); --overwrite removes the trainer's
+files only where the mark is, and only after every other check has passed (start_output_dir)."""
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
-from typing import Optional
+import weakref
+from typing import List, Optional
 
 from .checkpoint import CHECKPOINT_NAME, TEMPORARY_NAME, read_checkpoint_meta, recover_interrupted_save
 from .config import TOY, TrainConfig, changed_keys
@@ -13,12 +20,29 @@ TOY_BASE = "toy-base"  # the toy run's model after its warm-up: the base every l
 # What this trainer writes besides checkpoint-<digits> and its temporaries; --overwrite removes
 # these and nothing else.
 TRAINER_FILES = ("latest", "metrics.jsonl", "metrics.png", "result.json", TOY_BASE, "tensorboard")
+RUN_MARKER = ".pmi-opsd-run"  # in a directory a trainer's run began in
 
 
-def prepare_output_dir(config: TrainConfig, world_size: int = 1) -> Optional[dict]:
-    """Make output_dir; for --resume, check it (written by as many processes as this run has)
-    and return its newest checkpoint's meta ({"step", "config", "world_size"}); otherwise refuse
-    a non-empty directory unless --overwrite."""
+class DirLock:
+    """An exclusive lock on a directory, held until release() or until the process ends."""
+
+    def __init__(self, path: str):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ValueError(f"output_dir {path!r} is in use by another run (it holds the directory's lock): wait "
+                             "for that run to end, or choose another output_dir") from None
+        self.release = weakref.finalize(self, os.close, fd)
+
+
+def prepare_output_dir(config: TrainConfig, world_size: int = 1):
+    """(lock, meta): make output_dir and lock it for this run; for --resume, check it (written
+    by as many processes as this run has), meta being its newest checkpoint's ({"step",
+    "config", "world_size"}); otherwise (meta None) refuse a non-empty directory unless
+    --overwrite, and refuse --overwrite where it would remove files no trainer wrote. Nothing is
+    removed here: start_output_dir does that, after the run's other checks."""
     out = config.output_dir
     try:
         os.makedirs(out, exist_ok=True)
@@ -27,18 +51,46 @@ def prepare_output_dir(config: TrainConfig, world_size: int = 1) -> Optional[dic
         raise ValueError(f"config: output_dir {out!r} cannot be created ({why})") from err
     if not os.access(out, os.W_OK | os.X_OK):
         raise ValueError(f"config: output_dir {out!r} is not writable")
+    lock = DirLock(out)
+    try:
+        return lock, _check_dir(config, world_size)
+    except BaseException:
+        lock.release()  # a refused run holds nothing (a traceback kept in a notebook would)
+        raise
+
+
+def _check_dir(config: TrainConfig, world_size: int) -> Optional[dict]:
+    out = config.output_dir
     if config.resume:
         return _check_resumable(config, world_size)
-    entries = sorted(os.listdir(out))
+    entries = sorted(set(os.listdir(out)) - {RUN_MARKER})  # a run stopped before it wrote anything left only this
     if entries and not config.overwrite:
         shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
         raise ValueError(f"output_dir {out!r} is not empty ({shown}): continue its run with --resume, or replace "
                          "it with --overwrite (which removes only what a trainer wrote there)")
-    for name in entries:
-        if name in TRAINER_FILES or CHECKPOINT_NAME.fullmatch(name) or TEMPORARY_NAME.fullmatch(name):
+    theirs = _trainer_entries(out)
+    if theirs and not os.path.isfile(os.path.join(out, RUN_MARKER)):
+        raise ValueError(f"--overwrite: output_dir {out!r} holds {', '.join(theirs[:4])} but no trainer's run began "
+                         f"there (no {RUN_MARKER}): they are left alone; move them, or choose another output_dir")
+    return None
+
+
+def _trainer_entries(out: str) -> List[str]:
+    return [name for name in sorted(os.listdir(out))
+            if name in TRAINER_FILES or CHECKPOINT_NAME.fullmatch(name) or TEMPORARY_NAME.fullmatch(name)]
+
+
+def start_output_dir(config: TrainConfig) -> None:
+    """After every check of the run has passed: for a fresh run, remove what an earlier trainer's
+    run wrote (--overwrite; prepare_output_dir checked it is a trainer's), then mark the
+    directory as a trainer's run."""
+    out = config.output_dir
+    if not config.resume:
+        for name in _trainer_entries(out):
             path = os.path.join(out, name)
             shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
-    return None
+    with open(os.path.join(out, RUN_MARKER), "w") as fh:
+        fh.write("written by pmi_kernels.train: --overwrite may remove this trainer's files here\n")
 
 
 def _check_resumable(config: TrainConfig, world_size: int) -> dict:
