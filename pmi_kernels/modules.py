@@ -12,7 +12,7 @@ import inspect
 
 import torch
 
-from . import validation
+from . import validation, vocab_parallel
 from .backends import BACKENDS
 from .fused_linear import fused_pmi_kl
 from .logits import pmi_kl
@@ -31,6 +31,8 @@ def _check(options: dict) -> None:
     validation.check_choice("backend", options.get("backend", "auto"), BACKENDS)
     for name in ("return_stats", "check_finite", "grad_weight_fp32"):
         validation.check_bool(name, options.get(name, False))
+    validation.check_ignore_index(options.get("ignore_index", -100))
+    vocab_parallel.group_name(options.get("process_group"))  # a ProcessGroup, of an initialized group
 
 
 class _OptionsLoss(torch.nn.Module):

@@ -68,13 +68,17 @@ def check_bool(name: str, value) -> None:
         raise ValueError(f"{name} must be True or False, got {value!r}")
 
 
+def check_ignore_index(ignore_index) -> None:
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise ValueError(f"ignore_index must be an integer, got {ignore_index!r}")
+
+
 def counted_positions(mask, labels, ignore_index, lead_shape, device) -> Optional[torch.Tensor]:
     """The positions that count, as a bool tensor of the streams' leading shape (None: all):
     `mask` (bool, or 0/1 integers), or `labels != ignore_index` (Liger's and TRL's convention)."""
     if mask is not None and labels is not None:
         raise ValueError("mask and labels both given: pass one (labels count where labels != ignore_index)")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
-        raise ValueError(f"ignore_index must be an integer, got {ignore_index!r}")
+    check_ignore_index(ignore_index)
     name, x = ("labels", labels) if labels is not None else ("mask", mask)
     if x is None:
         return None

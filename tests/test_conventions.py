@@ -179,7 +179,8 @@ def test_modules_take_options_in_the_constructor():
     assert torch.equal(module(h[0], w, h[1], h[2], lm_head_bias=b, normalizer=3),
                        fused_pmi_kl(h[0], w, h[1], h[2], lm_head_bias=b, clip=None, reduction="sum", normalizer=3))
     assert "clip=None" in repr(module)
-    for bad in (dict(mask=mask), dict(betta=1.0), dict(beta=-1.0), dict(check_finite="yes"), dict(backend="tpu")):
+    for bad in (dict(mask=mask), dict(betta=1.0), dict(beta=-1.0), dict(check_finite="yes"), dict(backend="tpu"),
+                dict(ignore_index=1.5), dict(process_group="x")):  # the last two: refused at the first call before
         with pytest.raises(ValueError):
             PMIKLLoss(**bad)
     with pytest.raises(ValueError, match="unknown arguments"):
