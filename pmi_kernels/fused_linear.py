@@ -32,7 +32,7 @@ from . import validation, vocab_parallel
 from .heads import frozen_head, gather_heads
 from .backends import REGISTRY, STATS, chunk_rows, resolve_backend, upstream_matches
 from .options import LossOptions, compute_dtype
-from .reduction import DOUBLE_BACKWARD, divisor, reduce_rows, stats_dict
+from .reduction import DOUBLE_BACKWARD, divisor, folds_denominator, forward_grad_scale, reduce_rows, stats_dict
 
 
 @dataclass(frozen=True)
@@ -172,15 +172,7 @@ def _rows(plan: _Plan, tensors, row_scale, wants, want_stats=False):
     return fused_pmi_kl_rows(*tensors, row_scale, *plan.op_args(), *wants, want_stats)
 
 
-def _folded_scale(denominator: Tensor, dtype) -> Tensor:
-    """The scale the forward folds into the gradients it computes: 1/denominator, the incoming
-    gradient of an upstream 1. Not for fp16, whose range would flush entries (p - q)/N to 0
-    before a loss scaler's factor (GradScaler's 65536) arrives: there the backward applies
-    1/denominator with the upstream gradient, in fp32 (the weight gradient is kept in fp32)."""
-    return torch.ones_like(denominator) if dtype == torch.float16 else 1 / denominator
-
-
-def scaled(x: Tensor, factor: Tensor) -> Tensor:
+def _scaled(x: Tensor, factor: Tensor) -> Tensor:
     """x * factor (a 0-d tensor), each product formed in fp32 (fp64 for fp64) and rounded once to x's
     dtype: factor itself may pass fp16's range (65536), and a bf16 factor (1/3 for gradient
     accumulation) would bias every entry. In slices of about 64 MiB of fp32 outside compile."""
@@ -212,8 +204,8 @@ class _FusedPMIKL(torch.autograd.Function):
             loss, _, _, _, stats = _rows(plan, tensors, None, (False, False, False), want_stats)
         else:
             # One sweep computes the gradients for an incoming gradient of 1 (fp16: of denominator).
-            loss, *grads, stats = _rows(plan, tensors, _folded_scale(denominator, h.dtype).expand(h.shape[0]), wants,
-                                        want_stats)
+            loss, *grads, stats = _rows(plan, tensors, forward_grad_scale(denominator, h.dtype).expand(h.shape[0]),
+                                        wants, want_stats)
         if torch.compiler.is_compiling() or not grads:
             ctx.save_for_backward(*tensors, denominator, *grads)
         else:
@@ -236,13 +228,13 @@ class _FusedPMIKL(torch.autograd.Function):
             # grad_loss has the loss's (compute) dtype: it is the per-row scale as it comes.
             grads = _rows(ctx.plan, tensors, grad_loss, ctx.wants)[1:4]
         else:
-            folded = _folded_scale(denominator, tensors[0].dtype)
+            dtype, rows = tensors[0].dtype, tensors[0].shape[0]
             if not grads:
                 grads = ctx.__dict__.pop("grads", None) or _rows(
-                    ctx.plan, tensors, folded.expand(tensors[0].shape[0]), ctx.wants)[1:4]
-            factor = grad_loss / denominator if tensors[0].dtype == torch.float16 else grad_loss  # not folded in
+                    ctx.plan, tensors, forward_grad_scale(denominator, dtype).expand(rows), ctx.wants)[1:4]
+            factor = grad_loss if folds_denominator(dtype) else grad_loss / denominator  # what the forward left out
             if not upstream_matches(factor, torch.ones_like(factor)):
-                grads = [scaled(x, factor) for x in grads]
+                grads = [_scaled(x, factor) for x in grads]
         grad_h, grad_w, grad_b = (x if want else None for x, want in zip(grads, ctx.wants))
         w_dtype, b_dtype = ctx.dtypes
         grad_w = None if grad_w is None else grad_w.to(w_dtype)
@@ -319,8 +311,8 @@ def fused_pmi_kl(student_hidden, lm_head_weight, teacher_hidden, refonly_hidden=
     rows_per_chunk = chunk_rows(impl, student.device, vocab, buffers * student.element_size(),
                                 torch.finfo(compute_dtype(student.dtype)).bits // 8, workspace_bytes,
                                 min_rows=hidden // 4)
-    # fp16 sums the weight gradient's unscaled rows (_folded_scale): in fp32, past fp16's range.
-    plan = _Plan(opts, impl.name, group, rows_per_chunk, grad_weight_fp32 or student.dtype == torch.float16)
+    # Without 1/denominator folded in, the weight gradient sums unscaled rows: in fp32, past fp16's range.
+    plan = _Plan(opts, impl.name, group, rows_per_chunk, grad_weight_fp32 or not folds_denominator(student.dtype))
 
     flat = lambda x: None if x is None else x.reshape(-1, hidden)  # noqa: E731
     h, h_t, h_r, h_a = map(flat, (student_hidden, teacher_hidden, refonly_hidden, anchor_hidden))

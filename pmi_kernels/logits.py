@@ -21,7 +21,7 @@ from torch import Tensor
 from . import validation, vocab_parallel
 from .backends import REGISTRY, STATS, chunk_rows, resolve_backend, upstream_matches
 from .options import LossOptions, compute_dtype
-from .reduction import DOUBLE_BACKWARD, divisor, reduce_rows, stats_dict
+from .reduction import DOUBLE_BACKWARD, divisor, forward_grad_scale, reduce_rows, stats_dict
 
 # The autograd of pmi_kl_rows returns a gradient for the student only.
 _NO_GRAD_ARGS = (None,) * 11
@@ -139,9 +139,7 @@ def pmi_kl(student_logits, teacher_logits, refonly_logits=None, anchor_logits=No
     compute_grad = torch.is_grad_enabled() and student.requires_grad
     rows = math.prod(lead)
     denominator = divisor(flat_mask, rows, reduction, normalizer, compute_dtype(student.dtype), student.device)
-    # The gradient is stored in the student's dtype: fp16 keeps it unscaled (as (p - q)), so that
-    # (p - q)/N does not flush to 0 before a loss scaler's factor arrives in the backward.
-    grad_scale = torch.ones_like(denominator) if student.dtype == torch.float16 else 1 / denominator
+    grad_scale = forward_grad_scale(denominator, student.dtype)  # the backward rescales what it leaves out
     per_row, _, stats = pmi_kl_rows(flat(student), flat(teacher_logits), flat(refonly_logits), flat(anchor_logits),
                                     flat_mask, grad_scale.expand(rows), opts.pack(), impl.name, compute_grad,
                                     return_stats, workspace_bytes, group)

@@ -22,6 +22,19 @@ def divisor(mask: Optional[Tensor], rows: int, reduction: str, normalizer, dtype
     return mask.sum().to(dtype).clamp_min(1)
 
 
+def folds_denominator(dtype) -> bool:
+    """Whether the forward folds 1/denominator (the incoming gradient of an upstream 1) into the
+    gradient it stores. Not for fp16, whose range would flush entries (p - q)/N to 0 before a
+    loss scaler's factor (GradScaler's 65536) arrives: there the backward applies 1/denominator
+    with the upstream gradient, in fp32."""
+    return dtype != torch.float16
+
+
+def forward_grad_scale(denominator: Tensor, dtype) -> Tensor:
+    """The per-row scale the forward folds into the gradient it stores (folds_denominator)."""
+    return 1 / denominator if folds_denominator(dtype) else torch.ones_like(denominator)
+
+
 def reduce_rows(per_row: Tensor, denominator: Tensor, reduction: str) -> Tensor:
     """Masked rows are already exactly 0."""
     return per_row if reduction == "none" else per_row.sum() / denominator

@@ -162,7 +162,7 @@ def _unreadable(output_dir: str, path: str, why: str) -> ValueError:
     return ValueError(f"--resume: {path}: {why}; {where}")
 
 
-def _reason(err: Exception) -> str:
+def error_line(err: Exception) -> str:
     """The error on one line, cut short: torch's refusals run to paragraphs."""
     return f"{type(err).__name__}: {' '.join(str(err).split())[:200]}"
 
@@ -185,7 +185,7 @@ def read_checkpoint_meta(output_dir: str) -> dict:
             meta = json.load(fh)
         return {"step": int(meta["step"]), "config": dict(meta["config"]), "world_size": int(meta.get("world_size", 1))}
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise _unreadable(output_dir, path, f"cannot be read ({_reason(err)})") from err
+        raise _unreadable(output_dir, path, f"cannot be read ({error_line(err)})") from err
 
 
 def latest_sharded(output_dir: str) -> str:
@@ -197,7 +197,7 @@ def load_checkpoint(output_dir: str) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 (corrupt files raise many kinds; name the file)
-        raise _unreadable(output_dir, path, f"cannot be read ({_reason(err)})") from err
+        raise _unreadable(output_dir, path, f"cannot be read ({error_line(err)})") from err
 
 
 def rng_state() -> dict:

@@ -68,17 +68,23 @@ def read_metrics(path: str) -> List[Dict]:
         return [json.loads(line) for line in fh if line.strip()]
 
 
-def evaluated_at(path: str, step: int) -> bool:
-    """Whether the metrics file has an evaluation at `step` (a line cut short by a kill is skipped)."""
+def _step_rows(path: str):
+    """(line, row) for each row of the file with an integer step; a line cut short by a kill is skipped."""
     if not os.path.isfile(path):
-        return False
+        return
     with open(path) as fh:
         for line in fh:
-            with contextlib.suppress(json.JSONDecodeError):
+            try:
                 row = json.loads(line)
-                if isinstance(row, dict) and row.get("step") == step and "eval/accuracy" in row:
-                    return True
-    return False
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("step"), int):
+                yield line, row
+
+
+def evaluated_at(path: str, step: int) -> bool:
+    """Whether the metrics file has an evaluation at `step`."""
+    return any(row["step"] == step and "eval/accuracy" in row for _, row in _step_rows(path))
 
 
 def cut_metrics(path: str, step: int, redo_evaluation: bool) -> None:
@@ -88,17 +94,10 @@ def cut_metrics(path: str, step: int, redo_evaluation: bool) -> None:
     if not os.path.isfile(path):
         return
     kept = []
-    with open(path) as fh:
-        for line in fh:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
-                continue
-            evaluation_only = set(row) == {"step", "eval/accuracy"}
-            if row["step"] < step or (row["step"] == step and not (redo_evaluation and evaluation_only)):
-                kept.append(line if line.endswith("\n") else line + "\n")
+    for line, row in _step_rows(path):
+        evaluation_only = set(row) == {"step", "eval/accuracy"}
+        if row["step"] < step or (row["step"] == step and not (redo_evaluation and evaluation_only)):
+            kept.append(line if line.endswith("\n") else line + "\n")
     tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}")
     with open(tmp, "w") as fh:
         fh.writelines(kept)

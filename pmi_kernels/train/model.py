@@ -9,6 +9,7 @@ from typing import Dict, List
 
 import torch
 
+from .checkpoint import error_line
 from .config import TOY, TrainConfig
 from .contexts import KINDS
 from .interrupts import StopRequest, fault_point
@@ -32,8 +33,8 @@ def load_model(config: TrainConfig, device):
             try:
                 base = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn)
             except Exception as err:  # noqa: BLE001 (a damaged file raises many kinds; name the directory)
-                raise ValueError(f"--resume: {path}, the toy run's warmed-up base, cannot be loaded ({type(err).__name__}: "
-                                 f"{' '.join(str(err).split())[:200]}); the run cannot continue without it") from err
+                raise ValueError(f"--resume: {path}, the toy run's warmed-up base, cannot be loaded "
+                                 f"({error_line(err)}); the run cannot continue without it") from err
             return toy_tokenizer(), base.to(device)
         tokenizer = toy_tokenizer()
         model = toy_model(tokenizer, config.seed)
