@@ -5,6 +5,8 @@ import json
 import os
 import random
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -154,6 +156,24 @@ def test_a_damaged_cached_base_is_rebuilt(tmp_path, warmups, capsys, damage):
     a, b = base_weights(first), base_weights(second)
     assert all(torch.equal(a[n], b[n]) for n in a)  # rebuilt: the same warm-up, the same base
     assert base_cache.cache_problem(path, base_cache.base_key(config, "cpu")) is None
+
+
+def test_abandoned_stores_are_removed(tmp_path, warmups):
+    """A run killed while it stored a base leaves .toy-base-<digest>.tmp-<pid>; the next run that
+    uses the cache removes it when its process is gone, and leaves a live process's store alone.
+    Fails if abandoned temporaries pile up (each the size of a base)."""
+    config = cached(tmp_path)
+    cache = tmp_path / "bases"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    abandoned = cache / f".toy-base-{'0' * 16}.tmp-{dead.pid}"
+    live = cache / f".toy-base-{'1' * 16}.tmp-{os.getpid()}"
+    for path in (abandoned, live):
+        path.mkdir(parents=True)
+        (path / "model.safetensors").write_bytes(b"partial")
+    Trainer(config).close()
+    assert not abandoned.exists() and live.exists()
+    assert os.path.isdir(base_cache.base_path(config, "cpu"))
 
 
 def test_base_cache_is_checked():

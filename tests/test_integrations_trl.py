@@ -284,6 +284,7 @@ def test_ddp_gradient_is_normalized_by_the_step_tokens_of_both_processes(tmp_pat
     (dict(refonly_prompt_template="Reference:"), "refonly_prompt_template"),
     (dict(refonly_prompt_template="{privileged_context} {answer}"), "refonly_prompt_template"),
     (dict(refonly_prompt_template="Reference: {{privileged_context}}"), "refonly_prompt_template"),
+    (dict(refonly_prompt_template="Reference: {privileged_context:>999999999999}"), "refonly_prompt_template"),
     (dict(use_teacher_server=True), "use_teacher_server"),
     (dict(num_iterations=2), "num_iterations"),
     (dict(generation_batch_size=8), "steps_per_generation"),

@@ -3,9 +3,11 @@ made durable, renamed, and only then pointed to by `latest`, itself replaced by 
 newest k are kept and only checkpoint-<digits> is ever pruned; stale temporaries go at start;
 state loads with weights_only=True; a bad checkpoint is a one-line error naming the file and
 the other checkpoints."""
+import contextlib
 import os
 import pickle
 import shutil
+import subprocess
 
 import pytest
 import torch
@@ -114,6 +116,31 @@ class RunsCode:
 
     def __reduce__(self):
         return (open, (self.marker, "w"))
+
+
+@contextlib.contextmanager
+def immutable(path):
+    """The file made immutable (chattr +i: not writable even by root), for the block."""
+    if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not available here")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+@pytest.mark.parametrize("how", ["--resume", "--overwrite"])
+def test_a_file_the_run_cannot_replace_is_refused_first(two_step_run, tmp_path, capsys, how):
+    """An immutable metrics.jsonl: --resume (which replaces it) and --overwrite (which removes it)
+    exit 2 with one line naming it, before anything is removed. Fails on the PermissionError
+    traceback they raised once the model had loaded, --overwrite having removed the checkpoints."""
+    out = copy_run(two_step_run, tmp_path)
+    before = sorted(os.listdir(out))
+    with immutable(out / "metrics.jsonl"):
+        assert cli_main(["train", *tiny_flags(tmp_path, max_steps=3), how]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "metrics.jsonl is read-only" in err, err
+    assert sorted(os.listdir(out)) == before
 
 
 def test_loading_runs_no_code_from_the_checkpoint(two_step_run, tmp_path):

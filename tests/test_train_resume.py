@@ -117,6 +117,20 @@ def test_resume_refuses_changed_keys_by_name(three_step_run, tmp_path):
     assert trainer.step == 3 and trainer.config.beta == 2.0
 
 
+def test_a_bare_resume_continues_the_runs_config(three_step_run, tmp_path, capsys):
+    """`pmi-opsd train --output-dir DIR --resume` (no other flag) continues the run with the keys
+    it was started with; a key given overrides, and is checked as any. Fails when a bare
+    --resume took the defaults and was refused for every key the run had set."""
+    out = copy_run(three_step_run, tmp_path)
+    trained = [row["loss"] for row in rows(out) if "loss" in row]
+    shutil.rmtree(out / "checkpoint-3")
+    (out / "latest").write_text("checkpoint-2")
+    assert cli_main(["train", "--output-dir", str(out), "--resume"]) == 0, capsys.readouterr().err
+    assert [row["loss"] for row in rows(out) if "loss" in row] == trained  # step 3 again, the same
+    assert cli_main(["train", "--output-dir", str(out), "--resume", "--beta", "2"]) == 2
+    assert "beta (1.0 -> 2.0)" in capsys.readouterr().err
+
+
 def test_metrics_are_cut_back_to_the_resumed_step(three_step_run, tmp_path):
     """A run killed after logging step 3 but before checkpoint-3 was durable resumes from
     checkpoint-2: its metrics hold each step once, a half-written last line is dropped, and the

@@ -42,7 +42,6 @@ model's own forward does under accelerate.
 from __future__ import annotations
 
 import math
-import string
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -55,6 +54,7 @@ from trl.models.utils import _ForwardRedirection
 from .. import fused_pmi_kl, pmi_diagnostics, validation
 from ..backends import DIAGNOSTICS
 from ..options import LossOptions
+from ..train.prompts import template_fields
 
 MODES = ("pmi", "opsd")
 # Config key -> LossOptions field; each is checked by LossOptions, under the config's name.
@@ -124,17 +124,15 @@ class PurifiedOPSDConfig(SDFTConfig):
     def _check_refonly_template(self):
         template = self.refonly_prompt_template
         try:  # the fields formatted into it ({{ and }} are literal braces)
-            fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
-        except (TypeError, ValueError):
-            fields = set()
+            fields = set(template_fields(template))
+        except ValueError as err:
+            raise ValueError(f"refonly_prompt_template: {err}, got {template!r}") from None
         if "privileged_context" not in fields or "prompt" in fields:
             raise ValueError("refonly_prompt_template must contain {privileged_context} and not {prompt} (the "
                              f"reference-only context has no question), got {template!r}")
-        try:
-            template.format(privileged_context="")
-        except (KeyError, IndexError, ValueError) as err:
+        if fields != {"privileged_context"}:
             raise ValueError(f"refonly_prompt_template: only {{privileged_context}} may be formatted into it, "
-                             f"got {template!r} ({err!r})") from None
+                             f"got {template!r}")
 
     def _check_sdft_options(self):
         if self.use_teacher_server:

@@ -16,6 +16,7 @@ import hashlib
 import inspect
 import json
 import os
+import re
 import shutil
 import sys
 
@@ -31,6 +32,8 @@ KEY_FIELDS = ("toy_task", "seed", "eval_limit", "templates", "use_chat_template"
               "sft_batch_size")
 KEY_FILE = "key.json"
 MANIFEST = "manifest.json"
+# A store's temporary directory (checkpoint.temporary_path): .toy-base-<digest>.tmp-<pid>.
+STORE_TEMPORARY = re.compile(r"\.toy-base-[0-9a-f]{16}\.tmp-(\d+)")
 
 
 def base_key(config, device) -> dict:
@@ -52,6 +55,7 @@ def warmed_up_base(model, config, tokenizer, train_rows, prompts, device, stop):
     then reseeded, so what follows (the LoRA initialization) does not depend on whether the base
     was built or loaded."""
     if config.base_cache is not None and config.sft_steps:
+        remove_abandoned_stores(config.base_cache)
         path, key = base_path(config, device), base_key(config, device)
         cached = _load_checked(path, key, model, device) if os.path.isdir(path) else None
         if cached is not None:
@@ -66,6 +70,28 @@ def warmed_up_base(model, config, tokenizer, train_rows, prompts, device, stop):
         supervised_warmup(model, config, tokenizer, train_rows, prompts, device, stop)
     torch.manual_seed(config.seed)
     return model
+
+
+def remove_abandoned_stores(cache: str) -> None:
+    """Removes the temporary directories of stores whose process is gone (a run killed while it
+    wrote a base left 100s of MB): those whose pid runs no process on this machine. Another
+    run's store in progress is left alone."""
+    if not os.path.isdir(cache):
+        return
+    for name in os.listdir(cache):
+        match = STORE_TEMPORARY.fullmatch(name)
+        if match and not _process_exists(int(match[1])):
+            shutil.rmtree(os.path.join(cache, name), ignore_errors=True)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
 
 
 def file_digests(directory: str) -> dict:

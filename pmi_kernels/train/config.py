@@ -234,7 +234,24 @@ def parse_args(argv=None, description: str = "", toy_defaults: Optional[dict] = 
         if getattr(args, key) is not None:
             values[key] = coerce_flag(key, getattr(args, key), kind, optional)
     # The toy model brings its own defaults; the file and the command line override them.
-    toy = values.get("model_path", TOY) == TOY
     defaults = TOY_DEFAULTS if toy_defaults is None else toy_defaults
+    if values.get("resume"):  # --resume continues the run's config; what is given here overrides it
+        output_dir = values.get("output_dir", defaults["output_dir"] if values.get("model_path", TOY) == TOY
+                                else TrainConfig.output_dir)
+        values = {**saved_config(output_dir), **values}
+    toy = values.get("model_path", TOY) == TOY
     config = TrainConfig(**{**(defaults if toy else {}), **values}).validate(paths=not args.dry_run)
     return config, args
+
+
+def saved_config(output_dir: str) -> dict:
+    """The keys of the run in output_dir, as its newest checkpoint saved them (but where it is
+    and how it began: output_dir, resume, overwrite); {} when there is none to read: the
+    trainer's checks of the directory then say what is wrong."""
+    from .checkpoint import read_checkpoint_meta
+    try:
+        saved = read_checkpoint_meta(output_dir)["config"]
+    except (OSError, ValueError):
+        return {}
+    keys = {f.name for f in dataclasses.fields(TrainConfig)} - {"output_dir", "resume", "overwrite"}
+    return {key: value for key, value in saved.items() if key in keys}

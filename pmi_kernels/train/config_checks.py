@@ -13,6 +13,7 @@ from typing import Dict, List, Tuple
 import torch
 
 from .packing import IMPLEMENTATIONS
+from .prompts import template_fields
 
 TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string",
               dict: "a JSON object", List[str]: "a list of strings"}
@@ -145,10 +146,14 @@ def _check_templates(templates: dict) -> None:
         if kind not in TEMPLATE_KINDS:
             raise _fail("templates", f"keyed by {TEMPLATE_KINDS} only", templates)
         try:
-            rendered = text.format(question="q", solution="s")
-        except (AttributeError, IndexError, KeyError, ValueError) as err:
-            raise _fail(f"templates.{kind}", "a str.format string over {question} and {solution} "
-                        f"({type(err).__name__}: {err})", text) from err
+            unknown = set(template_fields(text)) - {"question", "solution"}
+        except ValueError as err:
+            raise _fail(f"templates.{kind}", f"a str.format string over {{question}} and {{solution}} ({err})",
+                        text) from err
+        if unknown:
+            raise _fail(f"templates.{kind}", "a str.format string over {question} and {solution} (it formats "
+                        f"{', '.join(sorted(unknown))}; write {{{{ and }}}} for literal braces)", text)
+        rendered = text.format(question="q", solution="s")
         if not rendered.strip():
             raise _fail(f"templates.{kind}", "a template that renders to some text (a context's last token "
                         "predicts the rollout's first)", text)

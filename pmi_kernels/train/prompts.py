@@ -10,6 +10,9 @@ Every context is followed by the same rollout tokens. Templates are str.format s
 """
 from __future__ import annotations
 
+import string
+from typing import List
+
 DEFAULT_TEMPLATES = {
     "student": "Question: {question}\nAnswer: ",
     "teacher": "Here is a reference solution:\n{solution}\nQuestion: {question}\nAnswer: ",
@@ -24,3 +27,20 @@ def render(templates: dict, kind: str, question: str, solution: str, tokenizer=N
         return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                              add_generation_prompt=True)
     return text
+
+
+def template_fields(template: str) -> List[str]:
+    """The names formatted into a str.format template ({{ and }} are literal braces). Fields
+    must be plain names: an index, attribute, conversion or format spec ({question:>99999999})
+    is a ValueError, as a malformed template is."""
+    if not isinstance(template, str):
+        raise ValueError(f"a template is a str, got {type(template).__name__}")
+    names = []
+    for _, name, spec, conversion in string.Formatter().parse(template):
+        if name is None:
+            continue
+        if not name.isidentifier() or spec or conversion:
+            field = name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "")
+            raise ValueError(f"the field {{{field}}} is not a plain {{name}}")
+        names.append(name)
+    return names

@@ -62,6 +62,7 @@ def prepare_output_dir(config: TrainConfig, world_size: int = 1):
 def _check_dir(config: TrainConfig, world_size: int) -> Optional[dict]:
     out = config.output_dir
     if config.resume:
+        _check_writable(out, ["metrics.jsonl", "latest", RUN_MARKER])  # a resumed run replaces these
         return _check_resumable(config, world_size)
     entries = sorted(set(os.listdir(out)) - {RUN_MARKER})  # a run stopped before it wrote anything left only this
     if entries and not config.overwrite:
@@ -72,7 +73,18 @@ def _check_dir(config: TrainConfig, world_size: int) -> Optional[dict]:
     if theirs and not os.path.isfile(os.path.join(out, RUN_MARKER)):
         raise ValueError(f"--overwrite: output_dir {out!r} holds {', '.join(theirs[:4])} but no trainer's run began "
                          f"there (no {RUN_MARKER}): they are left alone; move them, or choose another output_dir")
+    _check_writable(out, [*theirs, RUN_MARKER])  # --overwrite removes these, the run rewrites the marker
     return None
+
+
+def _check_writable(out: str, names: List[str]) -> None:
+    """Refuse, before anything is removed or loaded, a file or directory here that the run would
+    remove or replace but cannot (made read-only or immutable): a run would stop half way."""
+    for name in names:
+        path = os.path.join(out, name)
+        if os.path.lexists(path) and not os.path.islink(path) and not os.access(path, os.W_OK):
+            raise ValueError(f"output_dir {out!r}: {name} is read-only (or immutable), and this run would replace "
+                             "or remove it: make it writable, or choose another output_dir")
 
 
 def _trainer_entries(out: str) -> List[str]:
