@@ -4,7 +4,8 @@ bf16, N=8192, H=4096, V=151,936, three streams, PMI target, forward KL, gradient
 hidden states and the weight. Everything in one run on one device: the four bare GEMMs
 (the floor), pmi_kernels on the Triton and the CUDA row kernels, plain torch, Liger when
 installed; the cost of return_stats; then pmi_kernels' peak extra memory (beyond inputs and
-the gradients it returns) at N = 8k, 32k and 131k on each backend.
+the gradients it returns) at N = 8k, 32k and 131k on each backend. On Hopper, the CUDA row kernel
+also with each row split over a cluster of 8 and of 16 blocks (PMI_KERNELS_CUDA_CLUSTER).
 
     python benchmarks/bench_fused.py --out benchmarks/results          # needs a GPU
 """
@@ -25,6 +26,8 @@ from pmi_kernels import fused_pmi_kl  # noqa: E402
 GOALS = [  # (label, numerator, denominator, comparison, bound)
     ("pmi_kernels triton / bare GEMMs", "pmi_kernels (triton)", impls.FLOOR, "<=", 1.15),
     ("pmi_kernels cuda / bare GEMMs", "pmi_kernels (cuda)", impls.FLOOR, "<=", 1.10),
+    ("pmi_kernels cuda, rows over 8 blocks / bare GEMMs", "pmi_kernels (cuda/c8)", impls.FLOOR, "<=", 1.10),
+    ("pmi_kernels cuda, rows over 16 blocks / bare GEMMs", "pmi_kernels (cuda/c16)", impls.FLOOR, "<=", 1.10),
     ("plain torch / pmi_kernels triton", "plain torch", "pmi_kernels (triton)", ">=", 1.9),
     ("liger FLJSD / pmi_kernels, opsd", "liger FusedLinearJSD, opsd 2 streams, jsd 0.5",
      "pmi_kernels (auto), opsd 2 streams, jsd 0.5", ">", 1.0),
@@ -89,6 +92,19 @@ def main():
         shown = "OOM" if ms == "OOM" else f"{ms:8.2f} ms  x{ms / floor:5.2f} floor" + (
             f"   extra {mem:6.2f} GiB" if mem is not None else "")
         print(f"{name:48s} {shown}")
+
+    # On Hopper, the CUDA row kernel with each row split over a cluster (PMI_KERNELS_CUDA_CLUSTER).
+    if usable("cuda") and torch.cuda.get_device_capability()[0] >= 9:
+        run = impls.pmi_kernels_cuda(h, w, h_t, h_r)
+        for blocks in (8, 16):
+            os.environ["PMI_KERNELS_CUDA_CLUSTER"] = str(blocks)
+            try:
+                ms = median_ms(lambda: run(True), "cuda")
+            finally:
+                del os.environ["PMI_KERNELS_CUDA_CLUSTER"]
+            name = f"pmi_kernels (cuda/c{blocks})"
+            results["times_ms"][name] = ms
+            print(f"{name:48s} {ms:8.2f} ms  x{ms / results['times_ms'][impls.FLOOR]:5.2f} floor")
 
     # return_stats: the per-token statistics from the same sweep, beside the plain call.
     results["return_stats"] = {}

@@ -5,6 +5,8 @@ Measured in one run: a device-to-device copy (the bandwidth ceiling), pmi_kl for
 forward+backward on each backend, with return_stats, plain torch on the same logits, Liger's
 JSD kernel on two streams, the row kernels on the fused path's two-stream shape (t - r from one
 GEMM, kappa given: 10 bytes per entry), and a sweep of the Triton kernel's launch configurations.
+On Hopper the CUDA kernel also runs with each row split over a cluster of 8 and of 16 blocks
+("cuda/c8", "cuda/c16": PMI_KERNELS_CUDA_CLUSTER), whose later passes re-read from L2.
 
 Bytes per vocabulary entry, by design (bf16 = 2 bytes a value):
     forward KL, 3 streams: kappa pass reads t, r (4) + pass 1 reads s, t, r (6)
@@ -17,6 +19,7 @@ The minimum for forward+backward is 8 (read three streams once, write the gradie
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -31,6 +34,30 @@ from pmi_kernels.backends.triton.row_kernel import rows as triton_rows  # noqa: 
 from pmi_kernels.options import LossOptions  # noqa: E402
 
 BACKENDS = tuple(b for b in ("triton", "cuda") if REGISTRY[b].unusable_on("cuda") is None)
+# The CUDA kernel with each row split over a cluster of blocks (PMI_KERNELS_CUDA_CLUSTER, Hopper).
+CLUSTERS = (8, 16)
+
+
+def variants():
+    """(label, backend, cluster size): each backend, and on Hopper the CUDA kernel split."""
+    out = [(backend, backend, None) for backend in BACKENDS]
+    if "cuda" in BACKENDS and torch.cuda.get_device_capability()[0] >= 9:
+        out += [(f"cuda/c{blocks}", "cuda", blocks) for blocks in CLUSTERS]
+    return out
+
+
+@contextlib.contextmanager
+def cluster(blocks):
+    """PMI_KERNELS_CUDA_CLUSTER=blocks for the block (None: unset), read at each launch."""
+    before = os.environ.pop("PMI_KERNELS_CUDA_CLUSTER", None)
+    if blocks is not None:
+        os.environ["PMI_KERNELS_CUDA_CLUSTER"] = str(blocks)
+    try:
+        yield
+    finally:
+        os.environ.pop("PMI_KERNELS_CUDA_CLUSTER", None)
+        if before is not None:
+            os.environ["PMI_KERNELS_CUDA_CLUSTER"] = before
 
 # The backward adds nothing when the incoming gradient is the one the forward assumed (here).
 BYTES_PER_ENTRY = {"forward KL": {"fwd": 18, "fwd+bwd": 18}, "mixed JSD 0.5": {"fwd": 24, "fwd+bwd": 24}}
@@ -73,18 +100,19 @@ def main():
 
     student = s.clone().requires_grad_(True)
     rows = results["rows"]
-    for backend in BACKENDS:
+    for name, backend, blocks in variants():
         for label, lam in (("forward KL", 0.0), ("mixed JSD 0.5", 0.5)):
             loss_fn = lambda stats=False: pmi_kl(student, t, r, jsd_beta=lam, check_finite=False,  # noqa: E731
                                                  backend=backend, return_stats=stats)
             phases = (("fwd", lambda: loss_fn()), ("fwd+bwd", lambda: torch.autograd.grad(loss_fn(), student)),
                       ("fwd+bwd, return_stats", lambda: torch.autograd.grad(loss_fn(True)[0], student)))
             for phase, fn in phases:
-                ms = median_ms(fn, "cuda")
+                with cluster(blocks):
+                    ms = median_ms(fn, "cuda")
                 moved = BYTES_PER_ENTRY[label][phase.split(",")[0]] * entries
                 frac = moved / ms / 1e6 / copy_bw
-                rows[f"{backend} {label} {phase}"] = {"ms": ms, "bytes": moved, "fraction_of_copy_bw": frac}
-                print(f"{backend:6s} {label:14s} {phase:22s} {ms:8.2f} ms  {moved / ms / 1e6:7.0f} GB/s"
+                rows[f"{name} {label} {phase}"] = {"ms": ms, "bytes": moved, "fraction_of_copy_bw": frac}
+                print(f"{name:8s} {label:14s} {phase:22s} {ms:8.2f} ms  {moved / ms / 1e6:7.0f} GB/s"
                       f"  = {100 * frac:5.1f}% of copy")
     ms = median_ms(lambda: torch.autograd.grad(plain_torch_pmi_logits(student, t, r), student), "cuda")
     rows["plain torch forward KL fwd+bwd"] = {"ms": ms}
@@ -110,11 +138,12 @@ def main():
     kappa = torch.zeros(m, device="cuda")
     opts = LossOptions(True, jsd_beta=0.0)
     fused_shape = {}
-    for backend in BACKENDS:
-        ms = median_ms(lambda: REGISTRY[backend].rows(s2, d2, opts=opts, kappa=kappa, grad_out=grad), "cuda")
+    for name, backend, blocks in variants():
+        with cluster(blocks):
+            ms = median_ms(lambda: REGISTRY[backend].rows(s2, d2, opts=opts, kappa=kappa, grad_out=grad), "cuda")
         bw = 10 * m * vocab / ms / 1e6
-        fused_shape[backend] = {"ms": ms, "gb_s": bw, "fraction_of_copy_bw": bw / copy_bw}
-        print(f"{backend:6s} row kernel, fused shape: {ms:6.3f} ms  {bw:6.0f} GB/s = {100 * bw / copy_bw:5.1f}% of copy"
+        fused_shape[name] = {"ms": ms, "gb_s": bw, "fraction_of_copy_bw": bw / copy_bw}
+        print(f"{name:8s} row kernel, fused shape: {ms:6.3f} ms  {bw:6.0f} GB/s = {100 * bw / copy_bw:5.1f}% of copy"
               f" (10 B/entry)")
     results["fused_shape"] = fused_shape
     sweep = {}

@@ -31,6 +31,12 @@ if has tests; then
     timeout 240 python3 -m pytest tests/test_backends.py tests/test_pmi_kl.py tests/test_fused.py \
         tests/test_diagnostics.py tests/test_chunks.py tests/test_conventions.py tests/test_precision.py \
         tests/test_hand_expansion.py -k "cuda" -q -p no:cacheprovider 2>&1 | tee "$RES/tests.log" | tail -8; pack
+    # On Hopper, the CUDA kernel's rows split over clusters of 16 blocks, under the same tests.
+    if python3 -c "import sys, torch; sys.exit(torch.cuda.get_device_capability()[0] < 9)"; then
+        PMI_KERNELS_CUDA_CLUSTER=16 timeout 180 python3 -m pytest tests/test_backends.py tests/test_pmi_kl.py \
+            tests/test_fused.py -k "cuda-cuda or test_cuda" -q -p no:cacheprovider 2>&1 \
+            | tee "$RES/tests_cluster16.log" | tail -8; pack
+    fi
 fi
 has logits && { timeout 150 python3 benchmarks/bench_logits.py --out "$RES" 2>&1 | grep -v "Backend impl" \
     | tee "$RES/bench_logits.log"; pack; }

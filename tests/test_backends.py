@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import PATHS
+from conftest import PATHS, requires_cuda
 from helpers import assert_close, clear_entry_clip, streams, upcast
 from pmi_kernels.backends import REGISTRY, STATS, resolve_backend
 from pmi_kernels.options import LossOptions, compute_dtype
@@ -126,6 +126,64 @@ def test_64bit_row_offsets(device, backend):
     ref_loss, ref_grad, ref_stats = reference_rows(s, t, r, None, None, row_scale, opts)
     assert_close(loss, ref_loss, torch.float32, "loss", atol=1e-6)
     assert_close(grad, ref_grad, torch.bfloat16, "grad")
+
+
+CLUSTER_OPTIONS = [OPTIONS[0], OPTIONS[2], OPTIONS[3], OPTIONS[4]]  # forward KL, mixed, entry clip, no centering
+
+
+@requires_cuda
+@pytest.mark.parametrize("kwargs", CLUSTER_OPTIONS)
+@pytest.mark.parametrize("vocab,dtype", [(7, torch.float32), (1031, torch.float32), (65537, torch.bfloat16),
+                                         (151936, torch.bfloat16), (4100, torch.float64)])
+@pytest.mark.parametrize("blocks", [2, 16])
+def test_cuda_rows_split_over_a_cluster(blocks, vocab, dtype, kwargs, monkeypatch):
+    """PMI_KERNELS_CUDA_CLUSTER: each row split over a cluster of blocks (sm_90; elsewhere the
+    setting runs one block a row), the statistics merged between passes, against the reference:
+    V = 7 over 16 blocks leaves most slices empty, 65,537 has no 16-byte rows, a slice's tail."""
+    monkeypatch.setenv("PMI_KERNELS_CUDA_CLUSTER", str(blocks))
+    s, t, r, a = streams(5, vocab, dtype, "cuda")
+    opts = LossOptions(True, **clear_entry_clip(kwargs, s, t, r, a))
+    mask = torch.tensor([True, False, True, True, True], device="cuda")
+    row_scale = torch.rand(5, dtype=compute_dtype(dtype), device="cuda") + 0.5
+    loss, grad, stats = run_rows("cuda", s, t, r, a, opts, mask=mask, row_scale=row_scale)
+    ref_loss, ref_grad, ref_stats = reference_rows(s, t, r, a, mask, row_scale, opts)
+    acc = compute_dtype(dtype)
+    assert_close(loss, ref_loss, acc, "loss", factor=3, atol=1e-6)
+    assert_close(grad, ref_grad, dtype, "grad", factor=2, atol=1e-9)
+    assert_close(stats, ref_stats, acc, "stats", factor=3, atol=1e-5)
+    assert (grad[~mask] == 0).all() and (stats[~mask] == 0).all() and (loss[~mask] == 0).all()
+    in_place = s.clone()  # the gradient over the student logits, as the fused path writes it
+    REGISTRY["cuda"].rows(in_place, t, r, a, opts=opts, mask=mask, row_scale=row_scale, grad_out=in_place)
+    assert torch.equal(in_place, grad)
+
+
+@requires_cuda
+@pytest.mark.parametrize("jsd_beta", [0.0, 0.5])
+def test_cuda_phases_split_over_a_cluster(jsd_beta, monkeypatch):
+    """The vocabulary-parallel phases (this shard's log-sum-exps, then loss and slope sums from
+    the whole row's, then the gradient) on rows split over clusters, for a group of one."""
+    import pmi_kernels.vocab_parallel as vocab_parallel
+    monkeypatch.setattr(vocab_parallel, "all_reduce", lambda x, group, op=None: x)
+    monkeypatch.setenv("PMI_KERNELS_CUDA_CLUSTER", "8")
+    s, t, r = streams(4, 151936, torch.bfloat16, "cuda", count=3)
+    opts = LossOptions(True, jsd_beta=jsd_beta)
+    grad, stats = torch.empty_like(s), torch.empty(4, len(STATS), device="cuda")
+    loss = vocab_parallel.parallel_rows(REGISTRY["cuda"], s, t, r, None, opts=opts, group=None,
+                                        row_scale=torch.ones(4, device="cuda"), grad_out=grad, stats_out=stats)
+    ref_loss, ref_grad, ref_stats = reference_rows(s, t, r, None, None, torch.ones(4), opts)
+    assert_close(loss, ref_loss, torch.float32, "loss", factor=3, atol=1e-6)
+    assert_close(grad, ref_grad, torch.bfloat16, "grad", factor=2, atol=1e-9)
+    assert_close(stats, ref_stats, torch.float32, "stats", factor=3, atol=1e-5)
+
+
+def test_a_bad_cuda_cluster_setting_is_an_error_naming_it(monkeypatch):
+    """PMI_KERNELS_CUDA_CLUSTER=3 is refused by the CUDA launcher, by name."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    monkeypatch.setenv("PMI_KERNELS_CUDA_CLUSTER", "3")
+    s, t, r = streams(2, 64, torch.float32, "cuda", count=3)
+    with pytest.raises(RuntimeError, match="PMI_KERNELS_CUDA_CLUSTER"):
+        REGISTRY["cuda"].rows(s, t, r, opts=LossOptions(True))
 
 
 def test_auto_picks_the_cpu_kernel_and_falls_back_without_it(monkeypatch):

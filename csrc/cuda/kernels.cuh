@@ -1,9 +1,15 @@
-// The CUDA row kernels (backend "cuda"): one block per row streams the vocabulary in passes,
+// The CUDA row kernels (backend "cuda"): a block per row streams the vocabulary in passes,
 // like the Triton kernel, with 16-byte vector loads where every row is aligned, statistics in
 // fp32 (fp64 for fp64) registers, warp-shuffle and shared-memory reductions, 64-bit offsets,
 // the gradient written in place (it may alias the student logits: each thread reads an entry
 // before it writes it). The per-entry arithmetic is csrc/include/pmi_math.h, shared with the
 // CPU kernel. Each rows_<dtype>.cu instantiates these templates for one input dtype.
+//
+// On Hopper (sm_90) a row may instead be split over a thread-block cluster (launch_rows's
+// cluster size, PMI_KERNELS_CUDA_CLUSTER): each block streams its slice of the vocabulary, and
+// the row's statistics are merged through distributed shared memory between passes. A later
+// pass then re-reads a slice that was read moments before, from L2 rather than HBM: one block
+// per row keeps ~264 rows in flight, whose passes are ~1.2 MB apart at V = 152k (past L2).
 //
 //   0. kappa, when the soft clip needs it and it is not given: mean(t - r), or with centering
 //      off the rows' maxima and log-sums of t and r (TargetShift)
@@ -14,9 +20,12 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
+#include <cstdlib>
 #include <type_traits>
+#include <utility>
 
 #include "../include/rows_args.h"
 
@@ -92,15 +101,20 @@ __device__ __forceinline__ void store(In* row, int64_t v, const T (&x)[N]) {
   }
 }
 
-// f(v, N) for every group of N entries of a V-entry row: the block's threads take 16-byte
-// groups in turn (VEC > 1), then single entries for the tail.
+// f(v, N) for every group of N entries of a row's entries [lo, hi) (lo a multiple of VEC): the
+// block's threads take 16-byte groups in turn (VEC > 1), then single entries for the tail.
 template <int VEC, typename F>
-__device__ __forceinline__ void for_each_group(int64_t V, F&& f) {
-  const int64_t full = VEC > 1 ? V / VEC * VEC : 0;
-  for (int64_t v = int64_t(threadIdx.x) * VEC; v < full; v += int64_t(blockDim.x) * VEC) {
+__device__ __forceinline__ void for_each_group(int64_t lo, int64_t hi, F&& f) {
+  const int64_t full = VEC > 1 ? lo + (hi - lo) / VEC * VEC : lo;
+  for (int64_t v = lo + int64_t(threadIdx.x) * VEC; v < full; v += int64_t(blockDim.x) * VEC) {
     f(v, std::integral_constant<int, VEC>{});
   }
-  for (int64_t v = full + threadIdx.x; v < V; v += blockDim.x) f(v, std::integral_constant<int, 1>{});
+  for (int64_t v = full + threadIdx.x; v < hi; v += blockDim.x) f(v, std::integral_constant<int, 1>{});
+}
+
+template <int VEC, typename F>
+__device__ __forceinline__ void for_each_group(int64_t V, F&& f) {
+  for_each_group<VEC>(0, V, f);
 }
 
 // The log-sum-exp of N values, to merge into a running one.
@@ -163,6 +177,75 @@ __device__ void block_lse(Lse<T> (&x)[K], T* smem) {
 template <typename T>
 __device__ __forceinline__ RowLse<T> finish(Lse<T> x) {
   return {x.m, log(x.z)};
+}
+
+// The part of a row one block takes: the whole row, or its slice of a row split over a cluster
+// (slices of whole 16-byte groups, in rank order).
+struct Slice {
+  int64_t row, lo, hi;
+  int rank, blocks;  // the block's rank in the row's cluster, and the cluster's blocks (1: none)
+};
+
+__device__ __forceinline__ Slice row_slice(int64_t V, int vec) {
+  int blocks = 1, rank = 0;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  const cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
+  blocks = int(cluster.num_blocks());
+  rank = int(cluster.block_rank());
+#endif
+  const int64_t per = ((V + blocks - 1) / blocks + vec - 1) / vec * vec;
+  const int64_t lo = rank * per < V ? rank * per : V;
+  return {int64_t(blockIdx.x) / blocks, lo, lo + per < V ? lo + per : V, rank, blocks};
+}
+
+// Merges K per-block values (equal in every thread of a block) over the row's cluster: every
+// thread of every block returns with the merge of the blocks' values in rank order, so all get
+// the same bits. xchg: 2 * K of the block's shared memory; merge(a, b) merges two values,
+// merge.put and merge.get write and read one in xchg.
+template <int K, typename V, typename T, typename Merge>
+__device__ void cluster_merge(V (&x)[K], T* xchg, int blocks, Merge merge) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  const cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int k = 0; k < K; ++k) merge.put(xchg + 2 * k, x[k]);
+  }
+  cluster.sync();  // every block's values written (and visible: release, acquire)
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    V total = merge.get(cluster.map_shared_rank(xchg, 0) + 2 * k);
+    for (int b = 1; b < blocks; ++b) total = merge(total, merge.get(cluster.map_shared_rank(xchg, b) + 2 * k));
+    x[k] = total;
+  }
+  cluster.sync();  // every block done reading: none leaves, or writes xchg again, before
+#endif
+}
+
+template <typename T>
+struct SumMerge {
+  __device__ T operator()(T a, T b) const { return a + b; }
+  __device__ void put(T* p, T x) const { p[0] = x; }
+  __device__ T get(const T* p) const { return p[0]; }
+};
+
+template <typename T>
+struct LseMerge {
+  __device__ Lse<T> operator()(Lse<T> a, Lse<T> b) const { return lse_merge(a, b); }
+  __device__ void put(T* p, Lse<T> x) const { p[0] = x.m, p[1] = x.z; }
+  __device__ Lse<T> get(const T* p) const { return {p[0], p[1]}; }
+};
+
+// Sums over the row: the block's part (block_sum), then the cluster's when the row is split.
+template <int K, typename T>
+__device__ void row_sum(T (&x)[K], T* smem, T* xchg, const Slice& slice) {
+  block_sum(x, smem);
+  if (slice.blocks > 1) cluster_merge(x, xchg, slice.blocks, SumMerge<T>{});
+}
+
+template <int K, typename T>
+__device__ void row_lse(Lse<T> (&x)[K], T* smem, T* xchg, const Slice& slice) {
+  block_lse(x, smem);
+  if (slice.blocks > 1) cluster_merge(x, xchg, slice.blocks, LseMerge<T>{});
 }
 
 // One row's input streams, already offset to the row.
@@ -234,14 +317,18 @@ __device__ __forceinline__ void group_terms(const Row<In>& in, int64_t v, const 
   }
 }
 
-// The row operation on one row per block. `a` is the launch's arguments with grad and stats
-// already cleared where this phase writes none (launch_rows).
+// The row operation on one row per block, or per cluster (row_slice). `a` is the launch's
+// arguments with grad and stats already cleared where this phase writes none (launch_rows).
 template <typename In, int VEC, int KIND, bool ENTRY_CLIP>
 __global__ void __launch_bounds__(kMaxThreadsFor<In>, kMinBlocksPerSM)
     pmi_rows_kernel(const RowsArgs a, const Scalars<Acc<In>> k) {
   using T = Acc<In>;
   __shared__ T smem[kMaxWarps * kMaxSums];
-  const int64_t row = blockIdx.x, V = a.vocab;
+  __shared__ T xchg[2 * kMaxSums];  // what the blocks of a row's cluster read of each other's
+  const int64_t V = a.vocab;
+  const Slice slice = row_slice(V, VEC);
+  const int64_t row = slice.row;
+  const bool writes_row = threadIdx.x == 0 && slice.rank == 0;  // the row's loss, statistics
   const int phase = a.phase();
   const bool pmi = a.options.pmi, clip_on = a.options.clip_on();
   const Row<In> in = row_streams<In>(a, row);
@@ -252,11 +339,11 @@ __global__ void __launch_bounds__(kMaxThreadsFor<In>, kMinBlocksPerSM)
   T* slope_out = a.slope_sum_out ? static_cast<T*>(a.slope_sum_out) + row : nullptr;
 
   if (a.mask != nullptr && !a.mask[row]) {
-    if (grad) for_each_group<VEC>(V, [&](int64_t v, auto n) {
+    if (grad) for_each_group<VEC>(slice.lo, slice.hi, [&](int64_t v, auto n) {
       T zero[decltype(n)::value] = {};
       store(grad, v, zero);
     });
-    if (threadIdx.x == 0) {
+    if (writes_row) {
       loss[row] = 0;
       if (stats) for (int j = 0; j < kStats; ++j) stats[j] = 0;
       if (lse_out) {  // no mass here
@@ -274,7 +361,7 @@ __global__ void __launch_bounds__(kMaxThreadsFor<In>, kMinBlocksPerSM)
     shift.kappa = static_cast<const T*>(a.kappa)[row];
   } else if (kappa_source == kKappaMean) {
     T sum[1] = {0};
-    for_each_group<VEC>(V, [&](int64_t v, auto n) {
+    for_each_group<VEC>(slice.lo, slice.hi, [&](int64_t v, auto n) {
       constexpr int N = decltype(n)::value;
       T d[N];
       load<N>(in.t, v, k.inv_tau, d);
@@ -287,11 +374,11 @@ __global__ void __launch_bounds__(kMaxThreadsFor<In>, kMinBlocksPerSM)
 #pragma unroll
       for (int i = 0; i < N; ++i) sum[0] += d[i];
     });
-    block_sum(sum, smem);
+    row_sum(sum, smem, xchg, slice);
     shift.kappa = sum[0] / T(V);
   } else if (kappa_source == kKappaLseDiff) {
     Lse<T> tr[2] = {{neg_inf<T>(), T(0)}, {neg_inf<T>(), T(0)}};
-    for_each_group<VEC>(V, [&](int64_t v, auto n) {
+    for_each_group<VEC>(slice.lo, slice.hi, [&](int64_t v, auto n) {
       constexpr int N = decltype(n)::value;
       T t[N], r[N];
       load<N>(in.t, v, k.inv_tau, t);
@@ -299,7 +386,7 @@ __global__ void __launch_bounds__(kMaxThreadsFor<In>, kMinBlocksPerSM)
       tr[0] = lse_merge(tr[0], group_lse(t));
       tr[1] = lse_merge(tr[1], group_lse(r));
     });
-    block_lse(tr, smem);
+    row_lse(tr, smem, xchg, slice);
     shift = {log(tr[0].z) - log(tr[1].z), double(tr[0].m) - double(tr[1].m), true};
   }
 
@@ -307,7 +394,7 @@ __global__ void __launch_bounds__(kMaxThreadsFor<In>, kMinBlocksPerSM)
   if (phase == kPhaseAll || phase == kPhaseLse) {
     // Pass 1: the log-sum-exps of s and g.
     Lse<T> sg[2] = {{neg_inf<T>(), T(0)}, {neg_inf<T>(), T(0)}};
-    for_each_group<VEC>(V, [&](int64_t v, auto n) {
+    for_each_group<VEC>(slice.lo, slice.hi, [&](int64_t v, auto n) {
       constexpr int N = decltype(n)::value;
       T s[N], g[N], base[N];
       load_streams<N>(in, v, k.inv_tau, pmi, shift, s, g, base);
@@ -316,9 +403,9 @@ __global__ void __launch_bounds__(kMaxThreadsFor<In>, kMinBlocksPerSM)
       sg[0] = lse_merge(sg[0], group_lse(s));
       sg[1] = lse_merge(sg[1], group_lse(g));
     });
-    block_lse(sg, smem);
+    row_lse(sg, smem, xchg, slice);
     if (phase == kPhaseLse) {  // this shard's (max, sum of exp) of s and g
-      if (threadIdx.x == 0) {
+      if (writes_row) {
         lse_out[0] = sg[0].m, lse_out[1] = sg[0].z, lse_out[2] = sg[1].m, lse_out[3] = sg[1].z;
         loss[row] = 0;
       }
@@ -340,7 +427,7 @@ __global__ void __launch_bounds__(kMaxThreadsFor<In>, kMinBlocksPerSM)
   if (phase == kPhaseGrad) {
     sums[1] = static_cast<const T*>(a.slope_sum_in)[row];
   } else {
-    for_each_group<VEC>(V, [&](int64_t v, auto n) {
+    for_each_group<VEC>(slice.lo, slice.hi, [&](int64_t v, auto n) {
       constexpr int N = decltype(n)::value;
       T out[N];
       group_terms<KIND, ENTRY_CLIP, N>(in, v, k, shift, pmi, clip_on, ls, lg,
@@ -352,13 +439,13 @@ __global__ void __launch_bounds__(kMaxThreadsFor<In>, kMinBlocksPerSM)
                                        });
       if (fast) store(grad, v, out);
     });
-    block_sum(sums, smem);
+    row_sum(sums, smem, xchg, slice);
   }
 
   // Pass 3: grad = (slope - p * sum of slopes) * scale.
   if (grad != nullptr && !fast) {
     const T slope_sum = sums[1];
-    for_each_group<VEC>(V, [&](int64_t v, auto n) {
+    for_each_group<VEC>(slice.lo, slice.hi, [&](int64_t v, auto n) {
       constexpr int N = decltype(n)::value;
       T out[N];
       group_terms<KIND, ENTRY_CLIP, N>(in, v, k, shift, pmi, clip_on, ls, lg,
@@ -366,7 +453,7 @@ __global__ void __launch_bounds__(kMaxThreadsFor<In>, kMinBlocksPerSM)
       store(grad, v, out);
     });
   }
-  if (threadIdx.x == 0) {
+  if (writes_row) {
     loss[row] = sums[0];  // 0 in the gradient-only phase
     if (stats) for (int j = 0; j < kStats; ++j) stats[j] = sums[2 + j];
     if (slope_out) *slope_out = sums[1];
@@ -498,6 +585,55 @@ inline const char* last_error() {
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
 
+// The blocks each row is split over: PMI_KERNELS_CUDA_CLUSTER (1, 2, 4, 8 or 16; unset: 1, a
+// block per row) on a device with clusters (sm_90), else 1; -1 for a value it cannot be.
+inline int cluster_blocks(int64_t rows) {
+  const char* env = std::getenv("PMI_KERNELS_CUDA_CLUSTER");
+  if (env == nullptr || *env == '\0') return 1;
+  char* end = nullptr;
+  const long wanted = std::strtol(env, &end, 10);
+  if (*end != '\0' || (wanted != 1 && wanted != 2 && wanted != 4 && wanted != 8 && wanted != 16)) return -1;
+  int device = 0, major = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess || major < 9 ||
+      rows * wanted > INT32_MAX) {
+    return 1;
+  }
+  return int(wanted);
+}
+
+// kernel<<<rows * blocks, threads>>>(args...) in clusters of `blocks` (1: no cluster; also
+// where the device cannot co-schedule such a cluster of the kernel's blocks).
+template <typename... Params, typename... Args>
+void launch_split(void (*kernel)(Params...), int64_t rows, int blocks, int threads, cudaStream_t stream,
+                  Args&&... args) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(unsigned(rows * blocks));
+  config.blockDim = dim3(unsigned(threads));
+  config.stream = stream;
+  cudaLaunchAttribute cluster[1];
+  cluster[0].id = cudaLaunchAttributeClusterDimension;
+  cluster[0].val.clusterDim.x = unsigned(blocks);
+  cluster[0].val.clusterDim.y = 1;
+  cluster[0].val.clusterDim.z = 1;
+  config.attrs = cluster;
+  config.numAttrs = 1;
+  int fits = 0;  // clusters of the kernel's blocks the device can hold at once
+  if (blocks > 1) {
+    const bool allowed =  // past 8 blocks, a cluster size Hopper allows but does not promise
+        blocks <= 8 || cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess;
+    if (!allowed || cudaOccupancyMaxActiveClusters(&fits, kernel, &config) != cudaSuccess) {
+      (void)cudaGetLastError();  // not an error of the launch: it runs unsplit
+      fits = 0;
+    }
+  }
+  if (fits == 0) {
+    config.gridDim = dim3(unsigned(rows));
+    config.numAttrs = 0;
+  }
+  cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
+}
+
 template <typename In>
 const char* launch_rows(const RowsArgs& args, cudaStream_t stream) {
   using T = Acc<In>;
@@ -509,11 +645,14 @@ const char* launch_rows(const RowsArgs& args, cudaStream_t stream) {
   if (phase != kPhaseAll && phase != kPhaseFromLse) a.stats = nullptr;
   const bool vec = rows_aligned<In>({{a.s, a.stride_s}, {a.t, a.stride_t}, {a.r, a.stride_r}, {a.a, a.stride_a},
                                      {a.grad, a.stride_grad}});
-  const int threads = threads_for<In>(a.vocab, vec ? kVec<In> : 1);
+  const int blocks = cluster_blocks(a.rows);
+  if (blocks < 0) return "PMI_KERNELS_CUDA_CLUSTER must be 1, 2, 4, 8 or 16";
   const Scalars<T> k = o.scalars<T>();
   auto go = [&](auto vec_c, auto kind_c, auto clip_c) {
-    pmi_rows_kernel<In, decltype(vec_c)::value, decltype(kind_c)::value, decltype(clip_c)::value>
-        <<<a.rows, threads, 0, stream>>>(a, k);
+    constexpr int VEC = decltype(vec_c)::value;
+    const int threads = threads_for<In>((a.vocab + blocks - 1) / blocks, VEC);
+    launch_split(pmi_rows_kernel<In, VEC, decltype(kind_c)::value, decltype(clip_c)::value>, a.rows, blocks,
+                 threads, stream, a, k);
   };
   auto kinds = [&](auto vec_c, auto clip_c) {
     using std::integral_constant;
