@@ -61,7 +61,7 @@ def test_rollout_states_are_the_rollout_tokens_in_every_context(tmp_path):
     trainer = Trainer(tiny(tmp_path, lora=False, anchor=True))
     rollout = trainer.generate([trainer.prompts["student"][0]], 1.0, 1.0, 10)[0]
     assert len(rollout) > 1
-    states, head, _ = trainer.rollout_states(0, rollout, with_refonly=True)
+    states, head, _ = trainer.rollout_states(0, rollout, pmi_streams=True)
     for kind in KINDS:
         prompt = trainer.prompts[kind][0]
         full = trainer.model(input_ids=torch.tensor([prompt + rollout])).logits[0]
@@ -183,6 +183,8 @@ BAD_CONFIGS = [
     (dict(model_path="/nonexistent/model"), "model_path"),
     (dict(templates={"student": "{question}"}), "templates"),
     (dict(rollout_engine="sglang"), "rollout_engine"),
+    # The anchor (the frozen base) and the current teacher would need two frozen heads once the head trains.
+    (dict(lora=False, anchor=True, teacher_weights="current"), "teacher_weights"),
 ]
 
 
@@ -190,6 +192,21 @@ BAD_CONFIGS = [
 def test_bad_config_fails_before_training(tmp_path, overrides, name):
     with pytest.raises(ValueError, match=name):
         tiny(tmp_path, **overrides).validate()
+
+
+@pytest.mark.parametrize("diagnose", [False, True])
+def test_opsd_reads_the_pmi_contexts_only_to_diagnose(tmp_path, diagnose):
+    """Standard OPSD's loss reads the teacher and the student; the reference-only context and
+    the anchor only on a diagnostics step. Fails on the anchor read every step (a wasted forward)."""
+    trainer = Trainer(tiny(tmp_path, mode="opsd", anchor=True, diagnostics_every=1 if diagnose else 1000))
+    kinds = []
+    read = trainer.read_hidden
+    trainer.read_hidden = lambda decoder, kind, *args: kinds.append(kind) or read(decoder, kind, *args)
+    trainer.train_step()
+    if diagnose:  # teacher, refonly, anchor, student (then the drift's reads)
+        assert kinds[:4] == ["teacher", "refonly", "student", "student"]
+    else:
+        assert kinds == ["teacher", "student"] * (len(kinds) // 2) and kinds
 
 
 def test_vllm_engine_without_vllm_fails_before_training(tmp_path, monkeypatch):

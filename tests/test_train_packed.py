@@ -28,7 +28,12 @@ def tiny_model(family: str, attn: str = "sdpa", device="cpu", dtype=torch.float3
                # Layer 1 attends to a window of 4 tokens: the packed mask must keep it.
                "qwen3-sliding": lambda: tf.Qwen3Config(head_dim=8, use_sliding_window=True, sliding_window=4,
                                                        max_window_layers=1, **SHAPE),
-               "llama": lambda: tf.LlamaConfig(**SHAPE), "olmo2": lambda: tf.Olmo2Config(**SHAPE)}
+               "llama": lambda: tf.LlamaConfig(**SHAPE), "olmo2": lambda: tf.Olmo2Config(**SHAPE),
+               # Every layer attends to a window of 4 tokens, and the config has no layer types.
+               "mistral-sliding": lambda: tf.MistralConfig(head_dim=8, sliding_window=4, **SHAPE),
+               "phi3-sliding": lambda: tf.Phi3Config(sliding_window=4, **SHAPE),
+               # Its decoder layers do not pass their keyword arguments on to attention.
+               "stablelm": lambda: tf.StableLmConfig(**SHAPE)}
     model = tf.AutoModelForCausalLM.from_config(configs[family]()).to(device, dtype)
     model.set_attn_implementation(attn)
     return model.eval()
@@ -45,13 +50,13 @@ def separate(decoder, prompts, rollouts):
 
 
 @pytest.mark.parametrize("attn", ["varlen", "sdpa", "eager"])
-@pytest.mark.parametrize("family", ["qwen3", "qwen3-sliding", "llama", "olmo2"])
+@pytest.mark.parametrize("family", ["qwen3", "qwen3-sliding", "llama", "olmo2", "mistral-sliding", "phi3-sliding"])
 def test_packed_hidden_states_equal_separate_forwards(family, attn):
     """Rollouts of 1 to 11 tokens after prompts of 3 to 9, packed in one row: the gathered
     hidden states equal each sequence's own forward (varlen: per-sequence attention on a CPU;
     sdpa, eager: the block-diagonal mask). Fails on a plain causal mask over the row (a sequence
     sees the one before it), on a sliding-window layer given the full mask or a window one
-    token off, on query/key layouts or GQA heads mixed up, and on gather offsets off by one.
+    token off (Mistral's and Phi-3's windows, in configs without layer types, once were), on query/key layouts or GQA heads mixed up, and on gather offsets off by one.
     (Positions that run on across sequences are not caught: with rotary embeddings only their
     differences count.)"""
     model = tiny_model(family, attn)
@@ -87,6 +92,56 @@ def test_varlen_attention_outside_packed_forwards_is_sdpa(monkeypatch):
         torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits[mask.bool()],
                                    reference(input_ids=ids, attention_mask=mask).logits[mask.bool()])
     assert len(calls) == SHAPE["num_hidden_layers"]
+
+
+def test_a_pack_whose_sequences_see_each_other_is_refused(monkeypatch):
+    """StableLM's decoder layers drop the boundaries: "varlen" refuses to run a packed forward
+    without them (it once attended across the whole pack, future tokens included), and the
+    trainer's isolation check refuses a mask that lets one sequence see another, either way.
+    Fails on a packed forward that silently mixes sequences."""
+    prompts, rollouts = sequences(4)
+    cpu = torch.device("cpu")
+    with pytest.raises(ValueError, match="not handed the pack's sequence boundaries"):
+        packed_hidden(tiny_model("stablelm", packing.VARLEN).get_decoder(), prompts, rollouts, cpu)
+    decoder = tiny_model("stablelm", "sdpa").get_decoder()
+    with torch.no_grad():  # with the block mask it is right
+        torch.testing.assert_close(packed_hidden(decoder, prompts, rollouts, cpu), separate(decoder, prompts, rollouts))
+    packing.check_isolation(decoder, prompts[:2], SHAPE["vocab_size"], cpu)
+    def causal(config, lengths, implementation, device):  # the later sequence sees the earlier
+        return torch.ones(sum(lengths), sum(lengths), dtype=torch.bool).tril()[None, None]
+
+    def ahead(config, lengths, implementation, device):  # the earlier sees the later
+        allowed = packing.block_causal_mask(lengths, device)
+        allowed[:lengths[0], lengths[0]:] = True
+        return allowed[None, None]
+    for mask, which in ((causal, "later"), (ahead, "earlier")):
+        monkeypatch.setattr(packing, "block_masks", mask)
+        with pytest.raises(ValueError, match=f"{which} sequence of a pack sees the other"):
+            packing.check_isolation(decoder, prompts[:2], SHAPE["vocab_size"], cpu)
+
+
+def test_attention_a_model_needs_is_chosen_or_refused_before_loading():
+    """Soft-capped logits (Gemma 2) and attention sinks (GPT-OSS): "auto" picks eager, an
+    implementation that drops them is refused by name; ALiBi positions cannot be packed; a
+    varlen forward of a model with sinks is refused (it once dropped them). Fails on a model
+    run without what makes its attention."""
+    import transformers as tf
+    gemma2, gpt_oss, bloom = tf.Gemma2Config(), tf.GptOssConfig(**SHAPE), tf.BloomConfig()
+    for config in (gemma2, gpt_oss):
+        assert packing.resolve_attn_implementation("auto", "cpu", config) == "eager"
+        for implementation in ("sdpa", packing.VARLEN):
+            with pytest.raises(ValueError, match="attn_implementation .* cannot run this model exactly"):
+                packing.check_model_attention(config, implementation, packed=False)
+        packing.check_model_attention(config, "eager", packed=True)
+    packing.check_model_attention(gemma2, "flash_attention_2", packed=True)  # flash-attn soft-caps
+    with pytest.raises(ValueError, match="packed true cannot run this model: its positions are ALiBi"):
+        packing.check_model_attention(bloom, "eager", packed=True)
+    packing.check_model_attention(bloom, "eager", packed=False)
+    packing.register_varlen()
+    model = tf.AutoModelForCausalLM.from_config(gpt_oss)
+    model.set_attn_implementation(packing.VARLEN)
+    with pytest.raises(ValueError, match="no attention sinks"):
+        model(input_ids=torch.tensor([[3, 4, 5]]))
 
 
 @pytest.mark.parametrize("signature", ["torch-2.11", "newer"])
@@ -128,6 +183,31 @@ def test_rollout_groups_respect_the_token_budget():
     assert rollout_groups(batch, prompts, True, 20) == [[batch[0]], [batch[2]], [batch[3]]]
     assert rollout_groups(batch, prompts, False, 21) == [[batch[0]], [batch[2]], [batch[3]]]
     assert sum(lengths[i] for i, _ in rollout_groups(batch, prompts, True, 21)[0]) <= 21
+
+
+def test_sequences_past_a_rope_switch_go_alone():
+    """Phi-3's longrope picks its frequencies from the longest position of a forward: a sequence
+    longer than original_max_position_embeddings goes in a pack of its own, and the packs equal
+    separate forwards. Fails on a short sequence packed with a long one (its rows 0.5% off)."""
+    import transformers as tf
+    rope = {"rope_type": "longrope", "short_factor": [1.0] * 4, "long_factor": [4.0] * 4}
+    config = tf.Phi3Config(rope_parameters=rope, original_max_position_embeddings=8, **SHAPE)
+    assert packing.rope_switch_length(config) == 8
+    assert packing.rope_switch_length(tf.Qwen3Config(**SHAPE)) is None
+    prompts = {"student": [[1] * 3, [1] * 3, [1] * 9, [1] * 2]}
+    batch = [(0, [7] * 4), (1, [7] * 6), (2, [7] * 2), (3, [7] * 3)]  # sequences of 6, 8, 10 and 4 tokens
+    assert rollout_groups(batch, prompts, True, None, alone_above=8) == [batch[:2], [batch[2]], [batch[3]]]
+    model = tf.AutoModelForCausalLM.from_config(config).eval()
+    decoder, cpu = model.get_decoder(), torch.device("cpu")
+    student = [prompts["student"][i] for i, _ in batch]
+    with torch.no_grad():
+        want = separate(decoder, student, [r for _, r in batch])
+        got = torch.cat([packed_hidden(decoder, [student[i] for i, _ in group], [r for _, r in group], cpu)
+                         for group in rollout_groups(list(enumerate(r for _, r in batch)), {"student": student},
+                                                     True, None, alone_above=8)])
+        mixed = packed_hidden(decoder, student, [r for _, r in batch], cpu)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(mixed, want, rtol=1e-5, atol=1e-5)
 
 
 CUTS = [3, 0, 7, 9, 5, 1]  # the step's rollout lengths (two micro-batches of three): uneven, one empty

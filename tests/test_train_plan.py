@@ -129,6 +129,23 @@ def test_dry_run_refuses_what_torchrun_would(capsys):
     assert "lora_targets" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flags,message", [
+    (["--prompt-tokens", "40000"], "exceeds the model's 40,960 positions"),
+    (["--max-new-tokens", "50000"], "exceeds the model's 40,960 positions"),
+    (["--architecture", '{"vocab_size": 64, "hidden_size": 64, "intermediate_size": 64, "num_hidden_layers": 2, '
+      '"num_attention_heads": 3}'], "num_attention_heads 3 does not divide hidden_size 64"),
+    (["--architecture", '{"vocab_size": 64, "hidden_size": 64, "intermediate_size": 64, "num_hidden_layers": 2, '
+      '"num_attention_heads": 4, "num_key_value_heads": 3}'], "num_key_value_heads 3 does not group"),
+])
+def test_dry_run_refuses_what_the_model_would(flags, message, capsys):
+    """A context plus rollout past the model's positions (Qwen3-8B's 40,960), and heads that do
+    not split the hidden size or group the query heads, are refused as the run would refuse
+    them. Fails on a plan printed for a run that cannot exist."""
+    qwen3_8b = next(path for path in RECIPES if path.endswith("qwen3-8b-pmi.json"))
+    assert cli_main(["train", "--config", qwen3_8b, "--dry-run", *flags]) == 2
+    assert message in capsys.readouterr().err
+
+
 def test_dry_run_reads_a_model_directorys_config_json(tmp_path, capsys):
     """A local directory with only a config.json (no weights, no tokenizer) plans from it; the
     toy model plans too; with neither a directory nor an architecture key the run is refused

@@ -144,7 +144,7 @@ def probe(trainer, count: int = PROBE_ROLLOUTS, mode: Optional[str] = None) -> D
         for group in tqdm(trainer.groups(list(enumerate(rollouts))), desc="probe", leave=False, mininterval=2):
             trainer.stop.check("the probe")
             group_rollouts = [rollout for _, rollout in group]
-            states, head, frozen = trainer.group_states([i for i, _ in group], group_rollouts, with_refonly=True)
+            states, head, frozen = trainer.group_states([i for i, _ in group], group_rollouts, pmi_streams=True)
             diag = pmi_diagnostics(states["student"], states["teacher"], states["refonly"], states.get("anchor"),
                                    lm_head_weight=head.weight, lm_head_bias=head.bias, frozen_weight=frozen.weight,
                                    frozen_bias=frozen.bias, **config.loss_options().target_keywords(),

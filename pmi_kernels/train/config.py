@@ -214,8 +214,9 @@ def parse_args(argv=None, description: str = "", toy_defaults: Optional[dict] = 
                         help="print the step's plan (tokens, memory per GPU) from the model's config.json or "
                              "the architecture key; no weights are loaded, nothing is downloaded")
     parser.add_argument("--world-size", type=int, default=1, help="--dry-run: GPUs the step is split over")
-    parser.add_argument("--prompt-tokens", type=int, default=512,
-                        help="--dry-run: the longest context's prompt length assumed (default 512)")
+    parser.add_argument("--prompt-tokens", type=int, default=None,
+                        help="--dry-run: the longest context's prompt length assumed (default 512, or what fits "
+                             "the model's positions beside max_new_tokens)")
     types = field_types(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -227,7 +228,7 @@ def parse_args(argv=None, description: str = "", toy_defaults: Optional[dict] = 
             parser.add_argument(flag, dest=f.name, help=f"(default {default})")
     args = parser.parse_args(argv)
     for flag in ("world_size", "prompt_tokens"):
-        if getattr(args, flag) < 1:
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     values = read_config_file(args.config) if args.config else {}
     for key, (kind, optional) in types.items():

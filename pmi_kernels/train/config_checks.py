@@ -101,6 +101,10 @@ def check_values(config) -> None:
     if config.fsdp and config.lora:
         raise _fail("fsdp", "false with lora on (FSDP2 shards full fine-tuning; LoRA runs data-parallel, every rank "
                     "holding the base)", config.fsdp)
+    if config.anchor and not config.lora and config.teacher_weights == "current":
+        raise _fail("teacher_weights", "'base' with anchor on and lora off: the loss projects the teacher and the "
+                    "anchor with one frozen head, and in full fine-tuning the current weights' head (the "
+                    "teacher's) leaves the base's (the anchor's); or set anchor false", config.teacher_weights)
     if config.lora and not config.lora_targets:
         raise _fail("lora_targets", "a non-empty list with lora on", config.lora_targets)
     _check_architecture(config.architecture)

@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     from .loop import Trainer
     toy = args.model_path == TOY
     values = dict(TOY_DEFAULTS) if toy else {}
-    values.update(model_path=args.model_path, train_file=args.data, answer_field=None, lora=False,
+    values.update(model_path=args.model_path, train_file=args.data, answer_field=None, lora=False, anchor=False,
                   teacher_weights="current", question_field=args.question_field,
                   solution_field=args.solution_field, output_dir=args.output_dir, eval_limit=0,
                   answer_pattern=r"(.+)", overwrite=True)
@@ -59,7 +59,7 @@ def main(argv=None) -> int:
         if not rollout:
             continue
         with torch.no_grad():
-            states, head, _ = trainer.rollout_states(i, rollout, with_refonly=True)
+            states, head, _ = trainer.rollout_states(i, rollout, pmi_streams=True)
             diag = pmi_diagnostics(states["student"], states["teacher"], states["refonly"],
                                    lm_head_weight=head.weight, lm_head_bias=head.bias, check_finite=False)
         means = [float(diag[key].mean()) for key, _ in COLUMNS]

@@ -46,7 +46,7 @@ from .drift import Drift
 from .interrupts import Interrupted, StopRequest, TrainingFailed, fault_point
 from .metrics import MetricsLog, StepTimer, count_markers, cut_metrics, evaluated_at
 from .model import check_lengths, check_lora_targets, load_model, wrap_model
-from .packing import packed_hidden, rollout_groups
+from .packing import check_isolation, packed_hidden, rollout_groups, rope_switch_length
 from .rollouts import VllmRollouts, merged_weights
 from .run_dir import TOY_BASE, prepare_output_dir, start_output_dir
 from .tokenized import contexts_ids
@@ -99,6 +99,9 @@ class Trainer:
                                          config.use_chat_template)["student"]
         check_lengths(model, {**{f"templates.{kind} (train)": self.prompts[kind] for kind in KINDS},
                               "templates.student (eval)": self.eval_prompts}, config.max_new_tokens)
+        self._alone_above = None  # rollout_groups: a sequence longer goes in a pack of its own
+        if config.packed:
+            self._check_packing(model)
         on_main(world, lambda: start_output_dir(config))  # every check passed: --overwrite may remove now
         model_dir = config.model_path
         if config.model_path == TOY:
@@ -140,6 +143,19 @@ class Trainer:
             self._redo_evaluation = bool(due) and on_main(world, lambda: not evaluated_at(self.metrics.path, self.step))
 
     # ---- set-up -----------------------------------------------------------------------
+    def _check_packing(self, model) -> None:
+        """A pack's sequences must not see each other (packing.check_isolation, on two of the
+        contexts, the model in eval mode: no dropout); sequences past a rope switch go alone."""
+        training = model.training
+        model.eval()
+        try:
+            with self._autocast():
+                check_isolation(model.get_decoder(), [self.prompts["student"][0], self.prompts["teacher"][0]],
+                                model.get_input_embeddings().num_embeddings, self.device)
+        finally:
+            model.train(training)
+        self._alone_above = rope_switch_length(model.config)
+
     def _vllm_engine(self, model, model_dir: str) -> VllmRollouts:
         prompts = [*self.prompts["student"], *self.eval_prompts]
         length = max(map(len, prompts), default=0) + self.config.max_new_tokens
@@ -194,11 +210,13 @@ class Trainer:
 
     def groups(self, pairs: Sequence) -> List[List]:
         """(example index, rollout) pairs in the groups read together (packing.rollout_groups)."""
-        return rollout_groups(pairs, self.prompts, self.config.packed, self.config.max_tokens_per_micro_batch)
+        return rollout_groups(pairs, self.prompts, self.config.packed, self.config.max_tokens_per_micro_batch,
+                              self._alone_above)
 
-    def group_states(self, indices: List[int], rollouts: List[List[int]], with_refonly: bool):
+    def group_states(self, indices: List[int], rollouts: List[List[int]], pmi_streams: bool):
         """Hidden states [sum of rollout lengths, H] of the rollouts (none empty) in each context,
-        rows in order; only the student's has a graph (read_hidden)."""
+        rows in order; only the student's has a graph (read_hidden). pmi_streams: the
+        reference-only context and the anchor too (the PMI target, or the diagnostics, read them)."""
         def read(decoder, kind):
             return self.read_hidden(decoder, kind, indices, rollouts)
         base = self._base_model()
@@ -209,10 +227,10 @@ class Trainer:
             with torch.no_grad():
                 with self._frozen_weights(self.config.teacher_weights == "base") as (decoder, head):
                     states["teacher"] = read(decoder, "teacher")
-                    if with_refonly:
+                    if pmi_streams:
                         states["refonly"] = read(decoder, "refonly")
                     frozen_head = head
-                if self.config.anchor:
+                if self.config.anchor and pmi_streams:
                     with self._frozen_weights(True) as (decoder, _):
                         states["anchor"] = read(decoder, "student")
             states["student"] = read(self.reader(base), "student")
@@ -220,9 +238,9 @@ class Trainer:
         states = {k: v.to(head.weight.dtype) for k, v in states.items()}
         return states, head, frozen_head
 
-    def rollout_states(self, example_index: int, rollout: List[int], with_refonly: bool):
+    def rollout_states(self, example_index: int, rollout: List[int], pmi_streams: bool):
         """Hidden states [T, H] of one rollout in each context."""
-        return self.group_states([example_index], [rollout], with_refonly)
+        return self.group_states([example_index], [rollout], pmi_streams)
 
     # ---- sampling and evaluation ------------------------------------------------------
     @torch.no_grad()
@@ -400,7 +418,7 @@ class Trainer:
         pmi = options.pmi
         indices, rollouts = [i for i, _ in group], [rollout for _, rollout in group]
         with timer("forwards"):
-            states, head, frozen_head = self.group_states(indices, rollouts, with_refonly=pmi or diagnose)
+            states, head, frozen_head = self.group_states(indices, rollouts, pmi_streams=pmi or diagnose)
 
         def frozen():  # read at each use: under FSDP2 a backward reshards the weights it gathered
             return dict(frozen_weight=frozen_head.weight.detach(),

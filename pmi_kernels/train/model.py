@@ -13,7 +13,7 @@ from .checkpoint import error_line
 from .config import TOY, TrainConfig
 from .contexts import KINDS
 from .interrupts import StopRequest, fault_point
-from .packing import VARLEN, register_varlen, resolve_attn_implementation
+from .packing import VARLEN, check_model_attention, register_varlen, resolve_attn_implementation
 from .run_dir import TOY_BASE
 from .tasks import warmup_target
 from .toy import toy_model, toy_tokenizer
@@ -22,9 +22,13 @@ from .toy import toy_model, toy_tokenizer
 def load_model(config: TrainConfig, device):
     """(tokenizer, model): a local Hugging Face causal LM; or the toy one, built (to be warmed up)
     or, on --resume, the warmed-up base the run saved. Its attention is config.attn_implementation
-    (packing.py)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    attn = resolve_attn_implementation(config.attn_implementation, device)
+    (packing.py), checked against the model's config before the weights load."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    model_config = None if config.model_path == TOY else AutoConfig.from_pretrained(config.model_path,
+                                                                                   local_files_only=True)
+    attn = resolve_attn_implementation(config.attn_implementation, device, model_config)
+    if model_config is not None:
+        check_model_attention(model_config, attn, config.packed)
     if attn == VARLEN:
         register_varlen()
     if config.model_path == TOY:

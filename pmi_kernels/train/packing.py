@@ -20,17 +20,21 @@ the order of the pack's rollouts, the same in every context.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import importlib.util
 import inspect
 from dataclasses import dataclass
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
 VARLEN = "varlen"
 IMPLEMENTATIONS = ("auto", "flash_attention_2", VARLEN, "sdpa", "eager")
 SEQUENCE_AWARE = ("flash_attention_2", VARLEN)  # given cu_seq_lens, no mask
+# Set while a packed forward runs: "varlen" attention then needs the boundaries.
+_PACKED_FORWARD = contextvars.ContextVar("packed_forward", default=False)
 
 
 @dataclass
@@ -90,32 +94,84 @@ def packed_hidden(decoder, prompts: Sequence[List[int]], rollouts: Sequence[List
         if implementation == VARLEN:  # a 4-D mask is passed on as it is: no [N, N] mask is built
             kwargs["attention_mask"] = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device)
     else:
-        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else torch.float32
-        full = _as_mask(block_causal_mask(pack.lengths, device), implementation, dtype)
-        kwargs["attention_mask"] = full
-        if "sliding_attention" in (getattr(config, "layer_types", None) or []):
-            window = _as_mask(block_causal_mask(pack.lengths, device, config.sliding_window), implementation, dtype)
-            kwargs["attention_mask"] = {"full_attention": full, "sliding_attention": window}
-    hidden = decoder(input_ids=pack.ids, position_ids=pack.positions, use_cache=False, **kwargs).last_hidden_state
+        kwargs["attention_mask"] = block_masks(config, pack.lengths, implementation, device)
+    token = _PACKED_FORWARD.set(True)
+    try:
+        hidden = decoder(input_ids=pack.ids, position_ids=pack.positions, use_cache=False, **kwargs).last_hidden_state
+    finally:
+        _PACKED_FORWARD.reset(token)
     return hidden[0, pack.gather]
 
 
-def rollout_groups(micro_batch: Sequence, prompts: Dict[str, List[List[int]]], packed: bool, budget) -> List[List]:
+def block_masks(config, lengths: List[int], implementation: str, device):
+    """The pack's masks for "sdpa" or "eager": block-diagonal causal, and where layers attend
+    within a sliding window, the window's too (per layer type, or for every layer of a model
+    with a sliding_window and no layer types: Mistral, Phi-3, Starcoder2)."""
+    dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else torch.float32
+    layer_types = getattr(config, "layer_types", None)
+    window = getattr(config, "sliding_window", None)
+    if layer_types is None and window:
+        return _as_mask(block_causal_mask(lengths, device, window), implementation, dtype)
+    full = _as_mask(block_causal_mask(lengths, device), implementation, dtype)
+    if "sliding_attention" not in (layer_types or []):
+        return full
+    return {"full_attention": full,
+            "sliding_attention": _as_mask(block_causal_mask(lengths, device, window), implementation, dtype)}
+
+
+def rollout_groups(micro_batch: Sequence, prompts: Dict[str, List[List[int]]], packed: bool, budget,
+                   alone_above: Optional[int] = None) -> List[List]:
     """A micro-batch's (example index, rollout) pairs, empty rollouts dropped, in the groups read
     together: in order, packs of at most `budget` tokens in every context (None: one pack; a
-    rollout whose context alone is longer goes alone), or one rollout each when not packed."""
+    rollout whose context alone is longer goes alone), or one rollout each when not packed. A
+    sequence longer than `alone_above` in any context goes alone too (rope_switch_length)."""
     pairs = [(i, rollout) for i, rollout in micro_batch if rollout]
     if not packed:
         return [[pair] for pair in pairs]
-    groups, size = [], 0
+    groups, size, open_pack = [], 0, False
     for i, rollout in pairs:
         length = max(len(contexts[i]) for contexts in prompts.values()) + len(rollout) - 1
-        if not groups or (budget is not None and size + length > budget):
+        alone = alone_above is not None and length > alone_above
+        if alone or not open_pack or (budget is not None and size + length > budget):
             groups.append([])
             size = 0
         groups[-1].append((i, rollout))
         size += length
+        open_pack = not alone
     return groups
+
+
+def rope_switch_length(config) -> Optional[int]:
+    """The sequence length past which the model's rotary frequencies change for every position
+    (longrope, Phi-3: from the longest position in the forward), or None. A pack must not mix
+    sequences on both sides of it: the short ones would get the long ones' frequencies."""
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    kinds = rope.values() if all(isinstance(v, dict) for v in rope.values()) and rope else [rope]
+    for kind in kinds:
+        if isinstance(kind, dict) and kind.get("rope_type", kind.get("type")) == "longrope":
+            return kind.get("original_max_position_embeddings") or getattr(config, "original_max_position_embeddings")
+    return None
+
+
+def check_isolation(decoder, sequences: Sequence[List[int]], vocab_size: int, device) -> None:
+    """Packs two sequences, then changes every token of one: the other's hidden states must not
+    move. Fails (ValueError) where the model's attention lets a pack's sequences see each other:
+    decoder layers that do not hand the boundaries on, a mask the model does not honour."""
+    first, second = ([seq[i % len(seq)] for i in range(8)] for seq in sequences)
+    changed = lambda seq: [(token + 1) % vocab_size for token in seq]  # noqa: E731
+
+    def states(a, b):
+        hidden = packed_hidden(decoder, [a[:1], b[:1]], [a[1:] + [0], b[1:] + [0]], device)
+        return hidden[:len(a)], hidden[len(a):]
+    with torch.no_grad():
+        a, b = states(first, second)
+        b_after = states(changed(first), second)[1]
+        a_before = states(first, changed(second))[0]
+    for what, x, y in (("later", b, b_after), ("earlier", a, a_before)):
+        if (x - y).abs().max() > 1e-3 * x.abs().max():
+            raise ValueError(f"packed true: with attn_implementation {decoder.config._attn_implementation!r} this "
+                             f"model's {what} sequence of a pack sees the other (its hidden states moved when the other "
+                             "changed); set packed false, or another attn_implementation")
 
 
 # ---- attention implementations ------------------------------------------------------------
@@ -127,10 +183,41 @@ def torch_varlen_available() -> bool:
     return importlib.util.find_spec("torch.nn.attention.varlen") is not None
 
 
-def resolve_attn_implementation(name: str, device) -> str:
-    """The implementation a run uses; "auto": flash-attn's varlen kernels on CUDA when installed,
-    else "varlen" (torch's varlen_attn on CUDA, per-sequence sdpa elsewhere)."""
+def needs_eager(model_config) -> Optional[str]:
+    """Why only "eager" attention runs the model exactly (None: any runs it): soft-capped
+    attention logits (Gemma 2; flash-attn has them too) or attention sinks (GPT-OSS)."""
+    if getattr(model_config, "model_type", None) == "gpt_oss":
+        return "its attention has sinks"
+    if getattr(model_config, "attn_logit_softcapping", None) is not None:
+        return "its attention logits are soft-capped (attn_logit_softcapping)"
+    return None
+
+
+def uses_alibi(model_config) -> bool:
+    """Positions as ALiBi biases (Bloom, Falcon's alibi, MPT), built from a padding mask."""
+    attn = getattr(model_config, "attn_config", None)
+    return (getattr(model_config, "model_type", None) == "bloom" or bool(getattr(model_config, "alibi", False))
+            or bool(attn.get("alibi") if isinstance(attn, dict) else getattr(attn, "alibi", False)))
+
+
+def check_model_attention(model_config, implementation: str, packed: bool) -> None:
+    """Refuse, before the weights load, an attention the model does not run exactly with."""
+    why = needs_eager(model_config)
+    if why and implementation != "eager" and not (implementation == "flash_attention_2" and "soft" in why):
+        raise ValueError(f"config: attn_implementation {implementation!r} cannot run this model exactly: {why}; use "
+                         "'eager' (or 'auto', which picks it)")
+    if packed and uses_alibi(model_config):
+        raise ValueError("config: packed true cannot run this model: its positions are ALiBi biases, built from a "
+                         "padding mask, which a pack cannot restart per sequence; set packed false")
+
+
+def resolve_attn_implementation(name: str, device, model_config=None) -> str:
+    """The implementation a run uses; "auto": "eager" for a model only it runs exactly
+    (needs_eager), else flash-attn's varlen kernels on CUDA when installed, else "varlen"
+    (torch's varlen_attn on CUDA, per-sequence sdpa elsewhere)."""
     cuda = torch.device(device).type == "cuda"
+    if name == "auto" and model_config is not None and needs_eager(model_config):
+        return "eager"
     if name == "auto":
         name = "flash_attention_2" if cuda and flash_attn_installed() else VARLEN
     if name == "flash_attention_2" and not (cuda and flash_attn_installed()):
@@ -162,11 +249,18 @@ def varlen_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     Without boundaries (generation, a plain forward) it is transformers' sdpa with its mask; in
     a packed forward attention_mask is packed_hidden's placeholder, unused."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    if kwargs.get("s_aux") is not None or getattr(module, "sinks", None) is not None:
+        raise ValueError(f"{VARLEN} attention has no attention sinks (this model's attention adds them); use "
+                         "attn_implementation 'eager'")
     if kwargs.get("cu_seq_lens_q") is None:
+        if _PACKED_FORWARD.get():
+            raise ValueError(f"{type(module).__name__} was not handed the pack's sequence boundaries (the model's "
+                             "decoder layers do not pass them on to attention), so the pack's sequences would "
+                             f"attend to each other: use attn_implementation 'sdpa' or 'eager', or packed false")
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       sliding_window=sliding_window, softcap=softcap, **kwargs)
     if softcap is not None or (module.training and dropout > 0):
-        raise ValueError(f"{VARLEN} attention has no softcap or dropout; use attn_implementation 'sdpa'")
+        raise ValueError(f"{VARLEN} attention has no softcap or dropout; use attn_implementation 'eager'")
     if query.shape[0] != 1:
         raise ValueError(f"{VARLEN} attention takes one packed row, got a batch of {query.shape[0]}")
     dtype = query.dtype

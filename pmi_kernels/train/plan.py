@@ -17,13 +17,14 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from .config import TOY, TrainConfig
 from .config_checks import ARCHITECTURE
 from .distributed import World, check_world
 
 GIB = 2**30
+DEFAULT_PROMPT_TOKENS = 512
 LORA_SHAPES = {  # module -> (fan in, fan out) in terms of the architecture
     "q_proj": ("H", "Q"), "k_proj": ("H", "KV"), "v_proj": ("H", "KV"), "o_proj": ("Q", "H"),
     "gate_proj": ("H", "I"), "up_proj": ("H", "I"), "down_proj": ("I", "H")}
@@ -48,6 +49,22 @@ def architecture(config: TrainConfig) -> Tuple[Dict, str]:
         return dict(config.architecture), "the config's architecture key"
     raise ValueError(f"--dry-run: model_path {config.model_path!r} has no config.json and the config has no "
                      f"architecture key (config.json's {sorted(ARCHITECTURE)})")
+
+
+def check_shape(arch: Dict, source: str, sequence: int) -> None:
+    """What the model itself would refuse, from its numbers alone: attention heads that do not
+    split the hidden size (with no head_dim given) or key/value heads that do not group the query
+    heads; and a context plus rollout past its positions (the run's check_lengths)."""
+    heads, kv = arch["num_attention_heads"], arch.get("num_key_value_heads", arch["num_attention_heads"])
+    if not arch.get("head_dim") and arch["hidden_size"] % heads:
+        raise ValueError(f"--dry-run: {source}: num_attention_heads {heads} does not divide hidden_size "
+                         f"{arch['hidden_size']} (and no head_dim is given)")
+    if kv > heads or heads % kv:
+        raise ValueError(f"--dry-run: {source}: num_key_value_heads {kv} does not group num_attention_heads {heads}")
+    limit = arch.get("max_position_embeddings")
+    if limit and sequence > limit:
+        raise ValueError(f"--dry-run: --prompt-tokens plus max_new_tokens ({sequence:,} tokens) exceeds the model's "
+                         f"{limit:,} positions ({source}); the run would refuse it")
 
 
 def shape(arch: Dict) -> Dict[str, int]:
@@ -97,11 +114,16 @@ def activation_bytes(s: Dict[str, int], lora_rank: int) -> int:
     return 24 * s["H"] + 8 * s["I"] + 13 * s["Q"] + 12 * s["KV"] + 64 + 20 * lora_rank
 
 
-def plan(config: TrainConfig, world_size: int, prompt_tokens: int) -> Dict:
+def plan(config: TrainConfig, world_size: int, prompt_tokens: Optional[int] = None) -> Dict:
     """The plan's numbers (bytes and tokens); a ValueError for what torchrun at world_size would
-    refuse (distributed.check_world)."""
+    refuse (distributed.check_world). prompt_tokens: the longest context's prompt assumed (None:
+    512, or what fits the model's positions beside max_new_tokens)."""
     check_world(config, World(size=world_size))
     arch, source = architecture(config)
+    if prompt_tokens is None:
+        room = arch.get("max_position_embeddings", 2**62) - config.max_new_tokens
+        prompt_tokens = max(1, min(DEFAULT_PROMPT_TOKENS, room))
+    check_shape(arch, source, prompt_tokens + config.max_new_tokens)
     s = shape(arch)
     H, L = s["H"], s["L"]
     b = 2 if config.bf16 else 4  # the weights' and activations' bytes per value
@@ -115,7 +137,8 @@ def plan(config: TrainConfig, world_size: int, prompt_tokens: int) -> Dict:
     # FSDP2 gathers the root unit (which stays gathered between forward and backward) of each copy
     # and up to two layers at a time (the one running and the one prefetched).
     gathered = (copies * root + 2 * (params - root) // s["L"]) * b if config.fsdp else 0
-    contexts = 2 + (config.mode == "pmi" or config.diagnostics_every == 1) + config.anchor
+    pmi_streams = config.mode == "pmi" or config.diagnostics_every == 1  # refonly and the anchor are read
+    contexts = 2 + pmi_streams * (1 + config.anchor)
     rollouts = config.batch_size * config.grad_accum
     per_rank = math.ceil(config.batch_size / world_size)  # rollouts of a micro-batch on one GPU
     sequence = prompt_tokens + config.max_new_tokens - 1
