@@ -13,3 +13,6 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/pip install -q -e ".[dev]"
 export PATH="$PWD/.venv/bin:$PATH"
+# The C++ (and, with a CUDA torch and nvcc, CUDA) kernels, built now into their cache rather
+# than at the first call; a failed build is reported, and the library falls back without them.
+python -m pmi_kernels.backends.native.build || echo "(the library runs without them: backend 'auto' falls back)"

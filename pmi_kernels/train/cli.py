@@ -16,7 +16,7 @@ pmi-opsd train --config FILE --dry-run [--world-size N] [--prompt-tokens N]
 pmi-opsd plot  [--metrics FILE] [--out PNG]
 pmi-opsd compare [--seeds 0,1,2] [--output-dir DIR] [--KEY VALUE ...]
 
-With no --model-path, train runs the embedded default: a tiny model and arithmetic task built
+With no --model-path, train runs the embedded default: a tiny model and a task built
 locally, taught briefly by supervised fine-tuning, then distilled with the PMI target.
 --dry-run prints a step's plan (tokens, memory per GPU) from the model's config.json or the
 config's architecture key, loading and downloading nothing (configs/ has the paper's recipes).

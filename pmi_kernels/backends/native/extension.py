@@ -27,7 +27,8 @@ HOW_TO_BUILD = ("build it with `python -m pmi_kernels.backends.native.build` (ne
 
 
 def source_dir() -> Path:
-    return Path(__file__).resolve().parents[3] / "csrc"
+    """csrc/: in a checkout pmi_kernels/csrc links to it; a wheel carries a copy there."""
+    return Path(__file__).resolve().parents[2] / "csrc"
 
 
 def cuda_wanted() -> bool:
@@ -82,7 +83,8 @@ def load(force_build: bool = False) -> Optional[str]:
     if os.environ.get("PMI_KERNELS_NO_EXTENSION") == "1":
         return "the C++/CUDA extension is turned off (PMI_KERNELS_NO_EXTENSION=1)"
     if not source_dir().is_dir():
-        return f"the C++/CUDA sources are not here ({source_dir()}): install pmi_kernels from a source checkout"
+        return (f"the C++/CUDA sources are not here ({source_dir()}): reinstall pmi_kernels (its wheel carries "
+                "them), or from a source checkout")
     with_cuda = cuda_wanted()
     target = build_dir(with_cuda)
     library, failure = target / f"{NAME}.so", target / "BUILD_FAILED"
