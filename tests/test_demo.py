@@ -14,7 +14,7 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from pmi_kernels.train import base_cache, compare, tasks  # noqa: E402
+from pmi_kernels.train import base_cache, compare  # noqa: E402
 from pmi_kernels.train.cli import main as cli_main  # noqa: E402
 from pmi_kernels.train.config import TrainConfig  # noqa: E402
 from pmi_kernels.train.data import extract_answer  # noqa: E402

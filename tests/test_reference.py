@@ -1,5 +1,4 @@
 """The reference against the definition (docs/loss.md) written out by hand, its properties, and gradcheck."""
-import math
 
 import pytest
 import torch

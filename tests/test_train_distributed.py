@@ -4,7 +4,6 @@ equals the uninterrupted one; a run resumed at another world size is refused."""
 import json
 import multiprocessing
 import os
-import signal
 import subprocess
 import sys
 

@@ -20,7 +20,6 @@ the order of the pack's rollouts, the same in every context.
 """
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import functools
 import importlib.util
@@ -167,8 +166,10 @@ def check_isolation(decoder, sequences: Sequence[List[int]], vocab_size: int, de
         a, b = states(first, second)
         b_after = states(changed(first), second)[1]
         a_before = states(first, changed(second))[0]
+    # A pack's sequences that see each other move by tens of percent; 5% leaves room for bf16
+    # kernels whose sums are not deterministic (atomic adds), which move by an ulp or two.
     for what, x, y in (("later", b, b_after), ("earlier", a, a_before)):
-        if (x - y).abs().max() > 1e-3 * x.abs().max():
+        if (x - y).abs().max() > 0.05 * x.abs().max():
             raise ValueError(f"packed true: with attn_implementation {decoder.config._attn_implementation!r} this "
                              f"model's {what} sequence of a pack sees the other (its hidden states moved when the other "
                              "changed); set packed false, or another attn_implementation")
