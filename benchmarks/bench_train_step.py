@@ -31,9 +31,11 @@ states against the plain-torch reference on full fp32 logits; an out-of-memory s
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -69,6 +71,13 @@ def padded_hidden(decoder, prompts, rollouts, device):
     mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
     hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
     return torch.cat([hidden[i, len(p) - 1:len(p) - 1 + len(r)] for i, (p, r) in enumerate(zip(prompts, rollouts))])
+
+
+def scratch_dir() -> str:
+    """A temporary output directory for the trainer, removed when the process ends."""
+    path = tempfile.mkdtemp(prefix="bench_train_step-")
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 def build_trainer(args, out_dir: str):
@@ -136,7 +145,7 @@ def memory_kib() -> dict:
 def measure_cpu_memory(args, variant: str) -> dict:
     """In a fresh process: two warm-up steps, then the peak resident memory during a third (VmHWM,
     reset before it), also above the process's before its first step."""
-    trainer = build_trainer(args, tempfile.mkdtemp(prefix="bench_train_step-"))
+    trainer = build_trainer(args, scratch_dir())
     use_variant(trainer, variant, args)
     baseline = memory_kib()["VmRSS"]
     trainer.train_step()
@@ -167,7 +176,7 @@ def run_step_mode(args) -> dict:
     warm-up rounds; on CPU, each variant's peak memory from a fresh process."""
     variants = ["packed", "padded", "per-rollout"] if args.gpu else ["packed", "packed-mask", "per-rollout"]
     variants += [f"packed<={budget}" for budget in args.budget or []]
-    trainer = build_trainer(args, tempfile.mkdtemp(prefix="bench_train_step-"))
+    trainer = build_trainer(args, scratch_dir())
     if args.gpu:
         use_variant(trainer, "packed", args)
         print(f"packed ({trainer._base_model().config._attn_implementation}) against per-rollout hidden states: "
