@@ -296,9 +296,11 @@ def fused_pmi_kl(student_hidden, lm_head_weight, teacher_hidden, refonly_hidden=
         if check_finite:
             validation.check_finite({**streams, "lm_head_weight": lm_head_weight, "lm_head_bias": lm_head_bias,
                                      "frozen_weight": frozen_weight, "frozen_bias": frozen_bias})
-        agreement.fingerprint = (tuple(student.shape), opts, reduction, return_stats,
-                                 anchor_hidden is not None, lm_head_bias is not None,
-                                 vocab_parallel.mask_digest(mask) if group is not None else ())
+        if group is not None:  # chunks, the phases' collectives and the gradient's all-reduce run alike
+            agreement.fingerprint = (tuple(student.shape), student.dtype, opts, reduction, return_stats,
+                                     anchor_hidden is not None, lm_head_bias is not None, impl.name, workspace_bytes,
+                                     torch.is_grad_enabled() and student.requires_grad,
+                                     vocab_parallel.mask_digest(mask), vocab_parallel.normalizer_digest(normalizer))
 
     vocab, hidden = lm_head_weight.shape
     # Chunk buffers: s plus each frozen stream the plan computes, in the input dtype. Chunks

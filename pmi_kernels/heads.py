@@ -71,10 +71,12 @@ def gather_head(x, name: str):
 
 def _storage_key(x):
     """What identifies a tensor's data, a DTensor's local shard included (a .detach() of a
-    sharded weight is another object over the same shard)."""
+    sharded weight is another object over the same shard): its storage itself, not the data's
+    address, which is 0 for every empty shard (a rank holding no rows of two different heads
+    once took them for one, skipped a gather the other ranks ran, and they waited forever)."""
     dtensor = _dtensor_type()
     local = x.to_local() if dtensor is not None and isinstance(x, dtensor) else x
-    return local.data_ptr(), tuple(x.shape)
+    return local.untyped_storage()._cdata, local.storage_offset(), tuple(x.shape), tuple(local.stride())
 
 
 def gather_heads(named: dict) -> dict:

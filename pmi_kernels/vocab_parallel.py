@@ -71,9 +71,15 @@ class Agreement:
         if flags[0]:
             raise ValueError("process_group: another rank's input was refused (its own error says why)")
         if flags[1] != -flags[2]:
-            raise ValueError("process_group: the ranks differ in their rows, masks or loss options; every rank must "
-                             "pass the same rows (its own vocabulary shard of them), mask and options")
+            raise ValueError("process_group: the ranks differ in their rows, masks, dtype, loss options, backend, "
+                             "workspace, normalizer or gradient mode; every rank must pass the same rows (its own "
+                             "vocabulary shard of them), mask and options, with gradients on or off alike")
         return False
+
+
+def normalizer_digest(normalizer):
+    """What Agreement compares of a normalizer: its value (None: the reduction's own)."""
+    return None if normalizer is None else float(normalizer)
 
 
 def mask_digest(mask: Optional[torch.Tensor]) -> tuple:

@@ -1,6 +1,8 @@
 """Issue #17, point 3: the drift signal (drift.py). Its sums against plain softmax formulas, the
 trainer's measure (zero before any update, positive after), and the warning: it fires once on
 a runaway and never on a steady run."""
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -58,6 +60,17 @@ def test_drift_is_logged_on_the_diagnostics_steps(tmp_path):
     first, second = trainer.train_step(), trainer.train_step()
     assert "drift/kl_student_base" not in first
     assert {"drift/kl_student_base", "drift/entropy_student", "drift/entropy_base"} <= set(second)
+
+
+def test_a_resumed_run_does_not_warn_again(tmp_path):
+    """The warning is once per run: a run that warned, stopped and resumed does not warn again.
+    Fails on the flag lost with the process (drift/warning at steps 1 and 3)."""
+    config = dict(max_steps=2, save_every=1, diagnostics_every=1, drift_warn_kl=1e-12)
+    Trainer(tiny(tmp_path, **config)).train(progress=False)
+    Trainer(tiny(tmp_path, **{**config, "max_steps": 4, "resume": True})).train(progress=False)
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [row["step"] for row in rows if row.get("drift/warning")] == [1]
+    assert max(row["step"] for row in rows) == 4
 
 
 def records(kls):

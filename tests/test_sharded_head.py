@@ -94,6 +94,48 @@ def test_fsdp2_sharded_head_equals_the_unsharded_call():
         mp.spawn(worker, args=(os.path.join(tmp, "rendezvous"),), nprocs=WORLD, join=True)
 
 
+def empty_shard_worker(rank, init_file, world):
+    """V = 4 rows over 3 ranks: rank 2 holds none of the head's rows, nor of the frozen head's."""
+    import datetime
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from pmi_kernels import fused_pmi_kl
+    from pmi_kernels.reference import fused_pmi_kl_reference
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))  # a rank left waiting fails, not hangs
+    try:
+        gen = torch.Generator().manual_seed(3)
+        weight, frozen_weight = (torch.randn(4, H, generator=gen, dtype=torch.float64) for _ in range(2))
+        heads = [torch.nn.Linear(H, 4, bias=False, dtype=torch.float64) for _ in range(2)]
+        for head, value in zip(heads, (weight, frozen_weight)):
+            with torch.no_grad():
+                head.weight.copy_(value)
+            fully_shard(head, mesh=init_device_mesh("cpu", (world,)))
+        heads[1].requires_grad_(False)
+        h, h_t, h_r = rank_inputs(rank)
+        loss = fused_pmi_kl(h, heads[0].weight, h_t, h_r, frozen_weight=heads[1].weight, jsd_beta=0.3)
+        loss.backward()
+        ref = fused_pmi_kl_reference(h, weight, h_t, h_r, frozen_weight=frozen_weight, jsd_beta=0.3)
+        assert_close(loss, ref, torch.float64, "loss")
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def test_a_rank_holding_no_rows_of_two_heads_gathers_both():
+    """Two different FSDP2-sharded heads (the student's and a frozen one) with a rank whose
+    shards of both are empty: every rank gathers both. Fails on the rank that took the two
+    empty shards (both at address 0) for one head and skipped a gather, the others waiting."""
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(empty_shard_worker, args=(os.path.join(tmp, "rendezvous"), 3), nprocs=3, join=True)
+
+
 def test_zero3_partitioned_weight_is_refused():
     """Outside deepspeed.zero.GatheredParameters a ZeRO-3 parameter has numel 0 and a ds_shape."""
     from pmi_kernels import fused_pmi_kl

@@ -172,6 +172,32 @@ def test_resuming_at_another_world_size_is_refused(tmp_path):
         Trainer(tiny(tmp_path, **{**RUN, "max_steps": 1, "output_dir": str(out), "resume": True}))
 
 
+def differing_worker(rank, world, init_file, out_dir, result_file):
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        try:  # rank 1 with another learning rate and grad_accum: once a hang (grad_accum) or two trainings
+            Trainer(tiny(out_dir, **{**STEP, **({"lr": 0.05, "grad_accum": 2} if rank == 1 else {})}))
+        except ValueError as err:
+            with open(f"{result_file}.{rank}", "w") as fh:
+                fh.write(str(err))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_with_different_configs_are_refused_on_every_rank(tmp_path):
+    """A launcher that hands the ranks different configs: a ValueError on every rank naming the
+    keys, before anything loads. Fails on ranks that wait in a collective the others skip, or
+    train apart (rank 1's weights differed, only rank 0's were saved)."""
+    result = tmp_path / "error"
+    run_ranks(differing_worker, 2, (str(tmp_path / "rendezvous"), tmp_path, str(result)), timeout=120)
+    for rank in range(2):
+        assert (tmp_path / f"error.{rank}").read_text() == ("torchrun: the ranks' configs differ in grad_accum, lr; "
+                                                             "every rank must run the same config")
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_batch_that_does_not_split_over_the_ranks_is_refused(tmp_path):
     """batch_size 3 on two ranks: a failed run and one line naming batch_size (rank 0's; the other
     rank stops with it silently), before any model loads. Fails on ranks that sample unequal

@@ -32,6 +32,13 @@ def tiny_model(family: str, attn: str = "sdpa", device="cpu", dtype=torch.float3
                # Every layer attends to a window of 4 tokens, and the config has no layer types.
                "mistral-sliding": lambda: tf.MistralConfig(head_dim=8, sliding_window=4, **SHAPE),
                "phi3-sliding": lambda: tf.Phi3Config(sliding_window=4, **SHAPE),
+               # Windows their attention does not hand on: PhiMoE's from the config, Qwen2-MoE's on the module.
+               "phimoe-sliding": lambda: tf.PhimoeConfig(sliding_window=4, num_local_experts=4, num_experts_per_tok=2,
+                                                         **SHAPE),
+               "qwen2moe-sliding": lambda: tf.Qwen2MoeConfig(use_sliding_window=True, sliding_window=4,
+                                                             max_window_layers=1, **SHAPE),
+               # A sliding_window key Llama ignores (a leftover in a config.json).
+               "llama-window-key": lambda: tf.LlamaConfig(sliding_window=4, **SHAPE),
                # Its decoder layers do not pass their keyword arguments on to attention.
                "stablelm": lambda: tf.StableLmConfig(**SHAPE)}
     model = tf.AutoModelForCausalLM.from_config(configs[family]()).to(device, dtype)
@@ -50,7 +57,8 @@ def separate(decoder, prompts, rollouts):
 
 
 @pytest.mark.parametrize("attn", ["varlen", "sdpa", "eager"])
-@pytest.mark.parametrize("family", ["qwen3", "qwen3-sliding", "llama", "olmo2", "mistral-sliding", "phi3-sliding"])
+@pytest.mark.parametrize("family", ["qwen3", "qwen3-sliding", "llama", "olmo2", "mistral-sliding", "phi3-sliding",
+                                    "phimoe-sliding", "qwen2moe-sliding", "llama-window-key"])
 def test_packed_hidden_states_equal_separate_forwards(family, attn):
     """Rollouts of 1 to 11 tokens after prompts of 3 to 9, packed in one row: the gathered
     hidden states equal each sequence's own forward (varlen: per-sequence attention on a CPU;
@@ -107,10 +115,10 @@ def test_a_pack_whose_sequences_see_each_other_is_refused(monkeypatch):
     with torch.no_grad():  # with the block mask it is right
         torch.testing.assert_close(packed_hidden(decoder, prompts, rollouts, cpu), separate(decoder, prompts, rollouts))
     packing.check_isolation(decoder, prompts[:2], SHAPE["vocab_size"], cpu)
-    def causal(config, lengths, implementation, device):  # the later sequence sees the earlier
+    def causal(config, lengths, implementation, device, window=None):  # the later sequence sees the earlier
         return torch.ones(sum(lengths), sum(lengths), dtype=torch.bool).tril()[None, None]
 
-    def ahead(config, lengths, implementation, device):  # the earlier sees the later
+    def ahead(config, lengths, implementation, device, window=None):  # the earlier sees the later
         allowed = packing.block_causal_mask(lengths, device)
         allowed[:lengths[0], lengths[0]:] = True
         return allowed[None, None]
@@ -137,6 +145,16 @@ def test_attention_a_model_needs_is_chosen_or_refused_before_loading():
     with pytest.raises(ValueError, match="packed true cannot run this model: its positions are ALiBi"):
         packing.check_model_attention(bloom, "eager", packed=True)
     packing.check_model_attention(bloom, "eager", packed=False)
+    # Attention outside transformers' registry (Falcon, GPT-Neo, StableLM), or with dropout (GPT-2):
+    # "auto" picks sdpa (eager where the model has none), "varlen" is refused before loading.
+    picks = [(tf.FalconConfig(), "sdpa"), (tf.GPTNeoConfig(), "eager"), (tf.StableLmConfig(), "sdpa"),
+             (tf.GPT2Config(), "sdpa"), (tf.LlamaConfig(), packing.VARLEN)]
+    for config, implementation in picks:
+        assert packing.resolve_attn_implementation("auto", "cpu", config) == implementation, type(config).__name__
+        if implementation != packing.VARLEN:
+            with pytest.raises(ValueError, match="attn_implementation 'varlen' (cannot run this model|has no attention "
+                                                 "dropout)"):
+                packing.check_model_attention(config, packing.VARLEN, packed=True)
     packing.register_varlen()
     model = tf.AutoModelForCausalLM.from_config(gpt_oss)
     model.set_attn_implementation(packing.VARLEN)

@@ -136,6 +136,7 @@ def test_dry_run_refuses_what_torchrun_would(capsys):
       '"num_attention_heads": 3}'], "num_attention_heads 3 does not divide hidden_size 64"),
     (["--architecture", '{"vocab_size": 64, "hidden_size": 64, "intermediate_size": 64, "num_hidden_layers": 2, '
       '"num_attention_heads": 4, "num_key_value_heads": 3}'], "num_key_value_heads 3 does not group"),
+    (["--max-new-tokens", "40961"], "the prompt (--prompt-tokens) plus max_new_tokens (40,962 tokens)"),
 ])
 def test_dry_run_refuses_what_the_model_would(flags, message, capsys):
     """A context plus rollout past the model's positions (Qwen3-8B's 40,960), and heads that do
@@ -161,6 +162,12 @@ def test_dry_run_reads_a_model_directorys_config_json(tmp_path, capsys):
     count = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
     assert f"{count / 1e9:.2f} B parameters" in out and "full fine-tuning (+ a frozen copy)" in out
     assert cli_main(["train", "--dry-run"]) == 0 and "the toy model" in capsys.readouterr().out
+    # null positions and key/value heads (they default): planned, as before the checks came
+    values = json.load(open(tmp_path / "tiny" / "config.json"))
+    (tmp_path / "tiny" / "config.json").write_text(json.dumps({**values, "max_position_embeddings": None,
+                                                                "num_key_value_heads": None}))
+    assert cli_main(args) == 0, capsys.readouterr().err
+    capsys.readouterr()
     assert cli_main(["train", "--model-path", str(tmp_path / "none"), "--dry-run"]) == 2
     assert "has no config.json and the config has no architecture key" in capsys.readouterr().err
 

@@ -174,6 +174,21 @@ def disagreeing_worker(rank, world, init_file):
                 h, h_t, h_r, w = torch.randn(3, 4), torch.randn(3, 4), torch.randn(3, 4), torch.randn(5, 4)
                 with pytest.raises(ValueError, match="process_group"):
                     fused_pmi_kl(h, w, h_t, h_r, mask=mask, process_group=group)
+        # Calls that differ only in how they run, each once a gloo abort, a hang or mixed scales.
+        other = rank == 1
+        s, t, r = (torch.randn(3, 5, dtype=torch.float64 if other else torch.float32) for _ in range(3))
+        h, h_t, h_r, w = (torch.randn(*shape) for shape in ((3, 4), (3, 4), (3, 4), (5, 4)))
+        for name, call in (
+                ("dtype", lambda: pmi_kl(s, t, r, process_group=group)),
+                ("backend", lambda: fused_pmi_kl(h, w, h_t, h_r, backend="torch" if other else "triton",
+                                                 process_group=group)),
+                ("workspace", lambda: fused_pmi_kl(h, w, h_t, h_r, workspace_bytes=64 if other else 2**20,
+                                                   process_group=group)),
+                ("normalizer", lambda: fused_pmi_kl(h, w, h_t, h_r, normalizer=3.0 if other else 2.0,
+                                                    process_group=group)),
+                ("gradient", lambda: fused_pmi_kl(h.requires_grad_(not other), w, h_t, h_r, process_group=group))):
+            with pytest.raises(ValueError, match="process_group: the ranks differ"):
+                call()
     finally:
         dist.barrier()
         dist.destroy_process_group()

@@ -81,6 +81,25 @@ def check_world(config, world: World) -> None:
                          f"{world.size} processes (each samples batch_size / world size of them)")
 
 
+def check_same_config(world: World, config) -> None:
+    """Every rank runs one config (torchrun hands each the same command line; a launcher that
+    does not left ranks waiting in collectives, or training apart): else a ValueError on every
+    rank naming the keys that differ."""
+    if not world.distributed:
+        return
+    import dataclasses
+    import json
+
+    import torch.distributed as dist
+    configs: List = [None] * world.size
+    dist.all_gather_object(configs, json.dumps(dataclasses.asdict(config), sort_keys=True, default=str))
+    values = [json.loads(c) for c in configs]
+    differ = sorted(key for key in values[0] if any(v.get(key) != values[0][key] for v in values[1:]))
+    if differ:
+        raise ValueError(f"torchrun: the ranks' configs differ in {', '.join(differ)}; every rank must run the same "
+                         "config")
+
+
 def on_main(world: World, fn: Callable[[], T]) -> T:
     """fn() run by rank 0 only, its result handed to every rank; its error raised on every rank
     (a ValueError as one, anything else as TrainingFailed), so none waits forever for rank 0."""

@@ -40,8 +40,9 @@ from .checkpoint import (latest_sharded, load_checkpoint, read_latest, rng_state
 from .config import TOY, TrainConfig
 from .contexts import KINDS, rollout_hidden, trim_rollout
 from .data import extract_answer, load_examples
-from .distributed import (SyncedStop, WholeModelDecoder, broadcast_module, check_world, first_over_ranks, join_world,
-                          most_over_ranks, on_main, shard_model, sum_gradients, sum_over_ranks, training_device)
+from .distributed import (SyncedStop, WholeModelDecoder, broadcast_module, check_same_config, check_world,
+                          first_over_ranks, join_world, most_over_ranks, on_main, shard_model, sum_gradients,
+                          sum_over_ranks, training_device)
 from .drift import Drift
 from .interrupts import Interrupted, StopRequest, TrainingFailed, fault_point
 from .metrics import MetricsLog, StepTimer, count_markers, cut_metrics, evaluated_at
@@ -61,6 +62,7 @@ class Trainer:
         # Refusals and the resume checks, before anything heavy (rank 0 looks; every rank hears).
         # Rank 0 holds the output directory's lock for as long as the run lasts.
         self._dir_lock = None
+        check_same_config(world, config)
 
         def prepare():
             check_world(config, world)
@@ -452,7 +454,7 @@ class Trainer:
                                                   if p.requires_grad},
                  "optimizer": {} if sharded else self.optimizer.state_dict(), "step": self.step,
                  "position": self.position, "nonfinite": [self.nonfinite_in_a_row, self.nonfinite_total],
-                 "rng": rng_state()}
+                 "drift_warned": self.drift.warned, "rng": rng_state()}
         if sharded:
             state["sharded_optimizer"] = bool(self.optimizer.state)
         return state
@@ -487,6 +489,7 @@ class Trainer:
             self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.position = state["step"], state["position"]
         self.nonfinite_in_a_row, self.nonfinite_total = state["nonfinite"]
+        self.drift.warned = bool(state.get("drift_warned", False))  # warned once per run, resumed or not
         self._saved_step = self.step
         set_rng_state(state["rng"])
 

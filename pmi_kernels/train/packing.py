@@ -92,8 +92,10 @@ def packed_hidden(decoder, prompts: Sequence[List[int]], rollouts: Sequence[List
         kwargs = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
         if implementation == VARLEN:  # a 4-D mask is passed on as it is: no [N, N] mask is built
             kwargs["attention_mask"] = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device)
+            kwargs["pack_window"] = every_layer_window(decoder)  # for layers that do not pass their window on
     else:
-        kwargs["attention_mask"] = block_masks(config, pack.lengths, implementation, device)
+        kwargs["attention_mask"] = block_masks(config, pack.lengths, implementation, device,
+                                               every_layer_window(decoder))
     token = _PACKED_FORWARD.set(True)
     try:
         hidden = decoder(input_ids=pack.ids, position_ids=pack.positions, use_cache=False, **kwargs).last_hidden_state
@@ -102,20 +104,36 @@ def packed_hidden(decoder, prompts: Sequence[List[int]], rollouts: Sequence[List
     return hidden[0, pack.gather]
 
 
-def block_masks(config, lengths: List[int], implementation: str, device):
+def block_masks(config, lengths: List[int], implementation: str, device, window_all: Optional[int] = None):
     """The pack's masks for "sdpa" or "eager": block-diagonal causal, and where layers attend
-    within a sliding window, the window's too (per layer type, or for every layer of a model
-    with a sliding_window and no layer types: Mistral, Phi-3, Starcoder2)."""
+    within a sliding window, the window's too (per layer type, or every layer's: window_all)."""
     dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else torch.float32
-    layer_types = getattr(config, "layer_types", None)
-    window = getattr(config, "sliding_window", None)
-    if layer_types is None and window:
-        return _as_mask(block_causal_mask(lengths, device, window), implementation, dtype)
+    if window_all:
+        return _as_mask(block_causal_mask(lengths, device, window_all), implementation, dtype)
     full = _as_mask(block_causal_mask(lengths, device), implementation, dtype)
-    if "sliding_attention" not in (layer_types or []):
+    if "sliding_attention" not in (getattr(config, "layer_types", None) or []):
         return full
-    return {"full_attention": full,
-            "sliding_attention": _as_mask(block_causal_mask(lengths, device, window), implementation, dtype)}
+    window = _as_mask(block_causal_mask(lengths, device, config.sliding_window), implementation, dtype)
+    return {"full_attention": full, "sliding_attention": window}
+
+
+def every_layer_window(decoder) -> Optional[int]:
+    """The window every layer attends within, for a model without layer types whose forward
+    builds a sliding-window mask from config.sliding_window (Mistral, Phi-3, Starcoder2,
+    PhiMoE); None for others (Llama ignores a sliding_window key its config may carry)."""
+    config = decoder.config
+    window = getattr(config, "sliding_window", None)
+    if getattr(config, "layer_types", None) is not None or not window:
+        return None
+    return window if _builds_window_mask(type(decoder)) else None
+
+
+@functools.lru_cache(maxsize=None)
+def _builds_window_mask(decoder_class) -> bool:
+    try:
+        return "create_sliding_window_causal_mask" in inspect.getsource(decoder_class.forward)
+    except (OSError, TypeError):
+        return False
 
 
 def rollout_groups(micro_batch: Sequence, prompts: Dict[str, List[List[int]]], packed: bool, budget,
@@ -152,6 +170,14 @@ def rope_switch_length(config) -> Optional[int]:
     return None
 
 
+def _supports_sdpa(model_config) -> bool:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+    try:
+        return bool(getattr(MODEL_FOR_CAUSAL_LM_MAPPING[type(model_config)], "_supports_sdpa", False))
+    except KeyError:
+        return False
+
+
 def check_isolation(decoder, sequences: Sequence[List[int]], vocab_size: int, device) -> None:
     """Packs two sequences, then changes every token of one: the other's hidden states must not
     move. Fails (ValueError) where the model's attention lets a pack's sequences see each other:
@@ -172,7 +198,8 @@ def check_isolation(decoder, sequences: Sequence[List[int]], vocab_size: int, de
         if (x - y).abs().max() > 0.05 * x.abs().max():
             raise ValueError(f"packed true: with attn_implementation {decoder.config._attn_implementation!r} this "
                              f"model's {what} sequence of a pack sees the other (its hidden states moved when the other "
-                             "changed); set packed false, or another attn_implementation")
+                             "changed); set packed false (or, where attention is what mixes them, another "
+                             "attn_implementation)")
 
 
 # ---- attention implementations ------------------------------------------------------------
@@ -201,12 +228,36 @@ def uses_alibi(model_config) -> bool:
             or bool(attn.get("alibi") if isinstance(attn, dict) else getattr(attn, "alibi", False)))
 
 
+def attention_dropout(model_config) -> float:
+    """The attention probabilities' dropout the model's config sets (0 for none)."""
+    keys = ("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob", "attn_dropout")
+    values = [getattr(model_config, key, 0) for key in keys]
+    return max([v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)] or [0])
+
+
+def takes_registered_attention(model_config) -> bool:
+    """Whether the model's causal-LM class calls attention through transformers' registry (where
+    "varlen" is registered); older ones (Falcon, GPT-Neo, MPT, StableLM) do not."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+    try:
+        model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(model_config)]
+    except KeyError:
+        return False
+    return bool(getattr(model_class, "_supports_attention_backend", False))
+
+
 def check_model_attention(model_config, implementation: str, packed: bool) -> None:
     """Refuse, before the weights load, an attention the model does not run exactly with."""
     why = needs_eager(model_config)
     if why and implementation != "eager" and not (implementation == "flash_attention_2" and "soft" in why):
         raise ValueError(f"config: attn_implementation {implementation!r} cannot run this model exactly: {why}; use "
                          "'eager' (or 'auto', which picks it)")
+    if implementation == VARLEN and not takes_registered_attention(model_config):
+        raise ValueError(f"config: attn_implementation {VARLEN!r} cannot run this model: its attention does not go "
+                         "through transformers' registry; use 'sdpa' or 'eager' (or 'auto', which picks one)")
+    if implementation == VARLEN and attention_dropout(model_config) > 0:
+        raise ValueError(f"config: attn_implementation {VARLEN!r} has no attention dropout, which this model's config "
+                         "sets; use 'sdpa' or 'eager' (or 'auto', which picks sdpa)")
     if packed and uses_alibi(model_config):
         raise ValueError("config: packed true cannot run this model: its positions are ALiBi biases, built from a "
                          "padding mask, which a pack cannot restart per sequence; set packed false")
@@ -219,6 +270,9 @@ def resolve_attn_implementation(name: str, device, model_config=None) -> str:
     cuda = torch.device(device).type == "cuda"
     if name == "auto" and model_config is not None and needs_eager(model_config):
         return "eager"
+    if name == "auto" and model_config is not None and (not takes_registered_attention(model_config)
+                                                        or attention_dropout(model_config) > 0):
+        return "sdpa" if _supports_sdpa(model_config) else "eager"
     if name == "auto":
         name = "flash_attention_2" if cuda and flash_attn_installed() else VARLEN
     if name == "flash_attention_2" and not (cuda and flash_attn_installed()):
@@ -266,6 +320,9 @@ def varlen_attention(module, query, key, value, attention_mask, dropout=0.0, sca
         raise ValueError(f"{VARLEN} attention takes one packed row, got a batch of {query.shape[0]}")
     dtype = query.dtype
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [N, heads, D]
+    # The layer's window, where its attention does not hand it on (Qwen2-MoE keeps it on the
+    # module; PhiMoE windows every layer from its config: packed_hidden's pack_window).
+    sliding_window = sliding_window or getattr(module, "sliding_window", None) or kwargs.get("pack_window")
     window = (-1, 0) if sliding_window is None else (sliding_window - 1, 0)
     lengths = kwargs["cu_seq_lens_q"], kwargs["cu_seq_lens_k"], kwargs["max_length_q"], kwargs["max_length_k"]
     if not (query.is_cuda and dtype in (torch.float16, torch.bfloat16)):  # flash runs half precision only

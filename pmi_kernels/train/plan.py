@@ -55,7 +55,8 @@ def check_shape(arch: Dict, source: str, sequence: int) -> None:
     """What the model itself would refuse, from its numbers alone: attention heads that do not
     split the hidden size (with no head_dim given) or key/value heads that do not group the query
     heads; and a context plus rollout past its positions (the run's check_lengths)."""
-    heads, kv = arch["num_attention_heads"], arch.get("num_key_value_heads", arch["num_attention_heads"])
+    heads = arch["num_attention_heads"]
+    kv = arch.get("num_key_value_heads") or heads
     if not arch.get("head_dim") and arch["hidden_size"] % heads:
         raise ValueError(f"--dry-run: {source}: num_attention_heads {heads} does not divide hidden_size "
                          f"{arch['hidden_size']} (and no head_dim is given)")
@@ -63,15 +64,15 @@ def check_shape(arch: Dict, source: str, sequence: int) -> None:
         raise ValueError(f"--dry-run: {source}: num_key_value_heads {kv} does not group num_attention_heads {heads}")
     limit = arch.get("max_position_embeddings")
     if limit and sequence > limit:
-        raise ValueError(f"--dry-run: --prompt-tokens plus max_new_tokens ({sequence:,} tokens) exceeds the model's "
-                         f"{limit:,} positions ({source}); the run would refuse it")
+        raise ValueError(f"--dry-run: the prompt (--prompt-tokens) plus max_new_tokens ({sequence:,} tokens) exceeds "
+                         f"the model's {limit:,} positions ({source}); the run would refuse it")
 
 
 def shape(arch: Dict) -> Dict[str, int]:
     heads = arch["num_attention_heads"]
     head_dim = arch.get("head_dim") or arch["hidden_size"] // heads
     return {"H": arch["hidden_size"], "I": arch["intermediate_size"], "L": arch["num_hidden_layers"],
-            "V": arch["vocab_size"], "Q": heads * head_dim, "KV": arch.get("num_key_value_heads", heads) * head_dim,
+            "V": arch["vocab_size"], "Q": heads * head_dim, "KV": (arch.get("num_key_value_heads") or heads) * head_dim,
             "D": head_dim}
 
 
@@ -121,7 +122,7 @@ def plan(config: TrainConfig, world_size: int, prompt_tokens: Optional[int] = No
     check_world(config, World(size=world_size))
     arch, source = architecture(config)
     if prompt_tokens is None:
-        room = arch.get("max_position_embeddings", 2**62) - config.max_new_tokens
+        room = (arch.get("max_position_embeddings") or 2**62) - config.max_new_tokens
         prompt_tokens = max(1, min(DEFAULT_PROMPT_TOKENS, room))
     check_shape(arch, source, prompt_tokens + config.max_new_tokens)
     s = shape(arch)
