@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import implementations as impls  # noqa: E402
-from common import device_info, is_oom, median_ms, peak_extra_gib, slug, write_json  # noqa: E402
+from common import cuda_cluster, device_info, is_oom, median_ms, peak_extra_gib, slug, write_json  # noqa: E402
 
 from pmi_kernels import fused_pmi_kl  # noqa: E402
 
@@ -97,11 +97,8 @@ def main():
     if usable("cuda") and torch.cuda.get_device_capability()[0] >= 9:
         run = impls.pmi_kernels_cuda(h, w, h_t, h_r)
         for blocks in (8, 16):
-            os.environ["PMI_KERNELS_CUDA_CLUSTER"] = str(blocks)
-            try:
+            with cuda_cluster(blocks):
                 ms = median_ms(lambda: run(True), "cuda")
-            finally:
-                del os.environ["PMI_KERNELS_CUDA_CLUSTER"]
             name = f"pmi_kernels (cuda/c{blocks})"
             results["times_ms"][name] = ms
             print(f"{name:48s} {ms:8.2f} ms  x{ms / results['times_ms'][impls.FLOOR]:5.2f} floor")

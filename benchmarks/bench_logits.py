@@ -19,14 +19,13 @@ The minimum for forward+backward is 8 (read three streams once, write the gradie
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import device_info, median_ms, slug, write_json  # noqa: E402
+from common import cuda_cluster, device_info, median_ms, slug, write_json  # noqa: E402
 
 from pmi_kernels import pmi_kl  # noqa: E402
 from pmi_kernels.backends import REGISTRY  # noqa: E402
@@ -45,19 +44,6 @@ def variants():
         out += [(f"cuda/c{blocks}", "cuda", blocks) for blocks in CLUSTERS]
     return out
 
-
-@contextlib.contextmanager
-def cluster(blocks):
-    """PMI_KERNELS_CUDA_CLUSTER=blocks for the block (None: unset), read at each launch."""
-    before = os.environ.pop("PMI_KERNELS_CUDA_CLUSTER", None)
-    if blocks is not None:
-        os.environ["PMI_KERNELS_CUDA_CLUSTER"] = str(blocks)
-    try:
-        yield
-    finally:
-        os.environ.pop("PMI_KERNELS_CUDA_CLUSTER", None)
-        if before is not None:
-            os.environ["PMI_KERNELS_CUDA_CLUSTER"] = before
 
 # The backward adds nothing when the incoming gradient is the one the forward assumed (here).
 BYTES_PER_ENTRY = {"forward KL": {"fwd": 18, "fwd+bwd": 18}, "mixed JSD 0.5": {"fwd": 24, "fwd+bwd": 24}}
@@ -107,7 +93,7 @@ def main():
             phases = (("fwd", lambda: loss_fn()), ("fwd+bwd", lambda: torch.autograd.grad(loss_fn(), student)),
                       ("fwd+bwd, return_stats", lambda: torch.autograd.grad(loss_fn(True)[0], student)))
             for phase, fn in phases:
-                with cluster(blocks):
+                with cuda_cluster(blocks):
                     ms = median_ms(fn, "cuda")
                 moved = BYTES_PER_ENTRY[label][phase.split(",")[0]] * entries
                 frac = moved / ms / 1e6 / copy_bw
@@ -139,7 +125,7 @@ def main():
     opts = LossOptions(True, jsd_beta=0.0)
     fused_shape = {}
     for name, backend, blocks in variants():
-        with cluster(blocks):
+        with cuda_cluster(blocks):
             ms = median_ms(lambda: REGISTRY[backend].rows(s2, d2, opts=opts, kappa=kappa, grad_out=grad), "cuda")
         bw = 10 * m * vocab / ms / 1e6
         fused_shape[name] = {"ms": ms, "gb_s": bw, "fraction_of_copy_bw": bw / copy_bw}

@@ -1,6 +1,7 @@
 """Timing, memory and reporting helpers shared by the benchmark scripts."""
 from __future__ import annotations
 
+import contextlib
 import datetime
 import gc
 import json
@@ -23,6 +24,21 @@ def device_info(device: str) -> dict:
     else:
         info.update(device=f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)")
     return info
+
+
+@contextlib.contextmanager
+def cuda_cluster(blocks):
+    """PMI_KERNELS_CUDA_CLUSTER=blocks for the block (None: unset), read at each CUDA launch:
+    the CUDA kernel with each row split over a cluster of that many blocks (Hopper)."""
+    before = os.environ.pop("PMI_KERNELS_CUDA_CLUSTER", None)
+    if blocks is not None:
+        os.environ["PMI_KERNELS_CUDA_CLUSTER"] = str(blocks)
+    try:
+        yield
+    finally:
+        os.environ.pop("PMI_KERNELS_CUDA_CLUSTER", None)
+        if before is not None:
+            os.environ["PMI_KERNELS_CUDA_CLUSTER"] = before
 
 
 def slug(name: str) -> str:

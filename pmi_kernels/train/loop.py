@@ -134,7 +134,6 @@ class Trainer:
         self.drift = Drift(config.drift_warn_kl if world.main else None, Drift.advice(config))  # rank 0 warns
         if state is not None:
             self._restore(state)
-            self._saved_step = self.step
             # A resumed run writes again what came after its checkpoint, and the evaluation it
             # starts with (before training, or after it when the run was already at max_steps).
             if world.main:

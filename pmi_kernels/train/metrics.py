@@ -10,6 +10,8 @@ import re
 import time
 from typing import Dict, List
 
+from .checkpoint import temporary_path
+
 
 def count_markers(texts: List[str], markers: List[str]) -> Dict[str, int]:
     """Whole-word, case-insensitive counts of each epistemic marker over the rollouts."""
@@ -98,7 +100,7 @@ def cut_metrics(path: str, step: int, redo_evaluation: bool) -> None:
         evaluation_only = set(row) == {"step", "eval/accuracy"}
         if row["step"] < step or (row["step"] == step and not (redo_evaluation and evaluation_only)):
             kept.append(line if line.endswith("\n") else line + "\n")
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    tmp = temporary_path(path)  # a name the next start removes if this process dies here
     with open(tmp, "w") as fh:
         fh.writelines(kept)
         fh.flush()

@@ -170,14 +170,6 @@ def rope_switch_length(config) -> Optional[int]:
     return None
 
 
-def _supports_sdpa(model_config) -> bool:
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
-    try:
-        return bool(getattr(MODEL_FOR_CAUSAL_LM_MAPPING[type(model_config)], "_supports_sdpa", False))
-    except KeyError:
-        return False
-
-
 def check_isolation(decoder, sequences: Sequence[List[int]], vocab_size: int, device) -> None:
     """Packs two sequences, then changes every token of one: the other's hidden states must not
     move. Fails (ValueError) where the model's attention lets a pack's sequences see each other:
@@ -238,12 +230,16 @@ def attention_dropout(model_config) -> float:
 def takes_registered_attention(model_config) -> bool:
     """Whether the model's causal-LM class calls attention through transformers' registry (where
     "varlen" is registered); older ones (Falcon, GPT-Neo, MPT, StableLM) do not."""
+    return _causal_lm_flag(model_config, "_supports_attention_backend")
+
+
+def _causal_lm_flag(model_config, flag: str) -> bool:
+    """A support flag of the model's causal-LM class (False for a config with none)."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
     try:
-        model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(model_config)]
+        return bool(getattr(MODEL_FOR_CAUSAL_LM_MAPPING[type(model_config)], flag, False))
     except KeyError:
         return False
-    return bool(getattr(model_class, "_supports_attention_backend", False))
 
 
 def check_model_attention(model_config, implementation: str, packed: bool) -> None:
@@ -272,7 +268,7 @@ def resolve_attn_implementation(name: str, device, model_config=None) -> str:
         return "eager"
     if name == "auto" and model_config is not None and (not takes_registered_attention(model_config)
                                                         or attention_dropout(model_config) > 0):
-        return "sdpa" if _supports_sdpa(model_config) else "eager"
+        return "sdpa" if _causal_lm_flag(model_config, "_supports_sdpa") else "eager"
     if name == "auto":
         name = "flash_attention_2" if cuda and flash_attn_installed() else VARLEN
     if name == "flash_attention_2" and not (cuda and flash_attn_installed()):
