@@ -369,3 +369,128 @@ def test_example_runs(tmp_path):
     spec.loader.exec_module(example)
     logs = example.main(["--steps", "1", "--output-dir", str(tmp_path)])
     assert len(logs) == 1 and all(key in logs[0] for key in example.LOGGED)
+
+
+def text_rows(count=3):
+    """Rows as a plain list (a map-style dataset TRL accepts, which can hold any value)."""
+    return [{"prompt": f"Question {index}: 2+{index}?\nAnswer: ", "privileged_context": f"2+{index}={2 + index}"}
+            for index in range(count)]
+
+
+def make_trainer(tmp_path, train_dataset, tokenizer=None, eval_dataset=None, **overrides):
+    """A LoRA trainer of the tiny model on the given rows (the teacher is the adapter switched off)."""
+    tokenizer = tokenizer or toy_tokenizer()
+    return PurifiedOPSDTrainer(toy_model(tokenizer), args=tiny_config(tmp_path, **overrides),
+                               train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=tokenizer,
+                               peft_config=LoraConfig(**LORA))
+
+
+NO_TOKENS = "renders to no tokens"
+
+
+@pytest.mark.parametrize("overrides, bad, match", [
+    pytest.param(dict(refonly_prompt_template="{privileged_context}"), {"privileged_context": ""},
+                 r"train_dataset row 1: the reference-only context renders to no tokens \(refonly_prompt_template="
+                 r"'\{privileged_context\}' over privileged_context=''\)", id="empty-reference-default-template"),
+    pytest.param(dict(refonly_prompt_template="{privileged_context}", pmi_mode="opsd"), {"privileged_context": ""},
+                 "train_dataset row 1: the reference-only context " + NO_TOKENS, id="opsd-diagnostics-read-it"),
+    pytest.param(dict(refonly_prompt_template="{privileged_context}", teacher_prompt_template="{prompt}"
+                      "{privileged_context}"), {"prompt": "", "privileged_context": ""},
+                 "train_dataset row 1: the student's context " + NO_TOKENS + r" \(prompt=''\)", id="empty-prompt"),
+])
+def test_a_context_without_tokens_is_refused_up_front(tmp_path, overrides, bad, match):
+    """A row that renders a context (student, teacher or reference-only) to no tokens is a
+    ValueError naming the row, the context, its template and the field, when the trainer is
+    built, before SDFT sets anything up. Seen failing before the check: construction passed,
+    and training crashed with "Expected tensor for argument #1 'indices' ... FloatTensor" (an
+    empty context became float ids) or, with the row second in its batch, read the first
+    completion token from a padding position (and trained on)."""
+    rows = text_rows()
+    rows[1].update(bad)
+    with pytest.raises(ValueError, match=match), \
+            mock.patch.object(SDFTTrainer, "__init__", side_effect=AssertionError("SDFT set up first")):
+        make_trainer(tmp_path, rows, **overrides)
+
+
+def test_a_context_without_tokens_is_refused_in_eval_dataset_and_kept_otherwise(tmp_path):
+    """An eval_dataset's row (one dataset, or a dict of them) is named the same way; a context
+    that is blank text with tokens (a space is a token here), and an empty reference under
+    "opsd" without diagnostics (no reference-only context is built), are not refused."""
+    bad = text_rows()
+    bad[2]["privileged_context"] = ""
+    template = dict(refonly_prompt_template="{privileged_context}")
+    with pytest.raises(ValueError, match="eval_dataset row 2: the reference-only context " + NO_TOKENS):
+        make_trainer(tmp_path, text_rows(), eval_dataset=bad, **template)
+    with pytest.raises(ValueError, match=r"eval_dataset\['math'\] row 2: the reference-only context " + NO_TOKENS):
+        make_trainer(tmp_path, text_rows(), eval_dataset={"easy": text_rows(), "math": bad}, **template)
+    make_trainer(tmp_path, bad, pmi_mode="opsd", pmi_log_diagnostics=False, **template)
+    spaced = text_rows()
+    spaced[2]["privileged_context"] = " "
+    make_trainer(tmp_path, spaced, **template)
+
+
+def test_a_context_without_tokens_is_refused_at_the_first_batch(tmp_path):
+    """A context whose text is not blank but has no tokens (here a tokenizer that drops "~"),
+    which the datasets' check does not tokenize, is refused when its batch is prepared, before
+    any rollout, naming the row by its prompt; so is a bad row in a batch the datasets' check
+    never saw. Seen failing before the check: the rollout was sampled (unmocked, generate()
+    crashed on the empty context's float ids)."""
+    from tokenizers import normalizers
+    tokenizer = toy_tokenizer()
+    tokenizer.backend_tokenizer.normalizer = normalizers.Replace("~", "")
+    rows = text_rows(2)
+    rows[0]["privileged_context"] = "~~"
+    trainer = make_trainer(tmp_path, rows, tokenizer, refonly_prompt_template="{privileged_context}",
+                           shuffle_dataset=False, max_steps=1)
+    trainer._generate = mock.Mock(side_effect=AssertionError("sampled before the check"))
+    match = (r"the row with prompt='Question 0: 2\+0\?\\nAnswer: ': the reference-only context " + NO_TOKENS
+             + r" \(refonly_prompt_template='\{privileged_context\}' over privileged_context='~~'\)")
+    with pytest.raises(ValueError, match=match):
+        trainer.train()
+    with pytest.raises(ValueError, match=r"the row with prompt='Q': privileged_context is None"):
+        trainer._prepare_training_batch([{"prompt": "Q", "privileged_context": None}])
+
+
+USER = {"role": "user", "content": "2+2?"}
+
+
+@pytest.mark.parametrize("bad, match", [
+    pytest.param({"privileged_context": None}, "privileged_context is None", id="context-none"),
+    pytest.param({"privileged_context": 4}, "privileged_context must be a str or a list of messages, got 4",
+                 id="context-int"),
+    pytest.param({"privileged_context": []}, "privileged_context is an empty list of messages", id="context-empty"),
+    pytest.param({"privileged_context": ["4"]}, r"privileged_context\[0\] must be a message", id="context-strs"),
+    pytest.param({"prompt": None}, "prompt is None", id="prompt-none"),
+    pytest.param({"prompt": b"2+2?"}, "prompt must be a str or a list of messages", id="prompt-bytes"),
+    pytest.param({"prompt": []}, "prompt is an empty list of messages", id="prompt-empty"),
+    pytest.param({"prompt": [{"role": "user"}]}, r"prompt\[0\] must be a message", id="message-no-content"),
+    pytest.param({"prompt": [{"content": "2+2?"}]}, r"prompt\[0\] must be a message", id="message-no-role"),
+    pytest.param({"prompt": [USER, {"role": "assistant", "content": "4"}]},
+                 "prompt must end with a user turn .* role 'assistant'", id="assistant-last"),
+    pytest.param({"prompt": [{"role": "user", "content": ["2+2?"]}]}, r"prompt\[0\] must be a message",
+                 id="content-parts-strs"),
+    pytest.param({"prompt": [USER]}, "train_dataset row 1: prompt is a conversation but train_dataset row 0's is text",
+                 id="mixed-kinds"),
+])
+def test_bad_rows_are_refused_naming_row_and_field(tmp_path, bad, match):
+    """A row whose field is missing, None or of a type SDFT cannot read is a ValueError naming the
+    row and the field when the trainer is built. Seen failing before the checks: construction
+    passed, and training failed later (a TypeError in the tokenizer, TRL's ValueError without
+    the row) or trained on str() of the value (4, [] and ["4"] as the reference)."""
+    rows = text_rows()
+    rows[1].update(bad)
+    with pytest.raises(ValueError, match="train_dataset row 1: " + match if "row" not in match else match):
+        make_trainer(tmp_path, rows)
+
+
+def test_missing_fields_and_columns_are_refused(tmp_path):
+    """A row without a field, a row that is not a dict, and a datasets.Dataset without a column.
+    Seen failing before the checks (construction passed; KeyError at the first batch)."""
+    for index, bad, match in ((1, {"prompt": "2+2?"}, "train_dataset row 1: privileged_context is missing"),
+                              (2, "2+2?", "train_dataset row 2 must be a dict")):
+        rows = text_rows()
+        rows[index] = bad
+        with pytest.raises(ValueError, match=match):
+            make_trainer(tmp_path, rows)
+    with pytest.raises(ValueError, match="train_dataset has no 'privileged_context' column"):
+        make_trainer(tmp_path, Dataset.from_list([{"prompt": "2+2?", "answer": "4"}]))

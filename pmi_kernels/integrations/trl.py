@@ -33,6 +33,12 @@ every micro-batch weighted by its tokens, over all processes): self_distillation
 with pmi_log_diagnostics the decomposition of the teacher's signal from `pmi_diagnostics`, as
 diag/<key>.
 
+Rows: the datasets' rows are checked when the trainer is built, and each batch's as it is prepared
+(before any rollout): a prompt (a str, or messages ending with a user turn; one kind in a
+dataset) or privileged_context (a str or messages) that is missing, None or of another type,
+and a context that renders to no tokens (no position would predict the first completion token),
+are a ValueError naming the row, the field and the template.
+
 Positions: every context is read with position ids counted from its attention mask (0 at its
 first real token), as generate() sampled the rollouts; left padding moves nothing (a model with
 learned absolute positions, GPT-2's, reads a left-padded prompt as it reads it alone). Mixed
@@ -43,8 +49,11 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
+import datasets
 import torch
 from accelerate.utils import is_peft_model
 from trl.experimental.sdft import SDFTConfig, SDFTTrainer
@@ -67,6 +76,13 @@ LOGIT_TRANSFORMS = {"final_logit_softcapping": None, "logit_scale": 1, "output_m
 # fused_pmi_kl's per-position statistics -> logged names ("entropy" is TRL's name for the student's).
 STAT_LOG_NAMES = {"kl_target_student": "pmi/kl_target_student", "entropy_student": "entropy",
                   "entropy_target": "pmi/entropy_target"}
+# A dataset row's fields, as SDFT reads them.
+ROW_FIELDS = ("prompt", "privileged_context")
+# Each context a row renders to (before the completion): its name in messages, the config key of
+# its template (the student's is the prompt itself) and the row's fields in it.
+CONTEXTS = {"student": ("the student's context", None, ("prompt",)),
+            "teacher": ("the teacher's context", "teacher_prompt_template", ROW_FIELDS),
+            "refonly": ("the reference-only context", "refonly_prompt_template", ("privileged_context",))}
 
 
 @dataclass
@@ -210,6 +226,123 @@ class ReferenceOnlyContextBuilder(DemonstrationTeacherContextBuilder):
                 "refonly_attention_mask": built["teacher_attention_mask"]}
 
 
+def preview(value, limit: int = 60) -> str:
+    """A value's repr for an error message, cut to limit characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def check_messages(messages, where: str, roles: bool) -> None:
+    """A list of chat messages as TRL reads them: each a dict with a 'content' (a str, or a list
+    of parts, each a dict) and, in a prompt, a str 'role'."""
+    if not messages:
+        raise ValueError(f"{where} is an empty list of messages")
+    for index, message in enumerate(messages):
+        content = message.get("content") if isinstance(message, Mapping) else None
+        parts_ok = isinstance(content, str) or (
+            isinstance(content, list) and all(isinstance(part, Mapping) for part in content))
+        if not parts_ok or (roles and not isinstance(message.get("role"), str)):
+            raise ValueError(f"{where}[{index}] must be a message, a dict with a str 'role' and a 'content' (a str "
+                             f"or a list of parts), got {preview(message)}")
+
+
+def check_row(row, where: str) -> bool:
+    """A dataset row's fields, as SDFT reads them: the prompt a str or a conversation that ends with
+    a user turn (the teacher's and the reference-only contexts replace that turn), the
+    privileged context a str or a list of messages (TRL would format anything else with str()).
+    Returns whether the prompt is a conversation."""
+    if not isinstance(row, Mapping):
+        raise ValueError(f"{where} must be a dict with {', '.join(map(repr, ROW_FIELDS))}, got {preview(row)}")
+    for key in ROW_FIELDS:
+        if row.get(key) is None:
+            raise ValueError(f"{where}: {key} is {'None' if key in row else 'missing'} (SDFT reads a row's "
+                             f"{' and '.join(ROW_FIELDS)})")
+    prompt, privileged_context = row["prompt"], row["privileged_context"]
+    if isinstance(prompt, list):
+        check_messages(prompt, f"{where}: prompt", roles=True)
+        if prompt[-1]["role"] != "user":
+            raise ValueError(f"{where}: prompt must end with a user turn (the teacher's and the reference-only "
+                             f"contexts replace it), got a last turn of role {prompt[-1]['role']!r}")
+    elif not isinstance(prompt, str):
+        raise ValueError(f"{where}: prompt must be a str or a list of messages, got {preview(prompt)}")
+    if isinstance(privileged_context, list):
+        check_messages(privileged_context, f"{where}: privileged_context", roles=False)
+    elif not isinstance(privileged_context, str):
+        raise ValueError(f"{where}: privileged_context must be a str or a list of messages, got "
+                         f"{preview(privileged_context)}")
+    return isinstance(prompt, list)
+
+
+def check_same_kind(first: tuple, other: tuple) -> None:
+    """TRL tokenizes a batch as its first row's kind: (conversational, where) of two rows must agree."""
+    if other[0] != first[0]:
+        kinds = ("text", "a conversation")
+        raise ValueError(f"{other[1]}: prompt is {kinds[other[0]]} but {first[1]}'s is {kinds[first[0]]} (a "
+                         "dataset's prompts are all text or all conversations)")
+
+
+def reads_refonly(args: PurifiedOPSDConfig) -> bool:
+    """Whether the reference-only context is built (the PMI target or the diagnostics read it)."""
+    return args.pmi_mode == "pmi" or args.pmi_log_diagnostics
+
+
+def render_contexts(args: PurifiedOPSDConfig, row) -> dict:
+    """{context name: its prompt (text or messages)} of a checked row, composed as the trainer's
+    context builders compose them."""
+    holder = SimpleNamespace(args=args)  # the builders read only their trainer's args
+    builders = {"teacher": DemonstrationTeacherContextBuilder(holder)}
+    if reads_refonly(args):
+        builders["refonly"] = ReferenceOnlyContextBuilder(holder)
+    composed = {name: builder._compose_teacher_prompt(row["prompt"], row["privileged_context"])
+                for name, builder in builders.items()}
+    return {"student": row["prompt"], **composed}
+
+
+def no_tokens_error(args: PurifiedOPSDConfig, where: str, row, context: str) -> ValueError:
+    label, template_key, fields = CONTEXTS[context]
+    source = ", ".join(f"{key}={preview(row[key])}" for key in fields)
+    if template_key is not None:
+        source = f"{template_key}={getattr(args, template_key)!r} over {source}"
+    return ValueError(f"{where}: {label} renders to no tokens ({source}): no position would predict the first "
+                      "completion token")
+
+
+def check_dataset(args: PurifiedOPSDConfig, dataset, name: str, tokenizer) -> None:
+    """Every row's fields, and, where a text prompt renders a context to blank text, that the
+    tokenizer gives it tokens (the batch check tokenizes every context exactly, at the latest)."""
+    if isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__len__"):
+        return  # SDFT refuses iterable datasets; an unsized one is checked batch by batch
+    if isinstance(dataset, datasets.Dataset):
+        for key in ROW_FIELDS:
+            if key not in dataset.column_names:
+                raise ValueError(f"{name} has no {key!r} column (its columns: {dataset.column_names})")
+        rows = enumerate(dataset.select_columns(list(ROW_FIELDS)))  # not the other columns' values
+    else:
+        rows = ((index, dataset[index]) for index in range(len(dataset)))
+    first, blank = None, []
+    for index, row in rows:
+        where = f"{name} row {index}"
+        kind = (check_row(row, where), where)
+        first = first or kind
+        check_same_kind(first, kind)
+        if not kind[0]:
+            blank += [(where, row, context, text) for context, text in render_contexts(args, row).items()
+                      if not text.strip()]
+    if blank and tokenizer is not None:  # as SDFT tokenizes text (its truncation keeps a context's last tokens)
+        ids = tokenizer(text=[text for *_, text in blank])["input_ids"]
+        for (where, row, context, _), row_ids in zip(blank, ids):
+            if len(row_ids) == 0:
+                raise no_tokens_error(args, where, row, context)
+
+
+def check_datasets(args: PurifiedOPSDConfig, train_dataset, eval_dataset, tokenizer) -> None:
+    """The rows of train_dataset and eval_dataset (one, or a dict of them), each named in errors."""
+    check_dataset(args, train_dataset, "train_dataset", tokenizer)
+    named = eval_dataset.items() if isinstance(eval_dataset, dict) else [(None, eval_dataset)]
+    for key, dataset in named:
+        check_dataset(args, dataset, "eval_dataset" if key is None else f"eval_dataset[{key!r}]", tokenizer)
+
+
 class PurifiedOPSDTrainer(SDFTTrainer):
     """SDFTTrainer with the reference-only context and the PMI-KL loss (module docstring)."""
 
@@ -217,13 +350,20 @@ class PurifiedOPSDTrainer(SDFTTrainer):
     _name = "Purified OPSD"
     config_cls = PurifiedOPSDConfig
 
-    def __init__(self, model, args: PurifiedOPSDConfig = None, *pos, **kwargs):
+    def __init__(self, model, args: PurifiedOPSDConfig = None, train_dataset=None, eval_dataset=None,
+                 processing_class=None, callbacks=None, optimizers=(None, None), peft_config=None):
         if not isinstance(args, PurifiedOPSDConfig):
             raise ValueError(f"args must be a PurifiedOPSDConfig (SDFTConfig plus the pmi_* options), got "
                              f"{type(args).__name__}")
         if isinstance(model, torch.nn.Module):  # before SDFT copies a teacher or starts vLLM
             decoder_and_head(model)
-        super().__init__(model, args, *pos, **kwargs)
+        # The datasets' rows too; without a tokenizer (SDFT loads the model's), after SDFT's set-up.
+        if processing_class is not None:
+            check_datasets(args, train_dataset, eval_dataset, processing_class)
+        super().__init__(model, args, train_dataset, eval_dataset, processing_class, callbacks, optimizers,
+                         peft_config)
+        if processing_class is None:
+            check_datasets(args, train_dataset, eval_dataset, self.processing_class)
         self.refonly_context_builder = ReferenceOnlyContextBuilder(self)
         self._forward_redirection = _ForwardRedirection()
         self._pmi_sums = {"train": defaultdict(float), "eval": defaultdict(float)}  # since the last log
@@ -231,9 +371,28 @@ class PurifiedOPSDTrainer(SDFTTrainer):
         decoder_and_head(self.accelerator.unwrap_model(self.model))
         decoder_and_head(self.accelerator.unwrap_model(self.teacher_model))
 
+    def _check_batch(self, inputs) -> None:
+        """Each row's fields, and that each of its contexts has tokens as the trainer tokenizes them,
+        before any is sampled from: this sees what the datasets' check could not (a context whose
+        text has no tokens, an eval_dataset given to evaluate()). The contexts go through SDFT's own
+        tokenization once more (little next to the rollouts); a row's repeats (its generations) are
+        checked once."""
+        rows = [row for index, row in enumerate(inputs) if index == 0 or row != inputs[index - 1]]
+        wheres = [f"the row with prompt={preview(row.get('prompt'))}" if isinstance(row, Mapping) else "a row"
+                  for row in rows]
+        kinds = [(check_row(row, where), where) for row, where in zip(rows, wheres)]
+        for kind in kinds:
+            check_same_kind(kinds[0], kind)
+        rendered = [render_contexts(self.args, row) for row in rows]
+        for context in rendered[0]:
+            ids = self._tokenize_prompts([contexts[context] for contexts in rendered])
+            for row, where, row_ids in zip(rows, wheres, ids):
+                if len(row_ids) == 0:
+                    raise no_tokens_error(self.args, where, row, context)
+
     @property
     def _reads_refonly(self) -> bool:
-        return self.args.pmi_mode == "pmi" or self.args.pmi_log_diagnostics
+        return reads_refonly(self.args)
 
     def _loss_mask(self, batch) -> torch.Tensor:
         """The completion tokens that count: SDFT's, less the first num_loss_tokens_to_skip."""
@@ -247,6 +406,7 @@ class PurifiedOPSDTrainer(SDFTTrainer):
         """SDFT's batch (rollouts, teacher contexts) plus the reference-only contexts and the
         completion tokens of the whole generation batch on all processes, which is one optimizer
         step's (steps_per_generation == gradient_accumulation_steps)."""
+        self._check_batch(inputs)
         batch = super()._prepare_training_batch(inputs)
         if self._reads_refonly:
             batch.update(self.refonly_context_builder.build(
