@@ -494,3 +494,127 @@ def test_missing_fields_and_columns_are_refused(tmp_path):
             make_trainer(tmp_path, rows)
     with pytest.raises(ValueError, match="train_dataset has no 'privileged_context' column"):
         make_trainer(tmp_path, Dataset.from_list([{"prompt": "2+2?", "answer": "4"}]))
+
+
+def recorded_micro_batches(trainer):
+    """The micro-batches compute_loss receives, in order."""
+    micro_batches, compute_loss = [], trainer.compute_loss
+
+    def recording(model, inputs, *args, **kwargs):
+        micro_batches.append(inputs)
+        return compute_loss(model, inputs, *args, **kwargs)
+    trainer.compute_loss = recording
+    return micro_batches
+
+
+def per_position_stats(trainer, micro):
+    """(counted mask, {name: per-position value}) of a micro-batch, from pmi_kl's own per-position
+    statistics and pmi_diagnostics on the full forward's logits of the three contexts (the
+    frozen ones with the adapter off), apart from the trainer's hidden-state path."""
+    from pmi_kernels import pmi_diagnostics
+    args, model = trainer.args, trainer.model
+    length = micro["completion_ids"].size(1)
+    ids = torch.cat([micro["prompt_ids"], micro["completion_ids"]], 1)
+    mask = torch.cat([micro["prompt_mask"], micro["completion_mask"]], 1)
+    with torch.no_grad():
+        student = full_logits(model, ids, mask, length)
+        with model.disable_adapter():
+            teacher = full_logits(model, micro["teacher_input_ids"], micro["teacher_attention_mask"], length)
+            refonly = full_logits(model, micro["refonly_input_ids"], micro["refonly_attention_mask"], length)
+    counted = micro["completion_mask"].bool().clone()
+    counted[:, :args.num_loss_tokens_to_skip] = False
+    options = dict(beta=args.pmi_beta, clip=args.pmi_clip, center=args.pmi_center, temperature=args.temperature)
+    _, stats = pmi_kl(student, teacher, refonly, mask=counted, reduction="none", return_stats=True,
+                      jsd_beta=args.pmi_jsd_beta, **options)
+    diagnostics = pmi_diagnostics(student, teacher, refonly, **options)
+    return counted, {**stats, **{f"diag/{key}": value for key, value in diagnostics.items()}}
+
+
+def test_every_logged_metric_is_its_per_token_mean(tmp_path):
+    """Two optimizer steps of two micro-batches of unequal completion tokens, logged once: each
+    metric the trainer logs (the distillation loss under both names, KL(q || p), both entropies,
+    every diagnostic) is the mean over the interval's counted tokens of its per-position value,
+    computed apart from the trainer on the same micro-batches; TRL's "loss" is the mean over the
+    steps of each step's per-token loss. Seen failing with each micro-batch's mean weighted
+    alike (a mean of means), with the token count taken before num_loss_tokens_to_skip, and
+    with the metric names shifted against the sums."""
+    from pmi_kernels.backends import DIAGNOSTICS
+    trainer = tiny_trainer(tmp_path, True, torch.float64, per_device_train_batch_size=2, num_generations=1,
+                           gradient_accumulation_steps=2, max_steps=2, logging_steps=2, learning_rate=0.0,
+                           max_completion_length=6, num_loss_tokens_to_skip=1, temperature=1.3, pmi_beta=2.0,
+                           pmi_clip=3.0)
+    perturb_student(trainer, lora=True)
+    short = torch.randint(1, 6, (4,)).tolist()  # a micro-batch of 6 + short tokens, one of 1 + short
+    fixed_rollouts(trainer, [6, short[0], 1, short[1], 1, short[2], 6, short[3]])
+    micro_batches = recorded_micro_batches(trainer)
+    trainer.train()
+    (entry,) = [e for e in trainer.state.log_history if "loss" in e]
+    assert len(micro_batches) == 4
+
+    sums, tokens, step_losses = {}, 0, []
+    for step in range(2):
+        step_sum, step_tokens = 0.0, 0
+        for micro in micro_batches[2 * step:2 * step + 2]:
+            counted, values = per_position_stats(trainer, micro)
+            for name, value in values.items():
+                sums[name] = sums.get(name, 0.0) + float(value[counted].nan_to_num().sum())
+            step_sum += float(values["loss"][counted].sum())
+            step_tokens += int(counted.sum())
+        tokens += step_tokens
+        step_losses.append(step_sum / step_tokens)
+    counts = [int(micro["completion_mask"].sum()) for micro in micro_batches]
+    assert counts[0] != counts[1] and counts[2] != counts[3], counts
+    logged = {"self_distillation/distillation_loss": "loss", "purified_opsd/distillation_loss": "loss",
+              "pmi/kl_target_student": "kl_target_student", "entropy": "entropy_student",
+              "pmi/entropy_target": "entropy_target", **{f"diag/{key}": f"diag/{key}" for key in DIAGNOSTICS}}
+    for key, name in logged.items():
+        assert entry[key] == pytest.approx(sums[name] / tokens, rel=1e-6, abs=1e-12), key
+    assert entry["loss"] == pytest.approx(sum(step_losses) / 2, rel=1e-6)
+
+
+CHAT_TEMPLATE = ("{% for message in messages %}<{{ message['role'] }}>{{ message['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+def test_conversational_contexts_keep_the_system_turns(tmp_path):
+    """Conversational prompts with system turns (one multi-turn): each context's token ids are
+    the chat template's for the expected messages - the student's prompt; the teacher's with
+    the last user turn replaced by teacher_prompt_template over it and the reference; the
+    reference-only with it replaced by refonly_prompt_template alone (a reference given as
+    messages is their contents, one per line) - every earlier turn kept; then the loss trains.
+    Seen failing with the reference-only context built from the last user turn alone (the
+    system turn dropped)."""
+    tokenizer = toy_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    system, earlier = {"role": "system", "content": "Be brief."}, [{"role": "user", "content": "Hi."},
+                                                                    {"role": "assistant", "content": "Hello."}]
+    question = [f"What is {a} + {b}?" for a, b in torch.randint(1, 10, (2, 2)).tolist()]
+    rows = [{"prompt": [system, {"role": "user", "content": question[0]}], "privileged_context": "It is 7."},
+            {"prompt": [system, *earlier, {"role": "user", "content": question[1]}],
+             "privileged_context": [{"role": "assistant", "content": "Add."}, {"role": "assistant", "content": "9."}]}]
+    references = ["It is 7.", "Add.\n9."]
+    trainer = make_trainer(tmp_path, rows, tokenizer, per_device_train_batch_size=2, num_generations=1, max_steps=1)
+    args = trainer.args
+    trainer.model.train()
+    batch = trainer._prepare_training_batch(rows)
+
+    def chat_ids(messages):
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                             return_dict=True)["input_ids"]
+
+    def kept(ids, mask, row):
+        return ids[row][mask[row].bool()].tolist()
+    for row, (example, reference) in enumerate(zip(rows, references)):
+        turns, user = example["prompt"][:-1], example["prompt"][-1]["content"]
+        completion = kept(batch["completion_ids"], batch["completion_mask"], row)
+        teacher = args.teacher_prompt_template.format(prompt=user, privileged_context=reference)
+        refonly = args.refonly_prompt_template.format(privileged_context=reference)
+        assert turns[0] == system
+        assert kept(batch["prompt_ids"], batch["prompt_mask"], row) == chat_ids(example["prompt"])
+        assert kept(batch["teacher_input_ids"], batch["teacher_attention_mask"], row) == chat_ids(
+            [*turns, {"role": "user", "content": teacher}]) + completion
+        assert kept(batch["refonly_input_ids"], batch["refonly_attention_mask"], row) == chat_ids(
+            [*turns, {"role": "user", "content": refonly}]) + completion
+    trainer.train()
+    (entry,) = [e for e in trainer.state.log_history if "loss" in e]
+    assert torch.isfinite(torch.tensor(entry["loss"])) and entry["pmi/kl_target_student"] >= 0
