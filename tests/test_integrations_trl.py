@@ -285,14 +285,17 @@ def test_ddp_gradient_is_normalized_by_the_step_tokens_of_both_processes(tmp_pat
     (dict(refonly_prompt_template="{privileged_context} {answer}"), "refonly_prompt_template"),
     (dict(refonly_prompt_template="Reference: {{privileged_context}}"), "refonly_prompt_template"),
     (dict(refonly_prompt_template="Reference: {privileged_context:>999999999999}"), "refonly_prompt_template"),
+    (dict(teacher_prompt_template="{{prompt}}\n{privileged_context}"), "teacher_prompt_template"),
+    (dict(teacher_prompt_template="{prompt}\n{privileged_context}\n{answer}"), "teacher_prompt_template"),
     (dict(use_teacher_server=True), "use_teacher_server"),
     (dict(num_iterations=2), "num_iterations"),
     (dict(generation_batch_size=8), "steps_per_generation"),
 ])
 def test_options_are_checked_up_front(tmp_path, overrides, key):
     """Each bad option is a ValueError naming its key, when the config is built. Seen failing
-    with each check removed in turn, and with the loss options' errors raised under
-    LossOptions' names (beta, not pmi_beta)."""
+    with each check removed in turn, with the loss options' errors raised under LossOptions'
+    names (beta, not pmi_beta), and with SDFT's substring check of teacher_prompt_template alone
+    (a literal {{prompt}} and an unknown field passed it)."""
     with pytest.raises(ValueError, match=key):
         tiny_config(tmp_path, **overrides)
 

@@ -10,9 +10,10 @@ Switching from SDFT changes the two classes and adds the PMI options:
     trainer.train()
 
 Kept from SDFT: the dataset ("prompt", "privileged_context": the reference solution), the
-rollouts (transformers or vLLM), the teacher's prompt (`teacher_prompt_template`), the
-teacher's weights (`teacher_model_kind`: "base" is the adapter switched off under PEFT, else a
-frozen copy; "live"; "ema"), accelerate and DDP as TRL runs them (tested; FSDP and DeepSpeed
+rollouts (transformers or vLLM), the teacher's prompt (`teacher_prompt_template`, which must
+format {prompt} and {privileged_context} and nothing else), the teacher's weights
+(`teacher_model_kind`: "base" is the adapter switched off under PEFT, else a frozen copy;
+"live"; "ema"), accelerate and DDP as TRL runs them (tested; FSDP and DeepSpeed
 are routed as in TRL's DistillationTrainer, untested here), `num_loss_tokens_to_skip`,
 `temperature` (the loss reads logits / temperature, as SDFT's does) and the logging.
 
@@ -134,21 +135,23 @@ class PurifiedOPSDConfig(SDFTConfig):
             validation.check_bool(key, getattr(self, key))
         if self.pmi_anchor and self.pmi_mode != "pmi":
             raise ValueError("pmi_anchor needs pmi_mode='pmi' (in 'opsd' mode the target is p_T, with no anchor)")
-        self._check_refonly_template()
+        self._check_template("refonly_prompt_template", ("privileged_context",),
+                             "the reference-only context has the reference and no question")
+        # SDFT checks its template for the substrings "{prompt}" and "{privileged_context}", which
+        # "{{prompt}}" (a literal: the teacher without the question) and an unknown field pass.
+        self._check_template("teacher_prompt_template", ROW_FIELDS, "the teacher's context has both")
         self._check_sdft_options()
 
-    def _check_refonly_template(self):
-        template = self.refonly_prompt_template
-        try:  # the fields formatted into it ({{ and }} are literal braces)
+    def _check_template(self, key: str, wanted: tuple, why: str):
+        """The template formats exactly the wanted fields ({{ and }} are literal braces)."""
+        template = getattr(self, key)
+        try:
             fields = set(template_fields(template))
         except ValueError as err:
-            raise ValueError(f"refonly_prompt_template: {err}, got {template!r}") from None
-        if "privileged_context" not in fields or "prompt" in fields:
-            raise ValueError("refonly_prompt_template must contain {privileged_context} and not {prompt} (the "
-                             f"reference-only context has no question), got {template!r}")
-        if fields != {"privileged_context"}:
-            raise ValueError(f"refonly_prompt_template: only {{privileged_context}} may be formatted into it, "
-                             f"got {template!r}")
+            raise ValueError(f"{key}: {err}, got {template!r}") from None
+        if fields != set(wanted):
+            names = " and ".join(f"{{{name}}}" for name in wanted)
+            raise ValueError(f"{key} must format {names} and no other field ({why}), got {template!r}")
 
     def _check_sdft_options(self):
         if self.use_teacher_server:
