@@ -402,12 +402,12 @@ NO_TOKENS = "renders to no tokens"
                  "train_dataset row 1: the student's context " + NO_TOKENS + r" \(prompt=''\)", id="empty-prompt"),
 ])
 def test_a_context_without_tokens_is_refused_up_front(tmp_path, overrides, bad, match):
-    """A row that renders a context (student, teacher or reference-only) to no tokens is a
-    ValueError naming the row, the context, its template and the field, when the trainer is
-    built, before SDFT sets anything up. Seen failing before the check: construction passed,
-    and training crashed with "Expected tensor for argument #1 'indices' ... FloatTensor" (an
-    empty context became float ids) or, with the row second in its batch, read the first
-    completion token from a padding position (and trained on)."""
+    """A row that renders a context (the student's or the reference-only; the teacher's text has
+    the prompt) to no tokens is a ValueError naming the row, the context, its template and the
+    field, when the trainer is built, before SDFT sets anything up. Seen failing before the
+    check: construction passed, and training crashed with "Expected tensor for argument #1
+    'indices' ... FloatTensor" (an empty context became float ids) or, with the row second in
+    its batch, read the first completion token from a padding position (and trained on)."""
     rows = text_rows()
     rows[1].update(bad)
     with pytest.raises(ValueError, match=match), \
