@@ -265,7 +265,9 @@ def fused_pmi_kl(student_hidden, lm_head_weight, teacher_hidden, refonly_hidden=
     (docs/distributed.md); the loss is the whole vocabulary's on every rank, the hidden-state
     gradient is summed over the ranks, the weight and bias gradients are this rank's shard's.
     """
-    if isinstance(student_hidden, torch.Tensor) and torch.is_autocast_enabled(student_hidden.device.type):
+    # Autocast is asked only about device types it knows: another (meta) goes on to the checks, which refuse it.
+    if isinstance(student_hidden, torch.Tensor) and torch.amp.is_autocast_available(student_hidden.device.type) \
+            and torch.is_autocast_enabled(student_hidden.device.type):
         # Under autocast the head's GEMMs run in the autocast dtype, as F.linear's would (the
         # statistics stay fp32); gradients reach the given (e.g. fp32 master) tensors through the casts.
         dtype = torch.get_autocast_dtype(student_hidden.device.type)
