@@ -5,13 +5,12 @@ values), raised before any kernel runs.
 """
 from __future__ import annotations
 
-import math
 import numbers
 from typing import Dict, Optional
 
 import torch
 
-from .options import REDUCTIONS
+from .options import LARGEST, REDUCTIONS, SMALLEST, check_number
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -117,29 +116,15 @@ def counted_positions(mask, labels, ignore_index, lead_shape, device) -> Optiona
 
 
 def check_normalizer(normalizer, reduction: str) -> None:
-    """normalizer (a number or a 0-d tensor > 0) divides the masked sum, in place of the mean's count."""
+    """normalizer (a number or a 0-d tensor, in the options' range) divides the masked sum, in place
+    of the mean's count."""
     if normalizer is None:
         return
     if reduction == "none":
         raise ValueError("normalizer divides a reduced loss: it cannot be used with reduction='none'")
-    if isinstance(normalizer, torch.Tensor):
-        if normalizer.dim() != 0 or normalizer.dtype == torch.bool or normalizer.is_complex():
-            raise ValueError(f"normalizer must be a number or a 0-d real tensor, got shape {tuple(normalizer.shape)} "
-                             f"{normalizer.dtype}")
-        if torch.compiler.is_compiling():
-            return
-        if normalizer.device.type == "meta":
-            raise ValueError("normalizer is a meta tensor: it holds no value")
-        value = float(normalizer)
-    elif isinstance(normalizer, numbers.Real) and not isinstance(normalizer, bool):
-        try:
-            value = float(normalizer)
-        except OverflowError:
-            value = math.inf
-    else:
-        raise ValueError(f"normalizer must be a number or a 0-d tensor, got {type(normalizer).__name__}")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"normalizer must be finite and > 0, got {value!r}")
+    if isinstance(normalizer, torch.Tensor) and torch.compiler.is_compiling():
+        return  # a traced tensor's value cannot be read
+    check_number("normalizer", normalizer, SMALLEST, LARGEST)
 
 
 def check_linear(weight, bias, hidden: torch.Tensor, weight_name: str, bias_name: str) -> None:
