@@ -29,14 +29,17 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 SMALLEST, LARGEST = 1e-30, 1e30
 
 
+def is_number_tensor(value) -> bool:
+    """A tensor that holds one real number: 0-d, dense, not bool or complex, not on the meta device."""
+    return (isinstance(value, torch.Tensor) and value.dim() == 0 and value.layout == torch.strided
+            and value.dtype != torch.bool and not value.is_complex() and not value.is_meta)
+
+
 def real_value(value) -> Optional[float]:
-    """The float of a numeric option as given: a Python or numpy real scalar, or a 0-d real
-    tensor (dense, not bool, not on the meta device); None for anything else. An int too large for a
-    float is inf."""
+    """The float of a numeric option as given: a Python or numpy real scalar, or a number tensor
+    (is_number_tensor); None for anything else. An int too large for a float is inf."""
     if isinstance(value, torch.Tensor):
-        usable = (value.dim() == 0 and value.layout == torch.strided and value.dtype != torch.bool
-                  and not value.is_complex() and not value.is_meta)
-        return float(value) if usable else None
+        return float(value) if is_number_tensor(value) else None
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return None
     try:

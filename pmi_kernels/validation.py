@@ -10,7 +10,7 @@ from typing import Dict, Optional
 
 import torch
 
-from .options import LARGEST, REDUCTIONS, SMALLEST, check_number
+from .options import LARGEST, REDUCTIONS, SMALLEST, check_number, is_number_tensor
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -122,7 +122,7 @@ def check_normalizer(normalizer, reduction: str) -> None:
         return
     if reduction == "none":
         raise ValueError("normalizer divides a reduced loss: it cannot be used with reduction='none'")
-    if isinstance(normalizer, torch.Tensor) and torch.compiler.is_compiling():
+    if is_number_tensor(normalizer) and torch.compiler.is_compiling():
         return  # a traced tensor's value cannot be read
     check_number("normalizer", normalizer, SMALLEST, LARGEST)
 

@@ -200,8 +200,9 @@ def base_call(function, rng, gen):
     call = {name: rand(*LEAD, width) for name in names[:2]}
     call.update({name: rand(*LEAD, width) if rng.random() < 0.5 else None for name in names[2:]})
     reduction = rng.choice(["mean", "sum", "none"])
-    call.update(draw_options(rng), reduction=reduction, return_stats=rng.random() < 0.5, check_finite=rng.random() < 0.5,
-                backend=rng.choice(backends_here()), workspace_bytes=rng.choice([None, rng.randrange(10_000, 10**9)]),
+    call.update(draw_options(rng), reduction=reduction, return_stats=rng.random() < 0.5,
+                check_finite=rng.random() < 0.5, backend=rng.choice(backends_here()),
+                workspace_bytes=rng.choice([None, rng.randrange(10_000, 10**9)]),
                 normalizer=None if reduction == "none" else rng.choice([None, rng.uniform(0.5, 20.0)]),
                 grad_student=rng.random() < 0.5)
     if rng.random() < 0.5:
