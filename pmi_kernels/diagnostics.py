@@ -64,9 +64,9 @@ def pmi_diagnostics(student, teacher, refonly, anchor=None, *, lm_head_weight=No
     def logits(x, w, b):
         return None if x is None else (x if w is None else F.linear(x, w, b)).contiguous()
 
-    parts = []
-    # At least one chunk, so an empty input still returns every key.
-    for i in range(0, max(1, flat[0].shape[0]), step):
+    # No rows: no kernel call (as in pmi_kl), so an empty input's strides never reach a kernel's checks.
+    parts = [first.new_empty(0, len(DIAGNOSTICS), dtype=compute_dtype(first.dtype))]
+    for i in range(0, flat[0].shape[0], step):
         s, t, r, a = (None if x is None else x[i:i + step] for x in flat)
         if lm_head_weight is None:
             s, t, r, a = (logits(x, None, None) for x in (s, t, r, a))

@@ -265,7 +265,9 @@ def fused_pmi_kl(student_hidden, lm_head_weight, teacher_hidden, refonly_hidden=
     (docs/distributed.md); the loss is the whole vocabulary's on every rank, the hidden-state
     gradient is summed over the ranks, the weight and bias gradients are this rank's shard's.
     """
-    if isinstance(student_hidden, torch.Tensor) and torch.is_autocast_enabled(student_hidden.device.type):
+    # Autocast is asked only about device types it knows: another (meta) goes on to the checks, which refuse it.
+    if isinstance(student_hidden, torch.Tensor) and torch.amp.is_autocast_available(student_hidden.device.type) \
+            and torch.is_autocast_enabled(student_hidden.device.type):
         # Under autocast the head's GEMMs run in the autocast dtype, as F.linear's would (the
         # statistics stay fp32); gradients reach the given (e.g. fp32 master) tensors through the casts.
         dtype = torch.get_autocast_dtype(student_hidden.device.type)
@@ -297,10 +299,12 @@ def fused_pmi_kl(student_hidden, lm_head_weight, teacher_hidden, refonly_hidden=
             validation.check_finite({**streams, "lm_head_weight": lm_head_weight, "lm_head_bias": lm_head_bias,
                                      "frozen_weight": frozen_weight, "frozen_bias": frozen_bias})
         if group is not None:  # chunks, the phases' collectives and the gradient's all-reduce run alike
-            agreement.fingerprint = (tuple(student.shape), student.dtype, opts, reduction, return_stats,
-                                     anchor_hidden is not None, lm_head_bias is not None, impl.name, workspace_bytes,
-                                     torch.is_grad_enabled() and student.requires_grad,
-                                     vocab_parallel.mask_digest(mask), vocab_parallel.normalizer_digest(normalizer))
+            agreement.fingerprint = vocab_parallel.call_fingerprint(
+                student.shape, student.dtype, {**streams, **heads}, opts, mask, normalizer, reduction=reduction,
+                return_stats=return_stats, check_finite=check_finite, grad_weight_fp32=grad_weight_fp32,
+                backend=impl.name, workspace_bytes=workspace_bytes,
+                gradient=tuple(torch.is_grad_enabled() and x is not None and x.requires_grad
+                               for x in (student, lm_head_weight, lm_head_bias)))
 
     vocab, hidden = lm_head_weight.shape
     # Chunk buffers: s plus each frozen stream the plan computes, in the input dtype. Chunks

@@ -132,10 +132,11 @@ def pmi_kl(student_logits, teacher_logits, refonly_logits=None, anchor_logits=No
         impl = resolve_backend(backend, student.device)
         if check_finite:
             validation.check_finite(streams)
-        if group is not None:  # chunks and the phases' collectives run alike
-            agreement.fingerprint = (tuple(lead), student.dtype, opts, reduction, return_stats, impl.name,
-                                     workspace_bytes, vocab_parallel.mask_digest(mask),
-                                     vocab_parallel.normalizer_digest(normalizer))
+        if group is not None:  # chunks and the phases' collectives run alike, on one target
+            agreement.fingerprint = vocab_parallel.call_fingerprint(
+                lead, student.dtype, streams, opts, mask, normalizer, reduction=reduction, return_stats=return_stats,
+                check_finite=check_finite, backend=impl.name, workspace_bytes=workspace_bytes,
+                gradient=torch.is_grad_enabled() and student.requires_grad)
     flat = lambda x: None if x is None else x.reshape(-1, vocab).contiguous()  # noqa: E731
     flat_mask = None if mask is None else mask.reshape(-1)
     compute_grad = torch.is_grad_enabled() and student.requires_grad

@@ -24,20 +24,41 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 # The options' range: the kernels compute in fp32, where a reciprocal of a beta or temperature
-# below 1e-30 scales logits past fp32's range, and a clip above 1e30 is no clip (pass None).
+# below 1e-30 scales logits past fp32's range, and a clip above 1e30 is no clip (pass None). The
+# normalizer has the same range: fp32 rounds 1e-45 to 0 and 1e300 to inf.
 SMALLEST, LARGEST = 1e-30, 1e30
 
 
-def _positive(name: str, value, lowest: float = 0.0) -> float:
-    """A finite number in (lowest, LARGEST] (at least `lowest`, when it is not 0)."""
-    valid = isinstance(value, numbers.Real) and not isinstance(value, bool)
+def is_number_tensor(value) -> bool:
+    """A tensor that holds one real number: 0-d, dense, not bool or complex, not on the meta device."""
+    return (isinstance(value, torch.Tensor) and value.dim() == 0 and value.layout == torch.strided
+            and value.dtype != torch.bool and not value.is_complex() and not value.is_meta)
+
+
+def real_value(value) -> Optional[float]:
+    """The float of a numeric option as given: a Python or numpy real scalar, or a number tensor
+    (is_number_tensor); None for anything else. An int too large for a float is inf."""
+    if isinstance(value, torch.Tensor):
+        return float(value) if is_number_tensor(value) else None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
     try:
-        number = float(value) if valid else math.nan
-    except OverflowError:  # an int too large for a float
-        number = math.inf
-    if not (math.isfinite(number) and number > 0 and number >= lowest and number <= LARGEST):
-        bounds = f"in [{lowest:g}, {LARGEST:g}]" if lowest else f"> 0 and at most {LARGEST:g}"
-        raise ValueError(f"{name} must be a finite number {bounds}, got {value!r}")
+        return float(value)
+    except OverflowError:
+        return math.inf
+
+
+def check_number(name: str, value, low: float, high: float, low_open: bool = False) -> float:
+    """The one rule for every numeric option (beta, clip, temperature, jsd_beta, entry_clip, the
+    normalizer): real_value's forms, finite, in [low, high] ((low, high] when low_open).
+    Returns it as a float."""
+    number = real_value(value)
+    inside = number is not None and math.isfinite(number) and (number > low if low_open else number >= low) \
+        and number <= high
+    if not inside:
+        bounds = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+        raise ValueError(f"{name} must be a finite number in {bounds} (a Python or numpy number or a 0-d tensor), "
+                         f"got {value!r}")
     return number
 
 
@@ -63,16 +84,12 @@ class LossOptions:
         if torch.compiler.is_compiling():
             return
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
-        set_("beta", _positive("beta", self.beta, SMALLEST))
-        set_("temperature", _positive("temperature", self.temperature, SMALLEST))
-        if self.clip is not None:
-            set_("clip", _positive("clip", self.clip))
-        if self.entry_clip is not None:
-            set_("entry_clip", _positive("entry_clip", self.entry_clip))
-        lam = self.jsd_beta
-        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0.0 <= lam <= 1.0:
-            raise ValueError(f"jsd_beta must be a number in [0, 1], got {lam!r}")
-        set_("jsd_beta", float(lam))
+        set_("beta", check_number("beta", self.beta, SMALLEST, LARGEST))
+        set_("temperature", check_number("temperature", self.temperature, SMALLEST, LARGEST))
+        for name in ("clip", "entry_clip"):  # None: no clip
+            if getattr(self, name) is not None:
+                set_(name, check_number(name, getattr(self, name), 0.0, LARGEST, low_open=True))
+        set_("jsd_beta", check_number("jsd_beta", self.jsd_beta, 0.0, 1.0))
         for name in ("pmi", "center"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")

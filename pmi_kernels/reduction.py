@@ -13,8 +13,8 @@ from .backends import STATS
 def divisor(mask: Optional[Tensor], rows: int, reduction: str, normalizer, dtype, device) -> Tensor:
     """What the masked sum is divided by, as a tensor (no host sync, so torch.compile traces it):
     the normalizer when given, else max(1, kept rows) for "mean" and 1 otherwise."""
-    if normalizer is not None:
-        return torch.as_tensor(normalizer, device=device).to(dtype)
+    if normalizer is not None:  # a Python float goes straight to dtype: through fp32 it would lose fp64's digits
+        return torch.as_tensor(normalizer, dtype=dtype, device=device)
     if reduction != "mean":
         return torch.ones((), dtype=dtype, device=device)
     if mask is None:

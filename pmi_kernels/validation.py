@@ -5,13 +5,12 @@ values), raised before any kernel runs.
 """
 from __future__ import annotations
 
-import math
 import numbers
 from typing import Dict, Optional
 
 import torch
 
-from .options import REDUCTIONS
+from .options import LARGEST, REDUCTIONS, SMALLEST, check_number, is_number_tensor
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -25,11 +24,22 @@ def check_reduction(reduction) -> None:
     check_choice("reduction", reduction, REDUCTIONS)
 
 
+# The custom ops carry workspace_bytes as an int64.
+LARGEST_WORKSPACE = 2**63 - 1
+
+
 def check_workspace(workspace_bytes) -> None:
     if workspace_bytes is None:
         return
-    if isinstance(workspace_bytes, bool) or not isinstance(workspace_bytes, int) or workspace_bytes <= 0:
-        raise ValueError(f"workspace_bytes must be an integer > 0 (bytes), got {workspace_bytes!r}")
+    if isinstance(workspace_bytes, bool) or not isinstance(workspace_bytes, int) \
+            or not 0 < workspace_bytes <= LARGEST_WORKSPACE:
+        raise ValueError(f"workspace_bytes must be an integer in [1, 2**63 - 1] (bytes), got {workspace_bytes!r}")
+
+
+def check_dense(name: str, x: torch.Tensor) -> None:
+    """A strided (dense) tensor: neither the kernels nor the finite check take sparse layouts."""
+    if x.layout != torch.strided:
+        raise ValueError(f"{name} must be a dense (strided) tensor, got layout {x.layout}")
 
 
 def check_streams(streams: Dict[str, Optional[torch.Tensor]], what: str, required: int = 2) -> torch.Tensor:
@@ -47,6 +57,7 @@ def check_streams(streams: Dict[str, Optional[torch.Tensor]], what: str, require
             continue
         if not isinstance(x, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        check_dense(name, x)
         if x.dtype not in FLOAT_DTYPES:
             raise ValueError(f"{name} must be a floating tensor (fp16, bf16, fp32, fp64), got {x.dtype}")
         if x.dim() < 1 or x.shape[-1] == 0:
@@ -84,6 +95,7 @@ def counted_positions(mask, labels, ignore_index, lead_shape, device) -> Optiona
         return None
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"{name} must be a tensor of the streams' leading shape, got {type(x).__name__}")
+    check_dense(name, x)
     if tuple(x.shape) != tuple(lead_shape):
         raise ValueError(f"{name} has shape {tuple(x.shape)} but the streams' leading shape is {tuple(lead_shape)}")
     if x.device != device:
@@ -104,29 +116,15 @@ def counted_positions(mask, labels, ignore_index, lead_shape, device) -> Optiona
 
 
 def check_normalizer(normalizer, reduction: str) -> None:
-    """normalizer (a number or a 0-d tensor > 0) divides the masked sum, in place of the mean's count."""
+    """normalizer (a number or a 0-d tensor, in the options' range) divides the masked sum, in place
+    of the mean's count."""
     if normalizer is None:
         return
     if reduction == "none":
         raise ValueError("normalizer divides a reduced loss: it cannot be used with reduction='none'")
-    if isinstance(normalizer, torch.Tensor):
-        if normalizer.dim() != 0 or normalizer.dtype == torch.bool or normalizer.is_complex():
-            raise ValueError(f"normalizer must be a number or a 0-d real tensor, got shape {tuple(normalizer.shape)} "
-                             f"{normalizer.dtype}")
-        if torch.compiler.is_compiling():
-            return
-        if normalizer.device.type == "meta":
-            raise ValueError("normalizer is a meta tensor: it holds no value")
-        value = float(normalizer)
-    elif isinstance(normalizer, numbers.Real) and not isinstance(normalizer, bool):
-        try:
-            value = float(normalizer)
-        except OverflowError:
-            value = math.inf
-    else:
-        raise ValueError(f"normalizer must be a number or a 0-d tensor, got {type(normalizer).__name__}")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"normalizer must be finite and > 0, got {value!r}")
+    if is_number_tensor(normalizer) and torch.compiler.is_compiling():
+        return  # a traced tensor's value cannot be read
+    check_number("normalizer", normalizer, SMALLEST, LARGEST)
 
 
 def check_linear(weight, bias, hidden: torch.Tensor, weight_name: str, bias_name: str) -> None:
@@ -134,6 +132,7 @@ def check_linear(weight, bias, hidden: torch.Tensor, weight_name: str, bias_name
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         got = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
         raise ValueError(f"{weight_name} must be a 2-D tensor [V, H], got {got}")
+    check_dense(weight_name, weight)
     vocab, hidden_size = weight.shape
     if vocab == 0 or hidden_size == 0:
         raise ValueError(f"{weight_name} must have V > 0 and H > 0, got shape {tuple(weight.shape)}")
@@ -148,6 +147,7 @@ def check_linear(weight, bias, hidden: torch.Tensor, weight_name: str, bias_name
     if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (vocab,):
         got = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
         raise ValueError(f"{bias_name} must be a tensor of shape [{vocab}], got {got}")
+    check_dense(bias_name, bias)
     if bias.dtype != weight.dtype or bias.device != weight.device:
         raise ValueError(f"{bias_name} must match {weight_name} in dtype and device")
 

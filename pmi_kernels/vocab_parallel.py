@@ -71,10 +71,23 @@ class Agreement:
         if flags[0]:
             raise ValueError("process_group: another rank's input was refused (its own error says why)")
         if flags[1] != -flags[2]:
-            raise ValueError("process_group: the ranks differ in their rows, masks, dtype, loss options, backend, "
-                             "workspace, normalizer or gradient mode; every rank must pass the same rows (its own "
-                             "vocabulary shard of them), mask and options, with gradients on or off alike")
+            raise ValueError("process_group: the ranks differ in their rows, masks, dtype, optional streams or heads "
+                             "given, loss options or flags, backend, workspace, normalizer or gradient mode; every "
+                             "rank must pass the same rows (its own vocabulary shard of them), mask, streams and "
+                             "options, with gradients on or off alike")
         return False
+
+
+def call_fingerprint(rows_shape, dtype, tensors: Dict[str, Optional[torch.Tensor]], opts: LossOptions,
+                     mask: Optional[torch.Tensor], normalizer, **settings) -> tuple:
+    """What Agreement compares of one call, built alike for pmi_kl and fused_pmi_kl: the rows'
+    shape, the dtype, which of the optional tensors are given (an anchor or a frozen head on one
+    rank only would mix two targets into one loss), the loss options, the counted rows, the
+    normalizer, and every other setting by value (reduction, flags, backend, workspace,
+    gradient mode)."""
+    given = tuple(name for name, x in tensors.items() if x is not None)
+    return (tuple(rows_shape), dtype, given, opts, mask_digest(mask), normalizer_digest(normalizer),
+            tuple(sorted(settings.items())))
 
 
 def normalizer_digest(normalizer):
@@ -82,16 +95,30 @@ def normalizer_digest(normalizer):
     return None if normalizer is None else float(normalizer)
 
 
+# Odd 64-bit multipliers (PCG's and splitmix64's, the latter as a signed int64) that spread row
+# indices over int64; products wrap alike on every device.
+_MIX = (6364136223846793005, -4658895280553007687)
+
+
 def mask_digest(mask: Optional[torch.Tensor]) -> tuple:
-    """What Agreement compares of a mask: the counted rows' count, and the sums of their indices
-    and of their squares (two masks of one count differ in these unless chosen to collide).
+    """What Agreement compares of a mask: the counted rows' count, and two sums over them of
+    their indices hashed to int64. Sums of the plain indices and their squares were equal for
+    masks such as rows {0, 4, 5} and {1, 2, 6}; hashed ones agree for two masks only by chance.
     Ranks with different masks would sweep different rows: a crash in a collective, or a loss
     that mixes rows."""
     if mask is None:
         return ()
     counted = mask.reshape(-1).to(torch.int64)
-    index = torch.arange(counted.numel(), device=counted.device)
-    return tuple(torch.stack([counted.sum(), (counted * index).sum(), (counted * index * index).sum()]).tolist())
+    index = torch.arange(counted.numel(), dtype=torch.int64, device=counted.device)
+    hashes = [_hashed(index, multiplier) for multiplier in _MIX]
+    return tuple(torch.stack([counted.sum()] + [(counted * h).sum() for h in hashes]).tolist())
+
+
+def _hashed(index: torch.Tensor, multiplier: int) -> torch.Tensor:
+    """index -> a scrambled int64 (multiply, fold the high bits down, multiply again)."""
+    x = (index + 1) * multiplier
+    x = x ^ ((x >> 29) & ((1 << 35) - 1))  # a logical shift: torch shifts int64 arithmetically
+    return x * multiplier
 
 
 def all_reduce(x: torch.Tensor, group, op=None) -> torch.Tensor:

@@ -246,3 +246,70 @@ def test_compile_with_dynamic_shapes():
     for rows in (5, 9):
         s, t, r = streams(rows, 30, count=3)
         assert torch.allclose(compiled(s, t, r), pmi_kl(s, t, r, beta=2.0, jsd_beta=0.3))
+
+
+@pytest.mark.parametrize("fn_name", ["pmi_kl", "fused_pmi_kl"])
+def test_a_float_normalizer_keeps_fp64(fn_name):
+    """normalizer=3.7 with fp64 inputs divides in fp64: it was rounded through fp32 (1.3e-8 off)."""
+    normalizer = 1.0 + 9.0 * torch.rand((), dtype=torch.float64).item()  # almost never an fp32 value
+    if fn_name == "pmi_kl":
+        s, t, r = streams(4, 37, torch.float64, count=3)
+    else:
+        (s, t, r), w = hidden_inputs("cpu")
+        s, t, r, w = (x.double() for x in (s, t, r, w))
+    s.requires_grad_(True)
+
+    def run(**kwargs):
+        return pmi_kl(s, t, r, **kwargs) if fn_name == "pmi_kl" else fused_pmi_kl(s, w, t, r, **kwargs)
+
+    total = run(reduction="sum")
+    (total_grad,) = torch.autograd.grad(total, s)
+    for reduction in ("mean", "sum"):
+        loss = run(reduction=reduction, normalizer=normalizer)
+        (grad,) = torch.autograd.grad(loss, s)
+        assert torch.allclose(loss, total / normalizer, rtol=1e-14, atol=0), (normalizer, loss - total / normalizer)
+        assert torch.allclose(grad, total_grad / normalizer, rtol=1e-13, atol=1e-300), normalizer
+
+
+NUMERIC_OPTIONS = {"beta": (0.2, 5.0), "clip": (0.5, 20.0), "temperature": (0.3, 3.0), "jsd_beta": (0.0, 1.0),
+                   "entry_clip": (1e-3, 1.0), "normalizer": (0.5, 50.0)}
+
+
+def numeric_forms(value):
+    """value written every way a numeric option takes: Python, numpy, 0-d tensors (fp32 ones
+    only where value is an fp32 number, integer ones where it is an integer)."""
+    import numpy as np
+    forms = [np.float64(value), torch.tensor(value, dtype=torch.float64)]
+    if float(np.float32(value)) == value:
+        forms += [np.float32(value), torch.tensor(value, dtype=torch.float32)]
+    if value == int(value):
+        forms += [int(value), np.int64(value), torch.tensor(int(value))]
+    return forms
+
+
+@pytest.mark.parametrize("name", NUMERIC_OPTIONS)
+def test_every_numeric_option_takes_one_set_of_forms(name):
+    """One rule for every numeric option: Python and numpy numbers and 0-d real tensors give the
+    Python float's loss (jsd_beta=np.float32(0.5) was refused, beta=np.float32(1.0) accepted);
+    bools, strings, other tensors are refused by name, in every function and module."""
+    import numpy as np
+    low, high = NUMERIC_OPTIONS[name]
+    drawn = low + (high - low) * torch.rand(()).item()
+    s, t, r = streams(3, 10, torch.float64, count=3)
+    h, w = [torch.randn(3, 4, dtype=torch.float64) for _ in range(3)], torch.randn(10, 4, dtype=torch.float64)
+    calls = {"pmi_kl": lambda v: pmi_kl(s, t, r, **{name: v}),
+             "fused_pmi_kl": lambda v: fused_pmi_kl(h[0], w, h[1], h[2], **{name: v}),
+             "PMIKLLoss": lambda v: (PMIKLLoss(**{name: v}) if name != "normalizer" else PMIKLLoss())(
+                 s, t, r, **({name: v} if name == "normalizer" else {}))}
+    if name in ("beta", "clip", "temperature"):
+        calls["pmi_diagnostics"] = lambda v: pmi_diagnostics(s, t, r, **{name: v})["kl_target_student"]
+    for value in (drawn, float(np.float32(drawn)), float(round(drawn)) if round(drawn) >= low else high):
+        for function, run in calls.items():
+            want = run(value)
+            for form in numeric_forms(value):
+                assert torch.equal(run(form), want), (function, name, value, form)
+    for bad in (True, np.bool_(True), "1", torch.ones(1), torch.tensor(True), torch.tensor(1 + 0j),
+                torch.tensor(1.0, device="meta"), torch.tensor(1.0).to_sparse()):
+        for function, run in calls.items():
+            with pytest.raises(ValueError, match=f"^{name} must be a finite number in"):
+                run(bad)

@@ -93,3 +93,15 @@ def test_properties():
     same = pmi_diagnostics(s, t, t)  # no reference-only difference: Δ_ref = Δ_total
     assert torch.allclose(same["cos_total_ref"], torch.ones(6, dtype=torch.float64))
     assert torch.allclose(same["norm_ratio_ref_total"], torch.ones(6, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("lead", [(0,), (2, 0)])
+@pytest.mark.parametrize("device,backend", PATHS)
+def test_empty_strided_input_gives_empty_results(device, backend, lead):
+    """No rows, strided along the vocabulary (x[..., ::2]): every key, empty, as pmi_kl returns an
+    empty loss; the C++ kernel's contiguity check refused it (on cpu and auto)."""
+    from pmi_kernels import pmi_kl
+    s, t, r, a = (torch.randn(*lead, 10, device=device)[..., ::2] for _ in range(4))
+    for got in (pmi_diagnostics(s, t, r, backend=backend), pmi_diagnostics(s, t, r, a, backend=backend)):
+        assert all(x.shape == lead and x.dtype == torch.float32 for x in got.values()), got
+    assert pmi_kl(s, t, r, reduction="none", backend=backend).shape == lead
