@@ -102,3 +102,20 @@ def test_constant_result_mark_is_torchs():
     backends._assume_constant_result(ours)
     marks = {k: v for k, v in vars(theirs).items() if not k.startswith("__")}
     assert marks and marks == {k: v for k, v in vars(ours).items() if not k.startswith("__")}
+
+
+def test_extension_is_usable_where_a_compiler_is_present():
+    """With a C++ compiler on the PATH the C++ kernel must build and load: a broken csrc/ fails the suite
+    instead of dropping backend "cpu" from the tests in silence. PMI_KERNELS_NO_EXTENSION=1 is the deliberate
+    way to test without it."""
+    import torch
+
+    from pmi_kernels.backends import usable_backends
+    from pmi_kernels.backends.native import build_spec
+
+    if os.environ.get("PMI_KERNELS_NO_EXTENSION") == "1":
+        pytest.skip("the extension is turned off (PMI_KERNELS_NO_EXTENSION=1)")
+    if build_spec.compiler() is None:
+        pytest.skip("no C++ compiler on the PATH")
+    assert extension.load() is None, extension.load()
+    assert "cpu" in usable_backends(torch.device("cpu"))
