@@ -273,13 +273,13 @@ def _jit(with_cuda: bool, force_build: bool, retry_failed: bool) -> Tuple[Path, 
     if not _writable(entry):
         try:
             scratch = Path(tempfile.mkdtemp(prefix="pmi_kernels-"))
+            atexit.register(shutil.rmtree, scratch, ignore_errors=True)  # the loaded library outlives its file
         except OSError as err:
             return entry, (f"neither the kernel cache {cache_root()} nor a temporary directory is writable ({err}): "
                            f"set PMI_KERNELS_CACHE to a writable directory and {HOW_TO_BUILD}, or install pmi_kernels "
                            "with its kernels compiled (README)")
         _warn(f"the kernel cache {cache_root()} is not writable: building the kernels into {scratch} for this "
               "process (set PMI_KERNELS_CACHE to a writable directory to keep them)")
-        atexit.register(shutil.rmtree, scratch, ignore_errors=True)  # the loaded library outlives its file
         entry = scratch / entry.name
         entry.mkdir()
     return entry, _build_or_reuse(entry, with_cuda, force_build, retry_failed)
