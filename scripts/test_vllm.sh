@@ -12,6 +12,8 @@ if [ ! -x .venv-vllm/bin/python ]; then
     # load on the CPU build and break transformers' imports; nothing here uses them.
     .venv-vllm/bin/pip uninstall -q -y torchvision torchaudio torchcodec
 fi
-.venv-vllm/bin/pip install -q -e ".[dev]"
+# A pure-Python install here (no second compile): the kernels scripts/env.sh compiled into the checkout
+# (pmi_kernels/_C) are loaded under this venv's torch too, the same build; otherwise they build on first use.
+PMI_KERNELS_BUILD_NATIVE=0 .venv-vllm/bin/pip install -q -e ".[dev]"
 .venv-vllm/bin/python -c "import vllm"  # here the vLLM tests must run, not skip
 .venv-vllm/bin/python -m pytest tests/test_train_vllm.py tests/test_train.py "$@"

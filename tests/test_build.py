@@ -75,3 +75,47 @@ def test_build_command_reports_the_kernels():
                          text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stderr
     assert "kernels ready in" in out.stdout
+
+
+def test_import_leaves_dynamo_unloaded():
+    """`import pmi_kernels` does not import torch._dynamo (with sympy, about as long as importing torch);
+    scripts/bench_import.py measures the import."""
+    code = "import sys, pmi_kernels; print('torch._dynamo' in sys.modules, 'sympy' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "False"]
+
+
+def test_constant_result_mark_is_torchs():
+    """The backends' lazy stand-in for torch.compiler.assume_constant_result marks a function as torch's does."""
+    import torch
+
+    from pmi_kernels import backends
+
+    def theirs():
+        return None
+
+    def ours():
+        return None
+
+    torch.compiler.assume_constant_result(theirs)
+    backends._assume_constant_result(ours)
+    marks = {k: v for k, v in vars(theirs).items() if not k.startswith("__")}
+    assert marks and marks == {k: v for k, v in vars(ours).items() if not k.startswith("__")}
+
+
+def test_extension_is_usable_where_a_compiler_is_present():
+    """With a C++ compiler on the PATH the C++ kernel must build and load: a broken csrc/ fails the suite
+    instead of dropping backend "cpu" from the tests in silence. PMI_KERNELS_NO_EXTENSION=1 is the deliberate
+    way to test without it."""
+    import torch
+
+    from pmi_kernels.backends import usable_backends
+    from pmi_kernels.backends.native import build_spec
+
+    if os.environ.get("PMI_KERNELS_NO_EXTENSION") == "1":
+        pytest.skip("the extension is turned off (PMI_KERNELS_NO_EXTENSION=1)")
+    if build_spec.compiler() is None:
+        pytest.skip("no C++ compiler on the PATH")
+    assert extension.load() is None, extension.load()
+    assert "cpu" in usable_backends(torch.device("cpu"))

@@ -89,8 +89,16 @@ AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
 BACKENDS = ("auto",) + tuple(REGISTRY)
 
 
+def _assume_constant_result(fn):
+    """torch.compiler.assume_constant_result, without its import of torch._dynamo (with sympy, about as long
+    as importing torch) when pmi_kernels is imported: the decorator only marks the function, and dynamo reads
+    the mark when torch.compile traces a call (tests/test_build.py checks that the mark is torch's)."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
 # torch.compile calls this once and keeps the answer: it may stat files or build the extension.
-@torch.compiler.assume_constant_result
+@_assume_constant_result
 def _reason_unusable(name: str, device_type: str) -> Optional[str]:
     backend = REGISTRY[name]
     if device_type not in backend.devices:

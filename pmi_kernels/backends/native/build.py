@@ -1,20 +1,23 @@
-"""python -m pmi_kernels.backends.native.build: build the C++ (and CUDA) kernels now, into the
-cache the library loads them from, and say where, or why not (with the compiler's output)."""
+"""python -m pmi_kernels.backends.native.build [--force]: make the C++ (and CUDA) kernels ready now and say
+where they are, or why not (with the compiler's output). It retries a build that failed before (a failure the
+cache remembers); --force rebuilds the just-in-time cache entry even where a good library is there."""
 import sys
 
 from . import extension
 
 
 def main() -> int:
-    reason = extension.load(force_build="--force" in sys.argv)
+    force = "--force" in sys.argv[1:]
+    reason = extension.load(force_build=force, retry_failed=True)
     if reason is not None:
-        failure = extension.build_dir(extension.cuda_wanted()) / "BUILD_FAILED"
+        failure = extension.build_dir(extension.cuda_wanted()) / extension.FAILURE_MARKER
         print(f"pmi_kernels: {reason}", file=sys.stderr)
-        if failure.exists():
-            print(failure.read_text()[-4000:], file=sys.stderr)
+        error = extension.remembered_failure(failure.parent)
+        if error:
+            print(error[-4000:], file=sys.stderr)
         return 1
-    kernels = "C++ and CUDA" if extension.cuda_wanted() else "C++"
-    print(f"pmi_kernels: {kernels} kernels ready in {extension.build_dir(extension.cuda_wanted())}")
+    kernels = "C++ and CUDA" if extension._BUILT_WITH_CUDA[0] else "C++"
+    print(f"pmi_kernels: {kernels} kernels ready in {extension.loaded_from()}")
     return 0
 
 
