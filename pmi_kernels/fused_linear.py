@@ -31,6 +31,7 @@ from torch import Tensor
 from . import validation, vocab_parallel
 from .heads import frozen_head, gather_heads
 from .backends import REGISTRY, STATS, chunk_rows, resolve_backend, upstream_matches
+from .lazy_dynamo import defer_dynamo_import
 from .options import LossOptions, compute_dtype
 from .reduction import DOUBLE_BACKWARD, divisor, folds_denominator, forward_grad_scale, reduce_rows, stats_dict
 
@@ -156,6 +157,9 @@ def fused_pmi_kl_rows(h: Tensor, w: Tensor, b: Optional[Tensor], h_t: Tensor, h_
         scatter = lambda x: None if x is None else x.new_zeros(h.shape[0], *x.shape[1:]).index_copy_(0, kept, x)  # noqa: E731
         loss, grad_h, stats = scatter(loss), scatter(grad_h), scatter(stats)
     return tuple(h.new_empty(0) if x is None else x for x in (loss, grad_h, grad_w, grad_b, stats))
+
+
+defer_dynamo_import(fused_pmi_kl_rows)
 
 
 @fused_pmi_kl_rows.register_fake

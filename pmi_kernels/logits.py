@@ -20,6 +20,7 @@ from torch import Tensor
 
 from . import validation, vocab_parallel
 from .backends import REGISTRY, STATS, chunk_rows, resolve_backend, upstream_matches
+from .lazy_dynamo import defer_dynamo_import
 from .options import LossOptions, compute_dtype
 from .reduction import DOUBLE_BACKWARD, divisor, forward_grad_scale, reduce_rows, stats_dict
 
@@ -56,6 +57,9 @@ def pmi_kl_rows(student: Tensor, teacher: Tensor, refonly: Optional[Tensor], anc
                                    grad_out=chunk(grad) if compute_grad else None,
                                    stats_out=chunk(stats) if want_stats else None)
     return loss, grad, stats
+
+
+defer_dynamo_import(pmi_kl_rows)
 
 
 @pmi_kl_rows.register_fake

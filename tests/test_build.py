@@ -86,11 +86,26 @@ def test_import_leaves_dynamo_unloaded():
     assert out.stdout.split() == ["False", "False"]
 
 
+def test_first_call_leaves_dynamo_unloaded():
+    """Nor does the first call of either loss (torch.library would import it to wrap the custom ops'
+    implementations), on the plain-torch path or any other that runs here."""
+    code = ("import sys, torch, pmi_kernels\n"
+            "s, t, r = (torch.randn(3, 2, 5, requires_grad=i == 0) for i in range(3))\n"
+            "pmi_kernels.pmi_kl(s, t, r, backend='torch').backward()\n"
+            "w = torch.randn(5, 4, requires_grad=True)\n"
+            "h = [torch.randn(3, 4, requires_grad=i == 0) for i in range(3)]\n"
+            "pmi_kernels.fused_pmi_kl(h[0], w, h[1], h[2], backend='torch').backward()\n"
+            "print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False"]
+
+
 def test_constant_result_mark_is_torchs():
-    """The backends' lazy stand-in for torch.compiler.assume_constant_result marks a function as torch's does."""
+    """The lazy stand-in for torch.compiler.assume_constant_result marks a function as torch's does."""
     import torch
 
-    from pmi_kernels import backends
+    from pmi_kernels import lazy_dynamo
 
     def theirs():
         return None
@@ -99,7 +114,7 @@ def test_constant_result_mark_is_torchs():
         return None
 
     torch.compiler.assume_constant_result(theirs)
-    backends._assume_constant_result(ours)
+    lazy_dynamo.assume_constant_result(ours)
     marks = {k: v for k, v in vars(theirs).items() if not k.startswith("__")}
     assert marks and marks == {k: v for k, v in vars(ours).items() if not k.startswith("__")}
 

@@ -20,6 +20,8 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
+from ..lazy_dynamo import assume_constant_result
+
 DEFAULT_WORKSPACE_BYTES = 1 << 30
 # Chunks of rows on CPU tensors, sized for the cache. On the 2-core CI machine (2026-11-26)
 # the torch row operation ran pmi_kl forward + backward 4-5x faster with 8 MiB than with
@@ -89,16 +91,8 @@ AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
 BACKENDS = ("auto",) + tuple(REGISTRY)
 
 
-def _assume_constant_result(fn):
-    """torch.compiler.assume_constant_result, without its import of torch._dynamo (with sympy, about as long
-    as importing torch) when pmi_kernels is imported: the decorator only marks the function, and dynamo reads
-    the mark when torch.compile traces a call (tests/test_build.py checks that the mark is torch's)."""
-    fn._dynamo_marked_constant = True
-    return fn
-
-
 # torch.compile calls this once and keeps the answer: it may stat files or build the extension.
-@_assume_constant_result
+@assume_constant_result
 def _reason_unusable(name: str, device_type: str) -> Optional[str]:
     backend = REGISTRY[name]
     if device_type not in backend.devices:
