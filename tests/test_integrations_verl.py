@@ -13,8 +13,11 @@ same rollouts, with the same weights.
 """
 import contextlib
 import functools
+import os
 import re
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -102,8 +105,10 @@ from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead  # no
 from verl.workers.utils.losses import ppo_loss  # noqa: E402
 from verl.workers.utils.padding import left_right_2_no_padding  # noqa: E402
 
+from pmi_kernels.backends import DIAGNOSTICS  # noqa: E402
 from pmi_kernels.integrations.verl.actor import PMIEngineMixin, PMILoss, pmi_engine_class  # noqa: E402
 from pmi_kernels.integrations.verl.config import PMIConfig, check_actor_config  # noqa: E402
+from pmi_kernels.integrations.verl.main import check_config  # noqa: E402
 from pmi_kernels.integrations.verl.workers import (  # noqa: E402
     PMIActorRolloutRefWorker, PMITrainingWorker, pmi_engines)
 from pmi_kernels.train.config import TrainConfig  # noqa: E402
@@ -339,3 +344,56 @@ def test_worker_builds_the_pmi_engine():
             assert issubclass(cls, PMIEngineMixin) and issubclass(cls, before[key])
     assert table == before
     assert PMIActorRolloutRefWorker.actor_worker_cls is PMITrainingWorker
+
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "verl")
+
+
+def test_example_config_composes_with_verl():
+    """examples/verl/pmi_qwen3.yaml composes over verl's own ppo_trainer (Hydra's struct mode
+    refuses a key verl does not have) and passes the launcher's checks."""
+    from hydra import compose, initialize_config_dir
+    with initialize_config_dir(config_dir=EXAMPLES, version_base=None):
+        config = compose(config_name="pmi_qwen3", overrides=["actor_rollout_ref.pmi.mode=opsd"])
+    check_config(config)
+    assert config.actor_rollout_ref.pmi.mode == "opsd" and not config.trainer.use_v1
+    pmi = check_actor_config(config.actor_rollout_ref)
+    assert pmi.teacher_weights == "base" and pmi.reference_key == "extra_info.reference"
+
+
+def test_launcher_refuses_a_bad_key_in_one_line():
+    """The documented command with a bad key: exit 2 and one line naming it, before Ray starts."""
+    command = [sys.executable, "-m", "pmi_kernels.integrations.verl.main", "--config-path", EXAMPLES,
+               "--config-name", "pmi_qwen3", "actor_rollout_ref.pmi.jsd_beta=1.5"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("error: pmi.jsd_beta")
+    assert "Traceback" not in done.stderr
+
+
+def test_logged_statistics_and_diagnostics_match_the_trainer(model_dir):
+    """pmi/<statistic> and, on a diagnostics step, pmi/diag/<key>: the masked means per response
+    token of the micro-batch (here the whole batch), as the trainer's diagnostics sum them."""
+    tokenizer = tokenizer_once()
+    engine = verl_engine(model_dir, lora=True, micro_batch=4)
+    model = reference_model(engine, lora=True)
+    rows = toy_problems(4, seed=int(torch.randint(1000, ())))
+    lengths = torch.randint(2, RESPONSE_WIDTH + 1, (4,)).tolist()
+    data, prompts, responses = rollout_batch(tokenizer, rows, lengths, micro_batch=4)
+    actor_config = ActorConfig(strategy="fsdp2", loss_agg_mode="token-mean", ppo_mini_batch_size=4, rollout_n=1,
+                               ppo_micro_batch_size_per_gpu=4, use_dynamic_bsz=False)
+    loss_fn = PMILoss(actor_config, PMIConfig.from_mapping({"anchor": True, "diagnostics_every": 1}, lora=True))
+    with engine.train_mode():
+        metrics = engine.forward_backward_batch(data.clone(), loss_fn)["metrics"]
+    trainer = Trainer.__new__(Trainer)
+    trainer.config = TrainConfig(packed=False, lora=True, anchor=True)
+    trainer.world, trainer.device, trainer.model, trainer.frozen = World(), torch.device("cpu"), model, None
+    trainer.prompts = {"student": prompts, **{kind: [prompt_ids(tokenizer, trainer.config.templates, kind, row, False)
+                                                     for row in rows] for kind in ("teacher", "refonly")}}
+    totals = {"loss": 0.0}
+    trainer._distil(list(enumerate(responses)), sum(lengths), True, totals, StepTimer(trainer.device))
+    for key in ("kl_target_student", "entropy_student", "entropy_target"):
+        assert float(metrics[f"pmi/{key}"].aggregate()) == pytest.approx(totals[key] / sum(lengths), rel=1e-4), key
+    for key in DIAGNOSTICS:
+        assert float(metrics[f"pmi/diag/{key}"].aggregate()) == pytest.approx(
+            totals[key] / sum(lengths), rel=1e-4, abs=1e-6), key

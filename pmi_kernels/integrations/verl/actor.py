@@ -293,10 +293,11 @@ class PMIEngineMixin:
         count = mask.sum().clamp(min=1)
         metrics = {f"pmi/{key}": Metric(AggregationType.MEAN, (stats[key].sum() / count).item()) for key in STATS}
         if diagnose:
-            bias = None if head.bias is None else head.bias.detach()
+            dtype = student.dtype  # under autocast: bf16 states, fp32 master weights
+            bias = None if head.bias is None else head.bias.detach().to(dtype)
             diagnostics = pmi_diagnostics(
                 student[mask].detach(), frozen["teacher"][mask], frozen["refonly"][mask],
-                frozen["anchor"][mask] if "anchor" in frozen else None, lm_head_weight=head.weight.detach(),
+                frozen["anchor"][mask] if "anchor" in frozen else None, lm_head_weight=head.weight.detach().to(dtype),
                 lm_head_bias=bias, check_finite=False, **pmi.loss_options().target_keywords())
             for key in DIAGNOSTICS:
                 value = diagnostics[key].nan_to_num().sum() / count
