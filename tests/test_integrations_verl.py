@@ -361,11 +361,14 @@ def test_example_config_composes_with_verl():
     assert pmi.teacher_weights == "base" and pmi.reference_key == "extra_info.reference"
 
 
-def test_launcher_refuses_a_bad_key_in_one_line():
-    """The documented command with a bad key: exit 2 and one line naming it, before Ray starts."""
+def test_launcher_refuses_a_bad_key_in_one_line(tmp_path):
+    """The documented command with a bad key: exit 2 and one line naming it, before Ray starts
+    (run in tmp_path: Hydra writes its outputs/ directory where it runs)."""
     command = [sys.executable, "-m", "pmi_kernels.integrations.verl.main", "--config-path", EXAMPLES,
                "--config-name", "pmi_qwen3", "actor_rollout_ref.pmi.jsd_beta=1.5"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith("error: pmi.jsd_beta")
     assert "Traceback" not in done.stderr
