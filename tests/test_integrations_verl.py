@@ -205,13 +205,13 @@ def rollout_batch(tokenizer, rows, lengths, micro_batch: int, response_masks=Non
     return data, prompts, responses
 
 
-def trainer_step(model, tokenizer, rows, prompts, responses, train_overrides, normalizers):
+def trainer_step(model, frozen, tokenizer, rows, prompts, responses, train_overrides, normalizers):
     """This project's trainer step on the given rollouts: Trainer._distil per rollout, each with its
     normalizer (the step's token count for the trainer's own token mean), gradients accumulated."""
     trainer = Trainer.__new__(Trainer)  # only what _distil reads: config, world, device, model, prompts
     trainer.config = TrainConfig(packed=False, **train_overrides)
     trainer.world, trainer.device = World(), torch.device("cpu")
-    trainer.model, trainer.frozen = model, None  # LoRA: adapter off; full: current weights
+    trainer.model, trainer.frozen = model, frozen  # the frozen copy of full fine-tuning, or None
     trainer.prompts = {"student": prompts, **{kind: [prompt_ids(tokenizer, trainer.config.templates, kind, row, False)
                                                      for row in rows] for kind in ("teacher", "refonly")}}
     totals = {"loss": 0.0}
@@ -243,26 +243,48 @@ def normalizers_for(mode: str, lengths) -> list:
             "seq-mean-token-mean": [batch * n for n in lengths]}[mode]
 
 
-@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def reference_engine(model_dir: str):
+    """verl's own engine of the unchanged model, as verl builds its reference model."""
+    model_config = HFModelConfig(path=model_dir, use_remove_padding=False, enable_gradient_checkpointing=False,
+                                 override_config={"attn_implementation": "sdpa"})
+    engine_config = FSDPEngineConfig(strategy="fsdp2", use_torch_compile=False, mixed_precision={"param_dtype": "fp32"})
+    engine = FSDPEngineWithLMHead(model_config=model_config, engine_config=engine_config,
+                                  optimizer_config=FSDPOptimizerConfig(lr=0.0, total_training_steps=1, clip_grad=1.0),
+                                  checkpoint_config=CheckpointConfig())
+    engine.initialize()
+    return engine
+
+
+@pytest.mark.parametrize("lora, weights", [(True, "base"), (False, "current"), (False, "base")],
+                         ids=["lora-base", "full-current", "full-base"])
 @pytest.mark.parametrize("mode", ["pmi", "opsd"])
-def test_actor_update_equals_trainer_step(model_dir, lora, mode):
+def test_actor_update_equals_trainer_step(model_dir, lora, weights, mode):
     """One actor update on a fixed rollout batch (two micro-batches of two, verl's gradient
-    accumulation) gives the trainer step's loss and gradients, for every loss_agg_mode."""
+    accumulation) gives the trainer step's loss and gradients, for every loss_agg_mode. The
+    frozen base: LoRA's adapter off, or for full fine-tuning verl's reference model (the
+    trainer's frozen copy), the actor's weights moved away from it."""
     tokenizer = tokenizer_once()
     engine = verl_engine(model_dir, lora, micro_batch=2)
+    frozen = None
+    if weights == "base" and not lora:
+        engine.pmi_reference_engine = reference_engine(model_dir)
+        frozen = reference_model(engine.pmi_reference_engine, lora=False).eval().requires_grad_(False)
+        with torch.no_grad():
+            for param in engine.module.parameters():
+                param.to_local().add_(torch.randn_like(param.to_local()), alpha=0.05)
     model = reference_model(engine, lora)
     rows = toy_problems(4, seed=int(torch.randint(1000, ())))
     lengths = torch.randint(2, RESPONSE_WIDTH + 1, (4,)).tolist()
     data, prompts, responses = rollout_batch(tokenizer, rows, lengths, micro_batch=2)
-    anchor = lora and mode == "pmi"
-    pmi_keys = dict(mode=mode, teacher_weights="base" if lora else "current", anchor=anchor,
+    anchor = weights == "base" and mode == "pmi"
+    pmi_keys = dict(mode=mode, teacher_weights=weights, anchor=anchor,
                     beta=float(torch.empty(()).uniform_(0.5, 2.0)), clip=5.0, jsd_beta=0.0)
-    train_keys = dict(lora=lora, teacher_weights=pmi_keys["teacher_weights"], anchor=anchor, mode=mode,
-                      beta=pmi_keys["beta"], clip=5.0, jsd_beta=0.0)
+    train_keys = dict(lora=lora, teacher_weights=weights, anchor=anchor, mode=mode, beta=pmi_keys["beta"], clip=5.0,
+                      jsd_beta=0.0)
     for agg_mode in AGG_MODES:
         actor_config = ActorConfig(strategy="fsdp2", loss_agg_mode=agg_mode, ppo_mini_batch_size=4, rollout_n=1,
                                    ppo_micro_batch_size_per_gpu=2, use_dynamic_bsz=False)
-        loss_fn = PMILoss(actor_config, PMIConfig.from_mapping(pmi_keys, lora=lora))
+        loss_fn = PMILoss(actor_config, PMIConfig.from_mapping(pmi_keys, lora=lora, reference_model=True))
         engine.optimizer_zero_grad()
         with engine.train_mode(zero_grad_on_exit=False):  # the gradients, before the optimizer step
             outputs = engine.forward_backward_batch(data.clone(), loss_fn)
@@ -270,7 +292,7 @@ def test_actor_update_equals_trainer_step(model_dir, lora, mode):
         verl_grads = full_grads(engine.module)
 
         model.zero_grad(set_to_none=True)
-        expected = trainer_step(model, tokenizer, rows, prompts, responses, train_keys,
+        expected = trainer_step(model, frozen, tokenizer, rows, prompts, responses, train_keys,
                                 normalizers_for(agg_mode, lengths))
         grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
         assert verl_loss == pytest.approx(expected, rel=1e-5, abs=1e-6), agg_mode
@@ -400,3 +422,15 @@ def test_logged_statistics_and_diagnostics_match_the_trainer(model_dir):
     for key in DIAGNOSTICS:
         assert float(metrics[f"pmi/diag/{key}"].aggregate()) == pytest.approx(
             totals[key] / sum(lengths), rel=1e-4, abs=1e-6), key
+
+
+def test_full_fine_tuning_reads_the_base_from_verls_reference_model():
+    """teacher_weights "base" without LoRA is accepted where verl keeps its reference model in
+    the actor's worker (use_kl_loss), and an engine without one refuses it by name."""
+    actor_rollout_ref = {"actor": {"strategy": "fsdp2", "use_kl_loss": True}, "model": {"lora_rank": 0}, "pmi": {}}
+    assert check_actor_config(actor_rollout_ref).teacher_weights == "base"
+    engine = PMIEngineMixin()
+    engine._is_lora = False
+    with pytest.raises(ValueError, match=r"^pmi\.teacher_weights"):
+        with engine._frozen_model(PMIConfig.from_mapping({}, lora=False, reference_model=True)):
+            pass

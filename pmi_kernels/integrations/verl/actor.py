@@ -14,7 +14,8 @@ PPO loss) is verl's own. Per micro-batch it:
    project's templates (pmi_kernels.train.prompts, as the trainer and the TRL integration do),
    followed by the sample's response tokens;
 2. reads them (and the anchor: the student's own input under the frozen base) without gradient,
-   the adapter switched off for teacher_weights "base", as one right-padded batch each;
+   as one right-padded batch each, with the frozen base for teacher_weights "base" (the LoRA
+   adapter switched off, or, for full fine-tuning, verl's reference model in the same worker);
 3. runs the student's forward as verl prepares it (remove-padding when verl uses it), keeping
    the decoder's final hidden states (a forward hook) and computing logits for one position
    only, unless the policy-gradient loss is added (use_task_rewards), which reads verl's log-probs;
@@ -175,6 +176,9 @@ class PMIEngineMixin:
     """forward_step of an FSDPEngineWithLMHead, with the PMI loss for a PMILoss training step."""
 
     pmi_steps = 0  # optimizer steps taken, for pmi.diagnostics_every
+    # The engine of verl's reference model (the frozen base), for teacher_weights "base" without
+    # LoRA; PMIActorRolloutRefWorker sets it.
+    pmi_reference_engine = None
 
     def optimizer_step(self):
         self.pmi_steps += 1
@@ -194,7 +198,7 @@ class PMIEngineMixin:
         decoder, head = decoder_and_head(self.module)
         with autocast:
             # The frozen contexts first: their peak never sits on the student's activations.
-            frozen = self._frozen_states(micro_batch, model_inputs, pmi, diagnose)
+            frozen, frozen_head = self._frozen_states(micro_batch, model_inputs, pmi, diagnose)
             keep_logits = {} if pmi.use_task_rewards else {"logits_to_keep": 1}
             with captured_hidden(decoder) as box:
                 raw_output = self.module(**model_inputs, use_cache=False, **keep_logits)
@@ -208,10 +212,11 @@ class PMIEngineMixin:
             student = student[:, :mask.shape[1]]
             losses, stats = fused_pmi_kl(
                 student, head.weight, frozen["teacher"], frozen.get("refonly") if pmi.reads_refonly else None,
-                frozen.get("anchor"), lm_head_bias=head.bias, mask=mask, reduction="none", return_stats=True,
-                check_finite=False, **pmi.loss_options().keywords())
+                frozen.get("anchor"), lm_head_bias=head.bias, **frozen_head, mask=mask, reduction="none",
+                return_stats=True, check_finite=False, **pmi.loss_options().keywords())
             model_output["pmi_losses"] = losses
-            model_output["pmi_metrics"] = self._pmi_metrics(stats, mask, student, frozen, head, pmi, diagnose)
+            model_output["pmi_metrics"] = self._pmi_metrics(stats, mask, student, frozen, head, frozen_head, pmi,
+                                                            diagnose)
             loss, metrics = loss_function(model_output=model_output, data=micro_batch,
                                           dp_group=self.get_data_parallel_group())
         # verl's own outputs (nested log-probs, entropy), detached as verl's forward_step returns them.
@@ -237,35 +242,51 @@ class PMIEngineMixin:
         return torch.cat([row[:int(n)] for row, n in zip(hidden, lengths)])
 
     @contextlib.contextmanager
-    def _frozen_weights(self, use_base: bool):
-        """The adapter switched off for the frozen base; the current weights otherwise."""
-        with (self.disable_adapter() if use_base else contextlib.nullcontext()):
-            yield
+    def _frozen_model(self, pmi: PMIConfig):
+        """The module to read the frozen contexts with, and its lm_head as fused_pmi_kl's frozen
+        head keywords: the current weights; or the base, which is the adapter switched off under
+        LoRA (whose head is the student's: PEFT's all-linear leaves it out) or, for full
+        fine-tuning, verl's reference model."""
+        if pmi.teacher_weights == "current":
+            yield self.module, {}
+        elif self._is_lora:
+            with self.disable_adapter():
+                yield self.module, {}
+        else:
+            if self.pmi_reference_engine is None:
+                raise ValueError("pmi.teacher_weights: 'base' without LoRA reads verl's reference model, which this "
+                                 "actor worker does not hold (set actor_rollout_ref.actor.use_kl_loss=true; "
+                                 "kl_loss_coef=0 leaves the loss unchanged)")
+            module = self.pmi_reference_engine.module
+            _, head = decoder_and_head(module)
+            yield module, {"frozen_weight": head.weight.detach(),
+                           "frozen_bias": None if head.bias is None else head.bias.detach()}
 
     @torch.no_grad()
     def _frozen_states(self, micro_batch: TensorDict, model_inputs: dict, pmi: PMIConfig, diagnose: bool):
-        """{"teacher", "refonly", "anchor"}: [B, R, H] states of the response tokens, without gradient."""
+        """({"teacher", "refonly", "anchor"}: [B, R, H] states of the response tokens, without
+        gradient; the frozen head's keywords for fused_pmi_kl)."""
         responses = response_ids(micro_batch)
         questions = sample_field(micro_batch, pmi.question_key, "question_key")
         references = sample_field(micro_batch, pmi.reference_key, "reference_key")
         tokenizer = self.model_config.tokenizer
         width = response_mask(micro_batch).shape[1]
         kinds = [kind for kind in TEMPLATE_KINDS if kind == "teacher" or pmi.reads_refonly or diagnose]
-        decoder, _ = decoder_and_head(self.module)
         states = {}
-        with self._frozen_weights(pmi.teacher_weights == "base"):
+        with self._frozen_model(pmi) as (module, frozen_head):
+            decoder, _ = decoder_and_head(module)
             for kind in kinds:
                 prompts = [prompt_ids(tokenizer, pmi.templates, kind, {"question": q, "solution": s},
                                       pmi.use_chat_template) for q, s in zip(questions, references)]
-                states[kind] = self._read_contexts(decoder, prompts, responses, width)
+                states[kind] = self._read_contexts(module, decoder, prompts, responses, width)
             if pmi.anchor and (pmi.reads_refonly or diagnose):
                 with captured_hidden(decoder) as box:
-                    self.module(**model_inputs, use_cache=False, logits_to_keep=1)
+                    module(**model_inputs, use_cache=False, logits_to_keep=1)
                 anchor = no_padding_2_padding(self._packed_values(box[-1], micro_batch), micro_batch)
                 states["anchor"] = anchor[:, :width]
-        return states
+        return states, frozen_head
 
-    def _read_contexts(self, decoder, prompts: List[List[int]], responses: List[List[int]], width: int):
+    def _read_contexts(self, module, decoder, prompts: List[List[int]], responses: List[List[int]], width: int):
         """[B, width, H]: for each sample, the states of prompt + response[:-1] that predict its
         response tokens (contexts.rollout_positions), zero past the response; one right-padded forward."""
         sequences = [p + r[:-1] for p, r in zip(prompts, responses)]
@@ -278,27 +299,30 @@ class PMIEngineMixin:
             attention[row, :len(sequence)] = 1
         positions = torch.arange(longest, device=device).expand_as(ids)
         with captured_hidden(decoder) as box:
-            self.module(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=False,
-                        logits_to_keep=1)
+            module(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=False,
+                   logits_to_keep=1)
         hidden = box[-1]
         out = hidden.new_zeros(len(sequences), width, hidden.shape[-1])
         for row, (prompt, response) in enumerate(zip(prompts, responses)):
             out[row, :len(response)] = hidden[row, rollout_positions(len(prompt), len(response))]
         return out
 
-    def _pmi_metrics(self, stats: Dict[str, torch.Tensor], mask, student, frozen, head, pmi: PMIConfig,
-                     diagnose: bool) -> dict:
+    def _pmi_metrics(self, stats: Dict[str, torch.Tensor], mask, student, frozen, head, frozen_head: dict,
+                     pmi: PMIConfig, diagnose: bool) -> dict:
         """pmi/<statistic>: masked means over the micro-batch's response tokens (verl averages the
         micro-batches' values); on diagnostics steps pmi/diag/<key> of pmi_diagnostics too."""
         count = mask.sum().clamp(min=1)
         metrics = {f"pmi/{key}": Metric(AggregationType.MEAN, (stats[key].sum() / count).item()) for key in STATS}
         if diagnose:
             dtype = student.dtype  # under autocast: bf16 states, fp32 master weights
-            bias = None if head.bias is None else head.bias.detach().to(dtype)
+
+            def cast(x):
+                return None if x is None else x.detach().to(dtype)
             diagnostics = pmi_diagnostics(
                 student[mask].detach(), frozen["teacher"][mask], frozen["refonly"][mask],
-                frozen["anchor"][mask] if "anchor" in frozen else None, lm_head_weight=head.weight.detach().to(dtype),
-                lm_head_bias=bias, check_finite=False, **pmi.loss_options().target_keywords())
+                frozen["anchor"][mask] if "anchor" in frozen else None, lm_head_weight=cast(head.weight),
+                lm_head_bias=cast(head.bias), **{key: cast(x) for key, x in frozen_head.items()}, check_finite=False,
+                **pmi.loss_options().target_keywords())
             for key in DIAGNOSTICS:
                 value = diagnostics[key].nan_to_num().sum() / count
                 metrics[f"pmi/diag/{key}"] = Metric(AggregationType.MEAN, value.item())

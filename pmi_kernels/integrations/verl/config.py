@@ -46,9 +46,11 @@ class PMIConfig:
     diagnostics_every: int = 0
 
     @classmethod
-    def from_mapping(cls, mapping: Optional[Mapping], lora: bool) -> "PMIConfig":
+    def from_mapping(cls, mapping: Optional[Mapping], lora: bool, reference_model: bool = False) -> "PMIConfig":
         """The checked config from a mapping (an OmegaConf node or a dict); lora: whether the
-        actor trains a LoRA adapter (actor_rollout_ref.model.lora_rank > 0)."""
+        actor trains a LoRA adapter (actor_rollout_ref.model.lora_rank > 0); reference_model:
+        whether verl builds its reference model in the actor's worker (the frozen base of full
+        fine-tuning)."""
         mapping = dict(mapping or {})
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(mapping) - known)
@@ -57,10 +59,10 @@ class PMIConfig:
         if "templates" in mapping:
             mapping["templates"] = {**cls().templates, **dict(mapping["templates"] or {})}
         config = cls(**mapping)
-        config.check(lora)
+        config.check(lora, reference_model)
         return config
 
-    def check(self, lora: bool) -> None:
+    def check(self, lora: bool, reference_model: bool = False) -> None:
         validation.check_choice("pmi.mode", self.mode, MODES)
         validation.check_choice("pmi.teacher_weights", self.teacher_weights, TEACHER_WEIGHTS)
         if isinstance(self.clip, float) and self.clip == math.inf:
@@ -84,7 +86,7 @@ class PMIConfig:
         if isinstance(every, bool) or not isinstance(every, int) or every < 0:
             raise ValueError(f"pmi.diagnostics_every must be an int >= 0 (0: never), got {every!r}")
         self._check_templates()
-        self._check_weights(lora)
+        self._check_weights(lora, reference_model)
 
     def _check_templates(self) -> None:
         unknown = sorted(set(self.templates) - set(TEMPLATE_KINDS))
@@ -101,11 +103,12 @@ class PMIConfig:
                 wanted = " and ".join(f"{{{name}}}" for name in sorted(TEMPLATE_FIELDS[kind]))
                 raise ValueError(f"pmi.templates.{kind} must format exactly {wanted}, got {template!r}")
 
-    def _check_weights(self, lora: bool) -> None:
-        if self.teacher_weights == "base" and not lora:
+    def _check_weights(self, lora: bool, reference_model: bool) -> None:
+        if self.teacher_weights == "base" and not lora and not reference_model:
             raise ValueError("pmi.teacher_weights: 'base' reads the frozen contexts with the LoRA adapter switched "
-                             "off and needs actor_rollout_ref.model.lora_rank > 0; for full fine-tuning use "
-                             "'current' (the live weights, without gradient)")
+                             "off, or, for full fine-tuning, with verl's reference model: set "
+                             "actor_rollout_ref.actor.use_kl_loss=true (kl_loss_coef=0 leaves the loss unchanged), "
+                             "or use 'current' (the live weights, without gradient)")
         if self.anchor and (self.mode != "pmi" or self.teacher_weights != "base"):
             raise ValueError("pmi.anchor needs pmi.mode 'pmi' and pmi.teacher_weights 'base' (the anchor is the "
                              "frozen base read on the student's context; the current weights' would be the "
@@ -135,4 +138,6 @@ def check_actor_config(actor_rollout_ref: Mapping) -> PMIConfig:
         raise ValueError("actor_rollout_ref.model.use_fused_kernels must be false for the PMI actor (the fused "
                          "kernels return log-probs, not the hidden states the loss reads)")
     lora_rank = max(int(model.get("lora_rank", 0) or 0), int((model.get("lora") or {}).get("rank", 0) or 0))
-    return PMIConfig.from_mapping(actor_rollout_ref.get("pmi"), lora=lora_rank > 0)
+    # verl keeps a reference model (in the actor's worker, without LoRA) for its KL loss.
+    return PMIConfig.from_mapping(actor_rollout_ref.get("pmi"), lora=lora_rank > 0,
+                                  reference_model=bool(actor.get("use_kl_loss", False)))

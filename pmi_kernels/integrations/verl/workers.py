@@ -53,3 +53,5 @@ class PMIActorRolloutRefWorker(ActorRolloutRefWorker):
             # The ActorConfig verl built for its ppo_loss, which the PMI loss adds to (use_task_rewards).
             self.loss_fn = PMILoss(self.loss_fn.keywords["config"], pmi)
             self.actor.set_loss_fn(self.loss_fn)
+            if self.ref is not None:  # the frozen base of full fine-tuning (teacher_weights "base")
+                self.actor.engine.pmi_reference_engine = self.ref.engine
