@@ -5,7 +5,8 @@
 # installed first. Each stage has its own time limit, so one slow stage cannot take the others'
 # results with it; by default the whole run ends inside about 6 minutes on an H100/H200.
 #   STAGES   which stages run (default "build tests logits fused parallel sweep"; also "train": the
-#            packing tests on CUDA and bench_train_step.py --gpu, about 4 minutes more)
+#            packing tests on CUDA and bench_train_step.py --gpu, about 4 minutes more; "verl": two
+#            steps of the verl integration's launcher; needs verl 0.9 and vLLM importable there)
 #   SWEEP_MINUTES   the sweep's time budget (default 2); SWEEP_MATCH: only implementations whose
 #                   name contains one of these words (run.py --match)
 set -uo pipefail
@@ -53,6 +54,32 @@ if has train; then
         | tee "$RES/train_tests.log" | tail -4
     timeout 420 python3 benchmarks/bench_train_step.py --gpu --repeats 3 --budget 2048 4096 8192 --out "$RES" 2>&1 | grep -v -i warn \
         | tee "$RES/train_step.log"; pack
+fi
+if has verl; then
+    # The verl integration end to end (docs/verl.md), what the CPU tests cannot run: Ray, the
+    # PMI worker's dispatch and init_model, vLLM rollouts, remove-padding (flash-attention varlen)
+    # and bf16 autocast. Two steps on one GPU with a tiny Qwen3 built in code (LoRA, the anchor,
+    # diagnostics every step); the log must show a finite actor/pmi/loss. verl's own wheel fits
+    # in .wheels/, vLLM's does not (the device tool carries 64 MiB): vLLM must be on the machine.
+    if ! python3 -c "import verl, vllm" > "$RES/verl.log" 2>&1; then
+        echo "verl: skipped, verl or vLLM does not import (see verl.log)"
+    else
+        python3 examples/verl/prepare_toy.py --out "$RES/verl_toy" >> "$RES/verl.log" 2>&1
+        timeout 540 python3 -m pmi_kernels.integrations.verl.main --config-path "$PWD/examples/verl" \
+            --config-name pmi_qwen3 actor_rollout_ref.model.path="$RES/verl_toy/model" \
+            data.train_files="$RES/verl_toy/train.parquet" data.val_files="$RES/verl_toy/test.parquet" \
+            data.train_batch_size=8 data.max_prompt_length=256 data.max_response_length=64 \
+            actor_rollout_ref.model.lora_rank=8 actor_rollout_ref.model.lora_alpha=16 \
+            actor_rollout_ref.actor.ppo_mini_batch_size=8 actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=4 \
+            actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=8 \
+            actor_rollout_ref.rollout.gpu_memory_utilization=0.3 actor_rollout_ref.pmi.anchor=true \
+            actor_rollout_ref.pmi.diagnostics_every=1 trainer.n_gpus_per_node=1 trainer.total_training_steps=2 \
+            trainer.logger=[console] trainer.val_before_train=false trainer.test_freq=-1 trainer.save_freq=-1 \
+            >> "$RES/verl.log" 2>&1
+        grep -o "actor/pmi/[a-z_/]*:[^ ]*" "$RES/verl.log" | tail -20
+        grep -Eq "actor/pmi/loss:-?[0-9]" "$RES/verl.log" && echo "verl: actor/pmi/loss logged" || echo "verl: FAILED"
+    fi
+    pack
 fi
 if has sweep; then
     # The sweep starts a case only if it should end within the budget; the hard limit is a minute more.
