@@ -56,7 +56,6 @@ from types import SimpleNamespace
 
 import datasets
 import torch
-from accelerate.utils import is_peft_model
 from trl.experimental.sdft import SDFTConfig, SDFTTrainer
 from trl.experimental.sdft.sdft_trainer import DemonstrationTeacherContextBuilder, _extract_last_user_text
 from trl.models.utils import _ForwardRedirection
@@ -65,15 +64,12 @@ from .. import fused_pmi_kl, pmi_diagnostics, validation
 from ..backends import DIAGNOSTICS
 from ..options import LossOptions
 from ..train.prompts import template_fields
+from .models import decoder_and_head
 
 MODES = ("pmi", "opsd")
 # Config key -> LossOptions field; each is checked by LossOptions, under the config's name.
 LOSS_OPTION_KEYS = {"pmi_beta": "beta", "pmi_clip": "clip", "pmi_center": "center", "pmi_jsd_beta": "jsd_beta",
                     "pmi_entry_clip": "entry_clip", "temperature": "temperature"}
-# Config attributes of models whose logits are not lm_head(h) (fused_pmi_kl computes lm_head(h)),
-# with the value that leaves them unchanged: a soft cap is off only when unset, a scale at 1.
-LOGIT_TRANSFORMS = {"final_logit_softcapping": None, "logit_scale": 1, "output_multiplier": 1,
-                    "lm_head_multiplier": 1, "logits_scaling": 1}
 # fused_pmi_kl's per-position statistics -> logged names ("entropy" is TRL's name for the student's).
 STAT_LOG_NAMES = {"kl_target_student": "pmi/kl_target_student", "entropy_student": "entropy",
                   "entropy_target": "pmi/entropy_target"}
@@ -171,31 +167,6 @@ class PurifiedOPSDConfig(SDFTConfig):
         """fused_pmi_kl's keyword options."""
         return dict(beta=self.pmi_beta, clip=self.pmi_clip, center=self.pmi_center, temperature=self.temperature,
                     jsd_beta=self.pmi_jsd_beta, entry_clip=self.pmi_entry_clip)
-
-
-def decoder_and_head(model):
-    """(decoder, lm_head) of a causal LM, plain or PEFT-wrapped (unwrap accelerate's wrappers
-    first): the decoder returns the final hidden states (after the final norm), the lm_head
-    turns them into logits. Under PEFT, `model.base_model` is the LoraModel, whose forward runs
-    the whole LM and returns logits; `get_base_model().get_decoder()` is the decoder, with the
-    adapter's layers inside it (switched off by `disable_adapter()` as for the whole model)."""
-    base = model.get_base_model() if is_peft_model(model) else model
-    get_decoder = getattr(base, "get_decoder", None)
-    decoder = get_decoder() if callable(get_decoder) else None
-    if decoder is None or decoder is base:
-        raise ValueError(f"model: {type(base).__name__} has no decoder (get_decoder()) to read hidden states from")
-    get_head = getattr(base, "get_output_embeddings", None)
-    head = get_head() if callable(get_head) else None
-    if not isinstance(head, torch.nn.Linear):
-        raise ValueError(f"model: the lm_head must be a torch.nn.Linear, got {type(head).__name__} (fused_pmi_kl "
-                         "applies its weight and bias; leave lm_head out of a PEFT config's target_modules and "
-                         "modules_to_save)")
-    config = base.config.get_text_config()
-    for name, identity in LOGIT_TRANSFORMS.items():
-        if getattr(config, name, None) not in (None, identity):
-            raise ValueError(f"model: {type(base).__name__} transforms its logits ({name}="
-                             f"{getattr(config, name)!r}); fused_pmi_kl computes plain lm_head(h)")
-    return decoder, head
 
 
 def completion_hidden_states(decoder, input_ids, attention_mask, completion_length: int) -> torch.Tensor:

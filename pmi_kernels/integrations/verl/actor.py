@@ -40,37 +40,8 @@ from verl.workers.utils.padding import no_padding_2_padding
 from ... import fused_pmi_kl, pmi_diagnostics
 from ...backends import DIAGNOSTICS, STATS
 from ...train.contexts import prompt_ids, rollout_positions
+from ..models import decoder_and_head
 from .config import TEMPLATE_KINDS, PMIConfig
-
-# Config attributes of models whose logits are not lm_head(h), with the value that leaves them
-# unchanged (fused_pmi_kl computes plain lm_head(h)).
-LOGIT_TRANSFORMS = {"final_logit_softcapping": None, "logit_scale": 1, "output_multiplier": 1,
-                    "lm_head_multiplier": 1, "logits_scaling": 1}
-
-
-def causal_lm(module):
-    """The HF causal LM inside verl's module (FSDP2 keeps the class; PEFT wraps it)."""
-    get_base = getattr(module, "get_base_model", None)
-    return get_base() if callable(get_base) else module
-
-
-def decoder_and_head(module):
-    """(decoder, lm_head) of the actor's model; a model whose logits are not lm_head(h) is refused."""
-    model = causal_lm(module)
-    decoder = model.get_decoder() if callable(getattr(model, "get_decoder", None)) else None
-    if decoder is None or decoder is model:
-        raise ValueError(f"pmi: {type(model).__name__} has no decoder (get_decoder()) to read hidden states from")
-    head = model.get_output_embeddings()
-    if not isinstance(head, torch.nn.Linear):
-        raise ValueError(f"pmi: the lm_head must be a torch.nn.Linear, got {type(head).__name__} (leave lm_head out "
-                         "of LoRA's target_modules)")
-    config = model.config.get_text_config()
-    for name, identity in LOGIT_TRANSFORMS.items():
-        if getattr(config, name, None) not in (None, identity):
-            raise ValueError(f"pmi: {type(model).__name__} transforms its logits ({name}={getattr(config, name)!r}); "
-                             "fused_pmi_kl computes plain lm_head(h)")
-    return decoder, head
-
 
 class _ThroughOutput(torch.autograd.Function):
     """hidden, unchanged, made to hand a (zero) gradient to the model's output too. FSDP2 gathers
@@ -195,7 +166,7 @@ class PMIEngineMixin:
         autocast = (contextlib.nullcontext() if autocast_dtype == torch.float32
                     else torch.autocast(device_type=get_device_name(), dtype=autocast_dtype))
         diagnose = bool(pmi.diagnostics_every) and (self.pmi_steps + 1) % pmi.diagnostics_every == 0
-        decoder, head = decoder_and_head(self.module)
+        decoder, head = decoder_and_head(self.module, "pmi")
         with autocast:
             # The frozen contexts first: their peak never sits on the student's activations.
             frozen, frozen_head = self._frozen_states(micro_batch, model_inputs, pmi, diagnose)
@@ -258,7 +229,7 @@ class PMIEngineMixin:
                                  "actor worker does not hold (set actor_rollout_ref.actor.use_kl_loss=true; "
                                  "kl_loss_coef=0 leaves the loss unchanged)")
             module = self.pmi_reference_engine.module
-            _, head = decoder_and_head(module)
+            _, head = decoder_and_head(module, "pmi")
             yield module, {"frozen_weight": head.weight.detach(),
                            "frozen_bias": None if head.bias is None else head.bias.detach()}
 
@@ -274,7 +245,7 @@ class PMIEngineMixin:
         kinds = [kind for kind in TEMPLATE_KINDS if kind == "teacher" or pmi.reads_refonly or diagnose]
         states = {}
         with self._frozen_model(pmi) as (module, frozen_head):
-            decoder, _ = decoder_and_head(module)
+            decoder, _ = decoder_and_head(module, "pmi")
             for kind in kinds:
                 prompts = [prompt_ids(tokenizer, pmi.templates, kind, {"question": q, "solution": s},
                                       pmi.use_chat_template) for q, s in zip(questions, references)]
