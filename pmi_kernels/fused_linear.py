@@ -3,8 +3,9 @@
 Rows go in chunks sized from a workspace budget; per chunk:
     s      = h W^T + b                      GEMM, [C, V] in the input dtype
     t - r  = (h_T - h_R) W_f^T              ONE GEMM for both frozen streams, where SPEC
-                                            allows it (the bias and lse(t) - lse(r) cancel)
-                                            and the input is not fp16 (streams_apart),
+                                            allows it (the bias and lse(t) - lse(r) cancel),
+                                            the input is not fp16, and not bf16 with the
+                                            clip off (streams_apart),
     kappa  = (h_T - h_R) . mean_v(W_f) / tau   the centering mean, from the same product
     row op: loss, and dloss/ds written over s in place
     grad_h = dS W,  grad_W += dS^T h,  grad_b += sum dS      (when those gradients are wanted)
@@ -52,9 +53,13 @@ class _Plan:
 
 def streams_apart(opts: LossOptions, dtype: torch.dtype) -> bool:
     """Whether the teacher's and the reference-only logits take a GEMM each: where lse(t) and
-    lse(r) are needed apart, and for fp16, where h_T - h_R and t - r can pass its range (6.5e4)
-    while each stream stays inside it. Otherwise one product of h_T - h_R serves both."""
-    return opts.separate_lse or dtype == torch.float16
+    lse(r) are needed apart; for fp16, where h_T - h_R and t - r can pass its range (6.5e4)
+    while each stream stays inside it; and for bf16 with the clip off, where the one product
+    rounds h_T - h_R and t - r to bf16 and, with no tanh to bound their effect, those roundings
+    moved the loss up to 5x plain torch's bf16 error (docs/loss.md). Otherwise one product of
+    h_T - h_R serves both."""
+    unclipped_bf16 = dtype == torch.bfloat16 and opts.clip is None
+    return opts.separate_lse or dtype == torch.float16 or unclipped_bf16
 
 
 def _frozen_streams(hc_t, hc_r, hc_a, w_f, b_f, w_f_mean, opts: LossOptions):

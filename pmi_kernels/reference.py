@@ -37,14 +37,19 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def log_ratio(x, y):
+    """log p_X - log p_Y as (x - y) - (lse x - lse y): per stream, x - lse x would round lse x away
+    beside a masked logit of -1e30 (fp64 too), and in fp32 (x - lse x) - (y - lse y) cancels to
+    the logits' ulp where x and y share a confident token at 1e5."""
+    return (x - y) - (x.logsumexp(-1, keepdim=True) - y.logsumexp(-1, keepdim=True))
+
+
 def pmi_target_logits(s, t, r=None, a=None, opts: LossOptions = LossOptions()):
     """The target's logits g (q = softmax(g)) from *scaled* logits; no gradient flows."""
     with torch.no_grad():
         if r is None:
             return t.clone()
-        # log p_T - log p_R as (t - r) - (lse t - lse r): per stream, t - lse t would round lse t
-        # away beside a masked logit of -1e30 (fp64 too), and the centering mean with it.
-        delta = (t - r) - (t.logsumexp(-1, keepdim=True) - r.logsumexp(-1, keepdim=True))
+        delta = log_ratio(t, r)
         if opts.center:
             delta = delta - delta.mean(-1, keepdim=True)
         if opts.clip is not None:
@@ -133,14 +138,14 @@ def pmi_diagnostics_reference(student_logits, teacher_logits, refonly_logits, an
     dtype = compute_dtype(student_logits.dtype)
     scale = lambda x: None if x is None else x.detach().to(dtype) / opts.temperature  # noqa: E731
     s, t, r, a = map(scale, (student_logits, teacher_logits, refonly_logits, anchor_logits))
-    lp, lt, lr = s.log_softmax(-1), t.log_softmax(-1), r.log_softmax(-1)
+    lp, lt = s.log_softmax(-1), t.log_softmax(-1)
     lq = pmi_target_logits(s, t, r, a, opts).log_softmax(-1)
-    total, ref, inter = lt - lp, lr - lp, lt - lr
+    total, ref, inter = log_ratio(t, s), log_ratio(r, s), log_ratio(t, r)
     return {
         "cos_total_ref": _cosine(total, ref),
         "cos_total_pmi": _cosine(total, inter),
         "norm_ratio_ref_total": ref.norm(dim=-1) / total.norm(dim=-1).clamp_min(torch.finfo(dtype).tiny),
-        "kl_teacher_student": (lt.exp() * (lt - lp)).sum(-1),
+        "kl_teacher_student": (lt.exp() * total).sum(-1),
         "kl_target_student": (lq.exp() * (lq - lp)).sum(-1),
         "entropy_student": -(lp.exp() * lp).sum(-1),
         "entropy_target": -(lq.exp() * lq).sum(-1),

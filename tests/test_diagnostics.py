@@ -105,3 +105,22 @@ def test_empty_strided_input_gives_empty_results(device, backend, lead):
     for got in (pmi_diagnostics(s, t, r, backend=backend), pmi_diagnostics(s, t, r, a, backend=backend)):
         assert all(x.shape == lead and x.dtype == torch.float32 for x in got.values()), got
     assert pmi_kl(s, t, r, reduction="none", backend=backend).shape == lead
+
+
+@pytest.mark.parametrize("center", [True, False], ids=["centered", "uncentered"])
+@pytest.mark.parametrize("confident", [1e5, 1e6])
+@pytest.mark.parametrize("device,backend", PATHS)
+def test_streams_sharing_a_confident_token(device, backend, confident, center):
+    """Student, teacher, reference-only teacher and anchor share one token at a logit of 1e5 or
+    1e6, the rest O(1): every Δ is O(1) while each stream's log-probabilities stand near -1e5.
+    Every column is the float64 reference's to 1e-5 (about 2e-7 now): formed from per-stream
+    log-probabilities, the Δs cancelled to the logits' ulp (cosines 1e-4 off at 1e5, 2e-3 at 1e6)."""
+    s, t, r, a = streams(16, 300, torch.float32, device)
+    token, rows = torch.randint(300, (16,), device=device), torch.arange(16, device=device)
+    for x in (s, t, r, a):
+        x[rows, token] = confident + torch.randn(16, device=device)
+    kwargs = dict(center=center, clip=3.0)
+    got = pmi_diagnostics(s, t, r, a, backend=backend, **kwargs)
+    want = pmi_diagnostics_reference(*(upcast(x) for x in (s, t, r, a)), **kwargs)
+    for key in want:
+        assert_close(got[key], want[key], torch.float32, key, factor=0.1, atol=1e-6)

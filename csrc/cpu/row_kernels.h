@@ -286,6 +286,8 @@ void diagnostics_typed(const DiagnosticsArgs& args) {
       scale_into(Tt, static_cast<const In*>(args.t) + row * args.stride_t, n, k.inv_tau);
       scale_into(R, static_cast<const In*>(args.r) + row * args.stride_r, n, k.inv_tau);
       const RowLse<T> ls = row_lse(S, n), lt = row_lse(Tt, n), lr = row_lse(R, n);
+      // total, ref and pmi as rows_typed forms log p_T - log p_R (log_ratio_into).
+      const LogRatio<T> total_of(lt, ls), ref_of(lr, ls), pmi_of(lt, lr);
       // tt, rr, tr, ii, ti: the dot products of total, ref and pmi; then KL(p_T || p_S), H(p), sum(t - r).
       double sums[8] = {0};
       for (int64_t b0 = 0; b0 < n; b0 += kSumBlock) {
@@ -294,8 +296,7 @@ void diagnostics_typed(const DiagnosticsArgs& args) {
 #pragma omp simd reduction(+ : tt, rr, tr, ii, ti, kl_ts, ent_p, sum_d)
         for (int64_t v = b0; v < b1; ++v) {
           const T lp = (S[v] - ls.max) - ls.log_sum, ltv = (Tt[v] - lt.max) - lt.log_sum;
-          const T lrv = (R[v] - lr.max) - lr.log_sum;
-          const T total = ltv - lp, ref = lrv - lp, pmi_part = ltv - lrv;
+          const T total = total_of(Tt[v], S[v]), ref = ref_of(R[v], S[v]), pmi_part = pmi_of(Tt[v], R[v]);
           tt += total * total;
           rr += ref * ref;
           tr += total * ref;

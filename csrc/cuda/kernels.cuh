@@ -489,6 +489,8 @@ __global__ void __launch_bounds__(kMaxThreadsFor<In>, kMinBlocksPerSM)
   block_lse(str, smem);
   const RowLse<T> ls = finish(str[0]), lt = finish(str[1]), lr = finish(str[2]);
 
+  // total, ref and pmi as the loss forms log p_T - log p_R with centering off (load_streams).
+  const LogRatio<T> total_of(lt, ls), ref_of(lr, ls), pmi_of(lt, lr);
   // tt, rr, tr, ii, ti: the dot products of total, ref and pmi; then KL(p_T || p_S), H(p), sum(t - r).
   T sums[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   for_each_group<VEC>(V, [&](int64_t v, auto n) {
@@ -500,8 +502,7 @@ __global__ void __launch_bounds__(kMaxThreadsFor<In>, kMinBlocksPerSM)
 #pragma unroll
     for (int i = 0; i < N; ++i) {
       const T lp = (s[i] - ls.max) - ls.log_sum, ltv = (t[i] - lt.max) - lt.log_sum;
-      const T lrv = (r[i] - lr.max) - lr.log_sum;
-      const T total = ltv - lp, ref = lrv - lp, pmi_part = ltv - lrv;
+      const T total = total_of(t[i], s[i]), ref = ref_of(r[i], s[i]), pmi_part = pmi_of(t[i], r[i]);
       sums[0] += total * total;
       sums[1] += ref * ref;
       sums[2] += total * ref;

@@ -165,6 +165,19 @@ struct RowLse {
   T max, log_sum;
 };
 
+// log p_X - log p_Y of one entry from the scaled logits x and y, as the loss forms log p_T - log p_R
+// with centering off: (x - y) - (max x - max y) in double, where both differences of float numbers
+// are exact, less the log-sums' difference. Formed per stream, (x - max x - log z_x) -
+// (y - max y - log z_y) cancels to the logits' ulp where x and y share a confident token at 1e5.
+template <typename T>
+struct LogRatio {
+  double max_diff;
+  T log_sum_diff;
+  PMI_HD LogRatio(RowLse<T> x, RowLse<T> y)
+      : max_diff(double(x.max) - double(y.max)), log_sum_diff(x.log_sum - y.log_sum) {}
+  PMI_HD T operator()(T x, T y) const { return T((double(x) - double(y)) - max_diff) - log_sum_diff; }
+};
+
 // One entry's loss summand f, its derivative in log p (0 where entry_clip clamps f), p and q.
 template <typename T>
 struct Terms {

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ...options import LossOptions, compute_dtype
-from .row_op import log_softmax, target_logits
+from .row_op import log_ratio, log_softmax, row_lse_parts, target_logits
 
 
 def _cosine(x, y, tiny):
@@ -16,9 +16,14 @@ def diagnostics_rows(s_raw, t_raw, r_raw, a_raw=None, *, opts: LossOptions) -> t
     dtype = compute_dtype(s_raw.dtype)
     scale = lambda x: None if x is None else x.to(dtype) / opts.temperature  # noqa: E731
     s, t, r, a = map(scale, (s_raw, t_raw, r_raw, a_raw))
-    lp, lt, lr = log_softmax(s), log_softmax(t), log_softmax(r)
+    lp, lt = log_softmax(s), log_softmax(t)
     lq = log_softmax(target_logits(s, t, r, a, None, opts))
-    total, ref, pmi = lt - lp, lr - lp, lt - lr
+    # Each difference of log-probabilities as the loss forms log p_T - log p_R (row_op.log_ratio):
+    # lt - lr cancelled to the logits' ulp where the streams share a confident token at 1e5.
+    parts = {name: row_lse_parts(x) for name, x in (("s", s), ("t", t), ("r", r))}
+    total = log_ratio(t, s, parts["t"], parts["s"])
+    ref = log_ratio(r, s, parts["r"], parts["s"])
+    pmi = log_ratio(t, r, parts["t"], parts["r"])
     tiny = torch.finfo(dtype).tiny
     columns = [_cosine(total, ref, tiny), _cosine(total, pmi, tiny),
                ref.norm(dim=-1) / total.norm(dim=-1).clamp_min(tiny),

@@ -20,16 +20,21 @@ import torch
 from ...options import FORWARD_KL, REVERSE_KL, LossOptions, compute_dtype
 
 
-def log_ratio(t, r):
+def row_lse_parts(x):
+    """(max, log sum exp(x - max)) per row, keepdim, the sum accumulated in float64."""
+    m = x.amax(-1, keepdim=True)
+    return m, (x - m).exp().sum(-1, keepdim=True, dtype=torch.float64).log().to(x.dtype)
+
+
+def log_ratio(t, r, t_parts=None, r_parts=None):
     """log p_T - log p_R = (t - r) - (max t - max r) - (log z_t - log z_r), the first two terms
     summed in float64, where both differences of float32 numbers are exact: in float32 they
     would cancel to the logits' ulp at |x| ~ 1e5 (one stream's logit far above the other's, or
-    both far above the rest)."""
-    m_t, m_r = t.amax(-1, keepdim=True), r.amax(-1, keepdim=True)
+    both far above the rest). t_parts, r_parts: the rows' row_lse_parts, when known."""
+    (m_t, log_z_t), (m_r, log_z_r) = t_parts or row_lse_parts(t), r_parts or row_lse_parts(r)
     wide = lambda x: x.to(torch.float64)  # noqa: E731
     shifted = ((wide(t) - wide(r)) - (wide(m_t) - wide(m_r))).to(t.dtype)
-    log_z = lambda x, m: (x - m).exp().sum(-1, keepdim=True, dtype=torch.float64).log().to(x.dtype)  # noqa: E731
-    return shifted - (log_z(t, m_t) - log_z(r, m_r))
+    return shifted - (log_z_t - log_z_r)
 
 
 def target_logits(s, t, r, a, kappa, opts: LossOptions):
@@ -73,8 +78,8 @@ def row_stats(lp, lq):
 def log_softmax(x):
     """(x - max) - log sum exp(x - max), the sum accumulated in float64: beside a confident row's
     largest term, its many tiny ones would round away in a float32 sum."""
-    y = x - x.amax(-1, keepdim=True)
-    return y - y.exp().sum(-1, keepdim=True, dtype=torch.float64).log().to(x.dtype)
+    m, log_z = row_lse_parts(x)
+    return (x - m) - log_z
 
 
 def local_lse(x):

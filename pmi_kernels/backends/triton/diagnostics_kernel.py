@@ -3,12 +3,13 @@
 Two passes over a row:
 
     1. online lse of s, t, r; the entropy terms of p; Σ(t - r)                   reads s, t, r
-    2. with the log-probabilities known: the dot products of Δ_total = log p_T - log p_S,
-       Δ_ref = log p_R - log p_S and Δ_it = log p_T - log p_R and KL(p_T || p_S), each
-       summed from its own entries (expanded from raw sums they cancel: a dot product when
-       Δ_it is small next to Δ_total, E_pT[t - s] - (lse t - lse s) when t stands far from
-       s); the target g (needs the centering mean of pass 1): its online lse, E_q[s - max s]
-       and the entropy terms of q, so KL(q || p) = E_q[lq] - E_q[log p] without a third pass
+    2. with the log-sum-exps known: the dot products of Δ_total = log p_T - log p_S,
+       Δ_ref = log p_R - log p_S and Δ_it = log p_T - log p_R (each formed as the loss forms
+       log p_T - log p_R, _log_ratio) and KL(p_T || p_S), each summed from its own entries
+       (expanded from raw sums they cancel: a dot product when Δ_it is small next to Δ_total,
+       E_pT[t - s] - (lse t - lse s) when t stands far from s); the target g (needs the
+       centering mean of pass 1): its online lse, E_q[s - max s] and the entropy terms of q,
+       so KL(q || p) = E_q[lq] - E_q[log p] without a third pass
                                                                                   reads s, t, r, a
 """
 from __future__ import annotations
@@ -34,6 +35,15 @@ def _online(m_run, z_run, y_run, b_x, m_v):
     shift = tl.where(z_run > 0, (m_run - m_new) * z_run, 0.0)
     y_new = alpha * (y_run + shift) + tl.sum(e * (b_x - m_new), axis=0)
     return m_new, alpha * z_run + tl.sum(e, axis=0), y_new, alpha, e
+
+
+@triton.jit
+def _log_ratio(b_x, b_y, max_diff, log_z_diff, ACC: tl.constexpr):
+    """log p_X - log p_Y = (x - y) - (max x - max y) - (log z_x - log z_y), as the loss forms
+    log p_T - log p_R (row_kernel._target_tile): the first two terms in float64, where differences
+    of float32 numbers are exact; (x - max x - log z_x) - (y - max y - log z_y) cancels to the
+    logits' ulp where the streams share a confident token at |x| ~ 1e5."""
+    return ((b_x.to(tl.float64) - b_y.to(tl.float64)) - max_diff).to(ACC) - log_z_diff
 
 
 @triton.jit
@@ -77,11 +87,13 @@ def pmi_diagnostics_kernel(p_s, p_t, p_r, p_a, p_out, p_params, stride_s, stride
 
     # Pass 2: the dot products, and the target: Δ = t - r less the centering mean, or log p_T - log p_R
     # summed as row_kernel._target_tile sums it (t - r less the maxima's difference, in float64).
+    max_ts = m_t.to(tl.float64) - m_s.to(tl.float64)
+    max_rs = m_r.to(tl.float64) - m_s.to(tl.float64)
+    max_diff = m_t.to(tl.float64) - m_r.to(tl.float64)
     if CENTER:
         kappa = tl.sum(b_tr, axis=0) / V
     else:
         kappa = log_z_t - log_z_r
-        max_diff = m_t.to(tl.float64) - m_r.to(tl.float64)
     b_tt = tl.zeros([BLOCK_V], dtype=ACC)
     b_rr = tl.zeros([BLOCK_V], dtype=ACC)
     b_trr = tl.zeros([BLOCK_V], dtype=ACC)
@@ -97,11 +109,10 @@ def pmi_diagnostics_kernel(p_s, p_t, p_r, p_a, p_out, p_params, stride_s, stride
         b_t = _load_tile(p_t, o_v, m_v, inv_tau, ACC)
         b_r = _load_tile(p_r, o_v, m_v, inv_tau, ACC)
         # log p = (x - max) - log z, never x - (max + log z), which rounds log z away at |x| ~ 1e4.
-        lp = (b_s - m_s) - log_z_s
         lt = (b_t - m_t) - log_z_t
-        total = tl.where(m_v, lt - lp, 0.0)
-        ref = tl.where(m_v, ((b_r - m_r) - log_z_r) - lp, 0.0)
-        pmi = tl.where(m_v, lt - ((b_r - m_r) - log_z_r), 0.0)
+        total = tl.where(m_v, _log_ratio(b_t, b_s, max_ts, log_z_t - log_z_s, ACC), 0.0)
+        ref = tl.where(m_v, _log_ratio(b_r, b_s, max_rs, log_z_r - log_z_s, ACC), 0.0)
+        pmi = tl.where(m_v, _log_ratio(b_t, b_r, max_diff, log_z_t - log_z_r, ACC), 0.0)
         b_kl_ts += tl.where(m_v, tl.exp(lt), 0.0) * total
         b_tt += total * total
         b_rr += ref * ref
