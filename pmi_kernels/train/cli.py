@@ -7,9 +7,9 @@ import os
 import signal
 import sys
 
+from .checkpoint import write_file_atomically
 from .config import parse_args
 from .interrupts import Interrupted, StopRequest, TrainingFailed
-from .checkpoint import write_file_atomically
 from .metrics import finite_or_none
 
 USAGE = """pmi-opsd train [--config FILE] [--output-dir DIR] [--max-steps N] [--resume | --overwrite] [--KEY VALUE ...]
