@@ -221,12 +221,11 @@ def test_a_full_disk_during_a_save_is_one_line_and_the_run_resumes(two_step_run,
     run's weights. A failed write on a disk with room ("write-error") says the write was refused.
     Fails on the chained RuntimeError traceback (the bug), a partial copy left behind, or
     `latest` moved."""
-    import shutil as shutil_module
     out = tmp_path / "run"
     monkeypatch.setattr(checkpoint.torch, "save", fail_the_save_of(2, failure))
     if failure == "torch-runtime-error":
-        real_usage = shutil_module.disk_usage
-        monkeypatch.setattr(shutil_module, "disk_usage", lambda path: real_usage(path)._replace(free=2**20))
+        real_usage = shutil.disk_usage
+        monkeypatch.setattr(shutil, "disk_usage", lambda path: real_usage(path)._replace(free=2**20))
     assert cli_main(["train", *tiny_flags(tmp_path)]) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
     why = ("the system refused a write (RuntimeError: [enforce fail at inline_container.cc:672] . unexpected pos 704 "

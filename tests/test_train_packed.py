@@ -3,6 +3,9 @@
 Without padding, a packed row is only right if attention stays inside each sequence and the
 positions restart: each packed path is checked against separate forwards, and the packed step's
 gradients against the per-rollout loop's."""
+import math
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -324,8 +327,6 @@ def test_the_isolation_probe_allows_five_percent_and_no_more(monkeypatch, moved)
     the other moves one of its states by exactly 5% of M (allowed: bf16 kernels with atomic sums
     move by an ulp or two), or by the next float above (refused, naming the sequence). Fails on
     a bound off in either direction, or taken from the states after the change."""
-    import math
-    from types import SimpleNamespace
     hidden = torch.randint(-80, 80, (16, 4), dtype=torch.float64) / 8  # exact in binary, |h| <= 10
     scale = float(torch.randint(11, 40, ()))  # the moved sequence's largest |state|, above the rest
     part = slice(8, 16) if moved == "later" else slice(0, 8)
