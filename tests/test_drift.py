@@ -2,6 +2,7 @@
 trainer's measure (zero before any update, positive after), and the warning: it fires once on
 a runaway and never on a steady run."""
 import json
+import math
 
 import pytest
 import torch
@@ -98,3 +99,16 @@ def test_no_warning_on_a_steady_run(capsys):
             watch.check(step, record)
         assert not any("drift/warning" in r for r in steady)
     assert capsys.readouterr().err == ""
+
+
+def test_the_warning_fires_only_past_the_threshold(capsys):
+    """A KL exactly at drift_warn_kl is not past it; the next float above it is. Fails on a
+    threshold compared with >= (a warning at the default 0.3 itself) or one that lets a KL just
+    above it pass."""
+    for warn_kl in (0.3, float(torch.rand(())) * 2):
+        at, above = Drift(warn_kl), Drift(warn_kl)
+        at_record, above_record = records([warn_kl, math.nextafter(warn_kl, math.inf)])
+        at.check(1, at_record)
+        above.check(1, above_record)
+        assert "drift/warning" not in at_record and above_record.get("drift/warning") is True, warn_kl
+    assert capsys.readouterr().err.count("drifted from the frozen base") == 2

@@ -4,6 +4,7 @@ newest k are kept and only checkpoint-<digits> is ever pruned; stale temporaries
 state loads with weights_only=True; a bad checkpoint is a one-line error naming the file and
 the other checkpoints."""
 import contextlib
+import errno
 import os
 import pickle
 import shutil
@@ -17,6 +18,7 @@ pytest.importorskip("peft")
 
 import pmi_kernels.train.checkpoint as checkpoint  # noqa: E402
 from pmi_kernels.train.cli import main as cli_main  # noqa: E402
+from pmi_kernels.train.interrupts import TrainingFailed  # noqa: E402
 from pmi_kernels.train.loop import Trainer  # noqa: E402
 from pmi_kernels.train.run_dir import RUN_MARKER  # noqa: E402
 from test_train import tiny, tiny_flags  # noqa: E402
@@ -188,7 +190,104 @@ def test_latest_is_replaced_by_rename_never_written_in_place(tmp_path, monkeypat
         fh = open(path, mode, *args, **kwargs)
         return FailingWrite(fh) if "latest" in os.path.basename(path) and "w" in mode else fh
     monkeypatch.setattr(checkpoint, "open", open_failing_for_latest, raising=False)
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(TrainingFailed, match="while saving checkpoint-3 .* the previous checkpoint, checkpoint-2, is "
+                                              "intact"):
         trainer.save()
     assert (out / "latest").read_text() == "checkpoint-2"
     assert checkpoint.load_checkpoint(str(out))["step"] == 2
+
+
+def fail_the_save_of(step: int, failure: str):
+    """A torch.save that fails for `step`'s checkpoint, as it does on a full disk: a partial file,
+    then RuntimeError (torch carries no errno), or OSError(ENOSPC) for "enospc"."""
+    real = torch.save
+
+    def save(state, path, *args, **kwargs):
+        if state.get("step") != step:
+            return real(state, path, *args, **kwargs)
+        with open(path, "wb") as fh:
+            fh.write(b"PK\x03\x04 partial")
+        if failure == "enospc":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+    return save
+
+
+@pytest.mark.parametrize("failure", ["torch-runtime-error", "enospc", "write-error"])
+def test_a_full_disk_during_a_save_is_one_line_and_the_run_resumes(two_step_run, tmp_path, capsys, monkeypatch,
+                                                                    failure):
+    """The save of checkpoint-2 fails as on a full disk: exit 1 and one line saying so and that
+    checkpoint-1 is intact; no partial copy is left; the run then resumes to the uninterrupted
+    run's weights. A failed write on a disk with room ("write-error") says the write was refused.
+    Fails on the chained RuntimeError traceback (the bug), a partial copy left behind, or
+    `latest` moved."""
+    out = tmp_path / "run"
+    monkeypatch.setattr(checkpoint.torch, "save", fail_the_save_of(2, failure))
+    if failure == "torch-runtime-error":
+        real_usage = shutil.disk_usage
+        monkeypatch.setattr(shutil, "disk_usage", lambda path: real_usage(path)._replace(free=2**20))
+    assert cli_main(["train", *tiny_flags(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    why = ("the system refused a write (RuntimeError: [enforce fail at inline_container.cc:672] . unexpected pos 704 "
+           "vs 598)" if failure == "write-error" else "no space left on the device")
+    assert err == (f"error: {why} while saving checkpoint-2 in {out}; the previous checkpoint, checkpoint-1, is "
+                   "intact: continue from it with --resume once the disk has room")
+    assert (out / "latest").read_text() == "checkpoint-1" and not [p for p in os.listdir(out) if ".tmp-" in p]
+    assert checkpoint.load_checkpoint(str(out))["step"] == 1
+    monkeypatch.undo()
+    assert cli_main(["train", *tiny_flags(tmp_path), "--resume"]) == 0
+    got, want = (torch.load(run / "checkpoint-2" / "state.pt", weights_only=True)
+                 for run in (out, two_step_run / "run"))
+    assert got["step"] == 2 and all(torch.equal(got["trainable"][n], v) for n, v in want["trainable"].items())
+
+
+class DurabilityLog:
+    """os.fsync, os.rename and os.replace observed in order: each rename into the run directory
+    must find every file and directory it moves fsynced (since that path was last renamed), and
+    the directory fsynced after it before the next rename into it."""
+
+    def __init__(self, run_dir, monkeypatch):
+        self.run_dir, self.synced, self.renamed, self.unsynced_dirs = str(run_dir), set(), [], set()
+        real_fsync, real_rename, real_replace = os.fsync, os.rename, os.replace
+
+        def fsync(fd):
+            real_fsync(fd)
+            path = os.readlink(f"/proc/self/fd/{fd if isinstance(fd, int) else fd.fileno()}")
+            self.synced.add(path)
+            self.unsynced_dirs.discard(path)
+
+        def moving(real):
+            def move(src, dst, *args, **kwargs):
+                self.check(os.path.abspath(src), os.path.abspath(dst))
+                return real(src, dst, *args, **kwargs)
+            return move
+        monkeypatch.setattr(os, "fsync", fsync)
+        monkeypatch.setattr(os, "rename", moving(real_rename))
+        monkeypatch.setattr(os, "replace", moving(real_replace))
+
+    def check(self, src: str, dst: str) -> None:
+        parent = os.path.dirname(dst)
+        if parent != self.run_dir:  # another library's own files, inside a directory that is checked
+            return
+        assert parent not in self.unsynced_dirs, f"{dst}: renamed before the previous rename here was fsynced"
+        walk = list(os.walk(src)) if os.path.isdir(src) else [(os.path.dirname(src), [], [os.path.basename(src)])]
+        moved = [os.path.join(d, f) for d, _, files in walk for f in files] + [d for d, _, _ in walk if d != parent]
+        unsynced = set(moved) - self.synced
+        assert moved and not unsynced, f"{dst}: not fsynced before the rename: {unsynced}"
+        self.synced -= set(moved)  # the next file of that name must be fsynced again
+        self.renamed.append(os.path.basename(dst))
+        self.unsynced_dirs.add(parent)
+
+
+def test_what_is_renamed_into_place_is_fsynced_first(tmp_path, monkeypatch, capsys):
+    """A run, then its resume: every checkpoint, `latest`, the toy base, the cut metrics.jsonl and
+    result.json are written under a temporary name, fsynced (every file and directory in them),
+    renamed, and the directory fsynced before anything else is renamed into it, and at the end.
+    Fails on a rename before the fsync (a power cut could leave `latest` naming a checkpoint
+    whose files are empty) or result.json written in place."""
+    log = DurabilityLog(tmp_path / "run", monkeypatch)
+    assert cli_main(["train", *tiny_flags(tmp_path, max_steps=1)]) == 0
+    assert cli_main(["train", *tiny_flags(tmp_path, max_steps=2), "--resume"]) == 0
+    assert not log.unsynced_dirs, "the last rename was not made durable"
+    assert {"toy-base", "checkpoint-1", "checkpoint-2", "latest", "metrics.jsonl", "result.json"} <= set(log.renamed)
+    assert log.renamed.count("result.json") == 2

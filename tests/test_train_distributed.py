@@ -205,3 +205,67 @@ def test_a_batch_that_does_not_split_over_the_ranks_is_refused(tmp_path):
     result = torchrun(tmp_path, tmp_path / "run", "--batch-size", "3")
     assert result.returncode != 0
     assert result.stderr.count("error: batch_size: 3 rollouts per micro-batch do not split evenly over 2") == 1
+
+
+def differing_cli_worker(rank, world, init_file, root, result_file):
+    """`pmi-opsd train` on each rank, rank 1 with another lr: its exit code and stderr, per rank."""
+    import contextlib
+    import io
+
+    import torch.distributed as dist
+
+    from pmi_kernels.train.cli import main as cli_main
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = cli_main(["train", *tiny_flags(root, **{**STEP, **({"lr": 0.05} if rank == 1 else {})})])
+    with open(f"{result_file}.{rank}", "w") as fh:
+        json.dump({"code": code, "stderr": err.getvalue(), "left_group": not dist.is_initialized()}, fh)
+
+
+def test_every_rank_reports_differing_configs_as_bad_input(tmp_path):
+    """Two ranks whose command lines differ in lr: `pmi-opsd train` exits 2 (bad input, as a
+    ValueError) on every rank with the same one line, and leaves the process group. Fails on a
+    rank that hangs, exits 1 (a TrainingFailed), 0 (it trained), or prints a traceback."""
+    result = tmp_path / "rank"
+    run_ranks(differing_cli_worker, 2, (str(tmp_path / "rendezvous"), tmp_path, str(result)), timeout=120)
+    want = "error: torchrun: the ranks' configs differ in lr; every rank must run the same config\n"
+    for rank in range(2):
+        got = json.loads((tmp_path / f"rank.{rank}").read_text())
+        assert got == {"code": 2, "stderr": want, "left_group": True}, rank
+    assert not (tmp_path / "run").exists()
+
+
+def no_gradient_worker(rank, world, init_file, result_file):
+    """Three parameters: the first has a gradient on rank 0, the second on rank 1, the third on
+    none; summed over the ranks, then one AdamW step with weight decay."""
+    import torch.distributed as dist
+
+    from pmi_kernels.train.distributed import World, sum_gradients
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(3)
+        params = [torch.nn.Parameter(torch.randn(4)) for _ in range(3)]
+        before = [p.detach().clone() for p in params]
+        params[rank].grad = torch.full((4,), rank + 1.0)
+        sum_gradients(World(rank, world), params)
+        torch.optim.AdamW(params, lr=0.1, weight_decay=0.5).step()
+        torch.save({"before": before, "after": [p.detach().clone() for p in params],
+                    "grads": [p.grad for p in params]}, f"{result_file}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_parameter_no_rank_has_a_gradient_for_stays_untouched(tmp_path):
+    """After the gradients are summed over two ranks, a parameter with a gradient on one rank has
+    it on both (the other adds zeros); one with a gradient on no rank has none, so AdamW leaves it
+    as it was (no weight decay), as one process would. Fails on zeros given to every parameter."""
+    result = tmp_path / "rank"
+    run_ranks(no_gradient_worker, 2, (str(tmp_path / "rendezvous"), str(result)), timeout=120)
+    for rank in range(2):
+        got = torch.load(f"{result}.{rank}", weights_only=True)
+        assert [g if g is None else g.tolist() for g in got["grads"]] == [[1.0] * 4, [2.0] * 4, None]
+        assert torch.equal(got["after"][2], got["before"][2])
+        assert all(not torch.equal(got["after"][i], got["before"][i]) for i in range(2))

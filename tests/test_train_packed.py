@@ -3,6 +3,9 @@
 Without padding, a packed row is only right if attention stays inside each sequence and the
 positions restart: each packed path is checked against separate forwards, and the packed step's
 gradients against the per-rollout loop's."""
+import math
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -316,3 +319,27 @@ def test_packed_hidden_states_on_cuda(attn, dtype):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     else:
         torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=0.05 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("moved", ["later", "earlier"])
+def test_the_isolation_probe_allows_five_percent_and_no_more(monkeypatch, moved):
+    """The probe's hidden states made by hand: one sequence's largest state is M, and changing
+    the other moves one of its states by exactly 5% of M (allowed: bf16 kernels with atomic sums
+    move by an ulp or two), or by the next float above (refused, naming the sequence). Fails on
+    a bound off in either direction, or taken from the states after the change."""
+    hidden = torch.randint(-80, 80, (16, 4), dtype=torch.float64) / 8  # exact in binary, |h| <= 10
+    scale = float(torch.randint(11, 40, ()))  # the moved sequence's largest |state|, above the rest
+    part = slice(8, 16) if moved == "later" else slice(0, 8)
+    hidden[part][0, 0], hidden[part][3, 1] = scale, 0.0
+    decoder = SimpleNamespace(config=SimpleNamespace(_attn_implementation="sdpa"))
+    for move, refused in ((0.05 * scale, False), (math.nextafter(0.05 * scale, math.inf), True)):
+        after = hidden.clone()
+        after[part][3, 1] = move
+        after[part][0, 0] = scale - 0.5  # moves less; the bound is 5% of the states before the change
+        calls = iter([hidden, after if moved == "later" else hidden, after if moved == "earlier" else hidden])
+        monkeypatch.setattr(packing, "packed_hidden", lambda *args: next(calls))
+        if refused:
+            with pytest.raises(ValueError, match=f"model's {moved} sequence of a pack sees the other"):
+                packing.check_isolation(decoder, [[1, 2, 3], [4, 5]], 10, "cpu")
+        else:
+            packing.check_isolation(decoder, [[1, 2, 3], [4, 5]], 10, "cpu")

@@ -171,3 +171,16 @@ def test_the_toy_base_is_saved_with_the_run_and_required_to_resume(three_step_ru
     shutil.rmtree(out / "toy-base")
     with pytest.raises(ValueError, match=f"{out / 'toy-base'} is missing"):
         Trainer(tiny(tmp_path, max_steps=3, save_every=2, resume=True))
+
+
+def test_a_resumed_run_reports_the_accuracy_before_training(tmp_path, capsys):
+    """result.json of a run stopped after step 1 and resumed to step 2 holds the accuracy its first
+    start measured before training, as the uninterrupted run's does. Fails on null (the bug: the
+    resumed run had not evaluated at step 0 itself)."""
+    straight = Trainer(tiny(tmp_path / "straight", max_steps=2)).train(progress=False)
+    assert cli_main(["train", *tiny_flags(tmp_path, max_steps=1)]) == 0
+    assert cli_main(["train", *tiny_flags(tmp_path, max_steps=2), "--resume"]) == 0
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert result["steps"] == 2 and straight["accuracy_before"] is not None
+    assert result["accuracy_before"] == straight["accuracy_before"]
+    assert f"accuracy before training: {straight['accuracy_before']:.3f}" in capsys.readouterr().out

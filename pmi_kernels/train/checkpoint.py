@@ -12,6 +12,8 @@ config, compared on --resume before anything heavy loads).
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import re
@@ -20,14 +22,14 @@ from typing import Callable, List, Optional
 
 import torch
 
-from .interrupts import fault_point
+from .interrupts import TrainingFailed, fault_point
 
 LATEST = "latest"
 STATE_FILE = "state.pt"
 META_FILE = "checkpoint.json"
 CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
 # The temporary names this trainer writes; what is left of them after a crash is removed at start.
-TEMPORARY_NAME = re.compile(r"\.(checkpoint-\d+|latest|toy-base|metrics\.jsonl)\.tmp-(\d+|sharded)")
+TEMPORARY_NAME = re.compile(r"\.(checkpoint-\d+|latest|toy-base|metrics\.jsonl|result\.json)\.tmp-(\d+|sharded)")
 SHARDED_DIR = "sharded"  # under FSDP2: the weights and optimizer state, as torch.distributed.checkpoint writes them
 
 
@@ -75,16 +77,29 @@ def read_latest(output_dir: str) -> Optional[str]:
         return None
 
 
+def write_file_atomically(path: str, text: str, fault: Optional[str] = None) -> None:
+    """`path` replaced by a fsynced temporary file, renamed over it (then the directory fsynced):
+    a reader sees the old text or the new, never a part, whatever stops the write. `fault`: the
+    fault point between the write and the rename."""
+    tmp = temporary_path(path)
+    try:
+        with open(tmp, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    if fault is not None:
+        fault_point(fault)
+    os.replace(tmp, path)
+    fsync_path(os.path.dirname(path) or ".")
+
+
 def point_latest(output_dir: str, name: str) -> None:
     """Replace `latest` by rename: a reader sees the old name or the new one, never a part."""
-    tmp = temporary_path(os.path.join(output_dir, LATEST))
-    with open(tmp, "w") as fh:
-        fh.write(name)
-        fh.flush()
-        os.fsync(fh.fileno())
-    fault_point("save-pointer-written")
-    os.replace(tmp, os.path.join(output_dir, LATEST))
-    fsync_path(output_dir)
+    write_file_atomically(os.path.join(output_dir, LATEST), name, fault="save-pointer-written")
     fault_point("save-pointer-moved")
 
 
@@ -97,8 +112,52 @@ def sharded_staging(output_dir: str, step: int) -> str:
 def save_checkpoint(output_dir: str, step: int, state: dict, meta: dict, save_pretrained=None, keep: int = 2,
                     sharded: Optional[str] = None) -> str:
     """state -> checkpoint-<step>/state.pt, meta -> checkpoint.json (+ save_pretrained(dir)/model,
-    + the directory `sharded` moved in as sharded/)."""
+    + the directory `sharded` moved in as sharded/). A write the system refuses (a full disk:
+    torch.save says only RuntimeError) is a one-line TrainingFailed; `latest` still names the
+    previous checkpoint, whole, and the partial copy is removed."""
     name = f"checkpoint-{step}"
+    try:
+        return _save_checkpoint(output_dir, name, state, meta, save_pretrained, keep, sharded)
+    except (OSError, RuntimeError) as err:
+        raise _save_failed(output_dir, name, err) from err
+
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+LOW_SPACE_BYTES = 64 * 2**20  # less than this free after a failed write: the disk filled up
+
+
+def _out_of_space(err: BaseException, output_dir: str) -> bool:
+    """Whether a failed write ran out of space: an errno that says so anywhere in the chain, or
+    (torch.save's RuntimeError carries none) almost nothing free on the output directory's disk."""
+    seen = err
+    for _ in range(16):  # the exception, what it was raised from or while handling, and so on
+        if seen is None:
+            break
+        if isinstance(seen, OSError) and seen.errno in NO_SPACE:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    try:
+        return shutil.disk_usage(output_dir).free < LOW_SPACE_BYTES
+    except OSError:
+        return False
+
+
+def _save_failed(output_dir: str, name: str, err: BaseException) -> TrainingFailed:
+    """The error of a save that failed, once its partial copy is removed (unless `latest` names
+    it: a re-save cut short after the copy was whole)."""
+    full = _out_of_space(err, output_dir)  # before removing the partial copy frees its space
+    tmp = temporary_path(os.path.join(output_dir, name))
+    latest = read_latest(output_dir)
+    if latest != os.path.basename(tmp):
+        shutil.rmtree(tmp, ignore_errors=True)
+    why = "no space left on the device" if full else f"the system refused a write ({error_line(err)})"
+    kept = (f"the previous checkpoint, {latest}, is intact: continue from it with --resume once the disk has room"
+            if latest else "no checkpoint was written before it: start the run again once the disk has room")
+    return TrainingFailed(f"{why} while saving {name} in {output_dir}; {kept}")
+
+
+def _save_checkpoint(output_dir: str, name: str, state: dict, meta: dict, save_pretrained, keep: int,
+                     sharded: Optional[str]) -> str:
     final = os.path.join(output_dir, name)
     tmp = temporary_path(final)
     shutil.rmtree(tmp, ignore_errors=True)

@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 
+from .checkpoint import write_file_atomically
 from .config import parse_args
 from .interrupts import Interrupted, StopRequest, TrainingFailed
 from .metrics import finite_or_none
@@ -25,8 +26,8 @@ base and prints them side by side (the main job)."""
 
 
 def train(argv) -> int:
-    """The exit code: 0 done, 1 the run failed (e.g. non-finite steps), 130/143 interrupted by
-    SIGINT/SIGTERM (its last consistent state saved), 2 bad input (from main)."""
+    """The exit code: 0 done, 1 the run failed (e.g. non-finite steps, a full disk), 130/143
+    interrupted by SIGINT/SIGTERM (its last consistent state saved), 2 bad input (from main)."""
     config, flags = parse_args(argv, description="On-policy self-distillation with the PMI target.")
     if flags.dry_run:
         from .plan import format_plan, plan
@@ -41,8 +42,10 @@ def train(argv) -> int:
                 trainer = Trainer(config, stop)
             except Interrupted as err:
                 if os.environ.get("RANK", "0") == "0":
-                    print(f"interrupted by {signal.Signals(err.signum).name} during {err.where}: the run had no "
-                          "checkpoint yet; start it again", file=sys.stderr)
+                    what = ("the run is as it was; continue it with --resume" if config.resume else
+                            "the run had no checkpoint yet; start it again")
+                    print(f"interrupted by {signal.Signals(err.signum).name} during {err.where}: {what}",
+                          file=sys.stderr)
                 return err.exit_code
             result = trainer.train()
     finally:
@@ -53,8 +56,8 @@ def train(argv) -> int:
     print(f"accuracy before training: {fmt(result['accuracy_before'])}   "
           f"after: {fmt(result['accuracy_after'])}   steps: {result['steps']}")
     print(f"metrics: {trainer.metrics.path}")
-    with open(os.path.join(config.output_dir, "result.json"), "w") as fh:
-        json.dump({key: finite_or_none(value) for key, value in result.items()}, fh, allow_nan=False)
+    write_file_atomically(os.path.join(config.output_dir, "result.json"),
+                          json.dumps({key: finite_or_none(value) for key, value in result.items()}, allow_nan=False))
     if result["interrupted"]:
         print(f"interrupted by {result['interrupted']} during {result['where']}: "
               f"{os.path.join(config.output_dir, result['checkpoint'])} holds step {result['steps']}; "
@@ -69,7 +72,12 @@ def plot(argv) -> int:
     parser.add_argument("--metrics", default="runs/toy/metrics.jsonl")
     parser.add_argument("--out", default=None, help="PNG path (default: beside the metrics file)")
     args = parser.parse_args(argv)
+    if not os.path.isfile(args.metrics):
+        missing = "is not a file" if os.path.exists(args.metrics) else "does not exist"
+        raise ValueError(f"--metrics {args.metrics}: {missing} (a run's metrics.jsonl, in its output_dir)")
     out = args.out or os.path.join(os.path.dirname(args.metrics) or ".", "metrics.png")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
+        raise ValueError(f"--out {out}: its directory does not exist")
     print(f"wrote {plot_metrics(args.metrics, out)}")
     return 0
 
@@ -88,6 +96,9 @@ def main(argv=None):
         if not getattr(err, "from_rank_zero", False):  # under torchrun, rank 0 has said it
             print(f"error: {err}", file=sys.stderr)
         return 2 if isinstance(err, ValueError) else 1
+    except OSError as err:  # the system refused a read or write (a full disk, a lost mount): one line too
+        print(f"error: {err.strerror or err}{f': {err.filename}' if err.filename else ''}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

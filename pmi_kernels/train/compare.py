@@ -45,6 +45,7 @@ from .contexts import KINDS
 from .interrupts import Interrupted, StopRequest
 from .loop import Trainer
 from .metrics import count_markers, read_metrics
+from .run_dir import make_output_dir
 from .tokenized import contexts_ids
 
 RUNS = (("opsd", dict(mode="opsd", anchor=False), "standard OPSD"),
@@ -392,7 +393,7 @@ def main(argv) -> int:
     if len(set(seeds)) != len(seeds) or any(not 0 <= seed < 2**32 for seed in seeds):
         raise ValueError(f"--seeds: expected distinct seeds in [0, 2**32), got {known.seeds!r}")
     root = shared.output_dir
-    os.makedirs(root, exist_ok=True)
+    make_output_dir(root)
     start, load = time.perf_counter(), os.getloadavg()
     fitter = ThreadFitter(torch.get_num_threads())
     stop = FittingStop(fitter)

@@ -153,9 +153,7 @@ class TrainConfig:
             if self.train_file is None:
                 raise ValueError("config: train_file is required with a model_path other than 'toy'")
             for key in ("train_file", "eval_file"):
-                path = getattr(self, key)
-                if path is not None and not os.path.isfile(path):
-                    raise ValueError(f"config: {key} {path!r} does not exist")
+                check_data_file(key, getattr(self, key))
             if self.sft_steps:
                 raise ValueError("config: sft_steps (the supervised warm-up) is for the toy model only; "
                                  f"with model_path {self.model_path!r} set it to 0")
@@ -164,6 +162,16 @@ class TrainConfig:
     def torch_device(self):
         import torch
         return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device)
+
+
+def check_data_file(key: str, path: Optional[str]) -> None:
+    """A data file that is there and is a file (a directory was called missing)."""
+    if path is None or os.path.isfile(path):
+        return
+    if os.path.isdir(path):
+        raise ValueError(f"config: {key} {path!r} is a directory; name a .jsonl, .json or .parquet file in it")
+    what = "is not a regular file" if os.path.exists(path) else "does not exist"
+    raise ValueError(f"config: {key} {path!r} {what}")
 
 
 # Keys a resumed run may change: they do not change what the steps compute (or, for max_steps,
@@ -185,12 +193,14 @@ def changed_keys(saved: dict, config: TrainConfig) -> List[str]:
 
 def read_config_file(path: str) -> dict:
     try:
-        with open(path) as fh:
+        with open(path, encoding="utf-8") as fh:
             values = json.load(fh)
     except OSError as err:
         raise ValueError(f"--config {path}: cannot be read ({err.strerror})") from err
     except json.JSONDecodeError as err:
         raise ValueError(f"--config {path}: not valid JSON ({err})") from err
+    except UnicodeDecodeError as err:
+        raise ValueError(f"--config {path}: not UTF-8 text (byte {err.start}: {err.reason})") from err
     if not isinstance(values, dict):
         raise ValueError(f"--config {path}: expected a JSON object of config keys, got {type(values).__name__}")
     unknown = set(values) - {f.name for f in dataclasses.fields(TrainConfig)}

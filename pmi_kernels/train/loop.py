@@ -45,8 +45,8 @@ from .distributed import (SyncedStop, WholeModelDecoder, broadcast_module, check
                           sum_over_ranks, training_device)
 from .drift import Drift
 from .interrupts import Interrupted, StopRequest, TrainingFailed, fault_point
-from .metrics import MetricsLog, StepTimer, count_markers, cut_metrics, evaluated_at
-from .model import check_lengths, check_lora_targets, load_model, wrap_model
+from .metrics import MetricsLog, StepTimer, accuracy_at, count_markers, cut_metrics, evaluated_at
+from .model import check_lengths, check_lora_targets, load_model, position_limit, wrap_model
 from .packing import check_isolation, packed_hidden, rollout_groups, rope_switch_length
 from .rollouts import VllmRollouts, merged_weights
 from .run_dir import TOY_BASE, prepare_output_dir, start_output_dir
@@ -86,19 +86,27 @@ class Trainer:
         --overwrite removes anything), the warm-up, the wrapping, and a resumed run's state."""
         world = self.world
         state = load_checkpoint(config.output_dir) if resumed is not None else None
-        self.train_rows, self.eval_rows = load_examples(config)  # a bad file is refused before the model loads
+        # A bad file is refused before the model loads. Until the output directory is started
+        # (start_output_dir), a stop signal ends set-up with nothing changed.
+        self.train_rows, self.eval_rows = load_examples(config, self.stop)
+        self.stop.check("reading the data")
         random.seed(config.seed)
         torch.manual_seed(config.seed)
         self.tokenizer, model = load_model(config, self.device)
+        self.stop.check("loading the model")
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.tokenizer.padding_side = "left"
         if model.get_output_embeddings() is None:
             raise ValueError(f"model {config.model_path!r} has no lm_head (get_output_embeddings() is None)")
         check_lora_targets(model, config)
-        self.prompts = contexts_ids(self.tokenizer, config.templates, KINDS, self.train_rows, config.use_chat_template)
+        # Far too long a row is refused on a prefix, before all of it is tokenized.
+        limit = dict(positions=position_limit(model), max_new_tokens=config.max_new_tokens, stop=self.stop)
+        self.prompts = contexts_ids(self.tokenizer, config.templates, KINDS, self.train_rows, config.use_chat_template,
+                                    **limit)
         self.eval_prompts = contexts_ids(self.tokenizer, config.templates, ["student"], self.eval_rows,
-                                         config.use_chat_template)["student"]
+                                         config.use_chat_template, split="eval", **limit)["student"]
+        self.stop.check("tokenizing the data")
         check_lengths(model, {**{f"templates.{kind} (train)": self.prompts[kind] for kind in KINDS},
                               "templates.student (eval)": self.eval_prompts}, config.max_new_tokens)
         self._alone_above = None  # rollout_groups: a sequence longer goes in a pack of its own
@@ -547,8 +555,10 @@ class Trainer:
             self.save()  # the warmed-up start: a stop before the first scheduled save can --resume
         if self.step == 0:
             result["accuracy_before"] = self._evaluate_and_log()
-        elif self._redo_evaluation:
-            self._evaluate_and_log()
+        else:  # a resumed run: the evaluation its first start logged
+            result["accuracy_before"] = on_main(self.world, lambda: accuracy_at(self.metrics.path, 0))
+            if self._redo_evaluation:
+                self._evaluate_and_log()
         bar = tqdm(total=config.max_steps, initial=self.step, disable=not progress or not self.world.main, desc="opsd")
         try:
             while self.step < config.max_steps:

@@ -8,9 +8,9 @@ import math
 import os
 import re
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional
 
-from .checkpoint import temporary_path
+from .checkpoint import write_file_atomically
 
 
 def count_markers(texts: List[str], markers: List[str]) -> Dict[str, int]:
@@ -66,8 +66,23 @@ def finite_or_none(value):
 
 
 def read_metrics(path: str) -> List[Dict]:
-    with open(path) as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+    """The rows of a metrics file (a last line cut short by a kill left out); a line that is not a
+    metrics row is a ValueError naming it."""
+    rows = []
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for number, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                if not line.endswith("\n"):  # the last line, cut short by a kill
+                    break
+                raise ValueError(f"{path}: line {number}: not valid JSON ({err.msg})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                raise ValueError(f"{path}: line {number}: not a metrics row (a JSON object with an integer step)")
+            rows.append(row)
+    return rows
 
 
 def _step_rows(path: str):
@@ -84,9 +99,15 @@ def _step_rows(path: str):
                 yield line, row
 
 
+def accuracy_at(path: str, step: int) -> Optional[float]:
+    """The first evaluation's accuracy at `step` in the metrics file; None if it has none."""
+    found = (row["eval/accuracy"] for _, row in _step_rows(path) if row["step"] == step and "eval/accuracy" in row)
+    return next(found, None)
+
+
 def evaluated_at(path: str, step: int) -> bool:
     """Whether the metrics file has an evaluation at `step`."""
-    return any(row["step"] == step and "eval/accuracy" in row for _, row in _step_rows(path))
+    return accuracy_at(path, step) is not None
 
 
 def cut_metrics(path: str, step: int, redo_evaluation: bool) -> None:
@@ -100,12 +121,7 @@ def cut_metrics(path: str, step: int, redo_evaluation: bool) -> None:
         evaluation_only = set(row) == {"step", "eval/accuracy"}
         if row["step"] < step or (row["step"] == step and not (redo_evaluation and evaluation_only)):
             kept.append(line if line.endswith("\n") else line + "\n")
-    tmp = temporary_path(path)  # a name the next start removes if this process dies here
-    with open(tmp, "w") as fh:
-        fh.writelines(kept)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    write_file_atomically(path, "".join(kept))  # its temporary's name is one the next start removes
 
 
 def plot_metrics(path: str, out: str) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import os
 import random
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
@@ -16,6 +16,7 @@ from .interrupts import StopRequest, fault_point
 from .packing import VARLEN, check_model_attention, register_varlen, resolve_attn_implementation
 from .run_dir import TOY_BASE
 from .tasks import warmup_target
+from .tokenized import length_error
 from .toy import toy_model, toy_tokenizer
 
 
@@ -51,19 +52,23 @@ def load_model(config: TrainConfig, device):
     return tokenizer, model.to(device)
 
 
+def position_limit(model) -> Optional[int]:
+    """The most positions the model reads (None: no limit stated)."""
+    return getattr(model.config, "max_position_embeddings", None)
+
+
 def check_lengths(model, contexts: Dict[str, List[List[int]]], max_new_tokens: int) -> None:
     """Every context has a token (its last predicts the rollout's first) and, with a full
     rollout, fits the model's positions (else generation fails, or asks the allocator for a
     tensor as long as the text). `contexts` is keyed by the templates.<kind> that made them."""
-    limit = getattr(model.config, "max_position_embeddings", None)
+    limit = position_limit(model)
     for what, prompts in contexts.items():
         for i, prompt in enumerate(prompts):
             if not prompt:
                 raise ValueError(f"{what}: row {i} renders to no tokens (a context's last token predicts the "
                                  "rollout's first)")
             if limit is not None and len(prompt) + max_new_tokens > limit:
-                raise ValueError(f"{what}: row {i}: its context ({len(prompt)} tokens) plus max_new_tokens "
-                                 f"({max_new_tokens}) exceeds the model's {limit} positions")
+                raise length_error(what, i, len(prompt), max_new_tokens, limit)
 
 
 def check_lora_targets(model, config: TrainConfig) -> None:

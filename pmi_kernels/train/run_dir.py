@@ -37,13 +37,8 @@ class DirLock:
         self.release = weakref.finalize(self, os.close, fd)
 
 
-def prepare_output_dir(config: TrainConfig, world_size: int = 1):
-    """(lock, meta): make output_dir and lock it for this run; for --resume, check it (written
-    by as many processes as this run has), meta being its newest checkpoint's ({"step",
-    "config", "world_size"}); otherwise (meta None) refuse a non-empty directory unless
-    --overwrite, and refuse --overwrite where it would remove files no trainer wrote. Nothing is
-    removed here: start_output_dir does that, after the run's other checks."""
-    out = config.output_dir
+def make_output_dir(out: str) -> None:
+    """The directory made (with its parents) and writable, else a ValueError naming it."""
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as err:
@@ -51,6 +46,16 @@ def prepare_output_dir(config: TrainConfig, world_size: int = 1):
         raise ValueError(f"config: output_dir {out!r} cannot be created ({why})") from err
     if not os.access(out, os.W_OK | os.X_OK):
         raise ValueError(f"config: output_dir {out!r} is not writable")
+
+
+def prepare_output_dir(config: TrainConfig, world_size: int = 1):
+    """(lock, meta): make output_dir and lock it for this run; for --resume, check it (written
+    by as many processes as this run has), meta being its newest checkpoint's ({"step",
+    "config", "world_size"}); otherwise (meta None) refuse a non-empty directory unless
+    --overwrite, and refuse --overwrite where it would remove files no trainer wrote. Nothing is
+    removed here: start_output_dir does that, after the run's other checks."""
+    out = config.output_dir
+    make_output_dir(out)
     lock = DirLock(out)
     try:
         return lock, _check_dir(config, world_size)
