@@ -8,7 +8,8 @@ copy, then swaps that in; a swap cut short is finished by `recover_interrupted_s
 next start. Only the newest `keep` checkpoint-<digits> directories are kept, and nothing else
 in the directory is ever removed. Each checkpoint holds state.pt (tensors and plain containers
 only: it is read with torch.load(weights_only=True)) and checkpoint.json (its step and the run's
-config, compared on --resume before anything heavy loads).
+config, compared on --resume before anything heavy loads), and beside them the model in the
+Hugging Face format (export.py).
 """
 from __future__ import annotations
 
@@ -96,8 +97,8 @@ def sharded_staging(output_dir: str, step: int) -> str:
 
 def save_checkpoint(output_dir: str, step: int, state: dict, meta: dict, save_pretrained=None, keep: int = 2,
                     sharded: Optional[str] = None) -> str:
-    """state -> checkpoint-<step>/state.pt, meta -> checkpoint.json (+ save_pretrained(dir)/model,
-    + the directory `sharded` moved in as sharded/)."""
+    """state -> checkpoint-<step>/state.pt, meta -> checkpoint.json (+ save_pretrained(dir): the Hugging
+    Face files, beside them, export.py; + the directory `sharded` moved in as sharded/)."""
     name = f"checkpoint-{step}"
     final = os.path.join(output_dir, name)
     tmp = temporary_path(final)
@@ -107,7 +108,7 @@ def save_checkpoint(output_dir: str, step: int, state: dict, meta: dict, save_pr
     with open(os.path.join(tmp, META_FILE), "w") as fh:
         json.dump(meta, fh, indent=1, allow_nan=False)
     if save_pretrained is not None:
-        save_pretrained(os.path.join(tmp, "model"))
+        save_pretrained(tmp)
     if sharded is not None:
         os.rename(sharded, os.path.join(tmp, SHARDED_DIR))
     fsync_tree(tmp)

@@ -45,6 +45,7 @@ from .distributed import (SyncedStop, WholeModelDecoder, broadcast_module, check
                           sum_over_ranks, training_device)
 from .drift import Drift
 from .interrupts import Interrupted, StopRequest, TrainingFailed, fault_point
+from .export import checkpoint_writer
 from .metrics import MetricsLog, StepTimer, count_markers, cut_metrics, evaluated_at
 from .model import check_lengths, check_lora_targets, load_model, wrap_model
 from .packing import check_isolation, packed_hidden, rollout_groups, rope_switch_length
@@ -509,7 +510,7 @@ class Trainer:
             raise TrainingFailed(f"step {self.step}: {bad} is not finite; not saved, so the newest checkpoint "
                                  f"is still {read_latest(self.config.output_dir)}")
         meta = {"step": self.step, "config": dataclasses.asdict(self.config), "world_size": self.world.size}
-        save_pretrained = self.model.save_pretrained if self.config.lora else None
+        save_pretrained = checkpoint_writer(self)  # under FSDP2 a collective: every rank gathers
         sharded = None
         if self.config.fsdp:  # every rank writes its shards, then rank 0 moves them into the checkpoint
             import torch.distributed.checkpoint as dcp
