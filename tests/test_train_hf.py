@@ -4,6 +4,7 @@ fine-tuning: AutoModelForCausalLM), and `pmi-opsd export` writes a standalone mo
 checkpoint, the old ones without those files too; greedy generation from each loaded model
 equals the trainer's own evaluation output."""
 import json
+import os
 
 import pytest
 import torch
@@ -99,3 +100,55 @@ def test_export_writes_a_standalone_model(finished_run, tmp_path, old_format):
     assert cli_main(["export", str(checkpoint), str(tmp_path / "taken")]) == 2
     assert (tmp_path / "taken" / "notes.txt").read_text() == "a user's file"
 
+
+def hub_cache(root, repo_id, files_from):
+    """A Hugging Face cache at root/hub holding repo_id, laid out as huggingface_hub lays it out:
+    models--org--name/ with blobs/ (the files by hash), snapshots/<commit>/ (links to the blobs)
+    and refs/main (the commit)."""
+    import hashlib
+    repo = root / "hub" / ("models--" + repo_id.replace("/", "--"))
+    commit = hashlib.sha1(repo_id.encode()).hexdigest()
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "blobs").mkdir()
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    for path in files_from.iterdir():
+        data = path.read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        (repo / "snapshots" / commit / path.name).symlink_to(os.path.relpath(blob, repo / "snapshots" / commit))
+    return root / "hub"
+
+
+def run_cli(args, env):
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-m", "pmi_kernels.train.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=600)
+
+
+def test_model_path_takes_a_hub_id_from_the_cache_offline(tmp_path):
+    """--model-path org/name, the model only in the Hugging Face cache and HF_HUB_OFFLINE=1: the
+    run trains and its LoRA adapter names the id as its base; an id not in the cache is a
+    one-line error (exit 2) before anything runs (no output directory). Fails on the old check,
+    'is not a local directory'."""
+    from pmi_kernels.train.toy import toy_model, toy_problems, toy_tokenizer
+    tokenizer = toy_tokenizer()
+    toy_model(tokenizer).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    cache = hub_cache(tmp_path / "hf", "tiny-org/toy-qwen3", tmp_path / "model")
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in toy_problems(8, 1)))
+    env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_HOME": str(tmp_path / "hf")}
+    common = ["train", "--train-file", str(data), "--answer-field", "null", "--device", "cpu",
+              "--max-new-tokens", "6", "--batch-size", "2", "--max-steps", "1", "--eval-limit", "2",
+              "--use-chat-template", "false", "--diagnostics-every", "1"]
+    missing = run_cli([*common, "--model-path", "tiny-org/not-there", "--output-dir", str(tmp_path / "none")], env)
+    assert missing.returncode == 2 and not (tmp_path / "none").exists()
+    assert missing.stderr.strip().splitlines() == [
+        "error: config: model_path 'tiny-org/not-there' is not a local directory, and as a Hugging Face Hub id it "
+        "cannot be loaded (HF_HUB_OFFLINE is set and it is not in the Hugging Face cache)"]
+    done = run_cli([*common, "--model-path", "tiny-org/toy-qwen3", "--output-dir", str(tmp_path / "run")], env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    adapter = json.loads((tmp_path / "run" / "checkpoint-1" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == "tiny-org/toy-qwen3"

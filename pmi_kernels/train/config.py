@@ -11,6 +11,7 @@ from typing import List, Optional
 
 from ..options import LossOptions
 from .config_checks import check_types, check_values, coerce_flag, field_types
+from .hub import check_model_path
 from .packing import resolve_attn_implementation
 from .prompts import DEFAULT_TEMPLATES
 from .rollouts import VLLM_MISSING, vllm_available
@@ -23,7 +24,8 @@ TOY_DEFAULTS = dict(max_new_tokens=72, batch_size=8, max_steps=40, lr=2e-4, sft_
 
 @dataclass
 class TrainConfig:
-    # Model: a local Hugging Face directory, or "toy" (a tiny model and task built in code).
+    # Model: what from_pretrained takes (a local directory or a Hugging Face Hub id, through the
+    # Hugging Face cache; HF_HUB_OFFLINE=1 honoured), or "toy" (a tiny model and task built in code).
     model_path: str = TOY
     # The toy's task (tasks.py): "shortcut" (the reference gives the method and the answer, the
     # question the numbers) or "arithmetic" (the reference is the worked solution).
@@ -148,8 +150,7 @@ class TrainConfig:
             raise ValueError(f"config: {VLLM_MISSING}")
         resolve_attn_implementation(self.attn_implementation, self.torch_device())
         if self.model_path != TOY and paths:
-            if not os.path.isdir(self.model_path):
-                raise ValueError(f"config: model_path {self.model_path!r} is not a local directory")
+            check_model_path(self.model_path)  # a local directory or a hub id (hub.py)
             if self.train_file is None:
                 raise ValueError("config: train_file is required with a model_path other than 'toy'")
             for key in ("train_file", "eval_file"):
