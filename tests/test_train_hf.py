@@ -152,3 +152,40 @@ def test_model_path_takes_a_hub_id_from_the_cache_offline(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     adapter = json.loads((tmp_path / "run" / "checkpoint-1" / "adapter_config.json").read_text())
     assert adapter["base_model_name_or_path"] == "tiny-org/toy-qwen3"
+
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+@pytest.mark.parametrize("name", sorted(f for f in os.listdir(CONFIGS) if f.endswith((".json", ".yaml", ".yml"))))
+def test_every_recipe_loads_and_reads_the_same_as_yaml(name, tmp_path):
+    """Each file in configs/ passes every check (as --dry-run reads it), and the same keys
+    written as YAML (.yaml and .yml) give the same config. Fails on YAML refused (JSON only)."""
+    import yaml
+    from pmi_kernels.train.config import parse_args, read_config_file
+    path = os.path.join(CONFIGS, name)
+    config = parse_args(["--config", path, "--dry-run"])[0]
+    for suffix in (".yaml", ".yml"):
+        twin = tmp_path / ("recipe" + suffix)
+        twin.write_text(yaml.safe_dump(read_config_file(path), sort_keys=False))
+        assert parse_args(["--config", str(twin), "--dry-run"])[0] == config
+
+
+def test_yaml_configs_take_the_same_keys_and_checks(tmp_path):
+    """Numbers as their authors write them (1e-5, not a string as YAML 1.1 reads it), null, lists;
+    a quoted number, an unknown key and a YAML syntax error are refused as in JSON, naming the
+    file (and the line)."""
+    from pmi_kernels.train.config import parse_config
+    good = tmp_path / "run.yaml"
+    good.write_text("lr: 1e-5\nclip: null\nbeta: 2\nmarkers: [wait, hmm]\nwarmup_steps: 3\nlora: false\n"
+                    "anchor: true\n")
+    config = parse_config(["--config", str(good), "--dry-run", "--beta", "0.5"])
+    assert (config.lr, config.clip, config.beta, config.markers, config.warmup_steps, config.lora) == \
+        (1e-5, None, 0.5, ["wait", "hmm"], 3, False)
+    assert type(config.lr) is float
+    for text, message in [("lr: '1e-5'\n", "lr"), ("lr: 1e-5\nbetta: 2\n", r"unknown keys \['betta'\]"),
+                          ("lr: 1e-5\nmarkers: [wait\n", r"bad.yml: not valid YAML .*line 3")]:
+        bad = tmp_path / "bad.yml"
+        bad.write_text(text)
+        with pytest.raises(ValueError, match=message):
+            parse_config(["--config", str(bad), "--dry-run"])

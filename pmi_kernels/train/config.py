@@ -1,4 +1,4 @@
-"""Training configuration: one dataclass, loaded from a JSON file, every key overridable from
+"""Training configuration: one dataclass, loaded from a JSON or YAML file, every key overridable from
 the command line (--key value), every value checked for type and range before anything loads."""
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import List, Optional
 
 from ..options import LossOptions
 from .config_checks import check_types, check_values, coerce_flag, field_types
+from .config_files import load_config_values
 from .hub import check_model_path
 from .packing import resolve_attn_implementation
 from .prompts import DEFAULT_TEMPLATES
@@ -187,7 +188,7 @@ def changed_keys(saved: dict, config: TrainConfig) -> List[str]:
 def read_config_file(path: str) -> dict:
     try:
         with open(path) as fh:
-            values = json.load(fh)
+            values = load_config_values(path, fh)  # JSON, or YAML by extension
     except OSError as err:
         raise ValueError(f"--config {path}: cannot be read ({err.strerror})") from err
     except json.JSONDecodeError as err:
@@ -201,7 +202,7 @@ def read_config_file(path: str) -> dict:
 
 
 def parse_config(argv=None, description: str = "", toy_defaults: Optional[dict] = None) -> TrainConfig:
-    """--config FILE (JSON), then --key value for any key (a bare --resume, --overwrite, ... is true).
+    """--config FILE (JSON or YAML), then --key value for any key (a bare --resume, --overwrite, ... is true).
     The toy's defaults (TOY_DEFAULTS unless given) come under both."""
     return parse_args(argv, description, toy_defaults)[0]
 
@@ -210,7 +211,7 @@ def parse_args(argv=None, description: str = "", toy_defaults: Optional[dict] = 
     """(config, the dry-run flags): --dry-run prints the plan (plan.py) and loads nothing, so
     the paths need not exist."""
     parser = argparse.ArgumentParser(description=description, allow_abbrev=False)  # --max-step is a typo, not max_steps
-    parser.add_argument("--config", help="JSON file of config keys")
+    parser.add_argument("--config", help="a JSON or YAML (.yaml, .yml) file of config keys")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the step's plan (tokens, memory per GPU) from the model's config.json or "
                              "the architecture key; no weights are loaded, nothing is downloaded")
