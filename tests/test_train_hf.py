@@ -189,3 +189,70 @@ def test_yaml_configs_take_the_same_keys_and_checks(tmp_path):
         bad.write_text(text)
         with pytest.raises(ValueError, match=message):
             parse_config(["--config", str(bad), "--dry-run"])
+
+
+def test_report_to_every_tracker_offline(tmp_path):
+    """--report-to tensorboard,trackio,wandb,mlflow, each offline (trackio's local database,
+    WANDB_MODE=offline, mlflow's file store): each tracker's own files hold every row's loss at
+    its step, with metrics.jsonl's keys, and the run's config. Fails without report_to."""
+    for module in ("tensorboard", "trackio", "wandb", "mlflow"):
+        pytest.importorskip(module)
+    out = tmp_path / "run"
+    env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config"),
+           "WANDB_CACHE_DIR": str(tmp_path / "wandb-cache"), "TRACKIO_DIR": str(tmp_path / "trackio"),
+           "MLFLOW_TRACKING_URI": ""}
+    done = run_cli(["train", "--output-dir", str(out), "--device", "cpu", "--max-new-tokens", "6", "--batch-size", "2",
+                    "--max-steps", "2", "--sft-steps", "0", "--eval-limit", "2", "--lr", "0.0123",
+                    "--report-to", "tensorboard,trackio,wandb,mlflow"], env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = {row["step"]: row["loss"] for row in rows if "loss" in row}
+    keys = {key for row in rows for key, value in row.items() if key != "step" and value is not None}
+    assert len(losses) == 2
+
+    import sqlite3
+    db = sqlite3.connect(tmp_path / "trackio" / "pmi-opsd.db")
+    logged = {}  # a step's row and its evaluation's are two rows
+    for step, metrics in db.execute("SELECT step, metrics FROM metrics"):
+        logged.setdefault(step, {}).update(json.loads(metrics))
+    assert {step: logged[step]["loss"] for step in losses} == losses
+    assert set().union(*logged.values()) == keys
+    assert [json.loads(c)["lr"] for (c,) in db.execute("SELECT config FROM configs")] == [0.0123]
+
+    wandb_file = next((out / "wandb").glob("offline-run-*/run-*.wandb")).read_bytes()
+    assert all(json.dumps(loss).encode() in wandb_file for loss in losses.values())
+    assert b"0.0123" in wandb_file  # the config
+
+    mlflow_run = next(p for p in (out / "mlruns").glob("*/*") if (p / "metrics").is_dir())
+    points = [line.split() for line in (mlflow_run / "metrics" / "loss").read_text().splitlines()]
+    assert {int(step): float(value) for _, value, step in points} == losses
+    metrics = mlflow_run / "metrics"
+    assert {str(p.relative_to(metrics)) for p in metrics.rglob("*") if p.is_file()} == keys
+    assert (mlflow_run / "params" / "lr").read_text() == "0.0123"
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(out / "tensorboard")).Reload()
+    assert {e.step: e.value for e in events.Scalars("loss")} == pytest.approx(losses)
+
+
+def test_report_to_is_checked_before_the_model_loads(tmp_path, monkeypatch):
+    """An unknown tracker, "none" beside trackers, and a tracker whose library is missing (also
+    tensorboard through the older --tensorboard true) are one-line errors naming the extra to
+    install, before anything loads. Fails on the ModuleNotFoundError after the warm-up."""
+    import importlib.util
+
+    import pmi_kernels.train.loop as loop
+    import pmi_kernels.train.trackers as trackers
+    monkeypatch.setattr(loop, "load_model", lambda *a: pytest.fail("the model loaded before the check"))
+    missing = {"wandb", "tensorboard"}
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(trackers.importlib.util, "find_spec",
+                        lambda name, *a: None if name in missing else real_find_spec(name, *a))
+    for overrides, message in [
+            (dict(report_to=["comet"]), "report_to: 'comet' is not one of tensorboard, trackio, wandb, mlflow, none"),
+            (dict(report_to=["none", "mlflow"]), "report_to: 'none' with trackers"),
+            (dict(report_to=["wandb"]), r"report_to wandb: its library is not installed \(pip install "
+                                        r"'pmi-kernels\[trackers\]', or pip install wandb\)"),
+            (dict(tensorboard=True), r"report_to tensorboard: .*'pmi-kernels\[train\]'")]:
+        with pytest.raises(ValueError, match=message):
+            loop.Trainer(tiny(tmp_path, **overrides))

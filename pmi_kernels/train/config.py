@@ -16,6 +16,7 @@ from .hub import check_model_path
 from .packing import resolve_attn_implementation
 from .prompts import DEFAULT_TEMPLATES
 from .rollouts import VLLM_MISSING, vllm_available
+from .trackers import check_report_to
 
 TOY = "toy"
 # The embedded default's sizes: the toy task runs end to end on a CPU in a few minutes.
@@ -118,7 +119,10 @@ class TrainConfig:
     log_every: int = 1
     diagnostics_every: int = 1
     markers: List[str] = field(default_factory=lambda: ["wait", "maybe", "perhaps", "check"])
-    tensorboard: bool = False
+    tensorboard: bool = False  # the same as "tensorboard" in report_to
+    # Experiment trackers, as transformers' report_to: any of "tensorboard", "trackio", "wandb",
+    # "mlflow" (trackers.py), or "none"; each through its own library, on rank 0.
+    report_to: List[str] = field(default_factory=list)
     eval_every: int = 0  # 0: before and after training only
     eval_samples: int = 1
     eval_temperature: float = 0.0  # 0: greedy
@@ -144,6 +148,7 @@ class TrainConfig:
         whether model_path, train_file and eval_file must exist; --dry-run needs none of them)."""
         check_types(self)
         check_values(self)
+        check_report_to(self)  # a tracker's missing library, before any model loads
         self.loss_options()  # the loss's own checks, with its own messages
         if self.resume and self.overwrite:
             raise ValueError("config: resume and overwrite exclude each other: continue the run, or replace it")
@@ -174,7 +179,7 @@ RESUME_MAY_CHANGE = frozenset({
     "max_steps", "eval_every", "eval_samples", "eval_temperature", "save_every", "log_every", "keep_checkpoints",
     "max_nonfinite_steps", "diagnostics_every", "markers", "tensorboard", "gradient_checkpointing", "output_dir",
     "resume", "overwrite", "allow_config_change", "architecture", "packed", "max_tokens_per_micro_batch",
-    "attn_implementation", "drift_warn_kl", "base_cache"})
+    "attn_implementation", "drift_warn_kl", "base_cache", "report_to"})
 
 
 def changed_keys(saved: dict, config: TrainConfig) -> List[str]:

@@ -52,6 +52,7 @@ from .packing import check_isolation, packed_hidden, rollout_groups, rope_switch
 from .rollouts import VllmRollouts, merged_weights
 from .run_dir import TOY_BASE, prepare_output_dir, start_output_dir
 from .tokenized import contexts_ids
+from .trackers import start_trackers
 
 
 class Trainer:
@@ -81,6 +82,8 @@ class Trainer:
         the directory while this trainer still exists."""
         if self._dir_lock is not None:
             self._dir_lock.release()
+        if getattr(self, "metrics", None) is not None:  # the trackers' runs end with it
+            self.metrics.close()
 
     def _set_up(self, config: TrainConfig, resumed: Optional[dict]) -> None:
         """Everything after the output directory's checks: the data and the model (checked before
@@ -130,8 +133,8 @@ class Trainer:
         self._saved_step: Optional[int] = None  # the step the newest checkpoint holds
         self._redo_evaluation = False  # resumed from a step whose evaluation a stop cut short
         # TensorBoard drops what an interrupted run logged after the checkpoint it resumes from.
-        self.metrics = MetricsLog(config.output_dir, config.tensorboard and world.main,
-                                  purge_step=None if resumed is None else resumed["step"] + 1)
+        self.metrics = MetricsLog(config.output_dir, start_trackers(
+            config, world.main, purge_step=None if resumed is None else resumed["step"] + 1))
         self.drift = Drift(config.drift_warn_kl if world.main else None, Drift.advice(config))  # rank 0 warns
         if state is not None:
             self._restore(state)
