@@ -20,9 +20,9 @@ from .toy import toy_model, toy_tokenizer
 
 
 def load_model(config: TrainConfig, device):
-    """(tokenizer, model): a Hugging Face causal LM (a local directory or a hub id); or the toy one, built (to be warmed up)
-    or, on --resume, the warmed-up base the run saved. Its attention is config.attn_implementation
-    (packing.py), checked against the model's config before the weights load."""
+    """(tokenizer, model): a Hugging Face causal LM (a local directory or a hub id); or the toy one,
+    built (to be warmed up) or, on --resume, the warmed-up base the run saved. Its attention is
+    config.attn_implementation (packing.py), checked against the model's config before the weights load."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     model_config = None if config.model_path == TOY else AutoConfig.from_pretrained(config.model_path)
     attn = resolve_attn_implementation(config.attn_implementation, device, model_config)
