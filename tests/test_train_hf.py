@@ -256,3 +256,34 @@ def test_report_to_is_checked_before_the_model_loads(tmp_path, monkeypatch):
             (dict(tensorboard=True), r"report_to tensorboard: .*'pmi-kernels\[train\]'")]:
         with pytest.raises(ValueError, match=message):
             loop.Trainer(tiny(tmp_path, **overrides))
+
+
+def test_every_flag_says_what_it_does_in_groups(capsys):
+    """`pmi-opsd train --help`: every key's flag has a few words of help and its default, in the
+    group its field names, none "(default see docs)"; docs/config.md is made from the same text.
+    Fails on the old help (only "(default X)", ungrouped)."""
+    import dataclasses
+
+    from pmi_kernels.train import TrainConfig
+    from pmi_kernels.train.config_help import GROUPS, REFERENCE, reference_text
+    with pytest.raises(SystemExit):
+        cli_main(["train", "--help"])
+    text = capsys.readouterr().out
+    assert "see docs" not in text
+    sections = {}  # group title -> its lines
+    for line in text.splitlines():
+        if line.endswith(":") and not line.startswith(" "):
+            title = line[:-1]
+            sections[title] = []
+        elif sections:
+            sections[title].append(line)
+    assert [title for title in sections if title in GROUPS] == list(GROUPS)
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        words = f.metadata["help"].split()
+        assert len(words) >= 3, f.name
+        body = " ".join(" ".join(sections[f.metadata["group"]]).split())
+        assert f"{flag} " in body and " ".join(words) + " (default " in body, f.name
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, REFERENCE)) as fh:
+        assert fh.read() == reference_text(), f"{REFERENCE} is stale: regenerate it (its first lines say how)"
