@@ -287,3 +287,22 @@ def test_every_flag_says_what_it_does_in_groups(capsys):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     with open(os.path.join(root, REFERENCE)) as fh:
         assert fh.read() == reference_text(), f"{REFERENCE} is stale: regenerate it (its first lines say how)"
+
+
+def test_a_sharded_checkpoint_holds_the_whole_model(tmp_path):
+    """torchrun, two ranks, fsdp: the checkpoint's Hugging Face files (rank 0 writes the state dict
+    the ranks gather) load with AutoModelForCausalLM and equal its shards read whole; export
+    rebuilds the same weights from the shards alone. Fails on a rank's shard saved as the model."""
+    from transformers import AutoModelForCausalLM
+    from test_train_distributed import torchrun
+    from test_train_fsdp import sharded_weights
+    out = tmp_path / "run"
+    done = torchrun(tmp_path, out, "--lora", "false", "--anchor", "true", "--fsdp", "true", "--max-steps", "1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    want = sharded_weights(out, 1)
+    loaded = AutoModelForCausalLM.from_pretrained(out / "checkpoint-1").state_dict()
+    assert cli_main(["export", str(out / "checkpoint-1"), str(tmp_path / "exported")]) == 0
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "exported").state_dict()
+    assert len(want) > 10
+    for name, value in want.items():
+        assert torch.equal(loaded[name], value) and torch.equal(exported[name], value), name

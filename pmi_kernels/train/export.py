@@ -102,7 +102,7 @@ def rebuild(checkpoint: str):
                           target_modules=config["lora_targets"], base_model_name_or_path=base)
         model = get_peft_model(model, lora)
         model.peft_config["default"].base_model_name_or_path = base
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters(remove_duplicate=False))  # a tied head too: the shards name it
     weights = trained_weights(checkpoint, config)
     unknown = sorted(set(weights) - set(params))
     if unknown:

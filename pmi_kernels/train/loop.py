@@ -44,8 +44,8 @@ from .distributed import (SyncedStop, WholeModelDecoder, broadcast_module, check
                           first_over_ranks, join_world, most_over_ranks, on_main, shard_model, sum_gradients,
                           sum_over_ranks, training_device)
 from .drift import Drift
-from .interrupts import Interrupted, StopRequest, TrainingFailed, fault_point
 from .export import checkpoint_writer
+from .interrupts import Interrupted, StopRequest, TrainingFailed, fault_point
 from .metrics import MetricsLog, StepTimer, count_markers, cut_metrics, evaluated_at
 from .model import check_lengths, check_lora_targets, load_model, wrap_model
 from .packing import check_isolation, packed_hidden, rollout_groups, rope_switch_length
@@ -79,7 +79,7 @@ class Trainer:
 
     def close(self) -> None:
         """Release the output directory's lock (train() does when it ends): another run may use
-        the directory while this trainer still exists."""
+        the directory while this trainer still exists. The trackers' runs end too."""
         if self._dir_lock is not None:
             self._dir_lock.release()
         if getattr(self, "metrics", None) is not None:  # the trackers' runs end with it
