@@ -8,7 +8,8 @@ copy, then swaps that in; a swap cut short is finished by `recover_interrupted_s
 next start. Only the newest `keep` checkpoint-<digits> directories are kept, and nothing else
 in the directory is ever removed. Each checkpoint holds state.pt (tensors and plain containers
 only: it is read with torch.load(weights_only=True)) and checkpoint.json (its step and the run's
-config, compared on --resume before anything heavy loads).
+config, compared on --resume before anything heavy loads), and beside them the model in the
+Hugging Face format (export.py).
 """
 from __future__ import annotations
 
@@ -111,10 +112,10 @@ def sharded_staging(output_dir: str, step: int) -> str:
 
 def save_checkpoint(output_dir: str, step: int, state: dict, meta: dict, save_pretrained=None, keep: int = 2,
                     sharded: Optional[str] = None) -> str:
-    """state -> checkpoint-<step>/state.pt, meta -> checkpoint.json (+ save_pretrained(dir)/model,
-    + the directory `sharded` moved in as sharded/). A write the system refuses (a full disk:
-    torch.save says only RuntimeError) is a one-line TrainingFailed; `latest` still names the
-    previous checkpoint, whole, and the partial copy is removed."""
+    """state -> checkpoint-<step>/state.pt, meta -> checkpoint.json (+ save_pretrained(dir): the Hugging
+    Face files, beside them, export.py; + the directory `sharded` moved in as sharded/). A write the
+    system refuses (a full disk: torch.save says only RuntimeError) is a one-line TrainingFailed;
+    `latest` still names the previous checkpoint, whole, and the partial copy is removed."""
     name = f"checkpoint-{step}"
     try:
         return _save_checkpoint(output_dir, name, state, meta, save_pretrained, keep, sharded)
@@ -166,7 +167,7 @@ def _save_checkpoint(output_dir: str, name: str, state: dict, meta: dict, save_p
     with open(os.path.join(tmp, META_FILE), "w") as fh:
         json.dump(meta, fh, indent=1, allow_nan=False)
     if save_pretrained is not None:
-        save_pretrained(os.path.join(tmp, "model"))
+        save_pretrained(tmp)
     if sharded is not None:
         os.rename(sharded, os.path.join(tmp, SHARDED_DIR))
     fsync_tree(tmp)

@@ -16,13 +16,16 @@ USAGE = """pmi-opsd train [--config FILE] [--output-dir DIR] [--max-steps N] [--
 pmi-opsd train --config FILE --dry-run [--world-size N] [--prompt-tokens N]
 pmi-opsd plot  [--metrics FILE] [--out PNG]
 pmi-opsd compare [--seeds 0,1,2] [--output-dir DIR] [--KEY VALUE ...]
+pmi-opsd export CHECKPOINT OUT [--merge]
 
 With no --model-path, train runs the embedded default: a tiny model and a task built
 locally, taught briefly by supervised fine-tuning, then distilled with the PMI target.
 --dry-run prints a step's plan (tokens, memory per GPU) from the model's config.json or the
 config's architecture key, loading and downloading nothing (configs/ has the paper's recipes).
 compare runs standard OPSD and the PMI target (frozen-base and self anchors) from one warmed-up
-base and prints them side by side (the main job)."""
+base and prints them side by side (the main job). export writes a checkpoint's model as a
+standalone Hugging Face directory (--merge: LoRA merged into the base).
+Every checkpoint-<step>/ also loads as it is with from_pretrained (README, "Checkpoints")."""
 
 
 def train(argv) -> int:
@@ -84,13 +87,16 @@ def plot(argv) -> int:
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in ("train", "plot", "compare"):
+    if not argv or argv[0] not in ("train", "plot", "compare", "export"):
         print(USAGE)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     try:
         if argv[0] == "compare":
             from .compare import main as compare
             return compare(argv[1:])
+        if argv[0] == "export":
+            from .export import main as export
+            return export(argv[1:])
         return train(argv[1:]) if argv[0] == "train" else plot(argv[1:])
     except (ValueError, TrainingFailed) as err:
         if not getattr(err, "from_rank_zero", False):  # under torchrun, rank 0 has said it

@@ -1,4 +1,4 @@
-"""Training configuration: one dataclass, loaded from a JSON file, every key overridable from
+"""Training configuration: one dataclass, loaded from a JSON or YAML file, every key overridable from
 the command line (--key value), every value checked for type and range before anything loads."""
 from __future__ import annotations
 
@@ -6,14 +6,19 @@ import argparse
 import dataclasses
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import List, Optional
 
 from ..options import LossOptions
 from .config_checks import check_types, check_values, coerce_flag, field_types
+from .config_help import (DATA, DISTRIBUTED, EVALUATION, LOGGING, METHOD, MODEL, OPTIMIZATION, PACKING, ROLLOUTS,
+                          add_config_arguments, option)
+from .config_files import load_config_values
+from .hub import check_model_path
 from .packing import resolve_attn_implementation
 from .prompts import DEFAULT_TEMPLATES
 from .rollouts import VLLM_MISSING, vllm_available
+from .trackers import check_report_to
 
 TOY = "toy"
 # The embedded default's sizes: the toy task runs end to end on a CPU in a few minutes.
@@ -23,32 +28,41 @@ TOY_DEFAULTS = dict(max_new_tokens=72, batch_size=8, max_steps=40, lr=2e-4, sft_
 
 @dataclass
 class TrainConfig:
-    # Model: a local Hugging Face directory, or "toy" (a tiny model and task built in code).
-    model_path: str = TOY
+    # Model: what from_pretrained takes (a local directory or a Hugging Face Hub id, through the
+    # Hugging Face cache; HF_HUB_OFFLINE=1 honoured), or "toy" (a tiny model and task built in code).
+    model_path: str = option(TOY, group=MODEL, help="the model to train: a local directory, a Hugging Face Hub "
+                             "id, or toy (a tiny model and task built in code)")
     # The toy's task (tasks.py): "shortcut" (the reference gives the method and the answer, the
     # question the numbers) or "arithmetic" (the reference is the worked solution).
-    toy_task: str = "shortcut"
+    toy_task: str = option("shortcut", group=MODEL, help="the toy's task: shortcut or arithmetic")
     # A directory of warmed-up toy bases, each keyed by everything that makes it (base_cache.py):
     # a run finds its base there or builds it there. None: every run warms up its own.
-    base_cache: Optional[str] = None
-    lora: bool = True
-    lora_rank: int = 8
-    lora_alpha: int = 16
-    lora_targets: List[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
-                                                             "gate_proj", "up_proj", "down_proj"])
+    base_cache: Optional[str] = option(None, group=MODEL, help="a directory that keeps the toy's warmed-up "
+                                       "bases for later runs (null: each run warms up its own)")
+    lora: bool = option(True, group=MODEL, help="train a LoRA adapter (peft); false: fine-tune every weight")
+    lora_rank: int = option(8, group=MODEL, help="LoRA's rank r")
+    lora_alpha: int = option(16, group=MODEL, help="LoRA's alpha (the adapter is scaled by alpha / r)")
+    lora_targets: List[str] = option(group=MODEL, help="the modules LoRA adapts (names or their ends; a list "
+                                     "or comma-separated)",
+                                     factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                      "gate_proj", "up_proj", "down_proj"])
     # "base": teacher, reference-only teacher and anchor run the frozen base (adapter off, or a
     # frozen copy when fine-tuning fully); "current": they run the weights being trained.
-    teacher_weights: str = "base"
-    gradient_checkpointing: bool = False
+    teacher_weights: str = option("base", group=METHOD, help="the weights the teachers and the anchor run: "
+                                  "base (frozen) or current (the ones being trained)")
+    gradient_checkpointing: bool = option(False, group=MODEL, help="recompute activations in the backward "
+                                          "(less memory, more time)")
     # Full fine-tuning under torchrun with FSDP2 (fully_shard per decoder layer and the whole
     # model): weights, gradients and optimizer state sharded over the ranks, the frozen copy too;
     # checkpoints through torch.distributed.checkpoint. Needs lora false and torchrun.
-    fsdp: bool = False
-    bf16: bool = True  # autocast on CUDA only
-    device: str = "auto"  # "cuda" when a GPU is present, else "cpu"
+    fsdp: bool = option(False, group=DISTRIBUTED, help="shard weights, gradients and optimizer state over "
+                        "torchrun's ranks with FSDP2 (full fine-tuning only)")
+    bf16: bool = option(True, group=MODEL, help="load the model in bf16 and autocast (on CUDA only)")
+    device: str = option("auto", group=MODEL, help="auto (cuda when a GPU is present), cpu or cuda")
     # The model's architecture numbers (config.json's names: hidden_size, num_hidden_layers, ...),
     # for --dry-run's plan when model_path is not a local directory; training reads config.json.
-    architecture: dict = field(default_factory=dict)
+    architecture: dict = option(group=MODEL, factory=dict, help="the model's config.json numbers, for "
+                                "--dry-run when the model is not on this machine (JSON)")
 
     # Context forwards (packing.py). packed: a micro-batch's rollouts go through the model in one
     # forward per context, packed without padding (else one forward per rollout and context);
@@ -56,31 +70,41 @@ class TrainConfig:
     # tokens. attn_implementation: "auto" is flash-attn's varlen kernels on CUDA when installed,
     # else "varlen" (torch's varlen_attn on CUDA, one sdpa call per sequence on a CPU); "sdpa" and
     # "eager" get a block-diagonal mask over the whole pack (quadratic in its length).
-    packed: bool = True
-    max_tokens_per_micro_batch: Optional[int] = None
-    attn_implementation: str = "auto"
+    packed: bool = option(True, group=PACKING, help="read a micro-batch's rollouts in one forward per context, "
+                          "without padding")
+    max_tokens_per_micro_batch: Optional[int] = option(None, group=PACKING, help="split the packs at this many "
+                                                       "tokens (null: no bound)")
+    attn_implementation: str = option("auto", group=PACKING, help="the attention kernel: auto, varlen, "
+                                      "flash_attention_2, sdpa or eager")
 
     # Data: local jsonl or parquet; the toy model ignores these and builds its own.
-    train_file: Optional[str] = None
-    eval_file: Optional[str] = None
-    question_field: str = "question"
-    solution_field: str = "solution"
-    answer_field: Optional[str] = "answer"  # None: extract the answer from the solution
-    answer_pattern: str = r"\\boxed\{([^}]*)\}"
-    templates: dict = field(default_factory=lambda: dict(DEFAULT_TEMPLATES))
-    use_chat_template: bool = True
+    train_file: Optional[str] = option(None, group=DATA, help="training rows, jsonl or parquet (the toy builds "
+                                       "its own)")
+    eval_file: Optional[str] = option(None, group=DATA, help="held-out rows for the evaluation, jsonl or parquet")
+    question_field: str = option("question", group=DATA, help="the rows' field that holds the question")
+    solution_field: str = option("solution", group=DATA, help="the rows' field that holds the reference solution")
+    answer_field: Optional[str] = option("answer", group=DATA, help="the rows' field that holds the answer "
+                                         "(null: extracted from the solution with answer_pattern)")
+    answer_pattern: str = option(r"\\boxed\{([^}]*)\}", group=DATA, help="the regular expression whose first "
+                                 "group is a text's answer")
+    templates: dict = option(group=DATA, factory=lambda: dict(DEFAULT_TEMPLATES),
+                             shown="the built-in ones (prompts.py)",
+                             help="each context's prompt template, student, teacher and refonly (JSON)")
+    use_chat_template: bool = option(True, group=DATA, help="wrap each context in the tokenizer's chat "
+                                     "template")
 
     # Rollouts.
-    max_new_tokens: int = 512
-    temperature: float = 1.0
-    top_p: float = 1.0
+    max_new_tokens: int = option(512, group=ROLLOUTS, help="the longest rollout, in tokens")
+    temperature: float = option(1.0, group=ROLLOUTS, help="the rollouts' sampling temperature")
+    top_p: float = option(1.0, group=ROLLOUTS, help="the rollouts' nucleus sampling mass")
     # "hf": the model's own generate; "vllm": a vLLM engine in this process, given the current
     # weights (LoRA merged) before each step's sampling. vllm_kwargs go to vllm.LLM as they are.
-    rollout_engine: str = "hf"
-    vllm_kwargs: dict = field(default_factory=dict)
+    rollout_engine: str = option("hf", group=ROLLOUTS, help="what samples the rollouts: hf (the model's "
+                                 "generate) or vllm (an engine in this process)")
+    vllm_kwargs: dict = option(group=ROLLOUTS, factory=dict, help="arguments to vllm.LLM, as they are (JSON)")
 
     # The loss (pmi_kernels.reference is its contract); mode "pmi" or "opsd" (target = teacher).
-    mode: str = "pmi"
+    mode: str = option("pmi", group=METHOD, help="the target: pmi (the PMI target) or opsd (the teacher)")
     # The PMI target's anchor a in q = softmax(a + clip(Δ)/β). true: the frozen base read in the
     # student's context (one more forward a step), a fixed target. false: the student itself,
     # detached (the loss functions' default), a target that moves with the student: at every
@@ -88,49 +112,70 @@ class TrainConfig:
     # not zero (drift.py). The trainer's default is true because the comparison measured it
     # (README, "The main job": on the toy the self anchor drifted into collapse, the frozen one
     # held); `--anchor false` is the paper's choice, and configs/ writes it out.
-    anchor: bool = True
-    beta: float = 1.0
-    clip: Optional[float] = 10.0
-    center: bool = True
-    loss_temperature: float = 1.0
-    jsd_beta: float = 0.0
-    entry_clip: Optional[float] = None
+    anchor: bool = option(True, group=METHOD, help="the PMI target's anchor: true the frozen base in the "
+                          "student's context, false the student itself (the paper's)")
+    beta: float = option(1.0, group=METHOD, help="the PMI target's inverse strength β (target = anchor + "
+                         "clip(Δ)/β)")
+    clip: Optional[float] = option(10.0, group=METHOD, help="soft clip c of the PMI residual, c·tanh(Δ/c) "
+                                   "(null: none)")
+    center: bool = option(True, group=METHOD, help="subtract the PMI residual's mean over the vocabulary")
+    loss_temperature: float = option(1.0, group=METHOD, help="every stream's logits are divided by it in the "
+                                     "loss")
+    jsd_beta: float = option(0.0, group=METHOD, help="the generalized JSD's weight: 0 KL(q‖p), 1 KL(p‖q)")
+    entry_clip: Optional[float] = option(None, group=METHOD, help="clamp each vocabulary entry's KL summand "
+                                         "to at most this (null: none)")
 
     # Optimization.
-    seed: int = 0
-    max_steps: int = 100
-    batch_size: int = 4
-    grad_accum: int = 1
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    schedule: str = "constant"  # or "cosine", "linear"
-    max_grad_norm: float = 1.0
-    sft_steps: int = 0  # supervised warm-up on the reference solutions before distillation
-    sft_lr: float = 3e-3
-    sft_batch_size: int = 32
+    seed: int = option(0, group=OPTIMIZATION, help="seeds the model's start, the data order and the sampling")
+    max_steps: int = option(100, group=OPTIMIZATION, help="optimizer steps to train (the run's length)")
+    batch_size: int = option(4, group=OPTIMIZATION, help="rollouts per micro-batch (per rank under torchrun)")
+    grad_accum: int = option(1, group=OPTIMIZATION, help="micro-batches per optimizer step")
+    lr: float = option(1e-4, group=OPTIMIZATION, help="AdamW's peak learning rate")
+    weight_decay: float = option(0.0, group=OPTIMIZATION, help="AdamW's weight decay")
+    warmup_steps: int = option(0, group=OPTIMIZATION, help="steps of linear learning-rate warm-up")
+    schedule: str = option("constant", group=OPTIMIZATION, help="the learning rate after the warm-up: constant, "
+                           "cosine or linear (decay to 0)")
+    max_grad_norm: float = option(1.0, group=OPTIMIZATION, help="clip the gradients' global norm to this")
+    sft_steps: int = option(0, group=OPTIMIZATION, help="the toy's supervised warm-up steps on the reference "
+                            "solutions, before distillation")
+    sft_lr: float = option(3e-3, group=OPTIMIZATION, help="the supervised warm-up's learning rate")
+    sft_batch_size: int = option(32, group=OPTIMIZATION, help="the supervised warm-up's rows per step")
 
     # What it shows and keeps.
-    output_dir: str = "runs/opsd"
-    log_every: int = 1
-    diagnostics_every: int = 1
-    markers: List[str] = field(default_factory=lambda: ["wait", "maybe", "perhaps", "check"])
-    tensorboard: bool = False
-    eval_every: int = 0  # 0: before and after training only
-    eval_samples: int = 1
-    eval_temperature: float = 0.0  # 0: greedy
-    eval_limit: int = 64
-    save_every: int = 50
-    keep_checkpoints: int = 2  # the newest k checkpoint-<step> directories are kept
+    output_dir: str = option("runs/opsd", group=LOGGING, help="where the run writes checkpoints and metrics")
+    log_every: int = option(1, group=LOGGING, help="write a metrics row every this many steps")
+    diagnostics_every: int = option(1, group=LOGGING, help="compute the decomposition diagnostics every this "
+                                    "many steps")
+    markers: List[str] = option(group=LOGGING, factory=lambda: ["wait", "maybe", "perhaps", "check"],
+                                help="words counted in the rollouts (markers/<word>)")
+    tensorboard: bool = option(False, group=LOGGING, help="log to TensorBoard (the same as --report-to "
+                               "tensorboard)")
+    # Experiment trackers, as transformers' report_to: any of "tensorboard", "trackio", "wandb",
+    # "mlflow" (trackers.py), or "none"; each through its own library, on rank 0.
+    report_to: List[str] = option(group=LOGGING, factory=list, help="experiment trackers to log to: "
+                                  "tensorboard, trackio, wandb, mlflow or none (a list)")
+    eval_every: int = option(0, group=EVALUATION, help="evaluate every this many steps (0: before and after "
+                             "training only)")
+    eval_samples: int = option(1, group=EVALUATION, help="samples per held-out question")
+    eval_temperature: float = option(0.0, group=EVALUATION, help="the evaluation's sampling temperature "
+                                     "(0: greedy)")
+    eval_limit: int = option(64, group=EVALUATION, help="held-out questions evaluated, at most")
+    save_every: int = option(50, group=LOGGING, help="save a checkpoint every this many steps")
+    keep_checkpoints: int = option(2, group=LOGGING, help="keep the newest this many checkpoint-<step> "
+                                   "directories")
     # A step whose loss or gradients are not finite is skipped (no update); this many in a row stop the run.
-    max_nonfinite_steps: int = 5
+    max_nonfinite_steps: int = option(5, group=OPTIMIZATION, help="stop after this many steps in a row with a "
+                                      "non-finite loss or gradient (each skipped)")
     # Warn when the student's KL from the frozen base passes this many nats per token (drift.py;
     # measured on the diagnostics steps); None: never.
-    drift_warn_kl: Optional[float] = 0.3
-    resume: bool = False  # continue output_dir's run from its latest checkpoint
-    overwrite: bool = False  # replace the run in a non-empty output_dir (else it is refused)
+    drift_warn_kl: Optional[float] = option(0.3, group=LOGGING, help="warn when the student's KL from the "
+                                            "frozen base passes this, in nats per token (null: never)")
+    resume: bool = option(False, group=LOGGING, help="continue output_dir's run from its latest checkpoint")
+    overwrite: bool = option(False, group=LOGGING, help="replace the run in a non-empty output_dir (else it is "
+                             "refused)")
     # Keys --resume may change although they change the run (the keys in RESUME_MAY_CHANGE always may).
-    allow_config_change: List[str] = field(default_factory=list)
+    allow_config_change: List[str] = option(group=LOGGING, factory=list, help="keys --resume may change "
+                                            "although they change the run")
 
     def loss_options(self) -> LossOptions:
         return LossOptions(self.mode == "pmi", self.beta, self.clip, self.center, self.loss_temperature,
@@ -141,6 +186,7 @@ class TrainConfig:
         whether model_path, train_file and eval_file must exist; --dry-run needs none of them)."""
         check_types(self)
         check_values(self)
+        check_report_to(self)  # a tracker's missing library, before any model loads
         self.loss_options()  # the loss's own checks, with its own messages
         if self.resume and self.overwrite:
             raise ValueError("config: resume and overwrite exclude each other: continue the run, or replace it")
@@ -148,8 +194,7 @@ class TrainConfig:
             raise ValueError(f"config: {VLLM_MISSING}")
         resolve_attn_implementation(self.attn_implementation, self.torch_device())
         if self.model_path != TOY and paths:
-            if not os.path.isdir(self.model_path):
-                raise ValueError(f"config: model_path {self.model_path!r} is not a local directory")
+            check_model_path(self.model_path)  # a local directory or a hub id (hub.py)
             if self.train_file is None:
                 raise ValueError("config: train_file is required with a model_path other than 'toy'")
             for key in ("train_file", "eval_file"):
@@ -180,7 +225,7 @@ RESUME_MAY_CHANGE = frozenset({
     "max_steps", "eval_every", "eval_samples", "eval_temperature", "save_every", "log_every", "keep_checkpoints",
     "max_nonfinite_steps", "diagnostics_every", "markers", "tensorboard", "gradient_checkpointing", "output_dir",
     "resume", "overwrite", "allow_config_change", "architecture", "packed", "max_tokens_per_micro_batch",
-    "attn_implementation", "drift_warn_kl", "base_cache"})
+    "attn_implementation", "drift_warn_kl", "base_cache", "report_to"})
 
 
 def changed_keys(saved: dict, config: TrainConfig) -> List[str]:
@@ -194,7 +239,7 @@ def changed_keys(saved: dict, config: TrainConfig) -> List[str]:
 def read_config_file(path: str) -> dict:
     try:
         with open(path, encoding="utf-8") as fh:
-            values = json.load(fh)
+            values = load_config_values(path, fh)  # JSON, or YAML by extension
     except OSError as err:
         raise ValueError(f"--config {path}: cannot be read ({err.strerror})") from err
     except json.JSONDecodeError as err:
@@ -202,7 +247,7 @@ def read_config_file(path: str) -> dict:
     except UnicodeDecodeError as err:
         raise ValueError(f"--config {path}: not UTF-8 text (byte {err.start}: {err.reason})") from err
     if not isinstance(values, dict):
-        raise ValueError(f"--config {path}: expected a JSON object of config keys, got {type(values).__name__}")
+        raise ValueError(f"--config {path}: expected a mapping of config keys (a JSON object, or YAML key: value lines), got {type(values).__name__}")
     unknown = set(values) - {f.name for f in dataclasses.fields(TrainConfig)}
     if unknown:
         raise ValueError(f"--config {path}: unknown keys {sorted(unknown)}")
@@ -210,7 +255,7 @@ def read_config_file(path: str) -> dict:
 
 
 def parse_config(argv=None, description: str = "", toy_defaults: Optional[dict] = None) -> TrainConfig:
-    """--config FILE (JSON), then --key value for any key (a bare --resume, --overwrite, ... is true).
+    """--config FILE (JSON or YAML), then --key value for any key (a bare --resume, --overwrite, ... is true).
     The toy's defaults (TOY_DEFAULTS unless given) come under both."""
     return parse_args(argv, description, toy_defaults)[0]
 
@@ -218,8 +263,9 @@ def parse_config(argv=None, description: str = "", toy_defaults: Optional[dict] 
 def parse_args(argv=None, description: str = "", toy_defaults: Optional[dict] = None):
     """(config, the dry-run flags): --dry-run prints the plan (plan.py) and loads nothing, so
     the paths need not exist."""
-    parser = argparse.ArgumentParser(description=description, allow_abbrev=False)  # --max-step is a typo, not max_steps
-    parser.add_argument("--config", help="JSON file of config keys")
+    parser = argparse.ArgumentParser(description=description, allow_abbrev=False,  # --max-step is a typo
+                                     usage="%(prog)s [--config FILE] [--dry-run] [--KEY VALUE ...]")
+    parser.add_argument("--config", help="a JSON or YAML (.yaml, .yml) file of config keys")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the step's plan (tokens, memory per GPU) from the model's config.json or "
                              "the architecture key; no weights are loaded, nothing is downloaded")
@@ -228,14 +274,8 @@ def parse_args(argv=None, description: str = "", toy_defaults: Optional[dict] = 
                         help="--dry-run: the longest context's prompt length assumed (default 512, or what fits "
                              "the model's positions beside max_new_tokens)")
     types = field_types(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else "see docs"
-        if types[f.name][0] is bool:
-            parser.add_argument(flag, dest=f.name, nargs="?", const="true", metavar="true|false",
-                                help=f"(default {default})")
-        else:
-            parser.add_argument(flag, dest=f.name, help=f"(default {default})")
+    # Each key's help is its field's (config_help.py), in groups; the toy's defaults beside the others.
+    add_config_arguments(parser, TrainConfig, types, TOY_DEFAULTS if toy_defaults is None else toy_defaults)
     args = parser.parse_args(argv)
     for flag in ("world_size", "prompt_tokens"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:

@@ -44,6 +44,7 @@ from .distributed import (SyncedStop, WholeModelDecoder, broadcast_module, check
                           first_over_ranks, join_world, most_over_ranks, on_main, shard_model, sum_gradients,
                           sum_over_ranks, training_device)
 from .drift import Drift
+from .export import checkpoint_writer
 from .interrupts import Interrupted, StopRequest, TrainingFailed, fault_point
 from .metrics import MetricsLog, StepTimer, accuracy_at, count_markers, cut_metrics, evaluated_at
 from .model import check_lengths, check_lora_targets, load_model, position_limit, wrap_model
@@ -51,6 +52,7 @@ from .packing import check_isolation, packed_hidden, rollout_groups, rope_switch
 from .rollouts import VllmRollouts, merged_weights
 from .run_dir import TOY_BASE, prepare_output_dir, start_output_dir
 from .tokenized import contexts_ids
+from .trackers import start_trackers
 
 
 class Trainer:
@@ -77,9 +79,11 @@ class Trainer:
 
     def close(self) -> None:
         """Release the output directory's lock (train() does when it ends): another run may use
-        the directory while this trainer still exists."""
+        the directory while this trainer still exists. The trackers' runs end too."""
         if self._dir_lock is not None:
             self._dir_lock.release()
+        if getattr(self, "metrics", None) is not None:  # the trackers' runs end with it
+            self.metrics.close()
 
     def _set_up(self, config: TrainConfig, resumed: Optional[dict]) -> None:
         """Everything after the output directory's checks: the data and the model (checked before
@@ -137,8 +141,8 @@ class Trainer:
         self._saved_step: Optional[int] = None  # the step the newest checkpoint holds
         self._redo_evaluation = False  # resumed from a step whose evaluation a stop cut short
         # TensorBoard drops what an interrupted run logged after the checkpoint it resumes from.
-        self.metrics = MetricsLog(config.output_dir, config.tensorboard and world.main,
-                                  purge_step=None if resumed is None else resumed["step"] + 1)
+        self.metrics = MetricsLog(config.output_dir, start_trackers(
+            config, world.main, purge_step=None if resumed is None else resumed["step"] + 1))
         self.drift = Drift(config.drift_warn_kl if world.main else None, Drift.advice(config))  # rank 0 warns
         if state is not None:
             self._restore(state)
@@ -517,7 +521,7 @@ class Trainer:
             raise TrainingFailed(f"step {self.step}: {bad} is not finite; not saved, so the newest checkpoint "
                                  f"is still {read_latest(self.config.output_dir)}")
         meta = {"step": self.step, "config": dataclasses.asdict(self.config), "world_size": self.world.size}
-        save_pretrained = self.model.save_pretrained if self.config.lora else None
+        save_pretrained = checkpoint_writer(self)  # under FSDP2 a collective: every rank gathers
         sharded = None
         if self.config.fsdp:  # every rank writes its shards, then rank 0 moves them into the checkpoint
             import torch.distributed.checkpoint as dcp

@@ -1,4 +1,4 @@
-"""What the loop shows and keeps: a JSONL of per-step metrics (optionally TensorBoard), marker
+"""What the loop shows and keeps: a JSONL of per-step metrics (and the trackers'), marker
 counts in rollouts, and `pmi-opsd plot` that draws the metrics file as one PNG."""
 from __future__ import annotations
 
@@ -41,23 +41,23 @@ class StepTimer:
 
 
 class MetricsLog:
-    def __init__(self, output_dir: str, tensorboard: bool, purge_step=None):
-        """purge_step: TensorBoard hides the events an earlier writer logged at this step and after."""
+    def __init__(self, output_dir: str, trackers=()):
+        """trackers (trackers.py): each gets every row too."""
         self.path = os.path.join(output_dir, "metrics.jsonl")
-        self.writer = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(os.path.join(output_dir, "tensorboard"), purge_step=purge_step)
+        self.trackers = list(trackers)
 
     def write(self, record: Dict) -> None:
         record = {key: finite_or_none(value) for key, value in record.items()}
         with open(self.path, "a") as fh:
             fh.write(json.dumps(record, allow_nan=False) + "\n")
-        if self.writer is not None:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key != "step":
-                    self.writer.add_scalar(key, value, record["step"])
-            self.writer.flush()
+        for tracker in self.trackers:
+            tracker.log(record)
+
+    def close(self) -> None:
+        """End the trackers' runs (once)."""
+        trackers, self.trackers = self.trackers, []
+        for tracker in trackers:
+            tracker.finish()
 
 
 def finite_or_none(value):

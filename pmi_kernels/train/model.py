@@ -1,4 +1,4 @@
-"""The model a run trains: loaded (a local Hugging Face causal LM, or the toy one), its contexts'
+"""The model a run trains: loaded (a Hugging Face causal LM, local or a hub id, or the toy one), its contexts'
 lengths checked, wrapped for LoRA or full fine-tuning, and the toy's supervised warm-up."""
 from __future__ import annotations
 
@@ -21,12 +21,11 @@ from .toy import toy_model, toy_tokenizer
 
 
 def load_model(config: TrainConfig, device):
-    """(tokenizer, model): a local Hugging Face causal LM; or the toy one, built (to be warmed up)
-    or, on --resume, the warmed-up base the run saved. Its attention is config.attn_implementation
-    (packing.py), checked against the model's config before the weights load."""
+    """(tokenizer, model): a Hugging Face causal LM (a local directory or a hub id); or the toy one,
+    built (to be warmed up) or, on --resume, the warmed-up base the run saved. Its attention is
+    config.attn_implementation (packing.py), checked against the model's config before the weights load."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    model_config = None if config.model_path == TOY else AutoConfig.from_pretrained(config.model_path,
-                                                                                   local_files_only=True)
+    model_config = None if config.model_path == TOY else AutoConfig.from_pretrained(config.model_path)
     attn = resolve_attn_implementation(config.attn_implementation, device, model_config)
     if model_config is not None:
         check_model_attention(model_config, attn, config.packed)
@@ -46,9 +45,9 @@ def load_model(config: TrainConfig, device):
         model.set_attn_implementation(attn)
         return tokenizer, model.to(device)
     dtype = torch.bfloat16 if device.type == "cuda" and config.bf16 else torch.float32
-    tokenizer = AutoTokenizer.from_pretrained(config.model_path, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(config.model_path, dtype=dtype, local_files_only=True,
-                                                 attn_implementation=attn)
+    # A hub id loads through the Hugging Face cache (downloaded unless HF_HUB_OFFLINE=1), as from_pretrained does.
+    tokenizer = AutoTokenizer.from_pretrained(config.model_path)
+    model = AutoModelForCausalLM.from_pretrained(config.model_path, dtype=dtype, attn_implementation=attn)
     return tokenizer, model.to(device)
 
 

@@ -22,6 +22,7 @@ from typing import Dict, List, Optional, Tuple
 from .config import TOY, TrainConfig
 from .config_checks import ARCHITECTURE
 from .distributed import World, check_world
+from .hub import cached_config_json
 
 GIB = 2**30
 DEFAULT_PROMPT_TOKENS = 512
@@ -33,7 +34,7 @@ LORA_SHAPES = {  # module -> (fan in, fan out) in terms of the architecture
 def architecture(config: TrainConfig) -> Tuple[Dict, str]:
     """(the architecture numbers, where they came from): model_path's config.json, the toy
     model's, or the config's architecture key."""
-    path = os.path.join(config.model_path, "config.json")
+    path = cached_config_json(config.model_path) or os.path.join(config.model_path, "config.json")  # a hub id's
     if config.model_path == TOY:
         from .toy import toy_model, toy_tokenizer
         return toy_model(toy_tokenizer()).config.to_dict(), "the toy model (train/toy.py)"
