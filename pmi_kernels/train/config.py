@@ -247,7 +247,8 @@ def read_config_file(path: str) -> dict:
     except UnicodeDecodeError as err:
         raise ValueError(f"--config {path}: not UTF-8 text (byte {err.start}: {err.reason})") from err
     if not isinstance(values, dict):
-        raise ValueError(f"--config {path}: expected a mapping of config keys (a JSON object, or YAML key: value lines), got {type(values).__name__}")
+        raise ValueError(f"--config {path}: expected a mapping of config keys (a JSON object, or YAML key: value "
+                         f"lines), got {type(values).__name__}")
     unknown = set(values) - {f.name for f in dataclasses.fields(TrainConfig)}
     if unknown:
         raise ValueError(f"--config {path}: unknown keys {sorted(unknown)}")
