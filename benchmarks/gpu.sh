@@ -6,7 +6,8 @@
 # results with it; by default the whole run ends inside about 6 minutes on an H100/H200.
 #   STAGES   which stages run (default "build tests logits fused parallel sweep"; also "train": the
 #            packing tests on CUDA and bench_train_step.py --gpu, about 4 minutes more; "verl": two
-#            steps of the verl integration's launcher; needs verl 0.9 and vLLM importable there)
+#            steps of the verl integration's launcher; needs verl 0.9 and vLLM importable there;
+#            "wheel": setup.py's CUDA build, a wheel installed into a fresh venv and run from there)
 #   SWEEP_MINUTES   the sweep's time budget (default 2); SWEEP_MATCH: only implementations whose
 #                   name contains one of these words (run.py --match)
 set -uo pipefail
@@ -54,6 +55,26 @@ if has train; then
         | tee "$RES/train_tests.log" | tail -4
     timeout 420 python3 benchmarks/bench_train_step.py --gpu --repeats 3 --budget 2048 4096 8192 --out "$RES" 2>&1 | grep -v -i warn \
         | tee "$RES/train_step.log"; pack
+fi
+if has wheel; then
+    # setup.py's CUDAExtension branch, which a CPU torch never takes: a wheel built for this GPU,
+    # installed into a fresh venv (this machine's torch through --system-site-packages), whose
+    # backend "cuda" must run the wheel's own library at once (no build) and match the reference.
+    arch=$(python3 -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'{m}.{n}' + ('a' if m == 9 else ''))")
+    python3 -m venv --system-site-packages "$RES/wheel-venv"
+    TORCH_CUDA_ARCH_LIST=$arch PMI_KERNELS_BUILD_NATIVE=1 timeout 420 python3 -m pip wheel -q --no-build-isolation \
+        --no-deps . -w "$RES/wheel" > "$RES/wheel.log" 2>&1 && "$RES/wheel-venv/bin/pip" install -q --no-deps \
+        "$RES"/wheel/pmi_kernels-*.whl >> "$RES/wheel.log" 2>&1
+    (cd "$RES" && PYTHONPATH= PMI_KERNELS_CACHE="$RES/unused-cache" "$RES/wheel-venv/bin/python" -c "
+import torch, pmi_kernels
+from pmi_kernels.backends.native import extension
+from pmi_kernels.reference import pmi_kl_reference
+s, t, r = (torch.randn(64, 1000, device='cuda') for _ in range(3))
+got = pmi_kernels.pmi_kl(s, t, r, backend='cuda')
+print('wheel: loaded', extension.loaded_from(), '| loss', got.item(), 'reference', pmi_kl_reference(s, t, r).item())
+assert 'site-packages' in str(extension.loaded_from()), 'not the wheel library'
+torch.testing.assert_close(got, pmi_kl_reference(s, t, r))
+print('wheel: OK')") 2>&1 | tee -a "$RES/wheel.log" | tail -3; pack
 fi
 if has verl; then
     # The verl integration end to end (docs/verl.md), what the CPU tests cannot run: Ray, the
