@@ -17,6 +17,8 @@ such a weight is refused with a message that says so.
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 
 
@@ -28,11 +30,10 @@ def frozen_head(lm_head_weight, lm_head_bias, frozen_weight, frozen_bias):
 
 
 def _dtensor_type():
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch built without distributed
-        return None
-    return DTensor
+    """DTensor, or None where no tensor can be one: torch.distributed.tensor not imported yet (its
+    import, sympy with it, took about 1 s of a first fused_pmi_kl call) or not built."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return getattr(module, "DTensor", None)
 
 
 class _GatherSharded(torch.autograd.Function):
