@@ -66,6 +66,22 @@ def test_a_bad_line_of_a_data_file_is_named(tmp_path, capsys, model_dir, bad):
     assert one_line_error(capsys).startswith(f"error: {data}: {message}")
 
 
+def test_a_refused_run_leaves_no_directory_it_made(tmp_path, capsys, model_dir):
+    """A run refused at start (--resume of nothing; a bad data line, found after the directory
+    is locked) removes the output directory it created, still empty; one the user made is kept.
+    Fails on the trainer that left an empty runs/<name>/ behind (found by a new-user trial)."""
+    data = tmp_path / "bad.jsonl"
+    data.write_text(json.dumps(toy_problems(1, 0)[0]) + "\n{oops\n")
+    made_by_user = tmp_path / "mine"
+    made_by_user.mkdir()
+    for out, flags in ((tmp_path / "resumed", ["--resume", "true"]), (tmp_path / "bad", ["--train-file", str(data)]),
+                       (made_by_user, ["--train-file", str(data)])):
+        argv = ["train", *tiny_flags(tmp_path, model_path=model_dir, output_dir=out), *flags]
+        assert cli_main(argv) == 2
+        assert one_line_error(capsys).startswith("error: ")
+        assert out.exists() == (out == made_by_user)
+
+
 def test_a_row_without_a_field_is_named_by_its_line(tmp_path, model_dir):
     """Blank lines are skipped but counted: the row on line 4 is named so. Fails on a 0-based row
     index that is no line of the file."""

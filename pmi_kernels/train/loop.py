@@ -74,7 +74,9 @@ class Trainer:
         try:
             self._set_up(config, resumed)
         except BaseException:
-            self.close()  # a run that failed to start holds nothing
+            self.close()  # a run that failed to start holds nothing, nor leaves a directory it made empty
+            if self._dir_lock is not None:
+                self._dir_lock.abandon()
             raise
 
     def close(self) -> None:

@@ -26,7 +26,8 @@ RUN_MARKER = ".pmi-opsd-run"  # in a directory a trainer's run began in
 class DirLock:
     """An exclusive lock on a directory, held until release() or until the process ends."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, made: bool = False):
+        self.path, self.made = path, made  # made: this run created the directory
         fd = os.open(path, os.O_RDONLY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -35,6 +36,16 @@ class DirLock:
             raise ValueError(f"output_dir {path!r} is in use by another run (it holds the directory's lock): wait "
                              "for that run to end, or choose another output_dir") from None
         self.release = weakref.finalize(self, os.close, fd)
+
+    def abandon(self) -> None:
+        """A run that failed to start: the lock released, and the directory removed if this run
+        made it and it is still empty (a refused run leaves no trace; nothing else is touched)."""
+        self.release()
+        if self.made:
+            try:
+                os.rmdir(self.path)
+            except OSError:  # not empty: it holds what the run had begun to write, kept
+                pass
 
 
 def make_output_dir(out: str) -> None:
@@ -55,12 +66,13 @@ def prepare_output_dir(config: TrainConfig, world_size: int = 1):
     --overwrite, and refuse --overwrite where it would remove files no trainer wrote. Nothing is
     removed here: start_output_dir does that, after the run's other checks."""
     out = config.output_dir
+    made = not os.path.isdir(out)
     make_output_dir(out)
-    lock = DirLock(out)
+    lock = DirLock(out, made)
     try:
         return lock, _check_dir(config, world_size)
     except BaseException:
-        lock.release()  # a refused run holds nothing (a traceback kept in a notebook would)
+        lock.abandon()  # a refused run holds nothing (a traceback kept in a notebook would)
         raise
 
 
