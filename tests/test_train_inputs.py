@@ -263,3 +263,38 @@ def test_a_stop_during_set_up_ends_it(tmp_path, capsys, monkeypatch, model_dir, 
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"interrupted by {name} during {where}: the run is as it was; continue it with --resume")
     assert sorted(os.listdir(tmp_path / "run")) == before
+
+
+@pytest.mark.parametrize("command", [["train", "--max-steps", "1"], ["plot", "--metrics", "metrics.jsonl"]])
+def test_a_subcommand_without_the_train_extra_says_what_to_install(tmp_path, command):
+    """pip install pmi-kernels (no [train]) installs pmi-opsd too: without transformers or
+    matplotlib a subcommand is one line naming the extra, exit 2. Fails on the traceback of
+    ModuleNotFoundError (found by a new-user trial)."""
+    import subprocess
+    import sys
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5}\n')
+    hide = "import sys; sys.modules.update(transformers=None, matplotlib=None); "
+    code = hide + "from pmi_kernels.train.cli import main; sys.exit(main(sys.argv[1:]))"
+    out = subprocess.run([sys.executable, "-c", code, *command], capture_output=True, text=True, timeout=120,
+                         cwd=tmp_path)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip().splitlines() == [
+        f"error: pmi-opsd {command[0]} needs the 'train' extra (no module named "
+        f"{'transformers' if command[0] == 'train' else 'matplotlib'!r}): pip install 'pmi-kernels[train]'"]
+
+
+def test_plot_and_compare_help_name_their_options(capsys):
+    """compare --help names --seeds, the keys it sets per run and its own defaults; plot --help
+    says what --metrics is and its default. Fails on the help that printed the module's docstring
+    alone, and on --metrics without a word (found by a new-user trial)."""
+    from pmi_kernels.train.compare import COMPARE_DEFAULTS, SET_PER_RUN
+    from pmi_kernels.train.config import TOY_DEFAULTS
+    assert cli_main(["compare", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    own = [key for key, value in COMPARE_DEFAULTS.items() if TOY_DEFAULTS.get(key) != value]
+    for flag in ["--seeds", *(f"--{key}" for key in SET_PER_RUN), *(f"--{key.replace('_', '-')}" for key in own)]:
+        assert flag in text, flag
+    with pytest.raises(SystemExit):
+        cli_main(["plot", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "usage: pmi-opsd plot" in text and "--metrics METRICS a run's metrics.jsonl" in text

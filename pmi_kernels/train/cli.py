@@ -25,7 +25,11 @@ config's architecture key, loading and downloading nothing (configs/ has the pap
 compare runs standard OPSD and the PMI target (frozen-base and self anchors) from one warmed-up
 base and prints them side by side (the main job). export writes a checkpoint's model as a
 standalone Hugging Face directory (--merge: LoRA merged into the base).
-Every checkpoint-<step>/ also loads as it is with from_pretrained (README, "Checkpoints")."""
+Every checkpoint-<step>/ also loads as it is with from_pretrained (README, "The training loop")."""
+
+
+# The top-level modules of pyproject's "train" extra: the subcommands need them, the kernels do not.
+TRAIN_EXTRA_MODULES = {"transformers", "peft", "datasets", "tqdm", "matplotlib", "yaml", "tensorboard"}
 
 
 def train(argv) -> int:
@@ -71,8 +75,9 @@ def train(argv) -> int:
 
 def plot(argv) -> int:
     from .metrics import plot_metrics
-    parser = argparse.ArgumentParser(description="Draw a run's metrics.jsonl as one PNG.")
-    parser.add_argument("--metrics", default="runs/toy/metrics.jsonl")
+    parser = argparse.ArgumentParser(prog="pmi-opsd plot", description="Draw a run's metrics.jsonl as one PNG.")
+    parser.add_argument("--metrics", default="runs/toy/metrics.jsonl",
+                        help="a run's metrics.jsonl, in its output_dir (default: %(default)s)")
     parser.add_argument("--out", default=None, help="PNG path (default: beside the metrics file)")
     args = parser.parse_args(argv)
     if not os.path.isfile(args.metrics):
@@ -102,6 +107,12 @@ def main(argv=None):
         if not getattr(err, "from_rank_zero", False):  # under torchrun, rank 0 has said it
             print(f"error: {err}", file=sys.stderr)
         return 2 if isinstance(err, ValueError) else 1
+    except ModuleNotFoundError as err:
+        if (err.name or "").split(".")[0] not in TRAIN_EXTRA_MODULES:
+            raise
+        print(f"error: pmi-opsd {argv[0]} needs the 'train' extra (no module named {err.name!r}): "
+              "pip install 'pmi-kernels[train]'", file=sys.stderr)
+        return 2
     except OSError as err:  # the system refused a read or write (a full disk, a lost mount): one line too
         print(f"error: {err.strerror or err}{f': {err.filename}' if err.filename else ''}", file=sys.stderr)
         return 1

@@ -33,6 +33,7 @@ import resource
 import signal
 import statistics
 import sys
+import textwrap
 import time
 from typing import Dict, List, Optional
 
@@ -371,12 +372,31 @@ def plot_comparison(per_seed: Dict[int, Dict], out: str) -> str:
     return out
 
 
+SEEDS_HELP = "comma-separated seeds, one warmed-up base and one set of runs each (default: --seed, 0)"
+
+
+def help_text() -> str:
+    """The module's description, then the options: --seeds, every train key, the comparison's defaults."""
+    defaults = {key: value for key, value in COMPARE_DEFAULTS.items() if TOY_DEFAULTS.get(key) != value}
+    shown = [f"--{key.replace('_', '-')} {','.join(value) if isinstance(value, list) else value}"
+             for key, value in defaults.items()]
+    every_key = ("any key of pmi-opsd train (pmi-opsd train --help), for every run alike, except "
+                 f"{', '.join('--' + key for key in SET_PER_RUN)}, which the comparison sets per run")
+    wrap = dict(width=96, subsequent_indent=" " * 16, break_on_hyphens=False, break_long_words=False)
+    return (f"{__doc__.strip()}\n\nusage: pmi-opsd compare [--seeds 0,1,2] [--KEY VALUE ...]\n\n"
+            + textwrap.fill(f"  --seeds S     {SEEDS_HELP}", **wrap) + "\n"
+            + textwrap.fill(f"  --KEY VALUE   {every_key}", **wrap) + "\n\n"
+            + "The comparison's own defaults (the toy's otherwise):\n"
+            + textwrap.fill("  " + "   ".join(shown), width=96, subsequent_indent="  ", break_on_hyphens=False,
+                            break_long_words=False))
+
+
 def main(argv) -> int:
     parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # --seed is not --seeds
-    parser.add_argument("--seeds", default=None, help="comma-separated seeds (default: --seed, 0)")
+    parser.add_argument("--seeds", default=None, help=SEEDS_HELP)
     known, rest = parser.parse_known_args(argv)
     if "-h" in rest or "--help" in rest:
-        print(__doc__)
+        print(help_text())
         return 0
     shared = parse_config(rest, toy_defaults=COMPARE_DEFAULTS)
     import transformers

@@ -77,10 +77,10 @@ class TrainConfig:
     attn_implementation: str = option("auto", group=PACKING, help="the attention kernel: auto, varlen, "
                                       "flash_attention_2, sdpa or eager")
 
-    # Data: local jsonl or parquet; the toy model ignores these and builds its own.
-    train_file: Optional[str] = option(None, group=DATA, help="training rows, jsonl or parquet (the toy builds "
-                                       "its own)")
-    eval_file: Optional[str] = option(None, group=DATA, help="held-out rows for the evaluation, jsonl or parquet")
+    # Data: local JSON Lines, a JSON array or parquet; the toy model ignores these and builds its own.
+    train_file: Optional[str] = option(None, group=DATA, help="training rows: JSON Lines, a JSON array or "
+                                       "parquet (the toy builds its own)")
+    eval_file: Optional[str] = option(None, group=DATA, help="held-out rows for the evaluation, as train_file")
     question_field: str = option("question", group=DATA, help="the rows' field that holds the question")
     solution_field: str = option("solution", group=DATA, help="the rows' field that holds the reference solution")
     answer_field: Optional[str] = option("answer", group=DATA, help="the rows' field that holds the answer "
@@ -252,7 +252,10 @@ def read_config_file(path: str) -> dict:
     unknown = set(values) - {f.name for f in dataclasses.fields(TrainConfig)}
     if unknown:
         raise ValueError(f"--config {path}: unknown keys {sorted(unknown)}")
-    return values
+    # A list key given one string reads as on the command line (transformers' report_to: "wandb").
+    lists = [key for key, (kind, _) in field_types(TrainConfig).items() if kind is List[str]]
+    return {key: coerce_flag(key, value, List[str], False) if key in lists and isinstance(value, str) else value
+            for key, value in values.items()}
 
 
 def parse_config(argv=None, description: str = "", toy_defaults: Optional[dict] = None) -> TrainConfig:

@@ -7,7 +7,9 @@ Where they write: tensorboard in <output_dir>/tensorboard; trackio in its local 
 (TRACKIO_DIR, else $HF_HOME/trackio); wandb as wandb.init does (WANDB_MODE=offline: files under
 <output_dir>/wandb to `wandb sync` later); mlflow to MLFLOW_TRACKING_URI, else the file store
 <output_dir>/mlruns (MLFLOW_ALLOW_FILE_STORE=true is set for it: mlflow 3 keeps that store in
-maintenance; `mlflow ui --backend-store-uri <output_dir>/mlruns` reads it). The project
+maintenance: set it too to read the store, e.g. `MLFLOW_ALLOW_FILE_STORE=true mlflow ui
+--backend-store-uri <output_dir>/mlruns`, with the full `mlflow` package: the trackers extra's
+mlflow-skinny has no UI). The project
 (trackio, wandb) is TRACKIO_PROJECT / WANDB_PROJECT, else "pmi-opsd"; mlflow's experiment
 MLFLOW_EXPERIMENT_NAME, else "pmi-opsd"; the run's name is the output directory's. A resumed
 run is a new tracker run, logged from its resumed step on.
