@@ -93,6 +93,8 @@ def plot(argv) -> int:
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in ("train", "plot", "compare", "export"):
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"error: unknown subcommand {argv[0]!r} (train, plot, compare or export)\n", file=sys.stderr)
         print(USAGE)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     try:

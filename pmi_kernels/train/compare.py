@@ -398,7 +398,7 @@ def main(argv) -> int:
     if "-h" in rest or "--help" in rest:
         print(help_text())
         return 0
-    shared = parse_config(rest, toy_defaults=COMPARE_DEFAULTS)
+    shared = parse_config(rest, toy_defaults=COMPARE_DEFAULTS, prog="pmi-opsd compare")
     import transformers
     transformers.utils.logging.disable_progress_bar()  # its bars for every save and load of the base
     for flag in (f"--{key}" for key in SET_PER_RUN):

@@ -252,22 +252,24 @@ def read_config_file(path: str) -> dict:
     unknown = set(values) - {f.name for f in dataclasses.fields(TrainConfig)}
     if unknown:
         raise ValueError(f"--config {path}: unknown keys {sorted(unknown)}")
-    # A list key given one string reads as on the command line (transformers' report_to: "wandb").
-    lists = [key for key, (kind, _) in field_types(TrainConfig).items() if kind is List[str]]
-    return {key: coerce_flag(key, value, List[str], False) if key in lists and isinstance(value, str) else value
-            for key, value in values.items()}
+    # report_to may be one string, as transformers' and TRL's configs write it ("wandb", "all" aside).
+    if isinstance(values.get("report_to"), str):
+        values["report_to"] = coerce_flag("report_to", values["report_to"], List[str], False)
+    return values
 
 
-def parse_config(argv=None, description: str = "", toy_defaults: Optional[dict] = None) -> TrainConfig:
+def parse_config(argv=None, description: str = "", toy_defaults: Optional[dict] = None,
+                 prog: str = "pmi-opsd train") -> TrainConfig:
     """--config FILE (JSON or YAML), then --key value for any key (a bare --resume, --overwrite, ... is true).
     The toy's defaults (TOY_DEFAULTS unless given) come under both."""
-    return parse_args(argv, description, toy_defaults)[0]
+    return parse_args(argv, description, toy_defaults, prog)[0]
 
 
-def parse_args(argv=None, description: str = "", toy_defaults: Optional[dict] = None):
+def parse_args(argv=None, description: str = "", toy_defaults: Optional[dict] = None, prog: str = "pmi-opsd train"):
     """(config, the dry-run flags): --dry-run prints the plan (plan.py) and loads nothing, so
     the paths need not exist."""
-    parser = argparse.ArgumentParser(description=description, allow_abbrev=False,  # --max-step is a typo
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     allow_abbrev=False,  # --max-step is a typo
                                      usage="%(prog)s [--config FILE] [--dry-run] [--KEY VALUE ...]")
     parser.add_argument("--config", help="a JSON or YAML (.yaml, .yml) file of config keys")
     parser.add_argument("--dry-run", action="store_true",
