@@ -97,9 +97,11 @@ def rebuild(checkpoint: str):
     except (OSError, ValueError) as err:
         raise ValueError(f"export: the run's base model {base!r} cannot be loaded ({error_line(err)})") from err
     if config["lora"]:
-        from peft import LoraConfig, get_peft_model
-        lora = LoraConfig(r=config["lora_rank"], lora_alpha=config["lora_alpha"],
-                          target_modules=config["lora_targets"], base_model_name_or_path=base)
+        from peft import get_peft_model
+
+        from .model import lora_config
+        lora = lora_config(config["lora_rank"], config["lora_alpha"], config["lora_targets"],
+                           base_model_name_or_path=base)
         model = get_peft_model(model, lora)
         model.peft_config["default"].base_model_name_or_path = base
     params = dict(model.named_parameters(remove_duplicate=False))  # a tied head too: the shards name it

@@ -94,15 +94,20 @@ def check_lora_targets(model, config: TrainConfig) -> None:
                              "(an adapter there would never train); leave it out")
 
 
+def lora_config(rank: int, alpha: int, targets, **extra):
+    """The run's LoRA adapter, as the trainer wraps its model and export.py rebuilds it."""
+    from peft import LoraConfig
+    return LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, **extra)
+
+
 def wrap_model(model, config: TrainConfig):
     """(trained model, frozen base or None). LoRA: the base is the same model, adapter off;
     full fine-tuning: a frozen copy, made when a frozen stream or the anchor reads the base."""
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if config.lora:
-        from peft import LoraConfig, get_peft_model
-        lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, target_modules=config.lora_targets)
-        return get_peft_model(model, lora), None
+        from peft import get_peft_model
+        return get_peft_model(model, lora_config(config.lora_rank, config.lora_alpha, config.lora_targets)), None
     needs_base = config.teacher_weights == "base" or config.anchor
     return model, copy.deepcopy(model).eval().requires_grad_(False) if needs_base else None
 
