@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job: what the method does, on the embedded shortcut task (README, "The main job").
+# The main job: what the method does, on the embedded shortcut task (docs/demo.md).
 # From one warmed-up base (built once into runs/bases, reused by later runs), standard OPSD, the
 # PMI target with the frozen-base anchor and with the self anchor run on the same budget; it
 # prints their table beside the start (held-out accuracy with its standard error, KL(q||p),

@@ -25,7 +25,7 @@ config's architecture key, loading and downloading nothing (configs/ has the pap
 compare runs standard OPSD and the PMI target (frozen-base and self anchors) from one warmed-up
 base and prints them side by side (the main job). export writes a checkpoint's model as a
 standalone Hugging Face directory (--merge: LoRA merged into the base).
-Every checkpoint-<step>/ also loads as it is with from_pretrained (README, "The training loop")."""
+Every checkpoint-<step>/ also loads as it is with from_pretrained (docs/training.md)."""
 
 
 # The top-level modules of pyproject's "train" extra: the subcommands need them, the kernels do not.

@@ -52,7 +52,7 @@ from .tokenized import contexts_ids
 RUNS = (("opsd", dict(mode="opsd", anchor=False), "standard OPSD"),
         ("pmi-base", dict(mode="pmi", anchor=True), "PMI, frozen-base anchor"),
         ("pmi-self", dict(mode="pmi", anchor=False), "PMI, self anchor"))
-# The comparison's sizes: one seed within about 5 minutes on 2 CPU cores (README).
+# The comparison's sizes: one seed within about 5 minutes on 2 CPU cores (docs/demo.md).
 COMPARE_DEFAULTS = {**TOY_DEFAULTS, "toy_task": "shortcut", "eval_limit": 640, "max_new_tokens": 72,
                     "max_steps": 60, "eval_every": 20, "diagnostics_every": 5, "save_every": 1000, "lr": 5e-4,
                     "markers": ["wait", "check"], "output_dir": "runs/compare",
@@ -219,7 +219,7 @@ def own_cpu_seconds() -> float:
 class ThreadFitter:
     """Fits torch's threads to the machine, every `every` seconds: 1 while other processes kept
     at least half a core busy over the last interval, else the default. On the shared 2-core
-    machine the README's timings come from, 2 threads beside another busy process ran the
+    machine docs/demo.md's timings come from, 2 threads beside another busy process ran the
     warm-up at about 1 step/s against 4 with 1 thread (the threads wait on each other's time
     slices); on an idle one 2 threads ran it at 7.8 steps/s. The table came out the same at
     either count. Set OMP_NUM_THREADS to fix the count instead."""

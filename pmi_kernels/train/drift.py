@@ -18,7 +18,7 @@ KL(p_student || p_base) over the student's own context, H(p_student) and H(p_bas
 forwards without gradient per pack of rollouts on those steps (the student's context, by the
 student and by the base). The run warns once, on stderr and as drift/warning in the metrics,
 when the KL passes `drift_warn_kl` nats per token. Its default, 0.3, is from the comparison
-(compare.py, README "The main job": 60 steps, 3 seeds): the frozen-anchored runs stayed under
+(compare.py, docs/demo.md: 60 steps, 3 seeds): the frozen-anchored runs stayed under
 0.04 and the standard OPSD runs, which move toward a fixed teacher, under 0.29, while every
 self-anchored run passed 0.3 (at steps 20 to 45) on its way to collapse. It is a toy's scale: on another
 model, read drift/kl_student_base's curve (a fixed target levels off, a moving one does not)

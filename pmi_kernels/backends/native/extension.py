@@ -2,7 +2,7 @@
 registers the ops pmi_kernels::rows and pmi_kernels::diagnostics_rows.
 
 Where the library comes from, in this order:
-1. pmi_kernels._C, compiled at install by setup.py (the README's set-up), when the torch it was compiled
+1. pmi_kernels._C, compiled at install by setup.py (docs/install.md), when the torch it was compiled
    against (recorded beside it, in _C.build.json) is the torch here: an extension must be loaded by the
    exact torch it was compiled against (torch's C++ ABI changes between releases). Under another torch it
    is not loaded: one warning, and the just-in-time build serves.
@@ -277,7 +277,7 @@ def _jit(with_cuda: bool, force_build: bool, retry_failed: bool) -> Tuple[Path, 
         except OSError as err:
             return entry, (f"neither the kernel cache {cache_root()} nor a temporary directory is writable ({err}): "
                            f"set PMI_KERNELS_CACHE to a writable directory and {HOW_TO_BUILD}, or install pmi_kernels "
-                           "with its kernels compiled (README)")
+                           "with its kernels compiled (docs/install.md)")
         _warn(f"the kernel cache {cache_root()} is not writable: building the kernels into {scratch} for this "
               "process (set PMI_KERNELS_CACHE to a writable directory to keep them)")
         entry = scratch / entry.name
