@@ -2,9 +2,10 @@
 # One prepared run for a lent GPU: build the C++/CUDA kernels, run the tests on the CUDA paths,
 # the headline benchmarks of both GPU backends, then the sweep (each `python -m benchmarks <name>`):
 # the records (results.jsonl), the sweep's table (sweep.md) and plots, and each stage's log to
-# $OUT (the logs are for reading the run; git ignores them). Wheels carried in .wheels/ (liger-kernel is not on the GPU machine) are
-# installed first. Each stage has its own time limit, so one slow stage cannot take the others'
-# results with it; by default the whole run ends inside about 6 minutes on an H100/H200.
+# $OUT (the logs are for reading the run; git ignores them). Wheels carried in .wheels/
+# (liger-kernel is not on the GPU machine) are installed first. Each stage has its own time
+# limit, so one slow stage cannot take the others' results with it; by default the whole run
+# ends inside about 6 minutes on an H100/H200.
 #   OUT      where everything lands (default benchmarks/results/<gpu>-<date>, e.g. h200-2026-11-28)
 #   STAGES   which stages run (default "build tests logits fused parallel sweep"; also "train": the
 #            packing tests on CUDA and `train_step --gpu`, about 4 minutes more; "verl": two
@@ -45,11 +46,11 @@ if has tests; then
     fi
 fi
 has logits && { timeout 150 python3 -m benchmarks logits --out "$RES" 2>&1 | grep -v "Backend impl" \
-    | tee "$RES/bench_logits.log"; pack; }
+    | tee "$RES/logits.log"; pack; }
 has fused && { timeout 240 python3 -m benchmarks fused --out "$RES" 2>&1 | grep -v "Backend impl" \
-    | tee "$RES/bench_fused.log"; pack; }
+    | tee "$RES/fused.log"; pack; }
 has parallel && { timeout 120 python3 -m benchmarks vocab_parallel --out "$RES" 2>&1 \
-    | tee "$RES/bench_vocab_parallel.log"; pack; }
+    | tee "$RES/vocab_parallel.log"; pack; }
 if has train; then
     # Packed training steps: the packing tests on CUDA (varlen_attn, flash-attn if installed),
     # then one optimizer step of a Qwen3-1.7B-shaped model (32 rollouts x 1,024 tokens, LoRA r64,
