@@ -1,6 +1,7 @@
 """What the vocabulary-parallel machinery costs: fused_pmi_kl with a process group of size 1 (the
 phases, the all-reduces, the chunk plan over the widest shard) against the plain call, measured
-interleaved in one run on one device. Goal on a GPU: at most 1.02x.
+interleaved in one run on one device. Goal on a GPU: at most 1.02x. The shape is the device's
+(below) unless --n, --hidden or --vocab (0: the device's) say otherwise.
 
     python -m benchmarks vocab_parallel --out DIR     # a GPU: the headline shape (NCCL)
                                                       # a CPU: a small shape (gloo)
