@@ -5,7 +5,7 @@ against a traced count: it runs the calls on 2 CPU processes (gloo) and counts e
 to an all-reduce. Payload bytes, not wire bytes (a ring all-reduce sends about 2 (k-1)/k of the
 payload per rank).
 
-    python benchmarks/comm_bytes.py                  # headline shapes + the traced check
+    python -m benchmarks comm_bytes                  # headline shapes + the traced check
 
 Per call, with N rows, compute dtype of 4 bytes (fp32; 8 for fp64):
     every rank's checks settled together (Agreement)    3 x 8 bytes
@@ -22,12 +22,15 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from pmi_kernels.options import LossOptions
+
+from . import harness
 
 
 def payload_bytes(n: int, opts: LossOptions, *, stats=False, fused_hidden=None, grad_h_itemsize=2, acc=4) -> int:
@@ -100,15 +103,25 @@ def traced_check(n=7, hidden=16, vocab=101, world=2) -> str:
             return fh.read()
 
 
-def main():
-    print("All-reduce payload per call, N = 8,192 rows, H = 4,096, bf16 hidden states, fp32 statistics:")
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = harness.parser("comm_bytes", __doc__, devices=("cpu",), n=8192, hidden=4096)
+    args = harness.resolve(parser.parse_args(argv))
+    results = harness.Results("comm_bytes", args.out, "cpu")
+    print(f"All-reduce payload per call, N = {args.n:,} rows, H = {args.hidden:,}, bf16 hidden states, "
+          "fp32 statistics:")
     for fn_name, options, stats in CASES:
         opts = LossOptions(True, **options)
-        b = payload_bytes(8192, opts, stats=stats, fused_hidden=None if fn_name == "pmi_kl" else 4096)
+        b = payload_bytes(args.n, opts, stats=stats, fused_hidden=None if fn_name == "pmi_kl" else args.hidden)
+        results.add(f"{fn_name} {options} stats={stats}", "formula", "all_reduce_payload", b, "bytes", n=args.n,
+                    hidden=args.hidden if fn_name == "fused_pmi_kl" else None, **options, return_stats=stats)
         print(f"  {fn_name:13s} {str(options):38s} stats={stats!s:5s} {b / 2**20:8.2f} MiB")
-    print("(a [N, V] fp32 tensor at V = 151,936 would be 4,748 MiB)")
+    print(f"(a [N, V] fp32 tensor at V = 151,936 would be {args.n * 151936 * 4 / 2**20:,.0f} MiB)")
     print("traced on 2 gloo processes, N = 7, H = 16, V = 101:")
-    sys.stdout.write(traced_check())
+    report = traced_check()
+    sys.stdout.write(report)
+    results.add("traced on 2 gloo processes, N=7 H=16 V=101", "traced", "cases_matching_formula",
+                report.count("traced"), "cases", world=2, n=7, hidden=16, vocab=101)
+    results.close()
 
 
 if __name__ == "__main__":

@@ -1,19 +1,24 @@
 #!/usr/bin/env bash
 # One prepared run for a lent GPU: build the C++/CUDA kernels, run the tests on the CUDA paths,
-# the headline benchmarks of both GPU backends, then the sweep; logs, JSON, CSV, markdown and
-# plots to $OUT. Wheels carried in .wheels/ (liger-kernel is not on the GPU machine) are
-# installed first. Each stage has its own time limit, so one slow stage cannot take the others'
-# results with it; by default the whole run ends inside about 6 minutes on an H100/H200.
+# the headline benchmarks of both GPU backends, then the sweep (each `python -m benchmarks <name>`):
+# the records (results.jsonl), the sweep's table (sweep.md) and plots, and each stage's log to
+# $OUT (the logs are for reading the run; git ignores them). Wheels carried in .wheels/
+# (liger-kernel is not on the GPU machine) are installed first. Each stage has its own time
+# limit, so one slow stage cannot take the others' results with it; by default the whole run
+# ends inside about 6 minutes on an H100/H200.
+#   OUT      where everything lands (default benchmarks/results/<gpu>-<date>, e.g. h200-2026-11-28)
 #   STAGES   which stages run (default "build tests logits fused parallel sweep"; also "train": the
-#            packing tests on CUDA and bench_train_step.py --gpu, about 4 minutes more; "verl": two
+#            packing tests on CUDA and `train_step --gpu`, about 4 minutes more; "verl": two
 #            steps of the verl integration's launcher; needs verl 0.9 and vLLM importable there;
 #            "wheel": setup.py's CUDA build, a wheel installed into a fresh venv and run from there)
 #   SWEEP_MINUTES   the sweep's time budget (default 2); SWEEP_MATCH: only implementations whose
-#                   name contains one of these words (run.py --match)
+#                   name contains one of these words (`sweep --match`)
 set -uo pipefail
 # Everything is written to $RES; the device tool brings back at most 8 files from $OUT, so each
 # stage ends by packing $RES into $OUT/results.tar.gz (and copying the short logs beside it).
-OUT=${OUT:-benchmarks/results/latest}
+gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr '[:upper:]' '[:lower:]' \
+    | sed -e 's/^nvidia //' -e 's/[^a-z0-9]\{1,\}/-/g' -e 's/-$//')
+OUT=${OUT:-benchmarks/results/${gpu:-gpu}-$(date +%F)}
 RES=${RES:-$(mktemp -d)}
 STAGES=${STAGES:-build tests logits fused parallel sweep}
 mkdir -p "$OUT" "$RES"
@@ -40,12 +45,12 @@ if has tests; then
             | tee "$RES/tests_cluster16.log" | tail -8; pack
     fi
 fi
-has logits && { timeout 150 python3 benchmarks/bench_logits.py --out "$RES" 2>&1 | grep -v "Backend impl" \
-    | tee "$RES/bench_logits.log"; pack; }
-has fused && { timeout 240 python3 benchmarks/bench_fused.py --out "$RES" 2>&1 | grep -v "Backend impl" \
-    | tee "$RES/bench_fused.log"; pack; }
-has parallel && { timeout 120 python3 benchmarks/bench_vocab_parallel.py --out "$RES" 2>&1 \
-    | tee "$RES/bench_vocab_parallel.log"; pack; }
+has logits && { timeout 150 python3 -m benchmarks logits --out "$RES" 2>&1 | grep -v "Backend impl" \
+    | tee "$RES/logits.log"; pack; }
+has fused && { timeout 240 python3 -m benchmarks fused --out "$RES" 2>&1 | grep -v "Backend impl" \
+    | tee "$RES/fused.log"; pack; }
+has parallel && { timeout 120 python3 -m benchmarks vocab_parallel --out "$RES" 2>&1 \
+    | tee "$RES/vocab_parallel.log"; pack; }
 if has train; then
     # Packed training steps: the packing tests on CUDA (varlen_attn, flash-attn if installed),
     # then one optimizer step of a Qwen3-1.7B-shaped model (32 rollouts x 1,024 tokens, LoRA r64,
@@ -53,7 +58,8 @@ if has train; then
     # tokens: the memory the budget buys back) against padded sdpa and the per-rollout loop.
     timeout 120 python3 -m pytest tests/test_train_packed.py -k cuda -q -p no:cacheprovider 2>&1 \
         | tee "$RES/train_tests.log" | tail -4
-    timeout 420 python3 benchmarks/bench_train_step.py --gpu --repeats 3 --budget 2048 4096 8192 --out "$RES" 2>&1 | grep -v -i warn \
+    timeout 420 python3 -m benchmarks train_step --gpu --repeats 3 --budget 2048 4096 8192 --out "$RES" 2>&1 \
+        | grep -v -i warn \
         | tee "$RES/train_step.log"; pack
 fi
 if has wheel; then
@@ -105,7 +111,7 @@ fi
 if has sweep; then
     # The sweep starts a case only if it should end within the budget; the hard limit is a minute more.
     minutes=${SWEEP_MINUTES:-2}
-    timeout "$(python3 -c "print(int(60 * $minutes) + 60)")" python3 benchmarks/run.py --out "$RES" \
+    timeout "$(python3 -c "print(int(60 * $minutes) + 60)")" python3 -m benchmarks sweep --out "$RES" \
         --max-minutes "$minutes" ${SWEEP_MATCH:+--match $SWEEP_MATCH} 2>&1 | grep -v "Backend impl" > "$RES/sweep.log"
     tail -n 30 "$RES/sweep.log"; pack
 fi

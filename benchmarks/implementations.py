@@ -6,6 +6,9 @@ reason) when the implementation is not available here.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 
 from pmi_kernels import fused_pmi_kl
@@ -16,7 +19,9 @@ CLIP = 10.0
 def make_inputs(n, hidden, vocab, dtype, device, logit_scale=3.0, seed=0):
     """Hidden states ~ N(0, 1) and a head scaled so logits have std ~ logit_scale."""
     gen = torch.Generator(device=device).manual_seed(seed)
-    x = lambda *shape: torch.randn(*shape, generator=gen, device=device, dtype=dtype)  # noqa: E731
+
+    def x(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen, device=device, dtype=dtype)
     weight = (x(vocab, hidden) * (logit_scale / hidden ** 0.5)).requires_grad_(True)
     return x(n, hidden).requires_grad_(True), weight, x(n, hidden), x(n, hidden)
 
@@ -139,3 +144,15 @@ CPU_IMPLEMENTATIONS = {
     "plain torch, 1k-row chunks": plain_torch_chunked,
 }
 FLOOR = "bare GEMMs"
+
+
+def implementations_for(device: str) -> dict[str, Callable]:
+    """The implementations a device runs (the floor aside)."""
+    return GPU_IMPLEMENTATIONS if device == "cuda" else CPU_IMPLEMENTATIONS
+
+
+def call_with(run: Callable[[bool], Any], backward: bool) -> Callable[[], Any]:
+    """An implementation's fn(backward) as a side of a timed run."""
+    def side() -> Any:
+        return run(backward)
+    return side

@@ -5,21 +5,20 @@ run forward + backward, and report how far the peak rose, less the gradients ret
 (grad_h and grad_W). The chunked path must stay under a quarter of the reference, and its
 extra memory must not grow with N.
 
-    python benchmarks/memory_cpu.py            # fp32, H=256, V=32000, N = 1024, 4096, 16384
+    python -m benchmarks memory_cpu            # fp32, H=256, V=32000, N = 1024, 4096, 16384
+    python -m benchmarks memory_cpu --n 256 --vocab 8000     # quick
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
-import sys
+from collections.abc import Sequence
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import device_info, write_json  # noqa: E402
+from . import harness
 
 IMPLEMENTATIONS = ("chunked", "reference")
 
@@ -44,37 +43,38 @@ def measure_one(impl: str, n: int, hidden: int, vocab: int) -> dict:
     return {"impl": impl, "n": n, "extra_gib": (peak_rss_bytes() - before - returned) / 2**30}
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, nargs="+", default=[1024, 4096, 16384])
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--vocab", type=int, default=32000)
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = harness.parser("memory_cpu", __doc__, devices=("cpu",), n=[1024, 4096, 16384], hidden=256,
+                            vocab=32000)
     parser.add_argument("--reference-max-n", type=int, default=4096, help="largest N for the reference")
     parser.add_argument("--one", nargs=2, metavar=("IMPL", "N"), help=argparse.SUPPRESS)
-    parser.add_argument("--out", default="benchmarks/results")
-    args = parser.parse_args()
+    args = harness.resolve(parser.parse_args(argv))
     if args.one:
         print(json.dumps(measure_one(args.one[0], int(args.one[1]), args.hidden, args.vocab)))
         return
+    results = harness.Results("memory_cpu", args.out, "cpu")
+    params = dict(hidden=args.hidden, vocab=args.vocab, dtype="fp32")
     rows = []
     for n in args.n:
         for impl in IMPLEMENTATIONS:
             if impl == "reference" and n > args.reference_max_n:
                 continue
-            cmd = [sys.executable, __file__, "--one", impl, str(n), "--hidden", str(args.hidden),
-                   "--vocab", str(args.vocab)]
-            row = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+            cmd = harness.fresh_process("memory_cpu", ["--one", impl, str(n), "--hidden", str(args.hidden),
+                                                       "--vocab", str(args.vocab)])
+            done = subprocess.run(cmd, check=True, capture_output=True, text=True, env=harness.fresh_process_env())
+            row = json.loads(done.stdout.splitlines()[-1])
             rows.append(row)
+            results.add(f"fused_pmi_kl fwd+bwd N={n} H={args.hidden} V={args.vocab}", impl, "peak_extra_memory",
+                        row["extra_gib"], "GiB", n=n, **params)
             print(f"{impl:10s} N={n:6d}  extra peak {row['extra_gib']:6.3f} GiB")
-    info = device_info("cpu")
-    result = {"info": info, "workload": dict(hidden=args.hidden, vocab=args.vocab, dtype="fp32"), "rows": rows}
-    both = [n for n in args.n if n <= args.reference_max_n]
-    for n in both:
+    print(results.device)
+    for n in (n for n in args.n if n <= args.reference_max_n):
         chunked = next(r["extra_gib"] for r in rows if r["n"] == n and r["impl"] == "chunked")
         reference = next(r["extra_gib"] for r in rows if r["n"] == n and r["impl"] == "reference")
-        result[f"chunked/reference at N={n}"] = chunked / reference
+        results.add_ratio(f"fused_pmi_kl fwd+bwd N={n} H={args.hidden} V={args.vocab}", "chunked", "reference",
+                          chunked / reference, n=n, **params, goal="< 0.25")
         print(f"chunked / reference at N={n}: {chunked / reference:.3f}  (goal < 0.25)")
-    write_json(os.path.join(args.out, f"memory_cpu_{info['date']}.json"), result)
+    results.close()
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""pytest-benchmark over the cases of run.py (its headline and variant shapes), for users who
-track benchmarks with pytest:  pytest benchmarks/ --benchmark-only
+"""pytest-benchmark over the cases of the sweep (its headline and variant shapes), for users who
+track benchmarks with pytest:  python -m pytest benchmarks/test_benchmarks.py --benchmark-only
 
 Skipped in the ordinary test run (pytest-benchmark's --benchmark-skip is not needed: these
 live outside tests/). Each implementation is timed forward+backward, synchronized on GPU.
@@ -7,13 +7,12 @@ live outside tests/). Each implementation is timed forward+backward, synchronize
 import pytest
 import torch
 
-import implementations as impls
-from run import default_cases
+from benchmarks import implementations as impls
+from benchmarks.sweep import default_cases
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CASES = [c for c in default_cases(DEVICE) if c.backward][:4]
-TABLE = {impls.FLOOR: impls.bare_gemms,
-         **(impls.GPU_IMPLEMENTATIONS if DEVICE == "cuda" else impls.CPU_IMPLEMENTATIONS)}
+TABLE = {impls.FLOOR: impls.bare_gemms, **impls.implementations_for(DEVICE)}
 
 
 @pytest.mark.parametrize("name", list(TABLE))

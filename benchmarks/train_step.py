@@ -24,27 +24,27 @@ warm-up rounds; the medians are reported.
 rollout of --tokens tokens, the loss and the backward: fused_pmi_kl on the gathered hidden
 states against the plain-torch reference on full fp32 logits; an out-of-memory step is OOM.
 
-    python benchmarks/bench_train_step.py --budget 600                # CPU, the toy model
-    python benchmarks/bench_train_step.py --gpu --out DIR            # on a GPU (a CPU check: --tiny)
-    python benchmarks/bench_train_step.py --mode loss --tokens 8192   # on a GPU (CPU: --tiny)
+    python -m benchmarks train_step --budget 600                # CPU, the toy model
+    python -m benchmarks train_step --gpu --out DIR            # on a GPU (a CPU check: --gpu --tiny)
+    python -m benchmarks train_step --mode loss --tokens 8192   # on a GPU (CPU: --tiny)
+    python -m benchmarks train_step --repeats 1 --rollouts 2 --rollout-tokens 8   # quick, on a CPU
 """
 from __future__ import annotations
 
 import argparse
 import atexit
 import json
-import os
 import resource
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import device_info, is_oom, median_ms_few, slug, write_json  # noqa: E402
+from . import harness
 
 PROMPTS = {"student": 256, "teacher": 768, "refonly": 512}  # --mode loss: the three contexts' prompt lengths
 
@@ -197,8 +197,8 @@ def run_step_mode(args) -> dict:
     memory = {}
     if not args.gpu:
         for variant in variants:
-            cmd = [sys.executable, __file__, "--memory-of", variant, *sys.argv[1:]]
-            done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+            cmd = harness.fresh_process("train_step", ["--memory-of", variant, *args.argv])
+            done = subprocess.run(cmd, check=True, capture_output=True, text=True, env=harness.fresh_process_env())
             memory[variant] = json.loads(done.stdout.splitlines()[-1])
             print(f"{variant:14s} peak RSS {memory[variant]['peak_rss_mib']:7.1f} MiB "
                   f"({memory[variant]['peak_extra_mib']:+.1f} MiB over the process before its first step)", flush=True)
@@ -261,11 +261,11 @@ def run_loss_mode(args, device: str) -> dict:
                 if device == "cuda":
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats()
-                row["ms"] = median_ms_few(lambda: loss_step(model, contexts, tokens, fused), device, calls=2)
+                row["ms"] = harness.median_ms_few(lambda: loss_step(model, contexts, tokens, fused), device, calls=2)
                 if device == "cuda":
                     row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
             except Exception as err:  # noqa: BLE001 (an OOM is a result; anything else is raised)
-                if not is_oom(err):
+                if not harness.is_oom(err):
                     raise
                 row["ms"] = "OOM"
                 model.zero_grad(set_to_none=True)
@@ -276,8 +276,39 @@ def run_loss_mode(args, device: str) -> dict:
     return {"model": "tiny" if args.tiny else "Qwen3-1.7B shape, random weights", "rows": rows}
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def record_step(results: harness.Results, args: argparse.Namespace, summary: dict) -> None:
+    """The medians of --mode step as records: throughput, memory and the ratios to the loop."""
+    case = f"train step {args.rollouts}x{args.rollout_tokens}"
+    params = dict(rollouts=args.rollouts, rollout_tokens=args.rollout_tokens, lora_rank=args.lora_rank,
+                  gpu=args.gpu, tiny=args.tiny, repeats=args.repeats)
+    memory = ("peak_memory_gib", "peak_memory", "GiB") if args.gpu else ("peak_rss_mib", "peak_rss", "MiB")
+    for variant, s in summary.items():
+        results.add(case, variant, "throughput", s["tokens_per_s"], "tokens/s", **params)
+        results.add(case, variant, "cpu_throughput", s["tokens_per_cpu_s"], "tokens/CPU s", **params)
+        results.add(case, variant, memory[1], s[memory[0]], memory[2], **params)
+        if not args.gpu:
+            results.add(case, variant, "peak_rss_above_start", s["peak_extra_mib"], "MiB", **params)
+        for key, value in s.items():
+            if key.startswith("time/"):
+                results.add(case, variant, key, value, "s", **params)
+        results.add_ratio(case, variant, "per-rollout", s["speedup"], **params)
+        results.add_ratio(case, f"{variant} per CPU second", "per-rollout per CPU second", s["cpu_speedup"],
+                          **params)
+        results.add_ratio(case, f"{variant} {memory[1]}", f"per-rollout {memory[1]}", s["memory_ratio"], **params)
+
+
+def record_loss(results: harness.Results, args: argparse.Namespace, rows: list[dict]) -> None:
+    for row in rows:
+        params = dict(tokens=row["tokens"], tiny=args.tiny, prompts=PROMPTS)
+        case = f"one rollout's loss and backward, {row['tokens']} tokens"
+        oom = row["ms"] == "OOM"
+        results.add(case, row["loss"], "time", None if oom else row["ms"], "ms", "OOM" if oom else "ok", **params)
+        if "peak_gib" in row:
+            results.add(case, row["loss"], "peak_memory", row["peak_gib"], "GiB", **params)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = harness.parser("train_step", __doc__, repeats=8)
     parser.add_argument("--mode", choices=("step", "loss"), default="step")
     parser.add_argument("--gpu", action="store_true", help="step: the Qwen3-1.7B-shaped workload on CUDA")
     parser.add_argument("--rollouts", type=int, help="step: rollouts per step (8 on CPU, 32 with --gpu)")
@@ -285,34 +316,30 @@ def main():
     parser.add_argument("--lora-rank", type=int, help="step: LoRA rank (8 on CPU, 64 with --gpu)")
     parser.add_argument("--budget", type=int, nargs="+", help="step: also packed under each of these "
                         "max_tokens_per_micro_batch")
-    parser.add_argument("--repeats", type=int, default=8, help="step: timed steps of each variant, in turn")
     parser.add_argument("--tokens", type=int, nargs="+", default=[8192, 32768], help="loss: rollout lengths")
     parser.add_argument("--tiny", action="store_true", help="a tiny model (to check the script on a CPU)")
-    parser.add_argument("--out", help="results folder (default benchmarks/results/<device>-<date>)")
     parser.add_argument("--memory-of", help=argparse.SUPPRESS)  # step, CPU: one variant's peak memory, in this process
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]  # for the memory measurement's processes
     defaults = (32, 1024, 64) if args.gpu else (8, 40, 8)
     args.rollouts, args.rollout_tokens, args.lora_rank = (
         given or default for given, default in zip((args.rollouts, args.rollout_tokens, args.lora_rank), defaults))
     if args.memory_of:
         print(json.dumps(measure_cpu_memory(args, args.memory_of)))
         return
-    device = "cuda" if (args.gpu or args.mode == "loss") and torch.cuda.is_available() else "cpu"
+    if args.device == "auto":  # the step's CPU workload stays on the CPU unless --gpu
+        args.device = "cuda" if (args.gpu or args.mode == "loss") and torch.cuda.is_available() else "cpu"
+    args = harness.resolve(args)
+    device = args.device
     if args.gpu and device != "cuda" and not args.tiny:
         parser.error("--gpu needs a CUDA device (or --tiny, to check the script on a CPU)")
-    info = device_info(device)
-    print(info)
+    results = harness.Results("train_step", args.out, device)
+    print(results.device)
     if args.mode == "step":
-        workload = {"rollouts": args.rollouts, "rollout_tokens": args.rollout_tokens, "lora_rank": args.lora_rank,
-                    "model": "Qwen3-1.7B shape, random bf16 weights" if args.gpu else "the toy model (train/toy.py)",
-                    "gradient_checkpointing": args.gpu, "budget": args.budget}
-        results = {"info": info, "workload": workload, **run_step_mode(args)}
-        name = f"train_step_{slug(info['device'])}_{args.rollouts}x{args.rollout_tokens}_{info['date']}.json"
+        record_step(results, args, run_step_mode(args)["median"])
     else:
-        results = {"info": info, **run_loss_mode(args, device)}
-        name = f"train_loss_{slug(info['device'])}_{info['date']}.json"
-    short = "cpu" if device == "cpu" else slug(info["device"]).replace("nvidia-", "")
-    write_json(os.path.join(args.out or f"benchmarks/results/{short}-{info['date']}", name), results)
+        record_loss(results, args, run_loss_mode(args, device)["rows"])
+    results.close()
 
 
 if __name__ == "__main__":

@@ -4,31 +4,28 @@ Cases vary N (tokens), V (vocabulary) and H (hidden size), forward-only and forw
 on the fused-linear problem (hidden states + lm_head -> three-stream PMI-KL loss, forward KL;
 see implementations.py). Each case reports the median time, the peak memory beyond the
 inputs and the returned gradients (GPU), the useful TFLOP/s (the floor's GEMM FLOPs over the
-time) and the ratio to the floor (the bare GEMMs of that case, timed in the same run). An
-out-of-memory case is recorded as OOM.
+time) and the ratio to the floor (the bare GEMMs of that case), the implementations of a case
+timed interleaved in the same run. An out-of-memory case is recorded as OOM.
 
-Outputs in --out: results.json (device, versions, date, every figure), results.csv,
-results.md (the table README shows), time_vs_n.png, memory_vs_n.png, ratio_to_floor.png.
+Outputs in --out: the records in results.jsonl, sweep.md (the table README shows),
+time_vs_n.png, memory_vs_n.png, ratio_to_floor.png.
 
 On a machine without a GPU it runs small CPU cases in under 2 minutes, with the same outputs.
 
-    python benchmarks/run.py --out benchmarks/results/cpu-example
-    python benchmarks/run.py --out $OUT --max-minutes 5.5        # on a GPU, within a time budget
+    python -m benchmarks sweep --out benchmarks/results/cpu-example
+    python -m benchmarks sweep --out $OUT --max-minutes 5.5        # on a GPU, within a time budget
 """
 from __future__ import annotations
 
-import argparse
-import csv
 import os
-import sys
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import implementations as impls  # noqa: E402
-from common import device_info, is_oom, median_ms_few, peak_extra_gib, write_json  # noqa: E402
+from . import harness
+from . import implementations as impls
 
 
 @dataclass(frozen=True)
@@ -61,53 +58,75 @@ def default_cases(device: str):
     return [Case(n, h, v, backward) for n, h, v in shapes for backward in (True, False)]
 
 
-def measure(case: Case, device: str, names, calls: int):
+def measure(case: Case, device: str, names: Sequence[str], calls: int) -> list[dict]:
+    """One case: each implementation's warm-up call (its peak extra memory measured there on a
+    GPU; the floor runs first, so cuBLAS has its workspace), then `calls` interleaved rounds."""
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     try:
         inputs = impls.make_inputs(case.n, case.hidden, case.vocab, dtype, device)
     except Exception as err:  # noqa: BLE001
-        if is_oom(err):
+        if harness.is_oom(err):
             return [dict(impl=name, status="OOM (inputs)") for name in names]
         raise
     h, w = inputs[0], inputs[1]
     keep = (h.numel() * h.element_size() + w.numel() * w.element_size()) if case.backward else 0
-    table = {**{impls.FLOOR: impls.bare_gemms}, **(impls.GPU_IMPLEMENTATIONS if device == "cuda"
-                                                   else impls.CPU_IMPLEMENTATIONS)}
-    rows, floor_ms = [], None
+    table = {impls.FLOOR: impls.bare_gemms, **impls.implementations_for(device)}
+    rows = {name: dict(impl=name, status="ok") for name in names}
+    sides = {}
     for name in names:
-        row = dict(impl=name, status="ok")
         try:
             run = table[name](*inputs)
-            memory = device == "cuda" and name != impls.FLOOR
-            if memory:  # the warm-up call, measured (the floor ran first: cuBLAS has its workspace)
-                row["peak_extra_gib"] = peak_extra_gib(lambda: run(case.backward), keep)
-            ms = median_ms_few(lambda: run(case.backward), device, calls, warm_up=not memory)
-            row.update(ms=ms, tflops=case.floor_flops / ms / 1e9)
         except ImportError as err:
-            row["status"] = f"not installed ({err.name})"
+            rows[name]["status"] = f"not installed ({err.name})"
+            continue
+        side = impls.call_with(run, case.backward)
+        try:
+            if device == "cuda" and name != impls.FLOOR:
+                rows[name]["peak_extra_gib"] = harness.peak_extra_gib(side, keep)
+            else:
+                side()
         except Exception as err:  # noqa: BLE001 (an OOM is a result; anything else is raised)
-            if not is_oom(err):
+            if not harness.is_oom(err):
                 raise
-            row["status"] = "OOM"
-        if device == "cuda":
-            torch.cuda.empty_cache()
-        if name == impls.FLOOR and row["status"] == "ok":
-            floor_ms = row["ms"]
-        if floor_ms and row["status"] == "ok":
-            row["x_floor"] = row["ms"] / floor_ms
-        rows.append(row)
-    del inputs
-    return rows
+            rows[name]["status"] = "OOM"
+            harness.empty_cuda_cache(device)
+            continue
+        sides[name] = side
+    timings = harness.interleaved(sides, device, calls, tolerate=harness.oom_status, warm_up=False)
+    floor = timings.get(impls.FLOOR)
+    for name, timing in timings.items():
+        row = rows[name]
+        row["status"] = timing.status
+        if timing.ms is None:
+            row.pop("peak_extra_gib", None)
+            continue
+        row.update(ms=timing.ms, tflops=case.floor_flops / timing.ms / 1e9)
+        if floor is not None and floor.ms:
+            row["x_floor"] = timing.ms / floor.ms
+    del inputs, sides
+    harness.empty_cuda_cache(device)
+    return [rows[name] for name in names]
 
 
-def write_outputs(out: str, info: dict, records: list):
-    write_json(os.path.join(out, "results.json"), {"info": info, "records": records})
-    fields = ["n", "hidden", "vocab", "phase", "impl", "status", "ms", "peak_extra_gib", "tflops", "x_floor"]
-    with open(os.path.join(out, "results.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(records)
-    fmt = lambda v, spec: "" if v is None else format(v, spec)  # noqa: E731
+def record(results: harness.Results, case: Case, row: dict) -> None:
+    """A row of the table as records of the one schema."""
+    label = f"N={case.n} H={case.hidden} V={case.vocab} {case.phase}"
+    params = dict(n=case.n, hidden=case.hidden, vocab=case.vocab, phase=case.phase)
+    if row["status"] != "ok":
+        results.add(label, row["impl"], "time", None, "ms", row["status"], **params)
+        return
+    results.add(label, row["impl"], "time", row["ms"], "ms", **params)
+    results.add(label, row["impl"], "throughput", row["tflops"], "TFLOP/s", **params)
+    if "peak_extra_gib" in row:
+        results.add(label, row["impl"], "peak_extra_memory", row["peak_extra_gib"], "GiB", **params)
+    if "x_floor" in row:
+        results.add_ratio(label, row["impl"], impls.FLOOR, row["x_floor"], **params)
+
+
+def write_outputs(out: str, info: dict, records: list[dict]) -> None:
+    """sweep.md (the table) and the plots, from the rows measured so far."""
+    def fmt(value: float | None, spec: str) -> str:
+        return "" if value is None else format(value, spec)
     lines = [f"Device: {info['device']}; torch {info['torch']}, triton {info['triton']}; {info['date']}.", "",
              "| N | H | V | phase | implementation | ms | extra GiB | TFLOP/s | x floor |",
              "| ---: | ---: | ---: | --- | --- | ---: | ---: | ---: | ---: |"]
@@ -116,7 +135,7 @@ def write_outputs(out: str, info: dict, records: list):
         lines.append(f"| {r['n']} | {r['hidden']} | {r['vocab']} | {r['phase']} | {r['impl']} | {ms} | "
                      f"{fmt(r.get('peak_extra_gib'), '.2f')} | {fmt(r.get('tflops'), '.0f')} | "
                      f"{fmt(r.get('x_floor'), '.2f')} |")
-    with open(os.path.join(out, "results.md"), "w") as f:
+    with open(os.path.join(out, "sweep.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     plot(out, info, records)
 
@@ -160,45 +179,43 @@ def plot(out: str, info: dict, records: list):
     plt.close(fig)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="benchmarks/results/latest", help="folder for every output")
-    parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
-                        help="cuda when a GPU is present (auto), else small CPU cases")
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = harness.parser("sweep", __doc__, repeats=3, n=[])
     parser.add_argument("--impl", nargs="*", help="implementations to run (default: all available here)")
     parser.add_argument("--match", nargs="*", help="run only the implementations whose name contains one of these")
-    parser.add_argument("--n", type=int, nargs="*", help="override the N grid (H and V of the headline case)")
-    parser.add_argument("--calls", type=int, default=3, help="timed calls per measurement (median)")
     parser.add_argument("--max-minutes", type=float, default=None,
                         help="time budget: a case starts only if it is expected to end within it (the "
                              "last case's time scaled by FLOPs); the others are recorded as skipped")
-    args = parser.parse_args()
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    parser.set_defaults(n=None)
+    args = harness.resolve(parser.parse_args(argv))
+    device = args.device
     cases = default_cases(device)
-    if args.n:
+    if args.n:  # the N grid replaced (H and V of the headline case)
         cases = [Case(n, cases[0].hidden, cases[0].vocab, b) for n in args.n for b in (True, False)]
-    names = [impls.FLOOR] + (args.impl or list(impls.GPU_IMPLEMENTATIONS if device == "cuda"
-                                               else impls.CPU_IMPLEMENTATIONS))
+    names = [impls.FLOOR] + (args.impl or list(impls.implementations_for(device)))
     if args.match:
         names = [impls.FLOOR] + [n for n in names[1:] if any(m in n for m in args.match)]
-    info = device_info(device)
+    results = harness.Results("sweep", args.out, device)
+    info = results.device
     print(info)
-    os.makedirs(args.out, exist_ok=True)
-    start, records, last = time.monotonic(), [], None  # last: (seconds, floor FLOPs) of the latest case run
+    start, rows, last = time.monotonic(), [], None  # last: (seconds, floor FLOPs) of the latest case run
     for case in cases:
         began = time.monotonic()
         expected = last[0] * case.floor_flops / last[1] if last else 0.0
         skipped = args.max_minutes is not None and began - start + expected > 60 * args.max_minutes
-        rows = ([dict(impl=name, status="skipped (time budget)") for name in names] if skipped
-                else measure(case, device, names, args.calls))
+        measured = ([dict(impl=name, status="skipped (time budget)") for name in names] if skipped
+                    else measure(case, device, names, args.repeats))
         if not skipped:
             last = (time.monotonic() - began, case.floor_flops)
-        for row in rows:
-            records.append({**asdict(case), "phase": case.phase, **row})
+        for row in measured:
+            rows.append({"n": case.n, "hidden": case.hidden, "vocab": case.vocab, "backward": case.backward,
+                         "phase": case.phase, **row})
+            record(results, case, row)
             shown = f"{row['ms']:9.2f} ms" if "ms" in row else row["status"]
             extra = f"  x{row['x_floor']:.2f}" if "x_floor" in row else ""
             print(f"N={case.n:6d} H={case.hidden} V={case.vocab:6d} {case.phase:7s} {row['impl']:46s} {shown}{extra}")
-        write_outputs(args.out, info, records)
+        write_outputs(args.out, info, rows)
+    results.close()
 
 
 if __name__ == "__main__":
