@@ -149,7 +149,7 @@ def test_process_group_needs_an_initialized_group():
 
 
 def test_communication_is_o_n_and_matches_the_formula():
-    """Every byte handed to an all-reduce, traced on 2 processes, equals benchmarks/comm_bytes.py's
+    """Every byte handed to an all-reduce, traced on 2 processes, equals benchmarks.comm_bytes's
     formula from the shapes: O(N) per call for pmi_kl, O(N H) for fused_pmi_kl, no O(N V) term."""
     from benchmarks.comm_bytes import traced_check
     report = traced_check()

@@ -1,5 +1,5 @@
 """The harness and the result schema, and every benchmark's entry point, on a CPU in seconds:
-python -m pytest benchmarks/test_harness.py"""
+python -m pytest tests/test_benchmark_harness.py"""
 from __future__ import annotations
 
 import dataclasses
