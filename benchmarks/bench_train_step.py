@@ -93,7 +93,7 @@ def build_trainer(args, out_dir: str):
         def load_model(config, device):
             with torch.device(device):
                 model = qwen3_1p7b(args.tiny).to(torch.bfloat16 if device.type == "cuda" else torch.float32)
-            from pmi_kernels.train.toy import toy_tokenizer
+            from pmi_kernels.train.demo.toy import toy_tokenizer
             return toy_tokenizer(), model
         loop.load_model, loop.write_dir_atomically = load_model, lambda *a, **k: None
     trainer = loop.Trainer(config)
@@ -114,7 +114,8 @@ def build_trainer(args, out_dir: str):
 def use_variant(trainer, variant: str, args) -> None:
     """Point the trainer at a variant between steps (never inside one: a checkpointed layer
     recomputes with the attention it ran with)."""
-    from pmi_kernels.train import loop, packing
+    from pmi_kernels.train import loop
+    from pmi_kernels.train.data import packing
     trainer.config.packed = variant != "per-rollout"
     trainer.config.max_tokens_per_micro_batch = int(variant[len("packed<="):]) if variant.startswith("packed<=") else None
     loop.packed_hidden = padded_hidden if variant == "padded" else packing.packed_hidden
@@ -159,7 +160,7 @@ def measure_cpu_memory(args, variant: str) -> dict:
 
 def check_packed_on_gpu(trainer) -> float:
     """Largest |packed - per-rollout| hidden state over two rollouts, relative to the largest state."""
-    from pmi_kernels.train import packing
+    from pmi_kernels.train.data import packing
     from pmi_kernels.train.contexts import rollout_hidden
     decoder, device = trainer._base_model().get_decoder(), trainer.device
     prompts, rollouts = trainer.prompts["teacher"][:2], trainer.generate([0, 0])

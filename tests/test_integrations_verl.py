@@ -113,10 +113,10 @@ from pmi_kernels.integrations.verl.workers import (  # noqa: E402
     PMIActorRolloutRefWorker, PMITrainingWorker, pmi_engines)
 from pmi_kernels.train.config import TrainConfig  # noqa: E402
 from pmi_kernels.train.contexts import prompt_ids  # noqa: E402
+from pmi_kernels.train.demo.toy import toy_model, toy_problems, toy_tokenizer  # noqa: E402
 from pmi_kernels.train.distributed import World  # noqa: E402
 from pmi_kernels.train.loop import Trainer  # noqa: E402
 from pmi_kernels.train.metrics import StepTimer  # noqa: E402
-from pmi_kernels.train.toy import toy_model, toy_problems, toy_tokenizer  # noqa: E402
 
 
 PROMPT_WIDTH, RESPONSE_WIDTH = 160, 12

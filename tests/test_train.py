@@ -13,10 +13,10 @@ from pmi_kernels.train import TrainConfig  # noqa: E402
 from pmi_kernels.train.cli import main as cli_main  # noqa: E402
 from pmi_kernels.train.config import parse_config  # noqa: E402
 from pmi_kernels.train.contexts import KINDS, rollout_hidden  # noqa: E402
+from pmi_kernels.train.demo.toy import toy_model, toy_problems, toy_tokenizer  # noqa: E402
 from pmi_kernels.train.loop import Trainer  # noqa: E402
 from pmi_kernels.train.metrics import StepTimer  # noqa: E402
 from pmi_kernels.train.rollouts import merged_weights  # noqa: E402
-from pmi_kernels.train.toy import toy_model, toy_problems, toy_tokenizer  # noqa: E402
 
 
 TINY = dict(device="cpu", max_new_tokens=10, batch_size=2, max_steps=2, sft_steps=0, eval_limit=4, save_every=1,
@@ -277,7 +277,7 @@ def test_command_line_overrides(tmp_path):
 
 
 def test_diagnose_command_prints_the_table(tmp_path, capsys):
-    from pmi_kernels.train.diagnose import main as diagnose
+    from pmi_kernels.train.tools.diagnose import main as diagnose
     assert diagnose(["--sft-steps", "0", "--limit", "2", "--max-new-tokens", "6",
                      "--output-dir", str(tmp_path / "d")]) == 0
     out = capsys.readouterr().out
@@ -316,7 +316,7 @@ def test_other_model_families_parquet_and_checkpointing(tmp_path, family):
 
 
 def test_chat_template_wraps_every_context():
-    from pmi_kernels.train.prompts import DEFAULT_TEMPLATES, render
+    from pmi_kernels.prompts import DEFAULT_TEMPLATES, render
     tokenizer = toy_tokenizer()
     tokenizer.chat_template = "{% for m in messages %}<u>{{ m['content'] }}</u>{% endfor %}<a>"
     for kind in DEFAULT_TEMPLATES:
@@ -329,8 +329,8 @@ def test_chat_template_wraps_every_context():
 def test_batched_context_ids_equal_one_row_at_a_time(chat):
     """The trainer tokenizes each context kind in one call; it must give prompt_ids's ids."""
     from pmi_kernels.train.contexts import prompt_ids
-    from pmi_kernels.train.prompts import DEFAULT_TEMPLATES
-    from pmi_kernels.train.tokenized import contexts_ids
+    from pmi_kernels.prompts import DEFAULT_TEMPLATES
+    from pmi_kernels.train.data.tokenized import contexts_ids
     tokenizer = toy_tokenizer()
     if chat:
         tokenizer.chat_template = "{% for m in messages %}<u>{{ m['content'] }}</u>{% endfor %}<a>"

@@ -13,10 +13,10 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 from conftest import requires_cuda  # noqa: E402
-from pmi_kernels.train import packing  # noqa: E402
 from pmi_kernels.train.contexts import rollout_hidden  # noqa: E402
+from pmi_kernels.train.data import packing  # noqa: E402
+from pmi_kernels.train.data.packing import packed_hidden, rollout_groups  # noqa: E402
 from pmi_kernels.train.loop import Trainer  # noqa: E402
-from pmi_kernels.train.packing import packed_hidden, rollout_groups  # noqa: E402
 from test_train import tiny  # noqa: E402
 
 SHAPE = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

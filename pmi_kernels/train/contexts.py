@@ -12,7 +12,7 @@ from typing import List
 
 import torch
 
-from .prompts import render
+from ..prompts import render
 
 KINDS = ("student", "teacher", "refonly")
 

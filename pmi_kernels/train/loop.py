@@ -34,12 +34,14 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from .. import fused_pmi_kl, pmi_diagnostics
-from .base_cache import warmed_up_base
 from .checkpoint import (latest_sharded, load_checkpoint, read_latest, rng_state, save_checkpoint, set_rng_state,
                          sharded_staging, write_dir_atomically)
 from .config import TOY, TrainConfig
 from .contexts import KINDS, rollout_hidden, trim_rollout
-from .data import extract_answer, load_examples
+from .data.data import extract_answer, load_examples
+from .data.packing import check_isolation, packed_hidden, rollout_groups, rope_switch_length
+from .data.tokenized import contexts_ids
+from .demo.base_cache import warmed_up_base
 from .distributed import (SyncedStop, WholeModelDecoder, broadcast_module, check_same_config, check_world,
                           first_over_ranks, join_world, most_over_ranks, on_main, shard_model, sum_gradients,
                           sum_over_ranks, training_device)
@@ -48,10 +50,8 @@ from .export import checkpoint_writer
 from .interrupts import Interrupted, StopRequest, TrainingFailed, fault_point
 from .metrics import MetricsLog, StepTimer, accuracy_at, count_markers, cut_metrics, evaluated_at
 from .model import check_lengths, check_lora_targets, load_model, position_limit, wrap_model
-from .packing import check_isolation, packed_hidden, rollout_groups, rope_switch_length
 from .rollouts import VllmRollouts, merged_weights
 from .run_dir import TOY_BASE, prepare_output_dir, start_output_dir
-from .tokenized import contexts_ids
 from .trackers import start_trackers
 
 

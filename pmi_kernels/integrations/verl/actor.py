@@ -11,7 +11,7 @@ PPO loss) is verl's own. Per micro-batch it:
 
 1. builds, for each sample, the teacher context (reference + question) and the reference-only
    context (reference alone) from the sample's question and reference fields with the
-   project's templates (pmi_kernels.train.prompts, as the trainer and the TRL integration do),
+   project's templates (pmi_kernels.prompts, as the trainer and the TRL integration do),
    followed by the sample's response tokens;
 2. reads them (and the anchor: the student's own input under the frozen base) without gradient,
    as one right-padded batch each, with the frozen base for teacher_weights "base" (the LoRA

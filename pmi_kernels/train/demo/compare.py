@@ -40,14 +40,14 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-from .. import pmi_diagnostics
-from .config import TOY, TOY_DEFAULTS, TrainConfig, parse_config
-from .contexts import KINDS
-from .interrupts import Interrupted, StopRequest
-from .loop import Trainer
-from .metrics import count_markers, read_metrics
-from .run_dir import make_output_dir
-from .tokenized import contexts_ids
+from ... import pmi_diagnostics
+from ..config import TOY, TOY_DEFAULTS, TrainConfig, parse_config
+from ..contexts import KINDS
+from ..interrupts import Interrupted, StopRequest
+from ..loop import Trainer
+from ..metrics import count_markers, read_metrics
+from ..run_dir import make_output_dir
+from ..data.tokenized import contexts_ids
 
 RUNS = (("opsd", dict(mode="opsd", anchor=False), "standard OPSD"),
         ("pmi-base", dict(mode="pmi", anchor=True), "PMI, frozen-base anchor"),
