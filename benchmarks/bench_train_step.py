@@ -225,7 +225,7 @@ def loss_step(model, contexts, tokens: int, fused: bool):
     """Forward every context to the rollout's hidden states, the loss, and the backward."""
     from pmi_kernels import fused_pmi_kl
     from pmi_kernels.reference import pmi_kl_reference
-    from pmi_kernels.train.contexts import rollout_positions
+    from pmi_kernels.prompts import rollout_positions
     decoder, head = model.get_decoder(), model.get_output_embeddings()
     states = {}
     for kind, ids in contexts.items():

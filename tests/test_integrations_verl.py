@@ -111,8 +111,8 @@ from pmi_kernels.integrations.verl.config import PMIConfig, check_actor_config  
 from pmi_kernels.integrations.verl.main import check_config  # noqa: E402
 from pmi_kernels.integrations.verl.workers import (  # noqa: E402
     PMIActorRolloutRefWorker, PMITrainingWorker, pmi_engines)
+from pmi_kernels.prompts import prompt_ids  # noqa: E402
 from pmi_kernels.train.config import TrainConfig  # noqa: E402
-from pmi_kernels.train.contexts import prompt_ids  # noqa: E402
 from pmi_kernels.train.demo.toy import toy_model, toy_problems, toy_tokenizer  # noqa: E402
 from pmi_kernels.train.distributed import World  # noqa: E402
 from pmi_kernels.train.loop import Trainer  # noqa: E402

@@ -13,10 +13,10 @@ from pmi_kernels.train import TrainConfig  # noqa: E402
 from pmi_kernels.train.cli import main as cli_main  # noqa: E402
 from pmi_kernels.train.config import parse_config  # noqa: E402
 from pmi_kernels.train.contexts import KINDS, rollout_hidden  # noqa: E402
-from pmi_kernels.train.demo.toy import toy_model, toy_problems, toy_tokenizer  # noqa: E402
 from pmi_kernels.train.loop import Trainer  # noqa: E402
 from pmi_kernels.train.metrics import StepTimer  # noqa: E402
 from pmi_kernels.train.rollouts import merged_weights  # noqa: E402
+from pmi_kernels.train.demo.toy import toy_model, toy_problems, toy_tokenizer  # noqa: E402
 
 
 TINY = dict(device="cpu", max_new_tokens=10, batch_size=2, max_steps=2, sft_steps=0, eval_limit=4, save_every=1,
@@ -328,8 +328,7 @@ def test_chat_template_wraps_every_context():
 @pytest.mark.parametrize("chat", [False, True], ids=["plain", "chat-template"])
 def test_batched_context_ids_equal_one_row_at_a_time(chat):
     """The trainer tokenizes each context kind in one call; it must give prompt_ids's ids."""
-    from pmi_kernels.train.contexts import prompt_ids
-    from pmi_kernels.prompts import DEFAULT_TEMPLATES
+    from pmi_kernels.prompts import DEFAULT_TEMPLATES, prompt_ids
     from pmi_kernels.train.data.tokenized import contexts_ids
     tokenizer = toy_tokenizer()
     if chat:

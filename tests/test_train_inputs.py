@@ -13,13 +13,13 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
+from pmi_kernels.prompts import DEFAULT_TEMPLATES, prompt_ids  # noqa: E402
 from pmi_kernels.train import interrupts  # noqa: E402
 from pmi_kernels.train.cli import main as cli_main  # noqa: E402
-from pmi_kernels.train.contexts import KINDS, prompt_ids  # noqa: E402
-from pmi_kernels.train.loop import Trainer  # noqa: E402
-from pmi_kernels.prompts import DEFAULT_TEMPLATES  # noqa: E402
+from pmi_kernels.train.contexts import KINDS  # noqa: E402
 from pmi_kernels.train.data.tokenized import PREFIX_CHARS, contexts_ids  # noqa: E402
 from pmi_kernels.train.demo.toy import toy_model, toy_problems, toy_tokenizer  # noqa: E402
+from pmi_kernels.train.loop import Trainer  # noqa: E402
 from test_train import tiny, tiny_flags  # noqa: E402
 
 

@@ -1,10 +1,8 @@
-"""Tokenized contexts and the final hidden states of the rollout tokens in each.
+"""The final hidden states of the rollout tokens in each context.
 
-A context is prompt ids P (length L) followed by the rollout y (length T). The hidden state
-at position L - 1 + k predicts y_k, so the model reads P + y[:-1] and we keep positions
-L - 1 ... L + T - 2: T states, one per rollout token, in every context alike, whatever the
-prompt's length. These states are the final decoder output (after the final norm); the
-lm_head is never applied here - fused_pmi_kl does that.
+The token layout (the states at positions L - 1 ... L + T - 2 of prompt + rollout[:-1]) is
+pmi_kernels.prompts' rollout_positions. These states are the final decoder output (after the
+final norm); the lm_head is never applied here - fused_pmi_kl does that.
 """
 from __future__ import annotations
 
@@ -12,20 +10,9 @@ from typing import List
 
 import torch
 
-from ..prompts import render
+from ..prompts import rollout_positions
 
 KINDS = ("student", "teacher", "refonly")
-
-
-def prompt_ids(tokenizer, templates: dict, kind: str, example: dict, use_chat: bool) -> List[int]:
-    text = render(templates, kind, example["question"], example["solution"], tokenizer, use_chat)
-    chat = use_chat and getattr(tokenizer, "chat_template", None)
-    return tokenizer(text, add_special_tokens=not chat).input_ids
-
-
-def rollout_positions(prompt_len: int, rollout_len: int) -> slice:
-    """Positions whose hidden states predict the rollout tokens."""
-    return slice(prompt_len - 1, prompt_len - 1 + rollout_len)
 
 
 def rollout_hidden(decoder, prompt: List[int], rollout: List[int], device) -> torch.Tensor:

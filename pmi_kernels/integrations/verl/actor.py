@@ -39,7 +39,7 @@ from verl.workers.utils.padding import no_padding_2_padding
 
 from ... import fused_pmi_kl, pmi_diagnostics
 from ...backends import DIAGNOSTICS, STATS
-from ...train.contexts import prompt_ids, rollout_positions
+from ...prompts import prompt_ids, rollout_positions
 from ..models import decoder_and_head
 from .config import TEMPLATE_KINDS, PMIConfig
 

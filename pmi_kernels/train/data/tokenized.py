@@ -1,4 +1,4 @@
-"""Every row's prompt ids in each context, as contexts.prompt_ids gives them, tokenized a chunk of
+"""Every row's prompt ids in each context, as prompts.prompt_ids gives them, tokenized a chunk of
 rows per call (one call per row took a second for the toy's 2,000 rows; a chunk at a time, a
 stop signal is heard between calls).
 
