@@ -102,7 +102,7 @@ def warmups(monkeypatch):
 
 
 def base_weights(trainer):
-    return {n: p.detach().clone() for n, p in trainer._base_model().named_parameters() if "lora" not in n}
+    return {n: p.detach().clone() for n, p in trainer.contexts.base_model().named_parameters() if "lora" not in n}
 
 
 def test_the_second_run_loads_the_cached_base(tmp_path, warmups):

@@ -59,7 +59,7 @@ def main(argv=None) -> int:
         if not rollout:
             continue
         with torch.no_grad():
-            states, head, _ = trainer.rollout_states(i, rollout, pmi_streams=True)
+            states, head, _ = trainer.contexts.rollout_states(i, rollout, pmi_streams=True)
             diag = pmi_diagnostics(states["student"], states["teacher"], states["refonly"],
                                    lm_head_weight=head.weight, lm_head_bias=head.bias, check_finite=False)
         means = [float(diag[key].mean()) for key, _ in COLUMNS]
