@@ -93,7 +93,7 @@ def build_trainer(args, out_dir: str):
         def load_model(config, device):
             with torch.device(device):
                 model = qwen3_1p7b(args.tiny).to(torch.bfloat16 if device.type == "cuda" else torch.float32)
-            from pmi_kernels.train.toy import toy_tokenizer
+            from pmi_kernels.train.demo.toy import toy_tokenizer
             return toy_tokenizer(), model
         loop.load_model, loop.write_dir_atomically = load_model, lambda *a, **k: None
     trainer = loop.Trainer(config)
@@ -104,8 +104,8 @@ def build_trainer(args, out_dir: str):
         short = 8 if args.tiny else 64
         student = [int(n) for n in torch.randint(short, 8 * short + 1, (args.rollouts,), generator=gen)]
         lengths = {"student": student, "teacher": [n + 8 * short for n in student], "refonly": [8 * short] * args.rollouts}
-        trainer.prompts = {kind: [torch.randint(4, vocab, (n,), generator=gen).tolist() for n in lengths[kind]]
-                           for kind in lengths}
+        trainer.contexts = trainer.contexts.on({kind: [torch.randint(4, vocab, (n,), generator=gen).tolist()
+                                                       for n in lengths[kind]] for kind in lengths})
     rollouts = [torch.randint(4, vocab, (args.rollout_tokens,), generator=gen).tolist() for _ in range(args.rollouts)]
     trainer.generate = lambda prompts, *a: rollouts[:len(prompts)]
     return trainer
@@ -114,15 +114,16 @@ def build_trainer(args, out_dir: str):
 def use_variant(trainer, variant: str, args) -> None:
     """Point the trainer at a variant between steps (never inside one: a checkpointed layer
     recomputes with the attention it ran with)."""
-    from pmi_kernels.train import loop, packing
+    from pmi_kernels.train import contexts
+    from pmi_kernels.train.data import packing
     trainer.config.packed = variant != "per-rollout"
     trainer.config.max_tokens_per_micro_batch = int(variant[len("packed<="):]) if variant.startswith("packed<=") else None
-    loop.packed_hidden = padded_hidden if variant == "padded" else packing.packed_hidden
+    contexts.packed_hidden = padded_hidden if variant == "padded" else packing.packed_hidden
     attn = "sdpa" if variant in ("padded", "per-rollout", "packed-mask") else packing.resolve_attn_implementation(
         "auto", trainer.device)
     if attn == packing.VARLEN:
         packing.register_varlen()
-    trainer._base_model().set_attn_implementation(attn)
+    trainer.contexts.base_model().set_attn_implementation(attn)
 
 
 def step_row(trainer, variant: str) -> dict:
@@ -159,14 +160,14 @@ def measure_cpu_memory(args, variant: str) -> dict:
 
 def check_packed_on_gpu(trainer) -> float:
     """Largest |packed - per-rollout| hidden state over two rollouts, relative to the largest state."""
-    from pmi_kernels.train import packing
+    from pmi_kernels.train.data import packing
     from pmi_kernels.train.contexts import rollout_hidden
-    decoder, device = trainer._base_model().get_decoder(), trainer.device
+    decoder, device = trainer.contexts.base_model().get_decoder(), trainer.device
     prompts, rollouts = trainer.prompts["teacher"][:2], trainer.generate([0, 0])
-    with torch.no_grad(), trainer._autocast():
+    with torch.no_grad(), trainer.contexts.autocast():
         got = packing.packed_hidden(decoder, prompts, rollouts, device).float()
     use_variant(trainer, "per-rollout", argparse.Namespace(gpu=True, budget=None))
-    with torch.no_grad(), trainer._autocast():
+    with torch.no_grad(), trainer.contexts.autocast():
         want = torch.cat([rollout_hidden(decoder, p, r, device) for p, r in zip(prompts, rollouts)]).float()
     return float((got - want).abs().max() / want.abs().max())
 
@@ -179,7 +180,7 @@ def run_step_mode(args) -> dict:
     trainer = build_trainer(args, scratch_dir())
     if args.gpu:
         use_variant(trainer, "packed", args)
-        print(f"packed ({trainer._base_model().config._attn_implementation}) against per-rollout hidden states: "
+        print(f"packed ({trainer.contexts.base_model().config._attn_implementation}) against per-rollout hidden states: "
               f"largest difference {check_packed_on_gpu(trainer):.2e} of the largest state", flush=True)
     rows = []
     for rep in range(args.repeats + 2):
@@ -224,7 +225,7 @@ def loss_step(model, contexts, tokens: int, fused: bool):
     """Forward every context to the rollout's hidden states, the loss, and the backward."""
     from pmi_kernels import fused_pmi_kl
     from pmi_kernels.reference import pmi_kl_reference
-    from pmi_kernels.train.contexts import rollout_positions
+    from pmi_kernels.prompts import rollout_positions
     decoder, head = model.get_decoder(), model.get_output_embeddings()
     states = {}
     for kind, ids in contexts.items():

@@ -17,7 +17,7 @@ from peft import LoraConfig
 from transformers import AutoModelForCausalLM
 
 from pmi_kernels.integrations.trl import PurifiedOPSDConfig, PurifiedOPSDTrainer
-from pmi_kernels.train.toy import toy_model, toy_problems, toy_tokenizer
+from pmi_kernels.train.demo.toy import toy_model, toy_problems, toy_tokenizer
 
 LOGGED = ("loss", "pmi/kl_target_student", "entropy", "diag/cos_total_ref", "diag/norm_ratio_ref_total")
 

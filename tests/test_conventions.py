@@ -1,6 +1,12 @@
 """The conventions of TRL, Liger and verl: 0/1 integer masks, labels with ignore_index, a
 normalizer (num_items_in_batch), per-position statistics from the same sweep, loss modules;
-and the API's behaviour under autograd edge cases."""
+and the API's behaviour under autograd edge cases. Last, the code's own layering: the
+integrations import no trainer code, and the trainer's modules use no other module's
+underscore names."""
+import ast
+import pathlib
+from typing import Iterator, Optional, Set, Tuple
+
 import pytest
 import torch
 
@@ -313,3 +319,87 @@ def test_every_numeric_option_takes_one_set_of_forms(name):
         for function, run in calls.items():
             with pytest.raises(ValueError, match=f"^{name} must be a finite number in"):
                 run(bad)
+
+
+# ---- the code's layering -----------------------------------------------------------------------
+PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "pmi_kernels"
+# The modules the layering checks below read: the trainer, the integrations, the shared prompts.
+TRAINER_SIDE = [*sorted((PACKAGE / "train").rglob("*.py")), *sorted((PACKAGE / "integrations").rglob("*.py")),
+                *PACKAGE.glob("prompts.py")]
+
+
+def module_name(path: pathlib.Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports(path: pathlib.Path) -> Iterator[Tuple[int, str, Optional[str]]]:
+    """(line, module, name) of every import in the file, relative ones resolved to absolute
+    names; name is None for `import module`."""
+    module = module_name(path)
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield node.lineno, alias.name, None
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[:len(parts) - node.level + 1] + ([node.module] if node.module else []))
+            for alias in node.names:
+                yield node.lineno, base, alias.name
+
+
+def private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def private_names(tree: ast.AST) -> Set[str]:
+    """The underscore names a module defines: functions, classes, module or local variables,
+    and attributes it sets on self or cls."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            names.add(node.id)
+        elif (isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store) and isinstance(node.value, ast.Name)
+              and node.value.id in ("self", "cls")):
+            names.add(node.attr)
+    return {name for name in names if private(name)}
+
+
+def test_the_integrations_import_no_trainer_code():
+    """TRL's and verl's integrations read the contexts' templates and token layout from the
+    neutral pmi_kernels.prompts: a change in the trainer cannot break them. Fails on any import
+    of pmi_kernels.train (or of a name from it) under integrations/."""
+    found = []
+    for path in sorted((PACKAGE / "integrations").rglob("*.py")):
+        for line, module, name in imports(path):
+            target = module if name is None else f"{module}.{name}"
+            if target == "pmi_kernels.train" or target.startswith("pmi_kernels.train."):
+                found.append(f"{path.relative_to(PACKAGE.parent)}:{line}: {target}")
+    assert not found, found
+
+
+def test_no_module_uses_another_modules_underscore_names():
+    """The trainer's parts talk through public names: no module imports another's underscore
+    name, nor reads one of its attributes or methods (obj._name, where another module of the
+    package defines _name and this one does not). Fails on a part reaching into the Trainer's
+    private methods, as drift.py once did."""
+    trees = {path: ast.parse(path.read_text()) for path in sorted(PACKAGE.rglob("*.py"))}
+    defined = {path: private_names(tree) for path, tree in trees.items()}
+    modules = {module_name(path) for path in trees}
+    found = []
+    for path in TRAINER_SIDE:
+        others = set().union(*(names for other, names in defined.items() if other != path)) - defined[path]
+        where = path.relative_to(PACKAGE.parent)
+        for line, module, name in imports(path):
+            if name is not None and private(name) and module in modules:
+                found.append(f"{where}:{line}: imports {module}.{name}")
+        for node in ast.walk(trees[path]):
+            if (isinstance(node, ast.Attribute) and node.attr in others
+                    and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))):
+                found.append(f"{where}:{node.lineno}: {ast.unparse(node)}")
+    assert not found, found

@@ -14,12 +14,12 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from pmi_kernels.train import base_cache, compare  # noqa: E402
+from pmi_kernels.train.demo import base_cache, compare  # noqa: E402
 from pmi_kernels.train.cli import main as cli_main  # noqa: E402
 from pmi_kernels.train.config import TrainConfig  # noqa: E402
-from pmi_kernels.train.data import extract_answer  # noqa: E402
+from pmi_kernels.train.data.data import extract_answer  # noqa: E402
 from pmi_kernels.train.loop import Trainer  # noqa: E402
-from pmi_kernels.train.tasks import problems, warmup_target  # noqa: E402
+from pmi_kernels.train.demo.tasks import problems, warmup_target  # noqa: E402
 from test_train import TINY  # noqa: E402
 
 QUESTION = re.compile(r"has (\d+) \w+ and (gets|gives) (\d+) (more|away)")
@@ -102,7 +102,7 @@ def warmups(monkeypatch):
 
 
 def base_weights(trainer):
-    return {n: p.detach().clone() for n, p in trainer._base_model().named_parameters() if "lora" not in n}
+    return {n: p.detach().clone() for n, p in trainer.contexts.base_model().named_parameters() if "lora" not in n}
 
 
 def test_the_second_run_loads_the_cached_base(tmp_path, warmups):

@@ -43,14 +43,14 @@ def test_the_trainer_measures_drift_from_the_frozen_base(tmp_path):
     trainer = Trainer(tiny(tmp_path, max_new_tokens=8))
     rollouts = trainer.generate([trainer.prompts["student"][i] for i in range(2)], 1.0, 1.0, 8)
     batch = list(enumerate(rollouts))
-    before = trainer.drift.measure(trainer, batch)
+    before = trainer.drift.measure(trainer.contexts, batch)
     assert before["drift/kl_student_base"] == pytest.approx(0.0, abs=1e-6)
     assert before["drift/entropy_student"] == pytest.approx(before["drift/entropy_base"], rel=1e-6)
     with torch.no_grad():
         for name, param in trainer.model.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.5)
-    after = trainer.drift.measure(trainer, batch)
+    after = trainer.drift.measure(trainer.contexts, batch)
     assert after["drift/kl_student_base"] > 1e-3
     assert after["drift/entropy_base"] == pytest.approx(before["drift/entropy_base"], rel=1e-6)
 

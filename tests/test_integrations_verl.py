@@ -8,7 +8,7 @@ device is "cpu" and whose collective backend is gloo, so that verl's own FSDPEng
 gradient accumulation in forward_backward_batch) runs here. Ray, the rollout (vLLM/SGLang) and
 the worker classes' dispatch are not run (docs/verl.md, "What the CPU tests cover").
 
-The reference is this project's trainer step (Trainer._distil, Trainer.group_states) on the
+The reference is this project's trainer step (train.step.distil, ContextReader.states) on the
 same rollouts, with the same weights.
 """
 import contextlib
@@ -111,12 +111,13 @@ from pmi_kernels.integrations.verl.config import PMIConfig, check_actor_config  
 from pmi_kernels.integrations.verl.main import check_config  # noqa: E402
 from pmi_kernels.integrations.verl.workers import (  # noqa: E402
     PMIActorRolloutRefWorker, PMITrainingWorker, pmi_engines)
+from pmi_kernels.prompts import prompt_ids  # noqa: E402
 from pmi_kernels.train.config import TrainConfig  # noqa: E402
-from pmi_kernels.train.contexts import prompt_ids  # noqa: E402
+from pmi_kernels.train.contexts import ContextReader  # noqa: E402
+from pmi_kernels.train.demo.toy import toy_model, toy_problems, toy_tokenizer  # noqa: E402
 from pmi_kernels.train.distributed import World  # noqa: E402
-from pmi_kernels.train.loop import Trainer  # noqa: E402
 from pmi_kernels.train.metrics import StepTimer  # noqa: E402
-from pmi_kernels.train.toy import toy_model, toy_problems, toy_tokenizer  # noqa: E402
+from pmi_kernels.train.step import distil  # noqa: E402
 
 
 PROMPT_WIDTH, RESPONSE_WIDTH = 160, 12
@@ -206,18 +207,23 @@ def rollout_batch(tokenizer, rows, lengths, micro_batch: int, response_masks=Non
 
 
 def trainer_step(model, frozen, tokenizer, rows, prompts, responses, train_overrides, normalizers):
-    """This project's trainer step on the given rollouts: Trainer._distil per rollout, each with its
+    """This project's trainer step on the given rollouts: train.step.distil per rollout, each with its
     normalizer (the step's token count for the trainer's own token mean), gradients accumulated."""
-    trainer = Trainer.__new__(Trainer)  # only what _distil reads: config, world, device, model, prompts
-    trainer.config = TrainConfig(packed=False, **train_overrides)
-    trainer.world, trainer.device = World(), torch.device("cpu")
-    trainer.model, trainer.frozen = model, frozen  # the frozen copy of full fine-tuning, or None
-    trainer.prompts = {"student": prompts, **{kind: [prompt_ids(tokenizer, trainer.config.templates, kind, row, False)
-                                                     for row in rows] for kind in ("teacher", "refonly")}}
+    config = TrainConfig(packed=False, **train_overrides)
+    # frozen: the frozen copy of full fine-tuning, or None
+    contexts = ContextReader(config, World(), torch.device("cpu"), model, frozen,
+                             trainer_prompts(tokenizer, config, rows, prompts), tokenizer.eos_token_id)
     totals = {"loss": 0.0}
     for index, (response, normalizer) in enumerate(zip(responses, normalizers)):
-        trainer._distil([(index, response)], normalizer, False, totals, StepTimer(trainer.device))
+        distil(contexts, [(index, response)], normalizer, False, totals, StepTimer(contexts.device))
     return totals["loss"]
+
+
+def trainer_prompts(tokenizer, config, rows, student_prompts):
+    """The trainer's prompt ids per context: the student's as given, the teacher's and the
+    reference-only context's from the rows."""
+    return {"student": student_prompts, **{kind: [prompt_ids(tokenizer, config.templates, kind, row, False)
+                                                  for row in rows] for kind in ("teacher", "refonly")}}
 
 
 def reference_model(engine, lora: bool):
@@ -410,13 +416,11 @@ def test_logged_statistics_and_diagnostics_match_the_trainer(model_dir):
     loss_fn = PMILoss(actor_config, PMIConfig.from_mapping({"anchor": True, "diagnostics_every": 1}, lora=True))
     with engine.train_mode():
         metrics = engine.forward_backward_batch(data.clone(), loss_fn)["metrics"]
-    trainer = Trainer.__new__(Trainer)
-    trainer.config = TrainConfig(packed=False, lora=True, anchor=True)
-    trainer.world, trainer.device, trainer.model, trainer.frozen = World(), torch.device("cpu"), model, None
-    trainer.prompts = {"student": prompts, **{kind: [prompt_ids(tokenizer, trainer.config.templates, kind, row, False)
-                                                     for row in rows] for kind in ("teacher", "refonly")}}
+    config = TrainConfig(packed=False, lora=True, anchor=True)
+    contexts = ContextReader(config, World(), torch.device("cpu"), model, None,
+                             trainer_prompts(tokenizer, config, rows, prompts), tokenizer.eos_token_id)
     totals = {"loss": 0.0}
-    trainer._distil(list(enumerate(responses)), sum(lengths), True, totals, StepTimer(trainer.device))
+    distil(contexts, list(enumerate(responses)), sum(lengths), True, totals, StepTimer(contexts.device))
     for key in ("kl_target_student", "entropy_student", "entropy_target"):
         assert float(metrics[f"pmi/{key}"].aggregate()) == pytest.approx(totals[key] / sum(lengths), rel=1e-4), key
     for key in DIAGNOSTICS:

@@ -16,7 +16,8 @@ from pmi_kernels.train.contexts import KINDS, rollout_hidden  # noqa: E402
 from pmi_kernels.train.loop import Trainer  # noqa: E402
 from pmi_kernels.train.metrics import StepTimer  # noqa: E402
 from pmi_kernels.train.rollouts import merged_weights  # noqa: E402
-from pmi_kernels.train.toy import toy_model, toy_problems, toy_tokenizer  # noqa: E402
+from pmi_kernels.train.step import distil  # noqa: E402
+from pmi_kernels.train.demo.toy import toy_model, toy_problems, toy_tokenizer  # noqa: E402
 
 
 TINY = dict(device="cpu", max_new_tokens=10, batch_size=2, max_steps=2, sft_steps=0, eval_limit=4, save_every=1,
@@ -61,7 +62,7 @@ def test_rollout_states_are_the_rollout_tokens_in_every_context(tmp_path):
     trainer = Trainer(tiny(tmp_path, lora=False, anchor=True))
     rollout = trainer.generate([trainer.prompts["student"][0]], 1.0, 1.0, 10)[0]
     assert len(rollout) > 1
-    states, head, _ = trainer.rollout_states(0, rollout, pmi_streams=True)
+    states, head, _ = trainer.contexts.rollout_states(0, rollout, pmi_streams=True)
     for kind in KINDS:
         prompt = trainer.prompts[kind][0]
         full = trainer.model(input_ids=torch.tensor([prompt + rollout])).logits[0]
@@ -116,7 +117,7 @@ def test_distillation_gradient_equals_full_logits_reference(tmp_path, overrides)
     want = torch.autograd.grad(loss, params)
     trainer.model.zero_grad(set_to_none=True)
     totals = {"loss": 0.0}
-    trainer._distil([(0, rollout)], 7, False, totals, StepTimer(trainer.device))
+    distil(trainer.contexts, [(0, rollout)], 7, False, totals, StepTimer(trainer.device))
     # A small KL is a sum of cancelling fp32 terms: per token about 1e-7 off the float64 value on
     # every backend (torch and the C++ kernel alike, measured), so the bound is absolute.
     assert totals["loss"] == pytest.approx(float(loss.detach()), rel=1e-5, abs=1e-6)
@@ -200,8 +201,8 @@ def test_opsd_reads_the_pmi_contexts_only_to_diagnose(tmp_path, diagnose):
     the anchor only on a diagnostics step. Fails on the anchor read every step (a wasted forward)."""
     trainer = Trainer(tiny(tmp_path, mode="opsd", anchor=True, diagnostics_every=1 if diagnose else 1000))
     kinds = []
-    read = trainer.read_hidden
-    trainer.read_hidden = lambda decoder, kind, *args: kinds.append(kind) or read(decoder, kind, *args)
+    read = trainer.contexts.hidden
+    trainer.contexts.hidden = lambda decoder, kind, *args: kinds.append(kind) or read(decoder, kind, *args)
     trainer.train_step()
     if diagnose:  # teacher, refonly, anchor, student (then the drift's reads)
         assert kinds[:4] == ["teacher", "refonly", "student", "student"]
@@ -277,7 +278,7 @@ def test_command_line_overrides(tmp_path):
 
 
 def test_diagnose_command_prints_the_table(tmp_path, capsys):
-    from pmi_kernels.train.diagnose import main as diagnose
+    from pmi_kernels.train.tools.diagnose import main as diagnose
     assert diagnose(["--sft-steps", "0", "--limit", "2", "--max-new-tokens", "6",
                      "--output-dir", str(tmp_path / "d")]) == 0
     out = capsys.readouterr().out
@@ -316,7 +317,7 @@ def test_other_model_families_parquet_and_checkpointing(tmp_path, family):
 
 
 def test_chat_template_wraps_every_context():
-    from pmi_kernels.train.prompts import DEFAULT_TEMPLATES, render
+    from pmi_kernels.prompts import DEFAULT_TEMPLATES, render
     tokenizer = toy_tokenizer()
     tokenizer.chat_template = "{% for m in messages %}<u>{{ m['content'] }}</u>{% endfor %}<a>"
     for kind in DEFAULT_TEMPLATES:
@@ -328,9 +329,8 @@ def test_chat_template_wraps_every_context():
 @pytest.mark.parametrize("chat", [False, True], ids=["plain", "chat-template"])
 def test_batched_context_ids_equal_one_row_at_a_time(chat):
     """The trainer tokenizes each context kind in one call; it must give prompt_ids's ids."""
-    from pmi_kernels.train.contexts import prompt_ids
-    from pmi_kernels.train.prompts import DEFAULT_TEMPLATES
-    from pmi_kernels.train.tokenized import contexts_ids
+    from pmi_kernels.prompts import DEFAULT_TEMPLATES, prompt_ids
+    from pmi_kernels.train.data.tokenized import contexts_ids
     tokenizer = toy_tokenizer()
     if chat:
         tokenizer.chat_template = "{% for m in messages %}<u>{{ m['content'] }}</u>{% endfor %}<a>"

@@ -111,7 +111,7 @@ def test_local_model_checks(tmp_path):
     """With a local model: --sft-steps is refused (it used to be silently ignored), and an
     evaluation row longer than the model's positions is refused before training (it used to
     reach the allocator)."""
-    from pmi_kernels.train.toy import toy_model, toy_problems, toy_tokenizer
+    from pmi_kernels.train.demo.toy import toy_model, toy_problems, toy_tokenizer
     tokenizer = toy_tokenizer()
     toy_model(tokenizer).save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")

@@ -11,7 +11,9 @@ import torch
 pytest.importorskip("transformers")
 
 from pmi_kernels.train.checkpoint import SHARDED_DIR, load_checkpoint  # noqa: E402
+from pmi_kernels.train import loop  # noqa: E402
 from pmi_kernels.train.loop import Trainer  # noqa: E402
+from pmi_kernels.train.step import distil  # noqa: E402
 from test_train import tiny  # noqa: E402
 from test_train_distributed import (ROOT, RUN, STEP, TESTS, assert_same_step, fixed_generate, run_ranks,  # noqa: E402
                                     torchrun)
@@ -41,17 +43,20 @@ def one_step(out_dir, overrides):
     Trainer.generate = uneven_generate
     trainer = Trainer(tiny(out_dir, **{**STEP, **overrides}))
     accuracy = trainer.evaluate()
-    grads, fillers, real_step, real_distil = {}, [], trainer.optimizer.step, trainer._distil
+    grads, fillers, real_step = {}, [], trainer.optimizer.step
 
     def step(*args, **kwargs):
         grads.update({n: full(p.grad).clone() for n, p in trainer.model.named_parameters() if p.grad is not None})
         return real_step(*args, **kwargs)
 
-    def distil(*args, scale=1.0, **kwargs):
+    def counting(*args, scale=1.0, **kwargs):
         fillers.append(scale == 0.0)
-        return real_distil(*args, scale=scale, **kwargs)
-    trainer.optimizer.step, trainer._distil = step, distil
-    record = trainer.train_step()
+        return distil(*args, scale=scale, **kwargs)
+    trainer.optimizer.step, loop.distil = step, counting
+    try:
+        record = trainer.train_step()
+    finally:
+        loop.distil = distil
     weights = {n: full(p.detach()).clone() for n, p in trainer.model.named_parameters()}
     return accuracy, record, grads, weights, sum(fillers)
 

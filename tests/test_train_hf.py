@@ -132,7 +132,7 @@ def test_model_path_takes_a_hub_id_from_the_cache_offline(tmp_path):
     run trains and its LoRA adapter names the id as its base; an id not in the cache is a
     one-line error (exit 2) before anything runs (no output directory). Fails on the old check,
     'is not a local directory'."""
-    from pmi_kernels.train.toy import toy_model, toy_problems, toy_tokenizer
+    from pmi_kernels.train.demo.toy import toy_model, toy_problems, toy_tokenizer
     tokenizer = toy_tokenizer()
     toy_model(tokenizer).save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")

@@ -13,13 +13,13 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
+from pmi_kernels.prompts import DEFAULT_TEMPLATES, prompt_ids  # noqa: E402
 from pmi_kernels.train import interrupts  # noqa: E402
 from pmi_kernels.train.cli import main as cli_main  # noqa: E402
-from pmi_kernels.train.contexts import KINDS, prompt_ids  # noqa: E402
+from pmi_kernels.train.contexts import KINDS  # noqa: E402
+from pmi_kernels.train.data.tokenized import PREFIX_CHARS, contexts_ids  # noqa: E402
+from pmi_kernels.train.demo.toy import toy_model, toy_problems, toy_tokenizer  # noqa: E402
 from pmi_kernels.train.loop import Trainer  # noqa: E402
-from pmi_kernels.train.prompts import DEFAULT_TEMPLATES  # noqa: E402
-from pmi_kernels.train.tokenized import PREFIX_CHARS, contexts_ids  # noqa: E402
-from pmi_kernels.train.toy import toy_model, toy_problems, toy_tokenizer  # noqa: E402
 from test_train import tiny, tiny_flags  # noqa: E402
 
 
@@ -287,7 +287,7 @@ def test_plot_and_compare_help_name_their_options(capsys):
     """compare --help names --seeds, the keys it sets per run and its own defaults; plot --help
     says what --metrics is and its default. Fails on the help that printed the module's docstring
     alone, and on --metrics without a word (found by a new-user trial)."""
-    from pmi_kernels.train.compare import COMPARE_DEFAULTS, SET_PER_RUN
+    from pmi_kernels.train.demo.compare import COMPARE_DEFAULTS, SET_PER_RUN
     from pmi_kernels.train.config import TOY_DEFAULTS
     assert cli_main(["compare", "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())

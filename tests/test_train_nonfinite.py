@@ -14,7 +14,7 @@ pytest.importorskip("peft")
 from pmi_kernels.train.checkpoint import load_checkpoint  # noqa: E402
 from pmi_kernels.train.cli import main as cli_main  # noqa: E402
 from pmi_kernels.train.interrupts import TrainingFailed  # noqa: E402
-from pmi_kernels.train import loop  # noqa: E402
+from pmi_kernels.train import step as step_parts  # noqa: E402
 from pmi_kernels.train.loop import Trainer  # noqa: E402
 from test_train import tiny, tiny_flags, trainable_snapshot  # noqa: E402
 
@@ -22,12 +22,12 @@ from test_train import tiny, tiny_flags, trainable_snapshot  # noqa: E402
 def poison_loss(monkeypatch, poisoned=lambda: True):
     """The trainer's loss (and so every gradient) is NaN while poisoned() holds: a non-finite step
     from outside the loss's checks, which refuse any option that would make one."""
-    real = loop.fused_pmi_kl
+    real = step_parts.fused_pmi_kl
 
     def loss(*args, **kwargs):
         value = real(*args, **kwargs)
         return value * float("nan") if poisoned() else value
-    monkeypatch.setattr(loop, "fused_pmi_kl", loss)
+    monkeypatch.setattr(step_parts, "fused_pmi_kl", loss)
 
 
 def strict_json(line):

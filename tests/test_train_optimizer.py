@@ -14,6 +14,7 @@ pytest.importorskip("peft")
 import pmi_kernels.train.loop as loop  # noqa: E402
 from pmi_kernels.train.config import TrainConfig  # noqa: E402
 from pmi_kernels.train.loop import Trainer  # noqa: E402
+from pmi_kernels.train.step import lr_factor  # noqa: E402
 from test_train import tiny, trainable_snapshot  # noqa: E402
 
 
@@ -36,9 +37,8 @@ def test_the_schedule_step_by_step():
     for _ in range(20):
         schedule, warmup = rng.choice(["constant", "linear", "cosine"]), rng.randint(0, 6)
         max_steps = warmup + rng.randint(1, 12)
-        trainer = Trainer.__new__(Trainer)
-        trainer.config = TrainConfig(schedule=schedule, warmup_steps=warmup, max_steps=max_steps)
-        got = [trainer._lr_factor(step) for step in range(max_steps + 3)]
+        config = TrainConfig(schedule=schedule, warmup_steps=warmup, max_steps=max_steps)
+        got = [lr_factor(config, step) for step in range(max_steps + 3)]
         want = [scheduled_factor(schedule, warmup, max_steps, step) for step in range(max_steps + 3)]
         assert got == pytest.approx(want, abs=1e-12), (seed, schedule, warmup, max_steps)
         assert got[warmup] == 1.0 and (schedule == "constant" or got[max_steps] == pytest.approx(0.0, abs=1e-12))

@@ -13,10 +13,12 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 from conftest import requires_cuda  # noqa: E402
-from pmi_kernels.train import packing  # noqa: E402
 from pmi_kernels.train.contexts import rollout_hidden  # noqa: E402
+from pmi_kernels.train.data import packing  # noqa: E402
+from pmi_kernels.train.data.packing import packed_hidden, rollout_groups  # noqa: E402
+from pmi_kernels.train import loop  # noqa: E402
 from pmi_kernels.train.loop import Trainer  # noqa: E402
-from pmi_kernels.train.packing import packed_hidden, rollout_groups  # noqa: E402
+from pmi_kernels.train.step import distil  # noqa: E402
 from test_train import tiny  # noqa: E402
 
 SHAPE = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -249,12 +251,14 @@ def step_gradients(trainer, packed: bool, budget):
     trainer.generate = lambda prompts, *args: [next(rollouts) for _ in prompts]
     grads, groups = [], []
     trainer.optimizer.step = lambda: grads.extend(p.grad.clone() for p in trainer.trainable)
-    distil = trainer._distil
-    trainer._distil = lambda group, *args, **kwargs: groups.append(group) or distil(group, *args, **kwargs)
+    def recording(contexts, group, *args, **kwargs):
+        groups.append(group)
+        return distil(contexts, group, *args, **kwargs)
+    loop.distil = recording
     try:
         record = trainer.train_step()
     finally:
-        del trainer._distil
+        loop.distil = distil
     return record, grads, [[len(rollout) for _, rollout in group] for group in groups]
 
 

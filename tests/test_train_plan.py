@@ -10,9 +10,9 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from pmi_kernels.train import plan  # noqa: E402
 from pmi_kernels.train.cli import main as cli_main  # noqa: E402
 from pmi_kernels.train.config import parse_args  # noqa: E402
+from pmi_kernels.train.tools import plan  # noqa: E402
 
 RECIPES = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*.json")))
 # Parameter counts the model cards give, in billions: the dry run's must round to them.

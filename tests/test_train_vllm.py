@@ -20,18 +20,18 @@ def vllm_trainer(path, **overrides):
 
 
 def hf_generate(trainer, prompts, max_new_tokens=12):
-    engine, trainer.rollouts = trainer.rollouts, None
+    engine, trainer.sampler.engine = trainer.sampler.engine, None
     try:
         return trainer.generate(prompts, 0.0, 1.0, max_new_tokens)
     finally:
-        trainer.rollouts = engine
+        trainer.sampler.engine = engine
 
 
 def engine_logprobs(trainer, prompt, seed):
     """A sampled rollout from the engine and the log-probability it gave each of its tokens."""
     params = SamplingParams(temperature=1.0, max_tokens=12, logprobs=0, seed=seed, detokenize=False,
                             stop_token_ids=[trainer.tokenizer.eos_token_id])
-    out = trainer.rollouts.llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0].outputs[0]
+    out = trainer.sampler.engine.llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0].outputs[0]
     tokens = list(out.token_ids)
     return tokens, torch.tensor([step[tok].logprob for step, tok in zip(out.logprobs, tokens)])
 

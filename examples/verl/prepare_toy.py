@@ -8,7 +8,7 @@ extra_info.question and extra_info.reference. benchmarks/gpu.sh's "verl" stage r
 import argparse
 import os
 
-from pmi_kernels.train.toy import toy_model, toy_problems, toy_tokenizer
+from pmi_kernels.train.demo.toy import toy_model, toy_problems, toy_tokenizer
 
 CHAT_TEMPLATE = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
 

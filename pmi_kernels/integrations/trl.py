@@ -63,7 +63,7 @@ from trl.models.utils import _ForwardRedirection
 from .. import fused_pmi_kl, pmi_diagnostics, validation
 from ..backends import DIAGNOSTICS
 from ..options import LossOptions
-from ..train.prompts import template_fields
+from ..prompts import template_fields
 from .models import decoder_and_head
 
 MODES = ("pmi", "opsd")

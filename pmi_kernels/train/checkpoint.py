@@ -9,21 +9,26 @@ next start. Only the newest `keep` checkpoint-<digits> directories are kept, and
 in the directory is ever removed. Each checkpoint holds state.pt (tensors and plain containers
 only: it is read with torch.load(weights_only=True)) and checkpoint.json (its step and the run's
 config, compared on --resume before anything heavy loads), and beside them the model in the
-Hugging Face format (export.py).
+Hugging Face format (export.py). A Checkpointer saves a run's state so and restores it.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import json
 import os
 import re
 import shutil
-from typing import Callable, List, Optional
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional
 
 import torch
 
+from .distributed import World, first_over_ranks, on_main
 from .interrupts import TrainingFailed, fault_point
+
+if TYPE_CHECKING:  # config.py imports this module (read_checkpoint_meta)
+    from .config import TrainConfig
 
 LATEST = "latest"
 STATE_FILE = "state.pt"
@@ -271,3 +276,96 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def local_shard(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (FSDP2); any other tensor as it is."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+class Checkpointer:
+    """Saves the state of a run as a checkpoint, and restores it from state.pt: the trainable
+    weights and the optimizer state (under FSDP2 in sharded/, every rank its shards), the torch
+    generators, and the run's progress as the trainer hands it over (step, data position,
+    non-finite counts, the drift warning), which restore() leaves to the trainer to read back."""
+
+    def __init__(self, config: "TrainConfig", world: World, model, frozen, optimizer, tokenizer):
+        self.config, self.world = config, world
+        self.model, self.frozen, self.optimizer, self.tokenizer = model, frozen, optimizer, tokenizer
+        self.saved_step: Optional[int] = None  # the step the newest checkpoint holds
+
+    def state(self, progress: Dict) -> Dict:
+        """What state.pt holds; under FSDP2 the weights and optimizer state are in sharded/ instead."""
+        sharded = self.config.fsdp
+        state = {"trainable": {} if sharded else {n: p.detach().cpu() for n, p in self.model.named_parameters()
+                                                  if p.requires_grad},
+                 "optimizer": {} if sharded else self.optimizer.state_dict(), **progress, "rng": rng_state()}
+        if sharded:
+            state["sharded_optimizer"] = bool(self.optimizer.state)
+        return state
+
+    def sharded_state(self, with_optimizer: bool) -> Dict:
+        """The model's (and optimizer's) state as DTensor shards, for torch.distributed.checkpoint.
+        An optimizer that has not stepped is left out: reading its state would create it, with a
+        step count that changes Adam's first update."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+        state = {"model": get_model_state_dict(self.model)}
+        if with_optimizer:
+            state["optimizer"] = get_optimizer_state_dict(self.model, self.optimizer)
+        return state
+
+    def restore(self, state: Dict) -> None:
+        """The weights, the optimizer state and the torch generators of a loaded state.pt (and,
+        under FSDP2, every rank's shards); the checkpoint's step is then the saved one."""
+        if self.config.fsdp:  # every rank reads its shards
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+            sharded = self.sharded_state(with_optimizer=state["sharded_optimizer"])
+            dcp.load(sharded, checkpoint_id=latest_sharded(self.config.output_dir))
+            set_model_state_dict(self.model, sharded["model"])
+            if "optimizer" in sharded:
+                set_optimizer_state_dict(self.model, self.optimizer, sharded["optimizer"])
+        params = dict(self.model.named_parameters())
+        missing = set(state["trainable"]) - set(params)
+        if missing:
+            raise ValueError(f"--resume: checkpoint parameters not in this model: {sorted(missing)[:3]}")
+        with torch.no_grad():
+            for name, value in state["trainable"].items():
+                params[name].copy_(value)
+        if not self.config.fsdp:
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.saved_step = state["step"]
+        set_rng_state(state["rng"])
+
+    def save(self, progress: Dict) -> str:
+        """A checkpoint of the step progress["step"]; refused (TrainingFailed) if any parameter or
+        optimizer value is not finite, so the previous checkpoint stays the newest."""
+        from .export import checkpoint_writer  # export.py reads this module's file names
+        config, world, step = self.config, self.world, progress["step"]
+        if config.fsdp:  # the root unit stays gathered after forwards without a backward (evaluation)
+            for module in filter(None, (self.model, self.frozen)):
+                module.reshard()
+        names = {p: n for n, p in self.model.named_parameters()}
+        tensors = [(name, p) for p, name in names.items() if p.requires_grad]
+        tensors += [(f"the optimizer's {key} of {names[p]}", value) for p, entry in self.optimizer.state.items()
+                    for key, value in entry.items() if value.is_floating_point()]
+        bad = next((name for name, tensor in tensors if not torch.isfinite(local_shard(tensor)).all()), None)
+        bad = first_over_ranks(world, bad) if config.fsdp else bad  # all ranks refuse together
+        if bad is not None:
+            raise TrainingFailed(f"step {step}: {bad} is not finite; not saved, so the newest checkpoint "
+                                 f"is still {read_latest(config.output_dir)}")
+        meta = {"step": step, "config": dataclasses.asdict(config), "world_size": world.size}
+        save_pretrained = checkpoint_writer(config, self.model, self.tokenizer)  # under FSDP2 a collective
+        sharded = None
+        if config.fsdp:  # every rank writes its shards, then rank 0 moves them into the checkpoint
+            import torch.distributed.checkpoint as dcp
+            sharded = sharded_staging(config.output_dir, step)
+            on_main(world, lambda: shutil.rmtree(sharded, ignore_errors=True))
+            dcp.save(self.sharded_state(with_optimizer=bool(self.optimizer.state)), checkpoint_id=sharded)
+
+        def write() -> str:  # otherwise every rank holds the same weights and optimizer state: rank 0 writes them
+            return save_checkpoint(config.output_dir, step, self.state(progress), meta, save_pretrained,
+                                   keep=config.keep_checkpoints, sharded=sharded)
+        path = on_main(world, write)
+        self.saved_step = step
+        return path

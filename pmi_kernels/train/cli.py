@@ -37,7 +37,7 @@ def train(argv) -> int:
     interrupted by SIGINT/SIGTERM (its last consistent state saved), 2 bad input (from main)."""
     config, flags = parse_args(argv, description="On-policy self-distillation with the PMI target.")
     if flags.dry_run:
-        from .plan import format_plan, plan
+        from .tools.plan import format_plan, plan
         print(format_plan(plan(config, flags.world_size, flags.prompt_tokens), config))
         return 0
     from .distributed import leave_process_group
@@ -99,7 +99,7 @@ def main(argv=None):
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     try:
         if argv[0] == "compare":
-            from .compare import main as compare
+            from .demo.compare import main as compare
             return compare(argv[1:])
         if argv[0] == "export":
             from .export import main as export

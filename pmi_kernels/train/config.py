@@ -15,8 +15,8 @@ from .config_help import (DATA, DISTRIBUTED, EVALUATION, LOGGING, METHOD, MODEL,
                           add_config_arguments, option)
 from .config_files import load_config_values
 from .hub import check_model_path
-from .packing import resolve_attn_implementation
-from .prompts import DEFAULT_TEMPLATES
+from .data.packing import resolve_attn_implementation
+from ..prompts import DEFAULT_TEMPLATES
 from .rollouts import VLLM_MISSING, vllm_available
 from .trackers import check_report_to
 

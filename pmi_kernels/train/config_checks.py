@@ -12,8 +12,8 @@ from typing import Dict, List, Tuple
 
 import torch
 
-from .packing import IMPLEMENTATIONS
-from .prompts import template_fields
+from ..prompts import template_fields
+from .data.packing import IMPLEMENTATIONS
 
 TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string",
               dict: "a JSON object", List[str]: "a list of strings"}

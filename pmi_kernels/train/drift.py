@@ -32,6 +32,7 @@ from typing import Dict, List, Tuple
 import torch
 import torch.nn.functional as F
 
+from .contexts import ContextReader
 
 ROWS = 1024  # a chunk of rows: the logits of a chunk are [ROWS, V], never [tokens, V]
 
@@ -54,7 +55,7 @@ def drift_sums(student, base, weight, bias, base_weight, base_bias, temperature:
 
 
 class Drift:
-    """Measures the drift of a Trainer's student over a step's rollouts, and warns once."""
+    """Measures the drift of a run's student over a step's rollouts, and warns once."""
 
     def __init__(self, warn_kl, cause: str = ""):
         self.warn_kl = warn_kl
@@ -72,26 +73,26 @@ class Drift:
         return "standard OPSD moves the student toward the teacher: check the markers and the accuracy"
 
     @torch.no_grad()
-    def measure(self, trainer, batch: List[Tuple[int, List[int]]], reduce=None) -> Dict[str, float]:
+    def measure(self, contexts: ContextReader, batch: List[Tuple[int, List[int]]], reduce=None) -> Dict[str, float]:
         """{"drift/kl_student_base", "drift/entropy_student", "drift/entropy_base"}: means per
-        rollout token of the (example index, rollout) pairs; reduce (under torchrun: the sum
-        over the ranks) turns this process's sums and token count into the totals."""
-        if not trainer.config.lora and trainer.frozen is None:
+        rollout token of the (row index, rollout) pairs, read through `contexts`; reduce (under
+        torchrun: the sum over the ranks) turns this process's sums and token count into the totals."""
+        if not contexts.reads_base():
             return {}  # full fine-tuning that reads no frozen stream keeps no copy of the base
         totals, tokens = {key: 0.0 for key in ("kl_student_base", "entropy_student", "entropy_base")}, 0
-        base_model = trainer._base_model()
+        base_model = contexts.base_model()
         head = base_model.get_output_embeddings()
-        groups = trainer.groups([(index, rollout) for index, rollout in batch if rollout])
+        groups = contexts.groups([(index, rollout) for index, rollout in batch if rollout])
         real = len(groups)
-        groups += trainer.fillers(real)  # under FSDP2; their sums are not counted
+        groups += contexts.fillers(real)  # under FSDP2; their sums are not counted
         for n, group in enumerate(groups):
             indices, rollouts = [index for index, _ in group], [rollout for _, rollout in group]
-            with trainer._autocast():
-                student = trainer.read_hidden(trainer.reader(base_model), "student", indices, rollouts)
-                with trainer._frozen_weights(True) as (decoder, base_head):
-                    base = trainer.read_hidden(decoder, "student", indices, rollouts)
+            with contexts.autocast():
+                student = contexts.hidden(contexts.decoder(base_model), "student", indices, rollouts)
+                with contexts.frozen_weights(True) as (decoder, base_head):
+                    base = contexts.hidden(decoder, "student", indices, rollouts)
             sums = drift_sums(student, base, head.weight, head.bias, base_head.weight, base_head.bias,
-                              trainer.config.loss_temperature)
+                              contexts.config.loss_temperature)
             if n < real:
                 for key, value in sums.items():
                     totals[key] += value

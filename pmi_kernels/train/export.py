@@ -37,11 +37,10 @@ def base_model_name(model_path: str, output_dir: str) -> str:
     return os.path.abspath(model_path) if os.path.isdir(model_path) else model_path
 
 
-def checkpoint_writer(trainer) -> Callable[[str], None]:
-    """What rank 0 runs in a checkpoint's temporary directory to write the Hugging Face files.
-    Every rank calls this: under FSDP2 it gathers the full state dict (a collective), held on
-    rank 0's CPU only, for as long as the save lasts."""
-    config, model, tokenizer = trainer.config, trainer.model, trainer.tokenizer
+def checkpoint_writer(config, model, tokenizer) -> Callable[[str], None]:
+    """What rank 0 runs in a checkpoint's temporary directory to write the Hugging Face files
+    of the run's model and tokenizer. Every rank calls this: under FSDP2 it gathers the full
+    state dict (a collective), held on rank 0's CPU only, for as long as the save lasts."""
     state_dict = None
     if config.fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict

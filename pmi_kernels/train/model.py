@@ -12,12 +12,12 @@ import torch
 from .checkpoint import error_line
 from .config import TOY, TrainConfig
 from .contexts import KINDS
+from .data.packing import VARLEN, check_model_attention, register_varlen, resolve_attn_implementation
+from .data.tokenized import length_error
+from .demo.tasks import warmup_target
+from .demo.toy import toy_model, toy_tokenizer
 from .interrupts import StopRequest, fault_point
-from .packing import VARLEN, check_model_attention, register_varlen, resolve_attn_implementation
 from .run_dir import TOY_BASE
-from .tasks import warmup_target
-from .tokenized import length_error
-from .toy import toy_model, toy_tokenizer
 
 
 def load_model(config: TrainConfig, device):

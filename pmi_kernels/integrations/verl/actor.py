@@ -11,7 +11,7 @@ PPO loss) is verl's own. Per micro-batch it:
 
 1. builds, for each sample, the teacher context (reference + question) and the reference-only
    context (reference alone) from the sample's question and reference fields with the
-   project's templates (pmi_kernels.train.prompts, as the trainer and the TRL integration do),
+   project's templates (pmi_kernels.prompts, as the trainer and the TRL integration do),
    followed by the sample's response tokens;
 2. reads them (and the anchor: the student's own input under the frozen base) without gradient,
    as one right-padded batch each, with the frozen base for teacher_weights "base" (the LoRA
@@ -39,7 +39,7 @@ from verl.workers.utils.padding import no_padding_2_padding
 
 from ... import fused_pmi_kl, pmi_diagnostics
 from ...backends import DIAGNOSTICS, STATS
-from ...train.contexts import prompt_ids, rollout_positions
+from ...prompts import prompt_ids, rollout_positions
 from ..models import decoder_and_head
 from .config import TEMPLATE_KINDS, PMIConfig
 

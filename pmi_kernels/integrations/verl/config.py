@@ -12,7 +12,7 @@ from typing import Mapping, Optional
 
 from ... import validation
 from ...options import LossOptions
-from ...train.prompts import DEFAULT_TEMPLATES, template_fields
+from ...prompts import DEFAULT_TEMPLATES, template_fields
 
 MODES = ("pmi", "opsd")
 TEACHER_WEIGHTS = ("base", "current")

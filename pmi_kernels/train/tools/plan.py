@@ -19,10 +19,10 @@ import math
 import os
 from typing import Dict, List, Optional, Tuple
 
-from .config import TOY, TrainConfig
-from .config_checks import ARCHITECTURE
-from .distributed import World, check_world
-from .hub import cached_config_json
+from ..config import TOY, TrainConfig
+from ..config_checks import ARCHITECTURE
+from ..distributed import World, check_world
+from ..hub import cached_config_json
 
 GIB = 2**30
 DEFAULT_PROMPT_TOKENS = 512
@@ -36,7 +36,7 @@ def architecture(config: TrainConfig) -> Tuple[Dict, str]:
     model's, or the config's architecture key."""
     path = cached_config_json(config.model_path) or os.path.join(config.model_path, "config.json")  # a hub id's
     if config.model_path == TOY:
-        from .toy import toy_model, toy_tokenizer
+        from ..demo.toy import toy_model, toy_tokenizer
         return toy_model(toy_tokenizer()).config.to_dict(), "the toy model (train/toy.py)"
     if os.path.isfile(path):
         with open(path) as fh:

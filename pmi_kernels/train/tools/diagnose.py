@@ -1,4 +1,4 @@
-"""python -m pmi_kernels.train.diagnose: the decomposition of the teacher's signal on your model.
+"""python -m pmi_kernels.train.tools.diagnose: the decomposition of the teacher's signal on your model.
 
 For a few (question, reference solution) pairs, the model samples a rollout from the question
 alone; the student, teacher and reference-only contexts are read over that rollout, and the
@@ -6,8 +6,8 @@ per-token diagnostics of pmi_diagnostics are averaged per example and printed as
 cos(Δ_total, Δ_ref) near 1 with |Δ_ref|/|Δ_total| near 1 means the teacher's signal is mostly
 the reference-induced shortcut; cos(Δ_total, Δ_it) is the share of the transferable part.
 
-    python -m pmi_kernels.train.diagnose --model-path DIR --data pairs.jsonl --limit 8
-    python -m pmi_kernels.train.diagnose                     # the toy model, after a short warm-up
+    python -m pmi_kernels.train.tools.diagnose --model-path DIR --data pairs.jsonl --limit 8
+    python -m pmi_kernels.train.tools.diagnose                     # the toy model, after a short warm-up
 """
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import sys
 
 import torch
 
-from .. import pmi_diagnostics
-from .config import TOY, TOY_DEFAULTS, TrainConfig
+from ... import pmi_diagnostics
+from ..config import TOY, TOY_DEFAULTS, TrainConfig
 
 COLUMNS = [("cos_total_ref", "cos(tot,ref)"), ("cos_total_pmi", "cos(tot,pmi)"),
            ("norm_ratio_ref_total", "|ref|/|tot|"), ("kl_teacher_student", "KL(pT||pS)"),
@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     parser.add_argument("--sft-steps", type=int, default=None, help="toy only: supervised warm-up steps")
     parser.add_argument("--output-dir", default="runs/diagnose")
     args = parser.parse_args(argv)
-    from .loop import Trainer
+    from ..loop import Trainer
     toy = args.model_path == TOY
     values = dict(TOY_DEFAULTS) if toy else {}
     values.update(model_path=args.model_path, train_file=args.data, answer_field=None, lora=False, anchor=False,
@@ -59,7 +59,7 @@ def main(argv=None) -> int:
         if not rollout:
             continue
         with torch.no_grad():
-            states, head, _ = trainer.rollout_states(i, rollout, pmi_streams=True)
+            states, head, _ = trainer.contexts.rollout_states(i, rollout, pmi_streams=True)
             diag = pmi_diagnostics(states["student"], states["teacher"], states["refonly"],
                                    lm_head_weight=head.weight, lm_head_bias=head.bias, check_finite=False)
         means = [float(diag[key].mean()) for key, _ in COLUMNS]

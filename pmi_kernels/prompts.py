@@ -7,6 +7,12 @@
 
 Every context is followed by the same rollout tokens. Templates are str.format strings over
 {question} and {solution}; the config can replace any of them.
+
+A context is prompt ids P (length L) followed by the rollout y (length T). The hidden state
+at position L - 1 + k predicts y_k, so a model reads P + y[:-1] and the positions
+L - 1 ... L + T - 2 give T states, one per rollout token, in every context alike, whatever the
+prompt's length (rollout_positions). The trainer and the integrations (TRL, verl) build their
+contexts from this module alone: it imports nothing of the trainer.
 """
 from __future__ import annotations
 
@@ -27,6 +33,18 @@ def render(templates: dict, kind: str, question: str, solution: str, tokenizer=N
         return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                              add_generation_prompt=True)
     return text
+
+
+def prompt_ids(tokenizer, templates: dict, kind: str, example: dict, use_chat: bool) -> List[int]:
+    """The token ids of one context's prompt for an example with "question" and "solution"."""
+    text = render(templates, kind, example["question"], example["solution"], tokenizer, use_chat)
+    chat = use_chat and getattr(tokenizer, "chat_template", None)
+    return tokenizer(text, add_special_tokens=not chat).input_ids
+
+
+def rollout_positions(prompt_len: int, rollout_len: int) -> slice:
+    """Positions whose hidden states predict the rollout tokens."""
+    return slice(prompt_len - 1, prompt_len - 1 + rollout_len)
 
 
 def template_fields(template: str) -> List[str]:

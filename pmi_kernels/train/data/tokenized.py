@@ -1,4 +1,4 @@
-"""Every row's prompt ids in each context, as contexts.prompt_ids gives them, tokenized a chunk of
+"""Every row's prompt ids in each context, as prompts.prompt_ids gives them, tokenized a chunk of
 rows per call (one call per row took a second for the toy's 2,000 rows; a chunk at a time, a
 stop signal is heard between calls).
 
@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence
 
-from .interrupts import StopRequest, fault_point
-from .prompts import render
+from ..interrupts import StopRequest, fault_point
+from ...prompts import render
 
 CHUNK_ROWS = 256  # texts per tokenizer call
 PREFIX_CHARS = 4096  # a text longer than this is measured on prefixes of 4096, 8192, ... characters first

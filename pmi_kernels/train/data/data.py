@@ -8,9 +8,9 @@ import json
 import re
 from typing import Dict, Iterator, List, Optional, Tuple
 
-from .config import TOY, TrainConfig
-from .interrupts import StopRequest, fault_point
-from .tasks import problems
+from ..config import TOY, TrainConfig
+from ..demo.tasks import problems
+from ..interrupts import StopRequest, fault_point
 
 PARQUET_BATCH = 256  # rows read from a parquet file at a time
 

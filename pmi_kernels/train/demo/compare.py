@@ -40,14 +40,14 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-from .. import pmi_diagnostics
-from .config import TOY, TOY_DEFAULTS, TrainConfig, parse_config
-from .contexts import KINDS
-from .interrupts import Interrupted, StopRequest
-from .loop import Trainer
-from .metrics import count_markers, read_metrics
-from .run_dir import make_output_dir
-from .tokenized import contexts_ids
+from ... import pmi_diagnostics
+from ..config import TOY, TOY_DEFAULTS, TrainConfig, parse_config
+from ..contexts import KINDS
+from ..interrupts import Interrupted, StopRequest
+from ..loop import Trainer
+from ..metrics import count_markers, read_metrics
+from ..run_dir import make_output_dir
+from ..data.tokenized import contexts_ids
 
 RUNS = (("opsd", dict(mode="opsd", anchor=False), "standard OPSD"),
         ("pmi-base", dict(mode="pmi", anchor=True), "PMI, frozen-base anchor"),
@@ -136,36 +136,34 @@ def probe(trainer, count: int = PROBE_ROLLOUTS, mode: Optional[str] = None) -> D
     from tqdm import tqdm
     config = trainer.config
     rows = trainer.eval_rows[:count]
-    contexts = contexts_ids(trainer.tokenizer, config.templates, KINDS, rows, config.use_chat_template)
-    saved, trainer.prompts = trainer.prompts, contexts  # the trainer's own readers, on these rows
-    try:
-        torch.manual_seed(PROBE_SEED + config.seed)  # the same rollout seeds in every run
-        rollouts = trainer.generate(contexts["student"], config.temperature, config.top_p, config.max_new_tokens)
-        sums: Dict[str, float] = {}
-        parts: Dict[str, list] = {part: [0, {"pmi": 0.0, "ref": 0.0}] for part in PARTS}
-        for group in tqdm(trainer.groups(list(enumerate(rollouts))), desc="probe", leave=False, mininterval=2):
-            trainer.stop.check("the probe")
-            group_rollouts = [rollout for _, rollout in group]
-            states, head, frozen = trainer.group_states([i for i, _ in group], group_rollouts, pmi_streams=True)
-            diag = pmi_diagnostics(states["student"], states["teacher"], states["refonly"], states.get("anchor"),
-                                   lm_head_weight=head.weight, lm_head_bias=head.bias, frozen_weight=frozen.weight,
-                                   frozen_bias=frozen.bias, **config.loss_options().target_keywords(),
-                                   check_finite=False)
-            for key, value in diag.items():
-                sums[key] = sums.get(key, 0.0) + float(value.nan_to_num().sum())
-            lengths = [len(rollout) for rollout in group_rollouts]
-            per_rollout = {kind: state.split(lengths) for kind, state in states.items()}
-            for k, rollout in enumerate(group_rollouts):
-                add_parts(parts, trainer.tokenizer, rollout, {kind: split[k] for kind, split in per_rollout.items()},
-                          head, frozen, config.loss_temperature)
-        tokens = sum(map(len, rollouts))
-        out = {key: value / max(1, tokens) for key, value in sums.items()}
-        out.update({f"where/{part}/{kind}": total / count for part, (count, sums_) in parts.items() if count
-                    for kind, total in sums_.items()})
-        drift = trainer.drift.measure(trainer, list(enumerate(rollouts)))
-        out["kl_student_base"] = drift.get("drift/kl_student_base", float("nan"))
-    finally:
-        trainer.prompts = saved
+    # The trainer's own context reader, on these rows.
+    contexts = trainer.contexts.on(contexts_ids(trainer.tokenizer, config.templates, KINDS, rows,
+                                                config.use_chat_template))
+    torch.manual_seed(PROBE_SEED + config.seed)  # the same rollout seeds in every run
+    rollouts = trainer.generate(contexts.prompts["student"], config.temperature, config.top_p, config.max_new_tokens)
+    sums: Dict[str, float] = {}
+    parts: Dict[str, list] = {part: [0, {"pmi": 0.0, "ref": 0.0}] for part in PARTS}
+    for group in tqdm(contexts.groups(list(enumerate(rollouts))), desc="probe", leave=False, mininterval=2):
+        trainer.stop.check("the probe")
+        group_rollouts = [rollout for _, rollout in group]
+        states, head, frozen = contexts.states([i for i, _ in group], group_rollouts, pmi_streams=True)
+        diag = pmi_diagnostics(states["student"], states["teacher"], states["refonly"], states.get("anchor"),
+                               lm_head_weight=head.weight, lm_head_bias=head.bias, frozen_weight=frozen.weight,
+                               frozen_bias=frozen.bias, **config.loss_options().target_keywords(),
+                               check_finite=False)
+        for key, value in diag.items():
+            sums[key] = sums.get(key, 0.0) + float(value.nan_to_num().sum())
+        lengths = [len(rollout) for rollout in group_rollouts]
+        per_rollout = {kind: state.split(lengths) for kind, state in states.items()}
+        for k, rollout in enumerate(group_rollouts):
+            add_parts(parts, trainer.tokenizer, rollout, {kind: split[k] for kind, split in per_rollout.items()},
+                      head, frozen, config.loss_temperature)
+    tokens = sum(map(len, rollouts))
+    out = {key: value / max(1, tokens) for key, value in sums.items()}
+    out.update({f"where/{part}/{kind}": total / count for part, (count, sums_) in parts.items() if count
+                for kind, total in sums_.items()})
+    drift = trainer.drift.measure(contexts, list(enumerate(rollouts)))
+    out["kl_student_base"] = drift.get("drift/kl_student_base", float("nan"))
     out["kl_q_p"] = out["kl_teacher_student" if (mode or config.mode) == "opsd" else "kl_target_student"]
     texts = [trainer.tokenizer.decode(r, skip_special_tokens=True) for r in rollouts]
     out.update({f"markers/{k}": v / len(texts) for k, v in count_markers(texts, config.markers).items()})
