@@ -122,7 +122,7 @@ def main():
     m = args.sweep_rows
     s2, d2, grad = s[:m], t[:m], torch.empty_like(s[:m])
     kappa = torch.zeros(m, device="cuda")
-    opts = LossOptions(True, jsd_beta=0.0)
+    opts = LossOptions(pmi=True, jsd_beta=0.0)
     fused_shape = {}
     for name, backend, blocks in variants():
         with cuda_cluster(blocks):

@@ -76,7 +76,7 @@ def _traced(rank, world, init_file, n, hidden, vocab, result_file):
                 h.requires_grad_(True)
                 out = fused_pmi_kl(h, w, h_t, h_r, process_group=group, return_stats=stats, **options)
                 (out[0] if stats else out).backward()
-            opts = LossOptions(True, **options)
+            opts = LossOptions(pmi=True, **options)
             want = payload_bytes(n, opts, stats=stats, fused_hidden=None if fn_name == "pmi_kl" else hidden)
             lines.append(f"{fn_name} {options} stats={stats}: traced {sum(counted)} B, formula {want} B")
             assert sum(counted) == want, lines[-1]
@@ -103,7 +103,7 @@ def traced_check(n=7, hidden=16, vocab=101, world=2) -> str:
 def main():
     print("All-reduce payload per call, N = 8,192 rows, H = 4,096, bf16 hidden states, fp32 statistics:")
     for fn_name, options, stats in CASES:
-        opts = LossOptions(True, **options)
+        opts = LossOptions(pmi=True, **options)
         b = payload_bytes(8192, opts, stats=stats, fused_hidden=None if fn_name == "pmi_kl" else 4096)
         print(f"  {fn_name:13s} {str(options):38s} stats={stats!s:5s} {b / 2**20:8.2f} MiB")
     print("(a [N, V] fp32 tensor at V = 151,936 would be 4,748 MiB)")

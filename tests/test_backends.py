@@ -61,7 +61,7 @@ def test_rows_match_reference(device, backend, mode, kwargs):
     V = 1031 crosses tiles, sum blocks and thread groups on every kernel."""
     s, t, r, a = streams(6, 1031, torch.float32, device)
     a = a if mode == "pmi-anchor" else None
-    opts = LossOptions(mode != "opsd", **clear_entry_clip(kwargs, s, t, r if mode != "opsd" else None, a))
+    opts = LossOptions(pmi=mode != "opsd", **clear_entry_clip(kwargs, s, t, r if mode != "opsd" else None, a))
     mask = torch.tensor([True, False, True, True, True, False], device=device)
     row_scale = torch.rand(6, dtype=torch.float32, device=device) + 0.5
     loss, grad, stats = run_rows(backend, s, t, r, a, opts, mask=mask, row_scale=row_scale)
@@ -82,7 +82,7 @@ def test_odd_vocabularies_and_dtypes(device, backend, dtype, vocab, monkeypatch)
     if backend == "triton" and device == "cpu":
         import pmi_kernels.backends.triton.row_kernel as row_kernel
         monkeypatch.setattr(row_kernel, "INTERPRETER_BLOCK_V", 8192)
-    opts = LossOptions(True, jsd_beta=0.5)
+    opts = LossOptions(pmi=True, jsd_beta=0.5)
     s, t, r = streams(2, vocab, dtype, device, count=3)
     row_scale = torch.ones(2, dtype=compute_dtype(dtype), device=device)
     loss, grad, stats = run_rows(backend, s, t, r, None, opts, row_scale=row_scale)
@@ -97,7 +97,7 @@ def test_odd_vocabularies_and_dtypes(device, backend, dtype, vocab, monkeypatch)
 def test_strided_rows_and_gradient_in_place(device, backend):
     """Rows that are views into wider rows (an aligned and an unaligned row stride), and the
     gradient written over the student logits, as the fused path does."""
-    opts = LossOptions(True, jsd_beta=0.3)
+    opts = LossOptions(pmi=True, jsd_beta=0.3)
     for width in (1024 + 64, 1024 + 13):
         s, t, r = (x[:, :1024] for x in streams(5, width, torch.bfloat16, device, count=3))
         separate = run_rows(backend, s, t, r, None, opts)
@@ -113,7 +113,7 @@ def test_64bit_row_offsets(device, backend):
     """The second row starts 2**31 + 5 entries into its storage: offsets must be 64-bit. The
     storage is allocated but never touched beyond the two rows (the OS maps it lazily)."""
     vocab = 257
-    opts = LossOptions(True, jsd_beta=0.0)
+    opts = LossOptions(pmi=True, jsd_beta=0.0)
     views = []
     for _ in range(3):
         storage = torch.empty(2**31 + 5 + vocab, dtype=torch.bfloat16, device=device)
@@ -142,7 +142,7 @@ def test_cuda_rows_split_over_a_cluster(blocks, vocab, dtype, kwargs, monkeypatc
     V = 7 over 16 blocks leaves most slices empty, 65,537 has no 16-byte rows, a slice's tail."""
     monkeypatch.setenv("PMI_KERNELS_CUDA_CLUSTER", str(blocks))
     s, t, r, a = streams(5, vocab, dtype, "cuda")
-    opts = LossOptions(True, **clear_entry_clip(kwargs, s, t, r, a))
+    opts = LossOptions(pmi=True, **clear_entry_clip(kwargs, s, t, r, a))
     mask = torch.tensor([True, False, True, True, True], device="cuda")
     row_scale = torch.rand(5, dtype=compute_dtype(dtype), device="cuda") + 0.5
     loss, grad, stats = run_rows("cuda", s, t, r, a, opts, mask=mask, row_scale=row_scale)
@@ -166,7 +166,7 @@ def test_cuda_phases_split_over_a_cluster(jsd_beta, monkeypatch):
     monkeypatch.setattr(vocab_parallel, "all_reduce", lambda x, group, op=None: x)
     monkeypatch.setenv("PMI_KERNELS_CUDA_CLUSTER", "8")
     s, t, r = streams(4, 151936, torch.bfloat16, "cuda", count=3)
-    opts = LossOptions(True, jsd_beta=jsd_beta)
+    opts = LossOptions(pmi=True, jsd_beta=jsd_beta)
     grad, stats = torch.empty_like(s), torch.empty(4, len(STATS), device="cuda")
     loss = vocab_parallel.parallel_rows(REGISTRY["cuda"], s, t, r, None, opts=opts, group=None,
                                         row_scale=torch.ones(4, device="cuda"), grad_out=grad, stats_out=stats)
@@ -183,7 +183,7 @@ def test_a_bad_cuda_cluster_setting_is_an_error_naming_it(monkeypatch):
     monkeypatch.setenv("PMI_KERNELS_CUDA_CLUSTER", "3")
     s, t, r = streams(2, 64, torch.float32, "cuda", count=3)
     with pytest.raises(RuntimeError, match="PMI_KERNELS_CUDA_CLUSTER"):
-        REGISTRY["cuda"].rows(s, t, r, opts=LossOptions(True))
+        REGISTRY["cuda"].rows(s, t, r, opts=LossOptions(pmi=True))
 
 
 def test_auto_picks_the_cpu_kernel_and_falls_back_without_it(monkeypatch):
@@ -219,7 +219,7 @@ def test_op_schema_under_opcheck_and_compile():
     if resolve_backend("auto", torch.device("cpu")).name != "cpu":
         pytest.skip("the C++ extension is not built here")
     s, t, r = streams(3, 50, torch.float32, count=3)
-    options = LossOptions(True).pack()
+    options = LossOptions(pmi=True).pack()
     args = (s, t, r, None, None, None, torch.ones(3), torch.empty_like(s), torch.empty(3, 3), None, None, None, None,
             options)
     torch.library.opcheck(torch.ops.pmi_kernels.rows.default, args)

@@ -25,7 +25,7 @@ def _needs_the_extension():
 def options(**change):
     """LossOptions.pack()'s list, with raw values put in (no Python check runs on them)."""
     order = ["pmi", "beta", "clip", "center", "temperature", "jsd_beta", "entry_clip"]
-    packed = LossOptions(True).pack()
+    packed = LossOptions(pmi=True).pack()
     for name, value in change.items():
         packed[order.index(name)] = value
     return packed

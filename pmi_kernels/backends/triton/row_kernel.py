@@ -17,7 +17,6 @@ The gradient may alias the student logits: every pass reads a tile before it is 
 from __future__ import annotations
 
 import functools
-import math
 from typing import Optional
 
 import torch
@@ -296,11 +295,9 @@ def block_v(vocab: int, interpret: bool, block: Optional[int] = None) -> int:
 
 @functools.lru_cache(maxsize=64)
 def _params(opts: LossOptions, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """The kernel's scalars, one small cached tensor per option set (no copy per launch)."""
-    lam, clip = opts.jsd_beta, opts.clip or 1.0
-    values = [1.0 / opts.temperature, 1.0 / opts.beta, clip, 1.0 / clip, lam,
-              math.log1p(-lam) if lam < 1 else 0.0, math.log(lam) if lam > 0 else 0.0, opts.entry_clip or 0.0]
-    return torch.tensor(values, dtype=dtype, device=device)
+    """The kernel's scalars (LossOptions.kernel_scalars, in its order), one small cached tensor per
+    option set (no copy per launch)."""
+    return torch.tensor(list(opts.kernel_scalars()), dtype=dtype, device=device)
 
 
 def kappa_source(opts: LossOptions, kappa_given: bool) -> int:
