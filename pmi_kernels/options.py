@@ -2,8 +2,8 @@
 
 LossOptions is built by keyword only. `LossOptions.kernel_scalars()` derives the eight numbers
 the kernels read (for Triton; csrc/include/rows_args.h's `LossOptions::scalars` mirrors it).
-`pack()` / `unpack()` turn the options into the flat list of floats the custom ops (Python and
-C++) take, and back.
+`pack()` / `unpack()` turn the options into the flat list of floats the Python custom ops
+(logits.py, fused_linear.py) take, and back; the C++ op takes them as named arguments.
 """
 from __future__ import annotations
 

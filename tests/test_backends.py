@@ -11,6 +11,7 @@ import torch
 from conftest import PATHS, requires_cuda
 from helpers import assert_close, clear_entry_clip, streams, upcast
 from pmi_kernels.backends import REGISTRY, STATS, resolve_backend
+from pmi_kernels.backends.contract import Phase, RowBackend
 from pmi_kernels.options import LossOptions, compute_dtype
 from pmi_kernels.reference import pmi_kl_reference, pmi_target_logits
 
@@ -218,12 +219,53 @@ def test_op_schema_under_opcheck_and_compile():
     """pmi_kernels::rows has a fake kernel: opcheck passes and torch.compile traces it whole."""
     if resolve_backend("auto", torch.device("cpu")).name != "cpu":
         pytest.skip("the C++ extension is not built here")
+    from pmi_kernels.backends.native import option_arguments
     s, t, r = streams(3, 50, torch.float32, count=3)
-    options = LossOptions(pmi=True).pack()
-    args = (s, t, r, None, None, None, torch.ones(3), torch.empty_like(s), torch.empty(3, 3), None, None, None, None,
-            options)
-    torch.library.opcheck(torch.ops.pmi_kernels.rows.default, args)
-    torch.library.opcheck(torch.ops.pmi_kernels.diagnostics_rows.default, (s, t, r, None, options))
-    loss_only = args[:7] + (None,) * 6 + (options,)
-    compiled = torch.compile(lambda *xs: torch.ops.pmi_kernels.rows(*xs), fullgraph=True, backend="aot_eager")
-    assert torch.equal(compiled(*loss_only), torch.ops.pmi_kernels.rows(*loss_only))
+    options = option_arguments(LossOptions(pmi=True))
+    args = (s, t, r, None, None, None, torch.ones(3), torch.empty_like(s), torch.empty(3, 3), None, None, None, None)
+    torch.library.opcheck(torch.ops.pmi_kernels.rows.default, args, dict(phase=Phase.ALL.value, **options))
+    torch.library.opcheck(torch.ops.pmi_kernels.diagnostics_rows.default, (s, t, r, None), options)
+    loss_only = args[:7] + (None,) * 6
+
+    def call(*tensors):
+        return torch.ops.pmi_kernels.rows(*tensors, phase=Phase.ALL.value, **options)
+    compiled = torch.compile(call, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(*loss_only), call(*loss_only))
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_every_backend_takes_the_contracts_arguments(name):
+    """Each backend's rows and diagnostics_rows take contract.RowBackend's parameters: the
+    positional ones in order with the same defaults (named as the backend likes), the keyword
+    ones by name with the same defaults (a backend may add keyword ones with defaults)."""
+    import inspect
+    module = REGISTRY[name]._impl()
+    for function in ("rows", "diagnostics_rows"):
+        stated = list(inspect.signature(getattr(RowBackend, function)).parameters.values())[1:]  # past self
+        taken = list(inspect.signature(getattr(module, function)).parameters.values())
+        positional = [p for p in stated if p.kind != p.KEYWORD_ONLY]
+        assert [(p.kind, p.default) for p in taken[:len(positional)]] == [(p.kind, p.default) for p in positional], \
+            f"{name}.{function}'s positional parameters"
+        keywords = {p.name: p for p in taken[len(positional):]}
+        for parameter in stated[len(positional):]:
+            assert parameter.name in keywords, f"{name}.{function} lacks {parameter.name}"
+            assert keywords[parameter.name].kind == parameter.KEYWORD_ONLY, f"{name}.{function}: {parameter.name}"
+            assert keywords[parameter.name].default == parameter.default, f"{name}.{function}: {parameter.name}"
+        extra = [p for p in keywords.values() if p.name not in {q.name for q in stated}]
+        assert all(p.kind == p.KEYWORD_ONLY and p.default is not p.empty for p in extra), extra
+
+
+@pytest.mark.parametrize("device,backend", PATHS)
+def test_the_phase_is_given_never_inferred(device, backend):
+    """A phase given without its tensors, or with another phase's, is a ValueError naming them."""
+    s, t, r = streams(2, 64, torch.float32, device, count=3)
+    opts = LossOptions(pmi=True)
+    lse = torch.zeros(2, 4, device=device)
+    with pytest.raises(ValueError, match="phase LSE needs lse_out"):
+        REGISTRY[backend].rows(s, t, r, opts=opts, phase=Phase.LSE)
+    with pytest.raises(ValueError, match="phase ALL takes no lse_in"):
+        REGISTRY[backend].rows(s, t, r, opts=opts, lse_in=lse)
+    with pytest.raises(ValueError, match="phase GRAD needs slope_sum_in"):
+        REGISTRY[backend].rows(s, t, r, opts=opts, phase=Phase.GRAD, lse_in=lse)
+    with pytest.raises(ValueError, match="phase must be one of"):
+        REGISTRY[backend].rows(s, t, r, opts=opts, phase=7)

@@ -1,8 +1,12 @@
 """LossOptions: built by keyword only, and the kernel scalars it derives for the Triton kernels
-(LossOptions.kernel_scalars), at options that set every scalar."""
-import pytest
+(LossOptions.kernel_scalars) equal the C++ side's (LossOptions::scalars in
+csrc/include/rows_args.h), bit for bit, at options that set every scalar."""
+import dataclasses
 
-from pmi_kernels.options import LossOptions
+import pytest
+import torch
+
+from pmi_kernels.options import KernelScalars, LossOptions
 
 # Each scalar away from its default at least once: 1/τ, 1/β, the clip (and none), λ at both ends
 # (where log(1 - λ) or log λ is -inf and stands as 0) and inside, the entry clip (and none).
@@ -31,3 +35,18 @@ def test_kernel_scalars_are_the_options(kwargs):
     assert k.inv_tau == 1 / opts.temperature and k.inv_beta == 1 / opts.beta
     assert k.clip == (opts.clip or 1.0) and k.inv_clip == 1 / k.clip and k.lam == opts.jsd_beta
     assert k.entry_clip == (opts.entry_clip or 0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kwargs", OPTIONS)
+def test_python_and_cpp_kernel_scalars_agree(kwargs, dtype):
+    from pmi_kernels.backends.native import extension, option_arguments
+    reason = extension.load()
+    if reason is not None:
+        pytest.skip(reason)
+    opts = LossOptions(**{"pmi": True, **kwargs})
+    cpp = torch.ops.pmi_kernels.kernel_scalars(**option_arguments(opts), dtype=dtype)
+    python = torch.tensor(list(opts.kernel_scalars()), dtype=torch.float64).to(dtype)
+    assert cpp.dtype == dtype and cpp.shape == (len(KernelScalars._fields),)
+    for name, c, p in zip(KernelScalars._fields, cpp.tolist(), python.tolist()):
+        assert c == p, f"{name}: C++ {c!r}, Python {p!r} ({dataclasses.asdict(opts)})"
