@@ -79,7 +79,7 @@ def _traced(rank, world, init_file, n, hidden, vocab, result_file):
                 h.requires_grad_(True)
                 out = fused_pmi_kl(h, w, h_t, h_r, process_group=group, return_stats=stats, **options)
                 (out[0] if stats else out).backward()
-            opts = LossOptions(True, **options)
+            opts = LossOptions(pmi=True, **options)
             want = payload_bytes(n, opts, stats=stats, fused_hidden=None if fn_name == "pmi_kl" else hidden)
             lines.append(f"{fn_name} {options} stats={stats}: traced {sum(counted)} B, formula {want} B")
             assert sum(counted) == want, lines[-1]
@@ -110,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"All-reduce payload per call, N = {args.n:,} rows, H = {args.hidden:,}, bf16 hidden states, "
           "fp32 statistics:")
     for fn_name, options, stats in CASES:
-        opts = LossOptions(True, **options)
+        opts = LossOptions(pmi=True, **options)
         b = payload_bytes(args.n, opts, stats=stats, fused_hidden=None if fn_name == "pmi_kl" else args.hidden)
         results.add(f"{fn_name} {options} stats={stats}", "formula", "all_reduce_payload", b, "bytes", n=args.n,
                     hidden=args.hidden if fn_name == "fused_pmi_kl" else None, **options, return_stats=stats)

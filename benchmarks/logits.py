@@ -158,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     m = args.sweep_rows
     s2, d2, grad = s[:m], t[:m], torch.empty_like(s[:m])
     kappa = torch.zeros(m, device=device)
-    opts = LossOptions(True, jsd_beta=0.0)
+    opts = LossOptions(pmi=True, jsd_beta=0.0)
 
     def row_kernel(backend: str) -> Callable[[], Any]:
         def side() -> Any:

@@ -40,7 +40,7 @@ def pmi_diagnostics(student, teacher, refonly, anchor=None, *, lm_head_weight=No
     first = validation.check_streams(streams, "H" if lm_head_weight is not None else "V")
     validation.check_workspace(workspace_bytes)
     validation.check_bool("check_finite", check_finite)
-    opts = LossOptions(True, beta, clip, center, temperature)
+    opts = LossOptions(pmi=True, beta=beta, clip=clip, center=center, temperature=temperature)
     head = {"lm_head_weight": lm_head_weight, "lm_head_bias": lm_head_bias, "frozen_weight": frozen_weight,
             "frozen_bias": frozen_bias}
     if lm_head_weight is not None:

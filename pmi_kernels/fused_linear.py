@@ -302,7 +302,8 @@ def fused_pmi_kl(student_hidden, lm_head_weight, teacher_hidden, refonly_hidden=
         for name, flag in (("return_stats", return_stats), ("check_finite", check_finite),
                            ("grad_weight_fp32", grad_weight_fp32)):
             validation.check_bool(name, flag)
-        opts = LossOptions(refonly_hidden is not None, beta, clip, center, temperature, jsd_beta, entry_clip)
+        opts = LossOptions(pmi=refonly_hidden is not None, beta=beta, clip=clip, center=center, temperature=temperature,
+                           jsd_beta=jsd_beta, entry_clip=entry_clip)
         impl = resolve_backend(backend, student.device)
         if check_finite:
             validation.check_finite({**streams, "lm_head_weight": lm_head_weight, "lm_head_bias": lm_head_bias,

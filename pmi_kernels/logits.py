@@ -132,7 +132,8 @@ def pmi_kl(student_logits, teacher_logits, refonly_logits=None, anchor_logits=No
         validation.check_workspace(workspace_bytes)
         for name, flag in (("return_stats", return_stats), ("check_finite", check_finite)):
             validation.check_bool(name, flag)
-        opts = LossOptions(refonly_logits is not None, beta, clip, center, temperature, jsd_beta, entry_clip)
+        opts = LossOptions(pmi=refonly_logits is not None, beta=beta, clip=clip, center=center, temperature=temperature,
+                           jsd_beta=jsd_beta, entry_clip=entry_clip)
         impl = resolve_backend(backend, student.device)
         if check_finite:
             validation.check_finite(streams)

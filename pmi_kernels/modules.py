@@ -25,7 +25,7 @@ LOSS_OPTIONS = ("beta", "clip", "center", "temperature", "jsd_beta", "entry_clip
 
 def _check(options: dict) -> None:
     """The options' values, checked at construction as the function checks them per call."""
-    LossOptions(True, **{k: v for k, v in options.items() if k in LOSS_OPTIONS})
+    LossOptions(pmi=True, **{k: v for k, v in options.items() if k in LOSS_OPTIONS})
     validation.check_reduction(options.get("reduction", "mean"))
     validation.check_workspace(options.get("workspace_bytes"))
     validation.check_choice("backend", options.get("backend", "auto"), BACKENDS)

@@ -1,14 +1,16 @@
 """The scalar options of the PMI-KL loss, validated once and shared by every path.
 
-`LossOptions.pack()` / `LossOptions.unpack()` are the one place the options become the flat
-list of floats that the custom ops (Python and C++) take, and come back.
+LossOptions is built by keyword only. `LossOptions.kernel_scalars()` derives the eight numbers
+the kernels read (for Triton; csrc/include/rows_args.h's `LossOptions::scalars` mirrors it).
+`pack()` / `unpack()` turn the options into the flat list of floats the Python custom ops
+(logits.py, fused_linear.py) take, and back; the C++ op takes them as named arguments.
 """
 from __future__ import annotations
 
 import math
 import numbers
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import List, NamedTuple, Optional, Sequence
 
 import torch
 
@@ -62,7 +64,22 @@ def check_number(name: str, value, low: float, high: float, low_open: bool = Fal
     return number
 
 
-@dataclass(frozen=True)
+class KernelScalars(NamedTuple):
+    """The options as the kernels read them (csrc/include/pmi_math.h's Scalars<T>, same order):
+    1/τ, 1/β, the clip c (1 when there is none) and 1/c, the JSD weight λ with log(1 - λ) and
+    log λ (0 where they would be -inf: that loss kind never reads them), the entry clip (0: none)."""
+
+    inv_tau: float
+    inv_beta: float
+    clip: float
+    inv_clip: float
+    lam: float
+    log_1m_lam: float
+    log_lam: float
+    entry_clip: float
+
+
+@dataclass(frozen=True, kw_only=True)
 class LossOptions:
     """beta, clip, center, temperature, jsd_beta and entry_clip of the loss (docs/loss.md).
 
@@ -103,7 +120,17 @@ class LossOptions:
     @classmethod
     def unpack(cls, values: Sequence[float]) -> "LossOptions":
         pmi, beta, clip, center, temperature, jsd_beta, entry_clip = values
-        return cls(bool(pmi), beta, clip or None, bool(center), temperature, jsd_beta, entry_clip or None)
+        return cls(pmi=bool(pmi), beta=beta, clip=clip or None, center=bool(center), temperature=temperature,
+                   jsd_beta=jsd_beta, entry_clip=entry_clip or None)
+
+    def kernel_scalars(self) -> KernelScalars:
+        """The kernels' scalars, in float64; the one derivation on the Python side (the Triton
+        launchers), mirrored by LossOptions::scalars in csrc/include/rows_args.h."""
+        lam, clip = self.jsd_beta, 1.0 if self.clip is None else self.clip
+        return KernelScalars(inv_tau=1.0 / self.temperature, inv_beta=1.0 / self.beta, clip=clip, inv_clip=1.0 / clip,
+                             lam=lam, log_1m_lam=math.log1p(-lam) if lam < 1 else 0.0,
+                             log_lam=math.log(lam) if lam > 0 else 0.0,
+                             entry_clip=0.0 if self.entry_clip is None else self.entry_clip)
 
     def target_keywords(self) -> dict:
         """The options that define the target q, as pmi_diagnostics takes them."""

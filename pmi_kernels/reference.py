@@ -95,7 +95,8 @@ def reduce_loss(per_row, mask, reduction: str):
 def pmi_kl_reference(student_logits, teacher_logits, refonly_logits=None, anchor_logits=None, *,
                      mask=None, beta=1.0, clip=10.0, center=True, temperature=1.0,
                      jsd_beta=0.5, entry_clip=None, reduction="mean"):
-    opts = LossOptions(refonly_logits is not None, beta, clip, center, temperature, jsd_beta, entry_clip)
+    opts = LossOptions(pmi=refonly_logits is not None, beta=beta, clip=clip, center=center, temperature=temperature,
+                       jsd_beta=jsd_beta, entry_clip=entry_clip)
     dtype = compute_dtype(student_logits.dtype)
     scale = lambda x: None if x is None else x.to(dtype) / opts.temperature  # noqa: E731
     s, t, r, a = map(scale, (student_logits, teacher_logits, refonly_logits, anchor_logits))
@@ -134,7 +135,7 @@ def _cosine(x, y):
 def pmi_diagnostics_reference(student_logits, teacher_logits, refonly_logits, anchor_logits=None, *,
                               beta=1.0, clip=10.0, center=True, temperature=1.0) -> Dict[str, torch.Tensor]:
     """The paper's decomposition of the teacher signal, per position (leading shape kept)."""
-    opts = LossOptions(True, beta, clip, center, temperature)
+    opts = LossOptions(pmi=True, beta=beta, clip=clip, center=center, temperature=temperature)
     dtype = compute_dtype(student_logits.dtype)
     scale = lambda x: None if x is None else x.detach().to(dtype) / opts.temperature  # noqa: E731
     s, t, r, a = map(scale, (student_logits, teacher_logits, refonly_logits, anchor_logits))

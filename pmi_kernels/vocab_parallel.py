@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from .backends import Backend
+from .backends.contract import Phase
 from .options import LossOptions, compute_dtype
 
 # Process groups by name: the custom ops take names (a group is no op argument type).
@@ -168,25 +169,26 @@ def logits_kappa(t_raw, r_raw, opts: LossOptions, vocab: int, group) -> Optional
 
 def parallel_rows(impl: Backend, s, t, r, a, *, opts: LossOptions, group, kappa=None, mask=None, row_scale=None,
                   grad_out=None, stats_out=None) -> torch.Tensor:
-    """The row operation's contract (backends/__init__.py) over this rank's vocabulary shard:
-    the whole row's loss and statistics (the same on every rank), this shard's gradient."""
+    """The row operation's contract (backends/contract.py) over this rank's vocabulary shard:
+    the whole row's loss and statistics (the same on every rank), this shard's gradient, in the
+    phases of backends.contract.Phase with the gathers between them."""
     n = s.shape[0]
     dtype = compute_dtype(s.dtype)
     local = torch.empty(n, 4, dtype=dtype, device=s.device)
-    impl.rows(s, t, r, a, opts=opts, kappa=kappa, mask=mask, lse_out=local)
+    impl.rows(s, t, r, a, opts=opts, phase=Phase.LSE, kappa=kappa, mask=mask, lse_out=local)
     lse = gather_lse(local, group)
     sums = torch.empty(n, 2 + (0 if stats_out is None else stats_out.shape[1]), dtype=dtype, device=s.device)
     slope_sum = torch.empty(n, dtype=dtype, device=s.device)
     stats = None if stats_out is None else torch.empty_like(stats_out)
-    sums[:, 0] = impl.rows(s, t, r, a, opts=opts, kappa=kappa, mask=mask, row_scale=row_scale, grad_out=grad_out,
-                           stats_out=stats, lse_in=lse, slope_sum_out=slope_sum)
+    sums[:, 0] = impl.rows(s, t, r, a, opts=opts, phase=Phase.FROM_LSE, kappa=kappa, mask=mask, row_scale=row_scale,
+                           grad_out=grad_out, stats_out=stats, lse_in=lse, slope_sum_out=slope_sum)
     sums[:, 1] = slope_sum
     if stats is not None:
         sums[:, 2:] = stats
     all_reduce(sums, group)
     if grad_out is not None and not opts.fast_grad:
-        impl.rows(s, t, r, a, opts=opts, kappa=kappa, mask=mask, row_scale=row_scale, grad_out=grad_out, lse_in=lse,
-                  slope_sum_in=sums[:, 1].contiguous())
+        impl.rows(s, t, r, a, opts=opts, phase=Phase.GRAD, kappa=kappa, mask=mask, row_scale=row_scale,
+                  grad_out=grad_out, lse_in=lse, slope_sum_in=sums[:, 1].contiguous())
     if stats_out is not None:
         stats_out.copy_(sums[:, 2:])
     return sums[:, 0]

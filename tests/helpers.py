@@ -34,7 +34,7 @@ def clear_entry_clip(kwargs: dict, s, t, r=None, a=None, gap: float = 1e-5) -> d
     clip = kwargs.get("entry_clip")
     if clip is None:
         return kwargs
-    opts = LossOptions(r is not None, **kwargs)
+    opts = LossOptions(pmi=r is not None, **kwargs)
     s, t, r, a = (None if x is None else upcast(x) / opts.temperature for x in (s, t, r, a))
     summands = jsd_summands(s.log_softmax(-1), pmi_target_logits(s, t, r, a, opts).log_softmax(-1), opts.jsd_beta)
     while ((summands - clip).abs() <= gap * clip).any():

@@ -11,6 +11,7 @@ import torch
 from conftest import PATHS, requires_cuda
 from helpers import assert_close, clear_entry_clip, streams, upcast
 from pmi_kernels.backends import REGISTRY, STATS, resolve_backend
+from pmi_kernels.backends.contract import Phase, RowBackend
 from pmi_kernels.options import LossOptions, compute_dtype
 from pmi_kernels.reference import pmi_kl_reference, pmi_target_logits
 
@@ -61,7 +62,7 @@ def test_rows_match_reference(device, backend, mode, kwargs):
     V = 1031 crosses tiles, sum blocks and thread groups on every kernel."""
     s, t, r, a = streams(6, 1031, torch.float32, device)
     a = a if mode == "pmi-anchor" else None
-    opts = LossOptions(mode != "opsd", **clear_entry_clip(kwargs, s, t, r if mode != "opsd" else None, a))
+    opts = LossOptions(pmi=mode != "opsd", **clear_entry_clip(kwargs, s, t, r if mode != "opsd" else None, a))
     mask = torch.tensor([True, False, True, True, True, False], device=device)
     row_scale = torch.rand(6, dtype=torch.float32, device=device) + 0.5
     loss, grad, stats = run_rows(backend, s, t, r, a, opts, mask=mask, row_scale=row_scale)
@@ -82,7 +83,7 @@ def test_odd_vocabularies_and_dtypes(device, backend, dtype, vocab, monkeypatch)
     if backend == "triton" and device == "cpu":
         import pmi_kernels.backends.triton.row_kernel as row_kernel
         monkeypatch.setattr(row_kernel, "INTERPRETER_BLOCK_V", 8192)
-    opts = LossOptions(True, jsd_beta=0.5)
+    opts = LossOptions(pmi=True, jsd_beta=0.5)
     s, t, r = streams(2, vocab, dtype, device, count=3)
     row_scale = torch.ones(2, dtype=compute_dtype(dtype), device=device)
     loss, grad, stats = run_rows(backend, s, t, r, None, opts, row_scale=row_scale)
@@ -97,7 +98,7 @@ def test_odd_vocabularies_and_dtypes(device, backend, dtype, vocab, monkeypatch)
 def test_strided_rows_and_gradient_in_place(device, backend):
     """Rows that are views into wider rows (an aligned and an unaligned row stride), and the
     gradient written over the student logits, as the fused path does."""
-    opts = LossOptions(True, jsd_beta=0.3)
+    opts = LossOptions(pmi=True, jsd_beta=0.3)
     for width in (1024 + 64, 1024 + 13):
         s, t, r = (x[:, :1024] for x in streams(5, width, torch.bfloat16, device, count=3))
         separate = run_rows(backend, s, t, r, None, opts)
@@ -113,7 +114,7 @@ def test_64bit_row_offsets(device, backend):
     """The second row starts 2**31 + 5 entries into its storage: offsets must be 64-bit. The
     storage is allocated but never touched beyond the two rows (the OS maps it lazily)."""
     vocab = 257
-    opts = LossOptions(True, jsd_beta=0.0)
+    opts = LossOptions(pmi=True, jsd_beta=0.0)
     views = []
     for _ in range(3):
         storage = torch.empty(2**31 + 5 + vocab, dtype=torch.bfloat16, device=device)
@@ -142,7 +143,7 @@ def test_cuda_rows_split_over_a_cluster(blocks, vocab, dtype, kwargs, monkeypatc
     V = 7 over 16 blocks leaves most slices empty, 65,537 has no 16-byte rows, a slice's tail."""
     monkeypatch.setenv("PMI_KERNELS_CUDA_CLUSTER", str(blocks))
     s, t, r, a = streams(5, vocab, dtype, "cuda")
-    opts = LossOptions(True, **clear_entry_clip(kwargs, s, t, r, a))
+    opts = LossOptions(pmi=True, **clear_entry_clip(kwargs, s, t, r, a))
     mask = torch.tensor([True, False, True, True, True], device="cuda")
     row_scale = torch.rand(5, dtype=compute_dtype(dtype), device="cuda") + 0.5
     loss, grad, stats = run_rows("cuda", s, t, r, a, opts, mask=mask, row_scale=row_scale)
@@ -166,7 +167,7 @@ def test_cuda_phases_split_over_a_cluster(jsd_beta, monkeypatch):
     monkeypatch.setattr(vocab_parallel, "all_reduce", lambda x, group, op=None: x)
     monkeypatch.setenv("PMI_KERNELS_CUDA_CLUSTER", "8")
     s, t, r = streams(4, 151936, torch.bfloat16, "cuda", count=3)
-    opts = LossOptions(True, jsd_beta=jsd_beta)
+    opts = LossOptions(pmi=True, jsd_beta=jsd_beta)
     grad, stats = torch.empty_like(s), torch.empty(4, len(STATS), device="cuda")
     loss = vocab_parallel.parallel_rows(REGISTRY["cuda"], s, t, r, None, opts=opts, group=None,
                                         row_scale=torch.ones(4, device="cuda"), grad_out=grad, stats_out=stats)
@@ -183,7 +184,7 @@ def test_a_bad_cuda_cluster_setting_is_an_error_naming_it(monkeypatch):
     monkeypatch.setenv("PMI_KERNELS_CUDA_CLUSTER", "3")
     s, t, r = streams(2, 64, torch.float32, "cuda", count=3)
     with pytest.raises(RuntimeError, match="PMI_KERNELS_CUDA_CLUSTER"):
-        REGISTRY["cuda"].rows(s, t, r, opts=LossOptions(True))
+        REGISTRY["cuda"].rows(s, t, r, opts=LossOptions(pmi=True))
 
 
 def test_auto_picks_the_cpu_kernel_and_falls_back_without_it(monkeypatch):
@@ -218,12 +219,53 @@ def test_op_schema_under_opcheck_and_compile():
     """pmi_kernels::rows has a fake kernel: opcheck passes and torch.compile traces it whole."""
     if resolve_backend("auto", torch.device("cpu")).name != "cpu":
         pytest.skip("the C++ extension is not built here")
+    from pmi_kernels.backends.native import option_arguments
     s, t, r = streams(3, 50, torch.float32, count=3)
-    options = LossOptions(True).pack()
-    args = (s, t, r, None, None, None, torch.ones(3), torch.empty_like(s), torch.empty(3, 3), None, None, None, None,
-            options)
-    torch.library.opcheck(torch.ops.pmi_kernels.rows.default, args)
-    torch.library.opcheck(torch.ops.pmi_kernels.diagnostics_rows.default, (s, t, r, None, options))
-    loss_only = args[:7] + (None,) * 6 + (options,)
-    compiled = torch.compile(lambda *xs: torch.ops.pmi_kernels.rows(*xs), fullgraph=True, backend="aot_eager")
-    assert torch.equal(compiled(*loss_only), torch.ops.pmi_kernels.rows(*loss_only))
+    options = option_arguments(LossOptions(pmi=True))
+    args = (s, t, r, None, None, None, torch.ones(3), torch.empty_like(s), torch.empty(3, 3), None, None, None, None)
+    torch.library.opcheck(torch.ops.pmi_kernels.rows.default, args, dict(phase=Phase.ALL.value, **options))
+    torch.library.opcheck(torch.ops.pmi_kernels.diagnostics_rows.default, (s, t, r, None), options)
+    loss_only = args[:7] + (None,) * 6
+
+    def call(*tensors):
+        return torch.ops.pmi_kernels.rows(*tensors, phase=Phase.ALL.value, **options)
+    compiled = torch.compile(call, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(*loss_only), call(*loss_only))
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_every_backend_takes_the_contracts_arguments(name):
+    """Each backend's rows and diagnostics_rows take contract.RowBackend's parameters: the
+    positional ones in order with the same defaults (named as the backend likes), the keyword
+    ones by name with the same defaults (a backend may add keyword ones with defaults)."""
+    import inspect
+    module = REGISTRY[name]._impl()
+    for function in ("rows", "diagnostics_rows"):
+        stated = list(inspect.signature(getattr(RowBackend, function)).parameters.values())[1:]  # past self
+        taken = list(inspect.signature(getattr(module, function)).parameters.values())
+        positional = [p for p in stated if p.kind != p.KEYWORD_ONLY]
+        assert [(p.kind, p.default) for p in taken[:len(positional)]] == [(p.kind, p.default) for p in positional], \
+            f"{name}.{function}'s positional parameters"
+        keywords = {p.name: p for p in taken[len(positional):]}
+        for parameter in stated[len(positional):]:
+            assert parameter.name in keywords, f"{name}.{function} lacks {parameter.name}"
+            assert keywords[parameter.name].kind == parameter.KEYWORD_ONLY, f"{name}.{function}: {parameter.name}"
+            assert keywords[parameter.name].default == parameter.default, f"{name}.{function}: {parameter.name}"
+        extra = [p for p in keywords.values() if p.name not in {q.name for q in stated}]
+        assert all(p.kind == p.KEYWORD_ONLY and p.default is not p.empty for p in extra), extra
+
+
+@pytest.mark.parametrize("device,backend", PATHS)
+def test_the_phase_is_given_never_inferred(device, backend):
+    """A phase given without its tensors, or with another phase's, is a ValueError naming them."""
+    s, t, r = streams(2, 64, torch.float32, device, count=3)
+    opts = LossOptions(pmi=True)
+    lse = torch.zeros(2, 4, device=device)
+    with pytest.raises(ValueError, match="phase LSE needs lse_out"):
+        REGISTRY[backend].rows(s, t, r, opts=opts, phase=Phase.LSE)
+    with pytest.raises(ValueError, match="phase ALL takes no lse_in"):
+        REGISTRY[backend].rows(s, t, r, opts=opts, lse_in=lse)
+    with pytest.raises(ValueError, match="phase GRAD needs slope_sum_in"):
+        REGISTRY[backend].rows(s, t, r, opts=opts, phase=Phase.GRAD, lse_in=lse)
+    with pytest.raises(ValueError, match="phase must be one of"):
+        REGISTRY[backend].rows(s, t, r, opts=opts, phase=7)

@@ -122,7 +122,7 @@ def reference_stats(s, t, r, a=None, **options):
     temperature = options.get("temperature", 1.0)
     scaled = lambda x: None if x is None else upcast(x) / temperature  # noqa: E731
     from pmi_kernels.options import LossOptions
-    opts = LossOptions(r is not None, **options)
+    opts = LossOptions(pmi=r is not None, **options)
     lp = scaled(s).log_softmax(-1)
     lq = pmi_target_logits(scaled(s), scaled(t), scaled(r), scaled(a), opts).log_softmax(-1)
     p, q = lp.exp(), lq.exp()

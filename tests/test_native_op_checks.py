@@ -2,12 +2,14 @@
 torch.ops.pmi_kernels, where no Python check runs first: each check refuses its one spoiled
 argument with its message, each option range is accepted at its edge and refused just past it,
 and the unspoiled calls (the whole operation and each phase of a split vocabulary) run."""
+import dataclasses
 import math
 
 import pytest
 import torch
 
 from helpers import streams
+from pmi_kernels.backends.contract import Phase
 from pmi_kernels.options import LossOptions
 
 N, V = 3, 50
@@ -23,12 +25,15 @@ def _needs_the_extension():
 
 
 def options(**change):
-    """LossOptions.pack()'s list, with raw values put in (no Python check runs on them)."""
-    order = ["pmi", "beta", "clip", "center", "temperature", "jsd_beta", "entry_clip"]
-    packed = LossOptions(True).pack()
-    for name, value in change.items():
-        packed[order.index(name)] = value
-    return packed
+    """LossOptions' fields as the schemas' named arguments, with raw values put in (no Python
+    check runs on them)."""
+    named = dataclasses.asdict(LossOptions(pmi=True))
+    assert set(change) <= set(named), change
+    return {**named, **change}
+
+
+# The test's names for the phases, as vocab_parallel.parallel_rows runs them.
+PHASES = {"whole": Phase.ALL, "lse": Phase.LSE, "sums": Phase.FROM_LSE, "gradient": Phase.GRAD}
 
 
 def rows_args(phase="whole", dtype=torch.float32):
@@ -39,7 +44,7 @@ def rows_args(phase="whole", dtype=torch.float32):
     args = dict(student=s, teacher=t, refonly=r, anchor=a, kappa=torch.zeros(N, dtype=acc),
                 mask=torch.ones(N, dtype=torch.bool), row_scale=torch.ones(N, dtype=acc), grad=torch.empty_like(s),
                 stats=torch.empty(N, 3, dtype=acc), lse_in=None, lse_out=None, slope_sum_in=None, slope_sum_out=None,
-                options=options())
+                phase=PHASES[phase].value, **options())
     lse = torch.stack([s.max(-1).values, torch.ones(N, dtype=acc)] * 2, -1).to(acc).contiguous()
     if phase == "lse":
         args.update(row_scale=None, grad=None, stats=None, lse_out=torch.empty(N, 4, dtype=acc))
@@ -81,8 +86,21 @@ ROWS_CASES = [
     ("stats-dtype", "whole", spoiled("stats", lambda x: x.double()), "stats must be a contiguous"),
     ("stats-strided", "whole", spoiled("stats", strided), "stats must be a contiguous"),
     ("slope-sum-without-lse", "gradient", lambda a: {"lse_in": None}, "slope_sum_in needs lse_in"),
-    ("options-short", "whole", spoiled("options", lambda x: x[:6]), "options must hold the 7 values"),
-    ("options-long", "whole", spoiled("options", lambda x: x + [0.0]), "options must hold the 7 values"),
+    ("phase-unknown", "whole", lambda a: {"phase": 4}, r"phase must be 0 \(all passes\)"),
+    ("phase-negative", "whole", lambda a: {"phase": -1}, r"phase must be 0 \(all passes\)"),
+    # The phase is the argument's, never inferred from the tensors: each phase takes its own.
+    ("whole-with-lse-out", "whole", lambda a: {"lse_out": torch.empty(N, 4)},
+     r"phase 0 \(all passes\) takes no lse_out"),
+    ("whole-with-lse-in", "whole", lambda a: {"lse_in": torch.zeros(N, 4)}, r"phase 0 \(all passes\) takes no lse_in"),
+    ("lse-without-lse-out", "lse", lambda a: {"lse_out": None}, r"phase 1 \(log-sum-exps\) needs lse_out"),
+    ("lse-with-lse-in", "lse", lambda a: {"lse_in": torch.zeros(N, 4)}, r"phase 1 \(log-sum-exps\) takes no lse_in"),
+    ("sums-without-lse-in", "sums", lambda a: {"lse_in": None}, r"phase 2 \(sums from .*\) needs lse_in"),
+    ("sums-without-slope-sum-out", "sums", lambda a: {"slope_sum_out": None},
+     r"phase 2 \(sums from .*\) needs slope_sum_out"),
+    ("gradient-without-slope-sum-in", "gradient", lambda a: {"slope_sum_in": None},
+     r"phase 3 \(gradient from .*\) needs slope_sum_in"),
+    ("gradient-with-slope-sum-out", "gradient", lambda a: {"slope_sum_out": torch.empty(N)},
+     r"phase 3 \(gradient from .*\) takes no slope_sum_out"),
 ]
 for stream in ("teacher", "refonly", "anchor", "grad"):
     ROWS_CASES += [
@@ -123,10 +141,10 @@ def test_rows_refuses(what, phase, change, message):
         rows(**args)
 
 
-# (option, edge accepted, one step past it, message): beta and temperature > 0, the clips >= 0
-# (0: none), jsd_beta in [0, 1].
-OPTION_EDGES = [("beta", TINY, 0.0, "bad options"), ("temperature", TINY, 0.0, "bad options"),
-                ("clip", 0.0, -TINY, "bad options"), ("entry_clip", 0.0, -TINY, "bad options"),
+# (option, edge accepted, one step past it, message): beta and temperature > 0, the clips > 0
+# (None: no clip; 0 is no longer a stand-in for None), jsd_beta in [0, 1].
+OPTION_EDGES = [("beta", TINY, 0.0, "bad options: beta"), ("temperature", TINY, 0.0, "bad options: temperature"),
+                ("clip", TINY, 0.0, "bad options: clip"), ("entry_clip", TINY, 0.0, "bad options: entry_clip"),
                 ("jsd_beta", 0.0, -TINY, r"jsd_beta must be in \[0, 1\]"),
                 ("jsd_beta", 1.0, math.nextafter(1.0, 2.0), r"jsd_beta must be in \[0, 1\]")]
 
@@ -136,9 +154,9 @@ OPTION_EDGES = [("beta", TINY, 0.0, "bad options"), ("temperature", TINY, 0.0, "
 def test_option_ranges_at_their_edges(op, name, edge, beyond, message):
     def call(value):
         if op == "rows":
-            return rows(**{**rows_args(), "options": options(**{name: value})})
+            return rows(**{**rows_args(), **options(**{name: value})})
         s, t, r, a = streams(N, V, count=4)
-        return torch.ops.pmi_kernels.diagnostics_rows(s, t, r, a, options(**{name: value}))
+        return torch.ops.pmi_kernels.diagnostics_rows(s, t, r, a, **options(**{name: value}))
     call(edge)
     with pytest.raises(RuntimeError, match=f"pmi_kernels: {message}"):
         call(beyond)
@@ -147,8 +165,7 @@ def test_option_ranges_at_their_edges(op, name, edge, beyond, message):
 def diagnostics_cases():
     cases = [("student-1d", lambda a: {"student": a["student"][0]}, r"student must be 2-D \[rows, vocab > 0\]"),
              ("empty-vocabulary", lambda a: {k: a[k][:, :0] for k in ("student", "teacher", "refonly", "anchor")},
-              r"student must be 2-D \[rows, vocab > 0\]"),
-             ("options-short", spoiled("options", lambda x: x[:6]), "options must hold the 7 values")]
+              r"student must be 2-D \[rows, vocab > 0\]")]
     for stream in ("teacher", "refonly", "anchor"):
         cases += [(f"{stream}-shape", spoiled(stream, lambda x: x[:, :-1]), f"{stream} has shape"),
                   (f"{stream}-dtype", spoiled(stream, lambda x: x.double()), f"{stream} has dtype"),
@@ -159,8 +176,41 @@ def diagnostics_cases():
 @pytest.mark.parametrize("what,change,message", diagnostics_cases())
 def test_diagnostics_rows_refuses(what, change, message):
     s, t, r, a = streams(N, V, count=4)
-    args = dict(student=s, teacher=t, refonly=r, anchor=a, options=options())
+    args = dict(student=s, teacher=t, refonly=r, anchor=a, **options())
     assert torch.ops.pmi_kernels.diagnostics_rows(**args).shape == (N, 7)
     args.update(change(args))
     with pytest.raises(RuntimeError, match=f"pmi_kernels: {message}"):
         torch.ops.pmi_kernels.diagnostics_rows(**args)
+
+
+@pytest.mark.parametrize("op", ["rows", "diagnostics_rows"])
+def test_absent_clips_are_none(op):
+    """clip=None and entry_clip=None clip nothing: the loss equals a clip so large it is the identity."""
+    args, (s, t, r, a) = rows_args(), streams(N, V, count=4)
+
+    def call(**change):
+        if op == "rows":
+            return rows(**{**args, **options(**change)})
+        return torch.ops.pmi_kernels.diagnostics_rows(s, t, r, a, **options(**change))
+    assert torch.allclose(call(clip=None, entry_clip=None), call(clip=1e30, entry_clip=1e30), rtol=1e-6)
+
+
+@pytest.mark.parametrize("op", ["rows", "diagnostics_rows"])
+def test_the_options_are_named_and_typed(op):
+    """The schemas take every option (and the phase) by name only: one left out, one of the wrong
+    type, or all of them by position, is refused by the dispatcher before any kernel runs."""
+    if op == "rows":
+        args = rows_args()
+        call = torch.ops.pmi_kernels.rows
+    else:
+        s, t, r, a = streams(N, V, count=4)
+        args = dict(student=s, teacher=t, refonly=r, anchor=a, **options())
+        call = torch.ops.pmi_kernels.diagnostics_rows
+    for name in [*options(), *(["phase"] if op == "rows" else [])]:
+        with pytest.raises(RuntimeError, match=f"missing value for argument '{name}'"):
+            call(**{k: v for k, v in args.items() if k != name})
+    with pytest.raises(RuntimeError, match="Expected a value of type 'float' for argument 'beta'"):
+        call(**{**args, "beta": "one"})
+    positional = [args[arg.name] for arg in call.default._schema.arguments]
+    with pytest.raises(RuntimeError, match="positional argument"):
+        call(*positional)

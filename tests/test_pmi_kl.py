@@ -147,7 +147,7 @@ def test_kernel_writes_every_output():
         s, t, r = streams(6, 333, torch.float32, device, count=3)
         mask = torch.tensor([True, False, True, True, False, True], device=device)
         grad = torch.full_like(s, float("nan"))
-        loss = triton_rows(s, t, r, opts=LossOptions(True, **kwargs), mask=mask, grad_out=grad)
+        loss = triton_rows(s, t, r, opts=LossOptions(pmi=True, **kwargs), mask=mask, grad_out=grad)
         assert torch.isfinite(grad).all() and torch.isfinite(loss).all()
         assert (grad[~mask] == 0).all() and (loss[~mask] == 0).all()
 
@@ -157,7 +157,7 @@ def test_gradient_in_place_over_student(device, backend):
     """The row operation may write the gradient over the student logits (the fused path does)."""
     from pmi_kernels.backends import REGISTRY
     s, t, r = streams(5, 300, torch.float32, device, count=3)
-    opts = LossOptions(True, jsd_beta=0.5)
+    opts = LossOptions(pmi=True, jsd_beta=0.5)
     separate = torch.empty_like(s)
     loss = REGISTRY[backend].rows(s, t, r, opts=opts, grad_out=separate)
     in_place = s.clone()

@@ -72,7 +72,7 @@ def test_properties():
 def test_clipped_residual_is_bounded():
     s, t, r = streams(4, 40, torch.float64, count=3, scale=30.0)
     for clip in (0.5, 3.0):
-        residual = pmi_target_logits(s, t, r, None, LossOptions(True, 1.0, clip, True)) - s
+        residual = pmi_target_logits(s, t, r, None, LossOptions(pmi=True, beta=1.0, clip=clip, center=True)) - s
         assert residual.abs().max() <= clip * (1 + 1e-12)  # (g - s) rounds
 
 

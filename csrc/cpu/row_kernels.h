@@ -175,7 +175,7 @@ void rows_typed(const RowsArgs& args) {
   const Scalars<T> k = o.scalars<T>();
   const int64_t n = args.vocab;
   const int kappa_source = o.kappa_source(args.kappa != nullptr);
-  const int phase = args.phase();
+  const int phase = args.phase;
   // Within the phases, only forward KL's gradient is written before the slopes are summed.
   const bool write_grad = args.grad != nullptr && phase != kPhaseLse && (phase != kPhaseFromLse || o.fast_grad());
   const bool fast = write_grad && o.fast_grad();

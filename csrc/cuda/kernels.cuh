@@ -329,7 +329,7 @@ __global__ void __launch_bounds__(kMaxThreadsFor<In>, kMinBlocksPerSM)
   const Slice slice = row_slice(V, VEC);
   const int64_t row = slice.row;
   const bool writes_row = threadIdx.x == 0 && slice.rank == 0;  // the row's loss, statistics
-  const int phase = a.phase();
+  const int phase = a.phase;
   const bool pmi = a.options.pmi, clip_on = a.options.clip_on();
   const Row<In> in = row_streams<In>(a, row);
   In* grad = a.grad ? static_cast<In*>(a.grad) + row * a.stride_grad : nullptr;
@@ -641,7 +641,7 @@ const char* launch_rows(const RowsArgs& args, cudaStream_t stream) {
   const LossOptions& o = args.options;
   RowsArgs a = args;
   // Within the phases, only forward KL's gradient is written before the slopes are summed.
-  const int phase = a.phase();
+  const int phase = a.phase;
   if (phase == kPhaseLse || (phase == kPhaseFromLse && !o.fast_grad())) a.grad = nullptr;
   if (phase != kPhaseAll && phase != kPhaseFromLse) a.stats = nullptr;
   const bool vec = rows_aligned<In>({{a.s, a.stride_s}, {a.t, a.stride_t}, {a.r, a.stride_r}, {a.a, a.stride_a},

@@ -2,13 +2,15 @@
 
 A backend is a package under pmi_kernels/backends/ with two functions,
 
-    rows(s, t, r, a, *, opts, kappa=None, mask=None, row_scale=None, grad_out=None, stats_out=None) -> loss [C]
+    rows(s, t, r, a, *, opts, phase=Phase.ALL, kappa=None, mask=None, row_scale=None, grad_out=None,
+         stats_out=None, lse_out=None, lse_in=None, slope_sum_out=None, slope_sum_in=None) -> loss [C]
     diagnostics_rows(s, t, r, a, *, opts) -> [C, len(DIAGNOSTICS)]
 
-over raw logit rows [C, V] (unit stride along V), and one entry in REGISTRY below. The row
-operation's contract (backends/plain_torch/row_op.py spells it out): per-row loss in
-the compute dtype, 0 where masked; when grad_out is given, row_scale * dloss/ds_raw written
-into it (it may alias s); when stats_out [C, 3] is given, KL(q||p), H(p) and H(q) per row.
+over raw logit rows [C, V] (unit stride along V), and one entry in REGISTRY below. The contract
+they keep is written once, as a typing.Protocol: backends/contract.py (RowBackend, and Phase,
+the passes a vocabulary split runs). In short: per-row loss in the compute dtype, 0 where
+masked; when grad_out is given, row_scale * dloss/ds_raw written into it (it may alias s); when
+stats_out [C, 3] is given, KL(q||p), H(p) and H(q) per row.
 The API modules (logits.py, fused_linear.py, diagnostics.py) read only this registry.
 """
 from __future__ import annotations

@@ -178,8 +178,8 @@ class TrainConfig:
                                             "although they change the run")
 
     def loss_options(self) -> LossOptions:
-        return LossOptions(self.mode == "pmi", self.beta, self.clip, self.center, self.loss_temperature,
-                           self.jsd_beta, self.entry_clip)
+        return LossOptions(pmi=self.mode == "pmi", beta=self.beta, clip=self.clip, center=self.center,
+                           temperature=self.loss_temperature, jsd_beta=self.jsd_beta, entry_clip=self.entry_clip)
 
     def validate(self, paths: bool = True) -> "TrainConfig":
         """Every problem a config can have on its own, before any model or data is loaded (paths:

@@ -344,12 +344,14 @@ def unavailable_reason(device_type: str) -> Optional[str]:
 def _register_fakes() -> None:
     """Shapes for torch.compile: the ops' outputs, with no kernel run."""
     from ...options import compute_dtype
+    from .. import DIAGNOSTICS
 
+    # The schemas' signatures (csrc/ops.cpp), by name; only the student's shape and dtype matter.
     @torch.library.register_fake("pmi_kernels::rows")
     def _(student, teacher, refonly, anchor, kappa, mask, row_scale, grad, stats, lse_in, lse_out, slope_sum_in,
-          slope_sum_out, options):
+          slope_sum_out, *, phase, pmi, beta, clip, center, temperature, jsd_beta, entry_clip):
         return student.new_empty(student.shape[0], dtype=compute_dtype(student.dtype))
 
     @torch.library.register_fake("pmi_kernels::diagnostics_rows")
-    def _(student, teacher, refonly, anchor, options):
-        return student.new_empty(student.shape[0], 7, dtype=compute_dtype(student.dtype))
+    def _(student, teacher, refonly, anchor, *, pmi, beta, clip, center, temperature, jsd_beta, entry_clip):
+        return student.new_empty(student.shape[0], len(DIAGNOSTICS), dtype=compute_dtype(student.dtype))

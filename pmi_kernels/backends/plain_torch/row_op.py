@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 
 from ...options import FORWARD_KL, REVERSE_KL, LossOptions, compute_dtype
+from ..contract import Phase, check_phase_tensors
 
 
 def row_lse_parts(x):
@@ -88,35 +89,44 @@ def local_lse(x):
     return torch.stack([m, (x - m[:, None]).exp().sum(-1)], -1)
 
 
-def rows(s_raw, t_raw, r_raw=None, a_raw=None, *, opts: LossOptions, kappa: Optional[torch.Tensor] = None,
-         mask: Optional[torch.Tensor] = None, row_scale: Optional[torch.Tensor] = None,
-         grad_out: Optional[torch.Tensor] = None, stats_out: Optional[torch.Tensor] = None,
-         lse_out: Optional[torch.Tensor] = None, lse_in: Optional[torch.Tensor] = None,
-         slope_sum_out: Optional[torch.Tensor] = None, slope_sum_in: Optional[torch.Tensor] = None):
-    """Per-row loss [C] (compute dtype) of raw logit rows [C, V]; writes row_scale * dloss/ds_raw
-    into grad_out (any float dtype, may alias s_raw) and the row statistics into stats_out
-    when given. Masked rows give exactly 0.
+def _scaled(x: Optional[torch.Tensor], dtype: torch.dtype, inv_tau: float) -> Optional[torch.Tensor]:
+    return None if x is None else x.to(dtype) * inv_tau
 
-    Over one shard of a vocabulary split between processes (backends/vocab_parallel.py), the
-    row operation runs in three phases, each given what the previous ones gathered: lse_out
-    [C, 4] receives this shard's (max, sum of exp) of s and of the target g; with lse_in [C, 4]
-    = the whole vocabulary's (max, log sum of exp) of s and g, the loss, statistics and
-    slope_sum_out [C] are this shard's partial sums (and the gradient of forward KL is written);
-    with slope_sum_in [C] too, only the gradient is written."""
+
+def rows(s_raw, t_raw, r_raw=None, a_raw=None, *, opts: LossOptions, phase: Phase = Phase.ALL,
+         kappa: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None,
+         row_scale: Optional[torch.Tensor] = None, grad_out: Optional[torch.Tensor] = None,
+         stats_out: Optional[torch.Tensor] = None, lse_out: Optional[torch.Tensor] = None,
+         lse_in: Optional[torch.Tensor] = None, slope_sum_out: Optional[torch.Tensor] = None,
+         slope_sum_in: Optional[torch.Tensor] = None):
+    """The row contract (backends/contract.py, RowBackend.rows): per-row loss [C] (compute dtype)
+    of raw logit rows [C, V]; writes row_scale * dloss/ds_raw into grad_out (any float dtype, may
+    alias s_raw) and the row statistics into stats_out when given. Masked rows give exactly 0.
+
+    Over one shard of a vocabulary split between processes (pmi_kernels/vocab_parallel.py), the
+    row operation runs in three phases, each given what the previous ones gathered: Phase.LSE
+    writes into lse_out [C, 4] this shard's (max, sum of exp) of s and of the target g; from
+    lse_in [C, 4] = the whole vocabulary's (max, log sum of exp) of s and g, Phase.FROM_LSE gives
+    the loss, statistics and slope_sum_out [C] as this shard's partial sums (and writes the
+    gradient of forward KL); Phase.GRAD, from slope_sum_in [C] too, writes only the gradient."""
+    phase = check_phase_tensors(phase, lse_out=lse_out, lse_in=lse_in, slope_sum_out=slope_sum_out,
+                                slope_sum_in=slope_sum_in)
     dtype = compute_dtype(s_raw.dtype)
     inv_tau = 1.0 / opts.temperature
-    scale = lambda x: None if x is None else x.to(dtype) * inv_tau  # noqa: E731
-    s, t, r, a = map(scale, (s_raw, t_raw, r_raw, a_raw))
+    s, t, r, a = (_scaled(x, dtype, inv_tau) for x in (s_raw, t_raw, r_raw, a_raw))
     g = target_logits(s, t, r, a, kappa, opts)
-    keep = (lambda x: x) if mask is None else (lambda x: torch.where(mask.view(-1, *[1] * (x.dim() - 1)), x, 0.0))
+
+    def keep(x: torch.Tensor) -> torch.Tensor:
+        return x if mask is None else torch.where(mask.view(-1, *[1] * (x.dim() - 1)), x, 0.0)
+
     zero_loss = torch.zeros(s.shape[0], dtype=dtype, device=s.device)
-    if lse_out is not None:
+    if phase == Phase.LSE:
         lse_out.copy_(torch.cat([local_lse(s), local_lse(g)], -1))
         if mask is not None:
             lse_out[~mask] = torch.tensor([float("-inf"), 0.0, float("-inf"), 0.0], dtype=lse_out.dtype,
                                           device=lse_out.device)
         return zero_loss
-    if lse_in is None:
+    if phase == Phase.ALL:
         lp, lq = log_softmax(s), log_softmax(g)
     else:
         lse_in = lse_in.to(dtype)
@@ -127,14 +137,14 @@ def rows(s_raw, t_raw, r_raw=None, a_raw=None, *, opts: LossOptions, kappa: Opti
         if slope is not None:
             slope = slope.masked_fill(summand > opts.entry_clip, 0.0)
         summand = summand.clamp(max=opts.entry_clip)
-    grad_only = slope_sum_in is not None
+    grad_only = phase == Phase.GRAD
     loss = zero_loss if grad_only else keep(summand.sum(-1))
     if stats_out is not None and not grad_only:
         stats_out.copy_(keep(row_stats(lp, lq)))
     if slope_sum_out is not None:
         slope_sum_out.copy_(keep(slope.sum(-1)))
     # Within the phases, only forward KL's gradient is written before the slopes are summed.
-    if grad_out is None or (lse_in is not None and not grad_only and not opts.fast_grad):
+    if grad_out is None or (phase == Phase.FROM_LSE and not opts.fast_grad):
         return loss
     if opts.fast_grad:
         grad = lp.exp() - lq.exp()

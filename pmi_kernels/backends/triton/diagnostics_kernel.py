@@ -149,9 +149,11 @@ def pmi_diagnostics_kernel(p_s, p_t, p_r, p_a, p_out, p_params, stride_s, stride
 
 @functools.lru_cache(maxsize=64)
 def _params(opts: LossOptions, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    clip = opts.clip or 1.0
-    return torch.tensor([1.0 / opts.temperature, 1.0 / opts.beta, clip, 1.0 / clip, torch.finfo(dtype).tiny],
-                        dtype=dtype, device=device)
+    """The kernel's scalars: four of LossOptions.kernel_scalars, and the compute dtype's smallest
+    normal number."""
+    k = opts.kernel_scalars()
+    return torch.tensor([k.inv_tau, k.inv_beta, k.clip, k.inv_clip, torch.finfo(dtype).tiny], dtype=dtype,
+                        device=device)
 
 
 def diagnostics_rows(s_raw, t_raw, r_raw, a_raw=None, *, opts: LossOptions, block=None) -> torch.Tensor:

@@ -17,7 +17,6 @@ The gradient may alias the student logits: every pass reads a tile before it is 
 from __future__ import annotations
 
 import functools
-import math
 from typing import Optional
 
 import torch
@@ -25,19 +24,21 @@ import triton
 import triton.language as tl
 
 from ...options import FORWARD_KL, MIXED_JSD, REVERSE_KL, LossOptions, compute_dtype
+from ..contract import Phase, check_phase_tensors
 
 # kappa (the per-row shift of t - r under the clip): where it comes from.
 KAPPA_NONE: tl.constexpr = tl.constexpr(0)
 KAPPA_GIVEN: tl.constexpr = tl.constexpr(1)  # computed by the caller (the fused path's GEMM)
 KAPPA_MEAN: tl.constexpr = tl.constexpr(2)  # mean(t - r): centering on
 KAPPA_LSE_DIFF: tl.constexpr = tl.constexpr(3)  # lse(t) - lse(r): centering off (_target_tile)
-# Which passes run (backends/vocab_parallel.py runs the last three, gathering between them):
-# all; pass 1 only, writing this shard's log-sum-exps; pass 2 from the gathered log-sum-exps,
-# writing the partial slope sum; pass 3 only, from the gathered slope sum.
-PHASE_ALL: tl.constexpr = tl.constexpr(0)
-PHASE_LSE: tl.constexpr = tl.constexpr(1)
-PHASE_FROM_LSE: tl.constexpr = tl.constexpr(2)
-PHASE_GRAD: tl.constexpr = tl.constexpr(3)
+# Which passes run, as backends.contract.Phase numbers them (pmi_kernels/vocab_parallel.py runs
+# the last three, gathering between them): all; pass 1 only, writing this shard's log-sum-exps;
+# pass 2 from the gathered log-sum-exps, writing the partial slope sum; pass 3 only, from the
+# gathered slope sum.
+PHASE_ALL: tl.constexpr = tl.constexpr(Phase.ALL.value)
+PHASE_LSE: tl.constexpr = tl.constexpr(Phase.LSE.value)
+PHASE_FROM_LSE: tl.constexpr = tl.constexpr(Phase.FROM_LSE.value)
+PHASE_GRAD: tl.constexpr = tl.constexpr(Phase.GRAD.value)
 # The kernel's LOSS_KIND branches, named as options.py numbers the losses.
 LOSS_FORWARD_KL: tl.constexpr = tl.constexpr(FORWARD_KL)
 LOSS_REVERSE_KL: tl.constexpr = tl.constexpr(REVERSE_KL)
@@ -296,11 +297,9 @@ def block_v(vocab: int, interpret: bool, block: Optional[int] = None) -> int:
 
 @functools.lru_cache(maxsize=64)
 def _params(opts: LossOptions, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """The kernel's scalars, one small cached tensor per option set (no copy per launch)."""
-    lam, clip = opts.jsd_beta, opts.clip or 1.0
-    values = [1.0 / opts.temperature, 1.0 / opts.beta, clip, 1.0 / clip, lam,
-              math.log1p(-lam) if lam < 1 else 0.0, math.log(lam) if lam > 0 else 0.0, opts.entry_clip or 0.0]
-    return torch.tensor(values, dtype=dtype, device=device)
+    """The kernel's scalars (LossOptions.kernel_scalars, in its order), one small cached tensor per
+    option set (no copy per launch)."""
+    return torch.tensor(list(opts.kernel_scalars()), dtype=dtype, device=device)
 
 
 def kappa_source(opts: LossOptions, kappa_given: bool) -> int:
@@ -311,22 +310,22 @@ def kappa_source(opts: LossOptions, kappa_given: bool) -> int:
     return (KAPPA_MEAN if opts.center else KAPPA_LSE_DIFF).value
 
 
-def phase_of(lse_out, lse_in, slope_sum_in) -> int:
-    if lse_out is not None:
-        return PHASE_LSE.value
-    if lse_in is None:
-        return PHASE_ALL.value
-    return (PHASE_FROM_LSE if slope_sum_in is None else PHASE_GRAD).value
+def _row_stride(x: Optional[torch.Tensor]) -> int:
+    return 0 if x is None else x.stride(0)
 
 
-def rows(s_raw, t_raw, r_raw=None, a_raw=None, *, opts: LossOptions, kappa: Optional[torch.Tensor] = None,
-         mask: Optional[torch.Tensor] = None, row_scale: Optional[torch.Tensor] = None,
-         grad_out: Optional[torch.Tensor] = None, stats_out: Optional[torch.Tensor] = None,
+def rows(s_raw, t_raw, r_raw=None, a_raw=None, *, opts: LossOptions, phase: Phase = Phase.ALL,
+         kappa: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None,
+         row_scale: Optional[torch.Tensor] = None, grad_out: Optional[torch.Tensor] = None,
+         stats_out: Optional[torch.Tensor] = None,
          lse_out: Optional[torch.Tensor] = None, lse_in: Optional[torch.Tensor] = None,
          slope_sum_out: Optional[torch.Tensor] = None, slope_sum_in: Optional[torch.Tensor] = None,
          block: Optional[int] = None, num_warps: int = NUM_WARPS) -> torch.Tensor:
-    """The row operation (pmi_kernels.backends, phases included) on [C, V] rows with unit stride
-    along V. `block` and `num_warps` override the launch configuration (tests, tuning)."""
+    """The row operation (backends/contract.py, RowBackend.rows; phases included) on [C, V] rows
+    with unit stride along V. `block` and `num_warps` override the launch configuration (tests,
+    tuning)."""
+    phase = check_phase_tensors(phase, lse_out=lse_out, lse_in=lse_in, slope_sum_out=slope_sum_out,
+                                slope_sum_in=slope_sum_in)
     n_rows, vocab = s_raw.shape
     loss = torch.empty(n_rows, dtype=compute_dtype(s_raw.dtype), device=s_raw.device)
     if n_rows == 0:
@@ -335,24 +334,22 @@ def rows(s_raw, t_raw, r_raw=None, a_raw=None, *, opts: LossOptions, kappa: Opti
         assert x is None or vocab == 1 or x.stride(-1) == 1, "rows must be contiguous along the vocabulary"
     for x in (stats_out, lse_out, lse_in, slope_sum_out, slope_sum_in):
         assert x is None or x.is_contiguous(), "per-row outputs and inputs must be contiguous"
-    phase = phase_of(lse_out, lse_in, slope_sum_in)
     # Within the phases, only forward KL's gradient is written before the slopes are summed.
-    if phase == PHASE_LSE.value or (phase == PHASE_FROM_LSE.value and not opts.fast_grad):
+    if phase == Phase.LSE or (phase == Phase.FROM_LSE and not opts.fast_grad):
         grad_out = None
+    write_stats = stats_out is not None and phase in (Phase.ALL, Phase.FROM_LSE)
     acc = tl.float64 if loss.dtype == torch.float64 else tl.float32
-    stride = lambda x: 0 if x is None else x.stride(0)  # noqa: E731
     pmi_kl_fwd_kernel[(n_rows,)](
         p_s=s_raw, p_t=t_raw, p_r=r_raw, p_a=a_raw, p_kappa=kappa, p_mask=mask, p_row_scale=row_scale,
-        p_loss=loss, p_grad=grad_out, p_stats=stats_out if phase in (PHASE_ALL.value, PHASE_FROM_LSE.value) else None,
+        p_loss=loss, p_grad=grad_out, p_stats=stats_out if write_stats else None,
         p_params=_params(opts, loss.dtype, s_raw.device),
         p_lse_in=lse_in, p_lse_out=lse_out, p_slope_in=slope_sum_in, p_slope_out=slope_sum_out,
-        stride_s=s_raw.stride(0), stride_t=t_raw.stride(0), stride_r=stride(r_raw), stride_a=stride(a_raw),
-        stride_grad=stride(grad_out), stride_row_scale=stride(row_scale), V=vocab,
+        stride_s=s_raw.stride(0), stride_t=t_raw.stride(0), stride_r=_row_stride(r_raw), stride_a=_row_stride(a_raw),
+        stride_grad=_row_stride(grad_out), stride_row_scale=_row_stride(row_scale), V=vocab,
         PMI=opts.pmi, HAS_R=r_raw is not None, HAS_A=a_raw is not None, CLIP=opts.needs_kappa,
         KAPPA=kappa_source(opts, kappa is not None), LOSS_KIND=opts.loss_kind, ENTRY_CLIP=opts.entry_clip is not None,
         HAS_MASK=mask is not None, HAS_ROW_SCALE=row_scale is not None, WRITE_GRAD=grad_out is not None,
-        WRITE_STATS=stats_out is not None and phase in (PHASE_ALL.value, PHASE_FROM_LSE.value), FAST_GRAD=grad_out is not None and opts.fast_grad,
-        PHASE=phase,
+        WRITE_STATS=write_stats, FAST_GRAD=grad_out is not None and opts.fast_grad, PHASE=phase.value,
         ACC=acc, BLOCK_V=block_v(vocab, s_raw.device.type == "cpu", block), num_warps=num_warps,
     )
     return loss

@@ -115,8 +115,8 @@ class PMIConfig:
                              "student itself)")
 
     def loss_options(self) -> LossOptions:
-        return LossOptions(self.mode == "pmi", self.beta, self.clip, self.center, self.temperature,
-                           self.jsd_beta, self.entry_clip)
+        return LossOptions(pmi=self.mode == "pmi", beta=self.beta, clip=self.clip, center=self.center,
+                           temperature=self.temperature, jsd_beta=self.jsd_beta, entry_clip=self.entry_clip)
 
     @property
     def reads_refonly(self) -> bool:
