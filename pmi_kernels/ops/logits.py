@@ -100,29 +100,45 @@ def _(student: Tensor, teacher: Tensor, refonly: Optional[Tensor], anchor: Optio
 
 
 def _setup_context(ctx, inputs: tuple, output: Tuple[Tensor, Tensor, Tensor]) -> None:
+    named = dict(zip(_ARGUMENTS, inputs))
+    tensors = [named[name] for name in _TENSORS]
+    ctx.settings = {name: value for name, value in named.items() if name not in _TENSORS}
+    ctx.mark_non_differentiable(output[1], output[2])
+    if not named["compute_grad"]:  # the backward computes the gradient
+        ctx.save_for_backward(*tensors)
+        return
+    if torch.compiler.is_compiling() or type(output[1]) is not torch.Tensor:
+        # A traced graph (fake or functional tensors) passes the gradient to its backward as a
+        # saved tensor: one held on ctx is no node of the backward graph (AOT's partitioner
+        # refused it: "Node mul was invalid, but is output").
+        ctx.save_for_backward(*tensors, output[1])
+        return
     # The gradient the forward computed is handed to the caller, who may own and modify it; a
     # retained graph's next backward computes it again from the saved inputs.
-    named = dict(zip(_ARGUMENTS, inputs))
-    ctx.save_for_backward(*(named[name] for name in _TENSORS))
-    ctx.settings = {name: value for name, value in named.items() if name not in _TENSORS}
+    ctx.save_for_backward(*tensors)
     ctx.grad = output[1]
-    ctx.mark_non_differentiable(output[1], output[2])
 
 
 def _backward(ctx, grad_loss: Tensor, _grad: Tensor, _stats: Tensor) -> tuple:
     if torch.is_grad_enabled():
         raise RuntimeError(DOUBLE_BACKWARD.format("pmi_kl"))
-    tensors = dict(zip(_TENSORS, ctx.saved_tensors))
+    saved = ctx.saved_tensors
+    tensors = dict(zip(_TENSORS, saved))
     grad_scale = tensors["grad_scale"]
-    grad = ctx.__dict__.pop("grad", None)
+    grad = saved[len(_TENSORS)] if len(saved) > len(_TENSORS) else ctx.__dict__.pop("grad", None)
     if grad is None:
         grad = pmi_kl_rows(**tensors, **{**ctx.settings, "compute_grad": True, "want_stats": False})[1]
     no_grads = (None,) * (len(_ARGUMENTS) - 1)  # the gradient reaches the student only
     if upstream_matches(grad_loss, grad_scale.to(grad_loss.dtype)):
         return (grad,) + no_grads
-    # Rescale in the compute dtype, store in the student's dtype, in place (the tensor is ours).
-    # grad_scale is 1/divisor, never 0; masked rows' gradient is 0 and stays 0.
-    return (grad.mul_((grad_loss / grad_scale)[:, None]),) + no_grads
+    # Rescale in the compute dtype, store in the student's dtype. grad_scale is 1/divisor, never
+    # 0; masked rows' gradient is 0 and stays 0.
+    factor = (grad_loss / grad_scale)[:, None]
+    if len(saved) > len(_TENSORS):
+        # Traced: the op's output itself, which the forward also returned; a change in place
+        # would make a forward output depend on the backward.
+        return (torch.mul(grad, factor).to(grad.dtype),) + no_grads
+    return (grad.mul_(factor),) + no_grads  # in place: the tensor is ours
 
 
 pmi_kl_rows.register_autograd(_backward, setup_context=_setup_context)
