@@ -9,8 +9,10 @@ the function returns.
 from __future__ import annotations
 
 import inspect
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
+from torch import Tensor
 
 from . import validation, vocab_parallel
 from .backends import BACKENDS
@@ -21,9 +23,11 @@ from .options import LossOptions
 # Given with each batch, not fixed at construction.
 PER_CALL = ("mask", "labels", "normalizer")
 LOSS_OPTIONS = ("beta", "clip", "center", "temperature", "jsd_beta", "entry_clip")
+# What the functions return: the loss, or (loss, statistics) with return_stats=True.
+Loss = Union[Tensor, Tuple[Tensor, Dict[str, Tensor]]]
 
 
-def _check(options: dict) -> None:
+def _check(options: Dict[str, Any]) -> None:
     """The options' values, checked at construction as the function checks them per call."""
     LossOptions(pmi=True, **{k: v for k, v in options.items() if k in LOSS_OPTIONS})
     validation.check_reduction(options.get("reduction", "mean"))
@@ -36,10 +40,17 @@ def _check(options: dict) -> None:
 
 
 class _OptionsLoss(torch.nn.Module):
-    function = None
-    tensors = ()  # the function's tensor keywords that forward also takes
+    """A loss function as a module: its keyword-only options fixed at construction."""
+    function: Callable[..., Any]
+    tensors: Tuple[str, ...] = ()  # the function's tensor keywords that forward also takes
 
-    def __init__(self, **options):
+    def __init__(self, **options: Any):
+        """
+        Args:
+            **options: the function's keyword-only arguments except the per-call ones (mask,
+                labels, normalizer) and the tensors forward takes; checked here as the
+                function would check them.
+        """
         super().__init__()
         allowed = [name for name, p in inspect.signature(self.function).parameters.items()
                    if p.kind == p.KEYWORD_ONLY and name not in PER_CALL + self.tensors]
@@ -59,10 +70,21 @@ class PMIKLLoss(_OptionsLoss):
     anchor_logits=None, *, mask=None, labels=None, normalizer=None)."""
     function = staticmethod(pmi_kl)
 
-    def forward(self, student_logits, teacher_logits, refonly_logits=None, anchor_logits=None, **per_call):
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor, refonly_logits: Optional[Tensor] = None,
+                anchor_logits: Optional[Tensor] = None, **per_call: Any) -> Loss:
+        """pmi_kl with the constructor's options.
+
+        Args:
+            student_logits, teacher_logits, refonly_logits, anchor_logits: as in pmi_kl.
+            **per_call: mask, labels, normalizer (as in pmi_kl).
+        Shapes:
+            as in pmi_kl: the streams [..., V], mask and labels [...].
+        Returns:
+            What pmi_kl returns.
+        """
         return pmi_kl(student_logits, teacher_logits, refonly_logits, anchor_logits, **self._call(per_call))
 
-    def _call(self, per_call):
+    def _call(self, per_call: Dict[str, Any]) -> Dict[str, Any]:
         unknown = sorted(set(per_call) - set(PER_CALL + self.tensors))
         if unknown:
             raise ValueError(f"{type(self).__name__}.forward: unknown arguments {unknown}; it takes the tensors "
@@ -77,7 +99,20 @@ class FusedPMIKLLoss(PMIKLLoss):
     function = staticmethod(fused_pmi_kl)
     tensors = ("lm_head_bias", "frozen_weight", "frozen_bias")
 
-    def forward(self, student_hidden, lm_head_weight, teacher_hidden, refonly_hidden=None, anchor_hidden=None,
-                **per_call):
+    def forward(self, student_hidden: Tensor, lm_head_weight: Tensor, teacher_hidden: Tensor,
+                refonly_hidden: Optional[Tensor] = None, anchor_hidden: Optional[Tensor] = None,
+                **per_call: Any) -> Loss:
+        """fused_pmi_kl with the constructor's options.
+
+        Args:
+            student_hidden, lm_head_weight, teacher_hidden, refonly_hidden, anchor_hidden: as
+                in fused_pmi_kl.
+            **per_call: lm_head_bias, frozen_weight, frozen_bias, mask, labels, normalizer (as
+                in fused_pmi_kl).
+        Shapes:
+            as in fused_pmi_kl: the hidden states [..., H], the heads [V, H] and [V].
+        Returns:
+            What fused_pmi_kl returns.
+        """
         return fused_pmi_kl(student_hidden, lm_head_weight, teacher_hidden, refonly_hidden, anchor_hidden,
                             **self._call(per_call))

@@ -2,15 +2,14 @@
 
 LossOptions is built by keyword only. `LossOptions.kernel_scalars()` derives the eight numbers
 the kernels read (for Triton; csrc/include/rows_args.h's `LossOptions::scalars` mirrors it).
-`pack()` / `unpack()` turn the options into the flat list of floats the Python custom ops
-(logits.py, fused_linear.py) take, and back; the C++ op takes them as named arguments.
+Every custom op (pmi_kernels/ops, the C++ op) takes the options as named, typed arguments.
 """
 from __future__ import annotations
 
 import math
 import numbers
 from dataclasses import dataclass
-from typing import List, NamedTuple, Optional, Sequence
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -110,18 +109,6 @@ class LossOptions:
         for name in ("pmi", "center"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
-
-    def pack(self) -> List[float]:
-        """[pmi, beta, clip, center, temperature, jsd_beta, entry_clip]; an absent clip or
-        entry_clip is 0, a value no valid option takes."""
-        return [float(self.pmi), self.beta, self.clip or 0.0, float(self.center), self.temperature,
-                self.jsd_beta, self.entry_clip or 0.0]
-
-    @classmethod
-    def unpack(cls, values: Sequence[float]) -> "LossOptions":
-        pmi, beta, clip, center, temperature, jsd_beta, entry_clip = values
-        return cls(pmi=bool(pmi), beta=beta, clip=clip or None, center=bool(center), temperature=temperature,
-                   jsd_beta=jsd_beta, entry_clip=entry_clip or None)
 
     def kernel_scalars(self) -> KernelScalars:
         """The kernels' scalars, in float64; the one derivation on the Python side (the Triton

@@ -16,7 +16,7 @@ The backends run the phases (their row functions take lse_out / lse_in / slope_s
 from __future__ import annotations
 
 import zlib
-from typing import Dict, Optional
+from typing import TYPE_CHECKING, Dict, List, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -24,6 +24,9 @@ import torch.distributed as dist
 from .backends import Backend
 from .backends.contract import Phase
 from .options import LossOptions, compute_dtype
+
+if TYPE_CHECKING:
+    from .call import PreparedCall
 
 # Process groups by name: the custom ops take names (a group is no op argument type).
 _GROUPS: Dict[str, "dist.ProcessGroup"] = {}
@@ -45,16 +48,47 @@ def group_of(name: str):
     return _GROUPS[name]
 
 
+class Fingerprint(NamedTuple):
+    """What the ranks of a vocabulary split must agree on in one call (call_fingerprint), each
+    field by what the error names when the ranks differ in it."""
+    rows: tuple  # the streams' leading shape (and H for hidden states)
+    dtype: object
+    optional_tensors_given: tuple  # an anchor or a frozen head on one rank only would mix two targets
+    loss_options: object
+    counted_rows: tuple  # mask_digest of the mask, or of the labels' counted positions
+    normalizer: object
+    reduction: object
+    return_stats: bool
+    check_finite: bool
+    grad_weight_fp32: bool
+    backend: str
+    workspace_bytes: object
+    gradient_mode: tuple
+
+
+def call_fingerprint(call: "PreparedCall") -> Fingerprint:
+    """What Agreement compares of one prepared call (call.py), the same fields for pmi_kl and
+    fused_pmi_kl. Logits' last dimension is each rank's own vocabulary shard: not compared."""
+    return Fingerprint(
+        rows=tuple(call.lead if call.width == "V" else call.shape), dtype=call.dtype,
+        optional_tensors_given=call.given, loss_options=call.opts, counted_rows=mask_digest(call.mask),
+        normalizer=normalizer_digest(call.normalizer), reduction=call.reduction, return_stats=call.return_stats,
+        check_finite=call.check_finite, grad_weight_fp32=call.grad_weight_fp32, backend=call.backend.name,
+        workspace_bytes=call.workspace_bytes, gradient_mode=call.gradient)
+
+
 class Agreement:
     """Every rank's input checks, settled together before any work: `with Agreement(group) as a:`
-    around a call's checks, setting `a.fingerprint` to what must be equal on every rank (rows,
-    options). A ValueError on one rank is raised there and, as "another rank's input was
-    refused", on the others; different fingerprints are a ValueError on every rank. Without it,
-    the other ranks would wait in a collective until their timeout. No group: no-op."""
+    around a call's checks, setting `a.fingerprint` (a Fingerprint) to what must be equal on
+    every rank. A ValueError on one rank is raised there and, as "another rank's input was
+    refused", on the others; different fingerprints are a ValueError on every rank that names
+    the fields that differ. Without it, the other ranks would wait in a collective until their
+    timeout. No group: no-op. One all-reduce of 3 int64s; a second, of two per field, only when
+    the ranks differ (to name the fields)."""
 
     def __init__(self, group_name: Optional[str]):
         self.group = None if group_name is None else group_of(group_name)
-        self.fingerprint = None
+        self.fingerprint: Optional[Fingerprint] = None
 
     def __enter__(self):
         return self
@@ -63,32 +97,32 @@ class Agreement:
         if self.group is None or (kind is not None and not issubclass(kind, ValueError)):
             return False
         mark = zlib.crc32(repr(self.fingerprint).encode())
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(self.group) == "nccl" \
-            else torch.device("cpu")
-        flags = all_reduce(torch.tensor([int(kind is not None), mark, -mark], dtype=torch.int64, device=device),
-                           self.group, dist.ReduceOp.MAX).tolist()
+        flags = self._highest([int(kind is not None), mark, -mark])
         if kind is not None:
             return False
         if flags[0]:
             raise ValueError("process_group: another rank's input was refused (its own error says why)")
         if flags[1] != -flags[2]:
-            raise ValueError("process_group: the ranks differ in their rows, masks, dtype, optional streams or heads "
-                             "given, loss options or flags, backend, workspace, normalizer or gradient mode; every "
-                             "rank must pass the same rows (its own vocabulary shard of them), mask, streams and "
-                             "options, with gradients on or off alike")
+            raise ValueError(f"process_group: the ranks differ in their {', '.join(self._differing_fields())}; "
+                             "every rank must pass the same rows (its own vocabulary shard of them), mask, streams "
+                             "and options, with gradients on or off alike")
         return False
 
+    def _highest(self, values: List[int]) -> List[int]:
+        """Each value's maximum over the ranks. After a MAX, -max(-x) is the minimum: x and -x
+        side by side tell whether every rank holds the same x."""
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(self.group) == "nccl" \
+            else torch.device("cpu")
+        return all_reduce(torch.tensor(values, dtype=torch.int64, device=device), self.group,
+                          dist.ReduceOp.MAX).tolist()
 
-def call_fingerprint(rows_shape, dtype, tensors: Dict[str, Optional[torch.Tensor]], opts: LossOptions,
-                     mask: Optional[torch.Tensor], normalizer, **settings) -> tuple:
-    """What Agreement compares of one call, built alike for pmi_kl and fused_pmi_kl: the rows'
-    shape, the dtype, which of the optional tensors are given (an anchor or a frozen head on one
-    rank only would mix two targets into one loss), the loss options, the counted rows, the
-    normalizer, and every other setting by value (reduction, flags, backend, workspace,
-    gradient mode)."""
-    given = tuple(name for name, x in tensors.items() if x is not None)
-    return (tuple(rows_shape), dtype, given, opts, mask_digest(mask), normalizer_digest(normalizer),
-            tuple(sorted(settings.items())))
+    def _differing_fields(self) -> List[str]:
+        """The Fingerprint's fields that differ between the ranks (every rank calls this alike)."""
+        marks = [zlib.crc32(repr(value).encode()) for value in self.fingerprint]
+        highest = self._highest(marks + [-m for m in marks])
+        count = len(marks)
+        return [name.replace("_", " ") for name, high, negated_low in
+                zip(Fingerprint._fields, highest[:count], highest[count:]) if high != -negated_low]
 
 
 def normalizer_digest(normalizer):

@@ -238,9 +238,9 @@ def test_cuda_bf16_matches_cpu_path():
 @pytest.mark.parametrize("device,backend", PATHS)
 def test_no_grad_computes_no_gradients(device, backend, monkeypatch):
     """Under torch.no_grad() the forward skips the gradient GEMMs, though inputs require grad."""
-    import pmi_kernels.fused_linear as fused_linear
+    import pmi_kernels.ops.sweep as sweep
     hidden, weight, bias, _ = make(5, 8, 100, torch.float32, device)
-    monkeypatch.setattr(fused_linear, "_accumulate_grad_weight",
+    monkeypatch.setattr(sweep, "accumulate_grad_weight",
                         lambda *args, **kwargs: pytest.fail("grad_W computed under no_grad"))
     h, w = hidden[0].requires_grad_(True), weight.requires_grad_(True)
     with torch.no_grad():
@@ -316,14 +316,16 @@ def test_the_launcher_lays_out_grad_h_as_its_fake(device, backend):
     """A column-major student (a transposed view): the launcher's grad_h has the contiguous
     layout its fake kernel promises, so opcheck holds and a compiled graph's layout checks pass
     (inductor asserted stride 1 == 5). Fails with the launcher's empty_like(h)."""
-    from pmi_kernels.fused_linear import fused_pmi_kl_rows
+    from pmi_kernels.ops.fused import fused_pmi_kl_rows
+    from pmi_kernels.ops.schema import loss_args
     from pmi_kernels.options import LossOptions
     (h, h_t, h_r, _), w, _, _ = make(6, 5, 9, torch.float32, device)
     h = h.t().contiguous().t()
-    args = (h, w, None, h_t, h_r, None, w, None, None, torch.full((6,), 1 / 6, device=device),
-            LossOptions().pack(), backend, None, 4, False, True, True, False, False)
-    torch.library.opcheck(fused_pmi_kl_rows, args, test_utils=("test_faketensor",))
-    assert fused_pmi_kl_rows(*args)[1].is_contiguous()
+    args = (h, w, None, h_t, h_r, None, w, None, None, torch.full((6,), 1 / 6, device=device))
+    kwargs = dict(loss_args(LossOptions()), backend=backend, group=None, chunk_rows=4, grad_weight_fp32=False,
+                  want_h=True, want_w=True, want_b=False, want_stats=False)
+    torch.library.opcheck(fused_pmi_kl_rows, args, kwargs, test_utils=("test_faketensor",))
+    assert fused_pmi_kl_rows(*args, **kwargs)[1].is_contiguous()
 
 
 @pytest.mark.parametrize("device,backend", PATHS)

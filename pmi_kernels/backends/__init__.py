@@ -24,12 +24,6 @@ import torch
 
 from ..lazy_dynamo import assume_constant_result
 
-DEFAULT_WORKSPACE_BYTES = 1 << 30
-# Chunks of rows on CPU tensors, sized for the cache. On the 2-core CI machine (2026-11-26)
-# the torch row operation ran pmi_kl forward + backward 4-5x faster with 8 MiB than with
-# 1 GiB at V = 8k-152k.
-CPU_WORKSPACE_BYTES = 8 << 20
-
 # The per-row statistics stats_out holds, in this column order.
 STATS = ("kl_target_student", "entropy_student", "entropy_target")
 # The columns of diagnostics_rows.
@@ -121,27 +115,3 @@ def resolve_backend(name: str, device: torch.device) -> Backend:
 def usable_backends(device: torch.device):
     """The names of every backend that runs on `device` here (tests and benchmarks use this)."""
     return [name for name, backend in REGISTRY.items() if backend.unusable_on(device.type) is None]
-
-
-def default_workspace_bytes(device: torch.device) -> int:
-    return CPU_WORKSPACE_BYTES if device.type == "cpu" else DEFAULT_WORKSPACE_BYTES
-
-
-def chunk_rows(backend: Backend, device: torch.device, vocab: int, buffer_bytes_per_entry: int,
-               compute_itemsize: int, workspace_bytes: Optional[int] = None, min_rows: int = 1) -> int:
-    """Rows per chunk: the chunk's own buffers (`buffer_bytes_per_entry` per vocabulary entry of
-    a row) plus the backend's temporaries fit `workspace_bytes`. By default they fit the CPU's
-    cache (at least `min_rows`, at most what 1 GiB holds), or 1 GiB on a GPU."""
-    per_row = vocab * (buffer_bytes_per_entry + backend.row_temporaries * compute_itemsize)
-    if workspace_bytes is not None:
-        return max(1, workspace_bytes // per_row)
-    rows = max(min_rows, default_workspace_bytes(device) // per_row)
-    return max(1, min(rows, DEFAULT_WORKSPACE_BYTES // per_row))
-
-
-def upstream_matches(grad: torch.Tensor, expected: torch.Tensor) -> bool:
-    """Whether the incoming gradient is the one the forward already scaled its gradient for.
-    The check syncs with the device, so traced graphs (torch.compile, where the gradient is a
-    fake or functional tensor subclass) answer False and always rescale, which is right too."""
-    traced = torch.compiler.is_compiling() or type(grad) is not torch.Tensor
-    return not traced and torch.equal(grad, expected)
