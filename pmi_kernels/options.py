@@ -95,8 +95,8 @@ class LossOptions:
 
     def __post_init__(self):
         # torch.compile(dynamic=True) traces float options as symbols, which no check can read:
-        # traced, the options pass as given. The kernels' bindings refuse most bad values again,
-        # but not clip=0 or entry_clip=0, which pack as "none" (docs/loss.md, torch.compile).
+        # traced, the options pass as given. Each custom op builds LossOptions again from its
+        # named arguments when it runs, outside the trace, where these checks refuse a bad value.
         if torch.compiler.is_compiling():
             return
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)

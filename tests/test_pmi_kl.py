@@ -182,6 +182,19 @@ def test_torch_compile_fullgraph():
     assert torch.allclose(eager, traced) and torch.allclose(g1, g2)
 
 
+@pytest.mark.parametrize("option", ["clip", "entry_clip"])
+def test_compiled_call_refuses_a_zero_clip(option):
+    """Traced with dynamic shapes, a float option is a symbol no Python check can read; the
+    custom op builds the options again from its named arguments when it runs, so a compiled
+    clip=0 is the eager ValueError, not a silent "no clip" (the packed float[] read 0 as None)."""
+    s, t, r = streams(4, 32, torch.float32, count=3)
+    compiled = torch.compile(lambda s, t, r, c: pmi_kl(s, t, r, check_finite=False, **{option: c}),
+                             fullgraph=True, dynamic=True, backend="aot_eager")
+    compiled(s, t, r, 2.0)
+    with pytest.raises(ValueError, match=option):
+        compiled(s, t, r, 0.0)
+
+
 @requires_cuda
 def test_cuda_and_cpu_paths_agree():
     s, t, r = streams(9, 4099, torch.bfloat16, "cuda", count=3)
