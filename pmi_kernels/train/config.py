@@ -34,7 +34,12 @@ class TrainConfig:
                              "id, or toy (a tiny model and task built in code)")
     # The toy's task (tasks.py): "shortcut" (the reference gives the method and the answer, the
     # question the numbers) or "arithmetic" (the reference is the worked solution).
-    toy_task: str = option("shortcut", group=MODEL, help="the toy's task: shortcut or arithmetic")
+    toy_task: str = option("shortcut", group=MODEL, help="the toy's task: misread, shortcut or arithmetic")
+    # What the toy's evaluation reads: "held_out" (the draw's first eval_limit rows) or
+    # "validation" (eval_limit other problems, drawn by another seed, none of them a training or
+    # held-out question): settings are chosen on it, so the held-out numbers are never tuned on.
+    toy_eval_split: str = option("held_out", group=EVALUATION, help="the toy's evaluation rows: held_out, or "
+                                 "validation (a separate draw, for choosing settings)")
     # A directory of warmed-up toy bases, each keyed by everything that makes it (base_cache.py):
     # a run finds its base there or builds it there. None: every run warms up its own.
     base_cache: Optional[str] = option(None, group=MODEL, help="a directory that keeps the toy's warmed-up "
