@@ -116,7 +116,8 @@ class TrainConfig:
     # step it asks for s + clip(Δ)/β whatever s already is, so it has no fixed point while Δ is
     # not zero (drift.py). The trainer's default is true because the comparison measured it
     # (README, "The main job": on the toy the self anchor drifted into collapse, the frozen one
-    # held); `--anchor false` is the paper's choice, and configs/ writes it out.
+    # held; on the misread task a sweep of lr, β and clip found no setting where the self anchor
+    # gained without drifting); `--anchor false` is the paper's choice, and configs/ writes it out.
     anchor: bool = option(True, group=METHOD, help="the PMI target's anchor: true the frozen base in the "
                           "student's context, false the student itself (the paper's)")
     beta: float = option(1.0, group=METHOD, help="the PMI target's inverse strength β (target = anchor + "
