@@ -147,8 +147,9 @@ class ComparisonRun(Trainer):
 
 def grade(trainer) -> List[Dict]:
     """Per held-out problem, {"correct": the share of its eval_samples answers that are right,
-    "texts": the answers}: the trainer's evaluation (the same batches of 32 and sampling keys)
-    on one process, with its answers kept."""
+    "texts": the answers}: the trainer's evaluation on one process (the same batches of 32, so
+    the same greedy answers), with its answers kept; a sampled one (eval_temperature > 0) is
+    seeded by the probe's seed instead of the trainer's evaluation seed."""
     from tqdm import tqdm
     config, rows = trainer.config, trainer.eval_rows
     grades = [{"correct": 0.0, "texts": []} for _ in rows]
