@@ -5,6 +5,7 @@ import json
 import os
 import random
 import re
+import statistics
 import subprocess
 import sys
 
@@ -269,3 +270,140 @@ def test_one_thread_while_other_processes_are_busy(monkeypatch):
         assert fixed() == 2
     finally:
         torch.set_num_threads(before)
+
+
+# Issue #27: the misread task, whose correction only the question-conditioned part holds.
+MISREAD_QUESTION = re.compile(r"has (\d+) (\w+)s(?: and (\d+) (\w+)s)? and (gets|gives) (\d+) (?:more )?\2s")
+
+
+def read_right(question: str):
+    """(left, right, distractor or None, answer), read from the question alone."""
+    left, item, distractor, other, verb, right, = MISREAD_QUESTION.search(question).groups()
+    left, right = int(left), int(right)
+    return left, right, None if distractor is None else int(distractor), left + right if verb == "gets" else left - right
+
+
+def test_the_old_tasks_rows_are_unchanged():
+    """The shortcut and arithmetic tasks draw the rows they drew before the misread task came
+    (digests taken from the code before it). Fails if the new task's draws moved theirs: their
+    README numbers would no longer reproduce."""
+    import hashlib
+
+    def digest(rows):
+        return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
+    assert digest(problems("shortcut", 300, 7)) == "e7a2b720129f1d33"
+    assert digest(problems("arithmetic", 300, 7)) == "b2feb1e93c1b602e"
+    assert digest(problems("shortcut", 2640, 0)) == "fd346d70101b43d6"
+
+
+def test_the_misread_task_needs_the_question_and_the_student_misreads_it():
+    """The misread task: the question determines the answer (the distractor aside), the
+    reference holds no number but the answer, half the questions carry a distractor, and the
+    warm-up teaches the student to use the distractor on those some of the time, the teacher
+    and the reference-only teacher never. Fails if the teacher misreads too (nothing to
+    correct), the reference leaks the operands (then the reference-induced part, not the PMI
+    residual, would hold the correction) or the student misreads a question without a distractor."""
+    from pmi_kernels.train import tasks
+    rows = problems("misread", 600, seed=5)
+    pattern = TrainConfig().answer_pattern
+    with_distractor = [row for row in rows if row["operands"][2] is not None]
+    assert 0.4 < len(with_distractor) / len(rows) < 0.6
+    for row in rows:
+        left, right, distractor, answer = read_right(row["question"])
+        assert row["operands"] == [left, right, distractor] and answer == int(row["answer"]) >= 0
+        assert extract_answer(row["solution"], pattern) == row["answer"]
+        assert not re.search(r"\d", row["solution"].replace(f"\\boxed{{{row['answer']}}}", ""))
+        assert distractor is None or (distractor != right and 1 <= distractor <= min(9, left))
+        assert left <= 18 and right <= 9
+        for kind in ("teacher", "refonly"):  # with the reference in view: the right operands, or the shortcut
+            for text, _ in row["warmup"][kind]:
+                work = compare.WORK.match(text)
+                assert extract_answer(text, pattern) == row["answer"]
+                assert work is None or (int(work[1]), int(work[2])) == (left, right)
+        misread = sum(share for text, share in row["warmup"]["student"]
+                      if (int(compare.WORK.match(text)[1]), int(compare.WORK.match(text)[2])) != (left, right))
+        assert misread == pytest.approx(0.0 if distractor is None else tasks.MISREAD_SHARE)
+        for text, _ in row["warmup"]["student"]:  # the student's work is right arithmetic on what it read
+            for a, op, b, result in re.findall(r"(\d+) ([+-]) (\d+) = (\d+)", text):
+                assert (int(a) + int(b) if op == "+" else int(a) - int(b)) == int(result)
+
+
+def test_the_loss_and_the_evaluation_never_see_which_part_is_which():
+    """Honesty: the contexts the loss reads are rendered from the question and the reference
+    alone, and the accuracy from the answer alone; the row's `operands` (the right reading) and
+    `warmup` reach neither. Fails if a context or the accuracy changes when they are removed."""
+    from pmi_kernels.train.contexts import KINDS
+    from pmi_kernels.train.toy import toy_tokenizer
+    from pmi_kernels.train.tokenized import contexts_ids
+    rows = problems("misread", 40, seed=2)
+    bare = [{key: row[key] for key in ("question", "solution", "answer")} for row in rows]
+    config = TrainConfig(use_chat_template=False)
+    tokenizer = toy_tokenizer()
+    assert contexts_ids(tokenizer, config.templates, KINDS, rows, False) == \
+        contexts_ids(tokenizer, config.templates, KINDS, bare, False)
+
+    class Answering:  # a trainer whose model answers every question with its right answer, worked
+        eval_rows, eval_prompts, stop = rows, [[i] for i in range(len(rows))], compare.StopRequest()
+        tokenizer = toy_tokenizer()
+
+        def __init__(self):
+            self.config = config
+
+        def generate(self, prompts, *_):
+            return [self.tokenizer(f"1 + 1 = 2. The answer is \\boxed{{{rows[i]['answer']}}}.").input_ids
+                    for (i,) in prompts]
+    grades = compare.grade(Answering())
+    assert [g["correct"] for g in grades] == [1.0] * len(rows)
+    assert compare.error_breakdown(bare, grades) == {}  # without the right reading: no breakdown, same accuracy
+
+
+def test_the_error_breakdown_and_the_paired_standard_error():
+    """misread: the work starts from other operands than the right reading; slip: from the
+    right ones, to a wrong answer. The paired s.e. is that of the per-problem changes. Fails on
+    a misread counted as a slip, or an unpaired s.e."""
+    rows = [{"operands": [7, 5, 3], "answer": "12"}] * 4
+    texts = ["7 + 3 = 10. The answer is \\boxed{10}.", "7 + 5 = 13. The answer is \\boxed{13}.",
+             "7 + 5 = 12. The answer is \\boxed{12}.", "The answer is \\boxed{12}."]
+    grades = [{"correct": float(i >= 2), "texts": [t]} for i, t in enumerate(texts)]
+    assert compare.error_breakdown(rows, grades) == {"misread": 0.25, "slip": 0.25}
+    before = [{"correct": c} for c in (0.0, 0.0, 1.0, 1.0)]
+    after = [{"correct": c} for c in (1.0, 0.0, 1.0, 0.0)]
+    changes = [1.0, 0.0, 0.0, -1.0]
+    assert compare.paired_se(after, before) == pytest.approx(statistics.stdev(changes) / 2)
+    assert compare.paired_se(before, before) == 0.0
+
+
+def test_the_validation_draw_is_apart_from_training_and_held_out():
+    """toy_eval_split validation: eval_limit problems drawn by another seed, none of them a
+    training or held-out question, the training rows unchanged. Fails if settings chosen on it
+    could have seen the held-out problems."""
+    from pmi_kernels.train.data import load_examples
+    for task in ("misread", "shortcut"):
+        config = TrainConfig(toy_task=task, eval_limit=200)
+        train, held_out = load_examples(config)
+        train_v, validation = load_examples(TrainConfig(toy_task=task, eval_limit=200, toy_eval_split="validation"))
+        assert train_v == train and len(validation) == 200
+        taken = {row["question"] for row in train + held_out}
+        assert not taken & {row["question"] for row in validation}
+        assert len({row["question"] for row in validation}) == 200
+    with pytest.raises(ValueError, match="toy_eval_split"):
+        TrainConfig(toy_eval_split="test").validate()
+
+
+def test_compare_on_the_misread_task_with_a_subset_of_runs(tmp_path, capsys, monkeypatch):
+    """--runs names the runs (a sweep's); the table has their rows, the paired columns and the
+    error breakdown. Fails on a run that was not asked for, or a missing breakdown."""
+    monkeypatch.setattr(compare, "PROBE_ROLLOUTS", 4)
+    flags = ["--output-dir", str(tmp_path / "cmp"), "--base-cache", str(tmp_path / "bases"), "--device", "cpu",
+             "--toy-task", "misread", "--toy-eval-split", "validation", "--sft-steps", "2", "--sft-batch-size", "4",
+             "--max-steps", "1", "--eval-limit", "8", "--max-new-tokens", "12", "--batch-size", "2"]
+    assert cli_main(["compare", *flags, "--runs", "opsd,pmi-base"]) == 0
+    out = capsys.readouterr().out
+    assert "standard OPSD" in out and "PMI, frozen-base anchor" in out and "PMI, self anchor" not in out
+    assert "task misread (on the validation draw)" in out
+    results = json.load(open(tmp_path / "cmp" / "summary.json"))["results"]["0"]
+    assert set(results) == {"start", "opsd", "pmi-base"}
+    assert {"misread", "slip", "accuracy_change_se"} <= set(results["start"])
+    assert {"vs_opsd", "vs_opsd_se"} <= set(results["pmi-base"]) and "vs_opsd" not in results["opsd"]
+    assert cli_main(["compare", *flags, "--runs", "pmi-base,nope"]) == 2
+    assert "--runs" in capsys.readouterr().err

@@ -29,7 +29,8 @@ RANGES = [(AT_LEAST_ONE, lambda v: v >= 1, ">= 1"), (NON_NEGATIVE, lambda v: v >
           (("jsd_beta",), lambda v: 0 <= v <= 1, "in [0, 1]"), (("seed",), lambda v: v < 2**32, "< 2**32")]
 CHOICES = {"mode": ("pmi", "opsd"), "teacher_weights": ("base", "current"), "device": ("auto", "cpu", "cuda"),
            "schedule": ("constant", "cosine", "linear"), "rollout_engine": ("hf", "vllm"),
-           "attn_implementation": IMPLEMENTATIONS, "toy_task": ("shortcut", "arithmetic")}
+           "attn_implementation": IMPLEMENTATIONS, "toy_task": ("misread", "shortcut", "arithmetic"),
+           "toy_eval_split": ("held_out", "validation")}
 NON_EMPTY = ("model_path", "output_dir", "base_cache", "question_field", "solution_field", "answer_field",
              "answer_pattern")
 TEMPLATE_KINDS = ("student", "teacher", "refonly")

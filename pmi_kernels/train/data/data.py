@@ -9,7 +9,7 @@ import re
 from typing import Dict, Iterator, List, Optional, Tuple
 
 from ..config import TOY, TrainConfig
-from ..demo.tasks import problems
+from ..demo.tasks import problems, validation_problems
 from ..interrupts import StopRequest, fault_point
 
 PARQUET_BATCH = 256  # rows read from a parquet file at a time
@@ -97,7 +97,10 @@ def load_examples(config: TrainConfig, stop: Optional[StopRequest] = None):
     A stop signal ends the reading (raises Interrupted)."""
     if config.model_path == TOY:
         rows = problems(config.toy_task, 2000 + config.eval_limit, config.seed)
-        return rows[config.eval_limit:], rows[:config.eval_limit]
+        train, held_out = rows[config.eval_limit:], rows[:config.eval_limit]
+        if config.toy_eval_split == "validation":
+            return train, validation_problems(config.toy_task, config.eval_limit, config.seed, rows)
+        return train, held_out
     splits = []
     for key in ("train_file", "eval_file"):
         path = getattr(config, key)

@@ -1,5 +1,6 @@
 """pmi-opsd compare: standard OPSD and the PMI target, with the frozen-base anchor and with the
-self anchor, side by side on the toy's shortcut task (tasks.py). The main job (scripts/main.sh).
+self anchor, side by side on the toy's misread task (tasks.py; --toy-task shortcut or
+arithmetic for the others). The main job (scripts/main.sh).
 
 Per seed, one warmed-up base (built once into base_cache, runs/bases by default, keyed by all
 that makes it: base_cache.py, so a later comparison loads it and the second run starts
@@ -14,12 +15,17 @@ Before the runs and after each, a probe samples rollouts (temperature 1, as in t
 the same seed every time) for held-out questions and measures, per token, KL(q‖p) of the run's
 target, KL(p_T‖p), the student's entropy, its KL from the base (drift.py), the decomposition
 diagnostics, and per rollout the epistemic markers, the length and how often the work is
-skipped. Accuracy is greedy on all held-out problems (eval_limit). The table is printed and
+skipped. Accuracy is greedy on all held-out problems (eval_limit), kept per problem: each run's
+change from the start, and a PMI run's from standard OPSD, come with their paired standard
+errors, and the misread task's rows give where the answers go wrong (misread, slip). With
+--toy-eval-split validation every number is on a separate validation draw instead, the one to
+choose settings on; --runs picks the runs (a sweep's). The table is printed and
 written (table.md, summary.json); compare.png draws accuracy, entropy and the KL from the base
 against steps, one line per run (the mean over seeds, the band their range).
 
     pmi-opsd compare                       # one seed: the main job
     pmi-opsd compare --seeds 0,1,2         # mean and spread over three
+    pmi-opsd compare --toy-eval-split validation --runs pmi-self --lr 1e-4   # one setting, for a sweep
 """
 from __future__ import annotations
 
@@ -43,17 +49,18 @@ import torch.nn.functional as F
 from ... import pmi_diagnostics
 from ..config import TOY, TOY_DEFAULTS, TrainConfig, parse_config
 from ..contexts import KINDS
+from ..data.data import extract_answer
+from ..data.tokenized import contexts_ids
 from ..interrupts import Interrupted, StopRequest
 from ..loop import Trainer
 from ..metrics import count_markers, read_metrics
 from ..run_dir import make_output_dir
-from ..data.tokenized import contexts_ids
 
 RUNS = (("opsd", dict(mode="opsd", anchor=False), "standard OPSD"),
         ("pmi-base", dict(mode="pmi", anchor=True), "PMI, frozen-base anchor"),
         ("pmi-self", dict(mode="pmi", anchor=False), "PMI, self anchor"))
 # The comparison's sizes: one seed within about 5 minutes on 2 CPU cores (docs/demo.md).
-COMPARE_DEFAULTS = {**TOY_DEFAULTS, "toy_task": "shortcut", "eval_limit": 640, "max_new_tokens": 72,
+COMPARE_DEFAULTS = {**TOY_DEFAULTS, "toy_task": "misread", "eval_limit": 640, "max_new_tokens": 72,
                     "max_steps": 60, "eval_every": 20, "diagnostics_every": 5, "save_every": 1000, "lr": 5e-4,
                     "markers": ["wait", "check"], "output_dir": "runs/compare",
                     "base_cache": "runs/bases"}
@@ -62,7 +69,9 @@ PROBE_ROLLOUTS = 128
 PROBE_SEED = 12345
 # (summary key, column head, format)
 COLUMNS = [("accuracy", "accuracy", "{:.3f}"), ("accuracy_se", "s.e.", "{:.3f}"),
-           ("accuracy_change", "vs start", "{:+.3f}"), ("kl_q_p", "KL(q‖p)", "{:.3f}"),
+           ("accuracy_change", "vs start", "{:+.3f}"), ("accuracy_change_se", "s.e.(vs start)", "{:.3f}"),
+           ("vs_opsd", "vs OPSD", "{:+.3f}"), ("vs_opsd_se", "s.e.(vs OPSD)", "{:.3f}"),
+           ("misread", "misread", "{:.3f}"), ("slip", "slip", "{:.3f}"), ("kl_q_p", "KL(q‖p)", "{:.3f}"),
            ("kl_teacher_student", "KL(pT‖p)", "{:.3f}"), ("entropy_student", "H(p)", "{:.3f}"),
            ("kl_student_base", "KL(p‖base)", "{:.3f}"), ("markers/wait", "wait", "{:.2f}"),
            ("markers/check", "check", "{:.2f}"), ("work_skipped", "no work", "{:.2f}"), ("length", "length", "{:.1f}"),
@@ -75,10 +84,17 @@ markers per rollout; no work: the share of rollouts that answer without working 
 tokens. cos(tot,ref), cos(tot,pmi): cosine of the teacher's signal log pT - log p with its
 reference-induced part log pR - log p and with the PMI residual log pT - log pR; ‖ref‖/‖tot‖:
 the ratio of their norms. accuracy: greedy, on {eval} held-out problems (s.e. its binomial
-standard error; vs start: the change from the same seed's start, the runs' paired comparison)."""
+standard error; vs start: the change from the same seed's start, the runs' paired comparison; vs OPSD:
+a PMI run's change from standard OPSD, paired alike; each s.e.(...) is the paired standard error over
+the problems, and over several seeds that of the mean over seeds, sqrt(sum of s.e.²) / seeds).
+misread, slip: where the greedy answers go wrong, as shares of all {eval} problems (a task whose
+rows keep their right reading, `operands`: the misread task): the work starts from other operands
+than the question's (misread), or from the right ones but reaches a wrong answer (slip)."""
+# Paired standard errors: over seeds, that of the mean (the others' s.e. is one seed's, averaged).
+PAIRED_SE = ("accuracy_change_se", "vs_opsd_se")
 
 
-# The parts of a shortcut-task rollout (tasks.py) the comparison reads the decomposition at.
+# The parts of a shortcut- or misread-task rollout (tasks.py) the comparison reads the decomposition at.
 PARTS = ("first token", "operands", "result", "'Wait'", "the check", "the answer")
 WORK = re.compile(r"(\d+) [+-] (\d+) = (\d+)\.")
 
@@ -114,13 +130,68 @@ def position_parts(text: str) -> List[Optional[str]]:
 
 class ComparisonRun(Trainer):
     """One run of the comparison: its evaluation at step 0 is the start's, measured once (every
-    run starts from the same base, and the evaluation is greedy)."""
-    start_accuracy: Optional[float] = None
+    run starts from the same base, and the evaluation is greedy). Each evaluation keeps its
+    answers per problem (`grades`), for the paired comparisons and the error breakdown."""
+    start_grades: Optional[List[Dict]] = None
+    grades: Optional[List[Dict]] = None
 
     def evaluate(self) -> Optional[float]:
-        if self.step == 0 and self.start_accuracy is not None:
-            return self.start_accuracy
-        return super().evaluate()
+        if not self.eval_rows:
+            return None
+        if self.step == 0 and self.start_grades is not None:
+            self.grades = self.start_grades
+        else:
+            self.grades = grade(self)
+        return statistics.fmean(g["correct"] for g in self.grades)
+
+
+def grade(trainer) -> List[Dict]:
+    """Per held-out problem, {"correct": the share of its eval_samples answers that are right,
+    "texts": the answers}: the trainer's evaluation on one process (the same batches of 32, so
+    the same greedy answers), with its answers kept; a sampled one (eval_temperature > 0) is
+    seeded by the probe's seed instead of the trainer's evaluation seed."""
+    from tqdm import tqdm
+    config, rows = trainer.config, trainer.eval_rows
+    grades = [{"correct": 0.0, "texts": []} for _ in rows]
+    torch.manual_seed(PROBE_SEED + config.seed)
+    for _ in range(config.eval_samples):
+        for start in tqdm(range(0, len(rows), 32), desc="evaluation", leave=False, mininterval=2):
+            trainer.stop.check("evaluation")
+            chunk = range(start, min(start + 32, len(rows)))
+            outs = trainer.generate([trainer.eval_prompts[i] for i in chunk], config.eval_temperature, 1.0,
+                                    config.max_new_tokens)
+            for i, out in zip(chunk, outs):
+                text = trainer.tokenizer.decode(out, skip_special_tokens=True)
+                grades[i]["texts"].append(text)
+                grades[i]["correct"] += (extract_answer(text, config.answer_pattern) == rows[i]["answer"]) \
+                    / config.eval_samples
+    return grades
+
+
+def error_breakdown(rows: List[Dict], grades: List[Dict]) -> Dict[str, float]:
+    """{"misread", "slip"}: the shares of answers whose work starts from other operands than the
+    row's right reading (`operands`), and of those that start right but end at a wrong answer;
+    {} for rows without `operands` (the shortcut and arithmetic tasks'). Reads only the answers'
+    text: the loss and the accuracy never see it."""
+    if not rows or any("operands" not in row for row in rows):
+        return {}
+    misread = slip = answers = 0
+    for row, graded in zip(rows, grades):
+        left, right = row["operands"][:2]
+        for text in graded["texts"]:
+            answers += 1
+            work = WORK.match(text)
+            if work and (int(work[1]), int(work[2])) != (left, right):
+                misread += 1
+            elif work and extract_answer(text, r"\\boxed\{([^}]*)\}") != row["answer"]:
+                slip += 1
+    return {"misread": misread / answers, "slip": slip / answers}
+
+
+def paired_se(after: List[Dict], before: List[Dict]) -> float:
+    """The standard error of the mean change in correctness, problem by problem (the same problems)."""
+    changes = [a["correct"] - b["correct"] for a, b in zip(after, before)]
+    return statistics.stdev(changes) / math.sqrt(len(changes)) if len(changes) > 1 else float("nan")
 
 
 def run_config(shared: TrainConfig, root: str, seed: int, name: str, overrides: dict) -> TrainConfig:
@@ -261,35 +332,48 @@ def standard_error(accuracy: float, n: int) -> float:
     return math.sqrt(accuracy * (1 - accuracy) / n) if n else float("nan")
 
 
-def compare_seed(shared: TrainConfig, root: str, seed: int, stop: StopRequest, progress: bool = True) -> Dict:
-    """{"start": {...}, run name: {...}, "curves": {run name: metrics rows}} for one seed."""
+def compare_seed(shared: TrainConfig, root: str, seed: int, stop: StopRequest, progress: bool = True,
+                 names: Optional[List[str]] = None) -> Dict:
+    """{"start": {...}, run name: {...}, "curves": {run name: metrics rows}} for one seed; the
+    runs named (RUNS' names), all by default."""
     out: Dict = {"curves": {}}
-    start_accuracy = None
-    for number, (name, overrides, label) in enumerate(RUNS, 1):
+    grades: Dict[str, List[Dict]] = {}
+    runs = [run for run in RUNS if run[0] in (names or [name for name, _, _ in RUNS])]
+    for number, (name, overrides, label) in enumerate(runs, 1):
         config = run_config(shared, root, seed, name, overrides)
-        print(f"[seed {seed}] {number}/{len(RUNS)} {name}: {label}", flush=True)
+        print(f"[seed {seed}] {number}/{len(runs)} {name}: {label}", flush=True)
         trainer = ComparisonRun(config, stop)
-        trainer.start_accuracy = start_accuracy
-        if start_accuracy is None:
-            print(f"[seed {seed}] the start: accuracy on {len(trainer.eval_rows)} held-out problems, probe", flush=True)
-            start_accuracy = trainer.start_accuracy = trainer.evaluate()  # the run's own step-0 evaluation reuses it
+        trainer.start_grades = grades.get("start")
+        if "start" not in grades:
+            split = "validation" if shared.toy_eval_split == "validation" else "held-out"
+            print(f"[seed {seed}] the start: accuracy on {len(trainer.eval_rows)} {split} problems, probe", flush=True)
+            start_accuracy = trainer.evaluate()  # the run's own step-0 evaluation reuses it
+            grades["start"] = trainer.start_grades = trainer.grades
             # At the start KL(q‖p) is the PMI target's (the same for both anchors: the student is the base).
-            out["start"] = {"accuracy": start_accuracy, **probe(trainer, mode="pmi")}
+            out["start"] = {"accuracy": start_accuracy, **probe(trainer, mode="pmi"),
+                            **error_breakdown(trainer.eval_rows, trainer.grades)}
         result = trainer.train(progress=progress)
         if result["interrupted"]:
             raise Interrupted(signal.Signals[result["interrupted"]], result["where"])
-        out[name] = {"accuracy": result["accuracy_after"], **probe(trainer)}
+        grades[name] = trainer.grades
+        out[name] = {"accuracy": result["accuracy_after"], **probe(trainer),
+                     **error_breakdown(trainer.eval_rows, trainer.grades)}
         out["curves"][name] = read_metrics(trainer.metrics.path)
     n = shared.eval_limit * shared.eval_samples
-    for key in ["start"] + [name for name, _, _ in RUNS]:
+    for key in ["start"] + [name for name, _, _ in runs]:
         out[key]["accuracy_se"] = standard_error(out[key]["accuracy"], n)
         out[key]["accuracy_change"] = out[key]["accuracy"] - out["start"]["accuracy"]  # paired: the same base
+        out[key]["accuracy_change_se"] = paired_se(grades[key], grades["start"])
+        if key.startswith("pmi") and "opsd" in grades:
+            out[key]["vs_opsd"] = out[key]["accuracy"] - out["opsd"]["accuracy"]
+            out[key]["vs_opsd_se"] = paired_se(grades[key], grades["opsd"])
     return out
 
 
 def summarize(per_seed: Dict[int, Dict]) -> Dict[str, Dict[str, List[float]]]:
     """run -> column -> the per-seed values."""
-    rows = ["start"] + [name for name, _, _ in RUNS]
+    first = next(iter(per_seed.values()))
+    rows = ["start"] + [name for name, _, _ in RUNS if name in first]
     return {row: {key: [per_seed[s][row].get(key, float("nan")) for s in per_seed] for key, _, _ in COLUMNS}
             for row in rows}
 
@@ -307,6 +391,8 @@ def format_table(summary: Dict[str, Dict[str, List[float]]], seeds: List[int]) -
                 cells.append("n/a")
             elif len(seeds) == 1 or key == "accuracy_se":
                 cells.append(fmt.format(statistics.fmean(xs)))
+            elif key in PAIRED_SE:  # of the mean over seeds
+                cells.append(fmt.format(math.sqrt(sum(x * x for x in xs)) / len(xs)))
             else:
                 spread = fmt.replace("+", "").format(statistics.stdev(xs))  # a spread has no sign
                 cells.append(f"{fmt.format(statistics.fmean(xs))} ± {spread}")
@@ -346,6 +432,8 @@ def plot_comparison(per_seed: Dict[int, Dict], out: str) -> str:
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6))
     for ax, (key, start_key, title) in zip(axes, panels):
         for (name, _, label), color in zip(RUNS, ("tab:red", "tab:blue", "tab:orange")):
+            if name not in next(iter(per_seed.values()))["curves"]:
+                continue
             by_step: Dict[int, List[float]] = {}
             for result in per_seed.values():
                 by_step.setdefault(0, []).append(result["start"][start_key])
@@ -363,7 +451,8 @@ def plot_comparison(per_seed: Dict[int, Dict], out: str) -> str:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     seeds = ", ".join(map(str, per_seed))
-    fig.suptitle(f"toy shortcut task, one warmed-up base per seed (seeds {seeds})", fontsize=10)
+    task = next(iter(per_seed.values())).get("task", "shortcut")
+    fig.suptitle(f"toy {task} task, one warmed-up base per seed (seeds {seeds})", fontsize=10)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
@@ -371,6 +460,8 @@ def plot_comparison(per_seed: Dict[int, Dict], out: str) -> str:
 
 
 SEEDS_HELP = "comma-separated seeds, one warmed-up base and one set of runs each (default: --seed, 0)"
+RUNS_HELP = (f"comma-separated runs, of {', '.join(name for name, _, _ in RUNS)} (default: all; fewer for a "
+             "sweep of one run's settings)")
 
 
 def help_text() -> str:
@@ -383,6 +474,7 @@ def help_text() -> str:
     wrap = dict(width=96, subsequent_indent=" " * 16, break_on_hyphens=False, break_long_words=False)
     return (f"{__doc__.strip()}\n\nusage: pmi-opsd compare [--seeds 0,1,2] [--KEY VALUE ...]\n\n"
             + textwrap.fill(f"  --seeds S     {SEEDS_HELP}", **wrap) + "\n"
+            + textwrap.fill(f"  --runs R      {RUNS_HELP}", **wrap) + "\n"
             + textwrap.fill(f"  --KEY VALUE   {every_key}", **wrap) + "\n\n"
             + "The comparison's own defaults (the toy's otherwise):\n"
             + textwrap.fill("  " + "   ".join(shown), width=96, subsequent_indent="  ", break_on_hyphens=False,
@@ -392,6 +484,7 @@ def help_text() -> str:
 def main(argv) -> int:
     parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # --seed is not --seeds
     parser.add_argument("--seeds", default=None, help=SEEDS_HELP)
+    parser.add_argument("--runs", default=None, help=RUNS_HELP)
     known, rest = parser.parse_known_args(argv)
     if "-h" in rest or "--help" in rest:
         print(help_text())
@@ -410,6 +503,10 @@ def main(argv) -> int:
         raise ValueError(f"--seeds: expected comma-separated integers, got {known.seeds!r}") from err
     if len(set(seeds)) != len(seeds) or any(not 0 <= seed < 2**32 for seed in seeds):
         raise ValueError(f"--seeds: expected distinct seeds in [0, 2**32), got {known.seeds!r}")
+    names = known.runs.split(",") if known.runs else None
+    known_names = [name for name, _, _ in RUNS]
+    if names is not None and (not names or len(set(names)) != len(names) or set(names) - set(known_names)):
+        raise ValueError(f"--runs: expected distinct names of {', '.join(known_names)}, got {known.runs!r}")
     root = shared.output_dir
     make_output_dir(root)
     start, load = time.perf_counter(), os.getloadavg()
@@ -419,7 +516,7 @@ def main(argv) -> int:
     with stop.catching():
         try:
             for seed in seeds:
-                per_seed[seed] = compare_seed(shared, root, seed, stop)
+                per_seed[seed] = {**compare_seed(shared, root, seed, stop, names=names), "task": shared.toy_task}
         except Interrupted as err:
             print(f"interrupted by {signal.Signals(err.signum).name} during {err.where}; the comparison is "
                   "incomplete (the warmed-up bases stay cached: run it again)", file=sys.stderr)
@@ -432,7 +529,8 @@ def main(argv) -> int:
     summary = summarize(per_seed)
     table = format_table(summary, seeds)
     notes = NOTES.format(probe=PROBE_ROLLOUTS, eval=shared.eval_limit * shared.eval_samples)
-    title = (f"{shared.max_steps} steps x {shared.batch_size} rollouts, lr {shared.lr}, beta {shared.beta}, "
+    split = " (on the validation draw)" if shared.toy_eval_split == "validation" else ""
+    title = (f"task {shared.toy_task}{split}; {shared.max_steps} steps x {shared.batch_size} rollouts, lr {shared.lr}, beta {shared.beta}, "
              f"clip {shared.clip}; seeds {', '.join(map(str, seeds))}" + (" (mean ± sd)" if len(seeds) > 1 else ""))
     parts = ("Where the teacher's signal lives at the start (the warmed-up base's sampled rollouts; norms of the "
              f"centered log-ratios over the vocabulary, per token):\n{format_parts(per_seed)}")
@@ -441,7 +539,8 @@ def main(argv) -> int:
         fh.write(f"{title}\n\n{table}\n\n{notes}\n\n{parts}\n")
     with open(os.path.join(root, "summary.json"), "w") as fh:
         json.dump({"config": dataclasses.asdict(shared), "seeds": seeds, "timing": timing,
-                   "results": {s: {k: v for k, v in r.items() if k != "curves"} for s, r in per_seed.items()}},
+                   "results": {s: {k: v for k, v in r.items() if k not in ("curves", "task")}
+                               for s, r in per_seed.items()}},
                   fh, indent=1, default=str)
     print(f"plot: {plot_comparison(per_seed, os.path.join(root, 'compare.png'))}")
     print(f"table: {os.path.join(root, 'table.md')}   summary: {os.path.join(root, 'summary.json')}")
