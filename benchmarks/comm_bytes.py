@@ -51,8 +51,7 @@ CASES = [("pmi_kl", dict(), False), ("pmi_kl", dict(clip=3.0, center=False), Tru
 
 
 def _traced(rank, world, init_file, n, hidden, vocab, result_file):
-    from pmi_kernels import fused_pmi_kl, pmi_kl
-    from pmi_kernels import vocab_parallel
+    from pmi_kernels import fused_pmi_kl, pmi_kl, vocab_parallel
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     counted = []
     original = dist.all_reduce

@@ -18,6 +18,7 @@ from pmi_kernels import fused_pmi_kl, pmi_kl
 
 from . import harness
 
+
 def logits_case(n: int, vocab: int, backend: str, stats: bool = False) -> Callable[[], None]:
     gen = torch.Generator().manual_seed(0)
     s, t, r = (torch.randn(n, vocab, generator=gen) * 3 for _ in range(3))

@@ -160,8 +160,8 @@ def measure_cpu_memory(args, variant: str) -> dict:
 
 def check_packed_on_gpu(trainer) -> float:
     """Largest |packed - per-rollout| hidden state over two rollouts, relative to the largest state."""
-    from pmi_kernels.train.data import packing
     from pmi_kernels.train.contexts import rollout_hidden
+    from pmi_kernels.train.data import packing
     decoder, device = trainer.contexts.base_model().get_decoder(), trainer.device
     prompts, rollouts = trainer.prompts["teacher"][:2], trainer.generate([0, 0])
     with torch.no_grad(), trainer.contexts.autocast():
@@ -224,8 +224,8 @@ def run_step_mode(args) -> dict:
 def loss_step(model, contexts, tokens: int, fused: bool):
     """Forward every context to the rollout's hidden states, the loss, and the backward."""
     from pmi_kernels import fused_pmi_kl
-    from pmi_kernels.reference import pmi_kl_reference
     from pmi_kernels.prompts import rollout_positions
+    from pmi_kernels.reference import pmi_kl_reference
     decoder, head = model.get_decoder(), model.get_output_embeddings()
     states = {}
     for kind, ids in contexts.items():

@@ -11,6 +11,7 @@ from pmi_kernels import fused_pmi_kl, pmi_diagnostics, pmi_kl
 from pmi_kernels.backends import REGISTRY
 from pmi_kernels.reference import fused_pmi_kl_reference, linear_logits, pmi_diagnostics_reference, pmi_kl_reference
 
+
 # Where the per-chunk functions live: the one place to re-point when they move. Each is called
 # once per chunk, with the chunk's student rows first.
 def record_chunk_rows(monkeypatch, kind, backend):

@@ -15,12 +15,12 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from pmi_kernels.train.demo import base_cache, compare  # noqa: E402
 from pmi_kernels.train.cli import main as cli_main  # noqa: E402
 from pmi_kernels.train.config import TrainConfig  # noqa: E402
 from pmi_kernels.train.data.data import extract_answer  # noqa: E402
-from pmi_kernels.train.loop import Trainer  # noqa: E402
+from pmi_kernels.train.demo import base_cache, compare  # noqa: E402
 from pmi_kernels.train.demo.tasks import problems, warmup_target  # noqa: E402
+from pmi_kernels.train.loop import Trainer  # noqa: E402
 from test_train import TINY  # noqa: E402
 
 QUESTION = re.compile(r"has (\d+) \w+ and (gets|gives) (\d+) (more|away)")
@@ -333,8 +333,8 @@ def test_the_loss_and_the_evaluation_never_see_which_part_is_which():
     alone, and the accuracy from the answer alone; the row's `operands` (the right reading) and
     `warmup` reach neither. Fails if a context or the accuracy changes when they are removed."""
     from pmi_kernels.train.contexts import KINDS
-    from pmi_kernels.train.toy import toy_tokenizer
     from pmi_kernels.train.tokenized import contexts_ids
+    from pmi_kernels.train.toy import toy_tokenizer
     rows = problems("misread", 40, seed=2)
     bare = [{key: row[key] for key in ("question", "solution", "answer")} for row in rows]
     config = TrainConfig(use_chat_template=False)

@@ -22,8 +22,7 @@ from trl.experimental.sdft import SDFTConfig, SDFTTrainer  # noqa: E402
 from trl.trainer.utils import split_tensor_dict  # noqa: E402
 
 from pmi_kernels import pmi_kl  # noqa: E402
-from pmi_kernels.integrations.trl import (PurifiedOPSDConfig, PurifiedOPSDTrainer,  # noqa: E402
-                                          decoder_and_head)
+from pmi_kernels.integrations.trl import PurifiedOPSDConfig, PurifiedOPSDTrainer, decoder_and_head  # noqa: E402
 from pmi_kernels.train.demo.toy import toy_model, toy_problems, toy_tokenizer  # noqa: E402
 
 LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"])

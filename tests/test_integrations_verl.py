@@ -109,8 +109,7 @@ from pmi_kernels.backends import DIAGNOSTICS  # noqa: E402
 from pmi_kernels.integrations.verl.actor import PMIEngineMixin, PMILoss, pmi_engine_class  # noqa: E402
 from pmi_kernels.integrations.verl.config import PMIConfig, check_actor_config  # noqa: E402
 from pmi_kernels.integrations.verl.main import check_config  # noqa: E402
-from pmi_kernels.integrations.verl.workers import (  # noqa: E402
-    PMIActorRolloutRefWorker, PMITrainingWorker, pmi_engines)
+from pmi_kernels.integrations.verl.workers import PMIActorRolloutRefWorker, PMITrainingWorker, pmi_engines  # noqa: E402
 from pmi_kernels.prompts import prompt_ids  # noqa: E402
 from pmi_kernels.train.config import TrainConfig  # noqa: E402
 from pmi_kernels.train.contexts import ContextReader  # noqa: E402
@@ -118,7 +117,6 @@ from pmi_kernels.train.demo.toy import toy_model, toy_problems, toy_tokenizer  #
 from pmi_kernels.train.distributed import World  # noqa: E402
 from pmi_kernels.train.metrics import StepTimer  # noqa: E402
 from pmi_kernels.train.step import distil  # noqa: E402
-
 
 PROMPT_WIDTH, RESPONSE_WIDTH = 160, 12
 AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "token-sum")

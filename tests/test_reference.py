@@ -3,10 +3,9 @@
 import pytest
 import torch
 
-from pmi_kernels.reference import (fused_pmi_kl_reference, pmi_diagnostics_reference, pmi_kl_reference,
-                                   pmi_target_logits)
-from pmi_kernels.options import LossOptions
 from helpers import streams
+from pmi_kernels.options import LossOptions
+from pmi_kernels.reference import fused_pmi_kl_reference, pmi_diagnostics_reference, pmi_kl_reference, pmi_target_logits
 from test_hand_expansion import divergence, log_softmax, target_logits
 
 

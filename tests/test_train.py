@@ -13,12 +13,11 @@ from pmi_kernels.train import TrainConfig  # noqa: E402
 from pmi_kernels.train.cli import main as cli_main  # noqa: E402
 from pmi_kernels.train.config import parse_config  # noqa: E402
 from pmi_kernels.train.contexts import KINDS, rollout_hidden  # noqa: E402
+from pmi_kernels.train.demo.toy import toy_model, toy_problems, toy_tokenizer  # noqa: E402
 from pmi_kernels.train.loop import Trainer  # noqa: E402
 from pmi_kernels.train.metrics import StepTimer  # noqa: E402
 from pmi_kernels.train.rollouts import merged_weights  # noqa: E402
 from pmi_kernels.train.step import distil  # noqa: E402
-from pmi_kernels.train.demo.toy import toy_model, toy_problems, toy_tokenizer  # noqa: E402
-
 
 TINY = dict(device="cpu", max_new_tokens=10, batch_size=2, max_steps=2, sft_steps=0, eval_limit=4, save_every=1,
             use_chat_template=False, diagnostics_every=1, lr=1e-2)

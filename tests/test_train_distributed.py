@@ -57,6 +57,7 @@ def one_step(out_dir, overrides):
 
 def step_worker(rank, world, init_file, out_dir, overrides, result_file):
     import torch.distributed as dist
+
     from pmi_kernels.train import distributed
     torch.set_num_threads(1)
     distributed.BUCKET_ELEMENTS = 5000  # several all-reduce buckets, a parameter larger than one among them

@@ -10,13 +10,12 @@ import torch
 
 pytest.importorskip("transformers")
 
-from pmi_kernels.train.checkpoint import SHARDED_DIR, load_checkpoint  # noqa: E402
 from pmi_kernels.train import loop  # noqa: E402
+from pmi_kernels.train.checkpoint import SHARDED_DIR, load_checkpoint  # noqa: E402
 from pmi_kernels.train.loop import Trainer  # noqa: E402
 from pmi_kernels.train.step import distil  # noqa: E402
 from test_train import tiny  # noqa: E402
-from test_train_distributed import (ROOT, RUN, STEP, TESTS, assert_same_step, fixed_generate, run_ranks,  # noqa: E402
-                                    torchrun)
+from test_train_distributed import ROOT, RUN, STEP, TESTS, assert_same_step, fixed_generate, run_ranks, torchrun  # noqa: E402
 
 # Full fine-tuning: with the frozen anchor, two micro-batches and packs of at most 40 tokens; or
 # the teacher on the current weights (the trained model's head is the frozen streams') unpacked.

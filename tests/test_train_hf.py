@@ -162,6 +162,7 @@ def test_every_recipe_loads_and_reads_the_same_as_yaml(name, tmp_path):
     """Each file in configs/ passes every check (as --dry-run reads it), and the same keys
     written as YAML (.yaml and .yml) give the same config. Fails on YAML refused (JSON only)."""
     import yaml
+
     from pmi_kernels.train.config import parse_args, read_config_file
     path = os.path.join(CONFIGS, name)
     config = parse_args(["--config", path, "--dry-run"])[0]
@@ -295,6 +296,7 @@ def test_a_sharded_checkpoint_holds_the_whole_model(tmp_path):
     the ranks gather) load with AutoModelForCausalLM and equal its shards read whole; export
     rebuilds the same weights from the shards alone. Fails on a rank's shard saved as the model."""
     from transformers import AutoModelForCausalLM
+
     from test_train_distributed import torchrun
     from test_train_fsdp import sharded_weights
     out = tmp_path / "run"

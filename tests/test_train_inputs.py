@@ -287,8 +287,8 @@ def test_plot_and_compare_help_name_their_options(capsys):
     """compare --help names --seeds, the keys it sets per run and its own defaults; plot --help
     says what --metrics is and its default. Fails on the help that printed the module's docstring
     alone, and on --metrics without a word (found by a new-user trial)."""
-    from pmi_kernels.train.demo.compare import COMPARE_DEFAULTS, SET_PER_RUN
     from pmi_kernels.train.config import TOY_DEFAULTS
+    from pmi_kernels.train.demo.compare import COMPARE_DEFAULTS, SET_PER_RUN
     assert cli_main(["compare", "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
     own = [key for key, value in COMPARE_DEFAULTS.items() if TOY_DEFAULTS.get(key) != value]

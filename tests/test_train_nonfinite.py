@@ -11,10 +11,10 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
+from pmi_kernels.train import step as step_parts  # noqa: E402
 from pmi_kernels.train.checkpoint import load_checkpoint  # noqa: E402
 from pmi_kernels.train.cli import main as cli_main  # noqa: E402
 from pmi_kernels.train.interrupts import TrainingFailed  # noqa: E402
-from pmi_kernels.train import step as step_parts  # noqa: E402
 from pmi_kernels.train.loop import Trainer  # noqa: E402
 from test_train import tiny, tiny_flags, trainable_snapshot  # noqa: E402
 

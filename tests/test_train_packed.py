@@ -13,10 +13,10 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 from conftest import requires_cuda  # noqa: E402
+from pmi_kernels.train import loop  # noqa: E402
 from pmi_kernels.train.contexts import rollout_hidden  # noqa: E402
 from pmi_kernels.train.data import packing  # noqa: E402
 from pmi_kernels.train.data.packing import packed_hidden, rollout_groups  # noqa: E402
-from pmi_kernels.train import loop  # noqa: E402
 from pmi_kernels.train.loop import Trainer  # noqa: E402
 from pmi_kernels.train.step import distil  # noqa: E402
 from test_train import tiny  # noqa: E402

@@ -13,7 +13,6 @@ import random
 import tempfile
 
 import numpy as np
-import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp

@@ -15,9 +15,8 @@ import torch.distributed as dist
 from transformers import TrainerCallback
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_integrations_trl import full_logits, perturb_student, tiny_trainer  # noqa: E402
-
 from pmi_kernels import pmi_kl  # noqa: E402
+from test_integrations_trl import full_logits, perturb_student, tiny_trainer  # noqa: E402
 
 
 class RecordGradients(TrainerCallback):

@@ -10,13 +10,24 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 from ..options import LossOptions
-from .config_checks import check_types, check_values, coerce_flag, field_types
-from .config_help import (DATA, DISTRIBUTED, EVALUATION, LOGGING, METHOD, MODEL, OPTIMIZATION, PACKING, ROLLOUTS,
-                          add_config_arguments, option)
-from .config_files import load_config_values
-from .hub import check_model_path
-from .data.packing import resolve_attn_implementation
 from ..prompts import DEFAULT_TEMPLATES
+from .config_checks import check_types, check_values, coerce_flag, field_types
+from .config_files import load_config_values
+from .config_help import (
+    DATA,
+    DISTRIBUTED,
+    EVALUATION,
+    LOGGING,
+    METHOD,
+    MODEL,
+    OPTIMIZATION,
+    PACKING,
+    ROLLOUTS,
+    add_config_arguments,
+    option,
+)
+from .data.packing import resolve_attn_implementation
+from .hub import check_model_path
 from .rollouts import VLLM_MISSING, vllm_available
 from .trackers import check_report_to
 

@@ -40,8 +40,18 @@ from .data.data import extract_answer, load_examples
 from .data.packing import check_isolation, rope_switch_length
 from .data.tokenized import contexts_ids
 from .demo.base_cache import warmed_up_base
-from .distributed import (SyncedStop, broadcast_module, check_same_config, check_world, join_world, on_main,
-                          shard_model, sum_gradients, sum_over_ranks, training_device)
+from .distributed import (
+    SyncedStop,
+    broadcast_module,
+    check_same_config,
+    check_world,
+    join_world,
+    on_main,
+    shard_model,
+    sum_gradients,
+    sum_over_ranks,
+    training_device,
+)
 from .drift import Drift
 from .interrupts import Interrupted, StopRequest, TrainingFailed, fault_point
 from .metrics import MetricsLog, StepTimer, accuracy_at, count_markers, cut_metrics, evaluated_at

@@ -43,6 +43,7 @@ from ...prompts import prompt_ids, rollout_positions
 from ..models import decoder_and_head
 from .config import TEMPLATE_KINDS, PMIConfig
 
+
 class _ThroughOutput(torch.autograd.Function):
     """hidden, unchanged, made to hand a (zero) gradient to the model's output too. FSDP2 gathers
     the root unit's parameters (embeddings, final norm) again for the backward in a hook on the

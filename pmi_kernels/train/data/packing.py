@@ -166,7 +166,7 @@ def rope_switch_length(config) -> Optional[int]:
     kinds = rope.values() if all(isinstance(v, dict) for v in rope.values()) and rope else [rope]
     for kind in kinds:
         if isinstance(kind, dict) and kind.get("rope_type", kind.get("type")) == "longrope":
-            return kind.get("original_max_position_embeddings") or getattr(config, "original_max_position_embeddings")
+            return kind.get("original_max_position_embeddings") or config.original_max_position_embeddings
     return None
 
 

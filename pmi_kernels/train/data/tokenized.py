@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence
 
-from ..interrupts import StopRequest, fault_point
 from ...prompts import render
+from ..interrupts import StopRequest, fault_point
 
 CHUNK_ROWS = 256  # texts per tokenizer call
 PREFIX_CHARS = 4096  # a text longer than this is measured on prefixes of 4096, 8192, ... characters first

@@ -22,9 +22,9 @@ import sys
 
 import torch
 
-from . import tasks, toy
 from ..checkpoint import temporary_path, write_dir_atomically
 from ..model import supervised_warmup
+from . import tasks, toy
 
 # The config keys the warm-up reads: the task and its rows (seed, eval_limit: the held-out rows
 # come first), the prompts, the warm-up's own keys.
