@@ -13,7 +13,7 @@ pmi_kernels' peak extra memory at N = 8k, 32k and 131k on each backend.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -48,6 +48,23 @@ def unavailable_or_oom(err: Exception) -> str | None:
     if isinstance(err, ValueError):
         return f"unavailable ({err})"
     return harness.oom_status(err)
+
+
+def return_stats_sides(h: torch.Tensor, w: torch.Tensor, h_t: torch.Tensor, h_r: torch.Tensor,
+                       backend: str) -> dict[str, Callable[[], tuple[torch.Tensor, ...]]]:
+    """fused_pmi_kl forward and backward on one backend, without and with return_stats. Built here,
+    not in main, so that no name in main keeps the inputs alive once main deletes them."""
+    def call(stats: bool) -> tuple[torch.Tensor, ...]:
+        out = fused_pmi_kl(h, w, h_t, h_r, jsd_beta=0.0, check_finite=False, backend=backend,
+                           return_stats=stats)
+        return torch.autograd.grad(out[0] if stats else out, (h, w))
+
+    def plain_call() -> tuple[torch.Tensor, ...]:
+        return call(False)
+
+    def stats_call() -> tuple[torch.Tensor, ...]:
+        return call(True)
+    return {"plain": plain_call, "return_stats": stats_call}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -115,17 +132,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     # return_stats: the per-token statistics from the same sweep, beside the plain call, interleaved.
     for backend in (b for b in BACKENDS if usable(b, device)):
-        def call(stats: bool, backend: str = backend) -> tuple[torch.Tensor, ...]:
-            out = fused_pmi_kl(h, w, h_t, h_r, jsd_beta=0.0, check_finite=False, backend=backend,
-                               return_stats=stats)
-            return torch.autograd.grad(out[0] if stats else out, (h, w))
-
-        def plain_call(call=call) -> tuple[torch.Tensor, ...]:
-            return call(False)
-
-        def stats_call(call=call) -> tuple[torch.Tensor, ...]:
-            return call(True)
-        pair = harness.interleaved({"plain": plain_call, "return_stats": stats_call}, device, args.repeats)
+        pair = harness.interleaved(return_stats_sides(h, w, h_t, h_r, backend), device, args.repeats)
         plain_ms, stats_ms = pair["plain"].ms, pair["return_stats"].ms
         side = f"pmi_kernels ({backend})"
         results.add(case, side, "time", plain_ms, "ms", **workload, return_stats=False)

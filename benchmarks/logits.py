@@ -76,6 +76,20 @@ def pmi_kl_side(student: torch.Tensor, t: torch.Tensor, r: torch.Tensor, backend
     return side
 
 
+def copy_side(dst: torch.Tensor, src: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """A device-to-device copy of src into dst: the bandwidth ceiling."""
+    def copy() -> torch.Tensor:
+        return dst.copy_(src)
+    return copy
+
+
+def plain_torch_side(student: torch.Tensor, t: torch.Tensor, r: torch.Tensor) -> Callable[[], Any]:
+    """The forward KL over the logits in plain torch, forward and backward."""
+    def plain_torch() -> Any:
+        return torch.autograd.grad(plain_torch_pmi_logits(student, t, r), student)
+    return plain_torch
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = harness.parser("logits", __doc__, devices=("cuda", "cpu"), repeats=20, n=8192, vocab=151936)
     parser.add_argument("--sweep-rows", type=int, default=2048, help="rows for the launch-config sweep")
@@ -95,18 +109,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     dst = torch.empty_like(s)
 
     # Every side of the logits comparison, interleaved: the copy, each kernel, plain torch, Liger.
-    def copy() -> torch.Tensor:
-        return dst.copy_(s)
-
-    def plain_torch() -> Any:
-        return torch.autograd.grad(plain_torch_pmi_logits(student, t, r), student)
-    sides: dict[str, Callable[[], Any]] = {"copy": copy}
+    # The sides are built by functions, so that no name here keeps the tensors deleted below alive.
+    sides: dict[str, Callable[[], Any]] = {"copy": copy_side(dst, s)}
     for name, backend, blocks in chosen:
         for label, beta in LOSSES:
             for phase in PHASES:
                 sides[f"{name} {label} {phase}"] = harness.in_cluster(
                     pmi_kl_side(student, t, r, backend, beta, phase), blocks)
-    sides["plain torch forward KL fwd+bwd"] = plain_torch
+    sides["plain torch forward KL fwd+bwd"] = plain_torch_side(student, t, r)
     liger = "liger JSD 2 streams (log-probs given) fwd+bwd"
     try:
         from liger_kernel.transformers import LigerJSD
@@ -127,8 +137,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     results.add_time(case, timings["copy"], **workload)
     results.add(case, "copy", "bandwidth", copy_bw / 1e3, "TB/s", **workload)
     print(f"copy bandwidth {copy_bw / 1e3:.2f} TB/s (read + write)")
-    for name, backend, blocks in chosen:
-        for label, beta in LOSSES:
+    for name, _backend, _blocks in chosen:
+        for label, _beta in LOSSES:
             for phase in PHASES:
                 key = f"{name} {label} {phase}"
                 moved = BYTES_PER_ENTRY[label][phase.split(",")[0]] * entries

@@ -9,8 +9,8 @@ warm-up rounds; the medians are reported.
 - CPU: the toy model (LoRA, its prompts), the toy run's 8 rollouts x 40 tokens unless told;
   variants "packed" (attn_implementation "auto": varlen, one sdpa call per sequence),
   "packed-mask" (sdpa over the whole pack with the block-diagonal mask), "per-rollout" and,
-  with --budget N [N ...], "packed<=N" (varlen, packs of at most N tokens) for each N. Tokens/s by the wall clock and per
-  second of the process's CPU time (steadier on a shared machine). Peak memory: for each
+  with --budget N [N ...], "packed<=N" (varlen, packs of at most N tokens) for each N. Tokens/s by the wall clock
+  and per second of the process's CPU time (steadier on a shared machine). Peak memory: for each
   variant a fresh process (so one variant's freed memory cannot serve another's) runs two
   steps, then a third during which its peak resident memory (VmHWM) is read.
 - GPU (--gpu): a Qwen3-1.7B-shaped model with random bf16 weights (V = 151,936), 32 rollouts x
@@ -103,7 +103,8 @@ def build_trainer(args, out_dir: str):
         trainer.train_rows = trainer.train_rows[:args.rollouts]
         short = 8 if args.tiny else 64
         student = [int(n) for n in torch.randint(short, 8 * short + 1, (args.rollouts,), generator=gen)]
-        lengths = {"student": student, "teacher": [n + 8 * short for n in student], "refonly": [8 * short] * args.rollouts}
+        lengths = {"student": student, "teacher": [n + 8 * short for n in student],
+                   "refonly": [8 * short] * args.rollouts}
         trainer.contexts = trainer.contexts.on({kind: [torch.randint(4, vocab, (n,), generator=gen).tolist()
                                                        for n in lengths[kind]] for kind in lengths})
     rollouts = [torch.randint(4, vocab, (args.rollout_tokens,), generator=gen).tolist() for _ in range(args.rollouts)]
@@ -117,7 +118,8 @@ def use_variant(trainer, variant: str, args) -> None:
     from pmi_kernels.train import contexts
     from pmi_kernels.train.data import packing
     trainer.config.packed = variant != "per-rollout"
-    trainer.config.max_tokens_per_micro_batch = int(variant[len("packed<="):]) if variant.startswith("packed<=") else None
+    trainer.config.max_tokens_per_micro_batch = (int(variant[len("packed<="):]) if variant.startswith("packed<=")
+                                                 else None)
     contexts.packed_hidden = padded_hidden if variant == "padded" else packing.packed_hidden
     attn = "sdpa" if variant in ("padded", "per-rollout", "packed-mask") else packing.resolve_attn_implementation(
         "auto", trainer.device)
@@ -180,7 +182,8 @@ def run_step_mode(args) -> dict:
     trainer = build_trainer(args, scratch_dir())
     if args.gpu:
         use_variant(trainer, "packed", args)
-        print(f"packed ({trainer.contexts.base_model().config._attn_implementation}) against per-rollout hidden states: "
+        print(f"packed ({trainer.contexts.base_model().config._attn_implementation}) against per-rollout hidden "
+              "states: "
               f"largest difference {check_packed_on_gpu(trainer):.2e} of the largest state", flush=True)
     rows = []
     for rep in range(args.repeats + 2):

@@ -42,7 +42,8 @@ def chunk_masks_differ(mask, chunk_rows):
 # chunk at today's costs per vocabulary entry (torch path ~60 bytes, Triton ~12); the tests
 # assert that there are several chunks, so a change of costs cannot make them vacuous.
 WORKSPACES = [pytest.param(lambda vocab, backend: 1, id="1-row-chunks"),
-              pytest.param(lambda vocab, backend: (256 if REGISTRY[backend].row_temporaries else 32) * vocab, id="few-row-chunks")]
+              pytest.param(lambda vocab, backend: (256 if REGISTRY[backend].row_temporaries else 32) * vocab,
+                           id="few-row-chunks")]
 # Kept rows first: the first chunk is fully kept, later ones are mixed (and the reverse).
 MASKS = [pytest.param([[1, 1, 1, 1, 1], [0, 1, 0, 0, 1]], id="kept-first"),
          pytest.param([[0, 0, 1, 0, 0], [1, 1, 0, 1, 1]], id="masked-first")]

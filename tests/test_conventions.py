@@ -198,7 +198,8 @@ def test_double_backward_is_a_clear_error(fn_name):
     with pytest.raises(RuntimeError, match="no second derivative"):
         s, t, r = streams(3, 10, count=3)
         s.requires_grad_(True)
-        loss = pmi_kl(s, t, r) if fn_name == "pmi_kl" else fused_pmi_kl(s[:, :4], torch.randn(10, 4), t[:, :4], r[:, :4])
+        loss = (pmi_kl(s, t, r) if fn_name == "pmi_kl"
+                else fused_pmi_kl(s[:, :4], torch.randn(10, 4), t[:, :4], r[:, :4]))
         torch.autograd.grad(loss, s, create_graph=True)
 
 
@@ -316,7 +317,7 @@ def test_every_numeric_option_takes_one_set_of_forms(name):
                 assert torch.equal(run(form), want), (function, name, value, form)
     for bad in (True, np.bool_(True), "1", torch.ones(1), torch.tensor(True), torch.tensor(1 + 0j),
                 torch.tensor(1.0, device="meta"), torch.tensor(1.0).to_sparse()):
-        for function, run in calls.items():
+        for run in calls.values():
             with pytest.raises(ValueError, match=f"^{name} must be a finite number in"):
                 run(bad)
 

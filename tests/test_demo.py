@@ -280,7 +280,8 @@ def read_right(question: str):
     """(left, right, distractor or None, answer), read from the question alone."""
     left, item, distractor, other, verb, right, = MISREAD_QUESTION.search(question).groups()
     left, right = int(left), int(right)
-    return left, right, None if distractor is None else int(distractor), left + right if verb == "gets" else left - right
+    answer = left + right if verb == "gets" else left - right
+    return left, right, None if distractor is None else int(distractor), answer
 
 
 def test_the_old_tasks_rows_are_unchanged():

@@ -29,7 +29,8 @@ def make(n, h, v, dtype, device, bias=True, frozen=False):
 
 
 def run_both(backend, hidden, weight, bias, mode, *, frozen_weight=None, frozen_bias=None, mask=None,
-             reduction="none", chunk_rows=None, want=(True, True, True), grad_weight_fp32=False, upstream=None, **kwargs):
+             reduction="none", chunk_rows=None, want=(True, True, True), grad_weight_fp32=False, upstream=None,
+             **kwargs):
     h, ht, hr, ha = hidden
     hr = None if mode == "opsd" else hr
     ha = ha if mode == "pmi-anchor" else None
@@ -37,8 +38,8 @@ def run_both(backend, hidden, weight, bias, mode, *, frozen_weight=None, frozen_
               None if bias is None else bias.detach().requires_grad_(want[2])]
     workspace = None if chunk_rows is None else chunk_rows * weight.shape[0] * 4 * 20
     loss = fused_pmi_kl(leaves[0], leaves[1], ht, hr, ha, lm_head_bias=leaves[2], frozen_weight=frozen_weight,
-                        frozen_bias=frozen_bias, mask=mask, reduction=reduction, backend=backend, workspace_bytes=workspace,
-                        grad_weight_fp32=grad_weight_fp32, **kwargs)
+                        frozen_bias=frozen_bias, mask=mask, reduction=reduction, backend=backend,
+                        workspace_bytes=workspace, grad_weight_fp32=grad_weight_fp32, **kwargs)
     if upstream is None:
         upstream = torch.rand(loss.shape, dtype=torch.float64) + 0.5
     wanted = [x for x in leaves if x is not None and x.requires_grad]
@@ -46,7 +47,8 @@ def run_both(backend, hidden, weight, bias, mode, *, frozen_weight=None, frozen_
     ref_leaves = [None if x is None else upcast(x).requires_grad_(x.requires_grad) for x in leaves]
     ref = fused_pmi_kl_reference(ref_leaves[0], ref_leaves[1], upcast(ht), upcast(hr), upcast(ha),
                                  lm_head_bias=ref_leaves[2], frozen_weight=upcast(frozen_weight),
-                                 frozen_bias=upcast(frozen_bias), mask=None if mask is None else mask.cpu(), reduction=reduction, **kwargs)
+                                 frozen_bias=upcast(frozen_bias), mask=None if mask is None else mask.cpu(),
+                                 reduction=reduction, **kwargs)
     ref_wanted = [x for x in ref_leaves if x is not None and x.requires_grad]
     ref_grads = torch.autograd.grad((ref * upstream).sum(), ref_wanted)
     for leaf, grad in zip(wanted, grads):

@@ -123,7 +123,8 @@ def mask_positions(attention_mask):
 
 def full_logits(model, input_ids, attention_mask, completion_length):
     """[B, T, V] logits that predict the completion, from the model's full forward."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=mask_positions(attention_mask)).logits
+    logits = model(input_ids=input_ids, attention_mask=attention_mask,
+                   position_ids=mask_positions(attention_mask)).logits
     return logits[:, -completion_length - 1:-1]
 
 

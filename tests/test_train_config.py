@@ -26,7 +26,8 @@ BAD_VALUES = [
     ("answer_pattern", "(["), ("answer_pattern", r"\d+"),
     ("templates", {"student": "{q}", "teacher": "", "refonly": ""}),
     ("templates", {"student": "{question}", "teacher": "{question} {solution}", "refonly": " "}),
-    # a format spec renders unbounded text (a width of 10^12 was a MemoryError), a conversion or an index more than a name
+    # a format spec renders unbounded text (a width of 10^12 was a MemoryError), a conversion or an index more
+    # than a name
     ("templates", {"student": "{question:>999999999999}", "teacher": "{solution}", "refonly": "{solution}"}),
     ("templates", {"student": "{question!r}", "teacher": "{solution}", "refonly": "{solution}"}),
     ("templates", {"student": "{question[0]}", "teacher": "{solution}", "refonly": "{solution}"}),

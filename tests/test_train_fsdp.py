@@ -28,7 +28,8 @@ def uneven_generate(self, prompts, temperature, top_p, max_new_tokens):
     """fixed_generate, with the training rollouts of some prompts empty, so that the ranks read
     different numbers of packs."""
     outs = fixed_generate(self, prompts, temperature, top_p, max_new_tokens)
-    return [[] if prompt not in self.eval_prompts and sum(prompt) % 3 == 0 else out for prompt, out in zip(prompts, outs)]
+    return [[] if prompt not in self.eval_prompts and sum(prompt) % 3 == 0 else out
+            for prompt, out in zip(prompts, outs)]
 
 
 def full(tensor):

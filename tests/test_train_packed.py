@@ -69,7 +69,8 @@ def test_packed_hidden_states_equal_separate_forwards(family, attn):
     hidden states equal each sequence's own forward (varlen: per-sequence attention on a CPU;
     sdpa, eager: the block-diagonal mask). Fails on a plain causal mask over the row (a sequence
     sees the one before it), on a sliding-window layer given the full mask or a window one
-    token off (Mistral's and Phi-3's windows, in configs without layer types, once were), on query/key layouts or GQA heads mixed up, and on gather offsets off by one.
+    token off (Mistral's and Phi-3's windows, in configs without layer types, once were), on query/key
+    layouts or GQA heads mixed up, and on gather offsets off by one.
     (Positions that run on across sequences are not caught: with rotary embeddings only their
     differences count.)"""
     model = tiny_model(family, attn)
@@ -275,8 +276,9 @@ def test_packed_step_gradients_equal_the_per_rollout_loop(tmp_path, overrides, b
     """One step (two micro-batches of three; rollouts of 3, 0, 7, 9, 5 and 1 tokens), packed and
     rollout by rollout from the same weights: the same parameter gradients, loss and
     diagnostics, and a time split that adds up to at most the step. Token budgets split the
-    packs; attention is varlen's (per sequence on a CPU), or sdpa's with the block mask. Fails on a pack whose sequences see each other, rows of one context gathered out of
-    line with another's, or a normalizer per pack instead of the step's tokens."""
+    packs; attention is varlen's (per sequence on a CPU), or sdpa's with the block mask. Fails on a
+    pack whose sequences see each other, rows of one context gathered out of line with another's, or a
+    normalizer per pack instead of the step's tokens."""
     trainer = Trainer(tiny(tmp_path, batch_size=3, grad_accum=2, max_grad_norm=1e9, diagnostics_every=1,
                            **overrides))
     with torch.no_grad():  # LoRA's B off zero, so the adapter changes the student's contexts

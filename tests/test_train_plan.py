@@ -176,7 +176,8 @@ def test_the_plan_under_fsdp_splits_the_state_over_the_ranks():
     """Full fine-tuning with a frozen copy at 8 ranks: FSDP2 holds an eighth of the weights (both
     copies), gradients and AdamW state, plus what it gathers: each copy's root unit (embeddings,
     lm_head, norm) and two layers. Fails on a plan that still counts the whole model per GPU."""
-    recipe, _ = parse_args(["--config", os.path.join(os.path.dirname(__file__), "..", "configs", "qwen3-8b-pmi.json"), "--dry-run"])
+    config_path = os.path.join(os.path.dirname(__file__), "..", "configs", "qwen3-8b-pmi.json")
+    recipe, _ = parse_args(["--config", config_path, "--dry-run"])
     config, arch = dataclasses.replace(recipe, lora=False, anchor=True), recipe.architecture
     replicated = plan.plan(config, 8, 512)
     sharded = plan.plan(dataclasses.replace(config, fsdp=True), 8, 512)

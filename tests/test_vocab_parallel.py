@@ -126,7 +126,8 @@ def worker(rank, world, init_file, backends):
             try:
                 fn(rank, world, group, backend, dtype, mode, options, reduction, mask, seed=1000 + i)
             except AssertionError as err:
-                raise AssertionError(f"{check} {backend} {dtype} {mode} {options} {reduction} mask={mask}: {err}")
+                where = f"{check} {backend} {dtype} {mode} {options} {reduction} mask={mask}"
+                raise AssertionError(f"{where}: {err}") from err
     finally:
         dist.barrier()  # no rank tears the group down while another still uses it
         dist.destroy_process_group()
@@ -180,7 +181,7 @@ def disagreeing_worker(rank, world, init_file):
         other = rank == 1
         s, t, r = (torch.randn(3, 5, dtype=torch.float64 if other else torch.float32) for _ in range(3))
         h, h_t, h_r, w = (torch.randn(*shape) for shape in ((3, 4), (3, 4), (3, 4), (5, 4)))
-        for name, call in (
+        for _name, call in (
                 ("dtype", lambda: pmi_kl(s, t, r, process_group=group)),
                 ("backend", lambda: fused_pmi_kl(h, w, h_t, h_r, backend="torch" if other else "triton",
                                                  process_group=group)),

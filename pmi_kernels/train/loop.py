@@ -71,7 +71,8 @@ class Trainer:
         self.config = config.validate()
         self.world = world = join_world(config.device)  # one process, or a rank under torchrun
         self.device = training_device(config.device, world)
-        self.stop = SyncedStop(world, self.device, stop or StopRequest()) if world.distributed else stop or StopRequest()
+        self.stop = (SyncedStop(world, self.device, stop or StopRequest()) if world.distributed
+                     else stop or StopRequest())
         # Refusals and the resume checks, before anything heavy (rank 0 looks; every rank hears).
         # Rank 0 holds the output directory's lock for as long as the run lasts.
         self._dir_lock = None

@@ -189,8 +189,8 @@ def check_isolation(decoder, sequences: Sequence[List[int]], vocab_size: int, de
     for what, x, y in (("later", b, b_after), ("earlier", a, a_before)):
         if (x - y).abs().max() > 0.05 * x.abs().max():
             raise ValueError(f"packed true: with attn_implementation {decoder.config._attn_implementation!r} this "
-                             f"model's {what} sequence of a pack sees the other (its hidden states moved when the other "
-                             "changed); set packed false (or, where attention is what mixes them, another "
+                             f"model's {what} sequence of a pack sees the other (its hidden states moved when the "
+                             "other changed); set packed false (or, where attention is what mixes them, another "
                              "attn_implementation)")
 
 
@@ -322,7 +322,8 @@ def varlen_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     window = (-1, 0) if sliding_window is None else (sliding_window - 1, 0)
     lengths = kwargs["cu_seq_lens_q"], kwargs["cu_seq_lens_k"], kwargs["max_length_q"], kwargs["max_length_k"]
     if not (query.is_cuda and dtype in (torch.float16, torch.bfloat16)):  # flash runs half precision only
-        out = segment_attention(q, k, v, *lengths, scale=scaling, window_size=window, enable_gqa=q.shape[1] != k.shape[1])
+        out = segment_attention(q, k, v, *lengths, scale=scaling, window_size=window,
+                                enable_gqa=q.shape[1] != k.shape[1])
         return out[None], None
     return flash_varlen(q, k, v, lengths, scaling, window)[None], None
 

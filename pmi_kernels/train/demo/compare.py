@@ -530,8 +530,9 @@ def main(argv) -> int:
     table = format_table(summary, seeds)
     notes = NOTES.format(probe=PROBE_ROLLOUTS, eval=shared.eval_limit * shared.eval_samples)
     split = " (on the validation draw)" if shared.toy_eval_split == "validation" else ""
-    title = (f"task {shared.toy_task}{split}; {shared.max_steps} steps x {shared.batch_size} rollouts, lr {shared.lr}, beta {shared.beta}, "
-             f"clip {shared.clip}; seeds {', '.join(map(str, seeds))}" + (" (mean ± sd)" if len(seeds) > 1 else ""))
+    title = (f"task {shared.toy_task}{split}; {shared.max_steps} steps x {shared.batch_size} rollouts, "
+             f"lr {shared.lr}, beta {shared.beta}, clip {shared.clip}; seeds {', '.join(map(str, seeds))}"
+             + (" (mean ± sd)" if len(seeds) > 1 else ""))
     parts = ("Where the teacher's signal lives at the start (the warmed-up base's sampled rollouts; norms of the "
              f"centered log-ratios over the vocabulary, per token):\n{format_parts(per_seed)}")
     print(f"\n{title}\n{table}\n\n{notes}\n\n{parts}\n")
@@ -546,6 +547,7 @@ def main(argv) -> int:
     print(f"table: {os.path.join(root, 'table.md')}   summary: {os.path.join(root, 'summary.json')}")
     print(f"time: {timing['wall_s']:.0f} s wall, {timing['cpu_s']:.0f} s CPU, {timing['cpus']} CPUs, "
           f"{timing['torch_threads']} torch threads"
-          + (" (1 while other processes were busy)" if fitter.enabled else "") + f", load average {load[0]:.1f} at the start and "
+          + (" (1 while other processes were busy)" if fitter.enabled else "")
+          + f", load average {load[0]:.1f} at the start and "
           f"{timing['load_average_1min'][1]:.1f} at the end")
     return 0

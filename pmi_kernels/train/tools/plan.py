@@ -82,12 +82,12 @@ def parameter_count(arch: Dict) -> int:
     projections (biases: Qwen2's q/k/v, or all four with attention_bias), the MLP, the norms and
     any q/k norms."""
     s = shape(arch)
-    H, I, Q, KV = s["H"], s["I"], s["Q"], s["KV"]
+    H, inter, Q, KV = s["H"], s["I"], s["Q"], s["KV"]
     kind = arch.get("model_type", "")
     biases = Q + 2 * KV if kind == "qwen2" else Q + 2 * KV + H if arch.get("attention_bias") else 0
     attention = 2 * H * Q + 2 * H * KV + biases
     qk_norm = 2 * s["D"] if kind.startswith("qwen3") else Q + KV if kind.startswith("olmo") else 0
-    layer = attention + 3 * H * I + 2 * H + qk_norm
+    layer = attention + 3 * H * inter + 2 * H + qk_norm
     return s["L"] * layer + root_parameter_count(arch)
 
 
@@ -181,9 +181,9 @@ def format_plan(p: Dict, config: TrainConfig) -> str:
         "at most",
         f"  {p['contexts']} contexts per rollout (prompts of {p['prompt_tokens']:,} tokens assumed, --prompt-tokens): "
         f"{p['context_tokens']:,} context tokens",
-        f"per GPU at world size {p['world_size']} " + ("(FSDP2: weights, gradients and optimizer state sharded; "
-                                                        "weights include the gathered root unit and two layers):"
-                                                        if p["fsdp"] else "(data parallel, the whole model on each GPU):"),
+        f"per GPU at world size {p['world_size']} "
+        + ("(FSDP2: weights, gradients and optimizer state sharded; weights include the gathered root unit and two "
+           "layers):" if p["fsdp"] else "(data parallel, the whole model on each GPU):"),
         f"  {p['per_rank']} rollouts a micro-batch, packed {p['pack_rollouts']} to a forward: {p['pack_tokens']:,} "
         f"tokens (max_tokens_per_micro_batch {config.max_tokens_per_micro_batch})",
         "memory per GPU, estimated:",
