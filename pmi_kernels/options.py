@@ -99,7 +99,9 @@ class LossOptions:
         # named arguments when it runs, outside the trace, where these checks refuse a bad value.
         if torch.compiler.is_compiling():
             return
-        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
+
+        def set_(name: str, value: object) -> None:  # the dataclass is frozen
+            object.__setattr__(self, name, value)
         set_("beta", check_number("beta", self.beta, SMALLEST, LARGEST))
         set_("temperature", check_number("temperature", self.temperature, SMALLEST, LARGEST))
         for name in ("clip", "entry_clip"):  # None: no clip

@@ -25,7 +25,7 @@ Readings of the contract, where SPEC leaves a choice:
 """
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -98,7 +98,9 @@ def pmi_kl_reference(student_logits, teacher_logits, refonly_logits=None, anchor
     opts = LossOptions(pmi=refonly_logits is not None, beta=beta, clip=clip, center=center, temperature=temperature,
                        jsd_beta=jsd_beta, entry_clip=entry_clip)
     dtype = compute_dtype(student_logits.dtype)
-    scale = lambda x: None if x is None else x.to(dtype) / opts.temperature  # noqa: E731
+
+    def scale(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        return None if x is None else x.to(dtype) / opts.temperature
     s, t, r, a = map(scale, (student_logits, teacher_logits, refonly_logits, anchor_logits))
     target = pmi_target_logits(s, t, r, a, opts)
     per_row = generalized_jsd(s.log_softmax(-1), target.log_softmax(-1), opts.jsd_beta, opts.entry_clip)
@@ -121,7 +123,9 @@ def fused_pmi_kl_reference(student_hidden, lm_head_weight, teacher_hidden, refon
                            anchor_hidden=None, *, lm_head_bias=None, frozen_weight=None,
                            frozen_bias=None, **loss_kwargs):
     w_f, b_f = frozen_head(lm_head_weight, lm_head_bias, frozen_weight, frozen_bias)
-    frozen = lambda h: None if h is None else linear_logits(h.detach(), w_f, b_f)  # noqa: E731
+
+    def frozen(h: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        return None if h is None else linear_logits(h.detach(), w_f, b_f)
     return pmi_kl_reference(linear_logits(student_hidden, lm_head_weight, lm_head_bias),
                             frozen(teacher_hidden), frozen(refonly_hidden), frozen(anchor_hidden),
                             **loss_kwargs)
@@ -137,7 +141,9 @@ def pmi_diagnostics_reference(student_logits, teacher_logits, refonly_logits, an
     """The paper's decomposition of the teacher signal, per position (leading shape kept)."""
     opts = LossOptions(pmi=True, beta=beta, clip=clip, center=center, temperature=temperature)
     dtype = compute_dtype(student_logits.dtype)
-    scale = lambda x: None if x is None else x.detach().to(dtype) / opts.temperature  # noqa: E731
+
+    def scale(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        return None if x is None else x.detach().to(dtype) / opts.temperature
     s, t, r, a = map(scale, (student_logits, teacher_logits, refonly_logits, anchor_logits))
     lp, lt = s.log_softmax(-1), t.log_softmax(-1)
     lq = pmi_target_logits(s, t, r, a, opts).log_softmax(-1)

@@ -196,7 +196,9 @@ def logits_kappa(t_raw, r_raw, opts: LossOptions, vocab: int, group) -> Optional
     if opts.center:
         partial = (t_raw.sum(-1, dtype=dtype) - r_raw.sum(-1, dtype=dtype)) / opts.temperature
         return all_reduce(partial, group) / vocab
-    scaled = lambda x: x.to(dtype) / opts.temperature  # noqa: E731
+
+    def scaled(x: torch.Tensor) -> torch.Tensor:
+        return x.to(dtype) / opts.temperature
     lse = gather_lse(torch.cat([local_lse(scaled(t_raw)), local_lse(scaled(r_raw))], -1), group)
     return (lse[:, 0] - lse[:, 2]) + (lse[:, 1] - lse[:, 3])
 

@@ -34,7 +34,9 @@ def reference_rows(s, t, r, a, mask, row_scale, opts: LossOptions):
     loss = pmi_kl_reference(s64, upcast(t), r64, upcast(a), mask=None if mask is None else mask.cpu(),
                             reduction="none", **kwargs)
     (grad,) = torch.autograd.grad((loss * upcast(row_scale)).sum(), s64)
-    scaled = lambda x: None if x is None else upcast(x) / opts.temperature  # noqa: E731
+
+    def scaled(x):
+        return None if x is None else upcast(x) / opts.temperature
     lp = scaled(s).log_softmax(-1)
     lq = pmi_target_logits(scaled(s), scaled(t), scaled(r64), scaled(a), opts).log_softmax(-1)
     p, q = lp.exp(), lq.exp()

@@ -120,7 +120,9 @@ def test_diagnostics_flags_are_bools():
 def reference_stats(s, t, r, a=None, **options):
     """KL(q || p), H(p), H(q) per position from the reference's target, in float64."""
     temperature = options.get("temperature", 1.0)
-    scaled = lambda x: None if x is None else upcast(x) / temperature  # noqa: E731
+
+    def scaled(x):
+        return None if x is None else upcast(x) / temperature
     from pmi_kernels.options import LossOptions
     opts = LossOptions(pmi=r is not None, **options)
     lp = scaled(s).log_softmax(-1)

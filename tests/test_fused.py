@@ -20,7 +20,9 @@ MODES = ["pmi", "pmi-anchor", "opsd"]
 
 
 def make(n, h, v, dtype, device, bias=True, frozen=False):
-    x = lambda *shape: (torch.randn(*shape, dtype=torch.float64)).to(dtype).to(device)  # noqa: E731
+
+    def x(*shape):
+        return torch.randn(*shape, dtype=torch.float64).to(dtype).to(device)
     hidden = [x(n, h) for _ in range(4)]
     weight = (x(v, h) * h ** -0.5 * 4).to(dtype)
     b = x(v) if bias else None

@@ -67,10 +67,14 @@ def hand_loss_and_grad(s, t, r, a, *, beta=1.0, clip=10.0, center=True, temperat
                        entry_clip=None):
     """(loss, dloss/ds) of one row of raw logits. q is a constant: the gradient is the central
     difference of the divergence with g fixed at its value."""
-    scale = lambda x: None if x is None else [v / temperature for v in x]  # noqa: E731
+
+    def scale(x):
+        return None if x is None else [v / temperature for v in x]
     ss, ts, rs, as_ = map(scale, (s, t, r, a))
     lq = log_softmax(target_logits(ss, ts, rs, as_, beta=beta, clip=clip, center=center))
-    loss_at = lambda x: divergence(log_softmax(scale(x)), lq, jsd_beta, entry_clip)  # noqa: E731
+
+    def loss_at(x):
+        return divergence(log_softmax(scale(x)), lq, jsd_beta, entry_clip)
     step, grad = 1e-5, []
     for v in range(len(s)):
         up, down = list(s), list(s)
@@ -93,15 +97,21 @@ def cosine(x, y):
 def hand_diagnostics(s, t, r, a, *, beta=1.0, clip=10.0, center=True, temperature=1.0):
     """The decomposition of the teacher's signal, one row: Δ_total = log p_T - log p_S,
     Δ_ref = log p_R - log p_S, Δ_it = log p_T - log p_R (vectors over V), q the PMI target."""
-    scale = lambda x: None if x is None else [v / temperature for v in x]  # noqa: E731
+
+    def scale(x):
+        return None if x is None else [v / temperature for v in x]
     s, t, r, a = map(scale, (s, t, r, a))
     lp, lt, lr = log_softmax(s), log_softmax(t), log_softmax(r)
     lq = log_softmax(target_logits(s, t, r, a, beta=beta, clip=clip, center=center))
     total = [x - y for x, y in zip(lt, lp)]
     ref = [x - y for x, y in zip(lr, lp)]
     inter = [x - y for x, y in zip(lt, lr)]
-    kl = lambda lx, ly: sum(math.exp(x) * (x - y) for x, y in zip(lx, ly))  # noqa: E731
-    entropy = lambda lx: -sum(math.exp(x) * x for x in lx)  # noqa: E731
+
+    def kl(lx, ly):
+        return sum(math.exp(x) * (x - y) for x, y in zip(lx, ly))
+
+    def entropy(lx):
+        return -sum(math.exp(x) * x for x in lx)
     return {"cos_total_ref": cosine(total, ref), "cos_total_pmi": cosine(total, inter),
             "norm_ratio_ref_total": norm(ref) / norm(total), "kl_teacher_student": kl(lt, lp),
             "kl_target_student": kl(lq, lp), "entropy_student": entropy(lp), "entropy_target": entropy(lq)}
@@ -189,10 +199,14 @@ def test_fused_pmi_kl_frozen_head_defaults(device, backend, mode, kwargs, has_bi
     w_0, b_0 = random(V, H) if has_frozen_weight else None, random(V) if has_frozen_bias else None
     # The frozen head by hand.
     w_f, b_f = rows(w if w_0 is None else w_0), rows(b if b_0 is None else b_0)
-    frozen = lambda x: None if x is None else linear(x, w_f, b_f)  # noqa: E731
+
+    def frozen(x):
+        return None if x is None else linear(x, w_f, b_f)
     loss_want, grad_h, grad_w, grad_b = 0.0, [], [[0.0] * H for _ in range(V)], [0.0] * V
     for n in range(N):
-        row = lambda x: None if x is None else x[n].tolist()  # noqa: E731
+
+        def row(x):
+            return None if x is None else x[n].tolist()
         s = linear(row(h), rows(w), rows(b))
         loss_n, ds = hand_loss_and_grad(s, frozen(row(h_t)), frozen(row(h_r)), frozen(row(h_a)), **kwargs)
         loss_want += loss_n

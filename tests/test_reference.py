@@ -11,7 +11,9 @@ from test_hand_expansion import divergence, log_softmax, target_logits
 
 def hand_loss(s, t, r, a, *, beta, clip, center, temperature, jsd_beta, entry_clip):
     """One row of the definition, step by step, in Python floats (test_hand_expansion.py's)."""
-    scale = lambda x: None if x is None else [v / temperature for v in x]  # noqa: E731
+
+    def scale(x):
+        return None if x is None else [v / temperature for v in x]
     s, t, r, a = map(scale, (s, t, r, a))
     g = target_logits(s, t, r, a, beta=beta, clip=clip, center=center)
     return divergence(log_softmax(s), log_softmax(g), jsd_beta, entry_clip)
@@ -38,7 +40,9 @@ def test_reference_matches_hand_expansion(kwargs, mode):
     full = dict(dict(beta=1.0, clip=10.0, center=True, temperature=1.0, jsd_beta=0.5, entry_clip=None), **kwargs)
     got = pmi_kl_reference(s, t, r, a, reduction="none", **full)
     for n in range(3):
-        row = lambda x: None if x is None else x[n].tolist()  # noqa: E731
+
+        def row(x):
+            return None if x is None else x[n].tolist()
         want = hand_loss(row(s), row(t), row(r), row(a), **full)
         assert got[n].item() == pytest.approx(want, rel=1e-10, abs=1e-12)
 

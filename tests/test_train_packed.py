@@ -53,7 +53,9 @@ def tiny_model(family: str, attn: str = "sdpa", device="cpu", dtype=torch.float3
 
 def sequences(seed: int, prompt_lengths=(4, 9, 3, 6), rollout_lengths=(1, 6, 11, 4)):
     gen = torch.Generator().manual_seed(seed)
-    draw = lambda n: torch.randint(3, SHAPE["vocab_size"], (n,), generator=gen).tolist()  # noqa: E731
+
+    def draw(n):
+        return torch.randint(3, SHAPE["vocab_size"], (n,), generator=gen).tolist()
     return [draw(n) for n in prompt_lengths], [draw(n) for n in rollout_lengths]
 
 

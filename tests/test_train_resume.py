@@ -145,7 +145,9 @@ def test_metrics_are_cut_back_to_the_resumed_step(three_step_run, tmp_path):
     assert [row["step"] for row in rows(out)] == [0, 1, 2]
     trainer.train(progress=False)
     got = rows(out)
-    measured = lambda key: key in TIMINGS or key.startswith("time/")  # noqa: E731
+
+    def measured(key):
+        return key in TIMINGS or key.startswith("time/")
     assert [{k: v for k, v in row.items() if not measured(k)} for row in got] == \
         [{k: v for k, v in row.items() if not measured(k)} for row in want]
     final = trainable_snapshot(trainer)

@@ -79,8 +79,10 @@ def test_sigint_during_a_scheduled_evaluation(tmp_path, capsys, monkeypatch):
     flags = dict(max_steps=4, eval_every=2, save_every=100)
     straight = Trainer(tiny(tmp_path / "straight", **flags))
     straight.train(progress=False)
-    evaluations = lambda out: [(r["step"], r["eval/accuracy"]) for r in map(json.loads, open(out / "metrics.jsonl"))  # noqa: E731
-                               if "eval/accuracy" in r]
+
+    def evaluations(out):
+        return [(r["step"], r["eval/accuracy"]) for r in map(json.loads, open(out / "metrics.jsonl"))
+                if "eval/accuracy" in r]
     # The evaluation at step 0 reads batch 1, at step 2 batch 2.
     code, _ = interrupted_run(tmp_path, capsys, monkeypatch, "evaluation-batch@2=SIGINT", **flags)
     assert code == 130 and load_checkpoint(str(tmp_path / "run"))["step"] == 2

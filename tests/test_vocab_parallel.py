@@ -27,7 +27,9 @@ def shard_of(x, rank, world, dim):
 
 def inputs(seed, dtype, n=6, hidden=12):
     gen = torch.Generator().manual_seed(seed)
-    rand = lambda *shape, scale=1.0: (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype)  # noqa: E731
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
     return dict(logits=[rand(n, VOCAB, scale=3.0) for _ in range(4)], hidden=[rand(n, hidden) for _ in range(4)],
                 weight=rand(VOCAB, hidden, scale=0.6), bias=rand(VOCAB), frozen=rand(VOCAB, hidden, scale=0.6),
                 mask=torch.rand(n, generator=gen) > 0.3)

@@ -59,7 +59,9 @@ def train(argv) -> int:
         leave_process_group()  # under torchrun, whether the run ended well or not
     if not trainer.world.main:  # rank 0 reports for the run
         return 128 + signal.Signals[result["interrupted"]] if result["interrupted"] else 0
-    fmt = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
+
+    def fmt(x: float | None) -> str:
+        return "n/a" if x is None else f"{x:.3f}"
     print(f"accuracy before training: {fmt(result['accuracy_before'])}   "
           f"after: {fmt(result['accuracy_after'])}   steps: {result['steps']}")
     print(f"metrics: {trainer.metrics.path}")

@@ -14,7 +14,9 @@ def _cosine(x, y, tiny):
 def diagnostics_rows(s_raw, t_raw, r_raw, a_raw=None, *, opts: LossOptions) -> torch.Tensor:
     """[C, 7] in backends.DIAGNOSTICS order; cosines of a zero vector are 0."""
     dtype = compute_dtype(s_raw.dtype)
-    scale = lambda x: None if x is None else x.to(dtype) / opts.temperature  # noqa: E731
+
+    def scale(x: torch.Tensor | None) -> torch.Tensor | None:
+        return None if x is None else x.to(dtype) / opts.temperature
     s, t, r, a = map(scale, (s_raw, t_raw, r_raw, a_raw))
     lp, lt = log_softmax(s), log_softmax(t)
     lq = log_softmax(target_logits(s, t, r, a, None, opts))

@@ -33,7 +33,9 @@ def log_ratio(t, r, t_parts=None, r_parts=None):
     would cancel to the logits' ulp at |x| ~ 1e5 (one stream's logit far above the other's, or
     both far above the rest). t_parts, r_parts: the rows' row_lse_parts, when known."""
     (m_t, log_z_t), (m_r, log_z_r) = t_parts or row_lse_parts(t), r_parts or row_lse_parts(r)
-    wide = lambda x: x.to(torch.float64)  # noqa: E731
+
+    def wide(x: torch.Tensor) -> torch.Tensor:
+        return x.to(torch.float64)
     shifted = ((wide(t) - wide(r)) - (wide(m_t) - wide(m_r))).to(t.dtype)
     return shifted - (log_z_t - log_z_r)
 

@@ -56,7 +56,9 @@ def pack_sequences(prompts: Sequence[List[int]], rollouts: Sequence[List[int]], 
         ids.extend(seq)
         positions.extend(range(len(seq)))
         lengths.append(len(seq))
-    as_tensor = lambda x: torch.tensor(x, device=device, dtype=torch.long)  # noqa: E731
+
+    def as_tensor(x: List[int]) -> torch.Tensor:
+        return torch.tensor(x, device=device, dtype=torch.long)
     return Pack(as_tensor(ids)[None], as_tensor(positions)[None], lengths, as_tensor(gather))
 
 
@@ -175,7 +177,9 @@ def check_isolation(decoder, sequences: Sequence[List[int]], vocab_size: int, de
     move. Fails (ValueError) where the model's attention lets a pack's sequences see each other:
     decoder layers that do not hand the boundaries on, a mask the model does not honour."""
     first, second = ([seq[i % len(seq)] for i in range(8)] for seq in sequences)
-    changed = lambda seq: [(token + 1) % vocab_size for token in seq]  # noqa: E731
+
+    def changed(seq: List[int]) -> List[int]:
+        return [(token + 1) % vocab_size for token in seq]
 
     def states(a, b):
         hidden = packed_hidden(decoder, [a[:1], b[:1]], [a[1:] + [0], b[1:] + [0]], device)

@@ -255,8 +255,10 @@ def add_parts(parts: Dict[str, list], tokenizer, rollout: List[int], states, hea
     rows = [k for k, piece in enumerate(pieces) if piece]  # a special token (the end) has no part
     if len(rows) != len(text_parts):
         return
-    logp = lambda h, w: torch.log_softmax(F.linear(h.float(), w.weight.float(),  # noqa: E731
-                                                   None if w.bias is None else w.bias.float()) / temperature, -1)
+
+    def logp(h: torch.Tensor, w: torch.nn.Linear) -> torch.Tensor:
+        bias = None if w.bias is None else w.bias.float()
+        return torch.log_softmax(F.linear(h.float(), w.weight.float(), bias) / temperature, -1)
     student, teacher, refonly = logp(states["student"], head), logp(states["teacher"], frozen), \
         logp(states["refonly"], frozen)
     for kind, delta in (("pmi", teacher - refonly), ("ref", refonly - student)):
@@ -398,7 +400,9 @@ def format_table(summary: Dict[str, Dict[str, List[float]]], seeds: List[int]) -
                 cells.append(f"{fmt.format(statistics.fmean(xs))} ± {spread}")
         lines.append(cells)
     widths = [max(len(r[i]) for r in [heads] + lines) for i in range(len(heads))]
-    fmt_row = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+
+    def fmt_row(r: List[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"
     rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([fmt_row(heads), rule] + [fmt_row(r) for r in lines])
 

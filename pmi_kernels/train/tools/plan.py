@@ -165,13 +165,17 @@ def plan(config: TrainConfig, world_size: int, prompt_tokens: Optional[int] = No
 
 def format_plan(p: Dict, config: TrainConfig) -> str:
     s = p["arch"]
-    gib = lambda x: f"{x / GIB:8.1f} GiB"  # noqa: E731
+
+    def gib(x: float) -> str:
+        return f"{x / GIB:8.1f} GiB"
     training = {k: p["gradients"] + p["activations"][k] + p["loss"] for k in ("on", "off")}
     persistent = p["weights"] + p["optimizer"]
     peak = {k: persistent + max(p["kv_cache"], training[k]) for k in ("on", "off")}
     tuning = f"LoRA r{config.lora_rank}" if config.lora else "full fine-tuning" + (
         " (+ a frozen copy)" if p["frozen_copy"] else "")
-    mark = lambda on: "  <- this config" if p["checkpointing"] == on else ""  # noqa: E731
+
+    def mark(on: str) -> str:
+        return "  <- this config" if p["checkpointing"] == on else ""
     lines = [
         f"model: {p['source']}",
         f"  {p['params'] / 1e9:.2f} B parameters: {s['L']} layers, hidden {s['H']:,}, intermediate {s['I']:,}, "
