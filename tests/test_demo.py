@@ -304,7 +304,7 @@ def test_the_misread_task_needs_the_question_and_the_student_misreads_it():
     and the reference-only teacher never. Fails if the teacher misreads too (nothing to
     correct), the reference leaks the operands (then the reference-induced part, not the PMI
     residual, would hold the correction) or the student misreads a question without a distractor."""
-    from pmi_kernels.train import tasks
+    from pmi_kernels.train.demo import tasks
     rows = problems("misread", 600, seed=5)
     pattern = TrainConfig().answer_pattern
     with_distractor = [row for row in rows if row["operands"][2] is not None]
@@ -334,8 +334,8 @@ def test_the_loss_and_the_evaluation_never_see_which_part_is_which():
     alone, and the accuracy from the answer alone; the row's `operands` (the right reading) and
     `warmup` reach neither. Fails if a context or the accuracy changes when they are removed."""
     from pmi_kernels.train.contexts import KINDS
-    from pmi_kernels.train.tokenized import contexts_ids
-    from pmi_kernels.train.toy import toy_tokenizer
+    from pmi_kernels.train.data.tokenized import contexts_ids
+    from pmi_kernels.train.demo.toy import toy_tokenizer
     rows = problems("misread", 40, seed=2)
     bare = [{key: row[key] for key in ("question", "solution", "answer")} for row in rows]
     config = TrainConfig(use_chat_template=False)
@@ -378,7 +378,7 @@ def test_the_validation_draw_is_apart_from_training_and_held_out():
     """toy_eval_split validation: eval_limit problems drawn by another seed, none of them a
     training or held-out question, the training rows unchanged. Fails if settings chosen on it
     could have seen the held-out problems."""
-    from pmi_kernels.train.data import load_examples
+    from pmi_kernels.train.data.data import load_examples
     for task in ("misread", "shortcut"):
         config = TrainConfig(toy_task=task, eval_limit=200)
         train, held_out = load_examples(config)
