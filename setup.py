@@ -12,6 +12,7 @@ torch (listing it there would fetch a second, unpinned torch, and the library mu
 torch that loads it), so an isolated build is pure Python. The sources and flags come from
 pmi_kernels/backends/native/build_spec.py, which the just-in-time build reads too.
 """
+
 import importlib.util
 import json
 import os
@@ -42,8 +43,9 @@ def _say(message: str) -> None:
 def native_mode() -> str:
     value = os.environ.get(SPEC.BUILD_SWITCH, "")
     if value not in ("", "0", "1"):
-        sys.exit(f"pmi_kernels setup: {SPEC.BUILD_SWITCH} must be 0 (skip the native build) or 1 (require it), "
-                 f"got {value!r}")
+        sys.exit(
+            f"pmi_kernels setup: {SPEC.BUILD_SWITCH} must be 0 (skip the native build) or 1 (require it), got {value!r}"
+        )
     return value or "auto"
 
 
@@ -61,19 +63,32 @@ def native_build(mode: str) -> dict:
         from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
     except ImportError as err:
         if mode == "1":
-            sys.exit(f"pmi_kernels setup: {SPEC.BUILD_SWITCH}=1 needs torch in the build environment "
-                     f"(install torch first, then pip install --no-build-isolation): {err}")
-        _say("torch is not importable in this build environment (pip's isolated build): a pure-Python install; "
-             "the kernels build on first use. Install torch first and use pip install --no-build-isolation "
-             "to build them now")
+            sys.exit(
+                f"pmi_kernels setup: {SPEC.BUILD_SWITCH}=1 needs torch in the build environment "
+                f"(install torch first, then pip install --no-build-isolation): {err}"
+            )
+        _say(
+            "torch is not importable in this build environment (pip's isolated build): a pure-Python install; "
+            "the kernels build on first use. Install torch first and use pip install --no-build-isolation "
+            "to build them now"
+        )
         return {}
 
     with_cuda = SPEC.torch_has_cuda() and SPEC.nvcc() is not None
-    kind, flags = (CUDAExtension, {"cxx": SPEC.cxx_flags(True), "nvcc": SPEC.cuda_flags()}) if with_cuda else \
-        (CppExtension, {"cxx": SPEC.cxx_flags(False)})
-    extension = kind(SPEC.PACKAGE_EXTENSION, _relative(SPEC.sources(with_cuda, python_module=True)),
-                     include_dirs=_relative(SPEC.include_dirs()), extra_compile_args=flags,
-                     extra_link_args=SPEC.ld_flags(), py_limited_api=True, optional=mode != "1")
+    kind, flags = (
+        (CUDAExtension, {"cxx": SPEC.cxx_flags(True), "nvcc": SPEC.cuda_flags()})
+        if with_cuda
+        else (CppExtension, {"cxx": SPEC.cxx_flags(False)})
+    )
+    extension = kind(
+        SPEC.PACKAGE_EXTENSION,
+        _relative(SPEC.sources(with_cuda, python_module=True)),
+        include_dirs=_relative(SPEC.include_dirs()),
+        extra_compile_args=flags,
+        extra_link_args=SPEC.ld_flags(),
+        py_limited_api=True,
+        optional=mode != "1",
+    )
 
     class BuildNative(BuildExtension):
         """torch's BuildExtension (ninja), which also writes what the library was built against beside it,
@@ -86,8 +101,10 @@ def native_build(mode: str) -> dict:
             except Exception as err:  # noqa: BLE001 (a compiler error surfaces as several types)
                 if mode == "1":
                     raise
-                _say(f"the native build failed ({type(err).__name__}: {err}); a pure-Python install: the kernels "
-                     f"build on first use. Set {SPEC.BUILD_SWITCH}=1 to make this an error")
+                _say(
+                    f"the native build failed ({type(err).__name__}: {err}); a pure-Python install: the kernels "
+                    f"build on first use. Set {SPEC.BUILD_SWITCH}=1 to make this an error"
+                )
                 return
             self._info_path(ext).write_text(json.dumps(SPEC.build_info(with_cuda), indent=1) + "\n")
 
@@ -100,8 +117,9 @@ def native_build(mode: str) -> dict:
             if self.inplace:
                 build_py = self.get_finalized_command("build_py")
                 for ext in self.extensions:
-                    inplace, regular = (Path(p).with_name(SPEC.BUILD_INFO)
-                                        for p in self._get_inplace_equivalent(build_py, ext))
+                    inplace, regular = (
+                        Path(p).with_name(SPEC.BUILD_INFO) for p in self._get_inplace_equivalent(build_py, ext)
+                    )
                     yield str(regular), str(inplace)
 
         def copy_extensions_to_source(self):
@@ -115,8 +133,11 @@ def native_build(mode: str) -> dict:
             built = [path for path in super().get_outputs() if os.path.exists(path)]
             return built + infos
 
-    return {"ext_modules": [extension], "cmdclass": {"build_ext": BuildNative.with_options(use_ninja=True)},
-            "options": {"bdist_wheel": {"py_limited_api": SPEC.LIMITED_API_TAG}}}
+    return {
+        "ext_modules": [extension],
+        "cmdclass": {"build_ext": BuildNative.with_options(use_ninja=True)},
+        "options": {"bdist_wheel": {"py_limited_api": SPEC.LIMITED_API_TAG}},
+    }
 
 
 setup(zip_safe=False, **native_build(native_mode()))

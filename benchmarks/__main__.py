@@ -1,4 +1,5 @@
 """python -m benchmarks <name> [options]: run one benchmark (`python -m benchmarks` lists them)."""
+
 from __future__ import annotations
 
 import importlib

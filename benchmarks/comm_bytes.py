@@ -17,6 +17,7 @@ Per call, with N rows, compute dtype of 4 bytes (fp32; 8 for fp64):
 fused_pmi_kl adds the hidden-state gradient (N x H x the input dtype's size): O(N H), never
 O(N V).
 """
+
 from __future__ import annotations
 
 import os
@@ -46,12 +47,17 @@ def payload_bytes(n: int, opts: LossOptions, *, stats=False, fused_hidden=None, 
     return total
 
 
-CASES = [("pmi_kl", dict(), False), ("pmi_kl", dict(clip=3.0, center=False), True),
-         ("fused_pmi_kl", dict(), False), ("fused_pmi_kl", dict(jsd_beta=0.0, clip=None), True)]
+CASES = [
+    ("pmi_kl", dict(), False),
+    ("pmi_kl", dict(clip=3.0, center=False), True),
+    ("fused_pmi_kl", dict(), False),
+    ("fused_pmi_kl", dict(jsd_beta=0.0, clip=None), True),
+]
 
 
 def _traced(rank, world, init_file, n, hidden, vocab, result_file):
     from pmi_kernels import fused_pmi_kl, pmi_kl, vocab_parallel
+
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     counted = []
     original = dist.all_reduce
@@ -59,6 +65,7 @@ def _traced(rank, world, init_file, n, hidden, vocab, result_file):
     def counting(tensor, *args, **kwargs):
         counted.append(tensor.numel() * tensor.element_size())
         return original(tensor, *args, **kwargs)
+
     dist.all_reduce = counting
     try:
         group = dist.new_group(list(range(world)))
@@ -96,8 +103,9 @@ def traced_check(n=7, hidden=16, vocab=101, world=2) -> str:
     """Runs the cases on `world` gloo processes and checks every traced count against the formula."""
     with tempfile.TemporaryDirectory() as tmp:
         result = os.path.join(tmp, "result.txt")
-        mp.spawn(_traced, args=(world, os.path.join(tmp, "rendezvous"), n, hidden, vocab, result), nprocs=world,
-                 join=True)
+        mp.spawn(
+            _traced, args=(world, os.path.join(tmp, "rendezvous"), n, hidden, vocab, result), nprocs=world, join=True
+        )
         with open(result) as fh:
             return fh.read()
 
@@ -106,20 +114,39 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = harness.parser("comm_bytes", __doc__, devices=("cpu",), n=8192, hidden=4096)
     args = harness.resolve(parser.parse_args(argv))
     results = harness.Results("comm_bytes", args.out, "cpu")
-    print(f"All-reduce payload per call, N = {args.n:,} rows, H = {args.hidden:,}, bf16 hidden states, "
-          "fp32 statistics:")
+    print(
+        f"All-reduce payload per call, N = {args.n:,} rows, H = {args.hidden:,}, bf16 hidden states, fp32 statistics:"
+    )
     for fn_name, options, stats in CASES:
         opts = LossOptions(pmi=True, **options)
         b = payload_bytes(args.n, opts, stats=stats, fused_hidden=None if fn_name == "pmi_kl" else args.hidden)
-        results.add(f"{fn_name} {options} stats={stats}", "formula", "all_reduce_payload", b, "bytes", n=args.n,
-                    hidden=args.hidden if fn_name == "fused_pmi_kl" else None, **options, return_stats=stats)
+        results.add(
+            f"{fn_name} {options} stats={stats}",
+            "formula",
+            "all_reduce_payload",
+            b,
+            "bytes",
+            n=args.n,
+            hidden=args.hidden if fn_name == "fused_pmi_kl" else None,
+            **options,
+            return_stats=stats,
+        )
         print(f"  {fn_name:13s} {str(options):38s} stats={stats!s:5s} {b / 2**20:8.2f} MiB")
     print(f"(a [N, V] fp32 tensor at V = 151,936 would be {args.n * 151936 * 4 / 2**20:,.0f} MiB)")
     print("traced on 2 gloo processes, N = 7, H = 16, V = 101:")
     report = traced_check()
     sys.stdout.write(report)
-    results.add("traced on 2 gloo processes, N=7 H=16 V=101", "traced", "cases_matching_formula",
-                report.count("traced"), "cases", world=2, n=7, hidden=16, vocab=101)
+    results.add(
+        "traced on 2 gloo processes, N=7 H=16 V=101",
+        "traced",
+        "cases_matching_formula",
+        report.count("traced"),
+        "cases",
+        world=2,
+        n=7,
+        hidden=16,
+        vocab=101,
+    )
     results.close()
 
 

@@ -11,6 +11,7 @@ pmi_kernels' peak extra memory at N = 8k, 32k and 131k on each backend.
     python -m benchmarks fused --out DIR                  # needs a GPU
     python -m benchmarks fused --device cpu --n 64 --hidden 32 --vocab 512 --memory-n 64   # a CPU check
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -29,8 +30,13 @@ GOALS = [  # (label, numerator, denominator, comparison, bound)
     ("pmi_kernels cuda, rows over 8 blocks / bare GEMMs", "pmi_kernels (cuda/c8)", impls.FLOOR, "<=", 1.10),
     ("pmi_kernels cuda, rows over 16 blocks / bare GEMMs", "pmi_kernels (cuda/c16)", impls.FLOOR, "<=", 1.10),
     ("plain torch / pmi_kernels triton", "plain torch", "pmi_kernels (triton)", ">=", 1.9),
-    ("liger FLJSD / pmi_kernels, opsd", "liger FusedLinearJSD, opsd 2 streams, jsd 0.5",
-     "pmi_kernels (auto), opsd 2 streams, jsd 0.5", ">", 1.0),
+    (
+        "liger FLJSD / pmi_kernels, opsd",
+        "liger FusedLinearJSD, opsd 2 streams, jsd 0.5",
+        "pmi_kernels (auto), opsd 2 streams, jsd 0.5",
+        ">",
+        1.0,
+    ),
 ]
 BACKENDS = ("triton", "cuda")
 CLUSTERS = (8, 16)
@@ -50,13 +56,14 @@ def unavailable_or_oom(err: Exception) -> str | None:
     return harness.oom_status(err)
 
 
-def return_stats_sides(h: torch.Tensor, w: torch.Tensor, h_t: torch.Tensor, h_r: torch.Tensor,
-                       backend: str) -> dict[str, Callable[[], tuple[torch.Tensor, ...]]]:
+def return_stats_sides(
+    h: torch.Tensor, w: torch.Tensor, h_t: torch.Tensor, h_r: torch.Tensor, backend: str
+) -> dict[str, Callable[[], tuple[torch.Tensor, ...]]]:
     """fused_pmi_kl forward and backward on one backend, without and with return_stats. Built here,
     not in main, so that no name in main keeps the inputs alive once main deletes them."""
+
     def call(stats: bool) -> tuple[torch.Tensor, ...]:
-        out = fused_pmi_kl(h, w, h_t, h_r, jsd_beta=0.0, check_finite=False, backend=backend,
-                           return_stats=stats)
+        out = fused_pmi_kl(h, w, h_t, h_r, jsd_beta=0.0, check_finite=False, backend=backend, return_stats=stats)
         return torch.autograd.grad(out[0] if stats else out, (h, w))
 
     def plain_call() -> tuple[torch.Tensor, ...]:
@@ -64,14 +71,21 @@ def return_stats_sides(h: torch.Tensor, w: torch.Tensor, h_t: torch.Tensor, h_r:
 
     def stats_call() -> tuple[torch.Tensor, ...]:
         return call(True)
+
     return {"plain": plain_call, "return_stats": stats_call}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = harness.parser("fused", __doc__, devices=("cuda", "cpu"), repeats=10, dtype="auto", n=8192,
-                            hidden=4096, vocab=151936)
-    parser.add_argument("--memory-n", type=int, nargs="*", default=[8192, 32768, 131072],
-                        help="token counts at which pmi_kernels' peak extra memory is measured (GPU)")
+    parser = harness.parser(
+        "fused", __doc__, devices=("cuda", "cpu"), repeats=10, dtype="auto", n=8192, hidden=4096, vocab=151936
+    )
+    parser.add_argument(
+        "--memory-n",
+        type=int,
+        nargs="*",
+        default=[8192, 32768, 131072],
+        help="token counts at which pmi_kernels' peak extra memory is measured (GPU)",
+    )
     args = harness.resolve(parser.parse_args(argv))
     harness.require_cuda(args, "this benchmark")
     device, dtype = args.device, args.dtype
@@ -125,8 +139,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                     raise
                 results.add(case, name, "peak_extra_memory", None, "GiB", "OOM", **workload)
                 harness.empty_cuda_cache(device)
-        shown = f"{timing.ms:8.2f} ms" + (f"  x{timing.ms / floor:5.2f} floor" if floor else "") + (
-            f"   extra {mem:6.2f} GiB" if mem is not None else "")
+        shown = (
+            f"{timing.ms:8.2f} ms"
+            + (f"  x{timing.ms / floor:5.2f} floor" if floor else "")
+            + (f"   extra {mem:6.2f} GiB" if mem is not None else "")
+        )
         print(f"{name:48s} {shown}")
     del sides
 
@@ -138,8 +155,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         results.add(case, side, "time", plain_ms, "ms", **workload, return_stats=False)
         results.add(case, side, "time", stats_ms, "ms", **workload, return_stats=True)
         results.add_ratio(case, f"{side} return_stats", side, stats_ms / plain_ms, **workload)
-        print(f"return_stats on {backend:6s}: {stats_ms:8.2f} ms vs {plain_ms:8.2f} ms  "
-              f"({100 * (stats_ms / plain_ms - 1):+.1f}%, goal within 5%)")
+        print(
+            f"return_stats on {backend:6s}: {stats_ms:8.2f} ms vs {plain_ms:8.2f} ms  "
+            f"({100 * (stats_ms / plain_ms - 1):+.1f}%, goal within 5%)"
+        )
 
     del h, w, h_t, h_r
     harness.empty_cuda_cache(device)

@@ -6,6 +6,7 @@ as a JSON line to `<out>/results.jsonl`, the one data file of a results director
 carries the device description and the run it belongs to, so the ratios a reader forms are
 between records of the same run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,16 +35,17 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, 
 class Record:
     """One measured value. `value` is None when `status` is not "ok" (OOM, not installed,
     skipped by the time budget, unavailable here)."""
-    benchmark: str               # the name `python -m benchmarks <name>` runs
-    case: str                    # what was measured, e.g. "fused_pmi_kl fwd+bwd N=8192 H=4096 V=151936"
-    side: str                    # the implementation or variant; a ratio's is "a / b"
-    metric: str                  # "time", "peak_extra_memory", "ratio", "throughput", ...
+
+    benchmark: str  # the name `python -m benchmarks <name>` runs
+    case: str  # what was measured, e.g. "fused_pmi_kl fwd+bwd N=8192 H=4096 V=151936"
+    side: str  # the implementation or variant; a ratio's is "a / b"
+    metric: str  # "time", "peak_extra_memory", "ratio", "throughput", ...
     value: float | None
-    unit: str                    # "ms", "GiB", "x", "tokens/s", "bytes", ...
+    unit: str  # "ms", "GiB", "x", "tokens/s", "bytes", ...
     status: str = "ok"
     params: dict[str, Any] = dataclasses.field(default_factory=dict)  # shapes, dtype, phase, repeats
     device: dict[str, Any] = dataclasses.field(default_factory=dict)  # describe_device()
-    run: str = ""                # when the run began (ISO 8601, UTC): the records of one run share it
+    run: str = ""  # when the run began (ISO 8601, UTC): the records of one run share it
 
 
 class Results:
@@ -58,21 +60,33 @@ class Results:
         self.records: list[Record] = []
         os.makedirs(out, exist_ok=True)
 
-    def add(self, case: str, side: str, metric: str, value: float | None, unit: str, status: str = "ok",
-            **params: Any) -> Record:
+    def add(
+        self, case: str, side: str, metric: str, value: float | None, unit: str, status: str = "ok", **params: Any
+    ) -> Record:
         device = dict(self.device)
         if self.device_name == "cpu":  # what else the machine ran meanwhile
             device["load_average"] = [round(x, 2) for x in os.getloadavg()]
-        record = Record(self.benchmark, case, side, metric, None if status != "ok" else value, unit, status,
-                        params, device, self.run)
+        record = Record(
+            self.benchmark,
+            case,
+            side,
+            metric,
+            None if status != "ok" else value,
+            unit,
+            status,
+            params,
+            device,
+            self.run,
+        )
         self.records.append(record)
         with open(self.path, "a") as fh:
             fh.write(json.dumps(dataclasses.asdict(record)) + "\n")
         return record
 
     def add_time(self, case: str, timing: Timing, **params: Any) -> Record:
-        return self.add(case, timing.side, "time", timing.ms, "ms", timing.status, repeats=len(timing.samples),
-                        **params)
+        return self.add(
+            case, timing.side, "time", timing.ms, "ms", timing.status, repeats=len(timing.samples), **params
+        )
 
     def add_ratio(self, case: str, numerator: str, denominator: str, value: float, **params: Any) -> Record:
         return self.add(case, f"{numerator} / {denominator}", "ratio", value, "x", **params)
@@ -90,23 +104,41 @@ def read_records(path: str) -> list[Record]:
 
 
 # ---- arguments and the device ------------------------------------------------------------------
-def parser(name: str, doc: str | None, *, devices: Sequence[str] = ("auto", "cuda", "cpu"),
-           repeats: int | None = None, dtype: str | None = None, n: int | list[int] | None = None,
-           hidden: int | None = None, vocab: int | None = None) -> argparse.ArgumentParser:
+def parser(
+    name: str,
+    doc: str | None,
+    *,
+    devices: Sequence[str] = ("auto", "cuda", "cpu"),
+    repeats: int | None = None,
+    dtype: str | None = None,
+    n: int | list[int] | None = None,
+    hidden: int | None = None,
+    vocab: int | None = None,
+) -> argparse.ArgumentParser:
     """The options every benchmark shares: --out and --device always; --repeats, --dtype and the
     shapes (--n, --hidden, --vocab) where the benchmark has a default for them. A list default
     of --n makes it take several values."""
-    p = argparse.ArgumentParser(prog=f"python -m benchmarks {name}", description=doc,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", help=f"results folder; the records go to its {DATA_FILE} "
-                                 f"(default {RESULTS_ROOT}/<device>-<date>)")
-    p.add_argument("--device", choices=list(devices), default=devices[0],
-                   help="auto: cuda when a GPU is present, else cpu" if "auto" in devices else None)
+    p = argparse.ArgumentParser(
+        prog=f"python -m benchmarks {name}", description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--out", help=f"results folder; the records go to its {DATA_FILE} (default {RESULTS_ROOT}/<device>-<date>)"
+    )
+    p.add_argument(
+        "--device",
+        choices=list(devices),
+        default=devices[0],
+        help="auto: cuda when a GPU is present, else cpu" if "auto" in devices else None,
+    )
     if repeats is not None:
         p.add_argument("--repeats", type=int, default=repeats, help="timed rounds of the interleaved sides")
     if dtype is not None:
-        p.add_argument("--dtype", choices=["auto", *DTYPES], default=dtype,
-                       help="auto: bf16 on a GPU, fp32 on a CPU" if dtype == "auto" else None)
+        p.add_argument(
+            "--dtype",
+            choices=["auto", *DTYPES],
+            default=dtype,
+            help="auto: bf16 on a GPU, fp32 on a CPU" if dtype == "auto" else None,
+        )
     if n is not None:
         many = isinstance(n, list)
         p.add_argument("--n", type=int, nargs="+" if many else None, default=n, help="tokens (rows)")
@@ -141,15 +173,24 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def describe_device(device: str) -> dict[str, Any]:
     """What a result was measured on: the device, torch, Triton, Python, the date."""
-    info: dict[str, Any] = {"date": datetime.date.today().isoformat(), "torch": torch.__version__,
-                            "triton": _triton_version(), "python": platform.python_version()}
+    info: dict[str, Any] = {
+        "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__,
+        "triton": _triton_version(),
+        "python": platform.python_version(),
+    }
     if device == "cuda":
         props = torch.cuda.get_device_properties(0)
-        info.update(device=torch.cuda.get_device_name(0), sms=props.multi_processor_count,
-                    memory_gib=round(props.total_memory / 2**30, 1))
+        info.update(
+            device=torch.cuda.get_device_name(0),
+            sms=props.multi_processor_count,
+            memory_gib=round(props.total_memory / 2**30, 1),
+        )
     else:
-        info.update(device=f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
-                    threads=torch.get_num_threads())
+        info.update(
+            device=f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+            threads=torch.get_num_threads(),
+        )
     return info
 
 
@@ -188,6 +229,7 @@ def fresh_process_env() -> dict[str, str]:
 @dataclasses.dataclass
 class Timing:
     """One side's calls in an interleaved run: the median, or why there is none."""
+
     side: str
     samples: list[float] = dataclasses.field(default_factory=list)
     status: str = "ok"
@@ -211,9 +253,13 @@ def time_ms(fn: Callable[[], Any], device: str) -> float:
     return (time.perf_counter() - begin) * 1000
 
 
-def interleaved(sides: dict[str, Callable[[], Any]], device: str, repeats: int,
-                tolerate: Callable[[Exception], str | None] | None = None,
-                warm_up: bool = True) -> dict[str, Timing]:
+def interleaved(
+    sides: dict[str, Callable[[], Any]],
+    device: str,
+    repeats: int,
+    tolerate: Callable[[Exception], str | None] | None = None,
+    warm_up: bool = True,
+) -> dict[str, Timing]:
     """Each side called once to warm up (unless the caller just did), then `repeats` rounds with
     every side called once a round (the order reversed every other round), so a machine that
     slows down or speeds up during the run moves every side alike. `tolerate(err)` names the
@@ -250,6 +296,7 @@ def median_ms(fn: Callable[[], Any], device: str, warmup_ms: float = 200, rep_ms
     the wall clock on a CPU."""
     if device == "cuda":
         import triton
+
         return triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
     fn()
     times = []
@@ -314,7 +361,9 @@ def cuda_cluster(blocks: int | None) -> Iterator[None]:
 
 def in_cluster(fn: Callable[[], Any], blocks: int | None) -> Callable[[], Any]:
     """fn run with cuda_cluster(blocks): a side of an interleaved run with its own cluster size."""
+
     def run() -> Any:
         with cuda_cluster(blocks):
             return fn()
+
     return run

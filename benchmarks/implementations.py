@@ -4,6 +4,7 @@ three-stream PMI-KL loss (forward KL, clip 10, centered) and the gradients to h 
 Each factory takes the inputs and returns fn(backward: bool) or raises ImportError (with a
 reason) when the implementation is not available here.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -22,7 +23,8 @@ def make_inputs(n, hidden, vocab, dtype, device, logit_scale=3.0, seed=0):
 
     def x(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=gen, device=device, dtype=dtype)
-    weight = (x(vocab, hidden) * (logit_scale / hidden ** 0.5)).requires_grad_(True)
+
+    weight = (x(vocab, hidden) * (logit_scale / hidden**0.5)).requires_grad_(True)
     return x(n, hidden).requires_grad_(True), weight, x(n, hidden), x(n, hidden)
 
 
@@ -46,9 +48,12 @@ def plain_torch_pmi(h, w, h_t, h_r):
 
 def pmi_kernels_with(backend):
     """fused_pmi_kl on one backend (the registry's names: "triton", "cuda", "cpu", "torch", "auto")."""
+
     def factory(h, w, h_t, h_r):
-        return lambda backward: _run(lambda: fused_pmi_kl(h, w, h_t, h_r, jsd_beta=0.0, check_finite=False,
-                                                          backend=backend), h, w, backward)
+        return lambda backward: _run(
+            lambda: fused_pmi_kl(h, w, h_t, h_r, jsd_beta=0.0, check_finite=False, backend=backend), h, w, backward
+        )
+
     return factory
 
 
@@ -62,34 +67,41 @@ def plain_torch(h, w, h_t, h_r):
 
 def plain_torch_chunked(h, w, h_t, h_r, chunk=1024):
     """What a careful user writes: 1,024-row chunks, each chunk's backward run at once."""
+
     def run(backward):
         n = h.shape[0]
         if not backward:
             with torch.no_grad():
-                return sum(plain_torch_pmi(h[i:i + chunk], w, h_t[i:i + chunk], h_r[i:i + chunk]).sum()
-                           for i in range(0, n, chunk)) / n
+                return (
+                    sum(
+                        plain_torch_pmi(h[i : i + chunk], w, h_t[i : i + chunk], h_r[i : i + chunk]).sum()
+                        for i in range(0, n, chunk)
+                    )
+                    / n
+                )
         grad_h, grad_w = torch.empty_like(h), torch.zeros_like(w)
         for i in range(0, n, chunk):
-            hc = h[i:i + chunk].detach().requires_grad_(True)
-            loss = plain_torch_pmi(hc, w, h_t[i:i + chunk], h_r[i:i + chunk]).sum() / n
+            hc = h[i : i + chunk].detach().requires_grad_(True)
+            loss = plain_torch_pmi(hc, w, h_t[i : i + chunk], h_r[i : i + chunk]).sum() / n
             gh, gw = torch.autograd.grad(loss, (hc, w))
-            grad_h[i:i + chunk] = gh
+            grad_h[i : i + chunk] = gh
             grad_w += gw
         return grad_h, grad_w
+
     return run
 
 
 def liger_jsd_opsd(h, w, h_t, h_r):
     """Liger's FusedLinearJSD on two streams (standard OPSD: no reference-only stream)."""
     from liger_kernel.transformers import LigerFusedLinearJSD
+
     jsd = LigerFusedLinearJSD(jsd_beta=0.5)
     return lambda backward: _run(lambda: jsd(h, w, h_t, w.detach(), None), h, w, backward)
 
 
 def pmi_kernels_opsd(h, w, h_t, h_r):
     """pmi_kernels (backend "auto") in the same standard-OPSD mode and JSD as the Liger row above."""
-    return lambda backward: _run(lambda: fused_pmi_kl(h, w, h_t, jsd_beta=0.5, check_finite=False),
-                                 h, w, backward)
+    return lambda backward: _run(lambda: fused_pmi_kl(h, w, h_t, jsd_beta=0.5, check_finite=False), h, w, backward)
 
 
 def chunked_pmi_target(h, w, h_t, h_r, chunk=1024):
@@ -97,16 +109,17 @@ def chunked_pmi_target(h, w, h_t, h_r, chunk=1024):
     q = torch.empty(h.shape[0], w.shape[0], dtype=torch.float32, device=h.device)
     with torch.no_grad():
         for i in range(0, h.shape[0], chunk):
-            s = (h[i:i + chunk] @ w.T).float()
-            delta = ((h_t[i:i + chunk] - h_r[i:i + chunk]) @ w.T).float()
+            s = (h[i : i + chunk] @ w.T).float()
+            delta = ((h_t[i : i + chunk] - h_r[i : i + chunk]) @ w.T).float()
             delta = delta - delta.mean(-1, keepdim=True)
-            q[i:i + chunk] = (s + CLIP * torch.tanh(delta / CLIP)).softmax(-1)
+            q[i : i + chunk] = (s + CLIP * torch.tanh(delta / CLIP)).softmax(-1)
     return q
 
 
 def liger_kl_pmi_target(h, w, h_t, h_r):
     """Liger's fused linear KL-divergence loss fed the PMI target, built in chunks."""
     from liger_kernel.transformers import LigerFusedLinearKLDivLoss
+
     kl = LigerFusedLinearKLDivLoss(reduction="batchmean")
     return lambda backward: _run(lambda: kl(h, w, chunked_pmi_target(h, w, h_t, h_r)), h, w, backward)
 
@@ -124,6 +137,7 @@ def bare_gemms(h, w, h_t, h_r):
         if backward:
             dz @ wd
             dz.T @ hd
+
     return run
 
 
@@ -153,6 +167,8 @@ def implementations_for(device: str) -> dict[str, Callable]:
 
 def call_with(run: Callable[[bool], Any], backward: bool) -> Callable[[], Any]:
     """An implementation's fn(backward) as a side of a timed run."""
+
     def side() -> Any:
         return run(backward)
+
     return side

@@ -20,6 +20,7 @@ The minimum for forward+backward is 8 (read three streams once, write the gradie
     python -m benchmarks logits --out DIR                          # needs a GPU
     TRITON_INTERPRET=1 python -m benchmarks logits --device cpu --n 8 --vocab 512 --sweep-rows 4   # a CPU check
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -62,8 +63,9 @@ def plain_torch_pmi_logits(s, t, r, clip=10.0):
     return (log_q.exp() * (log_q - log_p)).sum(-1).mean()
 
 
-def pmi_kl_side(student: torch.Tensor, t: torch.Tensor, r: torch.Tensor, backend: str, jsd_beta: float,
-                phase: str) -> Callable[[], Any]:
+def pmi_kl_side(
+    student: torch.Tensor, t: torch.Tensor, r: torch.Tensor, backend: str, jsd_beta: float, phase: str
+) -> Callable[[], Any]:
     """pmi_kl on one backend in one phase: the forward, the forward and backward, or the
     forward and backward with return_stats."""
     stats = phase.endswith("return_stats")
@@ -73,20 +75,25 @@ def pmi_kl_side(student: torch.Tensor, t: torch.Tensor, r: torch.Tensor, backend
         if phase == "fwd":
             return out
         return torch.autograd.grad(out[0] if stats else out, student)
+
     return side
 
 
 def copy_side(dst: torch.Tensor, src: torch.Tensor) -> Callable[[], torch.Tensor]:
     """A device-to-device copy of src into dst: the bandwidth ceiling."""
+
     def copy() -> torch.Tensor:
         return dst.copy_(src)
+
     return copy
 
 
 def plain_torch_side(student: torch.Tensor, t: torch.Tensor, r: torch.Tensor) -> Callable[[], Any]:
     """The forward KL over the logits in plain torch, forward and backward."""
+
     def plain_torch() -> Any:
         return torch.autograd.grad(plain_torch_pmi_logits(student, t, r), student)
+
     return plain_torch
 
 
@@ -115,21 +122,25 @@ def main(argv: Sequence[str] | None = None) -> None:
         for label, beta in LOSSES:
             for phase in PHASES:
                 sides[f"{name} {label} {phase}"] = harness.in_cluster(
-                    pmi_kl_side(student, t, r, backend, beta, phase), blocks)
+                    pmi_kl_side(student, t, r, backend, beta, phase), blocks
+                )
     sides["plain torch forward KL fwd+bwd"] = plain_torch_side(student, t, r)
     liger = "liger JSD 2 streams (log-probs given) fwd+bwd"
     try:
         from liger_kernel.transformers import LigerJSD
+
         log_p = student.detach().float().log_softmax(-1).to(torch.bfloat16).requires_grad_(True)
         log_q = t.float().log_softmax(-1).to(torch.bfloat16)
         jsd = LigerJSD(beta=0.5)
 
         def liger_jsd() -> Any:
             return torch.autograd.grad(jsd(log_p, log_q), log_p)
+
         sides[liger] = liger_jsd
     except ImportError:
-        results.add(f"pmi_kl N={n} V={vocab}", "liger JSD", "time", None, "ms", "liger-kernel not installed",
-                    **workload)
+        results.add(
+            f"pmi_kl N={n} V={vocab}", "liger JSD", "time", None, "ms", "liger-kernel not installed", **workload
+        )
     timings = harness.interleaved(sides, device, args.repeats)
     ms = {name: timing.ms for name, timing in timings.items()}
     case = f"pmi_kl N={n} V={vocab}"
@@ -146,15 +157,16 @@ def main(argv: Sequence[str] | None = None) -> None:
                 params = dict(workload, loss=label, phase=phase, bytes=moved)
                 results.add_time(case, timings[key], **params)
                 results.add(case, key, "fraction_of_copy_bandwidth", frac, "fraction", **params)
-                print(f"{name:8s} {label:14s} {phase:22s} {ms[key]:8.2f} ms  {moved / ms[key] / 1e6:7.0f} GB/s"
-                      f"  = {100 * frac:5.1f}% of copy")
+                print(
+                    f"{name:8s} {label:14s} {phase:22s} {ms[key]:8.2f} ms  {moved / ms[key] / 1e6:7.0f} GB/s"
+                    f"  = {100 * frac:5.1f}% of copy"
+                )
     plain = "plain torch forward KL fwd+bwd"
     results.add_time(case, timings[plain], **workload)
     triton = "triton forward KL fwd+bwd"
     if triton in ms:
         results.add_ratio(case, plain, triton, ms[plain] / ms[triton], **workload)
-        print(f"plain torch forward KL fwd+bwd {ms[plain]:8.2f} ms  (x{ms[plain] / ms[triton]:.2f} the "
-              f"Triton kernel)")
+        print(f"plain torch forward KL fwd+bwd {ms[plain]:8.2f} ms  (x{ms[plain] / ms[triton]:.2f} the Triton kernel)")
     else:
         print(f"plain torch forward KL fwd+bwd {ms[plain]:8.2f} ms")
     if liger in timings:
@@ -173,12 +185,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     def row_kernel(backend: str) -> Callable[[], Any]:
         def side() -> Any:
             return REGISTRY[backend].rows(s2, d2, opts=opts, kappa=kappa, grad_out=grad)
+
         return side
 
     def triton_config(block: int, warps: int) -> Callable[[], Any]:
         def side() -> Any:
             return triton_rows(s2, d2, opts=opts, kappa=kappa, grad_out=grad, block=block, num_warps=warps)
+
         return side
+
     shape_sides = {name: harness.in_cluster(row_kernel(backend), blocks) for name, backend, blocks in chosen}
     if any(backend == "triton" for _, backend, _ in chosen):
         shape_sides.update({f"{block}x{warps}": triton_config(block, warps) for block, warps in SWEEP})
@@ -189,14 +204,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         bw = 10 * m * vocab / shape[name].ms / 1e6
         results.add_time(case, shape[name], **params)
         results.add(case, name, "fraction_of_copy_bandwidth", bw / copy_bw, "fraction", **params)
-        print(f"{name:8s} row kernel, fused shape: {shape[name].ms:6.3f} ms  {bw:6.0f} GB/s = "
-              f"{100 * bw / copy_bw:5.1f}% of copy (10 B/entry)")
+        print(
+            f"{name:8s} row kernel, fused shape: {shape[name].ms:6.3f} ms  {bw:6.0f} GB/s = "
+            f"{100 * bw / copy_bw:5.1f}% of copy (10 B/entry)"
+        )
     for block, warps in SWEEP if f"{SWEEP[0][0]}x{SWEEP[0][1]}" in shape else []:
         timing = shape[f"{block}x{warps}"]
         bw = 10 * m * vocab / timing.ms / 1e6
         results.add_time(case, timing, **params, block=block, num_warps=warps)
-        print(f"triton row kernel, fused shape, BLOCK_V={block:5d} warps={warps:2d}: {timing.ms:6.3f} ms  {bw:6.0f}"
-              f" GB/s = {100 * bw / copy_bw:5.1f}% of copy")
+        print(
+            f"triton row kernel, fused shape, BLOCK_V={block:5d} warps={warps:2d}: {timing.ms:6.3f} ms  {bw:6.0f}"
+            f" GB/s = {100 * bw / copy_bw:5.1f}% of copy"
+        )
     results.close()
 
 

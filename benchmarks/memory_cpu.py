@@ -8,6 +8,7 @@ extra memory must not grow with N.
     python -m benchmarks memory_cpu            # fp32, H=256, V=32000, N = 1024, 4096, 16384
     python -m benchmarks memory_cpu --n 256 --vocab 8000     # quick
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,9 +31,10 @@ def peak_rss_bytes() -> int:
 def measure_one(impl: str, n: int, hidden: int, vocab: int) -> dict:
     from pmi_kernels import fused_pmi_kl
     from pmi_kernels.reference import fused_pmi_kl_reference
+
     torch.manual_seed(0)
     h = torch.randn(n, hidden, requires_grad=True)
-    w = (torch.randn(vocab, hidden) * hidden ** -0.5 * 3).requires_grad_(True)
+    w = (torch.randn(vocab, hidden) * hidden**-0.5 * 3).requires_grad_(True)
     h_t, h_r = torch.randn(n, hidden), torch.randn(n, hidden)
     fn = fused_pmi_kl if impl == "chunked" else fused_pmi_kl_reference
     # Warm the allocator and the lazy imports on a tiny problem, outside the measurement.
@@ -44,8 +46,7 @@ def measure_one(impl: str, n: int, hidden: int, vocab: int) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = harness.parser("memory_cpu", __doc__, devices=("cpu",), n=[1024, 4096, 16384], hidden=256,
-                            vocab=32000)
+    parser = harness.parser("memory_cpu", __doc__, devices=("cpu",), n=[1024, 4096, 16384], hidden=256, vocab=32000)
     parser.add_argument("--reference-max-n", type=int, default=4096, help="largest N for the reference")
     parser.add_argument("--one", nargs=2, metavar=("IMPL", "N"), help=argparse.SUPPRESS)
     args = harness.resolve(parser.parse_args(argv))
@@ -59,20 +60,35 @@ def main(argv: Sequence[str] | None = None) -> None:
         for impl in IMPLEMENTATIONS:
             if impl == "reference" and n > args.reference_max_n:
                 continue
-            cmd = harness.fresh_process("memory_cpu", ["--one", impl, str(n), "--hidden", str(args.hidden),
-                                                       "--vocab", str(args.vocab)])
+            cmd = harness.fresh_process(
+                "memory_cpu", ["--one", impl, str(n), "--hidden", str(args.hidden), "--vocab", str(args.vocab)]
+            )
             done = subprocess.run(cmd, check=True, capture_output=True, text=True, env=harness.fresh_process_env())
             row = json.loads(done.stdout.splitlines()[-1])
             rows.append(row)
-            results.add(f"fused_pmi_kl fwd+bwd N={n} H={args.hidden} V={args.vocab}", impl, "peak_extra_memory",
-                        row["extra_gib"], "GiB", n=n, **params)
+            results.add(
+                f"fused_pmi_kl fwd+bwd N={n} H={args.hidden} V={args.vocab}",
+                impl,
+                "peak_extra_memory",
+                row["extra_gib"],
+                "GiB",
+                n=n,
+                **params,
+            )
             print(f"{impl:10s} N={n:6d}  extra peak {row['extra_gib']:6.3f} GiB")
     print(results.device)
     for n in (n for n in args.n if n <= args.reference_max_n):
         chunked = next(r["extra_gib"] for r in rows if r["n"] == n and r["impl"] == "chunked")
         reference = next(r["extra_gib"] for r in rows if r["n"] == n and r["impl"] == "reference")
-        results.add_ratio(f"fused_pmi_kl fwd+bwd N={n} H={args.hidden} V={args.vocab}", "chunked", "reference",
-                          chunked / reference, n=n, **params, goal="< 0.25")
+        results.add_ratio(
+            f"fused_pmi_kl fwd+bwd N={n} H={args.hidden} V={args.vocab}",
+            "chunked",
+            "reference",
+            chunked / reference,
+            n=n,
+            **params,
+            goal="< 0.25",
+        )
         print(f"chunked / reference at N={n}: {chunked / reference:.3f}  (goal < 0.25)")
     results.close()
 

@@ -15,6 +15,7 @@ On a machine without a GPU it runs small CPU cases in under 2 minutes, with the 
     python -m benchmarks sweep --out benchmarks/results/cpu-example
     python -m benchmarks sweep --out $OUT --max-minutes 5.5        # on a GPU, within a time budget
 """
+
 from __future__ import annotations
 
 import os
@@ -125,16 +126,23 @@ def record(results: harness.Results, case: Case, row: dict) -> None:
 
 def write_outputs(out: str, info: dict, records: list[dict]) -> None:
     """sweep.md (the table) and the plots, from the rows measured so far."""
+
     def fmt(value: float | None, spec: str) -> str:
         return "" if value is None else format(value, spec)
-    lines = [f"Device: {info['device']}; torch {info['torch']}, triton {info['triton']}; {info['date']}.", "",
-             "| N | H | V | phase | implementation | ms | extra GiB | TFLOP/s | x floor |",
-             "| ---: | ---: | ---: | --- | --- | ---: | ---: | ---: | ---: |"]
+
+    lines = [
+        f"Device: {info['device']}; torch {info['torch']}, triton {info['triton']}; {info['date']}.",
+        "",
+        "| N | H | V | phase | implementation | ms | extra GiB | TFLOP/s | x floor |",
+        "| ---: | ---: | ---: | --- | --- | ---: | ---: | ---: | ---: |",
+    ]
     for r in records:
         ms = fmt(r.get("ms"), ".2f") if r["status"] == "ok" else r["status"]
-        lines.append(f"| {r['n']} | {r['hidden']} | {r['vocab']} | {r['phase']} | {r['impl']} | {ms} | "
-                     f"{fmt(r.get('peak_extra_gib'), '.2f')} | {fmt(r.get('tflops'), '.0f')} | "
-                     f"{fmt(r.get('x_floor'), '.2f')} |")
+        lines.append(
+            f"| {r['n']} | {r['hidden']} | {r['vocab']} | {r['phase']} | {r['impl']} | {ms} | "
+            f"{fmt(r.get('peak_extra_gib'), '.2f')} | {fmt(r.get('tflops'), '.0f')} | "
+            f"{fmt(r.get('x_floor'), '.2f')} |"
+        )
     with open(os.path.join(out, "sweep.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     plot(out, info, records)
@@ -142,37 +150,53 @@ def write_outputs(out: str, info: dict, records: list[dict]) -> None:
 
 def plot(out: str, info: dict, records: list):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     ok = [r for r in records if r["status"] == "ok" and r["phase"] == "fwd+bwd"]
     if not ok:
         return
     head = ok[0]
     scaling = [r for r in ok if (r["hidden"], r["vocab"]) == (head["hidden"], head["vocab"])]
-    for key, label, fname in (("ms", "median time (ms)", "time_vs_n.png"),
-                              ("peak_extra_gib", "peak extra memory (GiB)", "memory_vs_n.png")):
-        lines = {impl: sorted((r["n"], r[key]) for r in scaling if r["impl"] == impl and r.get(key))
-                 for impl in dict.fromkeys(r["impl"] for r in scaling)}
+    for key, label, fname in (
+        ("ms", "median time (ms)", "time_vs_n.png"),
+        ("peak_extra_gib", "peak extra memory (GiB)", "memory_vs_n.png"),
+    ):
+        lines = {
+            impl: sorted((r["n"], r[key]) for r in scaling if r["impl"] == impl and r.get(key))
+            for impl in dict.fromkeys(r["impl"] for r in scaling)
+        }
         if not any(lines.values()):
             continue  # e.g. memory on a CPU, which is not measured per call
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for impl, pts in lines.items():
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=impl)
-        ax.set(xscale="log", yscale="log", xlabel="tokens N", ylabel=label,
-               title=f"fwd+bwd, H={head['hidden']}, V={head['vocab']} - {info['device']}")
+        ax.set(
+            xscale="log",
+            yscale="log",
+            xlabel="tokens N",
+            ylabel=label,
+            title=f"fwd+bwd, H={head['hidden']}, V={head['vocab']} - {info['device']}",
+        )
         ax.legend(fontsize=7)
         ax.grid(True, which="both", alpha=0.3)
         fig.tight_layout()
         fig.savefig(os.path.join(out, fname), dpi=120)
         plt.close(fig)
-    bars = [r for r in ok if (r["n"], r["hidden"], r["vocab"]) == (head["n"], head["hidden"], head["vocab"])
-            and r.get("x_floor")]
+    bars = [
+        r
+        for r in ok
+        if (r["n"], r["hidden"], r["vocab"]) == (head["n"], head["hidden"], head["vocab"]) and r.get("x_floor")
+    ]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.barh([r["impl"] for r in bars], [r["x_floor"] for r in bars])
     ax.axvline(1.0, color="k", lw=0.8)
-    ax.set(xlabel="time / bare GEMMs (lower is better)",
-           title=f"N={head['n']}, H={head['hidden']}, V={head['vocab']}, fwd+bwd - {info['device']}")
+    ax.set(
+        xlabel="time / bare GEMMs (lower is better)",
+        title=f"N={head['n']}, H={head['hidden']}, V={head['vocab']}, fwd+bwd - {info['device']}",
+    )
     ax.invert_yaxis()
     fig.tight_layout()
     fig.savefig(os.path.join(out, "ratio_to_floor.png"), dpi=120)
@@ -183,9 +207,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = harness.parser("sweep", __doc__, repeats=3, n=[])
     parser.add_argument("--impl", nargs="*", help="implementations to run (default: all available here)")
     parser.add_argument("--match", nargs="*", help="run only the implementations whose name contains one of these")
-    parser.add_argument("--max-minutes", type=float, default=None,
-                        help="time budget: a case starts only if it is expected to end within it (the "
-                             "last case's time scaled by FLOPs); the others are recorded as skipped")
+    parser.add_argument(
+        "--max-minutes",
+        type=float,
+        default=None,
+        help="time budget: a case starts only if it is expected to end within it (the "
+        "last case's time scaled by FLOPs); the others are recorded as skipped",
+    )
     parser.set_defaults(n=None)
     args = harness.resolve(parser.parse_args(argv))
     device = args.device
@@ -203,13 +231,24 @@ def main(argv: Sequence[str] | None = None) -> None:
         began = time.monotonic()
         expected = last[0] * case.floor_flops / last[1] if last else 0.0
         skipped = args.max_minutes is not None and began - start + expected > 60 * args.max_minutes
-        measured = ([dict(impl=name, status="skipped (time budget)") for name in names] if skipped
-                    else measure(case, device, names, args.repeats))
+        measured = (
+            [dict(impl=name, status="skipped (time budget)") for name in names]
+            if skipped
+            else measure(case, device, names, args.repeats)
+        )
         if not skipped:
             last = (time.monotonic() - began, case.floor_flops)
         for row in measured:
-            rows.append({"n": case.n, "hidden": case.hidden, "vocab": case.vocab, "backward": case.backward,
-                         "phase": case.phase, **row})
+            rows.append(
+                {
+                    "n": case.n,
+                    "hidden": case.hidden,
+                    "vocab": case.vocab,
+                    "backward": case.backward,
+                    "phase": case.phase,
+                    **row,
+                }
+            )
             record(results, case, row)
             shown = f"{row['ms']:9.2f} ms" if "ms" in row else row["status"]
             extra = f"  x{row['x_floor']:.2f}" if "x_floor" in row else ""

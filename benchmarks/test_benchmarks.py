@@ -4,6 +4,7 @@ track benchmarks with pytest:  python -m pytest benchmarks/test_benchmarks.py --
 Skipped in the ordinary test run (pytest-benchmark's --benchmark-skip is not needed: these
 live outside tests/). Each implementation is timed forward+backward, synchronized on GPU.
 """
+
 import pytest
 import torch
 
@@ -18,8 +19,9 @@ TABLE = {impls.FLOOR: impls.bare_gemms, **impls.implementations_for(DEVICE)}
 @pytest.mark.parametrize("name", list(TABLE))
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"N{c.n}-H{c.hidden}-V{c.vocab}")
 def test_fwd_bwd(benchmark, case, name):
-    inputs = impls.make_inputs(case.n, case.hidden, case.vocab,
-                               torch.bfloat16 if DEVICE == "cuda" else torch.float32, DEVICE)
+    inputs = impls.make_inputs(
+        case.n, case.hidden, case.vocab, torch.bfloat16 if DEVICE == "cuda" else torch.float32, DEVICE
+    )
     try:
         run = TABLE[name](*inputs)
     except ImportError as err:
@@ -29,5 +31,6 @@ def test_fwd_bwd(benchmark, case, name):
         run(True)
         if DEVICE == "cuda":
             torch.cuda.synchronize()
+
     benchmark.extra_info.update(device=DEVICE, floor_tflop=case.floor_flops / 1e12)
     benchmark.pedantic(step, rounds=3, warmup_rounds=1)

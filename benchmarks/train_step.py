@@ -29,6 +29,7 @@ states against the plain-torch reference on full fp32 logits; an out-of-memory s
     python -m benchmarks train_step --mode loss --tokens 8192   # on a GPU (CPU: --tiny)
     python -m benchmarks train_step --repeats 1 --rollouts 2 --rollout-tokens 8   # quick, on a CPU
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,13 +52,29 @@ PROMPTS = {"student": 256, "teacher": 768, "refonly": 512}  # --mode loss: the t
 
 def qwen3_1p7b(tiny: bool = False):
     from transformers import Qwen3Config, Qwen3ForCausalLM
+
     if tiny:
-        config = Qwen3Config(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+        config = Qwen3Config(
+            vocab_size=1000,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+        )
     else:
-        config = Qwen3Config(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
-                             num_attention_heads=16, num_key_value_heads=8, head_dim=128,
-                             max_position_embeddings=40960, tie_word_embeddings=True)
+        config = Qwen3Config(
+            vocab_size=151936,
+            hidden_size=2048,
+            intermediate_size=6144,
+            num_hidden_layers=28,
+            num_attention_heads=16,
+            num_key_value_heads=8,
+            head_dim=128,
+            max_position_embeddings=40960,
+            tie_word_embeddings=True,
+        )
     config._attn_implementation = "sdpa"
     return Qwen3ForCausalLM(config)
 
@@ -70,7 +87,7 @@ def padded_hidden(decoder, prompts, rollouts, device):
     ids = torch.tensor([s + [0] * (width - len(s)) for s in seqs], device=device)
     mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
     hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-    return torch.cat([hidden[i, len(p) - 1:len(p) - 1 + len(r)] for i, (p, r) in enumerate(zip(prompts, rollouts))])
+    return torch.cat([hidden[i, len(p) - 1 : len(p) - 1 + len(r)] for i, (p, r) in enumerate(zip(prompts, rollouts))])
 
 
 def scratch_dir() -> str:
@@ -83,32 +100,50 @@ def scratch_dir() -> str:
 def build_trainer(args, out_dir: str):
     """The trainer on the toy model (CPU) or a Qwen3-1.7B-shaped one (--gpu), its rollouts fixed."""
     from pmi_kernels.train import TrainConfig, loop
+
     gpu = args.gpu
     device = "cuda" if gpu and torch.cuda.is_available() else "cpu"  # --gpu --tiny: the GPU workload's code on a CPU
-    config = TrainConfig(output_dir=out_dir, device=device, sft_steps=0, use_chat_template=False,
-                         batch_size=args.rollouts, max_new_tokens=args.rollout_tokens, diagnostics_every=10**6,
-                         lora_rank=args.lora_rank, lora_alpha=2 * args.lora_rank, gradient_checkpointing=gpu,
-                         attn_implementation="sdpa", lr=5e-6)
+    config = TrainConfig(
+        output_dir=out_dir,
+        device=device,
+        sft_steps=0,
+        use_chat_template=False,
+        batch_size=args.rollouts,
+        max_new_tokens=args.rollout_tokens,
+        diagnostics_every=10**6,
+        lora_rank=args.lora_rank,
+        lora_alpha=2 * args.lora_rank,
+        gradient_checkpointing=gpu,
+        attn_implementation="sdpa",
+        lr=5e-6,
+    )
     if gpu:  # no weights on disk: the model is built on the GPU, and the toy base is not saved
+
         def load_model(config, device):
             with torch.device(device):
                 model = qwen3_1p7b(args.tiny).to(torch.bfloat16 if device.type == "cuda" else torch.float32)
             from pmi_kernels.train.demo.toy import toy_tokenizer
+
             return toy_tokenizer(), model
+
         loop.load_model, loop.write_dir_atomically = load_model, lambda *a, **k: None
     trainer = loop.Trainer(config)
     gen = torch.Generator().manual_seed(0)
     vocab = len(trainer.tokenizer)  # rollouts the tokenizer can decode (the markers count them)
     if gpu:  # prompts as long as a chain-of-thought task's: the teacher's carries the reference
-        trainer.train_rows = trainer.train_rows[:args.rollouts]
+        trainer.train_rows = trainer.train_rows[: args.rollouts]
         short = 8 if args.tiny else 64
         student = [int(n) for n in torch.randint(short, 8 * short + 1, (args.rollouts,), generator=gen)]
-        lengths = {"student": student, "teacher": [n + 8 * short for n in student],
-                   "refonly": [8 * short] * args.rollouts}
-        trainer.contexts = trainer.contexts.on({kind: [torch.randint(4, vocab, (n,), generator=gen).tolist()
-                                                       for n in lengths[kind]] for kind in lengths})
+        lengths = {
+            "student": student,
+            "teacher": [n + 8 * short for n in student],
+            "refonly": [8 * short] * args.rollouts,
+        }
+        trainer.contexts = trainer.contexts.on(
+            {kind: [torch.randint(4, vocab, (n,), generator=gen).tolist() for n in lengths[kind]] for kind in lengths}
+        )
     rollouts = [torch.randint(4, vocab, (args.rollout_tokens,), generator=gen).tolist() for _ in range(args.rollouts)]
-    trainer.generate = lambda prompts, *a: rollouts[:len(prompts)]
+    trainer.generate = lambda prompts, *a: rollouts[: len(prompts)]
     return trainer
 
 
@@ -117,12 +152,17 @@ def use_variant(trainer, variant: str, args) -> None:
     recomputes with the attention it ran with)."""
     from pmi_kernels.train import contexts
     from pmi_kernels.train.data import packing
+
     trainer.config.packed = variant != "per-rollout"
-    trainer.config.max_tokens_per_micro_batch = (int(variant[len("packed<="):]) if variant.startswith("packed<=")
-                                                 else None)
+    trainer.config.max_tokens_per_micro_batch = (
+        int(variant[len("packed<=") :]) if variant.startswith("packed<=") else None
+    )
     contexts.packed_hidden = padded_hidden if variant == "padded" else packing.packed_hidden
-    attn = "sdpa" if variant in ("padded", "per-rollout", "packed-mask") else packing.resolve_attn_implementation(
-        "auto", trainer.device)
+    attn = (
+        "sdpa"
+        if variant in ("padded", "per-rollout", "packed-mask")
+        else packing.resolve_attn_implementation("auto", trainer.device)
+    )
     if attn == packing.VARLEN:
         packing.register_varlen()
     trainer.contexts.base_model().set_attn_implementation(attn)
@@ -135,9 +175,16 @@ def step_row(trainer, variant: str) -> dict:
     tokens = trainer.config.batch_size * trainer.config.max_new_tokens
     work = record["time/step"] - record["time/sampling"]
     cpu_s = after.ru_utime + after.ru_stime - cpu.ru_utime - cpu.ru_stime
-    return {"variant": variant, "tokens": tokens, "seconds": work, "tokens_per_s": tokens / work,
-            "cpu_seconds": cpu_s, "tokens_per_cpu_s": tokens / cpu_s, "peak_memory_gib": record["peak_memory_gib"],
-            **{key: value for key, value in record.items() if key.startswith("time/")}}
+    return {
+        "variant": variant,
+        "tokens": tokens,
+        "seconds": work,
+        "tokens_per_s": tokens / work,
+        "cpu_seconds": cpu_s,
+        "tokens_per_cpu_s": tokens / cpu_s,
+        "peak_memory_gib": record["peak_memory_gib"],
+        **{key: value for key, value in record.items() if key.startswith("time/")},
+    }
 
 
 def memory_kib() -> dict:
@@ -164,6 +211,7 @@ def check_packed_on_gpu(trainer) -> float:
     """Largest |packed - per-rollout| hidden state over two rollouts, relative to the largest state."""
     from pmi_kernels.train.contexts import rollout_hidden
     from pmi_kernels.train.data import packing
+
     decoder, device = trainer.contexts.base_model().get_decoder(), trainer.device
     prompts, rollouts = trainer.prompts["teacher"][:2], trainer.generate([0, 0])
     with torch.no_grad(), trainer.contexts.autocast():
@@ -182,9 +230,12 @@ def run_step_mode(args) -> dict:
     trainer = build_trainer(args, scratch_dir())
     if args.gpu:
         use_variant(trainer, "packed", args)
-        print(f"packed ({trainer.contexts.base_model().config._attn_implementation}) against per-rollout hidden "
-              "states: "
-              f"largest difference {check_packed_on_gpu(trainer):.2e} of the largest state", flush=True)
+        print(
+            f"packed ({trainer.contexts.base_model().config._attn_implementation}) against per-rollout hidden "
+            "states: "
+            f"largest difference {check_packed_on_gpu(trainer):.2e} of the largest state",
+            flush=True,
+        )
     rows = []
     for rep in range(args.repeats + 2):
         for variant in variants if rep % 2 == 0 else variants[::-1]:
@@ -195,17 +246,23 @@ def run_step_mode(args) -> dict:
             if rep < 2:
                 continue  # warm-up
             rows.append(row)
-            print(f"{variant:14s} {row['tokens_per_s']:9.1f} tok/s  {row['tokens_per_cpu_s']:8.1f} tok/cpu-s  "
-                  + (f"peak {row['peak_memory_gib']:6.2f} GiB  " if args.gpu else "")
-                  + " ".join(f"{k[5:]} {v:.3f}" for k, v in row.items() if k.startswith("time/")), flush=True)
+            print(
+                f"{variant:14s} {row['tokens_per_s']:9.1f} tok/s  {row['tokens_per_cpu_s']:8.1f} tok/cpu-s  "
+                + (f"peak {row['peak_memory_gib']:6.2f} GiB  " if args.gpu else "")
+                + " ".join(f"{k[5:]} {v:.3f}" for k, v in row.items() if k.startswith("time/")),
+                flush=True,
+            )
     memory = {}
     if not args.gpu:
         for variant in variants:
             cmd = harness.fresh_process("train_step", ["--memory-of", variant, *args.argv])
             done = subprocess.run(cmd, check=True, capture_output=True, text=True, env=harness.fresh_process_env())
             memory[variant] = json.loads(done.stdout.splitlines()[-1])
-            print(f"{variant:14s} peak RSS {memory[variant]['peak_rss_mib']:7.1f} MiB "
-                  f"({memory[variant]['peak_extra_mib']:+.1f} MiB over the process before its first step)", flush=True)
+            print(
+                f"{variant:14s} peak RSS {memory[variant]['peak_rss_mib']:7.1f} MiB "
+                f"({memory[variant]['peak_extra_mib']:+.1f} MiB over the process before its first step)",
+                flush=True,
+            )
     summary = {}
     for variant in variants:
         mine = [r for r in rows if r["variant"] == variant]
@@ -218,8 +275,10 @@ def run_step_mode(args) -> dict:
         s["speedup"] = s["tokens_per_s"] / base["tokens_per_s"]
         s["cpu_speedup"] = s["tokens_per_cpu_s"] / base["tokens_per_cpu_s"]
         s["memory_ratio"] = s[memory_key] / base[memory_key]
-        print(f"median {variant:14s} {s['tokens_per_s']:9.1f} tok/s ({s['speedup']:.2f}x the per-rollout loop; "
-              f"{s['cpu_speedup']:.2f}x per CPU second), peak memory {s['memory_ratio']:.3f}x the loop's")
+        print(
+            f"median {variant:14s} {s['tokens_per_s']:9.1f} tok/s ({s['speedup']:.2f}x the per-rollout loop; "
+            f"{s['cpu_speedup']:.2f}x per CPU second), peak memory {s['memory_ratio']:.3f}x the loop's"
+        )
     return {"rows": rows, "memory": memory, "median": summary}
 
 
@@ -229,6 +288,7 @@ def loss_step(model, contexts, tokens: int, fused: bool):
     from pmi_kernels import fused_pmi_kl
     from pmi_kernels.prompts import rollout_positions
     from pmi_kernels.reference import pmi_kl_reference
+
     decoder, head = model.get_decoder(), model.get_output_embeddings()
     states = {}
     for kind, ids in contexts.items():
@@ -236,8 +296,9 @@ def loss_step(model, contexts, tokens: int, fused: bool):
             hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state[0]
         states[kind] = hidden[rollout_positions(ids.shape[1] - tokens + 1, tokens)]
     if fused:
-        loss = fused_pmi_kl(states["student"], head.weight, states["teacher"], states["refonly"],
-                            jsd_beta=0.0, check_finite=False)
+        loss = fused_pmi_kl(
+            states["student"], head.weight, states["teacher"], states["refonly"], jsd_beta=0.0, check_finite=False
+        )
     else:
         with torch.no_grad():
             frozen = {k: head(states[k]) for k in ("teacher", "refonly")}
@@ -256,8 +317,10 @@ def run_loss_mode(args, device: str) -> dict:
     gen = torch.Generator().manual_seed(0)
     for tokens in args.tokens:
         rollout = torch.randint(0, vocab, (tokens,), generator=gen)
-        contexts = {kind: torch.cat([torch.randint(0, vocab, (plen,), generator=gen), rollout])[None, :-1].to(device)
-                    for kind, plen in PROMPTS.items()}
+        contexts = {
+            kind: torch.cat([torch.randint(0, vocab, (plen,), generator=gen), rollout])[None, :-1].to(device)
+            for kind, plen in PROMPTS.items()
+        }
         for fused in (True, False):
             name = "fused_pmi_kl on hidden states" if fused else "plain torch reference on fp32 logits"
             row = {"tokens": tokens, "loss": name}
@@ -274,8 +337,11 @@ def run_loss_mode(args, device: str) -> dict:
                 row["ms"] = "OOM"
                 model.zero_grad(set_to_none=True)
             rows.append(row)
-            shown = "OOM" if row["ms"] == "OOM" else f"{row['ms']:9.1f} ms" + (
-                f"  peak {row['peak_gib']:6.1f} GiB" if "peak_gib" in row else "")
+            shown = (
+                "OOM"
+                if row["ms"] == "OOM"
+                else f"{row['ms']:9.1f} ms" + (f"  peak {row['peak_gib']:6.1f} GiB" if "peak_gib" in row else "")
+            )
             print(f"rollout {tokens:6d} tokens  {name:40s} {shown}")
     return {"model": "tiny" if args.tiny else "Qwen3-1.7B shape, random weights", "rows": rows}
 
@@ -283,8 +349,14 @@ def run_loss_mode(args, device: str) -> dict:
 def record_step(results: harness.Results, args: argparse.Namespace, summary: dict) -> None:
     """The medians of --mode step as records: throughput, memory and the ratios to the loop."""
     case = f"train step {args.rollouts}x{args.rollout_tokens}"
-    params = dict(rollouts=args.rollouts, rollout_tokens=args.rollout_tokens, lora_rank=args.lora_rank,
-                  gpu=args.gpu, tiny=args.tiny, repeats=args.repeats)
+    params = dict(
+        rollouts=args.rollouts,
+        rollout_tokens=args.rollout_tokens,
+        lora_rank=args.lora_rank,
+        gpu=args.gpu,
+        tiny=args.tiny,
+        repeats=args.repeats,
+    )
     memory = ("peak_memory_gib", "peak_memory", "GiB") if args.gpu else ("peak_rss_mib", "peak_rss", "MiB")
     for variant, s in summary.items():
         results.add(case, variant, "throughput", s["tokens_per_s"], "tokens/s", **params)
@@ -296,8 +368,7 @@ def record_step(results: harness.Results, args: argparse.Namespace, summary: dic
             if key.startswith("time/"):
                 results.add(case, variant, key, value, "s", **params)
         results.add_ratio(case, variant, "per-rollout", s["speedup"], **params)
-        results.add_ratio(case, f"{variant} per CPU second", "per-rollout per CPU second", s["cpu_speedup"],
-                          **params)
+        results.add_ratio(case, f"{variant} per CPU second", "per-rollout per CPU second", s["cpu_speedup"], **params)
         results.add_ratio(case, f"{variant} {memory[1]}", f"per-rollout {memory[1]}", s["memory_ratio"], **params)
 
 
@@ -318,8 +389,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--rollouts", type=int, help="step: rollouts per step (8 on CPU, 32 with --gpu)")
     parser.add_argument("--rollout-tokens", type=int, help="step: tokens per rollout (40 on CPU, 1024 with --gpu)")
     parser.add_argument("--lora-rank", type=int, help="step: LoRA rank (8 on CPU, 64 with --gpu)")
-    parser.add_argument("--budget", type=int, nargs="+", help="step: also packed under each of these "
-                        "max_tokens_per_micro_batch")
+    parser.add_argument(
+        "--budget", type=int, nargs="+", help="step: also packed under each of these max_tokens_per_micro_batch"
+    )
     parser.add_argument("--tokens", type=int, nargs="+", default=[8192, 32768], help="loss: rollout lengths")
     parser.add_argument("--tiny", action="store_true", help="a tiny model (to check the script on a CPU)")
     parser.add_argument("--memory-of", help=argparse.SUPPRESS)  # step, CPU: one variant's peak memory, in this process
@@ -327,7 +399,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args.argv = list(argv) if argv is not None else sys.argv[1:]  # for the memory measurement's processes
     defaults = (32, 1024, 64) if args.gpu else (8, 40, 8)
     args.rollouts, args.rollout_tokens, args.lora_rank = (
-        given or default for given, default in zip((args.rollouts, args.rollout_tokens, args.lora_rank), defaults))
+        given or default for given, default in zip((args.rollouts, args.rollout_tokens, args.lora_rank), defaults)
+    )
     if args.memory_of:
         print(json.dumps(measure_cpu_memory(args, args.memory_of)))
         return

@@ -7,6 +7,7 @@ interleaved in one run on one device. Goal on a GPU: at most 1.02x. The shape is
                                                       # a CPU: a small shape (gloo)
     python -m benchmarks vocab_parallel --device cpu --n 64 --repeats 2   # quick
 """
+
 from __future__ import annotations
 
 import tempfile
@@ -31,8 +32,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     n, hidden, vocab, dtype = SHAPES[device]
     n, hidden, vocab = args.n or n, args.hidden or hidden, args.vocab or vocab
     with tempfile.TemporaryDirectory() as tmp:
-        dist.init_process_group("nccl" if device == "cuda" else "gloo", init_method=f"file://{tmp}/rendezvous",
-                                rank=0, world_size=1)
+        dist.init_process_group(
+            "nccl" if device == "cuda" else "gloo", init_method=f"file://{tmp}/rendezvous", rank=0, world_size=1
+        )
         try:
             group = dist.new_group([0])
             h, w, h_t, h_r = impls.make_inputs(n, hidden, vocab, dtype, device)
@@ -46,6 +48,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
             def grouped() -> tuple[torch.Tensor, ...]:
                 return call(group)
+
             timings = harness.interleaved({"plain": plain, "process group of 1": grouped}, device, args.repeats)
         finally:
             dist.destroy_process_group()
@@ -58,8 +61,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     for timing in timings.values():
         results.add_time(case, timing, **params)
     results.add_ratio(case, "process group of 1", "plain", ratio, **params, goal="<= 1.02 on a GPU")
-    print(f"fused_pmi_kl fwd+bwd N={n} H={hidden} V={vocab} {str(dtype)[6:]}: plain {ms['plain']:.2f} ms, "
-          f"process group of 1 {ms['process group of 1']:.2f} ms, ratio {ratio:.3f} (goal on a GPU: <= 1.02)")
+    print(
+        f"fused_pmi_kl fwd+bwd N={n} H={hidden} V={vocab} {str(dtype)[6:]}: plain {ms['plain']:.2f} ms, "
+        f"process group of 1 {ms['process group of 1']:.2f} ms, ratio {ratio:.3f} (goal on a GPU: <= 1.02)"
+    )
     results.close()
 
 

@@ -9,6 +9,7 @@ privileged context, and a few steps of PurifiedOPSDTrainer, LoRA by default.
 With your own model, pass it (or its path) and its tokenizer, and a dataset with "prompt" and
 "privileged_context" columns; the rest is as in TRL's SDFT trainer.
 """
+
 import argparse
 import tempfile
 
@@ -33,9 +34,12 @@ def parse_args(argv=None):
 
 def word_problems(count: int) -> Dataset:
     """SDFT's columns: the student's prompt, and the reference solution as the privileged context."""
-    return Dataset.from_list([{"prompt": f"Question: {row['question']}\nAnswer: ",
-                               "privileged_context": row["solution"]}
-                              for row in toy_problems(count, seed=0)])
+    return Dataset.from_list(
+        [
+            {"prompt": f"Question: {row['question']}\nAnswer: ", "privileged_context": row["solution"]}
+            for row in toy_problems(count, seed=0)
+        ]
+    )
 
 
 def train(options, output_dir: str):
@@ -46,20 +50,34 @@ def train(options, output_dir: str):
         model.save_pretrained(f"{output_dir}/base")
         model = AutoModelForCausalLM.from_pretrained(f"{output_dir}/base")
     args = PurifiedOPSDConfig(
-        output_dir=output_dir, max_steps=options.steps, learning_rate=1e-3, logging_steps=1,
-        per_device_train_batch_size=4, num_generations=4, max_completion_length=24,
+        output_dir=output_dir,
+        max_steps=options.steps,
+        learning_rate=1e-3,
+        logging_steps=1,
+        per_device_train_batch_size=4,
+        num_generations=4,
+        max_completion_length=24,
         # The three contexts, each followed by the student's completion:
         #   student         Question: ...\nAnswer:                              (the dataset's prompt)
         #   teacher         Here is a reference solution: ...\nQuestion: ...\nAnswer:
         #   reference-only  Here is a reference solution: ...\nAnswer:          (no question)
         teacher_prompt_template="Here is a reference solution:\n{privileged_context}\n{prompt}",
         refonly_prompt_template="Here is a reference solution:\n{privileged_context}\nAnswer: ",
-        pmi_mode=options.mode, pmi_beta=1.0, pmi_clip=10.0, pmi_jsd_beta=0.0,
+        pmi_mode=options.mode,
+        pmi_beta=1.0,
+        pmi_clip=10.0,
+        pmi_jsd_beta=0.0,
         # A CPU run: fp32, no checkpointing, no checkpoints or trackers.
-        use_cpu=True, bf16=False, gradient_checkpointing=False, save_strategy="no", report_to="none")
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        save_strategy="no",
+        report_to="none",
+    )
     peft_config = None if options.full_finetune else LoraConfig(r=8, lora_alpha=16, target_modules="all-linear")
-    trainer = PurifiedOPSDTrainer(model, args=args, train_dataset=word_problems(32), processing_class=tokenizer,
-                                  peft_config=peft_config)
+    trainer = PurifiedOPSDTrainer(
+        model, args=args, train_dataset=word_problems(32), processing_class=tokenizer, peft_config=peft_config
+    )
     trainer.train()
     return [entry for entry in trainer.state.log_history if "loss" in entry]
 

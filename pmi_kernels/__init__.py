@@ -7,6 +7,7 @@
 
 The loss is defined in docs/loss.md; `pmi_kernels.reference` is its plain-torch form.
 """
+
 from .diagnostics import pmi_diagnostics
 from .fused_linear import fused_pmi_kl
 from .logits import pmi_kl

@@ -2,6 +2,7 @@
 checked by name, the loss options built, the backend resolved, the finite check, and the
 fields the ranks of a vocabulary split compare (vocab_parallel.call_fingerprint).
 """
+
 from __future__ import annotations
 
 import math
@@ -34,6 +35,7 @@ class PreparedCall:
             its gradient is computed in this call.
         group: the name of the process group the vocabulary is split over, or None.
     """
+
     shape: Tuple[int, ...]
     width: str
     dtype: torch.dtype
@@ -65,11 +67,30 @@ class PreparedCall:
         return compute_dtype(self.dtype)
 
 
-def prepare(streams: Dict[str, Optional[Tensor]], width: str, *, beta, clip, center, temperature, jsd_beta=0.5,
-            entry_clip=None, backend: str, workspace_bytes, check_finite,
-            heads: Optional[Dict[str, Optional[Tensor]]] = None, trainable: Sequence[str] = (),
-            reduction: Optional[str] = None, mask=None, labels=None, ignore_index=-100, normalizer=None,
-            return_stats=None, grad_weight_fp32=None, process_group=None) -> PreparedCall:
+def prepare(
+    streams: Dict[str, Optional[Tensor]],
+    width: str,
+    *,
+    beta,
+    clip,
+    center,
+    temperature,
+    jsd_beta=0.5,
+    entry_clip=None,
+    backend: str,
+    workspace_bytes,
+    check_finite,
+    heads: Optional[Dict[str, Optional[Tensor]]] = None,
+    trainable: Sequence[str] = (),
+    reduction: Optional[str] = None,
+    mask=None,
+    labels=None,
+    ignore_index=-100,
+    normalizer=None,
+    return_stats=None,
+    grad_weight_fp32=None,
+    process_group=None,
+) -> PreparedCall:
     """Checks one call's arguments, each by name, and prepares it.
 
     Args:
@@ -108,20 +129,40 @@ def prepare(streams: Dict[str, Optional[Tensor]], width: str, *, beta, clip, cen
             if flag is not None:  # None: a flag the function does not take
                 validation.check_bool(name, flag)
         refonly = list(streams.values())[2]
-        opts = LossOptions(pmi=refonly is not None, beta=beta, clip=clip, center=center, temperature=temperature,
-                           jsd_beta=jsd_beta, entry_clip=entry_clip)
+        opts = LossOptions(
+            pmi=refonly is not None,
+            beta=beta,
+            clip=clip,
+            center=center,
+            temperature=temperature,
+            jsd_beta=jsd_beta,
+            entry_clip=entry_clip,
+        )
         impl = resolve_backend(backend, student.device)
         tensors = {**streams, **heads}
         if check_finite:
             validation.check_finite(tensors)
         call = PreparedCall(
-            shape=tuple(student.shape), width=width, dtype=student.dtype, device=student.device,
-            given=tuple(name for name, x in tensors.items() if x is not None), opts=opts, backend=impl,
-            mask=counted, reduction=reduction, normalizer=normalizer, workspace_bytes=workspace_bytes,
-            return_stats=bool(return_stats), check_finite=check_finite, grad_weight_fp32=bool(grad_weight_fp32),
-            gradient=tuple(torch.is_grad_enabled() and tensors[name] is not None and tensors[name].requires_grad
-                           for name in trainable),
-            group=group)
+            shape=tuple(student.shape),
+            width=width,
+            dtype=student.dtype,
+            device=student.device,
+            given=tuple(name for name, x in tensors.items() if x is not None),
+            opts=opts,
+            backend=impl,
+            mask=counted,
+            reduction=reduction,
+            normalizer=normalizer,
+            workspace_bytes=workspace_bytes,
+            return_stats=bool(return_stats),
+            check_finite=check_finite,
+            grad_weight_fp32=bool(grad_weight_fp32),
+            gradient=tuple(
+                torch.is_grad_enabled() and tensors[name] is not None and tensors[name].requires_grad
+                for name in trainable
+            ),
+            group=group,
+        )
         if group is not None:  # chunks, the phases' collectives and the gradient's all-reduce run alike
             agreement.fingerprint = vocab_parallel.call_fingerprint(call)
     return call

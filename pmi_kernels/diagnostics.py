@@ -3,6 +3,7 @@
 Rows go in chunks (bounded memory); each chunk's logits (given, or the head's GEMM outputs in
 the input dtype, as in fused_pmi_kl) go through the backend's diagnostics row function.
 """
+
 from __future__ import annotations
 
 from typing import Dict, Optional, Union
@@ -26,12 +27,24 @@ def _logits(x: Optional[Tensor], w: Optional[Tensor], b: Optional[Tensor]) -> Op
 
 
 @torch.no_grad()
-def pmi_diagnostics(student: Tensor, teacher: Tensor, refonly: Tensor, anchor: Optional[Tensor] = None, *,
-                    lm_head_weight: Optional[Tensor] = None, lm_head_bias: Optional[Tensor] = None,
-                    frozen_weight: Optional[Tensor] = None, frozen_bias: Optional[Tensor] = None,
-                    beta: Number = 1.0, clip: Optional[Number] = 10.0, center: bool = True,
-                    temperature: Number = 1.0, check_finite: bool = True, backend: str = "auto",
-                    workspace_bytes: Optional[int] = None) -> Dict[str, Tensor]:
+def pmi_diagnostics(
+    student: Tensor,
+    teacher: Tensor,
+    refonly: Tensor,
+    anchor: Optional[Tensor] = None,
+    *,
+    lm_head_weight: Optional[Tensor] = None,
+    lm_head_bias: Optional[Tensor] = None,
+    frozen_weight: Optional[Tensor] = None,
+    frozen_bias: Optional[Tensor] = None,
+    beta: Number = 1.0,
+    clip: Optional[Number] = 10.0,
+    center: bool = True,
+    temperature: Number = 1.0,
+    check_finite: bool = True,
+    backend: str = "auto",
+    workspace_bytes: Optional[int] = None,
+) -> Dict[str, Tensor]:
     """The decomposition of the teacher's signal per position (docs/loss.md), without gradients.
 
     Args:
@@ -54,25 +67,46 @@ def pmi_diagnostics(student: Tensor, teacher: Tensor, refonly: Tensor, anchor: O
     """
     if refonly is None:
         raise ValueError("refonly is required: the decomposition needs the reference-only stream")
-    heads = gather_heads({"lm_head_weight": lm_head_weight, "lm_head_bias": lm_head_bias,
-                          "frozen_weight": frozen_weight, "frozen_bias": frozen_bias})
+    heads = gather_heads(
+        {
+            "lm_head_weight": lm_head_weight,
+            "lm_head_bias": lm_head_bias,
+            "frozen_weight": frozen_weight,
+            "frozen_bias": frozen_bias,
+        }
+    )
     lm_head_weight, lm_head_bias = heads["lm_head_weight"], heads["lm_head_bias"]
     streams = {"student": student, "teacher": teacher, "refonly": refonly, "anchor": anchor}
-    call = prepare(streams, "H" if lm_head_weight is not None else "V", heads=heads, beta=beta, clip=clip,
-                   center=center, temperature=temperature, backend=backend, workspace_bytes=workspace_bytes,
-                   check_finite=check_finite)
+    call = prepare(
+        streams,
+        "H" if lm_head_weight is not None else "V",
+        heads=heads,
+        beta=beta,
+        clip=clip,
+        center=center,
+        temperature=temperature,
+        backend=backend,
+        workspace_bytes=workspace_bytes,
+        check_finite=check_finite,
+    )
     width = call.shape[-1]
     vocab = width if lm_head_weight is None else lm_head_weight.shape[0]
     flat = [None if x is None else x.reshape(-1, width) for x in streams.values()]
-    step = chunk_rows(call.backend, call.device, vocab, _LOGIT_BUFFERS * call.dtype.itemsize,
-                      call.compute_dtype.itemsize, workspace_bytes)
+    step = chunk_rows(
+        call.backend,
+        call.device,
+        vocab,
+        _LOGIT_BUFFERS * call.dtype.itemsize,
+        call.compute_dtype.itemsize,
+        workspace_bytes,
+    )
     if lm_head_weight is not None:
         w_f, b_f = frozen_head(lm_head_weight, lm_head_bias, heads["frozen_weight"], heads["frozen_bias"])
 
     # No rows: no kernel call (as in pmi_kl), so an empty input's strides never reach a kernel's checks.
     parts = [torch.empty(0, len(DIAGNOSTICS), dtype=call.compute_dtype, device=call.device)]
     for i in range(0, flat[0].shape[0], step):
-        s, t, r, a = (None if x is None else x[i:i + step] for x in flat)
+        s, t, r, a = (None if x is None else x[i : i + step] for x in flat)
         if lm_head_weight is None:
             s, t, r, a = (_logits(x, None, None) for x in (s, t, r, a))
         else:

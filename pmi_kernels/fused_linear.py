@@ -6,6 +6,7 @@ and the row operation per chunk) -> the `pmi_kernels::fused_pmi_kl_rows` custom 
 autograd (ops/fused.py) -> `fused_pmi_kl` (autocast, FSDP2 head gathering, call preparation,
 chunk planning, flattening).
 """
+
 from __future__ import annotations
 
 from typing import Dict, Optional, Tuple, Union
@@ -32,8 +33,11 @@ def _autocast(tensors: Dict[str, Optional[Tensor]]) -> Dict[str, Optional[Tensor
     casts. Autocast is asked only about device types it knows: another (meta) goes on to the
     checks, which refuse it."""
     student = tensors["student_hidden"]
-    if not (isinstance(student, Tensor) and torch.amp.is_autocast_available(student.device.type)
-            and torch.is_autocast_enabled(student.device.type)):
+    if not (
+        isinstance(student, Tensor)
+        and torch.amp.is_autocast_available(student.device.type)
+        and torch.is_autocast_enabled(student.device.type)
+    ):
         return tensors
     dtype = torch.get_autocast_dtype(student.device.type)
     return {name: x.to(dtype) if isinstance(x, Tensor) and x.is_floating_point() else x for name, x in tensors.items()}
@@ -48,17 +52,34 @@ def _chunk_rows(call: PreparedCall, vocab: int, hidden: int, anchor_given: bool)
     return fused_chunk_rows(call.backend, call.device, vocab, hidden, call.dtype, buffers, call.workspace_bytes)
 
 
-def fused_pmi_kl(student_hidden: Tensor, lm_head_weight: Tensor, teacher_hidden: Tensor,
-                 refonly_hidden: Optional[Tensor] = None, anchor_hidden: Optional[Tensor] = None, *,
-                 lm_head_bias: Optional[Tensor] = None, frozen_weight: Optional[Tensor] = None,
-                 frozen_bias: Optional[Tensor] = None, mask: Optional[Tensor] = None,
-                 labels: Optional[Tensor] = None, ignore_index: int = -100, normalizer: Optional[Number] = None,
-                 beta: Number = 1.0, clip: Optional[Number] = 10.0, center: bool = True, temperature: Number = 1.0,
-                 jsd_beta: Number = 0.5, entry_clip: Optional[Number] = None, reduction: str = "mean",
-                 return_stats: bool = False, check_finite: bool = True, backend: str = "auto",
-                 workspace_bytes: Optional[int] = None, grad_weight_fp32: bool = False,
-                 process_group: Optional["torch.distributed.ProcessGroup"] = None,
-                 ) -> Union[Tensor, Tuple[Tensor, Dict[str, Tensor]]]:
+def fused_pmi_kl(
+    student_hidden: Tensor,
+    lm_head_weight: Tensor,
+    teacher_hidden: Tensor,
+    refonly_hidden: Optional[Tensor] = None,
+    anchor_hidden: Optional[Tensor] = None,
+    *,
+    lm_head_bias: Optional[Tensor] = None,
+    frozen_weight: Optional[Tensor] = None,
+    frozen_bias: Optional[Tensor] = None,
+    mask: Optional[Tensor] = None,
+    labels: Optional[Tensor] = None,
+    ignore_index: int = -100,
+    normalizer: Optional[Number] = None,
+    beta: Number = 1.0,
+    clip: Optional[Number] = 10.0,
+    center: bool = True,
+    temperature: Number = 1.0,
+    jsd_beta: Number = 0.5,
+    entry_clip: Optional[Number] = None,
+    reduction: str = "mean",
+    return_stats: bool = False,
+    check_finite: bool = True,
+    backend: str = "auto",
+    workspace_bytes: Optional[int] = None,
+    grad_weight_fp32: bool = False,
+    process_group: Optional["torch.distributed.ProcessGroup"] = None,
+) -> Union[Tensor, Tuple[Tensor, Dict[str, Tensor]]]:
     """The PMI-KL loss from final hidden states and the lm_head (docs/loss.md), never holding
     [N, V] logits.
 
@@ -89,25 +110,53 @@ def fused_pmi_kl(student_hidden: Tensor, lm_head_weight: Tensor, teacher_hidden:
     A head sharded by FSDP2 (DTensor weight, bias or frozen head) is gathered once per call, its
     gradient averaged and reduce-scattered back as FSDP2 does (docs/distributed.md).
     """
-    given = _autocast({"student_hidden": student_hidden, "lm_head_weight": lm_head_weight,
-                       "teacher_hidden": teacher_hidden, "refonly_hidden": refonly_hidden,
-                       "anchor_hidden": anchor_hidden, "lm_head_bias": lm_head_bias, "frozen_weight": frozen_weight,
-                       "frozen_bias": frozen_bias})
-    heads = gather_heads({name: given[name] for name in ("lm_head_weight", "lm_head_bias", "frozen_weight",
-                                                         "frozen_bias")})
+    given = _autocast(
+        {
+            "student_hidden": student_hidden,
+            "lm_head_weight": lm_head_weight,
+            "teacher_hidden": teacher_hidden,
+            "refonly_hidden": refonly_hidden,
+            "anchor_hidden": anchor_hidden,
+            "lm_head_bias": lm_head_bias,
+            "frozen_weight": frozen_weight,
+            "frozen_bias": frozen_bias,
+        }
+    )
+    heads = gather_heads(
+        {name: given[name] for name in ("lm_head_weight", "lm_head_bias", "frozen_weight", "frozen_bias")}
+    )
     streams = {name: given[name] for name in ("student_hidden", "teacher_hidden", "refonly_hidden", "anchor_hidden")}
-    call = prepare(streams, "H", heads=heads, beta=beta, clip=clip, center=center, temperature=temperature,
-                   jsd_beta=jsd_beta, entry_clip=entry_clip, backend=backend, workspace_bytes=workspace_bytes,
-                   check_finite=check_finite, trainable=("student_hidden", "lm_head_weight", "lm_head_bias"),
-                   reduction=reduction, mask=mask, labels=labels, ignore_index=ignore_index, normalizer=normalizer,
-                   return_stats=return_stats, grad_weight_fp32=grad_weight_fp32, process_group=process_group)
+    call = prepare(
+        streams,
+        "H",
+        heads=heads,
+        beta=beta,
+        clip=clip,
+        center=center,
+        temperature=temperature,
+        jsd_beta=jsd_beta,
+        entry_clip=entry_clip,
+        backend=backend,
+        workspace_bytes=workspace_bytes,
+        check_finite=check_finite,
+        trainable=("student_hidden", "lm_head_weight", "lm_head_bias"),
+        reduction=reduction,
+        mask=mask,
+        labels=labels,
+        ignore_index=ignore_index,
+        normalizer=normalizer,
+        return_stats=return_stats,
+        grad_weight_fp32=grad_weight_fp32,
+        process_group=process_group,
+    )
     weight, bias = heads["lm_head_weight"], heads["lm_head_bias"]
     w_f, b_f = frozen_head(weight, bias, heads["frozen_weight"], heads["frozen_bias"])
     vocab, hidden = weight.shape
     # Without 1/denominator folded in, the weight gradient sums unscaled rows: in fp32, past fp16's range.
     rows_per_chunk = _chunk_rows(call, vocab, hidden, anchor_given=anchor_hidden is not None)
-    plan = SweepPlan(call.opts, call.backend.name, call.group, rows_per_chunk,
-                     grad_weight_fp32 or not folds_denominator(call.dtype))
+    plan = SweepPlan(
+        call.opts, call.backend.name, call.group, rows_per_chunk, grad_weight_fp32 or not folds_denominator(call.dtype)
+    )
 
     def flat(x: Optional[Tensor]) -> Optional[Tensor]:
         return None if x is None else x.reshape(-1, hidden)
@@ -116,7 +165,21 @@ def fused_pmi_kl(student_hidden: Tensor, lm_head_weight: Tensor, teacher_hidden:
     h_t, h_r, h_a = (None if x is None else x.detach() for x in (h_t, h_r, h_a))
     flat_mask = None if call.mask is None else call.mask.reshape(-1)
     denominator = divisor(flat_mask, call.rows, reduction, normalizer, call.compute_dtype, call.device)
-    loss, per_row, stats = FusedPMIKL.apply(h, weight, bias, h_t, h_r, h_a, w_f, b_f, flat_mask, denominator,
-                                            reduction, torch.is_grad_enabled(), plan, return_stats)
+    loss, per_row, stats = FusedPMIKL.apply(
+        h,
+        weight,
+        bias,
+        h_t,
+        h_r,
+        h_a,
+        w_f,
+        b_f,
+        flat_mask,
+        denominator,
+        reduction,
+        torch.is_grad_enabled(),
+        plan,
+        return_stats,
+    )
     loss = loss.reshape(call.lead) if reduction == "none" else loss
     return (loss, stats_dict(per_row, stats, call.lead)) if return_stats else loss

@@ -15,6 +15,7 @@ seen had the head run inside FSDP2's forward.
 DeepSpeed ZeRO-3 partitions a parameter to numel 0 outside `deepspeed.zero.GatheredParameters`;
 such a weight is refused with a message that says so.
 """
+
 from __future__ import annotations
 
 import sys
@@ -48,6 +49,7 @@ class _GatherSharded(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         from torch.distributed.tensor import DTensor, Partial
+
         # Each rank holds the gradient of its own data: a pending sum over the mesh, averaged as
         # FSDP2 averages (dividing first, which works on every backend, gloo included).
         pending = DTensor.from_local(grad / ctx.mesh.size(), ctx.mesh, [Partial()] * ctx.mesh.ndim, run_check=False)
@@ -60,8 +62,10 @@ def gather_head(x, name: str):
     if x is None or not isinstance(x, torch.Tensor):
         return x
     if hasattr(x, "ds_shape") and x.numel() == 0:
-        raise ValueError(f"{name} is a DeepSpeed ZeRO-3 partitioned parameter (numel 0 outside a gather): call "
-                         f"fused_pmi_kl inside `with deepspeed.zero.GatheredParameters(<the parameter>):`")
+        raise ValueError(
+            f"{name} is a DeepSpeed ZeRO-3 partitioned parameter (numel 0 outside a gather): call "
+            f"fused_pmi_kl inside `with deepspeed.zero.GatheredParameters(<the parameter>):`"
+        )
     dtensor = _dtensor_type()
     if dtensor is None or not isinstance(x, dtensor):
         return x

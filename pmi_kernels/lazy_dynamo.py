@@ -5,6 +5,7 @@ own paths import it early: `torch.compiler.assume_constant_result` at decoration
 torch.library's wrapper around a custom op's implementation at the op's first call. Until
 torch._dynamo is imported no frame can be compiled, so neither needs it before then.
 """
+
 from __future__ import annotations
 
 import sys

@@ -5,6 +5,7 @@ the launcher, which computes the loss and the student's gradient in the forward,
 autograd) -> `pmi_kl` (call preparation, flattening, mask reduction). The custom op keeps the
 kernels opaque to torch.compile, so `torch.compile(fullgraph=True)` traces through pmi_kl.
 """
+
 from __future__ import annotations
 
 from typing import Dict, Optional, Tuple, Union
@@ -20,14 +21,29 @@ from .reduction import divisor, forward_grad_scale, reduce_rows, stats_dict
 Number = Union[float, Tensor]
 
 
-def pmi_kl(student_logits: Tensor, teacher_logits: Tensor, refonly_logits: Optional[Tensor] = None,
-           anchor_logits: Optional[Tensor] = None, *, mask: Optional[Tensor] = None, labels: Optional[Tensor] = None,
-           ignore_index: int = -100, normalizer: Optional[Number] = None, beta: Number = 1.0,
-           clip: Optional[Number] = 10.0, center: bool = True, temperature: Number = 1.0, jsd_beta: Number = 0.5,
-           entry_clip: Optional[Number] = None, reduction: str = "mean", return_stats: bool = False,
-           check_finite: bool = True, backend: str = "auto", workspace_bytes: Optional[int] = None,
-           process_group: Optional["torch.distributed.ProcessGroup"] = None,
-           ) -> Union[Tensor, Tuple[Tensor, Dict[str, Tensor]]]:
+def pmi_kl(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    refonly_logits: Optional[Tensor] = None,
+    anchor_logits: Optional[Tensor] = None,
+    *,
+    mask: Optional[Tensor] = None,
+    labels: Optional[Tensor] = None,
+    ignore_index: int = -100,
+    normalizer: Optional[Number] = None,
+    beta: Number = 1.0,
+    clip: Optional[Number] = 10.0,
+    center: bool = True,
+    temperature: Number = 1.0,
+    jsd_beta: Number = 0.5,
+    entry_clip: Optional[Number] = None,
+    reduction: str = "mean",
+    return_stats: bool = False,
+    check_finite: bool = True,
+    backend: str = "auto",
+    workspace_bytes: Optional[int] = None,
+    process_group: Optional["torch.distributed.ProcessGroup"] = None,
+) -> Union[Tensor, Tuple[Tensor, Dict[str, Tensor]]]:
     """The PMI-KL loss from logit streams (docs/loss.md); the gradient reaches student_logits only.
 
     Args:
@@ -60,13 +76,33 @@ def pmi_kl(student_logits: Tensor, teacher_logits: Tensor, refonly_logits: Optio
         for fp64). With return_stats, (loss, stats): stats maps "loss", "kl_target_student"
         = KL(q || p), "entropy_student" and "entropy_target" to [...] tensors, 0 where masked.
     """
-    streams = {"student_logits": student_logits, "teacher_logits": teacher_logits,
-               "refonly_logits": refonly_logits, "anchor_logits": anchor_logits}
-    call = prepare(streams, "V", beta=beta, clip=clip, center=center, temperature=temperature, jsd_beta=jsd_beta,
-                   entry_clip=entry_clip, backend=backend, workspace_bytes=workspace_bytes,
-                   check_finite=check_finite, trainable=("student_logits",), reduction=reduction, mask=mask,
-                   labels=labels, ignore_index=ignore_index, normalizer=normalizer, return_stats=return_stats,
-                   process_group=process_group)
+    streams = {
+        "student_logits": student_logits,
+        "teacher_logits": teacher_logits,
+        "refonly_logits": refonly_logits,
+        "anchor_logits": anchor_logits,
+    }
+    call = prepare(
+        streams,
+        "V",
+        beta=beta,
+        clip=clip,
+        center=center,
+        temperature=temperature,
+        jsd_beta=jsd_beta,
+        entry_clip=entry_clip,
+        backend=backend,
+        workspace_bytes=workspace_bytes,
+        check_finite=check_finite,
+        trainable=("student_logits",),
+        reduction=reduction,
+        mask=mask,
+        labels=labels,
+        ignore_index=ignore_index,
+        normalizer=normalizer,
+        return_stats=return_stats,
+        process_group=process_group,
+    )
     vocab = call.shape[-1]
 
     def flat(x: Optional[Tensor]) -> Optional[Tensor]:
@@ -76,9 +112,19 @@ def pmi_kl(student_logits: Tensor, teacher_logits: Tensor, refonly_logits: Optio
     (compute_grad,) = call.gradient
     denominator = divisor(flat_mask, call.rows, reduction, normalizer, call.compute_dtype, call.device)
     grad_scale = forward_grad_scale(denominator, call.dtype)  # the backward rescales what it leaves out
-    per_row, _, stats = pmi_kl_rows(flat(student_logits), flat(teacher_logits), flat(refonly_logits),
-                                    flat(anchor_logits), flat_mask, grad_scale.expand(call.rows),
-                                    **loss_args(call.opts), backend=call.backend.name, compute_grad=compute_grad,
-                                    want_stats=return_stats, workspace_bytes=workspace_bytes, group=call.group)
+    per_row, _, stats = pmi_kl_rows(
+        flat(student_logits),
+        flat(teacher_logits),
+        flat(refonly_logits),
+        flat(anchor_logits),
+        flat_mask,
+        grad_scale.expand(call.rows),
+        **loss_args(call.opts),
+        backend=call.backend.name,
+        compute_grad=compute_grad,
+        want_stats=return_stats,
+        workspace_bytes=workspace_bytes,
+        group=call.group,
+    )
     loss = reduce_rows(per_row.reshape(call.lead), denominator, reduction)
     return (loss, stats_dict(per_row, stats, call.lead)) if return_stats else loss

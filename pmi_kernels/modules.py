@@ -6,6 +6,7 @@
 forward takes the function's tensors (and per-call mask, labels, normalizer) and returns what
 the function returns.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -41,6 +42,7 @@ def _check(options: Dict[str, Any]) -> None:
 
 class _OptionsLoss(torch.nn.Module):
     """A loss function as a module: its keyword-only options fixed at construction."""
+
     function: Callable[..., Any]
     tensors: Tuple[str, ...] = ()  # the function's tensor keywords that forward also takes
 
@@ -52,12 +54,17 @@ class _OptionsLoss(torch.nn.Module):
                 function would check them.
         """
         super().__init__()
-        allowed = [name for name, p in inspect.signature(self.function).parameters.items()
-                   if p.kind == p.KEYWORD_ONLY and name not in PER_CALL + self.tensors]
+        allowed = [
+            name
+            for name, p in inspect.signature(self.function).parameters.items()
+            if p.kind == p.KEYWORD_ONLY and name not in PER_CALL + self.tensors
+        ]
         unknown = sorted(set(options) - set(allowed))
         if unknown:
-            raise ValueError(f"{type(self).__name__}: unknown options {unknown}; options are {allowed} "
-                             f"({', '.join(PER_CALL)} go to forward)")
+            raise ValueError(
+                f"{type(self).__name__}: unknown options {unknown}; options are {allowed} "
+                f"({', '.join(PER_CALL)} go to forward)"
+            )
         _check(options)
         self.options = options
 
@@ -68,10 +75,17 @@ class _OptionsLoss(torch.nn.Module):
 class PMIKLLoss(_OptionsLoss):
     """pmi_kl as a module: PMIKLLoss(**options)(student_logits, teacher_logits, refonly_logits=None,
     anchor_logits=None, *, mask=None, labels=None, normalizer=None)."""
+
     function = staticmethod(pmi_kl)
 
-    def forward(self, student_logits: Tensor, teacher_logits: Tensor, refonly_logits: Optional[Tensor] = None,
-                anchor_logits: Optional[Tensor] = None, **per_call: Any) -> Loss:
+    def forward(
+        self,
+        student_logits: Tensor,
+        teacher_logits: Tensor,
+        refonly_logits: Optional[Tensor] = None,
+        anchor_logits: Optional[Tensor] = None,
+        **per_call: Any,
+    ) -> Loss:
         """pmi_kl with the constructor's options.
 
         Args:
@@ -87,8 +101,10 @@ class PMIKLLoss(_OptionsLoss):
     def _call(self, per_call: Dict[str, Any]) -> Dict[str, Any]:
         unknown = sorted(set(per_call) - set(PER_CALL + self.tensors))
         if unknown:
-            raise ValueError(f"{type(self).__name__}.forward: unknown arguments {unknown}; it takes the tensors "
-                             f"and {', '.join(PER_CALL + self.tensors)} (options go to the constructor)")
+            raise ValueError(
+                f"{type(self).__name__}.forward: unknown arguments {unknown}; it takes the tensors "
+                f"and {', '.join(PER_CALL + self.tensors)} (options go to the constructor)"
+            )
         return {**self.options, **per_call}
 
 
@@ -96,12 +112,19 @@ class FusedPMIKLLoss(PMIKLLoss):
     """fused_pmi_kl as a module: FusedPMIKLLoss(**options)(student_hidden, lm_head_weight,
     teacher_hidden, refonly_hidden=None, anchor_hidden=None, *, lm_head_bias=None,
     frozen_weight=None, frozen_bias=None, mask=None, labels=None, normalizer=None)."""
+
     function = staticmethod(fused_pmi_kl)
     tensors = ("lm_head_bias", "frozen_weight", "frozen_bias")
 
-    def forward(self, student_hidden: Tensor, lm_head_weight: Tensor, teacher_hidden: Tensor,
-                refonly_hidden: Optional[Tensor] = None, anchor_hidden: Optional[Tensor] = None,
-                **per_call: Any) -> Loss:
+    def forward(
+        self,
+        student_hidden: Tensor,
+        lm_head_weight: Tensor,
+        teacher_hidden: Tensor,
+        refonly_hidden: Optional[Tensor] = None,
+        anchor_hidden: Optional[Tensor] = None,
+        **per_call: Any,
+    ) -> Loss:
         """fused_pmi_kl with the constructor's options.
 
         Args:
@@ -114,5 +137,6 @@ class FusedPMIKLLoss(PMIKLLoss):
         Returns:
             What fused_pmi_kl returns.
         """
-        return fused_pmi_kl(student_hidden, lm_head_weight, teacher_hidden, refonly_hidden, anchor_hidden,
-                            **self._call(per_call))
+        return fused_pmi_kl(
+            student_hidden, lm_head_weight, teacher_hidden, refonly_hidden, anchor_hidden, **self._call(per_call)
+        )

@@ -4,6 +4,7 @@ LossOptions is built by keyword only. `LossOptions.kernel_scalars()` derives the
 the kernels read (for Triton; csrc/include/rows_args.h's `LossOptions::scalars` mirrors it).
 Every custom op (pmi_kernels/ops, the C++ op) takes the options as named, typed arguments.
 """
+
 from __future__ import annotations
 
 import math
@@ -32,8 +33,14 @@ SMALLEST, LARGEST = 1e-30, 1e30
 
 def is_number_tensor(value) -> bool:
     """A tensor that holds one real number: 0-d, dense, not bool or complex, not on the meta device."""
-    return (isinstance(value, torch.Tensor) and value.dim() == 0 and value.layout == torch.strided
-            and value.dtype != torch.bool and not value.is_complex() and not value.is_meta)
+    return (
+        isinstance(value, torch.Tensor)
+        and value.dim() == 0
+        and value.layout == torch.strided
+        and value.dtype != torch.bool
+        and not value.is_complex()
+        and not value.is_meta
+    )
 
 
 def real_value(value) -> Optional[float]:
@@ -54,12 +61,17 @@ def check_number(name: str, value, low: float, high: float, low_open: bool = Fal
     normalizer): real_value's forms, finite, in [low, high] ((low, high] when low_open).
     Returns it as a float."""
     number = real_value(value)
-    inside = number is not None and math.isfinite(number) and (number > low if low_open else number >= low) \
+    inside = (
+        number is not None
+        and math.isfinite(number)
+        and (number > low if low_open else number >= low)
         and number <= high
+    )
     if not inside:
         bounds = f"{'(' if low_open else '['}{low:g}, {high:g}]"
-        raise ValueError(f"{name} must be a finite number in {bounds} (a Python or numpy number or a 0-d tensor), "
-                         f"got {value!r}")
+        raise ValueError(
+            f"{name} must be a finite number in {bounds} (a Python or numpy number or a 0-d tensor), got {value!r}"
+        )
     return number
 
 
@@ -102,6 +114,7 @@ class LossOptions:
 
         def set_(name: str, value: object) -> None:  # the dataclass is frozen
             object.__setattr__(self, name, value)
+
         set_("beta", check_number("beta", self.beta, SMALLEST, LARGEST))
         set_("temperature", check_number("temperature", self.temperature, SMALLEST, LARGEST))
         for name in ("clip", "entry_clip"):  # None: no clip
@@ -116,10 +129,16 @@ class LossOptions:
         """The kernels' scalars, in float64; the one derivation on the Python side (the Triton
         launchers), mirrored by LossOptions::scalars in csrc/include/rows_args.h."""
         lam, clip = self.jsd_beta, 1.0 if self.clip is None else self.clip
-        return KernelScalars(inv_tau=1.0 / self.temperature, inv_beta=1.0 / self.beta, clip=clip, inv_clip=1.0 / clip,
-                             lam=lam, log_1m_lam=math.log1p(-lam) if lam < 1 else 0.0,
-                             log_lam=math.log(lam) if lam > 0 else 0.0,
-                             entry_clip=0.0 if self.entry_clip is None else self.entry_clip)
+        return KernelScalars(
+            inv_tau=1.0 / self.temperature,
+            inv_beta=1.0 / self.beta,
+            clip=clip,
+            inv_clip=1.0 / clip,
+            lam=lam,
+            log_1m_lam=math.log1p(-lam) if lam < 1 else 0.0,
+            log_lam=math.log(lam) if lam > 0 else 0.0,
+            entry_clip=0.0 if self.entry_clip is None else self.entry_clip,
+        )
 
     def target_keywords(self) -> dict:
         """The options that define the target q, as pmi_diagnostics takes them."""

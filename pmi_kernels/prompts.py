@@ -14,6 +14,7 @@ L - 1 ... L + T - 2 give T states, one per rollout token, in every context alike
 prompt's length (rollout_positions). The trainer and the integrations (TRL, verl) build their
 contexts from this module alone: it imports nothing of the trainer.
 """
+
 from __future__ import annotations
 
 import string
@@ -30,8 +31,9 @@ def render(templates: dict, kind: str, question: str, solution: str, tokenizer=N
     """One context's prompt text; wrapped in the tokenizer's chat template when it has one."""
     text = templates[kind].format(question=question, solution=solution)
     if use_chat and tokenizer is not None and getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                             add_generation_prompt=True)
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+        )
     return text
 
 

@@ -1,5 +1,6 @@
 """What the API functions return: the reduced loss (masks, reductions, the normalizer), the
 statistics' dict, and the error of a second derivative."""
+
 from __future__ import annotations
 
 from typing import Dict, Optional
@@ -42,9 +43,10 @@ def reduce_rows(per_row: Tensor, denominator: Tensor, reduction: str) -> Tensor:
 
 def stats_dict(per_row: Tensor, stats: Tensor, lead) -> Dict[str, Tensor]:
     """return_stats' dict: per-position [...] tensors, 0 where masked."""
-    return {"loss": per_row.detach().reshape(lead),
-            **{key: stats[:, j].reshape(lead) for j, key in enumerate(STATS)}}
+    return {"loss": per_row.detach().reshape(lead), **{key: stats[:, j].reshape(lead) for j, key in enumerate(STATS)}}
 
 
-DOUBLE_BACKWARD = ("{} has no second derivative: its gradient is computed by its kernels, not by autograd, "
-                   "so backward(create_graph=True) through it cannot build a graph of the gradient")
+DOUBLE_BACKWARD = (
+    "{} has no second derivative: its gradient is computed by its kernels, not by autograd, "
+    "so backward(create_graph=True) through it cannot build a graph of the gradient"
+)

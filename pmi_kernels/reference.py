@@ -23,6 +23,7 @@ Readings of the contract, where SPEC leaves a choice:
 - Standard OPSD mode (no reference-only stream) ignores the anchor stream: q = softmax(t).
 - Diagnostics need the reference-only stream; cosines of a zero vector are 0.
 """
+
 from __future__ import annotations
 
 from typing import Dict, Optional
@@ -75,8 +76,15 @@ def jsd_summands(student_logprobs, target_logprobs, jsd_beta: float):
         summand = lp.exp() * (lp - lq)
     else:
         lam = jsd_beta
-        lm = torch.logsumexp(torch.stack([lp + torch.log1p(torch.tensor(-lam, dtype=lp.dtype)),
-                                          lq + torch.log(torch.tensor(lam, dtype=lp.dtype))]), dim=0)
+        lm = torch.logsumexp(
+            torch.stack(
+                [
+                    lp + torch.log1p(torch.tensor(-lam, dtype=lp.dtype)),
+                    lq + torch.log(torch.tensor(lam, dtype=lp.dtype)),
+                ]
+            ),
+            dim=0,
+        )
         summand = lam * lq.exp() * (lq - lm) + (1 - lam) * lp.exp() * (lp - lm)
     return summand
 
@@ -92,15 +100,35 @@ def reduce_loss(per_row, mask, reduction: str):
     return total / max(1, count)
 
 
-def pmi_kl_reference(student_logits, teacher_logits, refonly_logits=None, anchor_logits=None, *,
-                     mask=None, beta=1.0, clip=10.0, center=True, temperature=1.0,
-                     jsd_beta=0.5, entry_clip=None, reduction="mean"):
-    opts = LossOptions(pmi=refonly_logits is not None, beta=beta, clip=clip, center=center, temperature=temperature,
-                       jsd_beta=jsd_beta, entry_clip=entry_clip)
+def pmi_kl_reference(
+    student_logits,
+    teacher_logits,
+    refonly_logits=None,
+    anchor_logits=None,
+    *,
+    mask=None,
+    beta=1.0,
+    clip=10.0,
+    center=True,
+    temperature=1.0,
+    jsd_beta=0.5,
+    entry_clip=None,
+    reduction="mean",
+):
+    opts = LossOptions(
+        pmi=refonly_logits is not None,
+        beta=beta,
+        clip=clip,
+        center=center,
+        temperature=temperature,
+        jsd_beta=jsd_beta,
+        entry_clip=entry_clip,
+    )
     dtype = compute_dtype(student_logits.dtype)
 
     def scale(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         return None if x is None else x.to(dtype) / opts.temperature
+
     s, t, r, a = map(scale, (student_logits, teacher_logits, refonly_logits, anchor_logits))
     target = pmi_target_logits(s, t, r, a, opts)
     per_row = generalized_jsd(s.log_softmax(-1), target.log_softmax(-1), opts.jsd_beta, opts.entry_clip)
@@ -119,16 +147,30 @@ def frozen_head(lm_head_weight, lm_head_bias, frozen_weight, frozen_bias):
     return w_f.detach(), None if b_f is None else b_f.detach()
 
 
-def fused_pmi_kl_reference(student_hidden, lm_head_weight, teacher_hidden, refonly_hidden=None,
-                           anchor_hidden=None, *, lm_head_bias=None, frozen_weight=None,
-                           frozen_bias=None, **loss_kwargs):
+def fused_pmi_kl_reference(
+    student_hidden,
+    lm_head_weight,
+    teacher_hidden,
+    refonly_hidden=None,
+    anchor_hidden=None,
+    *,
+    lm_head_bias=None,
+    frozen_weight=None,
+    frozen_bias=None,
+    **loss_kwargs,
+):
     w_f, b_f = frozen_head(lm_head_weight, lm_head_bias, frozen_weight, frozen_bias)
 
     def frozen(h: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         return None if h is None else linear_logits(h.detach(), w_f, b_f)
-    return pmi_kl_reference(linear_logits(student_hidden, lm_head_weight, lm_head_bias),
-                            frozen(teacher_hidden), frozen(refonly_hidden), frozen(anchor_hidden),
-                            **loss_kwargs)
+
+    return pmi_kl_reference(
+        linear_logits(student_hidden, lm_head_weight, lm_head_bias),
+        frozen(teacher_hidden),
+        frozen(refonly_hidden),
+        frozen(anchor_hidden),
+        **loss_kwargs,
+    )
 
 
 def _cosine(x, y):
@@ -136,14 +178,24 @@ def _cosine(x, y):
     return (x * y).sum(-1) / (x.norm(dim=-1) * y.norm(dim=-1)).clamp_min(tiny)
 
 
-def pmi_diagnostics_reference(student_logits, teacher_logits, refonly_logits, anchor_logits=None, *,
-                              beta=1.0, clip=10.0, center=True, temperature=1.0) -> Dict[str, torch.Tensor]:
+def pmi_diagnostics_reference(
+    student_logits,
+    teacher_logits,
+    refonly_logits,
+    anchor_logits=None,
+    *,
+    beta=1.0,
+    clip=10.0,
+    center=True,
+    temperature=1.0,
+) -> Dict[str, torch.Tensor]:
     """The paper's decomposition of the teacher signal, per position (leading shape kept)."""
     opts = LossOptions(pmi=True, beta=beta, clip=clip, center=center, temperature=temperature)
     dtype = compute_dtype(student_logits.dtype)
 
     def scale(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         return None if x is None else x.detach().to(dtype) / opts.temperature
+
     s, t, r, a = map(scale, (student_logits, teacher_logits, refonly_logits, anchor_logits))
     lp, lt = s.log_softmax(-1), t.log_softmax(-1)
     lq = pmi_target_logits(s, t, r, a, opts).log_softmax(-1)

@@ -3,6 +3,7 @@
 Each failure is a ValueError that names the argument (and the stream, for non-finite
 values), raised before any kernel runs.
 """
+
 from __future__ import annotations
 
 import numbers
@@ -31,8 +32,11 @@ LARGEST_WORKSPACE = 2**63 - 1
 def check_workspace(workspace_bytes) -> None:
     if workspace_bytes is None:
         return
-    if isinstance(workspace_bytes, bool) or not isinstance(workspace_bytes, int) \
-            or not 0 < workspace_bytes <= LARGEST_WORKSPACE:
+    if (
+        isinstance(workspace_bytes, bool)
+        or not isinstance(workspace_bytes, int)
+        or not 0 < workspace_bytes <= LARGEST_WORKSPACE
+    ):
         raise ValueError(f"workspace_bytes must be an integer in [1, 2**63 - 1] (bytes), got {workspace_bytes!r}")
 
 

@@ -13,6 +13,7 @@ gathered with all-reduces of O(1) numbers per row, never a [N, V] tensor:
 
 The backends run the phases (their row functions take lse_out / lse_in / slope_sum_in).
 """
+
 from __future__ import annotations
 
 import zlib
@@ -51,6 +52,7 @@ def group_of(name: str):
 class Fingerprint(NamedTuple):
     """What the ranks of a vocabulary split must agree on in one call (call_fingerprint), each
     field by what the error names when the ranks differ in it."""
+
     rows: tuple  # the streams' leading shape (and H for hidden states)
     dtype: object
     optional_tensors_given: tuple  # an anchor or a frozen head on one rank only would mix two targets
@@ -70,11 +72,20 @@ def call_fingerprint(call: "PreparedCall") -> Fingerprint:
     """What Agreement compares of one prepared call (call.py), the same fields for pmi_kl and
     fused_pmi_kl. Logits' last dimension is each rank's own vocabulary shard: not compared."""
     return Fingerprint(
-        rows=tuple(call.lead if call.width == "V" else call.shape), dtype=call.dtype,
-        optional_tensors_given=call.given, loss_options=call.opts, counted_rows=mask_digest(call.mask),
-        normalizer=normalizer_digest(call.normalizer), reduction=call.reduction, return_stats=call.return_stats,
-        check_finite=call.check_finite, grad_weight_fp32=call.grad_weight_fp32, backend=call.backend.name,
-        workspace_bytes=call.workspace_bytes, gradient_mode=call.gradient)
+        rows=tuple(call.lead if call.width == "V" else call.shape),
+        dtype=call.dtype,
+        optional_tensors_given=call.given,
+        loss_options=call.opts,
+        counted_rows=mask_digest(call.mask),
+        normalizer=normalizer_digest(call.normalizer),
+        reduction=call.reduction,
+        return_stats=call.return_stats,
+        check_finite=call.check_finite,
+        grad_weight_fp32=call.grad_weight_fp32,
+        backend=call.backend.name,
+        workspace_bytes=call.workspace_bytes,
+        gradient_mode=call.gradient,
+    )
 
 
 class Agreement:
@@ -103,26 +114,35 @@ class Agreement:
         if flags[0]:
             raise ValueError("process_group: another rank's input was refused (its own error says why)")
         if flags[1] != -flags[2]:
-            raise ValueError(f"process_group: the ranks differ in their {', '.join(self._differing_fields())}; "
-                             "every rank must pass the same rows (its own vocabulary shard of them), mask, streams "
-                             "and options, with gradients on or off alike")
+            raise ValueError(
+                f"process_group: the ranks differ in their {', '.join(self._differing_fields())}; "
+                "every rank must pass the same rows (its own vocabulary shard of them), mask, streams "
+                "and options, with gradients on or off alike"
+            )
         return False
 
     def _highest(self, values: List[int]) -> List[int]:
         """Each value's maximum over the ranks. After a MAX, -max(-x) is the minimum: x and -x
         side by side tell whether every rank holds the same x."""
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(self.group) == "nccl" \
+        device = (
+            torch.device("cuda", torch.cuda.current_device())
+            if dist.get_backend(self.group) == "nccl"
             else torch.device("cpu")
-        return all_reduce(torch.tensor(values, dtype=torch.int64, device=device), self.group,
-                          dist.ReduceOp.MAX).tolist()
+        )
+        return all_reduce(
+            torch.tensor(values, dtype=torch.int64, device=device), self.group, dist.ReduceOp.MAX
+        ).tolist()
 
     def _differing_fields(self) -> List[str]:
         """The Fingerprint's fields that differ between the ranks (every rank calls this alike)."""
         marks = [zlib.crc32(repr(value).encode()) for value in self.fingerprint]
         highest = self._highest(marks + [-m for m in marks])
         count = len(marks)
-        return [name.replace("_", " ") for name, high, negated_low in
-                zip(Fingerprint._fields, highest[:count], highest[count:]) if high != -negated_low]
+        return [
+            name.replace("_", " ")
+            for name, high, negated_low in zip(Fingerprint._fields, highest[:count], highest[count:])
+            if high != -negated_low
+        ]
 
 
 def normalizer_digest(normalizer):
@@ -184,8 +204,9 @@ def global_vocab(local_vocab: int, group, device) -> int:
 
 
 def widest_shard(local_vocab: int, group, device) -> int:
-    return int(all_reduce(torch.tensor([local_vocab], dtype=torch.int64, device=device), group,
-                          dist.ReduceOp.MAX).item())
+    return int(
+        all_reduce(torch.tensor([local_vocab], dtype=torch.int64, device=device), group, dist.ReduceOp.MAX).item()
+    )
 
 
 def logits_kappa(t_raw, r_raw, opts: LossOptions, vocab: int, group) -> Optional[torch.Tensor]:
@@ -199,12 +220,26 @@ def logits_kappa(t_raw, r_raw, opts: LossOptions, vocab: int, group) -> Optional
 
     def scaled(x: torch.Tensor) -> torch.Tensor:
         return x.to(dtype) / opts.temperature
+
     lse = gather_lse(torch.cat([local_lse(scaled(t_raw)), local_lse(scaled(r_raw))], -1), group)
     return (lse[:, 0] - lse[:, 2]) + (lse[:, 1] - lse[:, 3])
 
 
-def parallel_rows(impl: Backend, s, t, r, a, *, opts: LossOptions, group, kappa=None, mask=None, row_scale=None,
-                  grad_out=None, stats_out=None) -> torch.Tensor:
+def parallel_rows(
+    impl: Backend,
+    s,
+    t,
+    r,
+    a,
+    *,
+    opts: LossOptions,
+    group,
+    kappa=None,
+    mask=None,
+    row_scale=None,
+    grad_out=None,
+    stats_out=None,
+) -> torch.Tensor:
     """The row operation's contract (backends/contract.py) over this rank's vocabulary shard:
     the whole row's loss and statistics (the same on every rank), this shard's gradient, in the
     phases of backends.contract.Phase with the gathers between them."""
@@ -216,15 +251,40 @@ def parallel_rows(impl: Backend, s, t, r, a, *, opts: LossOptions, group, kappa=
     sums = torch.empty(n, 2 + (0 if stats_out is None else stats_out.shape[1]), dtype=dtype, device=s.device)
     slope_sum = torch.empty(n, dtype=dtype, device=s.device)
     stats = None if stats_out is None else torch.empty_like(stats_out)
-    sums[:, 0] = impl.rows(s, t, r, a, opts=opts, phase=Phase.FROM_LSE, kappa=kappa, mask=mask, row_scale=row_scale,
-                           grad_out=grad_out, stats_out=stats, lse_in=lse, slope_sum_out=slope_sum)
+    sums[:, 0] = impl.rows(
+        s,
+        t,
+        r,
+        a,
+        opts=opts,
+        phase=Phase.FROM_LSE,
+        kappa=kappa,
+        mask=mask,
+        row_scale=row_scale,
+        grad_out=grad_out,
+        stats_out=stats,
+        lse_in=lse,
+        slope_sum_out=slope_sum,
+    )
     sums[:, 1] = slope_sum
     if stats is not None:
         sums[:, 2:] = stats
     all_reduce(sums, group)
     if grad_out is not None and not opts.fast_grad:
-        impl.rows(s, t, r, a, opts=opts, phase=Phase.GRAD, kappa=kappa, mask=mask, row_scale=row_scale,
-                  grad_out=grad_out, lse_in=lse, slope_sum_in=sums[:, 1].contiguous())
+        impl.rows(
+            s,
+            t,
+            r,
+            a,
+            opts=opts,
+            phase=Phase.GRAD,
+            kappa=kappa,
+            mask=mask,
+            row_scale=row_scale,
+            grad_out=grad_out,
+            lse_in=lse,
+            slope_sum_in=sums[:, 1].contiguous(),
+        )
     if stats_out is not None:
         stats_out.copy_(sums[:, 2:])
     return sums[:, 0]

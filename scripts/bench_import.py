@@ -5,14 +5,16 @@ pmi_kl call of a fresh process, which must neither build nor import torch._dynam
 
     python scripts/bench_import.py [--repeat 5]
 """
+
 import argparse
 import subprocess
 import sys
 
 
 def import_seconds(module: str) -> float:
-    out = subprocess.run([sys.executable, "-X", "importtime", "-c", f"import {module}"], capture_output=True,
-                         text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", f"import {module}"], capture_output=True, text=True, check=True
+    )
     for line in out.stderr.splitlines():
         fields = [f.strip() for f in line.removeprefix("import time:").split("|")]
         if len(fields) == 3 and fields[2] == module:
@@ -40,8 +42,12 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
     best = {m: min(import_seconds(m) for _ in range(args.repeat)) for m in ("torch", "pmi_kernels")}
-    dynamo = subprocess.run([sys.executable, "-c", "import sys, pmi_kernels; print('torch._dynamo' in sys.modules)"],
-                            capture_output=True, text=True, check=True).stdout.strip()
+    dynamo = subprocess.run(
+        [sys.executable, "-c", "import sys, pmi_kernels; print('torch._dynamo' in sys.modules)"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     print(f"import torch        {best['torch']:.3f} s")
     print(f"import pmi_kernels  {best['pmi_kernels']:.3f} s  ({best['pmi_kernels'] / best['torch']:.2f}x torch)")
     print(f"torch._dynamo imported by pmi_kernels: {dynamo}")

@@ -3,6 +3,7 @@
 TRITON_INTERPRET must be set before Triton kernels are defined, so before pmi_kernels is
 imported: this file runs first. The GPU is never queried at import time of the package.
 """
+
 import os
 
 import torch
@@ -20,8 +21,11 @@ requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 
 # (device, backend): every backend of the registry that runs here, on each device here.
 DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
-PATHS = [pytest.param(device, name, id=f"{device}-{name}")
-         for device in DEVICES for name in usable_backends(torch.device(device))]
+PATHS = [
+    pytest.param(device, name, id=f"{device}-{name}")
+    for device in DEVICES
+    for name in usable_backends(torch.device(device))
+]
 
 
 @pytest.fixture(autouse=True)
@@ -40,4 +44,5 @@ def _narrow_interpreter_tiles(monkeypatch):
     CPU: 256-wide tiles make every V above 256 cross several, as 2,048-wide ones do on a GPU."""
     if INTERPRET:
         import pmi_kernels.backends.triton.row_kernel as triton_rows
+
         monkeypatch.setattr(triton_rows, "INTERPRETER_BLOCK_V", 256)

@@ -1,4 +1,5 @@
 """Shared test helpers: random streams, tolerances, and closeness checks."""
+
 import torch
 
 # Relative tolerance (of the largest reference magnitude) by the dtype a result is stored in.
@@ -31,6 +32,7 @@ def clear_entry_clip(kwargs: dict, s, t, r=None, a=None, gap: float = 1e-5) -> d
     the other, and the gradient jumps there (its slope is 0 where clamped)."""
     from pmi_kernels.options import LossOptions
     from pmi_kernels.reference import jsd_summands, pmi_target_logits
+
     clip = kwargs.get("entry_clip")
     if clip is None:
         return kwargs

@@ -9,6 +9,7 @@ PMI_TEST_NO_TMP=1 makes temporary directories unavailable.
 Cases: auto (backend "auto" and the extension's state), cpu (backend "cpu"), build (the build command),
 hold-lock (takes the cache entry's build lock and sleeps, to be killed).
 """
+
 import json
 import os
 import shutil
@@ -57,9 +58,12 @@ def run_auto() -> dict:
         losses = [pmi_kl(x, t, r, backend="auto") for _ in range(2)]
         chosen = resolve_backend("auto", torch.device("cpu")).name
     expected = pmi_kl(x, t, r, backend="torch")
-    return {"backend": chosen, "matches_torch": all(torch.allclose(v, expected) for v in losses),
-            "warnings": [str(w.message) for w in caught if "pmi_kernels" in str(w.message)],
-            "loaded_from": str(extension.loaded_from())}
+    return {
+        "backend": chosen,
+        "matches_torch": all(torch.allclose(v, expected) for v in losses),
+        "warnings": [str(w.message) for w in caught if "pmi_kernels" in str(w.message)],
+        "loaded_from": str(extension.loaded_from()),
+    }
 
 
 def run_cpu() -> dict:

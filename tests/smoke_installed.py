@@ -3,6 +3,7 @@ with no C++ compiler on the PATH and an unwritable HOME): every CPU backend comp
 and the diagnostics as the plain-torch reference does, and backend "cpu" runs the kernels compiled into the
 wheel at once: no build, nothing written. Prints the first call's time and the part of it spent loading
 the kernels (no assertion on either)."""
+
 import os
 import shutil
 import sys
@@ -39,8 +40,10 @@ def main() -> int:
     loading = time.perf_counter() - start
     pmi_kl(s, t, r, backend="cpu")
     first_call = time.perf_counter() - start
-    check(str(extension.loaded_from()).startswith(os.path.dirname(pmi_kernels.__file__)),
-          f"backend 'cpu' loaded {extension.loaded_from()}, not the wheel's library")
+    check(
+        str(extension.loaded_from()).startswith(os.path.dirname(pmi_kernels.__file__)),
+        f"backend 'cpu' loaded {extension.loaded_from()}, not the wheel's library",
+    )
     check(not extension.cache_root().exists(), f"the kernel cache {extension.cache_root()} was written")
     check(resolve_backend("auto", torch.device("cpu")).name == "cpu", "backend 'auto' does not pick 'cpu'")
 
@@ -55,13 +58,17 @@ def main() -> int:
         check(torch.allclose(student.grad, reference.grad, atol=1e-10), f"{backend}: gradient differs")
         h, w = torch.randn(6, 16, dtype=torch.float64), torch.randn(300, 16, dtype=torch.float64)
         fused = fused_pmi_kl(h, w, h + 0.1, h - 0.1, backend=backend)
-        check(torch.allclose(fused, pmi_kl_reference(h @ w.T, (h + 0.1) @ w.T, (h - 0.1) @ w.T)),
-              f"{backend}: fused loss differs")
+        check(
+            torch.allclose(fused, pmi_kl_reference(h @ w.T, (h + 0.1) @ w.T, (h - 0.1) @ w.T)),
+            f"{backend}: fused loss differs",
+        )
         diagnostics = pmi_diagnostics(s, t, r, a, backend=backend)
         check(all(torch.isfinite(v).all() for v in diagnostics.values()), f"{backend}: diagnostics not finite")
         print(f"backend {backend}: loss, gradient, fused loss and diagnostics match the reference")
-    print(f"first call of backend 'cpu': {first_call:.3f} s, of which loading the kernels {loading:.3f} s "
-          f"(from {extension.loaded_from()})")
+    print(
+        f"first call of backend 'cpu': {first_call:.3f} s, of which loading the kernels {loading:.3f} s "
+        f"(from {extension.loaded_from()})"
+    )
     return 0
 
 

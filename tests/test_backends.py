@@ -1,6 +1,7 @@
 """The backend contract: every backend's row function and diagnostics rows against the float64
 reference, at the level the API calls them (row scales, masks, statistics, in-place gradients,
 strided rows, 64-bit offsets); the registry's choices and errors."""
+
 import os
 import subprocess
 import sys
@@ -28,15 +29,23 @@ OPTIONS = [
 def reference_rows(s, t, r, a, mask, row_scale, opts: LossOptions):
     """Per-row loss, row_scale * dloss/ds and the statistics (KL(q||p), H(p), H(q)), from the
     float64 reference."""
-    kwargs = dict(beta=opts.beta, clip=opts.clip, center=opts.center, temperature=opts.temperature,
-                  jsd_beta=opts.jsd_beta, entry_clip=opts.entry_clip)
+    kwargs = dict(
+        beta=opts.beta,
+        clip=opts.clip,
+        center=opts.center,
+        temperature=opts.temperature,
+        jsd_beta=opts.jsd_beta,
+        entry_clip=opts.entry_clip,
+    )
     s64, r64 = upcast(s).requires_grad_(True), upcast(r) if opts.pmi else None
-    loss = pmi_kl_reference(s64, upcast(t), r64, upcast(a), mask=None if mask is None else mask.cpu(),
-                            reduction="none", **kwargs)
+    loss = pmi_kl_reference(
+        s64, upcast(t), r64, upcast(a), mask=None if mask is None else mask.cpu(), reduction="none", **kwargs
+    )
     (grad,) = torch.autograd.grad((loss * upcast(row_scale)).sum(), s64)
 
     def scaled(x):
         return None if x is None else upcast(x) / opts.temperature
+
     lp = scaled(s).log_softmax(-1)
     lq = pmi_target_logits(scaled(s), scaled(t), scaled(r64), scaled(a), opts).log_softmax(-1)
     p, q = lp.exp(), lq.exp()
@@ -51,8 +60,7 @@ def run_rows(backend, s, t, r, a, opts, **kwargs):
     unwritten entries show."""
     grad = torch.full_like(s, float("nan"))
     stats = torch.full((s.shape[0], len(STATS)), float("nan"), dtype=compute_dtype(s.dtype), device=s.device)
-    loss = REGISTRY[backend].rows(s, t, r if opts.pmi else None, a, opts=opts, grad_out=grad, stats_out=stats,
-                                  **kwargs)
+    loss = REGISTRY[backend].rows(s, t, r if opts.pmi else None, a, opts=opts, grad_out=grad, stats_out=stats, **kwargs)
     return loss, grad, stats
 
 
@@ -84,6 +92,7 @@ def test_odd_vocabularies_and_dtypes(device, backend, dtype, vocab, monkeypatch)
     tests use to cross tiles would take minutes here)."""
     if backend == "triton" and device == "cpu":
         import pmi_kernels.backends.triton.row_kernel as row_kernel
+
         monkeypatch.setattr(row_kernel, "INTERPRETER_BLOCK_V", 8192)
     opts = LossOptions(pmi=True, jsd_beta=0.5)
     s, t, r = streams(2, vocab, dtype, device, count=3)
@@ -136,8 +145,16 @@ CLUSTER_OPTIONS = [OPTIONS[0], OPTIONS[2], OPTIONS[3], OPTIONS[4]]  # forward KL
 
 @requires_cuda
 @pytest.mark.parametrize("kwargs", CLUSTER_OPTIONS)
-@pytest.mark.parametrize("vocab,dtype", [(7, torch.float32), (1031, torch.float32), (65537, torch.bfloat16),
-                                         (151936, torch.bfloat16), (4100, torch.float64)])
+@pytest.mark.parametrize(
+    "vocab,dtype",
+    [
+        (7, torch.float32),
+        (1031, torch.float32),
+        (65537, torch.bfloat16),
+        (151936, torch.bfloat16),
+        (4100, torch.float64),
+    ],
+)
 @pytest.mark.parametrize("blocks", [2, 16])
 def test_cuda_rows_split_over_a_cluster(blocks, vocab, dtype, kwargs, monkeypatch):
     """PMI_KERNELS_CUDA_CLUSTER: each row split over a cluster of blocks (sm_90; elsewhere the
@@ -166,13 +183,24 @@ def test_cuda_phases_split_over_a_cluster(jsd_beta, monkeypatch):
     """The vocabulary-parallel phases (this shard's log-sum-exps, then loss and slope sums from
     the whole row's, then the gradient) on rows split over clusters, for a group of one."""
     import pmi_kernels.vocab_parallel as vocab_parallel
+
     monkeypatch.setattr(vocab_parallel, "all_reduce", lambda x, group, op=None: x)
     monkeypatch.setenv("PMI_KERNELS_CUDA_CLUSTER", "8")
     s, t, r = streams(4, 151936, torch.bfloat16, "cuda", count=3)
     opts = LossOptions(pmi=True, jsd_beta=jsd_beta)
     grad, stats = torch.empty_like(s), torch.empty(4, len(STATS), device="cuda")
-    loss = vocab_parallel.parallel_rows(REGISTRY["cuda"], s, t, r, None, opts=opts, group=None,
-                                        row_scale=torch.ones(4, device="cuda"), grad_out=grad, stats_out=stats)
+    loss = vocab_parallel.parallel_rows(
+        REGISTRY["cuda"],
+        s,
+        t,
+        r,
+        None,
+        opts=opts,
+        group=None,
+        row_scale=torch.ones(4, device="cuda"),
+        grad_out=grad,
+        stats_out=stats,
+    )
     ref_loss, ref_grad, ref_stats = reference_rows(s, t, r, None, None, torch.ones(4), opts)
     assert_close(loss, ref_loss, torch.float32, "loss", factor=3, atol=1e-6)
     assert_close(grad, ref_grad, torch.bfloat16, "grad", factor=2, atol=1e-9)
@@ -191,6 +219,7 @@ def test_a_bad_cuda_cluster_setting_is_an_error_naming_it(monkeypatch):
 
 def test_auto_picks_the_cpu_kernel_and_falls_back_without_it(monkeypatch):
     from pmi_kernels.backends.native import extension
+
     cpu = torch.device("cpu")
     if extension.load() is None:
         assert resolve_backend("auto", cpu).name == "cpu"
@@ -208,9 +237,11 @@ def test_backend_on_the_wrong_device_is_a_value_error(name, device_type):
 
 def test_extension_turned_off_falls_back_and_says_how_to_build():
     """PMI_KERNELS_NO_EXTENSION=1: auto runs the torch path; backend="cpu" names the variable."""
-    code = ("import torch; from pmi_kernels import pmi_kl; x = torch.randn(2, 5)\n"
-            "print(pmi_kl(x, x, x).item())\n"
-            "try:\n    pmi_kl(x, x, x, backend='cpu')\nexcept ValueError as e:\n    print('ValueError', e)\n")
+    code = (
+        "import torch; from pmi_kernels import pmi_kl; x = torch.randn(2, 5)\n"
+        "print(pmi_kl(x, x, x).item())\n"
+        "try:\n    pmi_kl(x, x, x, backend='cpu')\nexcept ValueError as e:\n    print('ValueError', e)\n"
+    )
     env = dict(os.environ, PMI_KERNELS_NO_EXTENSION="1")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -222,6 +253,7 @@ def test_op_schema_under_opcheck_and_compile():
     if resolve_backend("auto", torch.device("cpu")).name != "cpu":
         pytest.skip("the C++ extension is not built here")
     from pmi_kernels.backends.native import option_arguments
+
     s, t, r = streams(3, 50, torch.float32, count=3)
     options = option_arguments(LossOptions(pmi=True))
     args = (s, t, r, None, None, None, torch.ones(3), torch.empty_like(s), torch.empty(3, 3), None, None, None, None)
@@ -231,6 +263,7 @@ def test_op_schema_under_opcheck_and_compile():
 
     def call(*tensors):
         return torch.ops.pmi_kernels.rows(*tensors, phase=Phase.ALL.value, **options)
+
     compiled = torch.compile(call, fullgraph=True, backend="aot_eager")
     assert torch.equal(compiled(*loss_only), call(*loss_only))
 
@@ -241,15 +274,17 @@ def test_every_backend_takes_the_contracts_arguments(name):
     positional ones in order with the same defaults (named as the backend likes), the keyword
     ones by name with the same defaults (a backend may add keyword ones with defaults)."""
     import inspect
+
     module = REGISTRY[name]._impl()
     for function in ("rows", "diagnostics_rows"):
         stated = list(inspect.signature(getattr(RowBackend, function)).parameters.values())[1:]  # past self
         taken = list(inspect.signature(getattr(module, function)).parameters.values())
         positional = [p for p in stated if p.kind != p.KEYWORD_ONLY]
-        assert [(p.kind, p.default) for p in taken[:len(positional)]] == [(p.kind, p.default) for p in positional], \
+        assert [(p.kind, p.default) for p in taken[: len(positional)]] == [(p.kind, p.default) for p in positional], (
             f"{name}.{function}'s positional parameters"
-        keywords = {p.name: p for p in taken[len(positional):]}
-        for parameter in stated[len(positional):]:
+        )
+        keywords = {p.name: p for p in taken[len(positional) :]}
+        for parameter in stated[len(positional) :]:
             assert parameter.name in keywords, f"{name}.{function} lacks {parameter.name}"
             assert keywords[parameter.name].kind == parameter.KEYWORD_ONLY, f"{name}.{function}: {parameter.name}"
             assert keywords[parameter.name].default == parameter.default, f"{name}.{function}: {parameter.name}"

@@ -1,5 +1,6 @@
 """The harness and the result schema, and every benchmark's entry point, on a CPU in seconds:
 python -m pytest tests/test_benchmark_harness.py"""
+
 from __future__ import annotations
 
 import dataclasses
@@ -21,9 +22,15 @@ def test_interleaved_alternates_the_order_and_drops_a_tolerated_side():
             calls.append(name)
             if name == "c" and calls.count("c") == 2:  # fails in the first timed round
                 raise MemoryError("out of memory")
+
         return call
-    timings = harness.interleaved({n: side(n) for n in "abc"}, "cpu", repeats=3,
-                                  tolerate=lambda err: "OOM" if isinstance(err, MemoryError) else None)
+
+    timings = harness.interleaved(
+        {n: side(n) for n in "abc"},
+        "cpu",
+        repeats=3,
+        tolerate=lambda err: "OOM" if isinstance(err, MemoryError) else None,
+    )
     assert calls == list("abc") + list("abc") + list("ba") + list("ab")
     assert [len(timings[n].samples) for n in "ab"] == [3, 3]
     assert timings["c"].status == "OOM" and timings["c"].ms is None
@@ -33,6 +40,7 @@ def test_interleaved_alternates_the_order_and_drops_a_tolerated_side():
 def test_interleaved_raises_what_it_is_not_told_to_tolerate():
     def broken():
         raise RuntimeError("a bug")
+
     with pytest.raises(RuntimeError, match="a bug"):
         harness.interleaved({"broken": broken}, "cpu", repeats=1, tolerate=harness.oom_status)
 
@@ -63,14 +71,16 @@ def test_every_benchmark_has_an_entry_point_with_the_common_options(name, capsys
 
 
 def test_an_unknown_benchmark_is_named():
-    done = subprocess.run(harness.fresh_process("no_such", []), capture_output=True, text=True,
-                          env=harness.fresh_process_env())
+    done = subprocess.run(
+        harness.fresh_process("no_such", []), capture_output=True, text=True, env=harness.fresh_process_env()
+    )
     assert done.returncode == 2 and "no_such" in done.stderr and "sweep" in done.stderr
 
 
 def test_the_sweep_writes_records_a_table_and_ratios_to_the_floor(tmp_path):
-    run_benchmark(["sweep", "--device", "cpu", "--n", "16", "--repeats", "1", "--match", "plain torch",
-                   "--out", str(tmp_path)])
+    run_benchmark(
+        ["sweep", "--device", "cpu", "--n", "16", "--repeats", "1", "--match", "plain torch", "--out", str(tmp_path)]
+    )
     records = harness.read_records(str(tmp_path))
     ratios = {r.side for r in records if r.metric == "ratio"}
     assert "plain torch / bare GEMMs" in ratios and {r.benchmark for r in records} == {"sweep"}
@@ -79,8 +89,25 @@ def test_the_sweep_writes_records_a_table_and_ratios_to_the_floor(tmp_path):
 
 @pytest.mark.skipif(REGISTRY["cpu"].unusable_on("cpu") is not None, reason="the C++ CPU kernel is not built")
 def test_the_cpu_benchmark_records_its_interleaved_ratios(tmp_path):
-    run_benchmark(["cpu", "--n", "8", "--vocab", "256", "--large-vocab", "512", "--fused-n", "16",
-                   "--hidden", "16", "--repeats", "1", "--out", str(tmp_path)])
+    run_benchmark(
+        [
+            "cpu",
+            "--n",
+            "8",
+            "--vocab",
+            "256",
+            "--large-vocab",
+            "512",
+            "--fused-n",
+            "16",
+            "--hidden",
+            "16",
+            "--repeats",
+            "1",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     records = harness.read_records(str(tmp_path))
     ratios = [r for r in records if r.metric == "ratio" and r.side == "torch / cpu"]
     assert len(ratios) == 3 and all(r.value > 0 for r in ratios)

@@ -1,6 +1,7 @@
 """csrc/ compiles where no GPU is: the CUDA kernels with nvcc for sm_80 and sm_90a (with the
 flags the extension is built with, and no register spills), and the op binding with its CUDA
 registration. So the CUDA sources cannot rot on CPU-only machines and in CI."""
+
 import os
 import re
 import shutil
@@ -20,11 +21,18 @@ def cuda_root():
     """The CUDA toolkit: CUDA_HOME, torch's, /usr/local/cuda, or the one around nvcc on the PATH
     (a CPU build of torch reports none)."""
     nvcc = shutil.which("nvcc")
-    candidates = [os.environ.get("CUDA_HOME"), CUDA_HOME, "/usr/local/cuda",
-                  nvcc and os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))]
+    candidates = [
+        os.environ.get("CUDA_HOME"),
+        CUDA_HOME,
+        "/usr/local/cuda",
+        nvcc and os.path.dirname(os.path.dirname(os.path.realpath(nvcc))),
+    ]
     for root in candidates:
-        if root and os.path.exists(os.path.join(root, "bin", "nvcc")) and \
-                os.path.exists(os.path.join(root, "include", "cuda_runtime.h")):
+        if (
+            root
+            and os.path.exists(os.path.join(root, "bin", "nvcc"))
+            and os.path.exists(os.path.join(root, "include", "cuda_runtime.h"))
+        ):
             return root
     return None
 
@@ -36,8 +44,19 @@ requires_nvcc = pytest.mark.skipif(CUDA_ROOT is None, reason="needs the CUDA too
 
 def compile_cuda(source, arch, out_dir):
     flags = [f for f in extension.cuda_flags() if not f.startswith(("-gencode", "--threads"))]
-    cmd = [NVCC, *flags, f"-gencode=arch=compute_{arch},code=sm_{arch}", "-Xptxas", "-v", "-I", str(CSRC),
-           "-c", str(source), "-o", os.path.join(out_dir, f"{source.stem}_{arch}.o")]
+    cmd = [
+        NVCC,
+        *flags,
+        f"-gencode=arch=compute_{arch},code=sm_{arch}",
+        "-Xptxas",
+        "-v",
+        "-I",
+        str(CSRC),
+        "-c",
+        str(source),
+        "-o",
+        os.path.join(out_dir, f"{source.stem}_{arch}.o"),
+    ]
     return subprocess.run(cmd, capture_output=True, text=True)
 
 
@@ -62,8 +81,11 @@ def test_op_binding_compiles_with_its_cuda_registration(tmp_path):
     stub.mkdir(parents=True)
     (stub / "cuda_cmake_macros.h").write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
     cxx = os.environ.get("CXX", "c++")
-    includes = [f"-I{p}" for p in include_paths()] + [f"-I{tmp_path}", f"-I{os.path.join(CUDA_ROOT, 'include')}",
-                                                      f"-I{CSRC}"]
+    includes = [f"-I{p}" for p in include_paths()] + [
+        f"-I{tmp_path}",
+        f"-I{os.path.join(CUDA_ROOT, 'include')}",
+        f"-I{CSRC}",
+    ]
     cmd = [cxx, "-std=c++17", "-fsyntax-only", "-DPMI_WITH_CUDA", *includes, str(CSRC / "ops.cpp")]
     result = subprocess.run(cmd, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -71,8 +93,13 @@ def test_op_binding_compiles_with_its_cuda_registration(tmp_path):
 
 def test_build_command_reports_the_kernels():
     env = {k: v for k, v in os.environ.items() if k != "PMI_KERNELS_NO_EXTENSION"}  # built even where turned off
-    out = subprocess.run([sys.executable, "-m", "pmi_kernels.backends.native.build"], capture_output=True,
-                         text=True, timeout=600, env=env)
+    out = subprocess.run(
+        [sys.executable, "-m", "pmi_kernels.backends.native.build"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert out.returncode == 0, out.stderr
     assert "kernels ready in" in out.stdout
 
@@ -89,13 +116,15 @@ def test_import_leaves_dynamo_unloaded():
 def test_first_call_leaves_dynamo_unloaded():
     """Nor does the first call of either loss (torch.library would import it to wrap the custom ops'
     implementations), nor torch.distributed.tensor (the FSDP2 heads' DTensor: about 1 s, sympy too)."""
-    code = ("import sys, torch, pmi_kernels\n"
-            "s, t, r = (torch.randn(3, 2, 5, requires_grad=i == 0) for i in range(3))\n"
-            "pmi_kernels.pmi_kl(s, t, r, backend='torch').backward()\n"
-            "w = torch.randn(5, 4, requires_grad=True)\n"
-            "h = [torch.randn(3, 4, requires_grad=i == 0) for i in range(3)]\n"
-            "pmi_kernels.fused_pmi_kl(h[0], w, h[1], h[2], backend='torch').backward()\n"
-            "print('torch._dynamo' in sys.modules, 'torch.distributed.tensor' in sys.modules)")
+    code = (
+        "import sys, torch, pmi_kernels\n"
+        "s, t, r = (torch.randn(3, 2, 5, requires_grad=i == 0) for i in range(3))\n"
+        "pmi_kernels.pmi_kl(s, t, r, backend='torch').backward()\n"
+        "w = torch.randn(5, 4, requires_grad=True)\n"
+        "h = [torch.randn(3, 4, requires_grad=i == 0) for i in range(3)]\n"
+        "pmi_kernels.fused_pmi_kl(h[0], w, h[1], h[2], backend='torch').backward()\n"
+        "print('torch._dynamo' in sys.modules, 'torch.distributed.tensor' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["False", "False"]

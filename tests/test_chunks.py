@@ -1,5 +1,6 @@
 """Rows swept in several chunks (a small workspace_bytes=) against the float64 reference, with
 masks and per-row gradient scales that differ from chunk to chunk."""
+
 import importlib
 
 import pytest
@@ -33,20 +34,25 @@ def record_chunk_rows(monkeypatch, kind, backend):
 def chunk_masks_differ(mask, chunk_rows):
     """Whether some later chunk's mask differs from the first chunk's (so a path that applies
     the first chunk's mask to every chunk gets a wrong answer)."""
-    flat, first = mask.reshape(-1), mask.reshape(-1)[:chunk_rows[0]]
+    flat, first = mask.reshape(-1), mask.reshape(-1)[: chunk_rows[0]]
     starts = torch.tensor(chunk_rows).cumsum(0)[:-1].tolist()
-    return any(not torch.equal(flat[i:i + n], first[:n]) for i, n in zip(starts, chunk_rows[1:]))
+    return any(not torch.equal(flat[i : i + n], first[:n]) for i, n in zip(starts, chunk_rows[1:]))
 
 
 # workspace_bytes(vocab, backend): one row per chunk (less than a row's bytes), or a few rows per
 # chunk at today's costs per vocabulary entry (torch path ~60 bytes, Triton ~12); the tests
 # assert that there are several chunks, so a change of costs cannot make them vacuous.
-WORKSPACES = [pytest.param(lambda vocab, backend: 1, id="1-row-chunks"),
-              pytest.param(lambda vocab, backend: (256 if REGISTRY[backend].row_temporaries else 32) * vocab,
-                           id="few-row-chunks")]
+WORKSPACES = [
+    pytest.param(lambda vocab, backend: 1, id="1-row-chunks"),
+    pytest.param(
+        lambda vocab, backend: (256 if REGISTRY[backend].row_temporaries else 32) * vocab, id="few-row-chunks"
+    ),
+]
 # Kept rows first: the first chunk is fully kept, later ones are mixed (and the reverse).
-MASKS = [pytest.param([[1, 1, 1, 1, 1], [0, 1, 0, 0, 1]], id="kept-first"),
-         pytest.param([[0, 0, 1, 0, 0], [1, 1, 0, 1, 1]], id="masked-first")]
+MASKS = [
+    pytest.param([[1, 1, 1, 1, 1], [0, 1, 0, 0, 1]], id="kept-first"),
+    pytest.param([[0, 0, 1, 0, 0], [1, 1, 0, 1, 1]], id="masked-first"),
+]
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
@@ -60,8 +66,9 @@ def test_pmi_kl_mask_across_chunks(monkeypatch, workspace, mask, reduction):
     mask = torch.tensor(mask, dtype=torch.bool)
     chunk_rows = record_chunk_rows(monkeypatch, "rows", "torch")
     s.requires_grad_(True)
-    loss = pmi_kl(s, t, r, a, mask=mask, reduction=reduction, backend="torch",
-                  workspace_bytes=workspace(vocab, "torch"))
+    loss = pmi_kl(
+        s, t, r, a, mask=mask, reduction=reduction, backend="torch", workspace_bytes=workspace(vocab, "torch")
+    )
     upstream = torch.rand_like(loss)
     (grad,) = torch.autograd.grad((loss * upstream).sum(), s)
     assert len(chunk_rows) > 1 and sum(chunk_rows) == 10, chunk_rows
@@ -94,7 +101,7 @@ def test_fused_pmi_kl_mask_and_row_scales_across_chunks(monkeypatch, device, bac
     upstream = torch.rand_like(loss)
     grads = torch.autograd.grad((loss * upstream).sum(), (h, w, b))
     # The masked rows are dropped before the sweep: the kept rows, in several chunks.
-    sweep = chunk_rows[:len(chunk_rows) // 2] if reduction == "none" else chunk_rows  # "none" sweeps again
+    sweep = chunk_rows[: len(chunk_rows) // 2] if reduction == "none" else chunk_rows  # "none" sweeps again
     assert len(sweep) > 1 and sum(sweep) == int(mask.sum()), chunk_rows
     leaves = [upcast(x).requires_grad_(True) for x in (h, w, b)]
     kwargs.update(lm_head_bias=leaves[2], frozen_weight=upcast(w_f), mask=mask.cpu())

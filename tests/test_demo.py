@@ -1,6 +1,7 @@
 """Issue #17: the main job's comparison. The embedded shortcut task's structure, the cached
 warm-up base (reused, and rebuilt when it is corrupt or does not match), and the comparison's
 output (its table's rows and columns, its files, the second run skipping the warm-up)."""
+
 import json
 import os
 import random
@@ -76,17 +77,38 @@ def test_position_parts_name_the_work_and_the_answer():
     result (the PMI residual's and the reference's places swapped) or a check digit as the work."""
     text = "19 + 3 = 22. Wait, let me check: 22 - 3 = 19. The answer is \\boxed{22}."
     marked = [(char, part) for char, part in zip(text, compare.position_parts(text)) if part]
-    assert marked == [("1", "first token"), ("9", "operands"), ("3", "operands"), ("2", "result"), ("2", "result"),
-                      ("W", "'Wait'"), ("2", "the check"), ("2", "the check"), ("3", "the check"),
-                      ("1", "the check"), ("9", "the check"), ("2", "the answer"), ("2", "the answer")]
+    assert marked == [
+        ("1", "first token"),
+        ("9", "operands"),
+        ("3", "operands"),
+        ("2", "result"),
+        ("2", "result"),
+        ("W", "'Wait'"),
+        ("2", "the check"),
+        ("2", "the check"),
+        ("3", "the check"),
+        ("1", "the check"),
+        ("9", "the check"),
+        ("2", "the answer"),
+        ("2", "the answer"),
+    ]
     shortcut = "The answer is \\boxed{7}."
     assert [p for p in compare.position_parts(shortcut) if p] == ["first token", "the answer"]
     assert set(compare.PARTS) >= {p for p in compare.position_parts(text) if p}
 
 
 def cached(tmp_path, **overrides):
-    return TrainConfig(**{**TINY, "output_dir": str(tmp_path / "run"), "sft_steps": 2, "sft_batch_size": 4,
-                          "base_cache": str(tmp_path / "bases"), "overwrite": True, **overrides})
+    return TrainConfig(
+        **{
+            **TINY,
+            "output_dir": str(tmp_path / "run"),
+            "sft_steps": 2,
+            "sft_batch_size": 4,
+            "base_cache": str(tmp_path / "bases"),
+            "overwrite": True,
+            **overrides,
+        }
+    )
 
 
 @pytest.fixture
@@ -98,6 +120,7 @@ def warmups(monkeypatch):
     def counting(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
+
     monkeypatch.setattr(base_cache, "supervised_warmup", counting)
     return calls
 
@@ -118,8 +141,9 @@ def test_the_second_run_loads_the_cached_base(tmp_path, warmups):
     a, b = base_weights(first), base_weights(second)
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
     lora = [n for n, p in first.model.named_parameters() if p.requires_grad]
-    assert lora and all(torch.equal(dict(first.model.named_parameters())[n], dict(second.model.named_parameters())[n])
-                        for n in lora)
+    assert lora and all(
+        torch.equal(dict(first.model.named_parameters())[n], dict(second.model.named_parameters())[n]) for n in lora
+    )
     # A change of a key the warm-up reads names another base.
     Trainer(cached(tmp_path, sft_lr=1e-3))
     assert len(warmups) == 2 and len(os.listdir(tmp_path / "bases")) == 2
@@ -194,11 +218,14 @@ def test_table_has_a_row_per_run_and_the_columns():
     one = compare.format_table(compare.summarize({0: result}), [0]).splitlines()
     heads = [c.strip() for c in one[0].strip("|").split("|")]
     assert heads == ["run"] + [head for _, head, _ in compare.COLUMNS]
-    for needed in ("accuracy", "s.e.", "vs start", "KL(q‖p)", "H(p)", "KL(p‖base)", "wait", "check",
-                   "cos(tot,ref)"):
+    for needed in ("accuracy", "s.e.", "vs start", "KL(q‖p)", "H(p)", "KL(p‖base)", "wait", "check", "cos(tot,ref)"):
         assert needed in heads
     assert [line.split("|")[1].strip() for line in one[2:]] == [
-        "start (the warmed-up base)", "standard OPSD", "PMI, frozen-base anchor", "PMI, self anchor"]
+        "start (the warmed-up base)",
+        "standard OPSD",
+        "PMI, frozen-base anchor",
+        "PMI, self anchor",
+    ]
     assert "±" not in "\n".join(one)
     two = compare.format_table(compare.summarize({0: result, 1: other}), [0, 1])
     assert "0.600 ± 0.141" in two and "+0.600 ± 0.141" in two  # accuracy; its change from the start
@@ -209,10 +236,30 @@ def test_compare_runs_end_to_end_and_reuses_its_base(tmp_path, warmups, capsys, 
     plot; a second invocation loads the base (no warm-up). Fails on a run missing from the
     output, a second warm-up, or per-run flags that the comparison sets silently taken."""
     monkeypatch.setattr(compare, "PROBE_ROLLOUTS", 4)
-    flags = ["--output-dir", str(tmp_path / "cmp"), "--base-cache", str(tmp_path / "bases"), "--device", "cpu",
-             "--sft-steps", "2", "--sft-batch-size", "4",
-             "--max-steps", "2", "--eval-limit", "8", "--eval-every", "1", "--diagnostics-every", "1",
-             "--max-new-tokens", "12", "--batch-size", "2"]
+    flags = [
+        "--output-dir",
+        str(tmp_path / "cmp"),
+        "--base-cache",
+        str(tmp_path / "bases"),
+        "--device",
+        "cpu",
+        "--sft-steps",
+        "2",
+        "--sft-batch-size",
+        "4",
+        "--max-steps",
+        "2",
+        "--eval-limit",
+        "8",
+        "--eval-every",
+        "1",
+        "--diagnostics-every",
+        "1",
+        "--max-new-tokens",
+        "12",
+        "--batch-size",
+        "2",
+    ]
     assert cli_main(["compare", *flags]) == 0
     out = capsys.readouterr().out
     assert "(built)" in out
@@ -254,6 +301,7 @@ def test_one_thread_while_other_processes_are_busy(monkeypatch):
         clock["own"] += own
         clock["busy"] += own + others
         return fitter()
+
     try:
         fitter = compare.ThreadFitter(2, every=5.0)
         fitter()
@@ -278,7 +326,14 @@ MISREAD_QUESTION = re.compile(r"has (\d+) (\w+)s(?: and (\d+) (\w+)s)? and (gets
 
 def read_right(question: str):
     """(left, right, distractor or None, answer), read from the question alone."""
-    left, item, distractor, other, verb, right, = MISREAD_QUESTION.search(question).groups()
+    (
+        left,
+        item,
+        distractor,
+        other,
+        verb,
+        right,
+    ) = MISREAD_QUESTION.search(question).groups()
     left, right = int(left), int(right)
     answer = left + right if verb == "gets" else left - right
     return left, right, None if distractor is None else int(distractor), answer
@@ -292,6 +347,7 @@ def test_the_old_tasks_rows_are_unchanged():
 
     def digest(rows):
         return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
+
     assert digest(problems("shortcut", 300, 7)) == "e7a2b720129f1d33"
     assert digest(problems("arithmetic", 300, 7)) == "b2feb1e93c1b602e"
     assert digest(problems("shortcut", 2640, 0)) == "fd346d70101b43d6"
@@ -305,6 +361,7 @@ def test_the_misread_task_needs_the_question_and_the_student_misreads_it():
     correct), the reference leaks the operands (then the reference-induced part, not the PMI
     residual, would hold the correction) or the student misreads a question without a distractor."""
     from pmi_kernels.train.demo import tasks
+
     rows = problems("misread", 600, seed=5)
     pattern = TrainConfig().answer_pattern
     with_distractor = [row for row in rows if row["operands"][2] is not None]
@@ -321,8 +378,11 @@ def test_the_misread_task_needs_the_question_and_the_student_misreads_it():
                 work = compare.WORK.match(text)
                 assert extract_answer(text, pattern) == row["answer"]
                 assert work is None or (int(work[1]), int(work[2])) == (left, right)
-        misread = sum(share for text, share in row["warmup"]["student"]
-                      if (int(compare.WORK.match(text)[1]), int(compare.WORK.match(text)[2])) != (left, right))
+        misread = sum(
+            share
+            for text, share in row["warmup"]["student"]
+            if (int(compare.WORK.match(text)[1]), int(compare.WORK.match(text)[2])) != (left, right)
+        )
         assert misread == pytest.approx(0.0 if distractor is None else tasks.MISREAD_SHARE)
         for text, _ in row["warmup"]["student"]:  # the student's work is right arithmetic on what it read
             for a, op, b, result in re.findall(r"(\d+) ([+-]) (\d+) = (\d+)", text):
@@ -336,12 +396,14 @@ def test_the_loss_and_the_evaluation_never_see_which_part_is_which():
     from pmi_kernels.train.contexts import KINDS
     from pmi_kernels.train.data.tokenized import contexts_ids
     from pmi_kernels.train.demo.toy import toy_tokenizer
+
     rows = problems("misread", 40, seed=2)
     bare = [{key: row[key] for key in ("question", "solution", "answer")} for row in rows]
     config = TrainConfig(use_chat_template=False)
     tokenizer = toy_tokenizer()
-    assert contexts_ids(tokenizer, config.templates, KINDS, rows, False) == \
-        contexts_ids(tokenizer, config.templates, KINDS, bare, False)
+    assert contexts_ids(tokenizer, config.templates, KINDS, rows, False) == contexts_ids(
+        tokenizer, config.templates, KINDS, bare, False
+    )
 
     class Answering:  # a trainer whose model answers every question with its right answer, worked
         eval_rows, eval_prompts, stop = rows, [[i] for i in range(len(rows))], compare.StopRequest()
@@ -351,8 +413,11 @@ def test_the_loss_and_the_evaluation_never_see_which_part_is_which():
             self.config = config
 
         def generate(self, prompts, *_):
-            return [self.tokenizer(f"1 + 1 = 2. The answer is \\boxed{{{rows[i]['answer']}}}.").input_ids
-                    for (i,) in prompts]
+            return [
+                self.tokenizer(f"1 + 1 = 2. The answer is \\boxed{{{rows[i]['answer']}}}.").input_ids
+                for (i,) in prompts
+            ]
+
     grades = compare.grade(Answering())
     assert [g["correct"] for g in grades] == [1.0] * len(rows)
     assert compare.error_breakdown(bare, grades) == {}  # without the right reading: no breakdown, same accuracy
@@ -363,8 +428,12 @@ def test_the_error_breakdown_and_the_paired_standard_error():
     right ones, to a wrong answer. The paired s.e. is that of the per-problem changes. Fails on
     a misread counted as a slip, or an unpaired s.e."""
     rows = [{"operands": [7, 5, 3], "answer": "12"}] * 4
-    texts = ["7 + 3 = 10. The answer is \\boxed{10}.", "7 + 5 = 13. The answer is \\boxed{13}.",
-             "7 + 5 = 12. The answer is \\boxed{12}.", "The answer is \\boxed{12}."]
+    texts = [
+        "7 + 3 = 10. The answer is \\boxed{10}.",
+        "7 + 5 = 13. The answer is \\boxed{13}.",
+        "7 + 5 = 12. The answer is \\boxed{12}.",
+        "The answer is \\boxed{12}.",
+    ]
     grades = [{"correct": float(i >= 2), "texts": [t]} for i, t in enumerate(texts)]
     assert compare.error_breakdown(rows, grades) == {"misread": 0.25, "slip": 0.25}
     before = [{"correct": c} for c in (0.0, 0.0, 1.0, 1.0)]
@@ -379,6 +448,7 @@ def test_the_validation_draw_is_apart_from_training_and_held_out():
     training or held-out question, the training rows unchanged. Fails if settings chosen on it
     could have seen the held-out problems."""
     from pmi_kernels.train.data.data import load_examples
+
     for task in ("misread", "shortcut"):
         config = TrainConfig(toy_task=task, eval_limit=200)
         train, held_out = load_examples(config)
@@ -395,9 +465,30 @@ def test_compare_on_the_misread_task_with_a_subset_of_runs(tmp_path, capsys, mon
     """--runs names the runs (a sweep's); the table has their rows, the paired columns and the
     error breakdown. Fails on a run that was not asked for, or a missing breakdown."""
     monkeypatch.setattr(compare, "PROBE_ROLLOUTS", 4)
-    flags = ["--output-dir", str(tmp_path / "cmp"), "--base-cache", str(tmp_path / "bases"), "--device", "cpu",
-             "--toy-task", "misread", "--toy-eval-split", "validation", "--sft-steps", "2", "--sft-batch-size", "4",
-             "--max-steps", "1", "--eval-limit", "8", "--max-new-tokens", "12", "--batch-size", "2"]
+    flags = [
+        "--output-dir",
+        str(tmp_path / "cmp"),
+        "--base-cache",
+        str(tmp_path / "bases"),
+        "--device",
+        "cpu",
+        "--toy-task",
+        "misread",
+        "--toy-eval-split",
+        "validation",
+        "--sft-steps",
+        "2",
+        "--sft-batch-size",
+        "4",
+        "--max-steps",
+        "1",
+        "--eval-limit",
+        "8",
+        "--max-new-tokens",
+        "12",
+        "--batch-size",
+        "2",
+    ]
     assert cli_main(["compare", *flags, "--runs", "opsd,pmi-base"]) == 0
     out = capsys.readouterr().out
     assert "standard OPSD" in out and "PMI, frozen-base anchor" in out and "PMI, self anchor" not in out

@@ -1,4 +1,5 @@
 """pmi_diagnostics on every path against the reference decomposition."""
+
 import pytest
 import torch
 
@@ -101,6 +102,7 @@ def test_empty_strided_input_gives_empty_results(device, backend, lead):
     """No rows, strided along the vocabulary (x[..., ::2]): every key, empty, as pmi_kl returns an
     empty loss; the C++ kernel's contiguity check refused it (on cpu and auto)."""
     from pmi_kernels import pmi_kl
+
     s, t, r, a = (torch.randn(*lead, 10, device=device)[..., ::2] for _ in range(4))
     for got in (pmi_diagnostics(s, t, r, backend=backend), pmi_diagnostics(s, t, r, a, backend=backend)):
         assert all(x.shape == lead and x.dtype == torch.float32 for x in got.values()), got

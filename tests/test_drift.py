@@ -1,6 +1,7 @@
 """Issue #17, point 3: the drift signal (drift.py). Its sums against plain softmax formulas, the
 trainer's measure (zero before any update, positive after), and the warning: it fires once on
 a runaway and never on a steady run."""
+
 import json
 import math
 
@@ -30,8 +31,11 @@ def test_drift_sums_equal_the_formulas(monkeypatch, bias):
     got = drift_sums(s, b, w, bs, wb, bb, temperature=1.7)
     log_s = F.log_softmax(F.linear(s, w, bs) / 1.7, -1)
     log_b = F.log_softmax(F.linear(b, wb, bb) / 1.7, -1)
-    want = {"kl_student_base": (log_s.exp() * (log_s - log_b)).sum(), "entropy_student": -(log_s.exp() * log_s).sum(),
-            "entropy_base": -(log_b.exp() * log_b).sum()}
+    want = {
+        "kl_student_base": (log_s.exp() * (log_s - log_b)).sum(),
+        "entropy_student": -(log_s.exp() * log_s).sum(),
+        "entropy_base": -(log_b.exp() * log_b).sum(),
+    }
     for key, value in want.items():
         assert got[key] == pytest.approx(float(value), rel=1e-5), key
 

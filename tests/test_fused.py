@@ -1,4 +1,5 @@
 """fused_pmi_kl from hidden states: every path against the float64 reference."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -23,34 +24,74 @@ def make(n, h, v, dtype, device, bias=True, frozen=False):
 
     def x(*shape):
         return torch.randn(*shape, dtype=torch.float64).to(dtype).to(device)
+
     hidden = [x(n, h) for _ in range(4)]
-    weight = (x(v, h) * h ** -0.5 * 4).to(dtype)
+    weight = (x(v, h) * h**-0.5 * 4).to(dtype)
     b = x(v) if bias else None
-    w_f = (weight.double() + 0.3 * x(v, h).double() * h ** -0.5).to(dtype) if frozen else None
+    w_f = (weight.double() + 0.3 * x(v, h).double() * h**-0.5).to(dtype) if frozen else None
     return hidden, weight, b, w_f
 
 
-def run_both(backend, hidden, weight, bias, mode, *, frozen_weight=None, frozen_bias=None, mask=None,
-             reduction="none", chunk_rows=None, want=(True, True, True), grad_weight_fp32=False, upstream=None,
-             **kwargs):
+def run_both(
+    backend,
+    hidden,
+    weight,
+    bias,
+    mode,
+    *,
+    frozen_weight=None,
+    frozen_bias=None,
+    mask=None,
+    reduction="none",
+    chunk_rows=None,
+    want=(True, True, True),
+    grad_weight_fp32=False,
+    upstream=None,
+    **kwargs,
+):
     h, ht, hr, ha = hidden
     hr = None if mode == "opsd" else hr
     ha = ha if mode == "pmi-anchor" else None
-    leaves = [h.detach().requires_grad_(want[0]), weight.detach().requires_grad_(want[1]),
-              None if bias is None else bias.detach().requires_grad_(want[2])]
+    leaves = [
+        h.detach().requires_grad_(want[0]),
+        weight.detach().requires_grad_(want[1]),
+        None if bias is None else bias.detach().requires_grad_(want[2]),
+    ]
     workspace = None if chunk_rows is None else chunk_rows * weight.shape[0] * 4 * 20
-    loss = fused_pmi_kl(leaves[0], leaves[1], ht, hr, ha, lm_head_bias=leaves[2], frozen_weight=frozen_weight,
-                        frozen_bias=frozen_bias, mask=mask, reduction=reduction, backend=backend,
-                        workspace_bytes=workspace, grad_weight_fp32=grad_weight_fp32, **kwargs)
+    loss = fused_pmi_kl(
+        leaves[0],
+        leaves[1],
+        ht,
+        hr,
+        ha,
+        lm_head_bias=leaves[2],
+        frozen_weight=frozen_weight,
+        frozen_bias=frozen_bias,
+        mask=mask,
+        reduction=reduction,
+        backend=backend,
+        workspace_bytes=workspace,
+        grad_weight_fp32=grad_weight_fp32,
+        **kwargs,
+    )
     if upstream is None:
         upstream = torch.rand(loss.shape, dtype=torch.float64) + 0.5
     wanted = [x for x in leaves if x is not None and x.requires_grad]
     grads = torch.autograd.grad((loss * upstream.to(loss)).sum(), wanted)
     ref_leaves = [None if x is None else upcast(x).requires_grad_(x.requires_grad) for x in leaves]
-    ref = fused_pmi_kl_reference(ref_leaves[0], ref_leaves[1], upcast(ht), upcast(hr), upcast(ha),
-                                 lm_head_bias=ref_leaves[2], frozen_weight=upcast(frozen_weight),
-                                 frozen_bias=upcast(frozen_bias), mask=None if mask is None else mask.cpu(),
-                                 reduction=reduction, **kwargs)
+    ref = fused_pmi_kl_reference(
+        ref_leaves[0],
+        ref_leaves[1],
+        upcast(ht),
+        upcast(hr),
+        upcast(ha),
+        lm_head_bias=ref_leaves[2],
+        frozen_weight=upcast(frozen_weight),
+        frozen_bias=upcast(frozen_bias),
+        mask=None if mask is None else mask.cpu(),
+        reduction=reduction,
+        **kwargs,
+    )
     ref_wanted = [x for x in ref_leaves if x is not None and x.requires_grad]
     ref_grads = torch.autograd.grad((ref * upstream).sum(), ref_wanted)
     for leaf, grad in zip(wanted, grads):
@@ -83,8 +124,9 @@ def test_reductions_leading_dims_frozen_head(device, backend, reduction):
     hidden, weight, bias, w_f = make(10, 16, 301, torch.float32, device, frozen=True)
     hidden = [x.reshape(2, 5, 16) for x in hidden]
     mask = torch.tensor([[True, False, True, True, True], [False, True, True, False, True]], device=device)
-    out = run_both(backend, hidden, weight, bias, "pmi-anchor", frozen_weight=w_f, mask=mask,
-                   reduction=reduction, chunk_rows=3)
+    out = run_both(
+        backend, hidden, weight, bias, "pmi-anchor", frozen_weight=w_f, mask=mask, reduction=reduction, chunk_rows=3
+    )
     assert out[0].shape == out[2].shape
     check(*out)
 
@@ -96,8 +138,19 @@ def test_separate_frozen_bias(device, backend, kwargs):
     hidden, weight, bias, w_f = make(7, 16, 211, torch.float32, device, frozen=True)
     frozen_bias = torch.randn(211, device=device) * 3
     for mode in ("pmi", "pmi-anchor", "opsd"):
-        check(*run_both(backend, hidden, weight, bias, mode, frozen_weight=w_f, frozen_bias=frozen_bias,
-                        reduction="sum", **kwargs))
+        check(
+            *run_both(
+                backend,
+                hidden,
+                weight,
+                bias,
+                mode,
+                frozen_weight=w_f,
+                frozen_bias=frozen_bias,
+                reduction="sum",
+                **kwargs,
+            )
+        )
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
@@ -107,15 +160,19 @@ def test_float64_to_float64_precision(device, backend, reduction):
     gradient) must not pass through fp32 on the way."""
     hidden, weight, bias, _ = make(9, 16, 257, torch.float64, device)
     mask = torch.rand(9, device=device) > 0.3
-    loss, grads, ref, ref_grads = run_both(backend, hidden, weight, bias, "pmi", mask=mask, reduction=reduction,
-                                           chunk_rows=4)
+    loss, grads, ref, ref_grads = run_both(
+        backend, hidden, weight, bias, "pmi", mask=mask, reduction=reduction, chunk_rows=4
+    )
     assert_close(loss, ref, torch.float64, "loss", factor=1e-3)
     for name, grad, ref_grad in zip(("grad_h", "grad_w", "grad_b"), grads, ref_grads):
         assert_close(grad, ref_grad, torch.float64, name, factor=1e-3)
 
 
-@pytest.mark.parametrize("want", [(True, False, False), (False, True, True), (False, False, True)],
-                         ids=["hidden-only", "weight-and-bias", "bias-only"])
+@pytest.mark.parametrize(
+    "want",
+    [(True, False, False), (False, True, True), (False, False, True)],
+    ids=["hidden-only", "weight-and-bias", "bias-only"],
+)
 @pytest.mark.parametrize("device,backend", PATHS)
 def test_partial_gradients(device, backend, want):
     hidden, weight, bias, _ = make(7, 16, 200, torch.float32, device)
@@ -128,8 +185,7 @@ def test_no_bias_no_mask_no_grad(device, backend):
     check(*run_both(backend, hidden, weight, None, "pmi", reduction="sum"))
     with torch.no_grad():
         loss = fused_pmi_kl(hidden[0], weight, hidden[1], hidden[2], backend=backend)
-    ref = fused_pmi_kl_reference(*(upcast(x) for x in hidden[:1]), upcast(weight), upcast(hidden[1]),
-                                 upcast(hidden[2]))
+    ref = fused_pmi_kl_reference(*(upcast(x) for x in hidden[:1]), upcast(weight), upcast(hidden[1]), upcast(hidden[2]))
     assert_close(loss, ref, torch.float32, "loss", atol=1e-6)
 
 
@@ -139,15 +195,20 @@ BF16_TRIALS = 16
 def draw_bf16_case(generator):
     """Random options, mode and hidden-state scale for the bf16 property test; the clip off and
     forward KL (where the one product once missed the bound) come up in most draws."""
+
     def pick(*choices):
         return choices[int(torch.randint(len(choices), (), generator=generator))]
 
     def uniform(low, high):
         return low + (high - low) * float(torch.rand((), generator=generator))
 
-    kwargs = dict(clip=pick(None, None, uniform(1.0, 10.0)), center=pick(True, False),
-                  jsd_beta=pick(0.0, 0.0, 1.0, uniform(0.05, 0.95)), beta=uniform(0.5, 2.0),
-                  entry_clip=pick(None, None, None, uniform(0.05, 1.0)))
+    kwargs = dict(
+        clip=pick(None, None, uniform(1.0, 10.0)),
+        center=pick(True, False),
+        jsd_beta=pick(0.0, 0.0, 1.0, uniform(0.05, 0.95)),
+        beta=uniform(0.5, 2.0),
+        entry_clip=pick(None, None, None, uniform(0.05, 1.0)),
+    )
     return pick(*MODES), 10 ** uniform(-0.5, 0.7), kwargs
 
 
@@ -189,13 +250,16 @@ def test_bf16_within_thrice_plain_torch_error(device, backend):
         mode, scale, kwargs = draw_bf16_case(torch.Generator().manual_seed(seed))
         hidden, weight, bias, _ = make(9, 64, 1000, torch.bfloat16, device)
         hidden = [(x.float() * scale).bfloat16() for x in hidden]
-        logits = [None if x is None else linear_logits(upcast(x), upcast(weight), upcast(bias))
-                  for x in mode_streams(hidden, mode)]
+        logits = [
+            None if x is None else linear_logits(upcast(x), upcast(weight), upcast(bias))
+            for x in mode_streams(hidden, mode)
+        ]
         kwargs = clear_entry_clip(kwargs, *logits, gap=1e-2)
         case = f"seed {seed} (draw_bf16_case): {mode}, hidden states x{scale}, {kwargs}"
         upstream = torch.ones(9, dtype=torch.float64)
-        loss, grads, ref, ref_grads = run_both(backend, hidden, weight, bias, mode, reduction="none",
-                                               upstream=upstream, **kwargs)
+        loss, grads, ref, ref_grads = run_both(
+            backend, hidden, weight, bias, mode, reduction="none", upstream=upstream, **kwargs
+        )
         plain, plain_grads, of_plain_logits = plain_bf16(hidden, weight, bias, mode, **kwargs)
         assert max_error(loss, ref) <= 3 * max_error(plain, ref) + 2e-3 * ref.abs().max(), case
         # Standard OPSD, and the frozen streams a GEMM each: with the clip off, or with it on and centering off.
@@ -219,14 +283,16 @@ def test_grad_weight_fp32_accumulation(device, backend):
     (up to fp32 summation order); accumulated in bf16 it drifts further from it."""
     hidden, weight, bias, _ = make(24, 32, 300, torch.bfloat16, device)
     upstream = torch.ones((), dtype=torch.float64)
+
     def grad_w(**kw):
         return run_both(backend, hidden, weight, bias, "pmi", reduction="sum", upstream=upstream, **kw)[1][1]
+
     single = grad_w(chunk_rows=1000).double()
     fp32 = grad_w(chunk_rows=1, grad_weight_fp32=True)
     bf16 = grad_w(chunk_rows=1).double()
     assert fp32.dtype == torch.bfloat16
     fp32 = fp32.double()
-    assert ((fp32 - single).abs() <= 2 ** -7 * single.abs() + 1e-6).all()
+    assert ((fp32 - single).abs() <= 2**-7 * single.abs() + 1e-6).all()
     assert (fp32 - single).norm() < (bf16 - single).norm()
 
 
@@ -234,8 +300,15 @@ def test_grad_weight_fp32_accumulation(device, backend):
 def test_cuda_bf16_matches_cpu_path():
     hidden, weight, bias, _ = make(33, 128, 5003, torch.bfloat16, "cuda")
     gpu = fused_pmi_kl(hidden[0], weight, hidden[1], hidden[2], lm_head_bias=bias, reduction="none")
-    cpu = fused_pmi_kl(*(x.cpu() for x in hidden[:1]), weight.cpu(), hidden[1].cpu(), hidden[2].cpu(),
-                       lm_head_bias=bias.cpu(), reduction="none", backend="torch")
+    cpu = fused_pmi_kl(
+        *(x.cpu() for x in hidden[:1]),
+        weight.cpu(),
+        hidden[1].cpu(),
+        hidden[2].cpu(),
+        lm_head_bias=bias.cpu(),
+        reduction="none",
+        backend="torch",
+    )
     assert torch.allclose(gpu.cpu(), cpu, rtol=2e-2, atol=2e-2)
 
 
@@ -243,9 +316,11 @@ def test_cuda_bf16_matches_cpu_path():
 def test_no_grad_computes_no_gradients(device, backend, monkeypatch):
     """Under torch.no_grad() the forward skips the gradient GEMMs, though inputs require grad."""
     import pmi_kernels.ops.sweep as sweep
+
     hidden, weight, bias, _ = make(5, 8, 100, torch.float32, device)
-    monkeypatch.setattr(sweep, "accumulate_grad_weight",
-                        lambda *args, **kwargs: pytest.fail("grad_W computed under no_grad"))
+    monkeypatch.setattr(
+        sweep, "accumulate_grad_weight", lambda *args, **kwargs: pytest.fail("grad_W computed under no_grad")
+    )
     h, w = hidden[0].requires_grad_(True), weight.requires_grad_(True)
     with torch.no_grad():
         loss = fused_pmi_kl(h, w, hidden[1], hidden[2], backend=backend)
@@ -264,8 +339,17 @@ def test_torch_compile_fullgraph_with_mask(device, backend, reduction):
     mask = torch.rand(2, 5, device=device) > 0.3
 
     def loss_fn(h, w, b):
-        return fused_pmi_kl(h, w, hidden[1], hidden[2], lm_head_bias=b, mask=mask, reduction=reduction,
-                            check_finite=False, backend=backend)
+        return fused_pmi_kl(
+            h,
+            w,
+            hidden[1],
+            hidden[2],
+            lm_head_bias=b,
+            mask=mask,
+            reduction=reduction,
+            check_finite=False,
+            backend=backend,
+        )
 
     compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
     results = []
@@ -290,8 +374,9 @@ def test_autocast_runs_the_head_in_the_autocast_dtype(device, backend, reduction
     for dtype, autocast in ((torch.float32, True), (torch.bfloat16, False)):
         leaves = [x.detach().to(dtype).requires_grad_(True) for x in (hidden[0], weight, bias)]
         with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
-            loss = fused_pmi_kl(leaves[0], leaves[1], hidden[1].to(dtype), hidden[2].to(dtype), lm_head_bias=leaves[2],
-                                **kwargs)
+            loss = fused_pmi_kl(
+                leaves[0], leaves[1], hidden[1].to(dtype), hidden[2].to(dtype), lm_head_bias=leaves[2], **kwargs
+            )
         grads = torch.autograd.grad(loss.sum(), leaves)
         assert all(g.dtype == dtype for g in grads)
         results.append((loss, *grads))
@@ -323,11 +408,21 @@ def test_the_launcher_lays_out_grad_h_as_its_fake(device, backend):
     from pmi_kernels.ops.fused import fused_pmi_kl_rows
     from pmi_kernels.ops.schema import loss_args
     from pmi_kernels.options import LossOptions
+
     (h, h_t, h_r, _), w, _, _ = make(6, 5, 9, torch.float32, device)
     h = h.t().contiguous().t()
     args = (h, w, None, h_t, h_r, None, w, None, None, torch.full((6,), 1 / 6, device=device))
-    kwargs = dict(loss_args(LossOptions()), backend=backend, group=None, chunk_rows=4, grad_weight_fp32=False,
-                  want_h=True, want_w=True, want_b=False, want_stats=False)
+    kwargs = dict(
+        loss_args(LossOptions()),
+        backend=backend,
+        group=None,
+        chunk_rows=4,
+        grad_weight_fp32=False,
+        want_h=True,
+        want_w=True,
+        want_b=False,
+        want_stats=False,
+    )
     torch.library.opcheck(fused_pmi_kl_rows, args, kwargs, test_utils=("test_faketensor",))
     assert fused_pmi_kl_rows(*args, **kwargs)[1].is_contiguous()
 

@@ -4,6 +4,7 @@
 What the reference shares with the fast paths (the frozen-head defaulting, the diagnostics'
 reading of the decomposition) cannot be checked by comparing them; only an independent
 expansion catches a mistake there."""
+
 import math
 
 import pytest
@@ -19,6 +20,7 @@ IMPLEMENTATIONS = PATHS + [pytest.param("cpu", "reference", id="reference")]
 
 
 # ---- The definitions, on lists of Python floats (one row each).
+
 
 def log_softmax(x):
     top = max(x)
@@ -63,18 +65,19 @@ def divergence(lp, lq, lam, entry_clip):
     return total
 
 
-def hand_loss_and_grad(s, t, r, a, *, beta=1.0, clip=10.0, center=True, temperature=1.0, jsd_beta=0.5,
-                       entry_clip=None):
+def hand_loss_and_grad(s, t, r, a, *, beta=1.0, clip=10.0, center=True, temperature=1.0, jsd_beta=0.5, entry_clip=None):
     """(loss, dloss/ds) of one row of raw logits. q is a constant: the gradient is the central
     difference of the divergence with g fixed at its value."""
 
     def scale(x):
         return None if x is None else [v / temperature for v in x]
+
     ss, ts, rs, as_ = map(scale, (s, t, r, a))
     lq = log_softmax(target_logits(ss, ts, rs, as_, beta=beta, clip=clip, center=center))
 
     def loss_at(x):
         return divergence(log_softmax(scale(x)), lq, jsd_beta, entry_clip)
+
     step, grad = 1e-5, []
     for v in range(len(s)):
         up, down = list(s), list(s)
@@ -100,6 +103,7 @@ def hand_diagnostics(s, t, r, a, *, beta=1.0, clip=10.0, center=True, temperatur
 
     def scale(x):
         return None if x is None else [v / temperature for v in x]
+
     s, t, r, a = map(scale, (s, t, r, a))
     lp, lt, lr = log_softmax(s), log_softmax(t), log_softmax(r)
     lq = log_softmax(target_logits(s, t, r, a, beta=beta, clip=clip, center=center))
@@ -112,12 +116,20 @@ def hand_diagnostics(s, t, r, a, *, beta=1.0, clip=10.0, center=True, temperatur
 
     def entropy(lx):
         return -sum(math.exp(x) * x for x in lx)
-    return {"cos_total_ref": cosine(total, ref), "cos_total_pmi": cosine(total, inter),
-            "norm_ratio_ref_total": norm(ref) / norm(total), "kl_teacher_student": kl(lt, lp),
-            "kl_target_student": kl(lq, lp), "entropy_student": entropy(lp), "entropy_target": entropy(lq)}
+
+    return {
+        "cos_total_ref": cosine(total, ref),
+        "cos_total_pmi": cosine(total, inter),
+        "norm_ratio_ref_total": norm(ref) / norm(total),
+        "kl_teacher_student": kl(lt, lp),
+        "kl_target_student": kl(lq, lp),
+        "entropy_student": entropy(lp),
+        "entropy_target": entropy(lq),
+    }
 
 
 # ---- Helpers for the comparisons.
+
 
 def rows(x):
     return None if x is None else x.tolist()
@@ -152,8 +164,9 @@ def test_pmi_kl_matches_hand_expansion(device, backend, mode, kwargs):
     comparing them cannot see it: e.g. a target that ignores the anchor or skips the centering."""
     s, t, r, a = (random(N, V) * 2 for _ in range(4))
     r, a = (None, None) if mode == "opsd" else (r, a if mode == "pmi-anchor" else None)
-    want = [hand_loss_and_grad(*(None if x is None else x[n] for x in map(rows, (s, t, r, a))), **kwargs)
-            for n in range(N)]
+    want = [
+        hand_loss_and_grad(*(None if x is None else x[n] for x in map(rows, (s, t, r, a))), **kwargs) for n in range(N)
+    ]
     s_in, t_in, r_in, a_in = on(device, s, t, r, a)
     s_in.requires_grad_(True)
     if backend == "reference":
@@ -187,8 +200,7 @@ FUSED_MODES = [
 @pytest.mark.parametrize("has_bias,has_frozen_weight,has_frozen_bias", HEADS)
 @pytest.mark.parametrize("mode,kwargs", FUSED_MODES)
 @pytest.mark.parametrize("device,backend", IMPLEMENTATIONS)
-def test_fused_pmi_kl_frozen_head_defaults(device, backend, mode, kwargs, has_bias, has_frozen_weight,
-                                           has_frozen_bias):
+def test_fused_pmi_kl_frozen_head_defaults(device, backend, mode, kwargs, has_bias, has_frozen_weight, has_frozen_bias):
     """Catches frozen-head defaulting that is not "each on its own": a frozen bias that ignores
     the student's when only frozen_weight is given (or follows frozen_weight's presence), a
     frozen weight taken from the wrong argument, the student's head used for the frozen streams;
@@ -202,11 +214,13 @@ def test_fused_pmi_kl_frozen_head_defaults(device, backend, mode, kwargs, has_bi
 
     def frozen(x):
         return None if x is None else linear(x, w_f, b_f)
+
     loss_want, grad_h, grad_w, grad_b = 0.0, [], [[0.0] * H for _ in range(V)], [0.0] * V
     for n in range(N):
 
         def row(x):
             return None if x is None else x[n].tolist()
+
         s = linear(row(h), rows(w), rows(b))
         loss_n, ds = hand_loss_and_grad(s, frozen(row(h_t)), frozen(row(h_r)), frozen(row(h_a)), **kwargs)
         loss_want += loss_n
@@ -253,8 +267,7 @@ def test_diagnostics_match_hand_expansion(device, backend, anchor, kwargs):
     distribution (p_T for q), an entropy of the wrong distribution or sign."""
     s, t, r, a = (random(N, V) * 2 for _ in range(4))
     a = a if anchor else None
-    want = [hand_diagnostics(*(None if x is None else x[n].tolist() for x in (s, t, r, a)), **kwargs)
-            for n in range(N)]
+    want = [hand_diagnostics(*(None if x is None else x[n].tolist() for x in (s, t, r, a)), **kwargs) for n in range(N)]
     streams = on(device, s, t, r, a)
     if backend == "reference":
         got = pmi_diagnostics_reference(*streams, **kwargs)
@@ -265,18 +278,23 @@ def test_diagnostics_match_hand_expansion(device, backend, anchor, kwargs):
 
 @pytest.mark.parametrize("has_bias,has_frozen_weight,has_frozen_bias", HEADS)
 @pytest.mark.parametrize("device,backend", PATHS)
-def test_diagnostics_of_hidden_states_frozen_head_defaults(device, backend, has_bias, has_frozen_weight,
-                                                         has_frozen_bias):
+def test_diagnostics_of_hidden_states_frozen_head_defaults(
+    device, backend, has_bias, has_frozen_weight, has_frozen_bias
+):
     """Catches the diagnostics' frozen streams read with the student's head (or the frozen head
     defaulted as a pair rather than each on its own); the anchor carries the frozen bias."""
     h, h_t, h_r, h_a = (random(N, H) for _ in range(4))
     w, b = random(V, H), random(V) if has_bias else None
     w_0, b_0 = random(V, H) if has_frozen_weight else None, random(V) if has_frozen_bias else None
     w_f, b_f = rows(w if w_0 is None else w_0), rows(b if b_0 is None else b_0)
-    want = [hand_diagnostics(linear(h[n].tolist(), rows(w), rows(b)),
-                             *(linear(x[n].tolist(), w_f, b_f) for x in (h_t, h_r, h_a)))
-            for n in range(N)]
+    want = [
+        hand_diagnostics(
+            linear(h[n].tolist(), rows(w), rows(b)), *(linear(x[n].tolist(), w_f, b_f) for x in (h_t, h_r, h_a))
+        )
+        for n in range(N)
+    ]
     h, h_t, h_r, h_a, w, b, w_0, b_0 = on(device, h, h_t, h_r, h_a, w, b, w_0, b_0)
-    got = pmi_diagnostics(h, h_t, h_r, h_a, lm_head_weight=w, lm_head_bias=b, frozen_weight=w_0, frozen_bias=b_0,
-                          backend=backend)
+    got = pmi_diagnostics(
+        h, h_t, h_r, h_a, lm_head_weight=w, lm_head_bias=b, frozen_weight=w_0, frozen_bias=b_0, backend=backend
+    )
     assert_diagnostics(got, want)

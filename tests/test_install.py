@@ -2,6 +2,7 @@
 build's lock, half-written or broken cache entries and an installed library built for another torch never
 break or hang a call. Each case runs in a fresh process (tests/native_build_driver.py), with torch's compile
 replaced by a copy of the library built here, except where the compiler's own failure is the point."""
+
 import json
 import os
 import shutil
@@ -39,8 +40,9 @@ def drive(case, library, tmp_path, timeout=120, **env):
     log = tmp_path / "builds.log"
     full_env = {k: v for k, v in os.environ.items() if k != "PMI_KERNELS_NO_EXTENSION"}
     full_env.update(PMI_TEST_LIBRARY=str(library), PMI_TEST_BUILD_LOG=str(log), PYTHONPATH=str(ROOT), **env)
-    out = subprocess.run([sys.executable, str(DRIVER), case], capture_output=True, text=True, timeout=timeout,
-                         env=full_env, cwd=tmp_path)
+    out = subprocess.run(
+        [sys.executable, str(DRIVER), case], capture_output=True, text=True, timeout=timeout, env=full_env, cwd=tmp_path
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     builds = len(log.read_text().splitlines()) if log.exists() else 0
     return json.loads(out.stdout.strip().splitlines()[-1]), builds
@@ -67,8 +69,7 @@ def test_unwritable_cache_builds_into_a_temporary_directory(library, tmp_path):
 
 def test_unwritable_cache_and_temporary_directory_fall_back_to_torch(library, tmp_path):
     """No exception from backend="auto": the plain-torch path, with one warning that names a rebuild command."""
-    result, builds = drive("auto", library, tmp_path, PMI_KERNELS_CACHE=str(unwritable(tmp_path)),
-                           PMI_TEST_NO_TMP="1")
+    result, builds = drive("auto", library, tmp_path, PMI_KERNELS_CACHE=str(unwritable(tmp_path)), PMI_TEST_NO_TMP="1")
     assert result["backend"] == "torch" and result["matches_torch"] and builds == 0
     assert len(result["warnings"]) == 1 and "python -m pmi_kernels.backends.native.build" in result["warnings"][0]
 
@@ -115,8 +116,13 @@ def test_lock_of_a_killed_build_does_not_block(library, tmp_path, cache):
     """A build killed while it holds the entry's lock (and torch's own lock file left beside it) does not
     make later processes wait."""
     env = {k: v for k, v in os.environ.items() if k != "PMI_KERNELS_NO_EXTENSION"}
-    holder = subprocess.Popen([sys.executable, str(DRIVER), "hold-lock"], stdout=subprocess.PIPE, text=True,
-                              env=dict(env, PYTHONPATH=str(ROOT)), cwd=tmp_path)
+    holder = subprocess.Popen(
+        [sys.executable, str(DRIVER), "hold-lock"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=dict(env, PYTHONPATH=str(ROOT)),
+        cwd=tmp_path,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
     finally:
@@ -180,11 +186,33 @@ def test_cuda_archs_follow_torch_cuda_arch_list(monkeypatch):
 def test_pure_wheel_requires_triton_on_linux_only(tmp_path):
     """The wheel's metadata: triton behind an environment marker (it has wheels for Linux only)."""
     source = tmp_path / "source"  # a copy: a build in the checkout could package its build/ leftovers
-    shutil.copytree(ROOT, source, symlinks=True, ignore=shutil.ignore_patterns(
-        ".git", ".venv*", "build", "dist", "runs", "*.egg-info", "*.so", "_C.build.json", "__pycache__"))
+    shutil.copytree(
+        ROOT,
+        source,
+        symlinks=True,
+        ignore=shutil.ignore_patterns(
+            ".git", ".venv*", "build", "dist", "runs", "*.egg-info", "*.so", "_C.build.json", "__pycache__"
+        ),
+    )
     env = dict(os.environ, PMI_KERNELS_BUILD_NATIVE="0")
-    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-q",
-                          "-w", str(tmp_path), str(source)], capture_output=True, text=True, timeout=300, env=env)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-build-isolation",
+            "--no-deps",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(source),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     (wheel,) = tmp_path.glob("pmi_kernels-*.whl")
     with zipfile.ZipFile(wheel) as archive:

@@ -3,6 +3,7 @@ code with a character tokenizer (nothing is downloaded): training steps with LoR
 fine-tuning, the loss against pmi_kl on materialized logits, DDP over two processes, the
 options, the model checks and the example. Skipped without trl; CI installs it (the dev extra
 includes pmi-kernels[trl])."""
+
 import os
 import subprocess
 import sys
@@ -33,21 +34,36 @@ NO_TELEMETRY = {"HF_HUB_DISABLE_TELEMETRY": "1"}
 def _no_telemetry(monkeypatch):
     """TRL's trainers report their use to the Hub unless told not to: tests make no requests."""
     import huggingface_hub.constants
+
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_TELEMETRY", True)
 
 
 def problems(count=4):
     """SDFT's dataset columns: the question as the prompt, the worked solution as the privileged context."""
-    return Dataset.from_list([{"prompt": f"Question: {row['question']}\nAnswer: ",
-                               "privileged_context": row["solution"]}
-                              for row in toy_problems(count, seed=0)])
+    return Dataset.from_list(
+        [
+            {"prompt": f"Question: {row['question']}\nAnswer: ", "privileged_context": row["solution"]}
+            for row in toy_problems(count, seed=0)
+        ]
+    )
 
 
 def tiny_config(tmp_path, **overrides):
-    values = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, num_generations=2,
-                  max_completion_length=6, max_steps=2, logging_steps=1, learning_rate=1e-2, report_to="none",
-                  use_cpu=True, bf16=False, save_strategy="no", gradient_checkpointing=False,
-                  refonly_prompt_template="Reference: {privileged_context}\nAnswer: ")
+    values = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=2,
+        num_generations=2,
+        max_completion_length=6,
+        max_steps=2,
+        logging_steps=1,
+        learning_rate=1e-2,
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        save_strategy="no",
+        gradient_checkpointing=False,
+        refonly_prompt_template="Reference: {privileged_context}\nAnswer: ",
+    )
     values.update(overrides)
     return PurifiedOPSDConfig(**values)
 
@@ -60,8 +76,13 @@ def tiny_trainer(tmp_path, lora: bool, dtype=torch.float32, **overrides):
     if not lora:
         model.save_pretrained(tmp_path / "base")
         model = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=dtype)
-    return PurifiedOPSDTrainer(model, args=tiny_config(tmp_path, **overrides), train_dataset=problems(),
-                               processing_class=tokenizer, peft_config=LoraConfig(**LORA) if lora else None)
+    return PurifiedOPSDTrainer(
+        model,
+        args=tiny_config(tmp_path, **overrides),
+        train_dataset=problems(),
+        processing_class=tokenizer,
+        peft_config=LoraConfig(**LORA) if lora else None,
+    )
 
 
 def trainable(model):
@@ -75,8 +96,7 @@ def test_two_training_steps(tmp_path, lora):
     student's entropy and the diagnostics, finite. Seen failing with the loss detached from the
     student's graph (nothing moves) and with the entropy logged under another name."""
     trainer = tiny_trainer(tmp_path, lora, gradient_accumulation_steps=2)
-    frozen = {name: p.detach().clone() for name, p in trainer.teacher_model.named_parameters()
-              if "lora_" not in name}
+    frozen = {name: p.detach().clone() for name, p in trainer.teacher_model.named_parameters() if "lora_" not in name}
     before = trainable(trainer.model)
     trainer.train()
     assert trainer.state.global_step == 2
@@ -88,8 +108,15 @@ def test_two_training_steps(tmp_path, lora):
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(logs) == 2
     for entry in logs:
-        for key in ("loss", "self_distillation/distillation_loss", "pmi/kl_target_student", "entropy",
-                    "pmi/entropy_target", "diag/cos_total_ref", "diag/norm_ratio_ref_total"):
+        for key in (
+            "loss",
+            "self_distillation/distillation_loss",
+            "pmi/kl_target_student",
+            "entropy",
+            "pmi/entropy_target",
+            "diag/cos_total_ref",
+            "diag/norm_ratio_ref_total",
+        ):
             assert key in entry and torch.isfinite(torch.tensor(entry[key])), key
         assert entry["entropy"] > 0 and entry["pmi/kl_target_student"] >= 0
 
@@ -97,8 +124,10 @@ def test_two_training_steps(tmp_path, lora):
 @contextmanager
 def no_logits(model):
     """Fail if the lm_head module runs: the loss must use its weight through fused_pmi_kl only."""
+
     def refuse(*_):
         raise AssertionError("the lm_head ran: [B, T, V] logits were materialized")
+
     handle = decoder_and_head(model)[1].register_forward_pre_hook(refuse)
     try:
         yield
@@ -123,16 +152,20 @@ def mask_positions(attention_mask):
 
 def full_logits(model, input_ids, attention_mask, completion_length):
     """[B, T, V] logits that predict the completion, from the model's full forward."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask,
-                   position_ids=mask_positions(attention_mask)).logits
-    return logits[:, -completion_length - 1:-1]
+    logits = model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=mask_positions(attention_mask)
+    ).logits
+    return logits[:, -completion_length - 1 : -1]
 
 
-@pytest.mark.parametrize("lora, overrides", [
-    pytest.param(True, dict(pmi_beta=2.0, pmi_clip=3.0, temperature=1.3, num_loss_tokens_to_skip=1), id="lora-pmi"),
-    pytest.param(False, dict(pmi_anchor=True, pmi_jsd_beta=0.3), id="full-pmi-anchor"),
-    pytest.param(True, dict(pmi_mode="opsd", pmi_jsd_beta=1.0), id="lora-opsd"),
-])
+@pytest.mark.parametrize(
+    "lora, overrides",
+    [
+        pytest.param(True, dict(pmi_beta=2.0, pmi_clip=3.0, temperature=1.3, num_loss_tokens_to_skip=1), id="lora-pmi"),
+        pytest.param(False, dict(pmi_anchor=True, pmi_jsd_beta=0.3), id="full-pmi-anchor"),
+        pytest.param(True, dict(pmi_mode="opsd", pmi_jsd_beta=1.0), id="lora-opsd"),
+    ],
+)
 def test_loss_equals_pmi_kl_on_full_logits(tmp_path, lora, overrides):
     """One micro-batch's loss and parameter gradients equal pmi_kl's on the full forward's logits
     of the same three contexts (the teacher and reference-only contexts, and the anchor, with
@@ -156,10 +189,13 @@ def test_loss_equals_pmi_kl_on_full_logits(tmp_path, lora, overrides):
     completion_ids, completion_mask = micro["completion_ids"], micro["completion_mask"]
     length = completion_ids.size(1)
     refonly_prompt = trainer.processing_class(
-        args.refonly_prompt_template.format(privileged_context=examples[0]["privileged_context"])).input_ids
+        args.refonly_prompt_template.format(privileged_context=examples[0]["privileged_context"])
+    ).input_ids
     kept = micro["refonly_attention_mask"][0].bool()
-    assert micro["refonly_input_ids"][0][kept].tolist() == refonly_prompt + completion_ids[0][
-        completion_mask[0].bool()].tolist()
+    assert (
+        micro["refonly_input_ids"][0][kept].tolist()
+        == refonly_prompt + completion_ids[0][completion_mask[0].bool()].tolist()
+    )
 
     with no_logits(model):
         loss = trainer.compute_loss(model, micro)
@@ -176,11 +212,21 @@ def test_loss_equals_pmi_kl_on_full_logits(tmp_path, lora, overrides):
         refonly = full_logits(frozen_model, micro["refonly_input_ids"], micro["refonly_attention_mask"], length)
         anchor = full_logits(frozen_model, student_ids, student_mask, length) if args.pmi_anchor else None
     counted = completion_mask.clone()
-    counted[:, :args.num_loss_tokens_to_skip] = 0
-    step_tokens = batch["completion_mask"][:, args.num_loss_tokens_to_skip:].sum()
-    want = pmi_kl(student, teacher, refonly if args.pmi_mode == "pmi" else None, anchor, mask=counted,
-                  normalizer=step_tokens, beta=args.pmi_beta, clip=args.pmi_clip, center=args.pmi_center,
-                  temperature=args.temperature, jsd_beta=args.pmi_jsd_beta)
+    counted[:, : args.num_loss_tokens_to_skip] = 0
+    step_tokens = batch["completion_mask"][:, args.num_loss_tokens_to_skip :].sum()
+    want = pmi_kl(
+        student,
+        teacher,
+        refonly if args.pmi_mode == "pmi" else None,
+        anchor,
+        mask=counted,
+        normalizer=step_tokens,
+        beta=args.pmi_beta,
+        clip=args.pmi_clip,
+        center=args.pmi_center,
+        temperature=args.temperature,
+        jsd_beta=args.pmi_jsd_beta,
+    )
     want.backward()
     assert float(loss.detach()) == pytest.approx(float(want.detach()), rel=1e-9)
     for name, p in model.named_parameters():
@@ -196,6 +242,7 @@ def fixed_rollouts(trainer, lengths):
     def generate(prompt_ids):
         sizes = [next(turn) for _ in prompt_ids]
         return prompt_ids, [[10 + n] * (n - 1) + [eos] if n < max(lengths) else [10] * n for n in sizes]
+
     trainer._generate = generate
 
 
@@ -204,8 +251,16 @@ def test_logged_means_weigh_every_token_alike(tmp_path):
     is the step's loss (its sum over the step's tokens over their count), not the mean of the
     two micro-batches' means. Seen failing with a mean per micro-batch appended to TRL's lists
     (0.0080 against 0.0095)."""
-    trainer = tiny_trainer(tmp_path, True, per_device_train_batch_size=2, num_generations=1, max_steps=1,
-                           gradient_accumulation_steps=2, learning_rate=0.0, max_completion_length=6)
+    trainer = tiny_trainer(
+        tmp_path,
+        True,
+        per_device_train_batch_size=2,
+        num_generations=1,
+        max_steps=1,
+        gradient_accumulation_steps=2,
+        learning_rate=0.0,
+        max_completion_length=6,
+    )
     perturb_student(trainer, lora=True)
     fixed_rollouts(trainer, [6, 6, 1, 1])
     trainer.train()
@@ -219,11 +274,13 @@ def test_bf16_runs_the_loss_under_autocast(tmp_path, monkeypatch):
     Seen failing with the forward redirection skipping accelerate's autocast (fp32 throughout,
     the loss bit-identical to bf16=False)."""
     import pmi_kernels.integrations.trl as integration
+
     seen, projections = [], []
 
     def recording(*args, **kwargs):
         seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu"))
         return fused(*args, **kwargs)
+
     fused = integration.fused_pmi_kl
     monkeypatch.setattr(integration, "fused_pmi_kl", recording)
     trainer = tiny_trainer(tmp_path, True, bf16=True, max_steps=1)
@@ -243,6 +300,7 @@ def test_left_padding_moves_no_position(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from pmi_kernels.integrations.trl import completion_hidden_states
+
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=32, n_embd=16, n_layer=2, n_head=2)).eval()
     decoder, _ = decoder_and_head(model)
@@ -264,33 +322,40 @@ def test_ddp_gradient_is_normalized_by_the_step_tokens_of_both_processes(tmp_pat
     Seen failing with the normalizer not divided by the process count (off by 2x) and with the
     token count not gathered across processes."""
     worker = os.path.join(os.path.dirname(__file__), "trl_ddp_worker.py")
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          worker, str(tmp_path)], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, **NO_TELEMETRY, "TRL_EXPERIMENTAL_SILENCE": "1", "OMP_NUM_THREADS": "1"})
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", worker, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **NO_TELEMETRY, "TRL_EXPERIMENTAL_SILENCE": "1", "OMP_NUM_THREADS": "1"},
+    )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
     assert "ok 0" in run.stdout and "ok 1" in run.stdout
 
 
-@pytest.mark.parametrize("overrides, key", [
-    (dict(pmi_mode="kl"), "pmi_mode"),
-    (dict(pmi_beta=0.0), "pmi_beta"),
-    (dict(pmi_clip=-1.0), "pmi_clip"),
-    (dict(pmi_jsd_beta=1.5), "pmi_jsd_beta"),
-    (dict(pmi_entry_clip=float("nan")), "pmi_entry_clip"),
-    (dict(pmi_center="no"), "pmi_center"),
-    (dict(pmi_log_diagnostics=1), "pmi_log_diagnostics"),
-    (dict(pmi_anchor=True, pmi_mode="opsd"), "pmi_anchor"),
-    (dict(refonly_prompt_template="{prompt}\n{privileged_context}"), "refonly_prompt_template"),
-    (dict(refonly_prompt_template="Reference:"), "refonly_prompt_template"),
-    (dict(refonly_prompt_template="{privileged_context} {answer}"), "refonly_prompt_template"),
-    (dict(refonly_prompt_template="Reference: {{privileged_context}}"), "refonly_prompt_template"),
-    (dict(refonly_prompt_template="Reference: {privileged_context:>999999999999}"), "refonly_prompt_template"),
-    (dict(teacher_prompt_template="{{prompt}}\n{privileged_context}"), "teacher_prompt_template"),
-    (dict(teacher_prompt_template="{prompt}\n{privileged_context}\n{answer}"), "teacher_prompt_template"),
-    (dict(use_teacher_server=True), "use_teacher_server"),
-    (dict(num_iterations=2), "num_iterations"),
-    (dict(generation_batch_size=8), "steps_per_generation"),
-])
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (dict(pmi_mode="kl"), "pmi_mode"),
+        (dict(pmi_beta=0.0), "pmi_beta"),
+        (dict(pmi_clip=-1.0), "pmi_clip"),
+        (dict(pmi_jsd_beta=1.5), "pmi_jsd_beta"),
+        (dict(pmi_entry_clip=float("nan")), "pmi_entry_clip"),
+        (dict(pmi_center="no"), "pmi_center"),
+        (dict(pmi_log_diagnostics=1), "pmi_log_diagnostics"),
+        (dict(pmi_anchor=True, pmi_mode="opsd"), "pmi_anchor"),
+        (dict(refonly_prompt_template="{prompt}\n{privileged_context}"), "refonly_prompt_template"),
+        (dict(refonly_prompt_template="Reference:"), "refonly_prompt_template"),
+        (dict(refonly_prompt_template="{privileged_context} {answer}"), "refonly_prompt_template"),
+        (dict(refonly_prompt_template="Reference: {{privileged_context}}"), "refonly_prompt_template"),
+        (dict(refonly_prompt_template="Reference: {privileged_context:>999999999999}"), "refonly_prompt_template"),
+        (dict(teacher_prompt_template="{{prompt}}\n{privileged_context}"), "teacher_prompt_template"),
+        (dict(teacher_prompt_template="{prompt}\n{privileged_context}\n{answer}"), "teacher_prompt_template"),
+        (dict(use_teacher_server=True), "use_teacher_server"),
+        (dict(num_iterations=2), "num_iterations"),
+        (dict(generation_batch_size=8), "steps_per_generation"),
+    ],
+)
 def test_options_are_checked_up_front(tmp_path, overrides, key):
     """Each bad option is a ValueError naming its key, when the config is built. Seen failing
     with each check removed in turn, with the loss options' errors raised under LossOptions'
@@ -305,9 +370,11 @@ def test_clip_off_and_literal_braces(tmp_path):
     written; {{prompt}} is literal text, not the question. Seen failing with inf refused and
     with the template's check a substring test."""
     from transformers import HfArgumentParser
+
     assert tiny_config(tmp_path, pmi_clip=float("inf")).pmi_clip is None
     (parsed,) = HfArgumentParser(PurifiedOPSDConfig).parse_args_into_dataclasses(
-        ["--output_dir", str(tmp_path), "--pmi_clip", "inf", "--report_to", "none", "--use_cpu", "true"])
+        ["--output_dir", str(tmp_path), "--pmi_clip", "inf", "--report_to", "none", "--use_cpu", "true"]
+    )
     assert parsed.pmi_clip is None
     config = tiny_config(tmp_path, refonly_prompt_template="Answer {{prompt}} from: {privileged_context}")
     assert config.refonly_prompt_template.format(privileged_context="x") == "Answer {prompt} from: x"
@@ -323,12 +390,19 @@ def test_trainer_refuses_what_it_cannot_train(tmp_path):
     with pytest.raises(ValueError, match="args"):
         PurifiedOPSDTrainer(toy_model(tokenizer), args=sdft_args, train_dataset=problems(), processing_class=tokenizer)
     with pytest.raises(ValueError, match="model"):
-        PurifiedOPSDTrainer(toy_model(tokenizer), args=tiny_config(tmp_path), train_dataset=problems(),
-                            processing_class=tokenizer, peft_config=LoraConfig(r=4, target_modules=["lm_head"]))
+        PurifiedOPSDTrainer(
+            toy_model(tokenizer),
+            args=tiny_config(tmp_path),
+            train_dataset=problems(),
+            processing_class=tokenizer,
+            peft_config=LoraConfig(r=4, target_modules=["lm_head"]),
+        )
     capped = toy_model(tokenizer)
     capped.config.final_logit_softcapping = 30.0
-    with pytest.raises(ValueError, match="final_logit_softcapping"), \
-            mock.patch.object(SDFTTrainer, "__init__", side_effect=AssertionError("SDFT set up first")):
+    with (
+        pytest.raises(ValueError, match="final_logit_softcapping"),
+        mock.patch.object(SDFTTrainer, "__init__", side_effect=AssertionError("SDFT set up first")),
+    ):
         PurifiedOPSDTrainer(capped, args=tiny_config(tmp_path), train_dataset=problems(), processing_class=tokenizer)
 
 
@@ -366,6 +440,7 @@ def test_example_runs(tmp_path):
     """examples/trl_purified_opsd.py, one step: it keeps running as the API changes (seen
     failing with a renamed config key)."""
     import importlib.util
+
     path = os.path.join(os.path.dirname(__file__), "..", "examples", "trl_purified_opsd.py")
     spec = importlib.util.spec_from_file_location("trl_purified_opsd", path)
     example = importlib.util.module_from_spec(spec)
@@ -376,31 +451,54 @@ def test_example_runs(tmp_path):
 
 def text_rows(count=3):
     """Rows as a plain list (a map-style dataset TRL accepts, which can hold any value)."""
-    return [{"prompt": f"Question {index}: 2+{index}?\nAnswer: ", "privileged_context": f"2+{index}={2 + index}"}
-            for index in range(count)]
+    return [
+        {"prompt": f"Question {index}: 2+{index}?\nAnswer: ", "privileged_context": f"2+{index}={2 + index}"}
+        for index in range(count)
+    ]
 
 
 def make_trainer(tmp_path, train_dataset, tokenizer=None, eval_dataset=None, **overrides):
     """A LoRA trainer of the tiny model on the given rows (the teacher is the adapter switched off)."""
     tokenizer = tokenizer or toy_tokenizer()
-    return PurifiedOPSDTrainer(toy_model(tokenizer), args=tiny_config(tmp_path, **overrides),
-                               train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=tokenizer,
-                               peft_config=LoraConfig(**LORA))
+    return PurifiedOPSDTrainer(
+        toy_model(tokenizer),
+        args=tiny_config(tmp_path, **overrides),
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        peft_config=LoraConfig(**LORA),
+    )
 
 
 NO_TOKENS = "renders to no tokens"
 
 
-@pytest.mark.parametrize("overrides, bad, match", [
-    pytest.param(dict(refonly_prompt_template="{privileged_context}"), {"privileged_context": ""},
-                 r"train_dataset row 1: the reference-only context renders to no tokens \(refonly_prompt_template="
-                 r"'\{privileged_context\}' over privileged_context=''\)", id="empty-reference-default-template"),
-    pytest.param(dict(refonly_prompt_template="{privileged_context}", pmi_mode="opsd"), {"privileged_context": ""},
-                 "train_dataset row 1: the reference-only context " + NO_TOKENS, id="opsd-diagnostics-read-it"),
-    pytest.param(dict(refonly_prompt_template="{privileged_context}", teacher_prompt_template="{prompt}"
-                      "{privileged_context}"), {"prompt": "", "privileged_context": ""},
-                 "train_dataset row 1: the student's context " + NO_TOKENS + r" \(prompt=''\)", id="empty-prompt"),
-])
+@pytest.mark.parametrize(
+    "overrides, bad, match",
+    [
+        pytest.param(
+            dict(refonly_prompt_template="{privileged_context}"),
+            {"privileged_context": ""},
+            r"train_dataset row 1: the reference-only context renders to no tokens \(refonly_prompt_template="
+            r"'\{privileged_context\}' over privileged_context=''\)",
+            id="empty-reference-default-template",
+        ),
+        pytest.param(
+            dict(refonly_prompt_template="{privileged_context}", pmi_mode="opsd"),
+            {"privileged_context": ""},
+            "train_dataset row 1: the reference-only context " + NO_TOKENS,
+            id="opsd-diagnostics-read-it",
+        ),
+        pytest.param(
+            dict(
+                refonly_prompt_template="{privileged_context}", teacher_prompt_template="{prompt}{privileged_context}"
+            ),
+            {"prompt": "", "privileged_context": ""},
+            "train_dataset row 1: the student's context " + NO_TOKENS + r" \(prompt=''\)",
+            id="empty-prompt",
+        ),
+    ],
+)
 def test_a_context_without_tokens_is_refused_up_front(tmp_path, overrides, bad, match):
     """A row that renders a context (the student's or the reference-only; the teacher's text has
     the prompt) to no tokens is a ValueError naming the row, the context, its template and the
@@ -410,8 +508,10 @@ def test_a_context_without_tokens_is_refused_up_front(tmp_path, overrides, bad, 
     its batch, read the first completion token from a padding position (and trained on)."""
     rows = text_rows()
     rows[1].update(bad)
-    with pytest.raises(ValueError, match=match), \
-            mock.patch.object(SDFTTrainer, "__init__", side_effect=AssertionError("SDFT set up first")):
+    with (
+        pytest.raises(ValueError, match=match),
+        mock.patch.object(SDFTTrainer, "__init__", side_effect=AssertionError("SDFT set up first")),
+    ):
         make_trainer(tmp_path, rows, **overrides)
 
 
@@ -439,15 +539,20 @@ def test_a_context_without_tokens_is_refused_at_the_first_batch(tmp_path):
     never saw. Seen failing before the check: the rollout was sampled (unmocked, generate()
     crashed on the empty context's float ids)."""
     from tokenizers import normalizers
+
     tokenizer = toy_tokenizer()
     tokenizer.backend_tokenizer.normalizer = normalizers.Replace("~", "")
     rows = text_rows(2)
     rows[0]["privileged_context"] = "~~"
-    trainer = make_trainer(tmp_path, rows, tokenizer, refonly_prompt_template="{privileged_context}",
-                           shuffle_dataset=False, max_steps=1)
+    trainer = make_trainer(
+        tmp_path, rows, tokenizer, refonly_prompt_template="{privileged_context}", shuffle_dataset=False, max_steps=1
+    )
     trainer._generate = mock.Mock(side_effect=AssertionError("sampled before the check"))
-    match = (r"the row with prompt='Question 0: 2\+0\?\\nAnswer: ': the reference-only context " + NO_TOKENS
-             + r" \(refonly_prompt_template='\{privileged_context\}' over privileged_context='~~'\)")
+    match = (
+        r"the row with prompt='Question 0: 2\+0\?\\nAnswer: ': the reference-only context "
+        + NO_TOKENS
+        + r" \(refonly_prompt_template='\{privileged_context\}' over privileged_context='~~'\)"
+    )
     with pytest.raises(ValueError, match=match):
         trainer.train()
     with pytest.raises(ValueError, match=r"the row with prompt='Q': privileged_context is None"):
@@ -457,24 +562,37 @@ def test_a_context_without_tokens_is_refused_at_the_first_batch(tmp_path):
 USER = {"role": "user", "content": "2+2?"}
 
 
-@pytest.mark.parametrize("bad, match", [
-    pytest.param({"privileged_context": None}, "privileged_context is None", id="context-none"),
-    pytest.param({"privileged_context": 4}, "privileged_context must be a str or a list of messages, got 4",
-                 id="context-int"),
-    pytest.param({"privileged_context": []}, "privileged_context is an empty list of messages", id="context-empty"),
-    pytest.param({"privileged_context": ["4"]}, r"privileged_context\[0\] must be a message", id="context-strs"),
-    pytest.param({"prompt": None}, "prompt is None", id="prompt-none"),
-    pytest.param({"prompt": b"2+2?"}, "prompt must be a str or a list of messages", id="prompt-bytes"),
-    pytest.param({"prompt": []}, "prompt is an empty list of messages", id="prompt-empty"),
-    pytest.param({"prompt": [{"role": "user"}]}, r"prompt\[0\] must be a message", id="message-no-content"),
-    pytest.param({"prompt": [{"content": "2+2?"}]}, r"prompt\[0\] must be a message", id="message-no-role"),
-    pytest.param({"prompt": [USER, {"role": "assistant", "content": "4"}]},
-                 "prompt must end with a user turn .* role 'assistant'", id="assistant-last"),
-    pytest.param({"prompt": [{"role": "user", "content": ["2+2?"]}]}, r"prompt\[0\] must be a message",
-                 id="content-parts-strs"),
-    pytest.param({"prompt": [USER]}, "train_dataset row 1: prompt is a conversation but train_dataset row 0's is text",
-                 id="mixed-kinds"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        pytest.param({"privileged_context": None}, "privileged_context is None", id="context-none"),
+        pytest.param(
+            {"privileged_context": 4}, "privileged_context must be a str or a list of messages, got 4", id="context-int"
+        ),
+        pytest.param({"privileged_context": []}, "privileged_context is an empty list of messages", id="context-empty"),
+        pytest.param({"privileged_context": ["4"]}, r"privileged_context\[0\] must be a message", id="context-strs"),
+        pytest.param({"prompt": None}, "prompt is None", id="prompt-none"),
+        pytest.param({"prompt": b"2+2?"}, "prompt must be a str or a list of messages", id="prompt-bytes"),
+        pytest.param({"prompt": []}, "prompt is an empty list of messages", id="prompt-empty"),
+        pytest.param({"prompt": [{"role": "user"}]}, r"prompt\[0\] must be a message", id="message-no-content"),
+        pytest.param({"prompt": [{"content": "2+2?"}]}, r"prompt\[0\] must be a message", id="message-no-role"),
+        pytest.param(
+            {"prompt": [USER, {"role": "assistant", "content": "4"}]},
+            "prompt must end with a user turn .* role 'assistant'",
+            id="assistant-last",
+        ),
+        pytest.param(
+            {"prompt": [{"role": "user", "content": ["2+2?"]}]},
+            r"prompt\[0\] must be a message",
+            id="content-parts-strs",
+        ),
+        pytest.param(
+            {"prompt": [USER]},
+            "train_dataset row 1: prompt is a conversation but train_dataset row 0's is text",
+            id="mixed-kinds",
+        ),
+    ],
+)
 def test_bad_rows_are_refused_naming_row_and_field(tmp_path, bad, match):
     """A row whose field is missing, None or of a type SDFT cannot read is a ValueError naming the
     row and the field when the trainer is built. Seen failing before the checks: construction
@@ -489,8 +607,10 @@ def test_bad_rows_are_refused_naming_row_and_field(tmp_path, bad, match):
 def test_missing_fields_and_columns_are_refused(tmp_path):
     """A row without a field, a row that is not a dict, and a datasets.Dataset without a column.
     Seen failing before the checks (construction passed; KeyError at the first batch)."""
-    for index, bad, match in ((1, {"prompt": "2+2?"}, "train_dataset row 1: privileged_context is missing"),
-                              (2, "2+2?", "train_dataset row 2 must be a dict")):
+    for index, bad, match in (
+        (1, {"prompt": "2+2?"}, "train_dataset row 1: privileged_context is missing"),
+        (2, "2+2?", "train_dataset row 2 must be a dict"),
+    ):
         rows = text_rows()
         rows[index] = bad
         with pytest.raises(ValueError, match=match):
@@ -506,6 +626,7 @@ def recorded_micro_batches(trainer):
     def recording(model, inputs, *args, **kwargs):
         micro_batches.append(inputs)
         return compute_loss(model, inputs, *args, **kwargs)
+
     trainer.compute_loss = recording
     return micro_batches
 
@@ -515,6 +636,7 @@ def per_position_stats(trainer, micro):
     statistics and pmi_diagnostics on the full forward's logits of the three contexts (the
     frozen ones with the adapter off), apart from the trainer's hidden-state path."""
     from pmi_kernels import pmi_diagnostics
+
     args, model = trainer.args, trainer.model
     length = micro["completion_ids"].size(1)
     ids = torch.cat([micro["prompt_ids"], micro["completion_ids"]], 1)
@@ -525,10 +647,18 @@ def per_position_stats(trainer, micro):
             teacher = full_logits(model, micro["teacher_input_ids"], micro["teacher_attention_mask"], length)
             refonly = full_logits(model, micro["refonly_input_ids"], micro["refonly_attention_mask"], length)
     counted = micro["completion_mask"].bool().clone()
-    counted[:, :args.num_loss_tokens_to_skip] = False
+    counted[:, : args.num_loss_tokens_to_skip] = False
     options = dict(beta=args.pmi_beta, clip=args.pmi_clip, center=args.pmi_center, temperature=args.temperature)
-    _, stats = pmi_kl(student, teacher, refonly, mask=counted, reduction="none", return_stats=True,
-                      jsd_beta=args.pmi_jsd_beta, **options)
+    _, stats = pmi_kl(
+        student,
+        teacher,
+        refonly,
+        mask=counted,
+        reduction="none",
+        return_stats=True,
+        jsd_beta=args.pmi_jsd_beta,
+        **options,
+    )
     diagnostics = pmi_diagnostics(student, teacher, refonly, **options)
     return counted, {**stats, **{f"diag/{key}": value for key, value in diagnostics.items()}}
 
@@ -542,10 +672,23 @@ def test_every_logged_metric_is_its_per_token_mean(tmp_path):
     alike (a mean of means), with the token count taken before num_loss_tokens_to_skip, and
     with the metric names shifted against the sums."""
     from pmi_kernels.backends import DIAGNOSTICS
-    trainer = tiny_trainer(tmp_path, True, torch.float64, per_device_train_batch_size=2, num_generations=1,
-                           gradient_accumulation_steps=2, max_steps=2, logging_steps=2, learning_rate=0.0,
-                           max_completion_length=6, num_loss_tokens_to_skip=1, temperature=1.3, pmi_beta=2.0,
-                           pmi_clip=3.0)
+
+    trainer = tiny_trainer(
+        tmp_path,
+        True,
+        torch.float64,
+        per_device_train_batch_size=2,
+        num_generations=1,
+        gradient_accumulation_steps=2,
+        max_steps=2,
+        logging_steps=2,
+        learning_rate=0.0,
+        max_completion_length=6,
+        num_loss_tokens_to_skip=1,
+        temperature=1.3,
+        pmi_beta=2.0,
+        pmi_clip=3.0,
+    )
     perturb_student(trainer, lora=True)
     short = torch.randint(1, 6, (4,)).tolist()  # a micro-batch of 6 + short tokens, one of 1 + short
     fixed_rollouts(trainer, [6, short[0], 1, short[1], 1, short[2], 6, short[3]])
@@ -557,7 +700,7 @@ def test_every_logged_metric_is_its_per_token_mean(tmp_path):
     sums, tokens, step_losses = {}, 0, []
     for step in range(2):
         step_sum, step_tokens = 0.0, 0
-        for micro in micro_batches[2 * step:2 * step + 2]:
+        for micro in micro_batches[2 * step : 2 * step + 2]:
             counted, values = per_position_stats(trainer, micro)
             for name, value in values.items():
                 sums[name] = sums.get(name, 0.0) + float(value[counted].nan_to_num().sum())
@@ -567,16 +710,23 @@ def test_every_logged_metric_is_its_per_token_mean(tmp_path):
         step_losses.append(step_sum / step_tokens)
     counts = [int(micro["completion_mask"].sum()) for micro in micro_batches]
     assert counts[0] != counts[1] and counts[2] != counts[3], counts
-    logged = {"self_distillation/distillation_loss": "loss", "purified_opsd/distillation_loss": "loss",
-              "pmi/kl_target_student": "kl_target_student", "entropy": "entropy_student",
-              "pmi/entropy_target": "entropy_target", **{f"diag/{key}": f"diag/{key}" for key in DIAGNOSTICS}}
+    logged = {
+        "self_distillation/distillation_loss": "loss",
+        "purified_opsd/distillation_loss": "loss",
+        "pmi/kl_target_student": "kl_target_student",
+        "entropy": "entropy_student",
+        "pmi/entropy_target": "entropy_target",
+        **{f"diag/{key}": f"diag/{key}" for key in DIAGNOSTICS},
+    }
     for key, name in logged.items():
         assert entry[key] == pytest.approx(sums[name] / tokens, rel=1e-6, abs=1e-12), key
     assert entry["loss"] == pytest.approx(sum(step_losses) / 2, rel=1e-6)
 
 
-CHAT_TEMPLATE = ("{% for message in messages %}<{{ message['role'] }}>{{ message['content'] }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}<assistant>{% endif %}")
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<{{ message['role'] }}>{{ message['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
 
 
 def test_conversational_contexts_keep_the_system_turns(tmp_path):
@@ -589,12 +739,18 @@ def test_conversational_contexts_keep_the_system_turns(tmp_path):
     system turn dropped)."""
     tokenizer = toy_tokenizer()
     tokenizer.chat_template = CHAT_TEMPLATE
-    system, earlier = {"role": "system", "content": "Be brief."}, [{"role": "user", "content": "Hi."},
-                                                                    {"role": "assistant", "content": "Hello."}]
+    system, earlier = (
+        {"role": "system", "content": "Be brief."},
+        [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."}],
+    )
     question = [f"What is {a} + {b}?" for a, b in torch.randint(1, 10, (2, 2)).tolist()]
-    rows = [{"prompt": [system, {"role": "user", "content": question[0]}], "privileged_context": "It is 7."},
-            {"prompt": [system, *earlier, {"role": "user", "content": question[1]}],
-             "privileged_context": [{"role": "assistant", "content": "Add."}, {"role": "assistant", "content": "9."}]}]
+    rows = [
+        {"prompt": [system, {"role": "user", "content": question[0]}], "privileged_context": "It is 7."},
+        {
+            "prompt": [system, *earlier, {"role": "user", "content": question[1]}],
+            "privileged_context": [{"role": "assistant", "content": "Add."}, {"role": "assistant", "content": "9."}],
+        },
+    ]
     references = ["It is 7.", "Add.\n9."]
     trainer = make_trainer(tmp_path, rows, tokenizer, per_device_train_batch_size=2, num_generations=1, max_steps=1)
     args = trainer.args
@@ -602,11 +758,13 @@ def test_conversational_contexts_keep_the_system_turns(tmp_path):
     batch = trainer._prepare_training_batch(rows)
 
     def chat_ids(messages):
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                             return_dict=True)["input_ids"]
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)[
+            "input_ids"
+        ]
 
     def kept(ids, mask, row):
         return ids[row][mask[row].bool()].tolist()
+
     for row, (example, reference) in enumerate(zip(rows, references)):
         turns, user = example["prompt"][:-1], example["prompt"][-1]["content"]
         completion = kept(batch["completion_ids"], batch["completion_mask"], row)
@@ -614,10 +772,14 @@ def test_conversational_contexts_keep_the_system_turns(tmp_path):
         refonly = args.refonly_prompt_template.format(privileged_context=reference)
         assert turns[0] == system
         assert kept(batch["prompt_ids"], batch["prompt_mask"], row) == chat_ids(example["prompt"])
-        assert kept(batch["teacher_input_ids"], batch["teacher_attention_mask"], row) == chat_ids(
-            [*turns, {"role": "user", "content": teacher}]) + completion
-        assert kept(batch["refonly_input_ids"], batch["refonly_attention_mask"], row) == chat_ids(
-            [*turns, {"role": "user", "content": refonly}]) + completion
+        assert (
+            kept(batch["teacher_input_ids"], batch["teacher_attention_mask"], row)
+            == chat_ids([*turns, {"role": "user", "content": teacher}]) + completion
+        )
+        assert (
+            kept(batch["refonly_input_ids"], batch["refonly_attention_mask"], row)
+            == chat_ids([*turns, {"role": "user", "content": refonly}]) + completion
+        )
     trainer.train()
     (entry,) = [e for e in trainer.state.log_history if "loss" in e]
     assert torch.isfinite(torch.tensor(entry["loss"])) and entry["pmi/kl_target_student"] >= 0

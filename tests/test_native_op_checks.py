@@ -2,6 +2,7 @@
 torch.ops.pmi_kernels, where no Python check runs first: each check refuses its one spoiled
 argument with its message, each option range is accepted at its edge and refused just past it,
 and the unspoiled calls (the whole operation and each phase of a split vocabulary) run."""
+
 import dataclasses
 import math
 
@@ -19,6 +20,7 @@ TINY = math.nextafter(0.0, 1.0)  # the smallest positive double
 @pytest.fixture(autouse=True)
 def _needs_the_extension():
     from pmi_kernels.backends.native import extension
+
     reason = extension.load()
     if reason is not None:
         pytest.skip(reason)
@@ -41,10 +43,23 @@ def rows_args(phase="whole", dtype=torch.float32):
     a split vocabulary as vocab_parallel.parallel_rows passes them."""
     s, t, r, a = streams(N, V, dtype, count=4)
     acc = torch.promote_types(dtype, torch.float32)
-    args = dict(student=s, teacher=t, refonly=r, anchor=a, kappa=torch.zeros(N, dtype=acc),
-                mask=torch.ones(N, dtype=torch.bool), row_scale=torch.ones(N, dtype=acc), grad=torch.empty_like(s),
-                stats=torch.empty(N, 3, dtype=acc), lse_in=None, lse_out=None, slope_sum_in=None, slope_sum_out=None,
-                phase=PHASES[phase].value, **options())
+    args = dict(
+        student=s,
+        teacher=t,
+        refonly=r,
+        anchor=a,
+        kappa=torch.zeros(N, dtype=acc),
+        mask=torch.ones(N, dtype=torch.bool),
+        row_scale=torch.ones(N, dtype=acc),
+        grad=torch.empty_like(s),
+        stats=torch.empty(N, 3, dtype=acc),
+        lse_in=None,
+        lse_out=None,
+        slope_sum_in=None,
+        slope_sum_out=None,
+        phase=PHASES[phase].value,
+        **options(),
+    )
     lse = torch.stack([s.max(-1).values, torch.ones(N, dtype=acc)] * 2, -1).to(acc).contiguous()
     if phase == "lse":
         args.update(row_scale=None, grad=None, stats=None, lse_out=torch.empty(N, 4, dtype=acc))
@@ -73,11 +88,18 @@ def spoiled(name, how):
 # (what, phase, change(args) -> replaced arguments, message)
 ROWS_CASES = [
     ("student-1d", "whole", lambda a: {"student": a["student"][0]}, "student must be 2-D"),
-    ("empty-vocabulary", "whole",
-     lambda a: {k: a[k][:, :0] for k in ("student", "teacher", "refonly", "anchor", "grad")},
-     "the vocabulary must not be empty"),
-    ("integer-logits", "whole", lambda a: {k: a[k].long() for k in ("student", "teacher", "refonly", "anchor")},
-     "logits must be fp16, bf16, fp32 or fp64"),
+    (
+        "empty-vocabulary",
+        "whole",
+        lambda a: {k: a[k][:, :0] for k in ("student", "teacher", "refonly", "anchor", "grad")},
+        "the vocabulary must not be empty",
+    ),
+    (
+        "integer-logits",
+        "whole",
+        lambda a: {k: a[k].long() for k in ("student", "teacher", "refonly", "anchor")},
+        "logits must be fp16, bf16, fp32 or fp64",
+    ),
     ("student-strided", "whole", spoiled("student", strided), "student must be contiguous along the vocabulary"),
     ("mask-dtype", "whole", spoiled("mask", lambda x: x.to(torch.uint8)), "mask must have dtype"),
     ("mask-strided", "whole", spoiled("mask", strided), "mask must be contiguous"),
@@ -89,18 +111,34 @@ ROWS_CASES = [
     ("phase-unknown", "whole", lambda a: {"phase": 4}, r"phase must be 0 \(all passes\)"),
     ("phase-negative", "whole", lambda a: {"phase": -1}, r"phase must be 0 \(all passes\)"),
     # The phase is the argument's, never inferred from the tensors: each phase takes its own.
-    ("whole-with-lse-out", "whole", lambda a: {"lse_out": torch.empty(N, 4)},
-     r"phase 0 \(all passes\) takes no lse_out"),
+    (
+        "whole-with-lse-out",
+        "whole",
+        lambda a: {"lse_out": torch.empty(N, 4)},
+        r"phase 0 \(all passes\) takes no lse_out",
+    ),
     ("whole-with-lse-in", "whole", lambda a: {"lse_in": torch.zeros(N, 4)}, r"phase 0 \(all passes\) takes no lse_in"),
     ("lse-without-lse-out", "lse", lambda a: {"lse_out": None}, r"phase 1 \(log-sum-exps\) needs lse_out"),
     ("lse-with-lse-in", "lse", lambda a: {"lse_in": torch.zeros(N, 4)}, r"phase 1 \(log-sum-exps\) takes no lse_in"),
     ("sums-without-lse-in", "sums", lambda a: {"lse_in": None}, r"phase 2 \(sums from .*\) needs lse_in"),
-    ("sums-without-slope-sum-out", "sums", lambda a: {"slope_sum_out": None},
-     r"phase 2 \(sums from .*\) needs slope_sum_out"),
-    ("gradient-without-slope-sum-in", "gradient", lambda a: {"slope_sum_in": None},
-     r"phase 3 \(gradient from .*\) needs slope_sum_in"),
-    ("gradient-with-slope-sum-out", "gradient", lambda a: {"slope_sum_out": torch.empty(N)},
-     r"phase 3 \(gradient from .*\) takes no slope_sum_out"),
+    (
+        "sums-without-slope-sum-out",
+        "sums",
+        lambda a: {"slope_sum_out": None},
+        r"phase 2 \(sums from .*\) needs slope_sum_out",
+    ),
+    (
+        "gradient-without-slope-sum-in",
+        "gradient",
+        lambda a: {"slope_sum_in": None},
+        r"phase 3 \(gradient from .*\) needs slope_sum_in",
+    ),
+    (
+        "gradient-with-slope-sum-out",
+        "gradient",
+        lambda a: {"slope_sum_out": torch.empty(N)},
+        r"phase 3 \(gradient from .*\) takes no slope_sum_out",
+    ),
 ]
 for stream in ("teacher", "refonly", "anchor", "grad"):
     ROWS_CASES += [
@@ -109,17 +147,25 @@ for stream in ("teacher", "refonly", "anchor", "grad"):
         (f"{stream}-dtype", "whole", spoiled(stream, lambda x: x.double()), f"{stream} has dtype"),
         (f"{stream}-strided", "whole", spoiled(stream, strided), f"{stream} must be contiguous along the vocabulary"),
     ]
-for name, phase, columns in (("kappa", "whole", ""), ("row_scale", "whole", ""), ("mask", "whole", ""),
-                             ("lse_in", "sums", ", 4"), ("lse_out", "lse", ", 4"), ("slope_sum_in", "gradient", ""),
-                             ("slope_sum_out", "sums", "")):
-    ROWS_CASES.append((f"{name}-rows", phase, spoiled(name, lambda x: x[:-1]),
-                       rf"{name} must have shape \[{N}{columns}\]"))
+for name, phase, columns in (
+    ("kappa", "whole", ""),
+    ("row_scale", "whole", ""),
+    ("mask", "whole", ""),
+    ("lse_in", "sums", ", 4"),
+    ("lse_out", "lse", ", 4"),
+    ("slope_sum_in", "gradient", ""),
+    ("slope_sum_out", "sums", ""),
+):
+    ROWS_CASES.append(
+        (f"{name}-rows", phase, spoiled(name, lambda x: x[:-1]), rf"{name} must have shape \[{N}{columns}\]")
+    )
     if name != "mask":
         ROWS_CASES.append((f"{name}-dtype", phase, spoiled(name, lambda x: x.double()), f"{name} must have dtype"))
     if columns:
-        ROWS_CASES += [(f"{name}-columns", phase, spoiled(name, lambda x: x[:, :3]),
-                        rf"{name} must have shape \[{N}{columns}\]"),
-                       (f"{name}-strided", phase, spoiled(name, strided), f"{name} must be contiguous")]
+        ROWS_CASES += [
+            (f"{name}-columns", phase, spoiled(name, lambda x: x[:, :3]), rf"{name} must have shape \[{N}{columns}\]"),
+            (f"{name}-strided", phase, spoiled(name, strided), f"{name} must be contiguous"),
+        ]
     else:
         ROWS_CASES.append((f"{name}-2d", phase, spoiled(name, lambda x: x[:, None]), rf"{name} must have shape"))
 
@@ -143,10 +189,14 @@ def test_rows_refuses(what, phase, change, message):
 
 # (option, edge accepted, one step past it, message): beta and temperature > 0, the clips > 0
 # (None: no clip; 0 is no longer a stand-in for None), jsd_beta in [0, 1].
-OPTION_EDGES = [("beta", TINY, 0.0, "bad options: beta"), ("temperature", TINY, 0.0, "bad options: temperature"),
-                ("clip", TINY, 0.0, "bad options: clip"), ("entry_clip", TINY, 0.0, "bad options: entry_clip"),
-                ("jsd_beta", 0.0, -TINY, r"jsd_beta must be in \[0, 1\]"),
-                ("jsd_beta", 1.0, math.nextafter(1.0, 2.0), r"jsd_beta must be in \[0, 1\]")]
+OPTION_EDGES = [
+    ("beta", TINY, 0.0, "bad options: beta"),
+    ("temperature", TINY, 0.0, "bad options: temperature"),
+    ("clip", TINY, 0.0, "bad options: clip"),
+    ("entry_clip", TINY, 0.0, "bad options: entry_clip"),
+    ("jsd_beta", 0.0, -TINY, r"jsd_beta must be in \[0, 1\]"),
+    ("jsd_beta", 1.0, math.nextafter(1.0, 2.0), r"jsd_beta must be in \[0, 1\]"),
+]
 
 
 @pytest.mark.parametrize("op", ["rows", "diagnostics_rows"])
@@ -157,19 +207,27 @@ def test_option_ranges_at_their_edges(op, name, edge, beyond, message):
             return rows(**{**rows_args(), **options(**{name: value})})
         s, t, r, a = streams(N, V, count=4)
         return torch.ops.pmi_kernels.diagnostics_rows(s, t, r, a, **options(**{name: value}))
+
     call(edge)
     with pytest.raises(RuntimeError, match=f"pmi_kernels: {message}"):
         call(beyond)
 
 
 def diagnostics_cases():
-    cases = [("student-1d", lambda a: {"student": a["student"][0]}, r"student must be 2-D \[rows, vocab > 0\]"),
-             ("empty-vocabulary", lambda a: {k: a[k][:, :0] for k in ("student", "teacher", "refonly", "anchor")},
-              r"student must be 2-D \[rows, vocab > 0\]")]
+    cases = [
+        ("student-1d", lambda a: {"student": a["student"][0]}, r"student must be 2-D \[rows, vocab > 0\]"),
+        (
+            "empty-vocabulary",
+            lambda a: {k: a[k][:, :0] for k in ("student", "teacher", "refonly", "anchor")},
+            r"student must be 2-D \[rows, vocab > 0\]",
+        ),
+    ]
     for stream in ("teacher", "refonly", "anchor"):
-        cases += [(f"{stream}-shape", spoiled(stream, lambda x: x[:, :-1]), f"{stream} has shape"),
-                  (f"{stream}-dtype", spoiled(stream, lambda x: x.double()), f"{stream} has dtype"),
-                  (f"{stream}-strided", spoiled(stream, strided), f"{stream} must be contiguous along the vocabulary")]
+        cases += [
+            (f"{stream}-shape", spoiled(stream, lambda x: x[:, :-1]), f"{stream} has shape"),
+            (f"{stream}-dtype", spoiled(stream, lambda x: x.double()), f"{stream} has dtype"),
+            (f"{stream}-strided", spoiled(stream, strided), f"{stream} must be contiguous along the vocabulary"),
+        ]
     return [pytest.param(*case, id=case[0]) for case in cases]
 
 
@@ -192,6 +250,7 @@ def test_absent_clips_are_none(op):
         if op == "rows":
             return rows(**{**args, **options(**change)})
         return torch.ops.pmi_kernels.diagnostics_rows(s, t, r, a, **options(**change))
+
     assert torch.allclose(call(clip=None, entry_clip=None), call(clip=1e30, entry_clip=1e30), rtol=1e-6)
 
 

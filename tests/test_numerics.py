@@ -1,6 +1,7 @@
 """Numerics an independent fuzzing found wanting, held on every path: a large clip (the soft clip
 of tiny arguments), a confident row at a large vocabulary (many tiny terms beside one large one),
 the diagnostics' clamp of a zero norm, a one-entry row with any strides, fp64 weight gradients."""
+
 import pytest
 import torch
 
@@ -34,12 +35,16 @@ def test_a_confident_row_at_a_large_vocabulary(device, backend, jsd_beta, monkey
     the large one (3e-3 relative error on the C++ kernel, 3e-2 on plain torch's log_softmax)."""
     if backend == "triton" and device == "cpu":  # the interpreter's wide tiles: narrow ones take minutes
         import pmi_kernels.backends.triton.row_kernel as row_kernel
+
         monkeypatch.setattr(row_kernel, "INTERPRETER_BLOCK_V", 8192)
     gen = torch.Generator().manual_seed(0)
     vocab = 151936
     base = torch.randn(2, vocab, generator=gen) * 2
-    s, t, r = base.clone(), base + 0.3 * torch.randn(2, vocab, generator=gen), base + 0.3 * torch.randn(
-        2, vocab, generator=gen)
+    s, t, r = (
+        base.clone(),
+        base + 0.3 * torch.randn(2, vocab, generator=gen),
+        base + 0.3 * torch.randn(2, vocab, generator=gen),
+    )
     s[:, 7] += 25
     t[:, 7] += 25
     r[:, 7] += 24
@@ -78,7 +83,11 @@ def test_grad_weight_fp32_keeps_fp64_weights_in_fp64(device, backend):
     stays fp64 (it was rounded through fp32: 5e-8 relative)."""
     h, h_t, h_r = (torch.randn(9, 8, dtype=torch.float64, device=device) for _ in range(3))
     w = torch.randn(41, 8, dtype=torch.float64, device=device).requires_grad_(True)
-    grads = [torch.autograd.grad(fused_pmi_kl(h, w, h_t, h_r, backend=backend, grad_weight_fp32=flag,
-                                              workspace_bytes=41 * 8 * 64), w)[0] for flag in (False, True)]
+    grads = [
+        torch.autograd.grad(
+            fused_pmi_kl(h, w, h_t, h_r, backend=backend, grad_weight_fp32=flag, workspace_bytes=41 * 8 * 64), w
+        )[0]
+        for flag in (False, True)
+    ]
     assert grads[1].dtype == torch.float64
     assert_close(grads[1], grads[0], torch.float64, "grad_W with grad_weight_fp32", factor=1e-3)

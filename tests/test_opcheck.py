@@ -3,6 +3,7 @@ pmi_kernels::fused_pmi_kl_rows: their schemas, fakes (shapes, dtypes, strides), 
 registration and traced (AOT, dynamic shapes) runs agree with the real kernels, on every CPU
 backend of the registry that runs here, over option sets with and without clips, masks and
 statistics."""
+
 import pytest
 import torch
 
@@ -33,12 +34,25 @@ LOGITS_CASES = [
 ]
 FUSED_CASES = [
     case("defaults-everything", wanted=(True, True, True, True)),
-    case("no-clip-forward-kl-mask", dict(clip=None, center=False, jsd_beta=0.0), masked=True,
-         wanted=(True, True, False, False)),
-    case("clip-no-center-bf16-fp32-weight", dict(clip=2.0, center=False, jsd_beta=1.0, temperature=1.3),
-         dtype=torch.bfloat16, wanted=(True, True, True, True)),
-    case("entry-clip-anchor-mask-stats", dict(entry_clip=1e-3, beta=0.7), anchor=True, masked=True,
-         wanted=(False, False, False, True)),
+    case(
+        "no-clip-forward-kl-mask",
+        dict(clip=None, center=False, jsd_beta=0.0),
+        masked=True,
+        wanted=(True, True, False, False),
+    ),
+    case(
+        "clip-no-center-bf16-fp32-weight",
+        dict(clip=2.0, center=False, jsd_beta=1.0, temperature=1.3),
+        dtype=torch.bfloat16,
+        wanted=(True, True, True, True),
+    ),
+    case(
+        "entry-clip-anchor-mask-stats",
+        dict(entry_clip=1e-3, beta=0.7),
+        anchor=True,
+        masked=True,
+        wanted=(False, False, False, True),
+    ),
     case("opsd-grad-h", pmi=False, wanted=(True, False, False, False)),
 ]
 
@@ -53,11 +67,22 @@ def test_pmi_kl_rows(backend, options, settings, compute_grad):
     The traced backward of that case runs in the torch.compile tests (test_pmi_kl.py)."""
     pmi = settings.get("pmi", True)
     student, teacher, refonly, anchor = (torch.randn(ROWS, VOCAB, dtype=torch.float64) * 3 for _ in range(4))
-    args = (student.requires_grad_(True), teacher, refonly if pmi else None, anchor if settings.get("anchor") else None,
-            torch.tensor(MASK) if settings.get("masked") else None, torch.full((ROWS,), 1 / ROWS, dtype=torch.float64))
-    kwargs = dict(loss_args(LossOptions(pmi=pmi, **options)), backend=backend, compute_grad=compute_grad,
-                  want_stats=settings.get("want_stats", False), group=None,
-                  workspace_bytes=4 * VOCAB * 8 * 20)  # several chunks on the torch backend
+    args = (
+        student.requires_grad_(True),
+        teacher,
+        refonly if pmi else None,
+        anchor if settings.get("anchor") else None,
+        torch.tensor(MASK) if settings.get("masked") else None,
+        torch.full((ROWS,), 1 / ROWS, dtype=torch.float64),
+    )
+    kwargs = dict(
+        loss_args(LossOptions(pmi=pmi, **options)),
+        backend=backend,
+        compute_grad=compute_grad,
+        want_stats=settings.get("want_stats", False),
+        group=None,
+        workspace_bytes=4 * VOCAB * 8 * 20,
+    )  # several chunks on the torch backend
     utils = ALL_TESTS[:-1] if compute_grad else ALL_TESTS
     torch.library.opcheck(pmi_kl_rows, args, kwargs, test_utils=utils)
 
@@ -69,12 +94,30 @@ def test_fused_pmi_kl_rows(backend, options, settings):
     gradients, its gradients as outputs."""
     dtype, pmi = settings.get("dtype", torch.float32), settings.get("pmi", True)
     h, h_t, h_r, h_a = (torch.randn(ROWS, HIDDEN, dtype=torch.float64).to(dtype) for _ in range(4))
-    w, w_f = ((torch.randn(VOCAB, HIDDEN, dtype=torch.float64) * HIDDEN ** -0.5 * 4).to(dtype) for _ in range(2))
+    w, w_f = ((torch.randn(VOCAB, HIDDEN, dtype=torch.float64) * HIDDEN**-0.5 * 4).to(dtype) for _ in range(2))
     b = torch.randn(VOCAB, dtype=torch.float64).to(dtype)
-    args = (h, w, b, h_t, h_r if pmi else None, h_a if settings.get("anchor") else None, w_f, None,
-            torch.tensor(MASK) if settings.get("masked") else None, torch.full((ROWS,), 1 / ROWS))
+    args = (
+        h,
+        w,
+        b,
+        h_t,
+        h_r if pmi else None,
+        h_a if settings.get("anchor") else None,
+        w_f,
+        None,
+        torch.tensor(MASK) if settings.get("masked") else None,
+        torch.full((ROWS,), 1 / ROWS),
+    )
     want_h, want_w, want_b, want_stats = settings["wanted"]
-    kwargs = dict(loss_args(LossOptions(pmi=pmi, **options)), backend=backend, group=None, chunk_rows=4,
-                  grad_weight_fp32=dtype == torch.bfloat16, want_h=want_h, want_w=want_w, want_b=want_b,
-                  want_stats=want_stats)
+    kwargs = dict(
+        loss_args(LossOptions(pmi=pmi, **options)),
+        backend=backend,
+        group=None,
+        chunk_rows=4,
+        grad_weight_fp32=dtype == torch.bfloat16,
+        want_h=want_h,
+        want_w=want_w,
+        want_b=want_b,
+        want_stats=want_stats,
+    )
     torch.library.opcheck(fused_pmi_kl_rows, args, kwargs)

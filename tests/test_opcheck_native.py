@@ -2,6 +2,7 @@
 (the CPU kernels): schema (the mutated outputs declared), fake kernels (shapes for
 torch.compile), and AOT dispatch, for each phase of the row operation and a few option sets,
 every argument by its schema name."""
+
 import dataclasses
 
 import pytest
@@ -17,6 +18,7 @@ N, V = 3, 40
 @pytest.fixture(autouse=True)
 def _needs_the_extension():
     from pmi_kernels.backends.native import extension
+
     reason = extension.load()
     if reason is not None:
         pytest.skip(reason)
@@ -39,13 +41,29 @@ def rows_arguments(phase: Phase, dtype: torch.dtype, options: dict) -> dict:
     s, t, r, a = streams(N, V, dtype, count=4)
     acc = torch.promote_types(dtype, torch.float32)
     lse = torch.stack([s.float().max(-1).values, torch.ones(N)] * 2, -1).to(acc).contiguous()
-    phase_tensors = {Phase.ALL: {}, Phase.LSE: dict(lse_out=torch.empty(N, 4, dtype=acc)),
-                     Phase.FROM_LSE: dict(lse_in=lse, slope_sum_out=torch.empty(N, dtype=acc)),
-                     Phase.GRAD: dict(lse_in=lse, slope_sum_in=torch.rand(N, dtype=acc))}[phase]
-    args = dict(student=s, teacher=t, refonly=r if options["pmi"] else None, anchor=a, kappa=None,
-                mask=torch.tensor([True, False, True]), row_scale=torch.rand(N, dtype=acc),
-                grad=torch.empty_like(s), stats=torch.empty(N, 3, dtype=acc), lse_in=None, lse_out=None,
-                slope_sum_in=None, slope_sum_out=None, phase=phase.value, **options)
+    phase_tensors = {
+        Phase.ALL: {},
+        Phase.LSE: dict(lse_out=torch.empty(N, 4, dtype=acc)),
+        Phase.FROM_LSE: dict(lse_in=lse, slope_sum_out=torch.empty(N, dtype=acc)),
+        Phase.GRAD: dict(lse_in=lse, slope_sum_in=torch.rand(N, dtype=acc)),
+    }[phase]
+    args = dict(
+        student=s,
+        teacher=t,
+        refonly=r if options["pmi"] else None,
+        anchor=a,
+        kappa=None,
+        mask=torch.tensor([True, False, True]),
+        row_scale=torch.rand(N, dtype=acc),
+        grad=torch.empty_like(s),
+        stats=torch.empty(N, 3, dtype=acc),
+        lse_in=None,
+        lse_out=None,
+        slope_sum_in=None,
+        slope_sum_out=None,
+        phase=phase.value,
+        **options,
+    )
     args.update(phase_tensors)
     return args
 
@@ -77,5 +95,7 @@ def test_rows_passes_opcheck_with_kappa_and_no_outputs():
 @pytest.mark.parametrize("anchor", [False, True], ids=["no-anchor", "anchor"])
 def test_diagnostics_rows_passes_opcheck(options, anchor):
     s, t, r, a = streams(N, V, count=4)
-    opcheck(torch.ops.pmi_kernels.diagnostics_rows.default,
-            dict(student=s, teacher=t, refonly=r, anchor=a if anchor else None, **named_options(**options)))
+    opcheck(
+        torch.ops.pmi_kernels.diagnostics_rows.default,
+        dict(student=s, teacher=t, refonly=r, anchor=a if anchor else None, **named_options(**options)),
+    )

@@ -1,6 +1,7 @@
 """LossOptions: built by keyword only, and the kernel scalars it derives for the Triton kernels
 (LossOptions.kernel_scalars) equal the C++ side's (LossOptions::scalars in
 csrc/include/rows_args.h), bit for bit, at options that set every scalar."""
+
 import dataclasses
 
 import pytest
@@ -41,6 +42,7 @@ def test_kernel_scalars_are_the_options(kwargs):
 @pytest.mark.parametrize("kwargs", OPTIONS)
 def test_python_and_cpp_kernel_scalars_agree(kwargs, dtype):
     from pmi_kernels.backends.native import extension, option_arguments
+
     reason = extension.load()
     if reason is not None:
         pytest.skip(reason)

@@ -1,4 +1,5 @@
 """pmi_kl over logits, every path against the float64 reference on fresh random inputs."""
+
 import pytest
 import torch
 
@@ -30,8 +31,15 @@ def run_both(device, backend, s, t, r=None, a=None, mask=None, reduction="none",
     upstream = torch.rand_like(loss, dtype=torch.float64).to(loss.dtype)
     (grad,) = torch.autograd.grad((loss * upstream).sum(), s)
     s64 = upcast(s).requires_grad_(True)
-    ref = pmi_kl_reference(s64, upcast(t), upcast(r), upcast(a), mask=upcast(mask) if mask is None else mask.cpu(),
-                           reduction=reduction, **kwargs)
+    ref = pmi_kl_reference(
+        s64,
+        upcast(t),
+        upcast(r),
+        upcast(a),
+        mask=upcast(mask) if mask is None else mask.cpu(),
+        reduction=reduction,
+        **kwargs,
+    )
     (ref_grad,) = torch.autograd.grad((ref * upstream.cpu().double()).sum(), s64)
     assert grad.dtype == s.dtype
     return loss, grad, ref, ref_grad
@@ -114,8 +122,9 @@ def test_uncentered_clip_at_large_logits(device, backend, jsd_beta):
     s, t, r, a = streams(4, 97, torch.float32, device)
     t[0, 7], r[1, 3], t[2, 5], r[2, 11], t[3, 2] = 1e6, 1e8, 1e8, 5e7, 1e8
     r[3, 2] = 1e8 - 8.0  # both large at one token: their difference, not their size, counts
-    loss, grad, ref, ref_grad = run_both(device, backend, s, t, r, a, jsd_beta=jsd_beta, center=False, clip=3.0,
-                                         beta=0.5)
+    loss, grad, ref, ref_grad = run_both(
+        device, backend, s, t, r, a, jsd_beta=jsd_beta, center=False, clip=3.0, beta=0.5
+    )
     assert_close(loss, ref, torch.float32, "loss", factor=0.1)
     assert_close(grad, ref_grad, torch.float32, "grad", atol=1e-6)
 
@@ -142,6 +151,7 @@ def test_masked_first_tokens(device, backend, masked, streams_masked):
 def test_kernel_writes_every_output():
     """Outputs are NaN before the launch; every gradient element and loss must be written."""
     from pmi_kernels.backends.triton.row_kernel import rows as triton_rows
+
     device = "cuda" if torch.cuda.is_available() else "cpu"
     for kwargs in (dict(jsd_beta=0.0), dict(jsd_beta=0.5), dict(jsd_beta=1.0, entry_clip=1e-3)):
         s, t, r = streams(6, 333, torch.float32, device, count=3)
@@ -156,6 +166,7 @@ def test_kernel_writes_every_output():
 def test_gradient_in_place_over_student(device, backend):
     """The row operation may write the gradient over the student logits (the fused path does)."""
     from pmi_kernels.backends import REGISTRY
+
     s, t, r = streams(5, 300, torch.float32, device, count=3)
     opts = LossOptions(pmi=True, jsd_beta=0.5)
     separate = torch.empty_like(s)
@@ -188,8 +199,12 @@ def test_compiled_call_refuses_a_zero_clip(option):
     custom op builds the options again from its named arguments when it runs, so a compiled
     clip=0 is the eager ValueError, not a silent "no clip" (the packed float[] read 0 as None)."""
     s, t, r = streams(4, 32, torch.float32, count=3)
-    compiled = torch.compile(lambda s, t, r, c: pmi_kl(s, t, r, check_finite=False, **{option: c}),
-                             fullgraph=True, dynamic=True, backend="aot_eager")
+    compiled = torch.compile(
+        lambda s, t, r, c: pmi_kl(s, t, r, check_finite=False, **{option: c}),
+        fullgraph=True,
+        dynamic=True,
+        backend="aot_eager",
+    )
     compiled(s, t, r, 2.0)
     with pytest.raises(ValueError, match=option):
         compiled(s, t, r, 0.0)

@@ -1,5 +1,6 @@
 """Precision at extreme logits on pinned inputs: every run sees the same rows, so a rounding
 bug is caught every time, not when a random draw happens to expose it."""
+
 import pytest
 import torch
 
@@ -64,8 +65,9 @@ def test_log_softmax_keeps_the_runner_up_at_extreme_logits(device, backend, mode
     loss = pmi_kl(s, t, r, a, jsd_beta=jsd_beta, temperature=TEMPERATURE, reduction="none", backend=backend)
     (grad,) = torch.autograd.grad(loss.sum(), s)
     s64 = upcast(s).requires_grad_(True)
-    ref = pmi_kl_reference(s64, upcast(t), upcast(r), upcast(a), jsd_beta=jsd_beta, temperature=TEMPERATURE,
-                           reduction="none")
+    ref = pmi_kl_reference(
+        s64, upcast(t), upcast(r), upcast(a), jsd_beta=jsd_beta, temperature=TEMPERATURE, reduction="none"
+    )
     (ref_grad,) = torch.autograd.grad(ref.sum(), s64)
     # Each loss relative to itself: at 4e4 an fp32 ulp is 4e-3, on rows 0 and 1 the bug is 1e-4.
     torch.testing.assert_close(upcast(loss), ref, rtol=1e-5, atol=1e-6)

@@ -14,6 +14,7 @@ def hand_loss(s, t, r, a, *, beta, clip, center, temperature, jsd_beta, entry_cl
 
     def scale(x):
         return None if x is None else [v / temperature for v in x]
+
     s, t, r, a = map(scale, (s, t, r, a))
     g = target_logits(s, t, r, a, beta=beta, clip=clip, center=center)
     return divergence(log_softmax(s), log_softmax(g), jsd_beta, entry_clip)
@@ -43,6 +44,7 @@ def test_reference_matches_hand_expansion(kwargs, mode):
 
         def row(x):
             return None if x is None else x[n].tolist()
+
         want = hand_loss(row(s), row(t), row(r), row(a), **full)
         assert got[n].item() == pytest.approx(want, rel=1e-10, abs=1e-12)
 

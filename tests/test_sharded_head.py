@@ -2,6 +2,7 @@
 unsharded call on each rank's data, the full weight is gathered once per call, and the weight and
 bias gradients are each rank's shard of the average over the ranks, as FSDP2 reduces them. A
 ZeRO-3 partitioned weight is refused with a message that says what to do."""
+
 import os
 import sys
 import tempfile
@@ -23,8 +24,9 @@ def rank_inputs(rank):
 
 def head_params():
     gen = torch.Generator().manual_seed(7)
-    return torch.randn(V, H, generator=gen, dtype=torch.float64) * 0.5, torch.randn(V, generator=gen,
-                                                                                   dtype=torch.float64)
+    return torch.randn(V, H, generator=gen, dtype=torch.float64) * 0.5, torch.randn(
+        V, generator=gen, dtype=torch.float64
+    )
 
 
 def worker(rank, init_file):
@@ -50,6 +52,7 @@ def check_sharded_head(rank):
 
     from pmi_kernels import fused_pmi_kl, pmi_diagnostics
     from pmi_kernels.reference import fused_pmi_kl_reference
+
     weight, bias = head_params()
     head = torch.nn.Linear(H, V, dtype=torch.float64)
     with torch.no_grad():
@@ -64,10 +67,12 @@ def check_sharded_head(rank):
     def counted(self, *args, **kwargs):
         gathers.append(tuple(self.shape))
         return original(self, *args, **kwargs)
+
     DTensor.full_tensor = counted
     try:
-        loss = fused_pmi_kl(h, head.weight, h_t, h_r, lm_head_bias=head.bias,
-                            frozen_weight=head.weight.detach(), jsd_beta=0.3)
+        loss = fused_pmi_kl(
+            h, head.weight, h_t, h_r, lm_head_bias=head.bias, frozen_weight=head.weight.detach(), jsd_beta=0.3
+        )
     finally:
         DTensor.full_tensor = original
     assert gathers.count((V, H)) == 1, f"the weight was gathered {gathers.count((V, H))} times"
@@ -79,8 +84,9 @@ def check_sharded_head(rank):
     for other in range(WORLD):
         leaves = [weight.clone().requires_grad_(True), bias.clone().requires_grad_(True)]
         x, x_t, x_r = rank_inputs(other)
-        grads = torch.autograd.grad(fused_pmi_kl_reference(x, leaves[0], x_t, x_r, lm_head_bias=leaves[1],
-                                                           jsd_beta=0.3), leaves)
+        grads = torch.autograd.grad(
+            fused_pmi_kl_reference(x, leaves[0], x_t, x_r, lm_head_bias=leaves[1], jsd_beta=0.3), leaves
+        )
         want = [w + g / WORLD for w, g in zip(want, grads)]
     assert isinstance(head.weight.grad, DTensor) and head.weight.grad.placements == head.weight.placements
     assert_close(head.weight.grad.full_tensor(), want[0], torch.float64, "grad_W")
@@ -103,9 +109,11 @@ def empty_shard_worker(rank, init_file, world):
 
     from pmi_kernels import fused_pmi_kl
     from pmi_kernels.reference import fused_pmi_kl_reference
+
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))  # a rank left waiting fails, not hangs
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
+    )  # a rank left waiting fails, not hangs
     try:
         gen = torch.Generator().manual_seed(3)
         weight, frozen_weight = (torch.randn(4, H, generator=gen, dtype=torch.float64) for _ in range(2))
@@ -139,6 +147,7 @@ def test_a_rank_holding_no_rows_of_two_heads_gathers_both():
 def test_zero3_partitioned_weight_is_refused():
     """Outside deepspeed.zero.GatheredParameters a ZeRO-3 parameter has numel 0 and a ds_shape."""
     from pmi_kernels import fused_pmi_kl
+
     partitioned = torch.nn.Parameter(torch.empty(0))
     partitioned.ds_shape = torch.Size([V, H])
     h = torch.randn(N, H)

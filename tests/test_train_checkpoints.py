@@ -3,6 +3,7 @@ made durable, renamed, and only then pointed to by `latest`, itself replaced by 
 newest k are kept and only checkpoint-<digits> is ever pruned; stale temporaries go at start;
 state loads with weights_only=True; a bad checkpoint is a one-line error naming the file and
 the other checkpoints."""
+
 import contextlib
 import errno
 import os
@@ -95,7 +96,8 @@ def test_a_bad_checkpoint_is_a_one_line_error_naming_the_file(two_step_run, tmp_
     err = capsys.readouterr().err.strip()
     assert "\n" not in err, err
     named = {"missing-latest": "latest", "empty-latest": "latest", "dangling-latest": "checkpoint-9"}.get(
-        breakage, "checkpoint-2")
+        breakage, "checkpoint-2"
+    )
     assert err.startswith(f"error: --resume: {out / named}"), err
     assert "other checkpoints here: checkpoint-" in err, err
 
@@ -189,9 +191,11 @@ def test_latest_is_replaced_by_rename_never_written_in_place(tmp_path, monkeypat
     def open_failing_for_latest(path, mode="r", *args, **kwargs):
         fh = open(path, mode, *args, **kwargs)
         return FailingWrite(fh) if "latest" in os.path.basename(path) and "w" in mode else fh
+
     monkeypatch.setattr(checkpoint, "open", open_failing_for_latest, raising=False)
-    with pytest.raises(TrainingFailed, match="while saving checkpoint-3 .* the previous checkpoint, checkpoint-2, is "
-                                              "intact"):
+    with pytest.raises(
+        TrainingFailed, match="while saving checkpoint-3 .* the previous checkpoint, checkpoint-2, is intact"
+    ):
         trainer.save()
     assert (out / "latest").read_text() == "checkpoint-2"
     assert checkpoint.load_checkpoint(str(out))["step"] == 2
@@ -210,12 +214,14 @@ def fail_the_save_of(step: int, failure: str):
         if failure == "enospc":
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
     return save
 
 
 @pytest.mark.parametrize("failure", ["torch-runtime-error", "enospc", "write-error"])
-def test_a_full_disk_during_a_save_is_one_line_and_the_run_resumes(two_step_run, tmp_path, capsys, monkeypatch,
-                                                                    failure):
+def test_a_full_disk_during_a_save_is_one_line_and_the_run_resumes(
+    two_step_run, tmp_path, capsys, monkeypatch, failure
+):
     """The save of checkpoint-2 fails as on a full disk: exit 1 and one line saying so and that
     checkpoint-1 is intact; no partial copy is left; the run then resumes to the uninterrupted
     run's weights. A failed write on a disk with room ("write-error") says the write was refused.
@@ -228,16 +234,23 @@ def test_a_full_disk_during_a_save_is_one_line_and_the_run_resumes(two_step_run,
         monkeypatch.setattr(shutil, "disk_usage", lambda path: real_usage(path)._replace(free=2**20))
     assert cli_main(["train", *tiny_flags(tmp_path)]) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    why = ("the system refused a write (RuntimeError: [enforce fail at inline_container.cc:672] . unexpected pos 704 "
-           "vs 598)" if failure == "write-error" else "no space left on the device")
-    assert err == (f"error: {why} while saving checkpoint-2 in {out}; the previous checkpoint, checkpoint-1, is "
-                   "intact: continue from it with --resume once the disk has room")
+    why = (
+        "the system refused a write (RuntimeError: [enforce fail at inline_container.cc:672] . unexpected pos 704 "
+        "vs 598)"
+        if failure == "write-error"
+        else "no space left on the device"
+    )
+    assert err == (
+        f"error: {why} while saving checkpoint-2 in {out}; the previous checkpoint, checkpoint-1, is "
+        "intact: continue from it with --resume once the disk has room"
+    )
     assert (out / "latest").read_text() == "checkpoint-1" and not [p for p in os.listdir(out) if ".tmp-" in p]
     assert checkpoint.load_checkpoint(str(out))["step"] == 1
     monkeypatch.undo()
     assert cli_main(["train", *tiny_flags(tmp_path), "--resume"]) == 0
-    got, want = (torch.load(run / "checkpoint-2" / "state.pt", weights_only=True)
-                 for run in (out, two_step_run / "run"))
+    got, want = (
+        torch.load(run / "checkpoint-2" / "state.pt", weights_only=True) for run in (out, two_step_run / "run")
+    )
     assert got["step"] == 2 and all(torch.equal(got["trainable"][n], v) for n, v in want["trainable"].items())
 
 
@@ -260,7 +273,9 @@ class DurabilityLog:
             def move(src, dst, *args, **kwargs):
                 self.check(os.path.abspath(src), os.path.abspath(dst))
                 return real(src, dst, *args, **kwargs)
+
             return move
+
         monkeypatch.setattr(os, "fsync", fsync)
         monkeypatch.setattr(os, "rename", moving(real_rename))
         monkeypatch.setattr(os, "replace", moving(real_replace))

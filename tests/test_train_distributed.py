@@ -1,6 +1,7 @@
 """The trainer under torchrun (issue #12, build point 3), on CPU with gloo: two ranks take the
 step one process takes over the union of their rollouts; a two-rank run killed and resumed
 equals the uninterrupted one; a run resumed at another world size is refused."""
+
 import json
 import multiprocessing
 import os
@@ -50,6 +51,7 @@ def one_step(out_dir, overrides):
     def step(*args, **kwargs):
         grads.update({n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None})
         return real_step(*args, **kwargs)
+
     trainer.optimizer.step = step
     record = trainer.train_step()
     return accuracy, record, grads, trainable_snapshot(trainer)
@@ -59,6 +61,7 @@ def step_worker(rank, world, init_file, out_dir, overrides, result_file):
     import torch.distributed as dist
 
     from pmi_kernels.train import distributed
+
     torch.set_num_threads(1)
     distributed.BUCKET_ELEMENTS = 5000  # several all-reduce buckets, a parameter larger than one among them
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -86,10 +89,13 @@ def run_ranks(target, world, args, timeout=300):
     assert all(proc.exitcode == 0 for proc in procs), [proc.exitcode for proc in procs]
 
 
-@pytest.mark.parametrize("overrides", [
-    pytest.param(dict(), id="lora-pmi"),
-    pytest.param(dict(lora=False, anchor=True, grad_accum=2, mode="pmi"), id="full-anchor-accum"),
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        pytest.param(dict(), id="lora-pmi"),
+        pytest.param(dict(lora=False, anchor=True, grad_accum=2, mode="pmi"), id="full-anchor-accum"),
+    ],
+)
 def test_two_ranks_take_the_step_one_process_takes_over_the_union(tmp_path, overrides, monkeypatch):
     """The same config on two ranks and in one process: each rank samples half of each micro-batch
     (its slice of the data order), its loss normalized by the step's token count over both ranks,
@@ -109,8 +115,10 @@ def test_two_ranks_take_the_step_one_process_takes_over_the_union(tmp_path, over
         assert record[key] == pytest.approx(one_record[key], rel=1e-5), key
     assert grads.keys() == one_grads.keys() == weights.keys()
     assert_same_step(grads, one_grads, weights, one_weights)
-    assert any(not torch.equal(weights[n], w) for n, w in trainable_snapshot(Trainer(tiny(
-        tmp_path / "fresh", **{**STEP, **overrides}))).items()), "the step changed no weight"
+    assert any(
+        not torch.equal(weights[n], w)
+        for n, w in trainable_snapshot(Trainer(tiny(tmp_path / "fresh", **{**STEP, **overrides}))).items()
+    ), "the step changed no weight"
 
 
 def assert_same_step(grads, one_grads, weights, one_weights):
@@ -124,15 +132,26 @@ def assert_same_step(grads, one_grads, weights, one_weights):
         torch.testing.assert_close(grad, one_grads[name], rtol=1e-5, atol=1e-5 * float(grad.abs().max()), msg=name)
         clear = (one_grads[name].abs() > 1e-4) | ((one_grads[name] == 0) & (grad == 0))  # no update, decay only
         checked += torch.tensor([int(clear.sum()), clear.numel()])
-        torch.testing.assert_close(weights[name][clear], one_weights[name][clear], rtol=1e-5,
-                                   atol=1e-3 * TINY["lr"], msg=name)
+        torch.testing.assert_close(
+            weights[name][clear], one_weights[name][clear], rtol=1e-5, atol=1e-3 * TINY["lr"], msg=name
+        )
     assert checked[0] > checked[1] // 10, f"only {checked[0]} of {checked[1]} weights compared"
 
 
 def torchrun(tmp_path, out, *extra, env=None, timeout=420):
     """`torchrun --standalone --nproc-per-node 2 -m pmi_kernels.train ...`, as a user runs it."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "pmi_kernels.train", *tiny_flags(tmp_path, **{**RUN, "output_dir": str(out)}), *extra]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "pmi_kernels.train",
+        *tiny_flags(tmp_path, **{**RUN, "output_dir": str(out)}),
+        *extra,
+    ]
     env = {**os.environ, "PYTHONPATH": ROOT, **(env or {})}
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -156,8 +175,13 @@ def test_a_two_rank_run_killed_and_resumed_equals_the_uninterrupted_one(tmp_path
         assert got["position"] == want["position"] == RUN["batch_size"] * step
         for name, value in want["trainable"].items():
             assert torch.equal(got["trainable"][name], value), (step, name)
-    rows = [[{k: v for k, v in json.loads(line).items() if not k.startswith(("time/", "tokens_per_s", "peak"))}
-             for line in open(out / "metrics.jsonl")] for out in (tmp_path / "whole", tmp_path / "killed")]
+    rows = [
+        [
+            {k: v for k, v in json.loads(line).items() if not k.startswith(("time/", "tokens_per_s", "peak"))}
+            for line in open(out / "metrics.jsonl")
+        ]
+        for out in (tmp_path / "whole", tmp_path / "killed")
+    ]
     assert rows[0] == rows[1]
     assert json.load(open(tmp_path / "killed" / "result.json"))["steps"] == 3
     assert load_checkpoint(str(tmp_path / "killed"))["step"] == 3
@@ -175,6 +199,7 @@ def test_resuming_at_another_world_size_is_refused(tmp_path):
 
 def differing_worker(rank, world, init_file, out_dir, result_file):
     import torch.distributed as dist
+
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
@@ -194,8 +219,9 @@ def test_ranks_with_different_configs_are_refused_on_every_rank(tmp_path):
     result = tmp_path / "error"
     run_ranks(differing_worker, 2, (str(tmp_path / "rendezvous"), tmp_path, str(result)), timeout=120)
     for rank in range(2):
-        assert (tmp_path / f"error.{rank}").read_text() == ("torchrun: the ranks' configs differ in grad_accum, lr; "
-                                                             "every rank must run the same config")
+        assert (tmp_path / f"error.{rank}").read_text() == (
+            "torchrun: the ranks' configs differ in grad_accum, lr; every rank must run the same config"
+        )
     assert not (tmp_path / "run").exists()
 
 
@@ -216,6 +242,7 @@ def differing_cli_worker(rank, world, init_file, root, result_file):
     import torch.distributed as dist
 
     from pmi_kernels.train.cli import main as cli_main
+
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     err = io.StringIO()
@@ -244,6 +271,7 @@ def no_gradient_worker(rank, world, init_file, result_file):
     import torch.distributed as dist
 
     from pmi_kernels.train.distributed import World, sum_gradients
+
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
@@ -253,8 +281,10 @@ def no_gradient_worker(rank, world, init_file, result_file):
         params[rank].grad = torch.full((4,), rank + 1.0)
         sum_gradients(World(rank, world), params)
         torch.optim.AdamW(params, lr=0.1, weight_decay=0.5).step()
-        torch.save({"before": before, "after": [p.detach().clone() for p in params],
-                    "grads": [p.grad for p in params]}, f"{result_file}.{rank}")
+        torch.save(
+            {"before": before, "after": [p.detach().clone() for p in params], "grads": [p.grad for p in params]},
+            f"{result_file}.{rank}",
+        )
     finally:
         dist.destroy_process_group()
 

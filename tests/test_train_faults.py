@@ -4,6 +4,7 @@ for a first save of a step and for a re-save of a step whose directory already e
 
 Each run is a child process that PMI_TRAIN_FAULT makes kill itself at the named point; the test
 then resumes the run and compares it with an uninterrupted one."""
+
 import json
 import multiprocessing
 import os
@@ -103,8 +104,15 @@ def straight(single_threaded, tmp_path_factory):
 FIRST_SAVE = ["save-written@2", "save-renamed@2", "save-pointer-written@2", "save-pointer-moved@2"]
 # A second save of the step `latest` names (as the loop once did after its final evaluation):
 # `latest` is pointed twice, at the new copy while the old one is replaced, then at checkpoint-2.
-RESAVE = ["save-written@1", "save-pointer-written@1", "save-pointer-moved@1", "save-old-removed@1",
-          "save-renamed@1", "save-pointer-written@2", "save-pointer-moved@2"]
+RESAVE = [
+    "save-written@1",
+    "save-pointer-written@1",
+    "save-pointer-moved@1",
+    "save-old-removed@1",
+    "save-renamed@1",
+    "save-pointer-written@2",
+    "save-pointer-moved@2",
+]
 
 
 @pytest.mark.parametrize("point", FIRST_SAVE)

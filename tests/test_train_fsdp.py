@@ -2,6 +2,7 @@
 model and its frozen copy sharded take the step one unsharded process takes over the union of
 their rollouts, even when one rank reads more packs than the other; a two-rank run killed and
 resumed from its sharded checkpoints equals the uninterrupted one; what fsdp cannot do is refused."""
+
 import json
 import os
 
@@ -19,17 +20,21 @@ from test_train_distributed import ROOT, RUN, STEP, TESTS, assert_same_step, fix
 
 # Full fine-tuning: with the frozen anchor, two micro-batches and packs of at most 40 tokens; or
 # the teacher on the current weights (the trained model's head is the frozen streams') unpacked.
-CASES = [pytest.param(dict(lora=False, anchor=True, grad_accum=2, mode="pmi", max_tokens_per_micro_batch=40),
-                      id="anchor-packs"),
-         pytest.param(dict(lora=False, anchor=False, teacher_weights="current", packed=False), id="current-unpacked")]
+CASES = [
+    pytest.param(
+        dict(lora=False, anchor=True, grad_accum=2, mode="pmi", max_tokens_per_micro_batch=40), id="anchor-packs"
+    ),
+    pytest.param(dict(lora=False, anchor=False, teacher_weights="current", packed=False), id="current-unpacked"),
+]
 
 
 def uneven_generate(self, prompts, temperature, top_p, max_new_tokens):
     """fixed_generate, with the training rollouts of some prompts empty, so that the ranks read
     different numbers of packs."""
     outs = fixed_generate(self, prompts, temperature, top_p, max_new_tokens)
-    return [[] if prompt not in self.eval_prompts and sum(prompt) % 3 == 0 else out
-            for prompt, out in zip(prompts, outs)]
+    return [
+        [] if prompt not in self.eval_prompts and sum(prompt) % 3 == 0 else out for prompt, out in zip(prompts, outs)
+    ]
 
 
 def full(tensor):
@@ -52,6 +57,7 @@ def one_step(out_dir, overrides):
     def counting(*args, scale=1.0, **kwargs):
         fillers.append(scale == 0.0)
         return distil(*args, scale=scale, **kwargs)
+
     trainer.optimizer.step, loop.distil = step, counting
     try:
         record = trainer.train_step()
@@ -63,6 +69,7 @@ def one_step(out_dir, overrides):
 
 def step_worker(rank, world, init_file, out_dir, overrides, result_file):
     import torch.distributed as dist
+
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
@@ -106,6 +113,7 @@ def test_two_sharded_ranks_take_the_step_one_process_takes(tmp_path, overrides, 
 def sharded_weights(run_dir, step):
     """A sharded checkpoint's weights, read whole in this process."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
     target = os.path.join(run_dir, f"weights-{step}.pt")
     dcp_to_torch_save(os.path.join(run_dir, f"checkpoint-{step}", SHARDED_DIR), target)
     return torch.load(target, weights_only=False)["model"]
@@ -137,15 +145,30 @@ def test_a_sharded_run_killed_and_resumed_equals_the_uninterrupted_one(tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     want, got = sharded_weights(tmp_path / "whole", 3), sharded_weights(tmp_path / "stopped", 3)
     assert all(torch.equal(got[name], value) for name, value in want.items())
-    rows = [[{k: v for k, v in json.loads(line).items() if not k.startswith(("time/", "tokens_per_s", "peak"))}
-             for line in open(out / "metrics.jsonl")] for out in (tmp_path / "whole", tmp_path / "killed",
-                                                                   tmp_path / "stopped")]
+    rows = [
+        [
+            {k: v for k, v in json.loads(line).items() if not k.startswith(("time/", "tokens_per_s", "peak"))}
+            for line in open(out / "metrics.jsonl")
+        ]
+        for out in (tmp_path / "whole", tmp_path / "killed", tmp_path / "stopped")
+    ]
     assert rows[0] == rows[1] == rows[2]
     assert load_checkpoint(str(tmp_path / "killed"))["step"] == 3 == RUN["max_steps"]
     # The checkpoints' layout cannot change on resume, even with the key allowed to change.
     with pytest.raises(ValueError, match=r"saved its weights sharded \(fsdp true\); resume it with fsdp true"):
-        Trainer(tiny(tmp_path, **{**RUN, "lora": False, "anchor": True, "output_dir": str(tmp_path / "whole"),
-                                  "resume": True, "allow_config_change": ["fsdp"]}))
+        Trainer(
+            tiny(
+                tmp_path,
+                **{
+                    **RUN,
+                    "lora": False,
+                    "anchor": True,
+                    "output_dir": str(tmp_path / "whole"),
+                    "resume": True,
+                    "allow_config_change": ["fsdp"],
+                },
+            )
+        )
 
 
 def test_fsdp_with_lora_or_in_one_process_is_refused(tmp_path):

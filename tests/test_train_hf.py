@@ -3,6 +3,7 @@ from_pretrained as it is (LoRA: AutoPeftModelForCausalLM, the adapter naming its
 fine-tuning: AutoModelForCausalLM), and `pmi-opsd export` writes a standalone model from any
 checkpoint, the old ones without those files too; greedy generation from each loaded model
 equals the trainer's own evaluation output."""
+
 import json
 import os
 
@@ -35,11 +36,16 @@ def greedy(model, tokenizer, prompts, max_new_tokens):
     tokenizer.padding_side = "left"  # a decoder-only model generates after its prompt's last token
     batch = tokenizer.pad({"input_ids": prompts}, return_tensors="pt")
     with torch.no_grad():
-        out = model.generate(**batch, do_sample=False, max_new_tokens=max_new_tokens,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        out = model.generate(
+            **batch,
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
     rows = []
-    for row in out[:, batch["input_ids"].shape[1]:].tolist():
-        rows.append(row[:row.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in row else row)
+    for row in out[:, batch["input_ids"].shape[1] :].tolist():
+        rows.append(row[: row.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in row else row)
     return rows
 
 
@@ -54,6 +60,7 @@ def assert_generates_as_the_trainer(trainer, model, tokenizer, equal=True):
 def load(path, kind):
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     loader = AutoPeftModelForCausalLM if kind == "lora" else AutoModelForCausalLM
     return loader.from_pretrained(path), AutoTokenizer.from_pretrained(path)
 
@@ -80,6 +87,7 @@ def test_export_writes_a_standalone_model(finished_run, tmp_path, old_format):
     state.pt and checkpoint.json (before this issue's files). Without --merge a LoRA checkpoint
     exports its adapter. An OUT that holds files is refused. Fails without the subcommand."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     kind, trainer, out = finished_run
     checkpoint = out / "checkpoint-2"
     if old_format:
@@ -106,6 +114,7 @@ def hub_cache(root, repo_id, files_from):
     models--org--name/ with blobs/ (the files by hash), snapshots/<commit>/ (links to the blobs)
     and refs/main (the commit)."""
     import hashlib
+
     repo = root / "hub" / ("models--" + repo_id.replace("/", "--"))
     commit = hashlib.sha1(repo_id.encode()).hexdigest()
     (repo / "refs").mkdir(parents=True)
@@ -123,8 +132,14 @@ def hub_cache(root, repo_id, files_from):
 def run_cli(args, env):
     import subprocess
     import sys
-    return subprocess.run([sys.executable, "-m", "pmi_kernels.train.cli", *args], capture_output=True, text=True,
-                          env={**os.environ, **env}, timeout=600)
+
+    return subprocess.run(
+        [sys.executable, "-m", "pmi_kernels.train.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=600,
+    )
 
 
 def test_model_path_takes_a_hub_id_from_the_cache_offline(tmp_path):
@@ -133,6 +148,7 @@ def test_model_path_takes_a_hub_id_from_the_cache_offline(tmp_path):
     one-line error (exit 2) before anything runs (no output directory). Fails on the old check,
     'is not a local directory'."""
     from pmi_kernels.train.demo.toy import toy_model, toy_problems, toy_tokenizer
+
     tokenizer = toy_tokenizer()
     toy_model(tokenizer).save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
@@ -140,14 +156,33 @@ def test_model_path_takes_a_hub_id_from_the_cache_offline(tmp_path):
     data = tmp_path / "train.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in toy_problems(8, 1)))
     env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_HOME": str(tmp_path / "hf")}
-    common = ["train", "--train-file", str(data), "--answer-field", "null", "--device", "cpu",
-              "--max-new-tokens", "6", "--batch-size", "2", "--max-steps", "1", "--eval-limit", "2",
-              "--use-chat-template", "false", "--diagnostics-every", "1"]
+    common = [
+        "train",
+        "--train-file",
+        str(data),
+        "--answer-field",
+        "null",
+        "--device",
+        "cpu",
+        "--max-new-tokens",
+        "6",
+        "--batch-size",
+        "2",
+        "--max-steps",
+        "1",
+        "--eval-limit",
+        "2",
+        "--use-chat-template",
+        "false",
+        "--diagnostics-every",
+        "1",
+    ]
     missing = run_cli([*common, "--model-path", "tiny-org/not-there", "--output-dir", str(tmp_path / "none")], env)
     assert missing.returncode == 2 and not (tmp_path / "none").exists()
     assert missing.stderr.strip().splitlines() == [
         "error: config: model_path 'tiny-org/not-there' is not a local directory, and as a Hugging Face Hub id it "
-        "cannot be loaded (HF_HUB_OFFLINE is set and it is not in the Hugging Face cache)"]
+        "cannot be loaded (HF_HUB_OFFLINE is set and it is not in the Hugging Face cache)"
+    ]
     done = run_cli([*common, "--model-path", "tiny-org/toy-qwen3", "--output-dir", str(tmp_path / "run")], env)
     assert done.returncode == 0, done.stderr[-3000:]
     adapter = json.loads((tmp_path / "run" / "checkpoint-1" / "adapter_config.json").read_text())
@@ -164,6 +199,7 @@ def test_every_recipe_loads_and_reads_the_same_as_yaml(name, tmp_path):
     import yaml
 
     from pmi_kernels.train.config import parse_args, read_config_file
+
     path = os.path.join(CONFIGS, name)
     config = parse_args(["--config", path, "--dry-run"])[0]
     for suffix in (".yaml", ".yml"):
@@ -177,16 +213,28 @@ def test_yaml_configs_take_the_same_keys_and_checks(tmp_path):
     a quoted number, an unknown key and a YAML syntax error are refused as in JSON, naming the
     file (and the line)."""
     from pmi_kernels.train.config import parse_config
+
     good = tmp_path / "run.yaml"
-    good.write_text("lr: 1e-5\nclip: null\nbeta: 2\nmarkers: [wait, hmm]\nwarmup_steps: 3\nlora: false\n"
-                    "anchor: true\nreport_to: none\n")
+    good.write_text(
+        "lr: 1e-5\nclip: null\nbeta: 2\nmarkers: [wait, hmm]\nwarmup_steps: 3\nlora: false\n"
+        "anchor: true\nreport_to: none\n"
+    )
     config = parse_config(["--config", str(good), "--dry-run", "--beta", "0.5"])
-    assert (config.lr, config.clip, config.beta, config.markers, config.warmup_steps, config.lora) == \
-        (1e-5, None, 0.5, ["wait", "hmm"], 3, False)
+    assert (config.lr, config.clip, config.beta, config.markers, config.warmup_steps, config.lora) == (
+        1e-5,
+        None,
+        0.5,
+        ["wait", "hmm"],
+        3,
+        False,
+    )
     assert config.report_to == ["none"]  # one string, as transformers' and TRL's configs write it
     assert type(config.lr) is float
-    for text, message in [("lr: '1e-5'\n", "lr"), ("lr: 1e-5\nbetta: 2\n", r"unknown keys \['betta'\]"),
-                          ("lr: 1e-5\nmarkers: [wait\n", r"bad.yml: not valid YAML .*line 3")]:
+    for text, message in [
+        ("lr: '1e-5'\n", "lr"),
+        ("lr: 1e-5\nbetta: 2\n", r"unknown keys \['betta'\]"),
+        ("lr: 1e-5\nmarkers: [wait\n", r"bad.yml: not valid YAML .*line 3"),
+    ]:
         bad = tmp_path / "bad.yml"
         bad.write_text(text)
         with pytest.raises(ValueError, match=message):
@@ -200,12 +248,38 @@ def test_report_to_every_tracker_offline(tmp_path):
     for module in ("tensorboard", "trackio", "wandb", "mlflow"):
         pytest.importorskip(module)
     out = tmp_path / "run"
-    env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config"),
-           "WANDB_CACHE_DIR": str(tmp_path / "wandb-cache"), "TRACKIO_DIR": str(tmp_path / "trackio"),
-           "MLFLOW_TRACKING_URI": ""}
-    done = run_cli(["train", "--output-dir", str(out), "--device", "cpu", "--max-new-tokens", "6", "--batch-size", "2",
-                    "--max-steps", "2", "--sft-steps", "0", "--eval-limit", "2", "--lr", "0.0123",
-                    "--report-to", "tensorboard,trackio,wandb,mlflow"], env)
+    env = {
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config"),
+        "WANDB_CACHE_DIR": str(tmp_path / "wandb-cache"),
+        "TRACKIO_DIR": str(tmp_path / "trackio"),
+        "MLFLOW_TRACKING_URI": "",
+    }
+    done = run_cli(
+        [
+            "train",
+            "--output-dir",
+            str(out),
+            "--device",
+            "cpu",
+            "--max-new-tokens",
+            "6",
+            "--batch-size",
+            "2",
+            "--max-steps",
+            "2",
+            "--sft-steps",
+            "0",
+            "--eval-limit",
+            "2",
+            "--lr",
+            "0.0123",
+            "--report-to",
+            "tensorboard,trackio,wandb,mlflow",
+        ],
+        env,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = {row["step"]: row["loss"] for row in rows if "loss" in row}
@@ -213,6 +287,7 @@ def test_report_to_every_tracker_offline(tmp_path):
     assert len(losses) == 2
 
     import sqlite3
+
     db = sqlite3.connect(tmp_path / "trackio" / "pmi-opsd.db")
     logged = {}  # a step's row and its evaluation's are two rows
     for step, metrics in db.execute("SELECT step, metrics FROM metrics"):
@@ -233,6 +308,7 @@ def test_report_to_every_tracker_offline(tmp_path):
     assert (mlflow_run / "params" / "lr").read_text() == "0.0123"
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     events = EventAccumulator(str(out / "tensorboard")).Reload()
     assert {e.step: e.value for e in events.Scalars("loss")} == pytest.approx(losses)
 
@@ -245,17 +321,23 @@ def test_report_to_is_checked_before_the_model_loads(tmp_path, monkeypatch):
 
     import pmi_kernels.train.loop as loop
     import pmi_kernels.train.trackers as trackers
+
     monkeypatch.setattr(loop, "load_model", lambda *a: pytest.fail("the model loaded before the check"))
     missing = {"wandb", "tensorboard"}
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(trackers.importlib.util, "find_spec",
-                        lambda name, *a: None if name in missing else real_find_spec(name, *a))
+    monkeypatch.setattr(
+        trackers.importlib.util, "find_spec", lambda name, *a: None if name in missing else real_find_spec(name, *a)
+    )
     for overrides, message in [
-            (dict(report_to=["comet"]), "report_to: 'comet' is not one of tensorboard, trackio, wandb, mlflow, none"),
-            (dict(report_to=["none", "mlflow"]), "report_to: 'none' with trackers"),
-            (dict(report_to=["wandb"]), r"report_to wandb: its library is not installed \(pip install "
-                                        r"'pmi-kernels\[trackers\]', or pip install wandb\)"),
-            (dict(tensorboard=True), r"report_to tensorboard: .*'pmi-kernels\[train\]'")]:
+        (dict(report_to=["comet"]), "report_to: 'comet' is not one of tensorboard, trackio, wandb, mlflow, none"),
+        (dict(report_to=["none", "mlflow"]), "report_to: 'none' with trackers"),
+        (
+            dict(report_to=["wandb"]),
+            r"report_to wandb: its library is not installed \(pip install "
+            r"'pmi-kernels\[trackers\]', or pip install wandb\)",
+        ),
+        (dict(tensorboard=True), r"report_to tensorboard: .*'pmi-kernels\[train\]'"),
+    ]:
         with pytest.raises(ValueError, match=message):
             loop.Trainer(tiny(tmp_path, **overrides))
 
@@ -268,6 +350,7 @@ def test_every_flag_says_what_it_does_in_groups(capsys):
 
     from pmi_kernels.train import TrainConfig
     from pmi_kernels.train.config_help import GROUPS, REFERENCE, reference_text
+
     with pytest.raises(SystemExit):
         cli_main(["train", "--help"])
     text = capsys.readouterr().out
@@ -299,6 +382,7 @@ def test_a_sharded_checkpoint_holds_the_whole_model(tmp_path):
 
     from test_train_distributed import torchrun
     from test_train_fsdp import sharded_weights
+
     out = tmp_path / "run"
     done = torchrun(tmp_path, out, "--lora", "false", "--anchor", "true", "--fsdp", "true", "--max-steps", "1")
     assert done.returncode == 0, done.stderr[-3000:]

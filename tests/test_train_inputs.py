@@ -2,6 +2,7 @@
 problem is one line naming the file and line; a row far too long for the model is refused
 before all of it is tokenized; a stop signal during set-up ends it at once (exit 130/143); every
 subcommand refuses bad input with one line and exit 2."""
+
 import json
 import os
 import random
@@ -74,8 +75,11 @@ def test_a_refused_run_leaves_no_directory_it_made(tmp_path, capsys, model_dir):
     data.write_text(json.dumps(toy_problems(1, 0)[0]) + "\n{oops\n")
     made_by_user = tmp_path / "mine"
     made_by_user.mkdir()
-    for out, flags in ((tmp_path / "resumed", ["--resume", "true"]), (tmp_path / "bad", ["--train-file", str(data)]),
-                       (made_by_user, ["--train-file", str(data)])):
+    for out, flags in (
+        (tmp_path / "resumed", ["--resume", "true"]),
+        (tmp_path / "bad", ["--train-file", str(data)]),
+        (made_by_user, ["--train-file", str(data)]),
+    ):
         argv = ["train", *tiny_flags(tmp_path, model_path=model_dir, output_dir=out), *flags]
         assert cli_main(argv) == 2
         assert one_line_error(capsys).startswith("error: ")
@@ -97,11 +101,13 @@ def test_other_layouts_read_the_same_rows(tmp_path, model_dir, layout):
     """A JSON array of objects, parquet and a UTF-8 file with a byte-order mark give the rows a
     JSON Lines file gives. Fails on a layout the reader no longer takes."""
     rows = toy_problems(5, 4)
-    want = Trainer(tiny(tmp_path / "lines", model_path=str(model_dir), train_file=str(
-        write_rows(tmp_path / "rows.jsonl", rows)))).train_rows
+    want = Trainer(
+        tiny(tmp_path / "lines", model_path=str(model_dir), train_file=str(write_rows(tmp_path / "rows.jsonl", rows)))
+    ).train_rows
     data = tmp_path / f"rows.{'parquet' if layout == 'parquet' else 'json'}"
     if layout == "parquet":
         import pandas as pd
+
         pd.DataFrame(rows).to_parquet(data)
     elif layout == "json-array":
         data.write_text(json.dumps(rows, indent=2))
@@ -128,7 +134,7 @@ def test_a_config_file_that_is_not_utf8_is_named(tmp_path, capsys):
     config, raw = tmp_path / "c.json", b'{"beta": 2.0, "markers": ["caf\xe9"]}'
     config.write_bytes(raw)
     assert cli_main(["train", "--config", str(config)]) == 2
-    assert one_line_error(capsys).startswith(f"error: --config {config}: not UTF-8 text (byte {raw.index(0xe9)}:")
+    assert one_line_error(capsys).startswith(f"error: --config {config}: not UTF-8 text (byte {raw.index(0xE9)}:")
 
 
 # ---- every subcommand's bad input (item 11) -----------------------------------------------
@@ -138,8 +144,10 @@ def test_plot_and_compare_refuse_bad_paths_in_one_line(tmp_path, capsys, monkeyp
     raw tracebacks (exit 1) they gave."""
     monkeypatch.chdir(tmp_path)
     assert cli_main(["plot", "--metrics", "missing.jsonl"]) == 2
-    assert one_line_error(capsys) == "error: --metrics missing.jsonl: does not exist (a run's metrics.jsonl, in its " \
-                                     "output_dir)"
+    assert (
+        one_line_error(capsys) == "error: --metrics missing.jsonl: does not exist (a run's metrics.jsonl, in its "
+        "output_dir)"
+    )
     assert cli_main(["plot"]) == 2
     assert one_line_error(capsys).startswith("error: --metrics runs/toy/metrics.jsonl: does not exist")
     (tmp_path / "metrics.jsonl").write_text('{"step": 0, "loss": 1.0}\n{"step": 1, "loss": \n{"step": 2}\n')
@@ -149,8 +157,9 @@ def test_plot_and_compare_refuse_bad_paths_in_one_line(tmp_path, capsys, monkeyp
     assert one_line_error(capsys) == "error: --out nowhere/m.png: its directory does not exist"
     (tmp_path / "a-file").write_text("")
     assert cli_main(["compare", "--output-dir", "a-file"]) == 2
-    assert one_line_error(capsys) == "error: config: output_dir 'a-file' cannot be created (FileExistsError: File " \
-                                     "exists)"
+    assert (
+        one_line_error(capsys) == "error: config: output_dir 'a-file' cannot be created (FileExistsError: File exists)"
+    )
 
 
 def test_plot_leaves_out_a_last_line_cut_short(tmp_path, capsys):
@@ -177,18 +186,24 @@ def bpe_tokenizer():
     """A byte-level BPE tokenizer trained here on the toy's texts (nothing is downloaded)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
+
     core = Tokenizer(models.BPE())
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
     texts = [row["question"] + " " + row["solution"] for row in toy_problems(300, 0)]
-    core.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=["<eos>"],
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    core.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=400, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
     return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>")
 
 
 def words(rng, chars: int) -> str:
-    vocabulary = [w for row in toy_problems(50, 1) for w in row["question"].split()] + ["".join(
-        rng.choices(string.ascii_letters, k=rng.randint(3, 12))) for _ in range(200)]
+    vocabulary = [w for row in toy_problems(50, 1) for w in row["question"].split()] + [
+        "".join(rng.choices(string.ascii_letters, k=rng.randint(3, 12))) for _ in range(200)
+    ]
     text = []
     while sum(map(len, text)) < chars:
         text.append(rng.choice(vocabulary))
@@ -207,8 +222,11 @@ def test_a_long_row_is_refused_on_a_prefix(kind):
     rows = toy_problems(3, seed % 1000)
     rows.insert(1, {**rows[0], "question": words(random.Random(seed), 500_000)})
     recording = RecordingTokenizer(tokenizer)
-    with pytest.raises(ValueError, match=r"^templates.student \(train\): row 1: its context \(more than (\d+) tokens"
-                                         r"\) plus max_new_tokens \(10\) exceeds the model's 512 positions$") as err:
+    with pytest.raises(
+        ValueError,
+        match=r"^templates.student \(train\): row 1: its context \(more than (\d+) tokens"
+        r"\) plus max_new_tokens \(10\) exceeds the model's 512 positions$",
+    ) as err:
         contexts_ids(recording, DEFAULT_TEMPLATES, KINDS, rows, False, positions=512, max_new_tokens=10)
     assert recording.longest <= PREFIX_CHARS
     stated = int(err.value.args[0].split("more than ")[1].split(" ")[0])
@@ -222,6 +240,7 @@ def test_the_trainer_refuses_a_long_row_before_tokenizing_it(tmp_path, model_dir
     """A 1 MB question in a train file: the run is refused (exit 2) without the trainer's tokenizer
     ever reading more than PREFIX_CHARS characters of it. Fails on the row tokenized in full."""
     from transformers import PreTrainedTokenizerFast
+
     rows = toy_problems(4, 0)
     rows[2]["question"] = "x" * 2**20
     data = write_rows(tmp_path / "train.jsonl", rows)
@@ -231,6 +250,7 @@ def test_the_trainer_refuses_a_long_row_before_tokenizing_it(tmp_path, model_dir
     def recording(self, text=None, *args, **kwargs):
         longest.append(max(map(len, [text] if isinstance(text, str) else text or [""])))
         return real(self, text, *args, **kwargs)
+
     monkeypatch.setattr(PreTrainedTokenizerFast, "__call__", recording)
     with pytest.raises(ValueError, match=r"templates.student \(train\): row 2: its context \(more than"):
         Trainer(tiny(tmp_path, model_path=str(model_dir), train_file=str(data)))
@@ -238,8 +258,10 @@ def test_the_trainer_refuses_a_long_row_before_tokenizing_it(tmp_path, model_dir
 
 
 # ---- a stop during set-up (item 4) -----------------------------------------------------
-@pytest.mark.parametrize("fault,code,where", [("data-row@2=SIGINT", 130, "reading the data"),
-                                              ("tokenize-chunk@2=SIGTERM", 143, "tokenizing the data")])
+@pytest.mark.parametrize(
+    "fault,code,where",
+    [("data-row@2=SIGINT", 130, "reading the data"), ("tokenize-chunk@2=SIGTERM", 143, "tokenizing the data")],
+)
 def test_a_stop_during_set_up_ends_it(tmp_path, capsys, monkeypatch, model_dir, fault, code, where):
     """SIGINT while the data is read, SIGTERM while it is tokenized: the run ends there, with the
     signal's exit code and one line, nothing written; the same for a resumed run, whose message
@@ -252,7 +274,8 @@ def test_a_stop_during_set_up_ends_it(tmp_path, capsys, monkeypatch, model_dir, 
     assert cli_main(["train", *flags]) == code
     name = "SIGINT" if code == 130 else "SIGTERM"
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        f"interrupted by {name} during {where}: the run had no checkpoint yet; start it again")
+        f"interrupted by {name} during {where}: the run had no checkpoint yet; start it again"
+    )
     assert not (tmp_path / "run").exists()  # nothing written, not even the directory it made
     monkeypatch.delenv(interrupts.FAULT_ENV)
     assert cli_main(["train", *flags]) == 0
@@ -261,7 +284,8 @@ def test_a_stop_during_set_up_ends_it(tmp_path, capsys, monkeypatch, model_dir, 
     interrupts.FAULT_ARRIVALS.clear()
     assert cli_main(["train", *flags, "--resume"]) == code
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        f"interrupted by {name} during {where}: the run is as it was; continue it with --resume")
+        f"interrupted by {name} during {where}: the run is as it was; continue it with --resume"
+    )
     assert sorted(os.listdir(tmp_path / "run")) == before
 
 
@@ -272,15 +296,18 @@ def test_a_subcommand_without_the_train_extra_says_what_to_install(tmp_path, com
     ModuleNotFoundError (found by a new-user trial)."""
     import subprocess
     import sys
+
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5}\n')
     hide = "import sys; sys.modules.update(transformers=None, matplotlib=None); "
     code = hide + "from pmi_kernels.train.cli import main; sys.exit(main(sys.argv[1:]))"
-    out = subprocess.run([sys.executable, "-c", code, *command], capture_output=True, text=True, timeout=120,
-                         cwd=tmp_path)
+    out = subprocess.run(
+        [sys.executable, "-c", code, *command], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
     assert out.returncode == 2, out.stderr
     assert out.stderr.strip().splitlines() == [
         f"error: pmi-opsd {command[0]} needs the 'train' extra (no module named "
-        f"{'transformers' if command[0] == 'train' else 'matplotlib'!r}): pip install 'pmi-kernels[train]'"]
+        f"{'transformers' if command[0] == 'train' else 'matplotlib'!r}): pip install 'pmi-kernels[train]'"
+    ]
 
 
 def test_plot_and_compare_help_name_their_options(capsys):
@@ -289,6 +316,7 @@ def test_plot_and_compare_help_name_their_options(capsys):
     alone, and on --metrics without a word (found by a new-user trial)."""
     from pmi_kernels.train.config import TOY_DEFAULTS
     from pmi_kernels.train.demo.compare import COMPARE_DEFAULTS, SET_PER_RUN
+
     assert cli_main(["compare", "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
     own = [key for key, value in COMPARE_DEFAULTS.items() if TOY_DEFAULTS.get(key) != value]

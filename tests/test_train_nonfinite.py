@@ -1,6 +1,7 @@
 """Issue #15, build point 2: a step whose loss or gradients are not finite is skipped (no
 optimizer update), counted and logged; max_nonfinite_steps of them in a row stop the run with a
 clear message and exit code 1; a non-finite parameter never reaches a checkpoint."""
+
 import copy
 import json
 import os
@@ -27,6 +28,7 @@ def poison_loss(monkeypatch, poisoned=lambda: True):
     def loss(*args, **kwargs):
         value = real(*args, **kwargs)
         return value * float("nan") if poisoned() else value
+
     monkeypatch.setattr(step_parts, "fused_pmi_kl", loss)
 
 
@@ -47,6 +49,7 @@ def test_a_nonfinite_step_is_skipped_counted_and_logged(tmp_path, capsys, monkey
     def step():
         before[trainer.step] = (trainable_snapshot(trainer), copy.deepcopy(trainer.optimizer.state_dict()["state"]))
         return real_step()
+
     trainer.train_step = step
     trainer.train(progress=False)
     after = trainable_snapshot(trainer)

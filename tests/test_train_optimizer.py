@@ -2,6 +2,7 @@
 constant, linear or cosine) step by step against its formulas, and a parameter that gets no
 gradient stays untouched (AdamW's weight decay too). Under torchrun the same holds for a
 parameter no rank has a gradient for (tests/test_train_distributed.py)."""
+
 import math
 import random
 
@@ -67,6 +68,7 @@ def test_a_parameter_without_a_gradient_stays_untouched(tmp_path, monkeypatch):
     def wrap_with_an_unused_parameter(model, config):
         model.register_parameter("unused", torch.nn.Parameter(torch.randn(7)))
         return real_wrap(model, config)
+
     monkeypatch.setattr(loop, "wrap_model", wrap_with_an_unused_parameter)
     trainer = Trainer(tiny(tmp_path, lora=False, weight_decay=0.5))
     before = trainable_snapshot(trainer)

@@ -3,6 +3,7 @@
 Without padding, a packed row is only right if attention stays inside each sequence and the
 positions restart: each packed path is checked against separate forwards, and the packed step's
 gradients against the per-rollout loop's."""
+
 import math
 from types import SimpleNamespace
 
@@ -21,31 +22,48 @@ from pmi_kernels.train.loop import Trainer  # noqa: E402
 from pmi_kernels.train.step import distil  # noqa: E402
 from test_train import tiny  # noqa: E402
 
-SHAPE = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+SHAPE = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 
 
 def tiny_model(family: str, attn: str = "sdpa", device="cpu", dtype=torch.float32):
     """A two-layer model of the family with random weights."""
     packing.register_varlen()
     import transformers as tf
-    configs = {"qwen3": lambda: tf.Qwen3Config(head_dim=8, **SHAPE),
-               # Layer 1 attends to a window of 4 tokens: the packed mask must keep it.
-               "qwen3-sliding": lambda: tf.Qwen3Config(head_dim=8, use_sliding_window=True, sliding_window=4,
-                                                       max_window_layers=1, **SHAPE),
-               "llama": lambda: tf.LlamaConfig(**SHAPE), "olmo2": lambda: tf.Olmo2Config(**SHAPE),
-               # Every layer attends to a window of 4 tokens, and the config has no layer types.
-               "mistral-sliding": lambda: tf.MistralConfig(head_dim=8, sliding_window=4, **SHAPE),
-               "phi3-sliding": lambda: tf.Phi3Config(sliding_window=4, **SHAPE),
-               # Windows their attention does not hand on: PhiMoE's from the config, Qwen2-MoE's on the module.
-               "phimoe-sliding": lambda: tf.PhimoeConfig(sliding_window=4, num_local_experts=4, num_experts_per_tok=2,
-                                                         **SHAPE),
-               "qwen2moe-sliding": lambda: tf.Qwen2MoeConfig(use_sliding_window=True, sliding_window=4,
-                                                             max_window_layers=1, **SHAPE),
-               # A sliding_window key Llama ignores (a leftover in a config.json).
-               "llama-window-key": lambda: tf.LlamaConfig(sliding_window=4, **SHAPE),
-               # Its decoder layers do not pass their keyword arguments on to attention.
-               "stablelm": lambda: tf.StableLmConfig(**SHAPE)}
+
+    configs = {
+        "qwen3": lambda: tf.Qwen3Config(head_dim=8, **SHAPE),
+        # Layer 1 attends to a window of 4 tokens: the packed mask must keep it.
+        "qwen3-sliding": lambda: tf.Qwen3Config(
+            head_dim=8, use_sliding_window=True, sliding_window=4, max_window_layers=1, **SHAPE
+        ),
+        "llama": lambda: tf.LlamaConfig(**SHAPE),
+        "olmo2": lambda: tf.Olmo2Config(**SHAPE),
+        # Every layer attends to a window of 4 tokens, and the config has no layer types.
+        "mistral-sliding": lambda: tf.MistralConfig(head_dim=8, sliding_window=4, **SHAPE),
+        "phi3-sliding": lambda: tf.Phi3Config(sliding_window=4, **SHAPE),
+        # Windows their attention does not hand on: PhiMoE's from the config, Qwen2-MoE's on the module.
+        "phimoe-sliding": lambda: tf.PhimoeConfig(
+            sliding_window=4, num_local_experts=4, num_experts_per_tok=2, **SHAPE
+        ),
+        "qwen2moe-sliding": lambda: tf.Qwen2MoeConfig(
+            use_sliding_window=True, sliding_window=4, max_window_layers=1, **SHAPE
+        ),
+        # A sliding_window key Llama ignores (a leftover in a config.json).
+        "llama-window-key": lambda: tf.LlamaConfig(sliding_window=4, **SHAPE),
+        # Its decoder layers do not pass their keyword arguments on to attention.
+        "stablelm": lambda: tf.StableLmConfig(**SHAPE),
+    }
     model = tf.AutoModelForCausalLM.from_config(configs[family]()).to(device, dtype)
     model.set_attn_implementation(attn)
     return model.eval()
@@ -56,6 +74,7 @@ def sequences(seed: int, prompt_lengths=(4, 9, 3, 6), rollout_lengths=(1, 6, 11,
 
     def draw(n):
         return torch.randint(3, SHAPE["vocab_size"], (n,), generator=gen).tolist()
+
     return [draw(n) for n in prompt_lengths], [draw(n) for n in rollout_lengths]
 
 
@@ -64,8 +83,20 @@ def separate(decoder, prompts, rollouts):
 
 
 @pytest.mark.parametrize("attn", ["varlen", "sdpa", "eager"])
-@pytest.mark.parametrize("family", ["qwen3", "qwen3-sliding", "llama", "olmo2", "mistral-sliding", "phi3-sliding",
-                                    "phimoe-sliding", "qwen2moe-sliding", "llama-window-key"])
+@pytest.mark.parametrize(
+    "family",
+    [
+        "qwen3",
+        "qwen3-sliding",
+        "llama",
+        "olmo2",
+        "mistral-sliding",
+        "phi3-sliding",
+        "phimoe-sliding",
+        "qwen2moe-sliding",
+        "llama-window-key",
+    ],
+)
 def test_packed_hidden_states_equal_separate_forwards(family, attn):
     """Rollouts of 1 to 11 tokens after prompts of 3 to 9, packed in one row: the gathered
     hidden states equal each sequence's own forward (varlen: per-sequence attention on a CPU;
@@ -95,6 +126,7 @@ def test_varlen_attention_outside_packed_forwards_is_sdpa(monkeypatch):
         assert cu_q.dtype == torch.int32 and torch.equal(cu_q, cu_k) and max_q == max_k == int(cu_q.diff().max())
         calls.append(q.shape)
         return real(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs)
+
     real = packing.segment_attention
     monkeypatch.setattr(packing, "segment_attention", checked)
     model, reference = tiny_model("olmo2", packing.VARLEN), tiny_model("olmo2", "sdpa")
@@ -105,8 +137,10 @@ def test_varlen_attention_outside_packed_forwards_is_sdpa(monkeypatch):
         assert len(calls) == SHAPE["num_hidden_layers"]
         ids = torch.tensor([[0, 0, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14]])
         mask = (ids != 0).long()
-        torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits[mask.bool()],
-                                   reference(input_ids=ids, attention_mask=mask).logits[mask.bool()])
+        torch.testing.assert_close(
+            model(input_ids=ids, attention_mask=mask).logits[mask.bool()],
+            reference(input_ids=ids, attention_mask=mask).logits[mask.bool()],
+        )
     assert len(calls) == SHAPE["num_hidden_layers"]
 
 
@@ -123,13 +157,15 @@ def test_a_pack_whose_sequences_see_each_other_is_refused(monkeypatch):
     with torch.no_grad():  # with the block mask it is right
         torch.testing.assert_close(packed_hidden(decoder, prompts, rollouts, cpu), separate(decoder, prompts, rollouts))
     packing.check_isolation(decoder, prompts[:2], SHAPE["vocab_size"], cpu)
+
     def causal(config, lengths, implementation, device, window=None):  # the later sequence sees the earlier
         return torch.ones(sum(lengths), sum(lengths), dtype=torch.bool).tril()[None, None]
 
     def ahead(config, lengths, implementation, device, window=None):  # the earlier sees the later
         allowed = packing.block_causal_mask(lengths, device)
-        allowed[:lengths[0], lengths[0]:] = True
+        allowed[: lengths[0], lengths[0] :] = True
         return allowed[None, None]
+
     for mask, which in ((causal, "later"), (ahead, "earlier")):
         monkeypatch.setattr(packing, "block_masks", mask)
         with pytest.raises(ValueError, match=f"{which} sequence of a pack sees the other"):
@@ -142,6 +178,7 @@ def test_attention_a_model_needs_is_chosen_or_refused_before_loading():
     varlen forward of a model with sinks is refused (it once dropped them). Fails on a model
     run without what makes its attention."""
     import transformers as tf
+
     gemma2, gpt_oss, bloom = tf.Gemma2Config(), tf.GptOssConfig(**SHAPE), tf.BloomConfig()
     for config in (gemma2, gpt_oss):
         assert packing.resolve_attn_implementation("auto", "cpu", config) == "eager"
@@ -155,13 +192,19 @@ def test_attention_a_model_needs_is_chosen_or_refused_before_loading():
     packing.check_model_attention(bloom, "eager", packed=False)
     # Attention outside transformers' registry (Falcon, GPT-Neo, StableLM), or with dropout (GPT-2):
     # "auto" picks sdpa (eager where the model has none), "varlen" is refused before loading.
-    picks = [(tf.FalconConfig(), "sdpa"), (tf.GPTNeoConfig(), "eager"), (tf.StableLmConfig(), "sdpa"),
-             (tf.GPT2Config(), "sdpa"), (tf.LlamaConfig(), packing.VARLEN)]
+    picks = [
+        (tf.FalconConfig(), "sdpa"),
+        (tf.GPTNeoConfig(), "eager"),
+        (tf.StableLmConfig(), "sdpa"),
+        (tf.GPT2Config(), "sdpa"),
+        (tf.LlamaConfig(), packing.VARLEN),
+    ]
     for config, implementation in picks:
         assert packing.resolve_attn_implementation("auto", "cpu", config) == implementation, type(config).__name__
         if implementation != packing.VARLEN:
-            with pytest.raises(ValueError, match="attn_implementation 'varlen' (cannot run this model|has no attention "
-                                                 "dropout)"):
+            with pytest.raises(
+                ValueError, match="attn_implementation 'varlen' (cannot run this model|has no attention dropout)"
+            ):
                 packing.check_model_attention(config, packing.VARLEN, packed=True)
     packing.register_varlen()
     model = tf.AutoModelForCausalLM.from_config(gpt_oss)
@@ -182,10 +225,11 @@ def test_flash_varlen_adapts_to_the_installed_varlen_attn(monkeypatch, signature
         assert is_causal and q.shape[1] == k.shape[1]
         return packing.segment_attention(q, k, v, cu_q, cu_k, max_q, max_k, window_size=(-1, 0))
 
-    def new(q, k, v, cu_q, cu_k, max_q, max_k, *, return_aux=None, scale=None, window_size=(-1, -1),
-            enable_gqa=False):
-        return packing.segment_attention(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, window_size=window_size,
-                                         enable_gqa=enable_gqa)
+    def new(q, k, v, cu_q, cu_k, max_q, max_k, *, return_aux=None, scale=None, window_size=(-1, -1), enable_gqa=False):
+        return packing.segment_attention(
+            q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, window_size=window_size, enable_gqa=enable_gqa
+        )
+
     monkeypatch.setattr(varlen, "varlen_attn", old if signature == "torch-2.11" else new)
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(9, heads, 8, generator=gen, dtype=torch.float64) for heads in (4, 2, 2))
@@ -216,6 +260,7 @@ def test_sequences_past_a_rope_switch_go_alone():
     longer than original_max_position_embeddings goes in a pack of its own, and the packs equal
     separate forwards. Fails on a short sequence packed with a long one (its rows 0.5% off)."""
     import transformers as tf
+
     rope = {"rope_type": "longrope", "short_factor": [1.0] * 4, "long_factor": [4.0] * 4}
     config = tf.Phi3Config(rope_parameters=rope, original_max_position_embeddings=8, **SHAPE)
     assert packing.rope_switch_length(config) == 8
@@ -228,9 +273,14 @@ def test_sequences_past_a_rope_switch_go_alone():
     student = [prompts["student"][i] for i, _ in batch]
     with torch.no_grad():
         want = separate(decoder, student, [r for _, r in batch])
-        got = torch.cat([packed_hidden(decoder, [student[i] for i, _ in group], [r for _, r in group], cpu)
-                         for group in rollout_groups(list(enumerate(r for _, r in batch)), {"student": student},
-                                                     True, None, alone_above=8)])
+        got = torch.cat(
+            [
+                packed_hidden(decoder, [student[i] for i, _ in group], [r for _, r in group], cpu)
+                for group in rollout_groups(
+                    list(enumerate(r for _, r in batch)), {"student": student}, True, None, alone_above=8
+                )
+            ]
+        )
         mixed = packed_hidden(decoder, student, [r for _, r in batch], cpu)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(mixed, want, rtol=1e-5, atol=1e-5)
@@ -254,9 +304,11 @@ def step_gradients(trainer, packed: bool, budget):
     trainer.generate = lambda prompts, *args: [next(rollouts) for _ in prompts]
     grads, groups = [], []
     trainer.optimizer.step = lambda: grads.extend(p.grad.clone() for p in trainer.trainable)
+
     def recording(contexts, group, *args, **kwargs):
         groups.append(group)
         return distil(contexts, group, *args, **kwargs)
+
     loop.distil = recording
     try:
         record = trainer.train_step()
@@ -265,15 +317,28 @@ def step_gradients(trainer, packed: bool, budget):
     return record, grads, [[len(rollout) for _, rollout in group] for group in groups]
 
 
-@pytest.mark.parametrize("overrides, budget, packs", [
-    pytest.param(dict(mode="pmi"), None, [[3, 7], [9, 5, 1]], id="lora"),
-    # The arithmetic task's prompts: "mixed" splits its first micro-batch (the shortcut task's are shorter).
-    pytest.param(dict(mode="pmi", anchor=True, toy_task="arithmetic"), "mixed", [[3], [7], [9, 5], [1]],
-                 id="lora-anchor-budget"),
-    pytest.param(dict(mode="pmi", lora=False, jsd_beta=0.4, attn_implementation="sdpa"), None, [[3, 7], [9, 5, 1]],
-                 id="full-sdpa-mask"),
-    pytest.param(dict(mode="opsd", lora=False, anchor=True), 1, [[3], [7], [9], [5], [1]], id="full-anchor-opsd-alone"),
-])
+@pytest.mark.parametrize(
+    "overrides, budget, packs",
+    [
+        pytest.param(dict(mode="pmi"), None, [[3, 7], [9, 5, 1]], id="lora"),
+        # The arithmetic task's prompts: "mixed" splits its first micro-batch (the shortcut task's are shorter).
+        pytest.param(
+            dict(mode="pmi", anchor=True, toy_task="arithmetic"),
+            "mixed",
+            [[3], [7], [9, 5], [1]],
+            id="lora-anchor-budget",
+        ),
+        pytest.param(
+            dict(mode="pmi", lora=False, jsd_beta=0.4, attn_implementation="sdpa"),
+            None,
+            [[3, 7], [9, 5, 1]],
+            id="full-sdpa-mask",
+        ),
+        pytest.param(
+            dict(mode="opsd", lora=False, anchor=True), 1, [[3], [7], [9], [5], [1]], id="full-anchor-opsd-alone"
+        ),
+    ],
+)
 def test_packed_step_gradients_equal_the_per_rollout_loop(tmp_path, overrides, budget, packs):
     """One step (two micro-batches of three; rollouts of 3, 0, 7, 9, 5 and 1 tokens), packed and
     rollout by rollout from the same weights: the same parameter gradients, loss and
@@ -281,8 +346,7 @@ def test_packed_step_gradients_equal_the_per_rollout_loop(tmp_path, overrides, b
     packs; attention is varlen's (per sequence on a CPU), or sdpa's with the block mask. Fails on a
     pack whose sequences see each other, rows of one context gathered out of line with another's, or a
     normalizer per pack instead of the step's tokens."""
-    trainer = Trainer(tiny(tmp_path, batch_size=3, grad_accum=2, max_grad_norm=1e9, diagnostics_every=1,
-                           **overrides))
+    trainer = Trainer(tiny(tmp_path, batch_size=3, grad_accum=2, max_grad_norm=1e9, diagnostics_every=1, **overrides))
     with torch.no_grad():  # LoRA's B off zero, so the adapter changes the student's contexts
         for name, p in trainer.model.named_parameters():
             if "lora_B" in name:
@@ -304,8 +368,9 @@ def test_packed_step_gradients_equal_the_per_rollout_loop(tmp_path, overrides, b
 
 
 @requires_cuda
-@pytest.mark.parametrize("attn,dtype", [("varlen", torch.bfloat16), ("flash_attention_2", torch.bfloat16),
-                                        ("varlen", torch.float32)])
+@pytest.mark.parametrize(
+    "attn,dtype", [("varlen", torch.bfloat16), ("flash_attention_2", torch.bfloat16), ("varlen", torch.float32)]
+)
 def test_packed_hidden_states_on_cuda(attn, dtype):
     """On a GPU: in bf16 the varlen kernels' packed forward (torch's varlen_attn, flash-attn's)
     equals separate sdpa forwards, a sliding-window layer included; fp32 weights (bf16 false)

@@ -1,4 +1,5 @@
 """The paper's recipes (configs/*.json) and `pmi-opsd train --dry-run` (issue #16, item 2)."""
+
 import dataclasses
 import glob
 import json
@@ -17,27 +18,48 @@ from pmi_kernels.train.tools import plan  # noqa: E402
 RECIPES = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*.json")))
 # Parameter counts the model cards give, in billions: the dry run's must round to them.
 PUBLISHED = {"qwen3-8b": 8.2, "qwen3-4b": 4.0, "deepseek-r1-distill-qwen-7b": 7.6, "olmo-3-7b": 7.3}
-TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2)
+TINY = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
 
 
 def tiny_config(family: str, **extra):
     import transformers as tf
-    kinds = {"qwen3": (tf.Qwen3Config, dict(head_dim=16)), "llama": (tf.LlamaConfig, {}),
-             "olmo2": (tf.Olmo2Config, {}), "olmo3": (tf.Olmo3Config, {}),
-             "qwen2": (tf.Qwen2Config, {})}
+
+    kinds = {
+        "qwen3": (tf.Qwen3Config, dict(head_dim=16)),
+        "llama": (tf.LlamaConfig, {}),
+        "olmo2": (tf.Olmo2Config, {}),
+        "olmo3": (tf.Olmo3Config, {}),
+        "qwen2": (tf.Qwen2Config, {}),
+    }
     cls, own = kinds[family]
     return cls(**TINY, **own, **extra)
 
 
-@pytest.mark.parametrize("family, extra", [
-    ("qwen3", {}), ("qwen3", dict(tie_word_embeddings=True)), ("llama", {}), ("llama", dict(attention_bias=True)),
-    ("olmo2", {}), ("olmo3", {}), ("qwen2", {})])
+@pytest.mark.parametrize(
+    "family, extra",
+    [
+        ("qwen3", {}),
+        ("qwen3", dict(tie_word_embeddings=True)),
+        ("llama", {}),
+        ("llama", dict(attention_bias=True)),
+        ("olmo2", {}),
+        ("olmo3", {}),
+        ("qwen2", {}),
+    ],
+)
 def test_parameter_counts_equal_the_models(family, extra):
     """The plan's parameter and LoRA counts from config.json's numbers equal the built model's
     and peft's. Fails on q/k norms, biases or a tied head miscounted."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
+
     config = tiny_config(family, **extra)
     model = AutoModelForCausalLM.from_config(config)
     arch = config.to_dict()
@@ -54,6 +76,7 @@ def test_activation_estimate_covers_what_autograd_keeps(lora):
     Llama, and at most 1.5x it."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
+
     for family in ("qwen3", "olmo2", "llama"):
         config = tiny_config(family)
         model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
@@ -64,6 +87,7 @@ def test_activation_estimate_covers_what_autograd_keeps(lora):
         def keep(t):
             kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
             return t
+
         measured = []
         for tokens in (64, 128):
             kept.clear()
@@ -82,14 +106,42 @@ def test_recipes_are_the_papers_setups_each_with_its_opsd_twin():
     names = {os.path.basename(p)[:-5] for p in RECIPES}
     assert names == {f"{model}-{mode}" for model in PUBLISHED for mode in ("pmi", "opsd")}
     for model in PUBLISHED:
-        pmi, opsd = (json.load(open(os.path.join(os.path.dirname(RECIPES[0]), f"{model}-{m}.json")))
-                     for m in ("pmi", "opsd"))
+        pmi, opsd = (
+            json.load(open(os.path.join(os.path.dirname(RECIPES[0]), f"{model}-{m}.json"))) for m in ("pmi", "opsd")
+        )
         assert {k for k in pmi if pmi[k] != opsd[k]} == {"mode", "output_dir"}
         assert (pmi["mode"], opsd["mode"]) == ("pmi", "opsd")
-        setting = {k: pmi[k] for k in ("lora", "lora_rank", "lr", "batch_size", "grad_accum", "max_new_tokens",
-                                       "beta", "clip", "jsd_beta", "center", "loss_temperature", "anchor")}
-        assert setting == dict(lora=True, lora_rank=64, lr=5e-6, batch_size=32, grad_accum=1, max_new_tokens=1024,
-                               beta=1.0, clip=10.0, jsd_beta=0.0, center=True, loss_temperature=1.0, anchor=False)
+        setting = {
+            k: pmi[k]
+            for k in (
+                "lora",
+                "lora_rank",
+                "lr",
+                "batch_size",
+                "grad_accum",
+                "max_new_tokens",
+                "beta",
+                "clip",
+                "jsd_beta",
+                "center",
+                "loss_temperature",
+                "anchor",
+            )
+        }
+        assert setting == dict(
+            lora=True,
+            lora_rank=64,
+            lr=5e-6,
+            batch_size=32,
+            grad_accum=1,
+            max_new_tokens=1024,
+            beta=1.0,
+            clip=10.0,
+            jsd_beta=0.0,
+            center=True,
+            loss_temperature=1.0,
+            anchor=False,
+        )
         assert pmi["eval_samples"] > 1 and pmi["eval_temperature"] > 0  # avg@k: k sampled answers per question
     for path in RECIPES:
         config, flags = parse_args(["--config", path, "--dry-run"])
@@ -129,15 +181,30 @@ def test_dry_run_refuses_what_torchrun_would(capsys):
     assert "lora_targets" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("flags,message", [
-    (["--prompt-tokens", "40000"], "exceeds the model's 40,960 positions"),
-    (["--max-new-tokens", "50000"], "exceeds the model's 40,960 positions"),
-    (["--architecture", '{"vocab_size": 64, "hidden_size": 64, "intermediate_size": 64, "num_hidden_layers": 2, '
-      '"num_attention_heads": 3}'], "num_attention_heads 3 does not divide hidden_size 64"),
-    (["--architecture", '{"vocab_size": 64, "hidden_size": 64, "intermediate_size": 64, "num_hidden_layers": 2, '
-      '"num_attention_heads": 4, "num_key_value_heads": 3}'], "num_key_value_heads 3 does not group"),
-    (["--max-new-tokens", "40961"], "the prompt (--prompt-tokens) plus max_new_tokens (40,962 tokens)"),
-])
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--prompt-tokens", "40000"], "exceeds the model's 40,960 positions"),
+        (["--max-new-tokens", "50000"], "exceeds the model's 40,960 positions"),
+        (
+            [
+                "--architecture",
+                '{"vocab_size": 64, "hidden_size": 64, "intermediate_size": 64, "num_hidden_layers": 2, '
+                '"num_attention_heads": 3}',
+            ],
+            "num_attention_heads 3 does not divide hidden_size 64",
+        ),
+        (
+            [
+                "--architecture",
+                '{"vocab_size": 64, "hidden_size": 64, "intermediate_size": 64, "num_hidden_layers": 2, '
+                '"num_attention_heads": 4, "num_key_value_heads": 3}',
+            ],
+            "num_key_value_heads 3 does not group",
+        ),
+        (["--max-new-tokens", "40961"], "the prompt (--prompt-tokens) plus max_new_tokens (40,962 tokens)"),
+    ],
+)
 def test_dry_run_refuses_what_the_model_would(flags, message, capsys):
     """A context plus rollout past the model's positions (Qwen3-8B's 40,960), and heads that do
     not split the hidden size or group the query heads, are refused as the run would refuse
@@ -159,13 +226,15 @@ def test_dry_run_reads_a_model_directorys_config_json(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"model: {tmp_path / 'tiny' / 'config.json'}" in out
     from transformers import AutoModelForCausalLM
+
     count = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
     assert f"{count / 1e9:.2f} B parameters" in out and "full fine-tuning (+ a frozen copy)" in out
     assert cli_main(["train", "--dry-run"]) == 0 and "the toy model" in capsys.readouterr().out
     # null positions and key/value heads (they default): planned, as before the checks came
     values = json.load(open(tmp_path / "tiny" / "config.json"))
-    (tmp_path / "tiny" / "config.json").write_text(json.dumps({**values, "max_position_embeddings": None,
-                                                                "num_key_value_heads": None}))
+    (tmp_path / "tiny" / "config.json").write_text(
+        json.dumps({**values, "max_position_embeddings": None, "num_key_value_heads": None})
+    )
     assert cli_main(args) == 0, capsys.readouterr().err
     capsys.readouterr()
     assert cli_main(["train", "--model-path", str(tmp_path / "none"), "--dry-run"]) == 2

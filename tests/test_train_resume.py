@@ -1,6 +1,7 @@
 """Issue #15, build point 4: a non-empty output directory is refused without --resume unless
 --overwrite; --resume continues the run that is there (same config, keys meant to change
 excepted), cuts metrics.jsonl back to the resumed step, and needs the toy base saved with it."""
+
 import json
 import os
 import shutil
@@ -57,13 +58,17 @@ def test_overwrite_removes_nothing_until_the_new_run_checks_out(three_step_run, 
     longer than its positions) leaves the old run whole. Fails on the old run deleted first, as
     it was before the checks (the directory emptied, and the new run never started)."""
     out = copy_run(three_step_run, tmp_path)
-    before = {name: sorted(os.listdir(out / name)) if os.path.isdir(out / name) else (out / name).read_bytes()
-              for name in os.listdir(out)}
+    before = {
+        name: sorted(os.listdir(out / name)) if os.path.isdir(out / name) else (out / name).read_bytes()
+        for name in os.listdir(out)
+    }
     for flags, key in ((["--lora-targets", "q_prj"], "lora_targets"), (["--max-new-tokens", "600"], "max_new_tokens")):
         assert cli_main(["train", *tiny_flags(tmp_path), "--overwrite", *flags]) == 2
         assert key in capsys.readouterr().err
-        assert {name: sorted(os.listdir(out / name)) if os.path.isdir(out / name) else (out / name).read_bytes()
-                for name in os.listdir(out)} == before
+        assert {
+            name: sorted(os.listdir(out / name)) if os.path.isdir(out / name) else (out / name).read_bytes()
+            for name in os.listdir(out)
+        } == before
 
 
 def test_overwrite_leaves_files_no_trainer_wrote(tmp_path, capsys):
@@ -112,8 +117,19 @@ def test_resume_refuses_changed_keys_by_name(three_step_run, tmp_path):
         Trainer(tiny(tmp_path, max_steps=3, save_every=2, resume=True, beta=2.0, lora_rank=4))
     with pytest.raises(ValueError, match=r"differs from the run's in beta \(1.0 -> 3.0\); use"):
         Trainer(tiny(tmp_path, max_steps=3, resume=True, beta=3.0, allow_config_change=["lora_rank"]))
-    trainer = Trainer(tiny(tmp_path, max_steps=5, save_every=1, eval_every=2, log_every=2, keep_checkpoints=3,
-                           resume=True, beta=2.0, allow_config_change=["beta"]))
+    trainer = Trainer(
+        tiny(
+            tmp_path,
+            max_steps=5,
+            save_every=1,
+            eval_every=2,
+            log_every=2,
+            keep_checkpoints=3,
+            resume=True,
+            beta=2.0,
+            allow_config_change=["beta"],
+        )
+    )
     assert trainer.step == 3 and trainer.config.beta == 2.0
 
 
@@ -148,8 +164,10 @@ def test_metrics_are_cut_back_to_the_resumed_step(three_step_run, tmp_path):
 
     def measured(key):
         return key in TIMINGS or key.startswith("time/")
-    assert [{k: v for k, v in row.items() if not measured(k)} for row in got] == \
-        [{k: v for k, v in row.items() if not measured(k)} for row in want]
+
+    assert [{k: v for k, v in row.items() if not measured(k)} for row in got] == [
+        {k: v for k, v in row.items() if not measured(k)} for row in want
+    ]
     final = trainable_snapshot(trainer)
     assert all(torch.equal(final[n], three_step_run[1][n]) for n in final)
 

@@ -3,6 +3,7 @@ a save) ends the run with its last consistent state saved or kept, one line sayi
 exit code 130 or 143; the resumed run ends where an uninterrupted one does, bit for bit.
 
 The signal is real: PMI_TRAIN_FAULT makes the process send it to itself at a named point."""
+
 import json
 import os
 
@@ -51,8 +52,7 @@ def test_sigterm_during_the_warmup(tmp_path, capsys, monkeypatch):
     """The warm-up has nothing consistent to save: exit 143 and a line that says so, and the
     directory left empty (but for the run's mark) so a fresh start needs no --overwrite. Fails on the signal killing the
     process silently (the bug) or on a half-warmed base saved as if it were the run's."""
-    code, line = interrupted_run(tmp_path, capsys, monkeypatch, "warmup-step@2=SIGTERM", sft_steps=4,
-                                 sft_batch_size=4)
+    code, line = interrupted_run(tmp_path, capsys, monkeypatch, "warmup-step@2=SIGTERM", sft_steps=4, sft_batch_size=4)
     assert code == 143
     assert line == "interrupted by SIGTERM during the supervised warm-up: the run had no checkpoint yet; start it again"
     assert os.listdir(tmp_path / "run") == [RUN_MARKER]  # which a fresh start does not count
@@ -65,8 +65,9 @@ def test_sigint_during_the_first_evaluation(tmp_path, capsys, monkeypatch, strai
     code, line = interrupted_run(tmp_path, capsys, monkeypatch, "evaluation-batch@1=SIGINT")
     out = tmp_path / "run"
     assert code == 130
-    assert line == (f"interrupted by SIGINT during evaluation: {out / 'checkpoint-0'} holds step 0; "
-                    "continue with --resume")
+    assert line == (
+        f"interrupted by SIGINT during evaluation: {out / 'checkpoint-0'} holds step 0; continue with --resume"
+    )
     assert json.loads((out / "result.json").read_text())["interrupted"] == "SIGINT"
     assert_same_weights(resume_to_the_end(tmp_path), straight_run)
     assert [json.loads(row)["step"] for row in open(out / "metrics.jsonl")] == [0, 1, 2, 3, 3]
@@ -81,8 +82,12 @@ def test_sigint_during_a_scheduled_evaluation(tmp_path, capsys, monkeypatch):
     straight.train(progress=False)
 
     def evaluations(out):
-        return [(r["step"], r["eval/accuracy"]) for r in map(json.loads, open(out / "metrics.jsonl"))
-                if "eval/accuracy" in r]
+        return [
+            (r["step"], r["eval/accuracy"])
+            for r in map(json.loads, open(out / "metrics.jsonl"))
+            if "eval/accuracy" in r
+        ]
+
     # The evaluation at step 0 reads batch 1, at step 2 batch 2.
     code, _ = interrupted_run(tmp_path, capsys, monkeypatch, "evaluation-batch@2=SIGINT", **flags)
     assert code == 130 and load_checkpoint(str(tmp_path / "run"))["step"] == 2
@@ -101,6 +106,7 @@ def test_a_crash_after_the_warmup_can_resume(tmp_path):
 
     def crash():
         raise RuntimeError("killed")
+
     trainer.evaluate = crash
     with pytest.raises(RuntimeError, match="killed"):
         trainer.train(progress=False)
@@ -113,8 +119,11 @@ def test_sigterm_during_a_step(tmp_path, capsys, monkeypatch, straight_run):
     (its data position too) and the state after step 1, not saved before, is saved. Fails on a
     half step kept, or its data position kept, so that the resumed run skips its questions."""
     code, line = interrupted_run(tmp_path, capsys, monkeypatch, "step-rollout@2=SIGTERM", save_every=100)
-    assert (code, line) == (143, f"interrupted by SIGTERM during a step: {tmp_path / 'run' / 'checkpoint-1'} "
-                                 "holds step 1; continue with --resume")
+    assert (code, line) == (
+        143,
+        f"interrupted by SIGTERM during a step: {tmp_path / 'run' / 'checkpoint-1'} "
+        "holds step 1; continue with --resume",
+    )
     assert load_checkpoint(str(tmp_path / "run"))["position"] == 2
     assert_same_weights(resume_to_the_end(tmp_path), straight_run)
 
@@ -123,8 +132,11 @@ def test_sigterm_during_a_save(tmp_path, capsys, monkeypatch, straight_run):
     """The save in flight completes, then the run stops: checkpoint-2 is whole and pointed to.
     Fails on a save cut short by the signal or a run that goes on after it."""
     code, line = interrupted_run(tmp_path, capsys, monkeypatch, "save-written@2=SIGTERM")
-    assert (code, line) == (143, f"interrupted by SIGTERM during a step: {tmp_path / 'run' / 'checkpoint-2'} "
-                                 "holds step 2; continue with --resume")
+    assert (code, line) == (
+        143,
+        f"interrupted by SIGTERM during a step: {tmp_path / 'run' / 'checkpoint-2'} "
+        "holds step 2; continue with --resume",
+    )
     assert load_checkpoint(str(tmp_path / "run"))["step"] == 2
     assert_same_weights(resume_to_the_end(tmp_path), straight_run)
 
@@ -134,6 +146,7 @@ def test_a_stop_ends_the_sampling_at_once(tmp_path):
     rather than after max_new_tokens (a large model's sampling can outlast the 30 s torchrun
     waits before it kills its workers). Fails on a generate() that ignores the stop."""
     import signal
+
     trainer = Trainer(tiny(tmp_path, max_new_tokens=60))
     prompts = trainer.prompts["student"][:3]
     trainer.stop.signum = signal.SIGTERM

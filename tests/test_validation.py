@@ -1,4 +1,5 @@
 """Every bad input of SPEC gets a ValueError naming the argument, before any kernel runs."""
+
 import pytest
 import torch
 
@@ -67,8 +68,12 @@ HIDDEN_CASES = [
 
 @pytest.mark.parametrize("name,change", HIDDEN_CASES)
 def test_fused_pmi_kl_rejects(name, change):
-    args = dict(student_hidden=torch.randn(4, 6), lm_head_weight=torch.randn(10, 6),
-                teacher_hidden=torch.randn(4, 6), refonly_hidden=torch.randn(4, 6))
+    args = dict(
+        student_hidden=torch.randn(4, 6),
+        lm_head_weight=torch.randn(10, 6),
+        teacher_hidden=torch.randn(4, 6),
+        refonly_hidden=torch.randn(4, 6),
+    )
     args.update(change())
     with pytest.raises(ValueError, match=name):
         fused_pmi_kl(**args)
@@ -97,8 +102,12 @@ def test_sparse_tensors_are_refused_by_name(layout):
     NotImplementedError); check_finite=False does not let one through to a kernel."""
     s, t, r, a = (logits() for _ in range(4))
     h = {k: torch.randn(4, 6) for k in ("student_hidden", "teacher_hidden", "refonly_hidden", "anchor_hidden")}
-    heads = dict(lm_head_weight=torch.randn(10, 6), lm_head_bias=torch.randn(10), frozen_weight=torch.randn(10, 6),
-                 frozen_bias=torch.randn(10))
+    heads = dict(
+        lm_head_weight=torch.randn(10, 6),
+        lm_head_bias=torch.randn(10),
+        frozen_weight=torch.randn(10, 6),
+        frozen_bias=torch.randn(10),
+    )
     logit_args = dict(student_logits=s, teacher_logits=t, refonly_logits=r, anchor_logits=a)
     for check_finite in (True, False):
         for name in logit_args:

@@ -3,6 +3,7 @@ module that takes the option. A closed end is accepted exactly at the edge (and 
 finite loss) and refused one float (or one integer) past it; an open end is refused exactly at
 the edge and accepted one float inside it. A check that moved its bound, or turned >= into >,
 fails here."""
+
 import math
 
 import pytest
@@ -11,9 +12,15 @@ import torch
 from pmi_kernels import FusedPMIKLLoss, PMIKLLoss, fused_pmi_kl, pmi_diagnostics, pmi_kl
 
 # (option, low, low is open, high): the ranges docs/loss.md states; every high end is closed.
-RANGES = [("beta", 1e-30, False, 1e30), ("temperature", 1e-30, False, 1e30), ("clip", 0.0, True, 1e30),
-          ("entry_clip", 0.0, True, 1e30), ("jsd_beta", 0.0, False, 1.0), ("normalizer", 1e-30, False, 1e30),
-          ("workspace_bytes", 1, False, 2**63 - 1)]
+RANGES = [
+    ("beta", 1e-30, False, 1e30),
+    ("temperature", 1e-30, False, 1e30),
+    ("clip", 0.0, True, 1e30),
+    ("entry_clip", 0.0, True, 1e30),
+    ("jsd_beta", 0.0, False, 1.0),
+    ("normalizer", 1e-30, False, 1e30),
+    ("workspace_bytes", 1, False, 2**63 - 1),
+]
 TARGET_OPTIONS = ("beta", "clip", "temperature", "workspace_bytes")  # what pmi_diagnostics takes
 
 
@@ -46,14 +53,17 @@ def calls(name, value):
     given = {name: value}
     # The modules take the per-call normalizer in forward, every other option in the constructor.
     per_call, options = (given, {}) if name == "normalizer" else ({}, given)
-    out = {"pmi_kl": lambda: pmi_kl(s, t, r, a, **given),
-           "fused_pmi_kl": lambda: fused_pmi_kl(h[0], w, h[1], h[2], h[3], **given),
-           "PMIKLLoss": lambda: PMIKLLoss(**options)(s, t, r, a, **per_call),
-           "FusedPMIKLLoss": lambda: FusedPMIKLLoss(**options)(h[0], w, h[1], h[2], h[3], **per_call)}
+    out = {
+        "pmi_kl": lambda: pmi_kl(s, t, r, a, **given),
+        "fused_pmi_kl": lambda: fused_pmi_kl(h[0], w, h[1], h[2], h[3], **given),
+        "PMIKLLoss": lambda: PMIKLLoss(**options)(s, t, r, a, **per_call),
+        "FusedPMIKLLoss": lambda: FusedPMIKLLoss(**options)(h[0], w, h[1], h[2], h[3], **per_call),
+    }
     if name in TARGET_OPTIONS:
         out["pmi_diagnostics"] = lambda: pmi_diagnostics(s, t, r, a, **given)["kl_target_student"]
-        out["pmi_diagnostics of hidden states"] = lambda: pmi_diagnostics(*h, lm_head_weight=w,
-                                                                          **given)["kl_target_student"]
+        out["pmi_diagnostics of hidden states"] = lambda: pmi_diagnostics(*h, lm_head_weight=w, **given)[
+            "kl_target_student"
+        ]
     return out
 
 
@@ -66,4 +76,3 @@ def test_each_end_of_each_range(name, value, accepted):
         else:
             with pytest.raises(ValueError, match=f"^{name} must be"):
                 call()
-

@@ -5,6 +5,7 @@ about another argument, or not at all (a NaN loss).
 
 A tensor on the meta device stands for one on another device, so the device checks run on
 CPU-only machines."""
+
 import pytest
 import torch
 
@@ -44,7 +45,7 @@ def stream_cases(names):
         cases += [
             case(k, "not-a-tensor", lambda a, k=k: {k: a[k].tolist()}),
             case(k, "integer", lambda a, k=k: {k: a[k].int()}),
-            case(k, "shape", lambda a, k=k: {k: a[k][:N - 1]}),
+            case(k, "shape", lambda a, k=k: {k: a[k][: N - 1]}),
             case(k, "dtype", lambda a, k=k: {k: a[k].double()}),
             case(k, "device", lambda a, k=k: {k: a[k].to(OTHER_DEVICE)}),
             case(k, "inf", lambda a, k=k: {k: a[k].fill_(float("inf"))}),
@@ -89,23 +90,30 @@ def head_cases(weight, bias):
         # H = 0: also caught by the H check (the hidden states have H > 0), so "H > 0" cannot be
         # removed alone with a visible effect.
         case(weight, "no-hidden", lambda a: {weight: a[weight][:, :0]}),
-        case(weight, "other-hidden", lambda a: {weight: a[weight][:, :H - 1]}),
+        case(weight, "other-hidden", lambda a: {weight: a[weight][:, : H - 1]}),
         case(weight, "dtype", lambda a: {weight: a[weight].double()}),
         case(weight, "device", lambda a: {weight: a[weight].to(OTHER_DEVICE)}),
         case(weight, "nan", lambda a: {weight: nan_at_one_entry(a[weight])}),
         case(bias, "not-a-tensor", lambda a: {bias: a[bias].tolist()}),
-        case(bias, "shape", lambda a: {bias: a[bias][:V - 1]}),
+        case(bias, "shape", lambda a: {bias: a[bias][: V - 1]}),
         case(bias, "dtype", lambda a: {bias: a[bias].double()}),
         case(bias, "device", lambda a: {bias: a[bias].to(OTHER_DEVICE)}),
         case(bias, "nan", lambda a: {bias: nan_at_one_entry(a[bias])}),
     ]
 
 
-HEAD_CASES = head_cases("lm_head_weight", "lm_head_bias") + head_cases("frozen_weight", "frozen_bias") + [
-    # Without biases, so that only the vocabularies disagree.
-    case("frozen_weight", "other-vocabulary",
-         lambda a: {"frozen_weight": a["frozen_weight"][:V - 1], "lm_head_bias": None, "frozen_bias": None}),
-]
+HEAD_CASES = (
+    head_cases("lm_head_weight", "lm_head_bias")
+    + head_cases("frozen_weight", "frozen_bias")
+    + [
+        # Without biases, so that only the vocabularies disagree.
+        case(
+            "frozen_weight",
+            "other-vocabulary",
+            lambda a: {"frozen_weight": a["frozen_weight"][: V - 1], "lm_head_bias": None, "frozen_bias": None},
+        ),
+    ]
+)
 
 
 def stream_args(names, width):
@@ -113,8 +121,12 @@ def stream_args(names, width):
 
 
 def head_args():
-    return dict(lm_head_weight=torch.randn(V, H), lm_head_bias=torch.randn(V), frozen_weight=torch.randn(V, H),
-                frozen_bias=torch.randn(V))
+    return dict(
+        lm_head_weight=torch.randn(V, H),
+        lm_head_bias=torch.randn(V),
+        frozen_weight=torch.randn(V, H),
+        frozen_bias=torch.randn(V),
+    )
 
 
 def rejects(function, args, change, name):
@@ -131,8 +143,7 @@ def test_pmi_kl_rejects(name, change):
     rejects(pmi_kl, args, change, name)
 
 
-@pytest.mark.parametrize("name,change", HEAD_CASES + stream_cases(HIDDEN_STREAMS)
-                         + MASK_CASES + LOSS_OPTION_CASES)
+@pytest.mark.parametrize("name,change", HEAD_CASES + stream_cases(HIDDEN_STREAMS) + MASK_CASES + LOSS_OPTION_CASES)
 def test_fused_pmi_kl_rejects(name, change):
     """Catches a removed check of fused_pmi_kl: as pmi_kl's, plus the lm_head and frozen head
     (type, 2-D, V and H, dtype and device of weight and bias, the frozen vocabulary) and NaN/inf
@@ -167,11 +178,15 @@ def test_diagnostics_of_hidden_states_rejects(name, change):
     rejects(pmi_diagnostics, dict(stream_args(DIAGNOSTICS_STREAMS, H), **head_args()), change, name)
 
 
-@pytest.mark.parametrize("function,args", [
-    (pmi_kl, lambda: stream_args(LOGIT_STREAMS, V)),
-    (fused_pmi_kl, lambda: dict(stream_args(HIDDEN_STREAMS, H), **head_args())),
-    (pmi_diagnostics, lambda: dict(stream_args(DIAGNOSTICS_STREAMS, H), **head_args())),
-], ids=["pmi_kl", "fused_pmi_kl", "pmi_diagnostics"])
+@pytest.mark.parametrize(
+    "function,args",
+    [
+        (pmi_kl, lambda: stream_args(LOGIT_STREAMS, V)),
+        (fused_pmi_kl, lambda: dict(stream_args(HIDDEN_STREAMS, H), **head_args())),
+        (pmi_diagnostics, lambda: dict(stream_args(DIAGNOSTICS_STREAMS, H), **head_args())),
+    ],
+    ids=["pmi_kl", "fused_pmi_kl", "pmi_diagnostics"],
+)
 def test_valid_arguments_pass(function, args):
     """The inputs every case above spoils once are accepted as they are."""
     function(**args(), check_finite=True)

@@ -5,6 +5,7 @@ sum, another normalizer...). Every rank must raise the same ValueError, not comp
 (a silently mixed target, once with an anchor on one rank) or hang in a collective. Calls that
 differ only in how a value is written (1.5, numpy's 1.5, a 0-d tensor) must run on every rank
 and give one loss. One spawn of three gloo ranks runs every case, over several seeds."""
+
 import datetime
 import inspect
 import itertools
@@ -33,14 +34,19 @@ HEADS = ("lm_head_bias", "frozen_weight", "frozen_bias")
 def backends_here(interpreted=False):
     """The CPU backends; the Triton interpreter only where no kernel runs (it is slow)."""
     from pmi_kernels.backends import usable_backends
+
     return [b for b in usable_backends(torch.device("cpu")) if interpreted or b != "triton"]
 
 
 def draw_options(rng):
-    return dict(beta=rng.choice([1.0, rng.uniform(0.3, 3.0)]), clip=rng.choice([None, 10.0, rng.uniform(0.5, 5.0)]),
-                center=rng.random() < 0.5, temperature=rng.choice([1.0, rng.uniform(0.5, 2.0)]),
-                jsd_beta=rng.choice([0.0, 1.0, 0.5, rng.random()]),
-                entry_clip=rng.choice([None, rng.uniform(1e-3, 0.5)]))
+    return dict(
+        beta=rng.choice([1.0, rng.uniform(0.3, 3.0)]),
+        clip=rng.choice([None, 10.0, rng.uniform(0.5, 5.0)]),
+        center=rng.random() < 0.5,
+        temperature=rng.choice([1.0, rng.uniform(0.5, 2.0)]),
+        jsd_beta=rng.choice([0.0, 1.0, 0.5, rng.random()]),
+        entry_clip=rng.choice([None, rng.uniform(1e-3, 0.5)]),
+    )
 
 
 def other_option(rng, name, value):
@@ -83,6 +89,7 @@ def toggle(gen, shape):
 
 # A difference kind: (the parameter it covers, f(rng, gen, call) -> the differing rank's call).
 # `call` is the base call's arguments, which f may adjust first (for both) so the change is valid.
+
 
 def differ_in_mask(rng, gen, call):
     call["mask"], other = two_masks_alike(rng)
@@ -145,23 +152,35 @@ def toggled(name, shape):
 
 
 COMMON = {
-    "mask": differ_in_mask, "labels": differ_in_labels, "ignore_index": differ_in_ignore_index,
-    "normalizer": differ_in_normalizer, "reduction": differ_in_reduction, "backend": differ_in_backend,
-    "workspace_bytes": differ_in_workspace, "return_stats": flip("return_stats"),
-    "check_finite": flip("check_finite"), **{name: option(name) for name in LOSS_OPTIONS},
+    "mask": differ_in_mask,
+    "labels": differ_in_labels,
+    "ignore_index": differ_in_ignore_index,
+    "normalizer": differ_in_normalizer,
+    "reduction": differ_in_reduction,
+    "backend": differ_in_backend,
+    "workspace_bytes": differ_in_workspace,
+    "return_stats": flip("return_stats"),
+    "check_finite": flip("check_finite"),
+    **{name: option(name) for name in LOSS_OPTIONS},
 }
 DIFFERENCES = {
-    "pmi_kl": {**COMMON, "student_logits": differ_in_gradient,
-               "refonly_logits": toggled("refonly_logits", LEAD + (VOCAB,)),
-               "anchor_logits": toggled("anchor_logits", LEAD + (VOCAB,))},
-    "fused_pmi_kl": {**COMMON, "student_hidden": differ_in_gradient,
-                     "refonly_hidden": toggled("refonly_hidden", LEAD + (HIDDEN,)),
-                     "anchor_hidden": toggled("anchor_hidden", LEAD + (HIDDEN,)),
-                     "lm_head_weight": lambda rng, gen, call: differ_in_gradient(rng, gen, call, "grad_weight"),
-                     "lm_head_bias": toggled("lm_head_bias", (VOCAB,)),
-                     "frozen_weight": toggled("frozen_weight", (VOCAB, HIDDEN)),
-                     "frozen_bias": toggled("frozen_bias", (VOCAB,)),
-                     "grad_weight_fp32": flip("grad_weight_fp32")},
+    "pmi_kl": {
+        **COMMON,
+        "student_logits": differ_in_gradient,
+        "refonly_logits": toggled("refonly_logits", LEAD + (VOCAB,)),
+        "anchor_logits": toggled("anchor_logits", LEAD + (VOCAB,)),
+    },
+    "fused_pmi_kl": {
+        **COMMON,
+        "student_hidden": differ_in_gradient,
+        "refonly_hidden": toggled("refonly_hidden", LEAD + (HIDDEN,)),
+        "anchor_hidden": toggled("anchor_hidden", LEAD + (HIDDEN,)),
+        "lm_head_weight": lambda rng, gen, call: differ_in_gradient(rng, gen, call, "grad_weight"),
+        "lm_head_bias": toggled("lm_head_bias", (VOCAB,)),
+        "frozen_weight": toggled("frozen_weight", (VOCAB, HIDDEN)),
+        "frozen_bias": toggled("frozen_bias", (VOCAB,)),
+        "grad_weight_fp32": flip("grad_weight_fp32"),
+    },
 }
 
 
@@ -183,8 +202,11 @@ def same_rows_as_labels(rng, gen, call):
     return {key: value for key, value in call.items() if key != "mask"} | {"labels": labels_counting(call["mask"], gen)}
 
 
-EQUIVALENT = {"beta as numpy or a tensor": same_beta, "normalizer as an int, float or tensor": same_normalizer,
-              "mask given as labels": same_rows_as_labels}
+EQUIVALENT = {
+    "beta as numpy or a tensor": same_beta,
+    "normalizer as an int, float or tensor": same_normalizer,
+    "mask given as labels": same_rows_as_labels,
+}
 
 
 def base_call(function, rng, gen):
@@ -194,23 +216,36 @@ def base_call(function, rng, gen):
     def rand(*shape):
         return torch.randn(*shape, generator=gen, dtype=torch.float64)
 
-    names = (["student_logits", "teacher_logits", "refonly_logits", "anchor_logits"] if function == "pmi_kl"
-             else ["student_hidden", "teacher_hidden", "refonly_hidden", "anchor_hidden"])
+    names = (
+        ["student_logits", "teacher_logits", "refonly_logits", "anchor_logits"]
+        if function == "pmi_kl"
+        else ["student_hidden", "teacher_hidden", "refonly_hidden", "anchor_hidden"]
+    )
     call = {name: rand(*LEAD, width) for name in names[:2]}
     call.update({name: rand(*LEAD, width) if rng.random() < 0.5 else None for name in names[2:]})
     reduction = rng.choice(["mean", "sum", "none"])
-    call.update(draw_options(rng), reduction=reduction, return_stats=rng.random() < 0.5,
-                check_finite=rng.random() < 0.5, backend=rng.choice(backends_here()),
-                workspace_bytes=rng.choice([None, rng.randrange(10_000, 10**9)]),
-                normalizer=None if reduction == "none" else rng.choice([None, rng.uniform(0.5, 20.0)]),
-                grad_student=rng.random() < 0.5)
+    call.update(
+        draw_options(rng),
+        reduction=reduction,
+        return_stats=rng.random() < 0.5,
+        check_finite=rng.random() < 0.5,
+        backend=rng.choice(backends_here()),
+        workspace_bytes=rng.choice([None, rng.randrange(10_000, 10**9)]),
+        normalizer=None if reduction == "none" else rng.choice([None, rng.uniform(0.5, 20.0)]),
+        grad_student=rng.random() < 0.5,
+    )
     if rng.random() < 0.5:
         call["mask"] = torch.rand(LEAD, generator=gen) < 0.6
     if function == "fused_pmi_kl":
-        call.update(lm_head_weight=rand(VOCAB, HIDDEN), grad_weight=rng.random() < 0.5,
-                    grad_weight_fp32=rng.random() < 0.5)
-        call.update({name: rand(*((VOCAB, HIDDEN) if name == "frozen_weight" else (VOCAB,))) if rng.random() < 0.5
-                     else None for name in HEADS})
+        call.update(
+            lm_head_weight=rand(VOCAB, HIDDEN), grad_weight=rng.random() < 0.5, grad_weight_fp32=rng.random() < 0.5
+        )
+        call.update(
+            {
+                name: rand(*((VOCAB, HIDDEN) if name == "frozen_weight" else (VOCAB,))) if rng.random() < 0.5 else None
+                for name in HEADS
+            }
+        )
     return call
 
 
@@ -222,6 +257,7 @@ def shard(x, rank, dim):
 def run(function, call, rank, group):
     """`function` on this rank's shard of `call`: ("ok", loss) or (error kind, message)."""
     from pmi_kernels import fused_pmi_kl, pmi_kl
+
     call = dict(call)
     grad_student, grad_weight = call.pop("grad_student"), call.pop("grad_weight", False)
     if function == "pmi_kl":
@@ -257,8 +293,9 @@ def check_case(seed, function, kind, rank, group):
 def agreement_worker(rank, init_file, seeds):
     torch.set_num_threads(1)
     # A rank left waiting in a collective (a difference the agreement missed) fails, not hangs.
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60)
+    )
     try:
         group = dist.new_group(list(range(WORLD)))
         for seed in seeds:
@@ -272,8 +309,9 @@ def agreement_worker(rank, init_file, seeds):
                         assert all(kind == "ok" for kind, _ in outcomes), f"{what}: {outcomes}"
                         assert all(loss == outcomes[0][1] for _, loss in outcomes), f"{what}: losses {outcomes}"
                     else:
-                        assert all(kind == "ValueError" and message.startswith(DIFFER) for kind, message in outcomes), \
+                        assert all(kind == "ValueError" and message.startswith(DIFFER) for kind, message in outcomes), (
                             f"{what}: every rank must raise the ranks' ValueError, got {outcomes}"
+                        )
     finally:
         dist.barrier()
         dist.destroy_process_group()
@@ -282,6 +320,7 @@ def agreement_worker(rank, init_file, seeds):
 def test_every_argument_has_a_difference_kind():
     """A new argument of pmi_kl or fused_pmi_kl needs a kind above (and a place in the agreement)."""
     from pmi_kernels import fused_pmi_kl, pmi_kl
+
     for function in (pmi_kl, fused_pmi_kl):
         parameters = set(inspect.signature(function).parameters) - NOT_COVERED
         assert parameters == set(DIFFERENCES[function.__name__]), function.__name__

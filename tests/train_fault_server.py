@@ -3,6 +3,7 @@ that kill themselves: it imports the trainer and runs it once, single-threaded, 
 child starts warm (a fresh interpreter spends seconds on imports and first calls) and is forked
 from a process with no other thread (a fork copies no thread, so a lock one of them held would
 never be released in the child: torch's OpenMP pool, after it has run, hangs a forked child)."""
+
 import os
 import pathlib
 import tempfile

@@ -6,6 +6,7 @@ both processes' micro-batches of pmi_kl on full logits, divided by the completio
 the step on both (TRL's num_items_in_batch). float64, learning rate 0 (the parameters the
 reference reads are those the step read). Prints "ok <rank>" when it holds.
 """
+
 import os
 import sys
 from pathlib import Path
@@ -35,14 +36,22 @@ def reference_gradients(model, micro_batches, step_tokens):
         with torch.no_grad(), model.disable_adapter():
             teacher = full_logits(model, micro["teacher_input_ids"], micro["teacher_attention_mask"], length)
             refonly = full_logits(model, micro["refonly_input_ids"], micro["refonly_attention_mask"], length)
-        pmi_kl(student, teacher, refonly, mask=micro["completion_mask"], normalizer=step_tokens,
-               jsd_beta=0.0).backward()
+        pmi_kl(
+            student, teacher, refonly, mask=micro["completion_mask"], normalizer=step_tokens, jsd_beta=0.0
+        ).backward()
     return {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
 
 
 def main(output_dir: Path):
-    trainer = tiny_trainer(output_dir / f"rank{os.environ['RANK']}", True, torch.float64, learning_rate=0.0,
-                           max_grad_norm=0.0, max_steps=1, gradient_accumulation_steps=2)
+    trainer = tiny_trainer(
+        output_dir / f"rank{os.environ['RANK']}",
+        True,
+        torch.float64,
+        learning_rate=0.0,
+        max_grad_norm=0.0,
+        max_steps=1,
+        gradient_accumulation_steps=2,
+    )
     perturb_student(trainer, lora=True)  # same seed on both processes; DDP broadcasts rank 0's anyway
     recorder = RecordGradients()
     trainer.add_callback(recorder)

@@ -5,6 +5,7 @@ actor_rollout_ref.pmi.use_task_rewards) works unchanged.
 
     python examples/verl/prepare_gsm8k.py --local_dir ~/data/pmi
 """
+
 import argparse
 import os
 
@@ -13,11 +14,13 @@ INSTRUCTION = 'Let\'s think step by step and output the final answer after "####
 
 def to_row(example, split: str, index: int) -> dict:
     question, solution = example["question"], example["answer"]
-    return {"data_source": "openai/gsm8k",
-            "prompt": [{"role": "user", "content": f"{question} {INSTRUCTION}"}],
-            "ability": "math",
-            "reward_model": {"style": "rule", "ground_truth": solution.split("####")[-1].strip().replace(",", "")},
-            "extra_info": {"split": split, "index": index, "question": question, "reference": solution}}
+    return {
+        "data_source": "openai/gsm8k",
+        "prompt": [{"role": "user", "content": f"{question} {INSTRUCTION}"}],
+        "ability": "math",
+        "reward_model": {"style": "rule", "ground_truth": solution.split("####")[-1].strip().replace(",", "")},
+        "extra_info": {"split": split, "index": index, "question": question, "reference": solution},
+    }
 
 
 def main():
@@ -25,12 +28,14 @@ def main():
     parser.add_argument("--local_dir", default="~/data/pmi")
     args = parser.parse_args()
     import datasets
+
     out = os.path.expanduser(args.local_dir)
     os.makedirs(out, exist_ok=True)
     for split, name in (("train", "train"), ("test", "test")):
         data = datasets.load_dataset("openai/gsm8k", "main", split=split)
-        data = data.map(lambda example, index: to_row(example, split, index), with_indices=True,
-                        remove_columns=data.column_names)
+        data = data.map(
+            lambda example, index: to_row(example, split, index), with_indices=True, remove_columns=data.column_names
+        )
         data.to_parquet(os.path.join(out, f"{name}.parquet"))
 
 

@@ -5,6 +5,7 @@ extra_info.question and extra_info.reference. benchmarks/gpu.sh's "verl" stage r
 
     python examples/verl/prepare_toy.py --out /tmp/pmi_verl_toy
 """
+
 import argparse
 import os
 
@@ -14,11 +15,16 @@ CHAT_TEMPLATE = "{% for message in messages %}{{ message['content'] }}{% endfor 
 
 
 def rows(count: int, seed: int, split: str):
-    return [{"data_source": "openai/gsm8k",  # verl's GSM8K rule reward: logged, not trained on
-             "prompt": [{"role": "user", "content": f"Question: {row['question']}\nAnswer: "}],
-             "ability": "math", "reward_model": {"style": "rule", "ground_truth": row["answer"]},
-             "extra_info": {"split": split, "index": i, "question": row["question"], "reference": row["solution"]}}
-            for i, row in enumerate(toy_problems(count, seed))]
+    return [
+        {
+            "data_source": "openai/gsm8k",  # verl's GSM8K rule reward: logged, not trained on
+            "prompt": [{"role": "user", "content": f"Question: {row['question']}\nAnswer: "}],
+            "ability": "math",
+            "reward_model": {"style": "rule", "ground_truth": row["answer"]},
+            "extra_info": {"split": split, "index": i, "question": row["question"], "reference": row["solution"]},
+        }
+        for i, row in enumerate(toy_problems(count, seed))
+    ]
 
 
 def main():
@@ -26,6 +32,7 @@ def main():
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     import datasets
+
     tokenizer = toy_tokenizer()
     tokenizer.chat_template = CHAT_TEMPLATE
     model_dir = os.path.join(args.out, "model")

@@ -13,6 +13,7 @@ masked; when grad_out is given, row_scale * dloss/ds_raw written into it (it may
 stats_out [C, 3] is given, KL(q||p), H(p) and H(q) per row.
 The API modules (logits.py, fused_linear.py, diagnostics.py) read only this registry.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -27,8 +28,15 @@ from ..lazy_dynamo import assume_constant_result
 # The per-row statistics stats_out holds, in this column order.
 STATS = ("kl_target_student", "entropy_student", "entropy_target")
 # The columns of diagnostics_rows.
-DIAGNOSTICS = ("cos_total_ref", "cos_total_pmi", "norm_ratio_ref_total", "kl_teacher_student",
-               "kl_target_student", "entropy_student", "entropy_target")
+DIAGNOSTICS = (
+    "cos_total_ref",
+    "cos_total_pmi",
+    "norm_ratio_ref_total",
+    "kl_teacher_student",
+    "kl_target_student",
+    "entropy_student",
+    "entropy_target",
+)
 
 
 def _interpreter_reason() -> Optional[str]:
@@ -39,6 +47,7 @@ def _interpreter_reason() -> Optional[str]:
 
 def _extension_reason(device_type: str) -> Optional[str]:
     from .native import extension
+
     return extension.unavailable_reason(device_type)
 
 
@@ -76,8 +85,13 @@ class Backend:
 
 REGISTRY: Dict[str, Backend] = {
     "torch": Backend("torch", ("cpu", "cuda"), "plain_torch", row_temporaries=12),
-    "triton": Backend("triton", ("cuda", "cpu"), "triton", row_temporaries=0,
-                      reason_unusable=lambda d: _interpreter_reason() if d == "cpu" else None),
+    "triton": Backend(
+        "triton",
+        ("cuda", "cpu"),
+        "triton",
+        row_temporaries=0,
+        reason_unusable=lambda d: _interpreter_reason() if d == "cpu" else None,
+    ),
     "cuda": Backend("cuda", ("cuda",), "native", row_temporaries=0, reason_unusable=_extension_reason),
     "cpu": Backend("cpu", ("cpu",), "native", row_temporaries=0, reason_unusable=_extension_reason),
 }

@@ -4,6 +4,7 @@ A backend is a module with these two functions (RowBackend states them); the pla
 package is the readable example, and the contract suite (tests/test_backends.py) runs every
 registered backend against reference.py.
 """
+
 from __future__ import annotations
 
 import enum
@@ -58,13 +59,25 @@ class RowBackend(Protocol):
     t - r), anchor a (None: the target is built on s). A backend may take more keyword arguments
     with defaults (the Triton launcher's tile width)."""
 
-    def rows(self, s: torch.Tensor, t: torch.Tensor, r: Optional[torch.Tensor] = None,
-             a: Optional[torch.Tensor] = None, *, opts: LossOptions, phase: Phase = Phase.ALL,
-             kappa: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None,
-             row_scale: Optional[torch.Tensor] = None, grad_out: Optional[torch.Tensor] = None,
-             stats_out: Optional[torch.Tensor] = None, lse_out: Optional[torch.Tensor] = None,
-             lse_in: Optional[torch.Tensor] = None, slope_sum_out: Optional[torch.Tensor] = None,
-             slope_sum_in: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def rows(
+        self,
+        s: torch.Tensor,
+        t: torch.Tensor,
+        r: Optional[torch.Tensor] = None,
+        a: Optional[torch.Tensor] = None,
+        *,
+        opts: LossOptions,
+        phase: Phase = Phase.ALL,
+        kappa: Optional[torch.Tensor] = None,
+        mask: Optional[torch.Tensor] = None,
+        row_scale: Optional[torch.Tensor] = None,
+        grad_out: Optional[torch.Tensor] = None,
+        stats_out: Optional[torch.Tensor] = None,
+        lse_out: Optional[torch.Tensor] = None,
+        lse_in: Optional[torch.Tensor] = None,
+        slope_sum_out: Optional[torch.Tensor] = None,
+        slope_sum_in: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
         """Per-row loss [C] in the compute dtype (options.compute_dtype), 0 where `mask` is False.
 
         kappa [C]: the per-row shift of t - r under the soft clip, when the caller has it (the
@@ -81,8 +94,9 @@ class RowBackend(Protocol):
         """
         ...
 
-    def diagnostics_rows(self, s: torch.Tensor, t: torch.Tensor, r: torch.Tensor, a: Optional[torch.Tensor] = None,
-                         *, opts: LossOptions) -> torch.Tensor:
+    def diagnostics_rows(
+        self, s: torch.Tensor, t: torch.Tensor, r: torch.Tensor, a: Optional[torch.Tensor] = None, *, opts: LossOptions
+    ) -> torch.Tensor:
         """[C, len(backends.DIAGNOSTICS)] in the compute dtype: the decomposition of the
         teacher's signal per row (cosines of a zero vector are 0)."""
         ...

@@ -3,14 +3,20 @@
 fused_pmi_kl takes the decoder's final hidden states and the lm_head's weight and bias, so a
 model whose logits are anything but lm_head(h) is refused here, once for every integration.
 """
+
 from __future__ import annotations
 
 import torch
 
 # Config attributes of models whose logits are not lm_head(h), with the value that leaves them
 # unchanged: a soft cap is off only when unset, a scale at 1 (Granite's logits_scaling=1).
-LOGIT_TRANSFORMS = {"final_logit_softcapping": None, "logit_scale": 1, "output_multiplier": 1,
-                    "lm_head_multiplier": 1, "logits_scaling": 1}
+LOGIT_TRANSFORMS = {
+    "final_logit_softcapping": None,
+    "logit_scale": 1,
+    "output_multiplier": 1,
+    "lm_head_multiplier": 1,
+    "logits_scaling": 1,
+}
 
 
 def decoder_and_head(model, key: str = "model"):
@@ -29,12 +35,16 @@ def decoder_and_head(model, key: str = "model"):
     get_head = getattr(base, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
     if not isinstance(head, torch.nn.Linear):
-        raise ValueError(f"{key}: the lm_head must be a torch.nn.Linear, got {type(head).__name__} (fused_pmi_kl "
-                         "applies its weight and bias; leave lm_head out of a PEFT config's target_modules and "
-                         "modules_to_save)")
+        raise ValueError(
+            f"{key}: the lm_head must be a torch.nn.Linear, got {type(head).__name__} (fused_pmi_kl "
+            "applies its weight and bias; leave lm_head out of a PEFT config's target_modules and "
+            "modules_to_save)"
+        )
     config = base.config.get_text_config()
     for name, identity in LOGIT_TRANSFORMS.items():
         if getattr(config, name, None) not in (None, identity):
-            raise ValueError(f"{key}: {type(base).__name__} transforms its logits ({name}="
-                             f"{getattr(config, name)!r}); fused_pmi_kl computes plain lm_head(h)")
+            raise ValueError(
+                f"{key}: {type(base).__name__} transforms its logits ({name}="
+                f"{getattr(config, name)!r}); fused_pmi_kl computes plain lm_head(h)"
+            )
     return decoder, head

@@ -46,6 +46,7 @@ learned absolute positions, GPT-2's, reads a left-padded prompt as it reads it a
 precision: the loss's forwards run under accelerate's autocast (bf16=True / fp16=True), as the
 model's own forward does under accelerate.
 """
+
 from __future__ import annotations
 
 import math
@@ -68,18 +69,29 @@ from .models import decoder_and_head
 
 MODES = ("pmi", "opsd")
 # Config key -> LossOptions field; each is checked by LossOptions, under the config's name.
-LOSS_OPTION_KEYS = {"pmi_beta": "beta", "pmi_clip": "clip", "pmi_center": "center", "pmi_jsd_beta": "jsd_beta",
-                    "pmi_entry_clip": "entry_clip", "temperature": "temperature"}
+LOSS_OPTION_KEYS = {
+    "pmi_beta": "beta",
+    "pmi_clip": "clip",
+    "pmi_center": "center",
+    "pmi_jsd_beta": "jsd_beta",
+    "pmi_entry_clip": "entry_clip",
+    "temperature": "temperature",
+}
 # fused_pmi_kl's per-position statistics -> logged names ("entropy" is TRL's name for the student's).
-STAT_LOG_NAMES = {"kl_target_student": "pmi/kl_target_student", "entropy_student": "entropy",
-                  "entropy_target": "pmi/entropy_target"}
+STAT_LOG_NAMES = {
+    "kl_target_student": "pmi/kl_target_student",
+    "entropy_student": "entropy",
+    "entropy_target": "pmi/entropy_target",
+}
 # A dataset row's fields, as SDFT reads them.
 ROW_FIELDS = ("prompt", "privileged_context")
 # Each context a row renders to (before the completion): its name in messages, the config key of
 # its template (the student's is the prompt itself) and the row's fields in it.
-CONTEXTS = {"student": ("the student's context", None, ("prompt",)),
-            "teacher": ("the teacher's context", "teacher_prompt_template", ROW_FIELDS),
-            "refonly": ("the reference-only context", "refonly_prompt_template", ("privileged_context",))}
+CONTEXTS = {
+    "student": ("the student's context", None, ("prompt",)),
+    "teacher": ("the teacher's context", "teacher_prompt_template", ROW_FIELDS),
+    "refonly": ("the reference-only context", "refonly_prompt_template", ("privileged_context",)),
+}
 
 
 @dataclass
@@ -108,7 +120,8 @@ class PurifiedOPSDConfig(SDFTConfig):
     pmi_mode: str = field(default="pmi", metadata={"help": "'pmi' (the PMI target) or 'opsd' (q = p_T)."})
     refonly_prompt_template: str = field(
         default="{privileged_context}",
-        metadata={"help": "The reference-only context: a template over {privileged_context}, without {prompt}."})
+        metadata={"help": "The reference-only context: a template over {privileged_context}, without {prompt}."},
+    )
     pmi_beta: float = field(default=1.0, metadata={"help": "Scale 1/beta of the PMI residual."})
     pmi_clip: float | None = field(default=10.0, metadata={"help": "Soft clip of the PMI residual (inf or None: off)."})
     pmi_center: bool = field(default=True, metadata={"help": "Center the PMI residual over the vocabulary."})
@@ -131,8 +144,11 @@ class PurifiedOPSDConfig(SDFTConfig):
             validation.check_bool(key, getattr(self, key))
         if self.pmi_anchor and self.pmi_mode != "pmi":
             raise ValueError("pmi_anchor needs pmi_mode='pmi' (in 'opsd' mode the target is p_T, with no anchor)")
-        self._check_template("refonly_prompt_template", ("privileged_context",),
-                             "the reference-only context has the reference and no question")
+        self._check_template(
+            "refonly_prompt_template",
+            ("privileged_context",),
+            "the reference-only context has the reference and no question",
+        )
         # SDFT checks its template for the substrings "{prompt}" and "{privileged_context}", which
         # "{{prompt}}" (a literal: the teacher without the question) and an unknown field pass.
         self._check_template("teacher_prompt_template", ROW_FIELDS, "the teacher's context has both")
@@ -151,22 +167,34 @@ class PurifiedOPSDConfig(SDFTConfig):
 
     def _check_sdft_options(self):
         if self.use_teacher_server:
-            raise ValueError("use_teacher_server must be False: the loss reads the teacher's final hidden states "
-                             "locally (a vLLM server returns top-k log-probabilities)")
+            raise ValueError(
+                "use_teacher_server must be False: the loss reads the teacher's final hidden states "
+                "locally (a vLLM server returns top-k log-probabilities)"
+            )
         if self.num_iterations != 1:
-            raise ValueError(f"num_iterations must be 1, got {self.num_iterations}: the loss is on-policy (no "
-                             "importance-sampling correction for reused rollouts)")
+            raise ValueError(
+                f"num_iterations must be 1, got {self.num_iterations}: the loss is on-policy (no "
+                "importance-sampling correction for reused rollouts)"
+            )
         if self.steps_per_generation != self.gradient_accumulation_steps:
-            raise ValueError(f"steps_per_generation (also set through generation_batch_size) must equal "
-                             f"gradient_accumulation_steps ({self.gradient_accumulation_steps}), got "
-                             f"{self.steps_per_generation}: each rollout is trained on in the optimizer step that "
-                             "sampled it, and the step's token count normalizes the loss (so SDFT computes no "
-                             "old log-probabilities either, which would take [B, T, V] logits)")
+            raise ValueError(
+                f"steps_per_generation (also set through generation_batch_size) must equal "
+                f"gradient_accumulation_steps ({self.gradient_accumulation_steps}), got "
+                f"{self.steps_per_generation}: each rollout is trained on in the optimizer step that "
+                "sampled it, and the step's token count normalizes the loss (so SDFT computes no "
+                "old log-probabilities either, which would take [B, T, V] logits)"
+            )
 
     def loss_options(self) -> dict:
         """fused_pmi_kl's keyword options."""
-        return dict(beta=self.pmi_beta, clip=self.pmi_clip, center=self.pmi_center, temperature=self.temperature,
-                    jsd_beta=self.pmi_jsd_beta, entry_clip=self.pmi_entry_clip)
+        return dict(
+            beta=self.pmi_beta,
+            clip=self.pmi_clip,
+            center=self.pmi_center,
+            temperature=self.temperature,
+            jsd_beta=self.pmi_jsd_beta,
+            entry_clip=self.pmi_entry_clip,
+        )
 
 
 def completion_hidden_states(decoder, input_ids, attention_mask, completion_length: int) -> torch.Tensor:
@@ -174,8 +202,12 @@ def completion_hidden_states(decoder, input_ids, attention_mask, completion_leng
     completion), each row at the positions its attention mask counts (left padding takes none,
     as in generate()). The last token predicts nothing trained on, so it is not read."""
     positions = (attention_mask.long().cumsum(1) - 1).clamp(min=0)
-    hidden = decoder(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1],
-                     position_ids=positions[:, :-1], use_cache=False).last_hidden_state
+    hidden = decoder(
+        input_ids=input_ids[:, :-1],
+        attention_mask=attention_mask[:, :-1],
+        position_ids=positions[:, :-1],
+        use_cache=False,
+    ).last_hidden_state
     return hidden.narrow(1, hidden.size(1) - completion_length, completion_length)
 
 
@@ -188,7 +220,8 @@ class ReferenceOnlyContextBuilder(DemonstrationTeacherContextBuilder):
 
     def _compose_teacher_prompt(self, prompt, privileged_context):
         text = self.trainer.args.refonly_prompt_template.format(
-            privileged_context=self._stringify_privileged_context(privileged_context))
+            privileged_context=self._stringify_privileged_context(privileged_context)
+        )
         if isinstance(prompt, list):
             _extract_last_user_text(prompt)  # the same check as the teacher's: the last turn is the user's
             return prompt[:-1] + [{"role": "user", "content": text}]
@@ -196,14 +229,16 @@ class ReferenceOnlyContextBuilder(DemonstrationTeacherContextBuilder):
 
     def build(self, prompts, privileged_contexts, completion_ids, completion_mask):
         built = super().build(prompts, privileged_contexts, completion_ids, completion_mask)
-        return {"refonly_input_ids": built["teacher_input_ids"],
-                "refonly_attention_mask": built["teacher_attention_mask"]}
+        return {
+            "refonly_input_ids": built["teacher_input_ids"],
+            "refonly_attention_mask": built["teacher_attention_mask"],
+        }
 
 
 def preview(value, limit: int = 60) -> str:
     """A value's repr for an error message, cut to limit characters."""
     text = repr(value)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def check_messages(messages, where: str, roles: bool) -> None:
@@ -214,10 +249,13 @@ def check_messages(messages, where: str, roles: bool) -> None:
     for index, message in enumerate(messages):
         content = message.get("content") if isinstance(message, Mapping) else None
         parts_ok = isinstance(content, str) or (
-            isinstance(content, list) and all(isinstance(part, Mapping) for part in content))
+            isinstance(content, list) and all(isinstance(part, Mapping) for part in content)
+        )
         if not parts_ok or (roles and not isinstance(message.get("role"), str)):
-            raise ValueError(f"{where}[{index}] must be a message, a dict with a str 'role' and a 'content' (a str "
-                             f"or a list of parts), got {preview(message)}")
+            raise ValueError(
+                f"{where}[{index}] must be a message, a dict with a str 'role' and a 'content' (a str "
+                f"or a list of parts), got {preview(message)}"
+            )
 
 
 def check_row(row, where: str) -> bool:
@@ -229,21 +267,26 @@ def check_row(row, where: str) -> bool:
         raise ValueError(f"{where} must be a dict with {', '.join(map(repr, ROW_FIELDS))}, got {preview(row)}")
     for key in ROW_FIELDS:
         if row.get(key) is None:
-            raise ValueError(f"{where}: {key} is {'None' if key in row else 'missing'} (SDFT reads a row's "
-                             f"{' and '.join(ROW_FIELDS)})")
+            raise ValueError(
+                f"{where}: {key} is {'None' if key in row else 'missing'} (SDFT reads a row's "
+                f"{' and '.join(ROW_FIELDS)})"
+            )
     prompt, privileged_context = row["prompt"], row["privileged_context"]
     if isinstance(prompt, list):
         check_messages(prompt, f"{where}: prompt", roles=True)
         if prompt[-1]["role"] != "user":
-            raise ValueError(f"{where}: prompt must end with a user turn (the teacher's and the reference-only "
-                             f"contexts replace it), got a last turn of role {prompt[-1]['role']!r}")
+            raise ValueError(
+                f"{where}: prompt must end with a user turn (the teacher's and the reference-only "
+                f"contexts replace it), got a last turn of role {prompt[-1]['role']!r}"
+            )
     elif not isinstance(prompt, str):
         raise ValueError(f"{where}: prompt must be a str or a list of messages, got {preview(prompt)}")
     if isinstance(privileged_context, list):
         check_messages(privileged_context, f"{where}: privileged_context", roles=False)
     elif not isinstance(privileged_context, str):
-        raise ValueError(f"{where}: privileged_context must be a str or a list of messages, got "
-                         f"{preview(privileged_context)}")
+        raise ValueError(
+            f"{where}: privileged_context must be a str or a list of messages, got {preview(privileged_context)}"
+        )
     return isinstance(prompt, list)
 
 
@@ -251,8 +294,10 @@ def check_same_kind(first: tuple, other: tuple) -> None:
     """TRL tokenizes a batch as its first row's kind: (conversational, where) of two rows must agree."""
     if other[0] != first[0]:
         kinds = ("text", "a conversation")
-        raise ValueError(f"{other[1]}: prompt is {kinds[other[0]]} but {first[1]}'s is {kinds[first[0]]} (a "
-                         "dataset's prompts are all text or all conversations)")
+        raise ValueError(
+            f"{other[1]}: prompt is {kinds[other[0]]} but {first[1]}'s is {kinds[first[0]]} (a "
+            "dataset's prompts are all text or all conversations)"
+        )
 
 
 def reads_refonly(args: PurifiedOPSDConfig) -> bool:
@@ -267,8 +312,10 @@ def render_contexts(args: PurifiedOPSDConfig, row) -> dict:
     builders = {"teacher": DemonstrationTeacherContextBuilder(holder)}
     if reads_refonly(args):
         builders["refonly"] = ReferenceOnlyContextBuilder(holder)
-    composed = {name: builder._compose_teacher_prompt(row["prompt"], row["privileged_context"])
-                for name, builder in builders.items()}
+    composed = {
+        name: builder._compose_teacher_prompt(row["prompt"], row["privileged_context"])
+        for name, builder in builders.items()
+    }
     return {"student": row["prompt"], **composed}
 
 
@@ -277,8 +324,9 @@ def no_tokens_error(args: PurifiedOPSDConfig, where: str, row, context: str) -> 
     source = ", ".join(f"{key}={preview(row[key])}" for key in fields)
     if template_key is not None:
         source = f"{template_key}={getattr(args, template_key)!r} over {source}"
-    return ValueError(f"{where}: {label} renders to no tokens ({source}): no position would predict the first "
-                      "completion token")
+    return ValueError(
+        f"{where}: {label} renders to no tokens ({source}): no position would predict the first completion token"
+    )
 
 
 def check_dataset(args: PurifiedOPSDConfig, dataset, name: str, tokenizer) -> None:
@@ -300,8 +348,9 @@ def check_dataset(args: PurifiedOPSDConfig, dataset, name: str, tokenizer) -> No
         first = first or kind
         check_same_kind(first, kind)
         if not kind[0]:
-            blank += [(where, row, context, text) for context, text in render_contexts(args, row).items()
-                      if not text.strip()]
+            blank += [
+                (where, row, context, text) for context, text in render_contexts(args, row).items() if not text.strip()
+            ]
     if blank and tokenizer is not None:  # as SDFT tokenizes text (its truncation keeps a context's last tokens)
         ids = tokenizer(text=[text for *_, text in blank])["input_ids"]
         for (where, row, context, _), row_ids in zip(blank, ids):
@@ -324,18 +373,27 @@ class PurifiedOPSDTrainer(SDFTTrainer):
     _name = "Purified OPSD"
     config_cls = PurifiedOPSDConfig
 
-    def __init__(self, model, args: PurifiedOPSDConfig = None, train_dataset=None, eval_dataset=None,
-                 processing_class=None, callbacks=None, optimizers=(None, None), peft_config=None):
+    def __init__(
+        self,
+        model,
+        args: PurifiedOPSDConfig = None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        callbacks=None,
+        optimizers=(None, None),
+        peft_config=None,
+    ):
         if not isinstance(args, PurifiedOPSDConfig):
-            raise ValueError(f"args must be a PurifiedOPSDConfig (SDFTConfig plus the pmi_* options), got "
-                             f"{type(args).__name__}")
+            raise ValueError(
+                f"args must be a PurifiedOPSDConfig (SDFTConfig plus the pmi_* options), got {type(args).__name__}"
+            )
         if isinstance(model, torch.nn.Module):  # before SDFT copies a teacher or starts vLLM
             decoder_and_head(model)
         # The datasets' rows too; without a tokenizer (SDFT loads the model's), after SDFT's set-up.
         if processing_class is not None:
             check_datasets(args, train_dataset, eval_dataset, processing_class)
-        super().__init__(model, args, train_dataset, eval_dataset, processing_class, callbacks, optimizers,
-                         peft_config)
+        super().__init__(model, args, train_dataset, eval_dataset, processing_class, callbacks, optimizers, peft_config)
         if processing_class is None:
             check_datasets(args, train_dataset, eval_dataset, self.processing_class)
         self.refonly_context_builder = ReferenceOnlyContextBuilder(self)
@@ -352,8 +410,9 @@ class PurifiedOPSDTrainer(SDFTTrainer):
         tokenization once more (little next to the rollouts); a row's repeats (its generations) are
         checked once."""
         rows = [row for index, row in enumerate(inputs) if index == 0 or row != inputs[index - 1]]
-        wheres = [f"the row with prompt={preview(row.get('prompt'))}" if isinstance(row, Mapping) else "a row"
-                  for row in rows]
+        wheres = [
+            f"the row with prompt={preview(row.get('prompt'))}" if isinstance(row, Mapping) else "a row" for row in rows
+        ]
         kinds = [(check_row(row, where), where) for row, where in zip(rows, wheres)]
         for kind in kinds:
             check_same_kind(kinds[0], kind)
@@ -383,9 +442,14 @@ class PurifiedOPSDTrainer(SDFTTrainer):
         self._check_batch(inputs)
         batch = super()._prepare_training_batch(inputs)
         if self._reads_refonly:
-            batch.update(self.refonly_context_builder.build(
-                [example["prompt"] for example in inputs], [example.get("privileged_context") for example in inputs],
-                batch["completion_ids"], batch["completion_mask"]))
+            batch.update(
+                self.refonly_context_builder.build(
+                    [example["prompt"] for example in inputs],
+                    [example.get("privileged_context") for example in inputs],
+                    batch["completion_ids"],
+                    batch["completion_mask"],
+                )
+            )
         # 0-d, so split_tensor_dict hands it whole to every micro-batch of the step.
         batch["num_items_in_batch"] = self.accelerator.gather(self._loss_mask(batch).sum()).sum()
         return batch
@@ -422,13 +486,25 @@ class PurifiedOPSDTrainer(SDFTTrainer):
         frozen_weight = frozen_head.weight.detach()
         frozen_bias = None if frozen_head.bias is None else frozen_head.bias.detach()
         loss, stats = fused_pmi_kl(
-            hidden, head.weight, frozen["teacher"], frozen["refonly"] if self.args.pmi_mode == "pmi" else None,
-            frozen.get("anchor"), lm_head_bias=head.bias, frozen_weight=frozen_weight, frozen_bias=frozen_bias,
-            mask=mask, normalizer=normalizer, return_stats=True, check_finite=False, **self.args.loss_options())
+            hidden,
+            head.weight,
+            frozen["teacher"],
+            frozen["refonly"] if self.args.pmi_mode == "pmi" else None,
+            frozen.get("anchor"),
+            lm_head_bias=head.bias,
+            frozen_weight=frozen_weight,
+            frozen_bias=frozen_bias,
+            mask=mask,
+            normalizer=normalizer,
+            return_stats=True,
+            check_finite=False,
+            **self.args.loss_options(),
+        )
         totals = [mask.sum(), *(stats[key].sum() for key in ("loss", *STAT_LOG_NAMES))]
         if self.args.pmi_log_diagnostics:
-            totals += self._diagnostic_sums(hidden[mask].detach(), {k: v[mask] for k, v in frozen.items()},
-                                            head, frozen_weight, frozen_bias)
+            totals += self._diagnostic_sums(
+                hidden[mask].detach(), {k: v[mask] for k, v in frozen.items()}, head, frozen_weight, frozen_bias
+            )
         return loss, torch.stack([t.detach().float() for t in totals])
 
     def _frozen_hidden_states(self, inputs, student_ids, student_mask, completion_length):
@@ -444,8 +520,10 @@ class PurifiedOPSDTrainer(SDFTTrainer):
 
         def read(teacher):
             decoder, head = decoder_and_head(teacher)
-            states = {name: completion_hidden_states(decoder, ids, mask, completion_length)
-                      for name, (ids, mask) in contexts.items()}
+            states = {
+                name: completion_hidden_states(decoder, ids, mask, completion_length)
+                for name, (ids, mask) in contexts.items()
+            }
             return states, head
 
         with torch.no_grad(), self._get_teacher_context_for_self_distillation():
@@ -459,11 +537,20 @@ class PurifiedOPSDTrainer(SDFTTrainer):
         dtype = student.dtype  # under autocast the head may be fp32 masters of bf16 hidden states
         bias = None if head.bias is None else head.bias.detach().to(dtype)
         diagnostics = pmi_diagnostics(
-            student, frozen["teacher"], frozen["refonly"], frozen.get("anchor"),
-            lm_head_weight=head.weight.detach().to(dtype), lm_head_bias=bias,
-            frozen_weight=frozen_weight.to(dtype), frozen_bias=None if frozen_bias is None else frozen_bias.to(dtype),
-            beta=self.args.pmi_beta, clip=self.args.pmi_clip, center=self.args.pmi_center,
-            temperature=self.args.temperature, check_finite=False)
+            student,
+            frozen["teacher"],
+            frozen["refonly"],
+            frozen.get("anchor"),
+            lm_head_weight=head.weight.detach().to(dtype),
+            lm_head_bias=bias,
+            frozen_weight=frozen_weight.to(dtype),
+            frozen_bias=None if frozen_bias is None else frozen_bias.to(dtype),
+            beta=self.args.pmi_beta,
+            clip=self.args.pmi_clip,
+            center=self.args.pmi_center,
+            temperature=self.args.temperature,
+            check_finite=False,
+        )
         return [value.nan_to_num().sum() for value in diagnostics.values()]
 
     def _metric_names(self):

@@ -1,5 +1,6 @@
 """What the custom ops' backward passes share: whether the incoming gradient is the one the
 forward already folded in, and an exact rescaling when it is not."""
+
 from __future__ import annotations
 
 import torch
@@ -28,5 +29,5 @@ def scaled(x: Tensor, factor: Tensor) -> Tensor:
     out = torch.empty_like(x)
     rows = max(1, _SLICE_ENTRIES // max(1, x[0].numel()))
     for i in range(0, x.shape[0], rows):
-        out[i:i + rows] = x[i:i + rows].to(wide) * factor
+        out[i : i + rows] = x[i : i + rows].to(wide) * factor
     return out

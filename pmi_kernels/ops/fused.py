@@ -13,6 +13,7 @@ ctx.needs_input_grad, known only inside Function.forward, and the reduction runs
 Function, so that "none" can defer every gradient to the backward while "mean" and "sum"
 compute them in the forward.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -30,12 +31,33 @@ from .sweep import FusedInputs, SweepPlan, Wanted, sweep
 
 
 @torch.library.custom_op("pmi_kernels::fused_pmi_kl_rows", mutates_args=())
-def fused_pmi_kl_rows(h: Tensor, w: Tensor, b: Optional[Tensor], h_t: Tensor, h_r: Optional[Tensor],
-                      h_a: Optional[Tensor], w_f: Tensor, b_f: Optional[Tensor], mask: Optional[Tensor],
-                      row_scale: Optional[Tensor], pmi: bool, beta: float, clip: Optional[float], center: bool,
-                      temperature: float, jsd_beta: float, entry_clip: Optional[float], backend: str,
-                      group: Optional[str], chunk_rows: int, grad_weight_fp32: bool, want_h: bool, want_w: bool,
-                      want_b: bool, want_stats: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def fused_pmi_kl_rows(
+    h: Tensor,
+    w: Tensor,
+    b: Optional[Tensor],
+    h_t: Tensor,
+    h_r: Optional[Tensor],
+    h_a: Optional[Tensor],
+    w_f: Tensor,
+    b_f: Optional[Tensor],
+    mask: Optional[Tensor],
+    row_scale: Optional[Tensor],
+    pmi: bool,
+    beta: float,
+    clip: Optional[float],
+    center: bool,
+    temperature: float,
+    jsd_beta: float,
+    entry_clip: Optional[float],
+    backend: str,
+    group: Optional[str],
+    chunk_rows: int,
+    grad_weight_fp32: bool,
+    want_h: bool,
+    want_w: bool,
+    want_b: bool,
+    want_stats: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The launcher of the fused sweep.
 
     Args:
@@ -55,8 +77,13 @@ def fused_pmi_kl_rows(h: Tensor, w: Tensor, b: Optional[Tensor], h_t: Tensor, h_
         [n_kept, H] per stream), so the shapes never depend on the mask's values and
         torch.compile traces the call whole.
     """
-    plan = SweepPlan(loss_options(pmi, beta, clip, center, temperature, jsd_beta, entry_clip), backend, group,
-                     chunk_rows, grad_weight_fp32)
+    plan = SweepPlan(
+        loss_options(pmi, beta, clip, center, temperature, jsd_beta, entry_clip),
+        backend,
+        group,
+        chunk_rows,
+        grad_weight_fp32,
+    )
     kept = None if mask is None else mask.nonzero().squeeze(1)
 
     def pick(x: Optional[Tensor]) -> Optional[Tensor]:
@@ -69,8 +96,9 @@ def fused_pmi_kl_rows(h: Tensor, w: Tensor, b: Optional[Tensor], h_t: Tensor, h_
     # The GEMMs run in the dtypes given (fused_pmi_kl has applied any autocast already); the
     # gradient GEMMs write into preallocated outputs, which autocast would refuse.
     with torch.autocast(h.device.type, enabled=False):
-        loss, grad_h, grad_w, grad_b, stats = sweep(plan, inputs, pick(row_scale),
-                                                    Wanted(want_h, want_w, want_b, want_stats))
+        loss, grad_h, grad_w, grad_b, stats = sweep(
+            plan, inputs, pick(row_scale), Wanted(want_h, want_w, want_b, want_stats)
+        )
     if kept is not None:
         loss, grad_h, stats = scatter(loss), scatter(grad_h), scatter(stats)
     return tuple(h.new_empty(0) if x is None else x for x in (loss, grad_h, grad_w, grad_b, stats))
@@ -80,28 +108,64 @@ defer_dynamo_import(fused_pmi_kl_rows)
 
 
 @fused_pmi_kl_rows.register_fake
-def _(h: Tensor, w: Tensor, b: Optional[Tensor], h_t: Tensor, h_r: Optional[Tensor], h_a: Optional[Tensor],
-      w_f: Tensor, b_f: Optional[Tensor], mask: Optional[Tensor], row_scale: Optional[Tensor], pmi: bool,
-      beta: float, clip: Optional[float], center: bool, temperature: float, jsd_beta: float,
-      entry_clip: Optional[float], backend: str, group: Optional[str], chunk_rows: int, grad_weight_fp32: bool,
-      want_h: bool, want_w: bool, want_b: bool, want_stats: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _(
+    h: Tensor,
+    w: Tensor,
+    b: Optional[Tensor],
+    h_t: Tensor,
+    h_r: Optional[Tensor],
+    h_a: Optional[Tensor],
+    w_f: Tensor,
+    b_f: Optional[Tensor],
+    mask: Optional[Tensor],
+    row_scale: Optional[Tensor],
+    pmi: bool,
+    beta: float,
+    clip: Optional[float],
+    center: bool,
+    temperature: float,
+    jsd_beta: float,
+    entry_clip: Optional[float],
+    backend: str,
+    group: Optional[str],
+    chunk_rows: int,
+    grad_weight_fp32: bool,
+    want_h: bool,
+    want_w: bool,
+    want_b: bool,
+    want_stats: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     def shaped(want: bool, *size, dtype: Optional[torch.dtype] = None) -> Tensor:
         return h.new_empty(*size, dtype=dtype) if want else h.new_empty(0)
 
     acc = compute_dtype(h.dtype)
-    return (h.new_empty(h.shape[0], dtype=acc), shaped(want_h, h.shape),
-            shaped(want_w, w.shape, dtype=compute_dtype(w.dtype) if grad_weight_fp32 else w.dtype),
-            shaped(want_b, w.shape[0], dtype=compute_dtype(w.dtype)),
-            shaped(want_stats, h.shape[0], len(STATS), dtype=acc))
+    return (
+        h.new_empty(h.shape[0], dtype=acc),
+        shaped(want_h, h.shape),
+        shaped(want_w, w.shape, dtype=compute_dtype(w.dtype) if grad_weight_fp32 else w.dtype),
+        shaped(want_b, w.shape[0], dtype=compute_dtype(w.dtype)),
+        shaped(want_stats, h.shape[0], len(STATS), dtype=acc),
+    )
 
 
-def _rows(plan: SweepPlan, inputs: FusedInputs, mask: Optional[Tensor], row_scale: Optional[Tensor],
-          wanted: Wanted) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _rows(
+    plan: SweepPlan, inputs: FusedInputs, mask: Optional[Tensor], row_scale: Optional[Tensor], wanted: Wanted
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """fused_pmi_kl_rows with its arguments by name."""
-    return fused_pmi_kl_rows(*inputs, mask, row_scale, **loss_args(plan.opts), backend=plan.backend, group=plan.group,
-                             chunk_rows=plan.chunk_rows, grad_weight_fp32=plan.grad_weight_fp32,
-                             want_h=wanted.grad_h, want_w=wanted.grad_w, want_b=wanted.grad_b,
-                             want_stats=wanted.stats)
+    return fused_pmi_kl_rows(
+        *inputs,
+        mask,
+        row_scale,
+        **loss_args(plan.opts),
+        backend=plan.backend,
+        group=plan.group,
+        chunk_rows=plan.chunk_rows,
+        grad_weight_fp32=plan.grad_weight_fp32,
+        want_h=wanted.grad_h,
+        want_w=wanted.grad_w,
+        want_b=wanted.grad_b,
+        want_stats=wanted.stats,
+    )
 
 
 class FusedPMIKL(torch.autograd.Function):
@@ -109,10 +173,23 @@ class FusedPMIKL(torch.autograd.Function):
     masked sum over `denominator`; the last two only when want_stats (else empty tensors)."""
 
     @staticmethod
-    def forward(ctx, h: Tensor, w: Tensor, b: Optional[Tensor], h_t: Tensor, h_r: Optional[Tensor],
-                h_a: Optional[Tensor], w_f: Tensor, b_f: Optional[Tensor], mask: Optional[Tensor],
-                denominator: Tensor, reduction: str, grad_enabled: bool, plan: SweepPlan,
-                want_stats: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    def forward(
+        ctx,
+        h: Tensor,
+        w: Tensor,
+        b: Optional[Tensor],
+        h_t: Tensor,
+        h_r: Optional[Tensor],
+        h_a: Optional[Tensor],
+        w_f: Tensor,
+        b_f: Optional[Tensor],
+        mask: Optional[Tensor],
+        denominator: Tensor,
+        reduction: str,
+        grad_enabled: bool,
+        plan: SweepPlan,
+        want_stats: bool,
+    ) -> Tuple[Tensor, Tensor, Tensor]:
         # needs_input_grad ignores torch.no_grad(): grad_enabled is the grad mode of the call.
         needs = ctx.needs_input_grad
         wants = tuple(grad_enabled and need for need in (needs[0], needs[1], b is not None and needs[2]))
@@ -124,8 +201,13 @@ class FusedPMIKL(torch.autograd.Function):
             loss, _, _, _, stats = _rows(plan, inputs, mask, None, Wanted(stats=want_stats))
         else:
             # One sweep computes the gradients for an incoming gradient of 1 (fp16: of denominator).
-            loss, *grads, stats = _rows(plan, inputs, mask, forward_grad_scale(denominator, h.dtype).expand(h.shape[0]),
-                                        Wanted(*wants, stats=want_stats))
+            loss, *grads, stats = _rows(
+                plan,
+                inputs,
+                mask,
+                forward_grad_scale(denominator, h.dtype).expand(h.shape[0]),
+                Wanted(*wants, stats=want_stats),
+            )
         if torch.compiler.is_compiling() or not grads:
             ctx.save_for_backward(*inputs, mask, denominator, *grads)
         else:
@@ -151,8 +233,10 @@ class FusedPMIKL(torch.autograd.Function):
         else:
             dtype, rows = inputs.h.dtype, inputs.h.shape[0]
             if not grads:
-                grads = ctx.__dict__.pop("grads", None) or _rows(
-                    ctx.plan, inputs, mask, forward_grad_scale(denominator, dtype).expand(rows), wanted)[1:4]
+                grads = (
+                    ctx.__dict__.pop("grads", None)
+                    or _rows(ctx.plan, inputs, mask, forward_grad_scale(denominator, dtype).expand(rows), wanted)[1:4]
+                )
             factor = grad_loss if folds_denominator(dtype) else grad_loss / denominator  # what the forward left out
             if not upstream_matches(factor, torch.ones_like(factor)):
                 grads = [scaled(x, factor) for x in grads]

@@ -12,6 +12,7 @@ Its autograd is registered on the op itself (register_autograd), unlike the fuse
 (ops/fused.py, an autograd.Function around the op): here the only gradient is the student's,
 which the caller asks for by compute_grad, and the reduction outside the op needs no state.
 """
+
 from __future__ import annotations
 
 import functools
@@ -31,11 +32,26 @@ from .planner import logits_chunk_rows
 from .schema import loss_options
 
 
-def _pmi_kl_rows(student: Tensor, teacher: Tensor, refonly: Optional[Tensor], anchor: Optional[Tensor],
-                 mask: Optional[Tensor], grad_scale: Tensor, pmi: bool, beta: float, clip: Optional[float],
-                 center: bool, temperature: float, jsd_beta: float, entry_clip: Optional[float], backend: str,
-                 compute_grad: bool, want_stats: bool, workspace_bytes: Optional[int],
-                 group: Optional[str]) -> Tuple[Tensor, Tensor, Tensor]:
+def _pmi_kl_rows(
+    student: Tensor,
+    teacher: Tensor,
+    refonly: Optional[Tensor],
+    anchor: Optional[Tensor],
+    mask: Optional[Tensor],
+    grad_scale: Tensor,
+    pmi: bool,
+    beta: float,
+    clip: Optional[float],
+    center: bool,
+    temperature: float,
+    jsd_beta: float,
+    entry_clip: Optional[float],
+    backend: str,
+    compute_grad: bool,
+    want_stats: bool,
+    workspace_bytes: Optional[int],
+    group: Optional[str],
+) -> Tuple[Tensor, Tensor, Tensor]:
     """The loss per row of logit rows, the student's gradient and the row statistics.
 
     Args:
@@ -64,8 +80,9 @@ def _pmi_kl_rows(student: Tensor, teacher: Tensor, refonly: Optional[Tensor], an
     if group is not None:
         pg = vocab_parallel.group_of(group)
         rows_fn = functools.partial(vocab_parallel.parallel_rows, impl, group=pg)
-        kappa = vocab_parallel.logits_kappa(teacher, refonly, opts,
-                                            vocab_parallel.global_vocab(vocab, pg, student.device), pg)
+        kappa = vocab_parallel.logits_kappa(
+            teacher, refonly, opts, vocab_parallel.global_vocab(vocab, pg, student.device), pg
+        )
         # Every rank must sweep the same chunks: they are planned for the widest shard.
         planned_vocab = vocab_parallel.widest_shard(vocab, pg, student.device)
     step = max(1, logits_chunk_rows(impl, student.device, n, planned_vocab, student.dtype, workspace_bytes))
@@ -75,10 +92,18 @@ def _pmi_kl_rows(student: Tensor, teacher: Tensor, refonly: Optional[Tensor], an
         def chunk(x: Optional[Tensor]) -> Optional[Tensor]:
             return None if x is None else x[rows]
 
-        loss[rows] = rows_fn(student[rows], teacher[rows], chunk(refonly), chunk(anchor), opts=opts,
-                             kappa=chunk(kappa), mask=chunk(mask), row_scale=grad_scale[rows],
-                             grad_out=grad[rows] if compute_grad else None,
-                             stats_out=stats[rows] if want_stats else None)
+        loss[rows] = rows_fn(
+            student[rows],
+            teacher[rows],
+            chunk(refonly),
+            chunk(anchor),
+            opts=opts,
+            kappa=chunk(kappa),
+            mask=chunk(mask),
+            row_scale=grad_scale[rows],
+            grad_out=grad[rows] if compute_grad else None,
+            stats_out=stats[rows] if want_stats else None,
+        )
     return loss, grad, stats
 
 
@@ -90,13 +115,32 @@ _TENSORS = ("student", "teacher", "refonly", "anchor", "mask", "grad_scale")
 
 
 @pmi_kl_rows.register_fake
-def _(student: Tensor, teacher: Tensor, refonly: Optional[Tensor], anchor: Optional[Tensor], mask: Optional[Tensor],
-      grad_scale: Tensor, pmi: bool, beta: float, clip: Optional[float], center: bool, temperature: float,
-      jsd_beta: float, entry_clip: Optional[float], backend: str, compute_grad: bool, want_stats: bool,
-      workspace_bytes: Optional[int], group: Optional[str]) -> Tuple[Tensor, Tensor, Tensor]:
+def _(
+    student: Tensor,
+    teacher: Tensor,
+    refonly: Optional[Tensor],
+    anchor: Optional[Tensor],
+    mask: Optional[Tensor],
+    grad_scale: Tensor,
+    pmi: bool,
+    beta: float,
+    clip: Optional[float],
+    center: bool,
+    temperature: float,
+    jsd_beta: float,
+    entry_clip: Optional[float],
+    backend: str,
+    compute_grad: bool,
+    want_stats: bool,
+    workspace_bytes: Optional[int],
+    group: Optional[str],
+) -> Tuple[Tensor, Tensor, Tensor]:
     loss = student.new_empty(student.shape[0], dtype=compute_dtype(student.dtype))
-    return (loss, torch.empty_like(student) if compute_grad else student.new_empty(0),
-            loss.new_empty(student.shape[0], len(STATS)) if want_stats else loss.new_empty(0))
+    return (
+        loss,
+        torch.empty_like(student) if compute_grad else student.new_empty(0),
+        loss.new_empty(student.shape[0], len(STATS)) if want_stats else loss.new_empty(0),
+    )
 
 
 def _setup_context(ctx, inputs: tuple, output: Tuple[Tensor, Tensor, Tensor]) -> None:

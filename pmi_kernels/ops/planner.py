@@ -3,6 +3,7 @@
 Every path sweeps its rows in chunks so that no [N, V] tensor exists: the chunk's own logit
 buffers plus the backend's temporaries (Backend.row_temporaries) fit the workspace.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -29,8 +30,15 @@ def default_workspace_bytes(device: torch.device) -> int:
     return CPU_WORKSPACE_BYTES if device.type == "cpu" else DEFAULT_WORKSPACE_BYTES
 
 
-def chunk_rows(backend: Backend, device: torch.device, vocab: int, buffer_bytes_per_entry: int,
-               compute_itemsize: int, workspace_bytes: Optional[int] = None, min_rows: int = 1) -> int:
+def chunk_rows(
+    backend: Backend,
+    device: torch.device,
+    vocab: int,
+    buffer_bytes_per_entry: int,
+    compute_itemsize: int,
+    workspace_bytes: Optional[int] = None,
+    min_rows: int = 1,
+) -> int:
     """Rows per chunk: the chunk's own buffers (`buffer_bytes_per_entry` per vocabulary entry of
     a row) plus the backend's temporaries fit `workspace_bytes`. By default they fit the CPU's
     cache (at least `min_rows`, at most what 1 GiB holds), or 1 GiB on a GPU."""
@@ -41,17 +49,32 @@ def chunk_rows(backend: Backend, device: torch.device, vocab: int, buffer_bytes_
     return max(1, min(rows, DEFAULT_WORKSPACE_BYTES // per_row))
 
 
-def fused_chunk_rows(backend: Backend, device: torch.device, vocab: int, hidden: int, dtype: torch.dtype,
-                     logit_buffers: int, workspace_bytes: Optional[int]) -> int:
+def fused_chunk_rows(
+    backend: Backend,
+    device: torch.device,
+    vocab: int,
+    hidden: int,
+    dtype: torch.dtype,
+    logit_buffers: int,
+    workspace_bytes: Optional[int],
+) -> int:
     """Rows per chunk of the fused path: `logit_buffers` [C, V] buffers in the input dtype (the
     student's logits and each frozen stream the sweep computes), at least
     hidden // HIDDEN_PER_MINIMUM_ROW rows under the default workspace."""
-    return chunk_rows(backend, device, vocab, logit_buffers * dtype.itemsize, compute_dtype(dtype).itemsize,
-                      workspace_bytes, min_rows=hidden // HIDDEN_PER_MINIMUM_ROW)
+    return chunk_rows(
+        backend,
+        device,
+        vocab,
+        logit_buffers * dtype.itemsize,
+        compute_dtype(dtype).itemsize,
+        workspace_bytes,
+        min_rows=hidden // HIDDEN_PER_MINIMUM_ROW,
+    )
 
 
-def logits_chunk_rows(backend: Backend, device: torch.device, rows: int, vocab: int, dtype: torch.dtype,
-                      workspace_bytes: Optional[int]) -> int:
+def logits_chunk_rows(
+    backend: Backend, device: torch.device, rows: int, vocab: int, dtype: torch.dtype, workspace_bytes: Optional[int]
+) -> int:
     """Rows per chunk of pmi_kl's `rows` rows: the logits are given, so only the backend's
     temporaries count; a backend without any (streams_rows) takes every row at once."""
     if backend.streams_rows:

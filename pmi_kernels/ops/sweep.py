@@ -11,6 +11,7 @@ Per chunk of C rows:
     row op: loss, and dloss/ds written over s in place
     grad_h = dS W,  grad_W += dS^T h,  grad_b += sum dS      (when those gradients are wanted)
 """
+
 from __future__ import annotations
 
 import functools
@@ -30,6 +31,7 @@ class FusedInputs(NamedTuple):
     """The tensors of one fused call, rows flattened: the student's hidden states h [N, H] and
     head (w [V, H], b [V]), the frozen streams' hidden states (h_t; h_r and h_a optional) and
     head (w_f, b_f)."""
+
     h: Tensor
     w: Tensor
     b: Optional[Tensor]
@@ -42,6 +44,7 @@ class FusedInputs(NamedTuple):
 
 class Wanted(NamedTuple):
     """What a sweep computes beside the loss: each gradient, and the row statistics."""
+
     grad_h: bool = False
     grad_w: bool = False
     grad_b: bool = False
@@ -60,6 +63,7 @@ class SweepPlan:
         chunk_rows: rows per chunk (ops/planner.py).
         grad_weight_fp32: accumulate the weight gradient over chunks in fp32.
     """
+
     opts: LossOptions
     backend: str
     group: Optional[str]
@@ -84,8 +88,15 @@ def logit_buffers(opts: LossOptions, dtype: torch.dtype, anchor_given: bool) -> 
     return 1 + (2 if apart else 1) + anchor_given
 
 
-def _frozen_streams(hc_t: Tensor, hc_r: Optional[Tensor], hc_a: Optional[Tensor], w_f: Tensor,
-                    b_f: Optional[Tensor], w_f_mean: Optional[Tensor], opts: LossOptions) -> tuple:
+def _frozen_streams(
+    hc_t: Tensor,
+    hc_r: Optional[Tensor],
+    hc_a: Optional[Tensor],
+    w_f: Tensor,
+    b_f: Optional[Tensor],
+    w_f_mean: Optional[Tensor],
+    opts: LossOptions,
+) -> tuple:
     """(t, r, a, kappa) for one chunk; t holds t - r where one GEMM serves both streams."""
 
     def linear(x: Optional[Tensor]) -> Optional[Tensor]:
@@ -117,8 +128,9 @@ def accumulate_grad_weight(grad_w: Tensor, grad_s: Tensor, h: Tensor, first: boo
         grad_w.addmm_(grad_s.t().to(grad_w.dtype), h.to(grad_w.dtype), beta=0 if first else 1)
 
 
-def sweep(plan: SweepPlan, inputs: FusedInputs, row_scale: Optional[Tensor], wanted: Wanted) -> Tuple[
-        Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+def sweep(
+    plan: SweepPlan, inputs: FusedInputs, row_scale: Optional[Tensor], wanted: Wanted
+) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """The chunk loop over the rows of `inputs` (the kept rows only: no mask here).
 
     Args:
@@ -141,8 +153,11 @@ def sweep(plan: SweepPlan, inputs: FusedInputs, row_scale: Optional[Tensor], wan
     loss = torch.empty(n, dtype=compute_dtype(h.dtype), device=h.device)
     stats = torch.empty(n, len(STATS), dtype=loss.dtype, device=h.device) if wanted.stats else None
     grad_h = h.new_empty(h.shape) if wanted.grad_h else None  # contiguous, as the fake's (h may be a transposed view)
-    grad_w = torch.empty(w.shape, dtype=compute_dtype(w.dtype) if plan.grad_weight_fp32 else w.dtype,
-                         device=w.device) if wanted.grad_w else None
+    grad_w = (
+        torch.empty(w.shape, dtype=compute_dtype(w.dtype) if plan.grad_weight_fp32 else w.dtype, device=w.device)
+        if wanted.grad_w
+        else None
+    )
     grad_b = torch.zeros(vocab, dtype=compute_dtype(w.dtype), device=w.device) if wanted.grad_b else None
     want_grad = wanted.grad_h or wanted.grad_w or wanted.grad_b
     # Column mean of W_f over the whole vocabulary, accumulated in fp32 without an fp32 copy.
@@ -158,12 +173,22 @@ def sweep(plan: SweepPlan, inputs: FusedInputs, row_scale: Optional[Tensor], wan
 
         hc = h[rows]
         s = F.linear(hc, w, b)
-        t, r, a, kappa = _frozen_streams(hc_t=chunk(h_t), hc_r=chunk(h_r), hc_a=chunk(h_a),
-                                         w_f=w_f, b_f=b_f, w_f_mean=w_f_mean, opts=plan.opts)
+        t, r, a, kappa = _frozen_streams(
+            hc_t=chunk(h_t), hc_r=chunk(h_r), hc_a=chunk(h_a), w_f=w_f, b_f=b_f, w_f_mean=w_f_mean, opts=plan.opts
+        )
         if group is not None and r is not None:  # streams apart: kappa over the whole vocabulary
             kappa = vocab_parallel.logits_kappa(t, r, plan.opts, whole_vocab, group)
-        loss[rows] = rows_fn(s, t, r, a, opts=plan.opts, kappa=kappa, row_scale=chunk(row_scale),
-                             grad_out=s if want_grad else None, stats_out=chunk(stats))
+        loss[rows] = rows_fn(
+            s,
+            t,
+            r,
+            a,
+            opts=plan.opts,
+            kappa=kappa,
+            row_scale=chunk(row_scale),
+            grad_out=s if want_grad else None,
+            stats_out=chunk(stats),
+        )
         # s now holds dloss/ds_raw, scaled per row.
         if wanted.grad_h:
             torch.mm(s, w, out=grad_h[rows])

@@ -1,4 +1,5 @@
 """python -m pmi_kernels.train [train options]: the same as `pmi-opsd train`."""
+
 import sys
 
 from .cli import main

@@ -11,6 +11,7 @@ only: it is read with torch.load(weights_only=True)) and checkpoint.json (its st
 config, compared on --resume before anything heavy loads), and beside them the model in the
 Hugging Face format (export.py). A Checkpointer saves a run's state so and restores it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -115,8 +116,15 @@ def sharded_staging(output_dir: str, step: int) -> str:
     return os.path.join(output_dir, f".checkpoint-{step}.tmp-sharded")
 
 
-def save_checkpoint(output_dir: str, step: int, state: dict, meta: dict, save_pretrained=None, keep: int = 2,
-                    sharded: Optional[str] = None) -> str:
+def save_checkpoint(
+    output_dir: str,
+    step: int,
+    state: dict,
+    meta: dict,
+    save_pretrained=None,
+    keep: int = 2,
+    sharded: Optional[str] = None,
+) -> str:
     """state -> checkpoint-<step>/state.pt, meta -> checkpoint.json (+ save_pretrained(dir): the Hugging
     Face files, beside them, export.py; + the directory `sharded` moved in as sharded/). A write the
     system refuses (a full disk: torch.save says only RuntimeError) is a one-line TrainingFailed;
@@ -157,13 +165,17 @@ def _save_failed(output_dir: str, name: str, err: BaseException) -> TrainingFail
     if latest != os.path.basename(tmp):
         shutil.rmtree(tmp, ignore_errors=True)
     why = "no space left on the device" if full else f"the system refused a write ({error_line(err)})"
-    kept = (f"the previous checkpoint, {latest}, is intact: continue from it with --resume once the disk has room"
-            if latest else "no checkpoint was written before it: start the run again once the disk has room")
+    kept = (
+        f"the previous checkpoint, {latest}, is intact: continue from it with --resume once the disk has room"
+        if latest
+        else "no checkpoint was written before it: start the run again once the disk has room"
+    )
     return TrainingFailed(f"{why} while saving {name} in {output_dir}; {kept}")
 
 
-def _save_checkpoint(output_dir: str, name: str, state: dict, meta: dict, save_pretrained, keep: int,
-                     sharded: Optional[str]) -> str:
+def _save_checkpoint(
+    output_dir: str, name: str, state: dict, meta: dict, save_pretrained, keep: int, sharded: Optional[str]
+) -> str:
     final = os.path.join(output_dir, name)
     tmp = temporary_path(final)
     shutil.rmtree(tmp, ignore_errors=True)
@@ -194,7 +206,7 @@ def prune_checkpoints(output_dir: str, keep: int) -> None:
     """Delete all but the newest `keep` checkpoint-<digits>; never the one `latest` names."""
     protected = read_latest(output_dir)
     steps = checkpoint_steps(output_dir)
-    for step in steps[:max(0, len(steps) - keep)]:
+    for step in steps[: max(0, len(steps) - keep)]:
         if f"checkpoint-{step}" != protected:
             shutil.rmtree(os.path.join(output_dir, f"checkpoint-{step}"))
 
@@ -222,8 +234,12 @@ def _unreadable(output_dir: str, path: str, why: str) -> ValueError:
     latest = read_latest(output_dir)
     names = [f"checkpoint-{step}" for step in reversed(checkpoint_steps(output_dir))]
     others = [name for name in names if name != latest and os.path.isfile(os.path.join(output_dir, name, STATE_FILE))]
-    where = (f"other checkpoints here: {', '.join(others)} (to resume from one, write its name into "
-             f"{os.path.join(output_dir, LATEST)})" if others else "no other checkpoint is here")
+    where = (
+        f"other checkpoints here: {', '.join(others)} (to resume from one, write its name into "
+        f"{os.path.join(output_dir, LATEST)})"
+        if others
+        else "no other checkpoint is here"
+    )
     return ValueError(f"--resume: {path}: {why}; {where}")
 
 
@@ -297,9 +313,14 @@ class Checkpointer:
     def state(self, progress: Dict) -> Dict:
         """What state.pt holds; under FSDP2 the weights and optimizer state are in sharded/ instead."""
         sharded = self.config.fsdp
-        state = {"trainable": {} if sharded else {n: p.detach().cpu() for n, p in self.model.named_parameters()
-                                                  if p.requires_grad},
-                 "optimizer": {} if sharded else self.optimizer.state_dict(), **progress, "rng": rng_state()}
+        state = {
+            "trainable": {}
+            if sharded
+            else {n: p.detach().cpu() for n, p in self.model.named_parameters() if p.requires_grad},
+            "optimizer": {} if sharded else self.optimizer.state_dict(),
+            **progress,
+            "rng": rng_state(),
+        }
         if sharded:
             state["sharded_optimizer"] = bool(self.optimizer.state)
         return state
@@ -309,6 +330,7 @@ class Checkpointer:
         An optimizer that has not stepped is left out: reading its state would create it, with a
         step count that changes Adam's first update."""
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
         state = {"model": get_model_state_dict(self.model)}
         if with_optimizer:
             state["optimizer"] = get_optimizer_state_dict(self.model, self.optimizer)
@@ -320,6 +342,7 @@ class Checkpointer:
         if self.config.fsdp:  # every rank reads its shards
             import torch.distributed.checkpoint as dcp
             from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
             sharded = self.sharded_state(with_optimizer=state["sharded_optimizer"])
             dcp.load(sharded, checkpoint_id=latest_sharded(self.config.output_dir))
             set_model_state_dict(self.model, sharded["model"])
@@ -341,31 +364,47 @@ class Checkpointer:
         """A checkpoint of the step progress["step"]; refused (TrainingFailed) if any parameter or
         optimizer value is not finite, so the previous checkpoint stays the newest."""
         from .export import checkpoint_writer  # export.py reads this module's file names
+
         config, world, step = self.config, self.world, progress["step"]
         if config.fsdp:  # the root unit stays gathered after forwards without a backward (evaluation)
             for module in filter(None, (self.model, self.frozen)):
                 module.reshard()
         names = {p: n for n, p in self.model.named_parameters()}
         tensors = [(name, p) for p, name in names.items() if p.requires_grad]
-        tensors += [(f"the optimizer's {key} of {names[p]}", value) for p, entry in self.optimizer.state.items()
-                    for key, value in entry.items() if value.is_floating_point()]
+        tensors += [
+            (f"the optimizer's {key} of {names[p]}", value)
+            for p, entry in self.optimizer.state.items()
+            for key, value in entry.items()
+            if value.is_floating_point()
+        ]
         bad = next((name for name, tensor in tensors if not torch.isfinite(local_shard(tensor)).all()), None)
         bad = first_over_ranks(world, bad) if config.fsdp else bad  # all ranks refuse together
         if bad is not None:
-            raise TrainingFailed(f"step {step}: {bad} is not finite; not saved, so the newest checkpoint "
-                                 f"is still {read_latest(config.output_dir)}")
+            raise TrainingFailed(
+                f"step {step}: {bad} is not finite; not saved, so the newest checkpoint "
+                f"is still {read_latest(config.output_dir)}"
+            )
         meta = {"step": step, "config": dataclasses.asdict(config), "world_size": world.size}
         save_pretrained = checkpoint_writer(config, self.model, self.tokenizer)  # under FSDP2 a collective
         sharded = None
         if config.fsdp:  # every rank writes its shards, then rank 0 moves them into the checkpoint
             import torch.distributed.checkpoint as dcp
+
             sharded = sharded_staging(config.output_dir, step)
             on_main(world, lambda: shutil.rmtree(sharded, ignore_errors=True))
             dcp.save(self.sharded_state(with_optimizer=bool(self.optimizer.state)), checkpoint_id=sharded)
 
         def write() -> str:  # otherwise every rank holds the same weights and optimizer state: rank 0 writes them
-            return save_checkpoint(config.output_dir, step, self.state(progress), meta, save_pretrained,
-                                   keep=config.keep_checkpoints, sharded=sharded)
+            return save_checkpoint(
+                config.output_dir,
+                step,
+                self.state(progress),
+                meta,
+                save_pretrained,
+                keep=config.keep_checkpoints,
+                sharded=sharded,
+            )
+
         path = on_main(world, write)
         self.saved_step = step
         return path

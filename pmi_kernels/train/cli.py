@@ -1,4 +1,5 @@
 """`pmi-opsd train` and `pmi-opsd plot` (also `python -m pmi_kernels.train`)."""
+
 from __future__ import annotations
 
 import argparse
@@ -38,10 +39,12 @@ def train(argv) -> int:
     config, flags = parse_args(argv, description="On-policy self-distillation with the PMI target.")
     if flags.dry_run:
         from .tools.plan import format_plan, plan
+
         print(format_plan(plan(config, flags.world_size, flags.prompt_tokens), config))
         return 0
     from .distributed import leave_process_group
     from .loop import Trainer
+
     stop = StopRequest()
     try:
         with stop.catching():  # from the start: a signal during loading or the warm-up is caught too
@@ -49,10 +52,14 @@ def train(argv) -> int:
                 trainer = Trainer(config, stop)
             except Interrupted as err:
                 if os.environ.get("RANK", "0") == "0":
-                    what = ("the run is as it was; continue it with --resume" if config.resume else
-                            "the run had no checkpoint yet; start it again")
-                    print(f"interrupted by {signal.Signals(err.signum).name} during {err.where}: {what}",
-                          file=sys.stderr)
+                    what = (
+                        "the run is as it was; continue it with --resume"
+                        if config.resume
+                        else "the run had no checkpoint yet; start it again"
+                    )
+                    print(
+                        f"interrupted by {signal.Signals(err.signum).name} during {err.where}: {what}", file=sys.stderr
+                    )
                 return err.exit_code
             result = trainer.train()
     finally:
@@ -62,24 +69,36 @@ def train(argv) -> int:
 
     def fmt(x: float | None) -> str:
         return "n/a" if x is None else f"{x:.3f}"
-    print(f"accuracy before training: {fmt(result['accuracy_before'])}   "
-          f"after: {fmt(result['accuracy_after'])}   steps: {result['steps']}")
+
+    print(
+        f"accuracy before training: {fmt(result['accuracy_before'])}   "
+        f"after: {fmt(result['accuracy_after'])}   steps: {result['steps']}"
+    )
     print(f"metrics: {trainer.metrics.path}")
-    write_file_atomically(os.path.join(config.output_dir, "result.json"),
-                          json.dumps({key: finite_or_none(value) for key, value in result.items()}, allow_nan=False))
+    write_file_atomically(
+        os.path.join(config.output_dir, "result.json"),
+        json.dumps({key: finite_or_none(value) for key, value in result.items()}, allow_nan=False),
+    )
     if result["interrupted"]:
-        print(f"interrupted by {result['interrupted']} during {result['where']}: "
-              f"{os.path.join(config.output_dir, result['checkpoint'])} holds step {result['steps']}; "
-              "continue with --resume", file=sys.stderr)
+        print(
+            f"interrupted by {result['interrupted']} during {result['where']}: "
+            f"{os.path.join(config.output_dir, result['checkpoint'])} holds step {result['steps']}; "
+            "continue with --resume",
+            file=sys.stderr,
+        )
         return 128 + signal.Signals[result["interrupted"]]
     return 0
 
 
 def plot(argv) -> int:
     from .metrics import plot_metrics
+
     parser = argparse.ArgumentParser(prog="pmi-opsd plot", description="Draw a run's metrics.jsonl as one PNG.")
-    parser.add_argument("--metrics", default="runs/toy/metrics.jsonl",
-                        help="a run's metrics.jsonl, in its output_dir (default: %(default)s)")
+    parser.add_argument(
+        "--metrics",
+        default="runs/toy/metrics.jsonl",
+        help="a run's metrics.jsonl, in its output_dir (default: %(default)s)",
+    )
     parser.add_argument("--out", default=None, help="PNG path (default: beside the metrics file)")
     args = parser.parse_args(argv)
     if not os.path.isfile(args.metrics):
@@ -102,9 +121,11 @@ def main(argv=None):
     try:
         if argv[0] == "compare":
             from .demo.compare import main as compare
+
             return compare(argv[1:])
         if argv[0] == "export":
             from .export import main as export
+
             return export(argv[1:])
         return train(argv[1:]) if argv[0] == "train" else plot(argv[1:])
     except (ValueError, TrainingFailed) as err:
@@ -114,8 +135,11 @@ def main(argv=None):
     except ModuleNotFoundError as err:
         if (err.name or "").split(".")[0] not in TRAIN_EXTRA_MODULES:
             raise
-        print(f"error: pmi-opsd {argv[0]} needs the 'train' extra (no module named {err.name!r}): "
-              "pip install 'pmi-kernels[train]'", file=sys.stderr)
+        print(
+            f"error: pmi-opsd {argv[0]} needs the 'train' extra (no module named {err.name!r}): "
+            "pip install 'pmi-kernels[train]'",
+            file=sys.stderr,
+        )
         return 2
     except OSError as err:  # the system refused a read or write (a full disk, a lost mount): one line too
         print(f"error: {err.strerror or err}{f': {err.filename}' if err.filename else ''}", file=sys.stderr)

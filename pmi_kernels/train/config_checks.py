@@ -1,6 +1,7 @@
 """What TrainConfig.validate checks about each key on its own: its type (read from the
 dataclass annotation, so a new key is checked too), its range and its allowed values. Every
 message names the key. A command-line string becomes a value of the key's type here as well."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -15,31 +16,86 @@ import torch
 from ..prompts import template_fields
 from .data.packing import IMPLEMENTATIONS
 
-TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string",
-              dict: "a JSON object", List[str]: "a list of strings"}
+TYPE_NAMES = {
+    bool: "true or false",
+    int: "an integer",
+    float: "a finite number",
+    str: "a string",
+    dict: "a JSON object",
+    List[str]: "a list of strings",
+}
 
-AT_LEAST_ONE = ("lora_rank", "lora_alpha", "max_new_tokens", "max_steps", "batch_size", "grad_accum",
-                "sft_batch_size", "log_every", "diagnostics_every", "eval_samples", "save_every",
-                "keep_checkpoints", "max_nonfinite_steps", "max_tokens_per_micro_batch")
+AT_LEAST_ONE = (
+    "lora_rank",
+    "lora_alpha",
+    "max_new_tokens",
+    "max_steps",
+    "batch_size",
+    "grad_accum",
+    "sft_batch_size",
+    "log_every",
+    "diagnostics_every",
+    "eval_samples",
+    "save_every",
+    "keep_checkpoints",
+    "max_nonfinite_steps",
+    "max_tokens_per_micro_batch",
+)
 NON_NEGATIVE = ("seed", "warmup_steps", "sft_steps", "eval_every", "eval_limit", "weight_decay", "eval_temperature")
-POSITIVE = ("lr", "sft_lr", "temperature", "max_grad_norm", "beta", "clip", "loss_temperature", "entry_clip",
-            "drift_warn_kl")
-RANGES = [(AT_LEAST_ONE, lambda v: v >= 1, ">= 1"), (NON_NEGATIVE, lambda v: v >= 0, ">= 0"),
-          (POSITIVE, lambda v: v > 0, "> 0"), (("top_p",), lambda v: 0 < v <= 1, "in (0, 1]"),
-          (("jsd_beta",), lambda v: 0 <= v <= 1, "in [0, 1]"), (("seed",), lambda v: v < 2**32, "< 2**32")]
-CHOICES = {"mode": ("pmi", "opsd"), "teacher_weights": ("base", "current"), "device": ("auto", "cpu", "cuda"),
-           "schedule": ("constant", "cosine", "linear"), "rollout_engine": ("hf", "vllm"),
-           "attn_implementation": IMPLEMENTATIONS, "toy_task": ("misread", "shortcut", "arithmetic"),
-           "toy_eval_split": ("held_out", "validation")}
-NON_EMPTY = ("model_path", "output_dir", "base_cache", "question_field", "solution_field", "answer_field",
-             "answer_pattern")
+POSITIVE = (
+    "lr",
+    "sft_lr",
+    "temperature",
+    "max_grad_norm",
+    "beta",
+    "clip",
+    "loss_temperature",
+    "entry_clip",
+    "drift_warn_kl",
+)
+RANGES = [
+    (AT_LEAST_ONE, lambda v: v >= 1, ">= 1"),
+    (NON_NEGATIVE, lambda v: v >= 0, ">= 0"),
+    (POSITIVE, lambda v: v > 0, "> 0"),
+    (("top_p",), lambda v: 0 < v <= 1, "in (0, 1]"),
+    (("jsd_beta",), lambda v: 0 <= v <= 1, "in [0, 1]"),
+    (("seed",), lambda v: v < 2**32, "< 2**32"),
+]
+CHOICES = {
+    "mode": ("pmi", "opsd"),
+    "teacher_weights": ("base", "current"),
+    "device": ("auto", "cpu", "cuda"),
+    "schedule": ("constant", "cosine", "linear"),
+    "rollout_engine": ("hf", "vllm"),
+    "attn_implementation": IMPLEMENTATIONS,
+    "toy_task": ("misread", "shortcut", "arithmetic"),
+    "toy_eval_split": ("held_out", "validation"),
+}
+NON_EMPTY = (
+    "model_path",
+    "output_dir",
+    "base_cache",
+    "question_field",
+    "solution_field",
+    "answer_field",
+    "answer_pattern",
+)
 TEMPLATE_KINDS = ("student", "teacher", "refonly")
 # The architecture key: config.json's names for what the dry run's plan needs (the first five
 # required), each an integer >= 1 or a flag; model_type is a name.
-ARCHITECTURE = {"vocab_size": int, "hidden_size": int, "intermediate_size": int, "num_hidden_layers": int,
-                "num_attention_heads": int, "num_key_value_heads": int, "head_dim": int,
-                "max_position_embeddings": int, "tie_word_embeddings": bool, "attention_bias": bool,
-                "model_type": str}
+ARCHITECTURE = {
+    "vocab_size": int,
+    "hidden_size": int,
+    "intermediate_size": int,
+    "num_hidden_layers": int,
+    "num_attention_heads": int,
+    "num_key_value_heads": int,
+    "head_dim": int,
+    "max_position_embeddings": int,
+    "tie_word_embeddings": bool,
+    "attention_bias": bool,
+    "model_type": str,
+}
 ARCHITECTURE_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 
@@ -100,12 +156,19 @@ def check_values(config) -> None:
         if not all(item.strip() for item in getattr(config, key)):
             raise _fail(key, "a list of non-empty strings", getattr(config, key))
     if config.fsdp and config.lora:
-        raise _fail("fsdp", "false with lora on (FSDP2 shards full fine-tuning; LoRA runs data-parallel, every rank "
-                    "holding the base)", config.fsdp)
+        raise _fail(
+            "fsdp",
+            "false with lora on (FSDP2 shards full fine-tuning; LoRA runs data-parallel, every rank holding the base)",
+            config.fsdp,
+        )
     if config.anchor and not config.lora and config.teacher_weights == "current":
-        raise _fail("teacher_weights", "'base' with anchor on and lora off: the loss projects the teacher and the "
-                    "anchor with one frozen head, and in full fine-tuning the current weights' head (the "
-                    "teacher's) leaves the base's (the anchor's); or set anchor false", config.teacher_weights)
+        raise _fail(
+            "teacher_weights",
+            "'base' with anchor on and lora off: the loss projects the teacher and the "
+            "anchor with one frozen head, and in full fine-tuning the current weights' head (the "
+            "teacher's) leaves the base's (the anchor's); or set anchor false",
+            config.teacher_weights,
+        )
     if config.lora and not config.lora_targets:
         raise _fail("lora_targets", "a non-empty list with lora on", config.lora_targets)
     _check_architecture(config.architecture)
@@ -126,8 +189,9 @@ def _check_architecture(arch: dict) -> None:
         raise _fail("architecture", f"keyed by {sorted(ARCHITECTURE)} (unknown: {sorted(unknown)})", arch)
     missing = [key for key in ARCHITECTURE_REQUIRED if key not in arch]
     if missing:
-        raise _fail("architecture", f"a JSON object with at least {list(ARCHITECTURE_REQUIRED)} (it lacks {missing})",
-                    arch)
+        raise _fail(
+            "architecture", f"a JSON object with at least {list(ARCHITECTURE_REQUIRED)} (it lacks {missing})", arch
+        )
     for key, value in arch.items():
         kind = ARCHITECTURE[key]
         if not _has_type(value, kind) or (kind is int and value < 1):
@@ -153,15 +217,23 @@ def _check_templates(templates: dict) -> None:
         try:
             unknown = set(template_fields(text)) - {"question", "solution"}
         except ValueError as err:
-            raise _fail(f"templates.{kind}", f"a str.format string over {{question}} and {{solution}} ({err})",
-                        text) from err
+            raise _fail(
+                f"templates.{kind}", f"a str.format string over {{question}} and {{solution}} ({err})", text
+            ) from err
         if unknown:
-            raise _fail(f"templates.{kind}", "a str.format string over {question} and {solution} (it formats "
-                        f"{', '.join(sorted(unknown))}; write {{{{ and }}}} for literal braces)", text)
+            raise _fail(
+                f"templates.{kind}",
+                "a str.format string over {question} and {solution} (it formats "
+                f"{', '.join(sorted(unknown))}; write {{{{ and }}}} for literal braces)",
+                text,
+            )
         rendered = text.format(question="q", solution="s")
         if not rendered.strip():
-            raise _fail(f"templates.{kind}", "a template that renders to some text (a context's last token "
-                        "predicts the rollout's first)", text)
+            raise _fail(
+                f"templates.{kind}",
+                "a template that renders to some text (a context's last token predicts the rollout's first)",
+                text,
+            )
 
 
 def coerce_flag(key: str, raw: str, kind, optional: bool):

@@ -1,5 +1,6 @@
 """Each config key's help: one text, kept beside its field in TrainConfig (option(...)'s
 metadata), that makes both `pmi-opsd train --help` (in groups) and docs/config.md."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -8,8 +9,16 @@ from typing import Dict, List
 
 # The help's groups, in the order a reader meets them.
 MODEL, DATA, METHOD, OPTIMIZATION, ROLLOUTS, EVALUATION, LOGGING, DISTRIBUTED, PACKING = GROUPS = (
-    "model", "data", "method and loss", "optimization", "rollouts", "evaluation", "checkpoints and logging",
-    "distributed", "packing")
+    "model",
+    "data",
+    "method and loss",
+    "optimization",
+    "rollouts",
+    "evaluation",
+    "checkpoints and logging",
+    "distributed",
+    "packing",
+)
 
 
 def option(default=dataclasses.MISSING, *, help: str, group: str, factory=dataclasses.MISSING, shown=None):
@@ -62,12 +71,17 @@ def config_reference(cls, toy_defaults: Dict) -> str:
     """docs/config.md's tables: each group's keys, their defaults and help."""
     lines: List[str] = []
     for group in GROUPS:
-        lines += ["", f"## {group[0].upper()}{group[1:]}", "", "| key (flag) | default | what it does |",
-                  "|---|---|---|"]
+        lines += [
+            "",
+            f"## {group[0].upper()}{group[1:]}",
+            "",
+            "| key (flag) | default | what it does |",
+            "|---|---|---|",
+        ]
         for f in dataclasses.fields(cls):
             if f.metadata["group"] == group:
                 flag = "--" + f.name.replace("_", "-")
-                default = defaults_line(f, toy_defaults)[len("default "):].replace("|", "\\|")
+                default = defaults_line(f, toy_defaults)[len("default ") :].replace("|", "\\|")
                 text = f.metadata["help"].replace("|", "\\|")
                 lines.append(f"| `{f.name}` (`{flag}`) | `{default}` | {text} |")
     return "\n".join(lines[1:]) + "\n"
@@ -89,6 +103,7 @@ allows none. Where the toy (no `--model-path`) has its own default, the table gi
 
 def reference_text() -> str:
     from .config import TOY_DEFAULTS, TrainConfig
+
     return REFERENCE_HEAD + config_reference(TrainConfig, TOY_DEFAULTS)
 
 

@@ -5,6 +5,7 @@ The token layout (the states at positions L - 1 ... L + T - 2 of prompt + rollou
 pmi_kernels.prompts' rollout_positions. These states are the final decoder output (after the
 final norm); the lm_head is never applied here - fused_pmi_kl does that.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -47,8 +48,17 @@ class ContextReader:
     reads the base); filler_token is what a filler group's one-token rollout holds;
     alone_above is the length past which a sequence goes in a pack of its own (the rope switch)."""
 
-    def __init__(self, config: TrainConfig, world: World, device: torch.device, model, frozen,
-                 prompts: Dict[str, List[List[int]]], filler_token: int, alone_above: Optional[int] = None):
+    def __init__(
+        self,
+        config: TrainConfig,
+        world: World,
+        device: torch.device,
+        model,
+        frozen,
+        prompts: Dict[str, List[List[int]]],
+        filler_token: int,
+        alone_above: Optional[int] = None,
+    ):
         self.config, self.world, self.device = config, world, device
         self.model, self.frozen = model, frozen
         self.prompts = prompts
@@ -57,8 +67,9 @@ class ContextReader:
 
     def on(self, prompts: Dict[str, List[List[int]]]) -> "ContextReader":
         """The same reader over other rows' prompt ids."""
-        return ContextReader(self.config, self.world, self.device, self.model, self.frozen, prompts,
-                             self.filler_token, self.alone_above)
+        return ContextReader(
+            self.config, self.world, self.device, self.model, self.frozen, prompts, self.filler_token, self.alone_above
+        )
 
     def autocast(self):
         return autocast(self.device, self.config.bf16)
@@ -98,8 +109,9 @@ class ContextReader:
 
     def groups(self, pairs: Sequence) -> List[List]:
         """(row index, rollout) pairs in the groups read together (packing.rollout_groups)."""
-        return rollout_groups(pairs, self.prompts, self.config.packed, self.config.max_tokens_per_micro_batch,
-                              self.alone_above)
+        return rollout_groups(
+            pairs, self.prompts, self.config.packed, self.config.max_tokens_per_micro_batch, self.alone_above
+        )
 
     def filler_group(self) -> List:
         """A one-token rollout of the first row: read by a rank with fewer packs than the others."""
@@ -117,8 +129,10 @@ class ContextReader:
         (none empty) in each context, rows in order, in the head's dtype; only the student's has
         a graph. pmi_streams: the reference-only context and the anchor too (the PMI target, or
         the diagnostics, read them)."""
+
         def read(decoder, kind):
             return self.hidden(decoder, kind, indices, rollouts)
+
         base = self.base_model()
         with self.autocast():
             states = {}

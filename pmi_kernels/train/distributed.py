@@ -14,6 +14,7 @@ filesystem every rank sees); every rank reads a checkpoint to resume.
 A stop signal (torchrun forwards SIGINT/SIGTERM to every worker) is acted on where every rank
 checks it together (SyncedStop), so no rank leaves a collective the others are in.
 """
+
 from __future__ import annotations
 
 import os
@@ -30,6 +31,7 @@ T = TypeVar("T")
 @dataclass(frozen=True)
 class World:
     """This process's place among the trainer's processes (a plain run: rank 0 of 1)."""
+
     rank: int = 0
     size: int = 1
     local_rank: int = 0
@@ -47,6 +49,7 @@ def join_world(device: str) -> World:
     """The default process group: the one already initialized (a test's, a launcher's), or
     torchrun's (WORLD_SIZE > 1 in the environment; nccl for CUDA devices, gloo for "cpu")."""
     import torch.distributed as dist
+
     if not dist.is_available():
         return World()
     if not dist.is_initialized():
@@ -74,11 +77,15 @@ def check_world(config, world: World) -> None:
     if world.distributed and config.rollout_engine == "vllm":
         raise ValueError("rollout_engine: 'vllm' runs in one process; under torchrun use 'hf'")
     if config.fsdp and not world.distributed:
-        raise ValueError("fsdp: shards the model over torchrun's processes; this run has one (start it with torchrun "
-                         "--nproc-per-node N, or set fsdp false)")
+        raise ValueError(
+            "fsdp: shards the model over torchrun's processes; this run has one (start it with torchrun "
+            "--nproc-per-node N, or set fsdp false)"
+        )
     if config.batch_size % world.size:
-        raise ValueError(f"batch_size: {config.batch_size} rollouts per micro-batch do not split evenly over "
-                         f"{world.size} processes (each samples batch_size / world size of them)")
+        raise ValueError(
+            f"batch_size: {config.batch_size} rollouts per micro-batch do not split evenly over "
+            f"{world.size} processes (each samples batch_size / world size of them)"
+        )
 
 
 def check_same_config(world: World, config) -> None:
@@ -91,13 +98,15 @@ def check_same_config(world: World, config) -> None:
     import json
 
     import torch.distributed as dist
+
     configs: List = [None] * world.size
     dist.all_gather_object(configs, json.dumps(dataclasses.asdict(config), sort_keys=True, default=str))
     values = [json.loads(c) for c in configs]
     differ = sorted(key for key in values[0] if any(v.get(key) != values[0][key] for v in values[1:]))
     if differ:
-        raise ValueError(f"torchrun: the ranks' configs differ in {', '.join(differ)}; every rank must run the same "
-                         "config")
+        raise ValueError(
+            f"torchrun: the ranks' configs differ in {', '.join(differ)}; every rank must run the same config"
+        )
 
 
 def on_main(world: World, fn: Callable[[], T]) -> T:
@@ -106,6 +115,7 @@ def on_main(world: World, fn: Callable[[], T]) -> T:
     if not world.distributed:
         return fn()
     import torch.distributed as dist
+
     box: List = [None]
     if world.main:
         try:
@@ -128,6 +138,7 @@ def broadcast_module(world: World, module: torch.nn.Module) -> None:
     if not world.distributed:
         return
     import torch.distributed as dist
+
     with torch.no_grad():
         for tensor in [*module.parameters(), *module.buffers()]:
             dist.broadcast(tensor.data, src=0)
@@ -140,9 +151,12 @@ def shard_model(model: torch.nn.Module) -> None:
     import inspect
 
     from torch.distributed.fsdp import fully_shard
+
     if "logits_to_keep" not in inspect.signature(model.forward).parameters:
-        raise ValueError(f"fsdp: {type(model).__name__}.forward takes no logits_to_keep, which the sharded model's "
-                         "contexts are read with (WholeModelDecoder); set fsdp false")
+        raise ValueError(
+            f"fsdp: {type(model).__name__}.forward takes no logits_to_keep, which the sharded model's "
+            "contexts are read with (WholeModelDecoder); set fsdp false"
+        )
     for layer in getattr(model.get_decoder(), "layers", []):
         fully_shard(layer)
     fully_shard(model)
@@ -172,6 +186,7 @@ def most_over_ranks(world: World, count: int, device: torch.device) -> int:
     if not world.distributed:
         return count
     import torch.distributed as dist
+
     flat = torch.tensor([count], dtype=torch.int64, device=device)
     dist.all_reduce(flat, op=dist.ReduceOp.MAX)
     return int(flat)
@@ -182,6 +197,7 @@ def first_over_ranks(world: World, message: Optional[str]) -> Optional[str]:
     if not world.distributed:
         return message
     import torch.distributed as dist
+
     every: List[Optional[str]] = [None] * world.size
     dist.all_gather_object(every, message)
     return next((m for m in every if m is not None), None)
@@ -197,6 +213,7 @@ def sum_gradients(world: World, params: List[torch.nn.Parameter]) -> None:
     if not world.distributed or not params:
         return
     import torch.distributed as dist
+
     device = params[0].device
     has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=device)
     dist.all_reduce(has_grad)
@@ -226,6 +243,7 @@ def sum_over_ranks(world: World, values: Dict[str, float], device: torch.device)
     if not world.distributed:
         return dict(values)
     import torch.distributed as dist
+
     every: List[Optional[Iterable[str]]] = [None] * world.size
     dist.all_gather_object(every, sorted(values))
     keys = sorted(set().union(*every))
@@ -236,6 +254,7 @@ def sum_over_ranks(world: World, values: Dict[str, float], device: torch.device)
 
 def leave_process_group() -> None:
     import torch.distributed as dist
+
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -258,6 +277,7 @@ class SyncedStop(StopRequest):
 
     def check(self, where: str) -> None:
         import torch.distributed as dist
+
         flag = torch.tensor([self.local.signum or 0], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if int(flag):

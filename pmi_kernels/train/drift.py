@@ -24,6 +24,7 @@ self-anchored run passed 0.3 (at steps 20 to 45) on its way to collapse. It is a
 model, read drift/kl_student_base's curve (a fixed target levels off, a moving one does not)
 and set the threshold from it.
 """
+
 from __future__ import annotations
 
 import sys
@@ -43,10 +44,16 @@ def drift_sums(student, base, weight, bias, base_weight, base_bias, temperature:
     p_s = softmax((student·Wᵀ + b)/τ) and p_b from the base's hidden states and head."""
     sums = {"kl_student_base": 0.0, "entropy_student": 0.0, "entropy_base": 0.0}
     for i in range(0, student.shape[0], ROWS):
-        log_s = F.log_softmax(F.linear(student[i:i + ROWS].float(), weight.float(),
-                                       None if bias is None else bias.float()) / temperature, dim=-1)
-        log_b = F.log_softmax(F.linear(base[i:i + ROWS].float(), base_weight.float(),
-                                       None if base_bias is None else base_bias.float()) / temperature, dim=-1)
+        log_s = F.log_softmax(
+            F.linear(student[i : i + ROWS].float(), weight.float(), None if bias is None else bias.float())
+            / temperature,
+            dim=-1,
+        )
+        log_b = F.log_softmax(
+            F.linear(base[i : i + ROWS].float(), base_weight.float(), None if base_bias is None else base_bias.float())
+            / temperature,
+            dim=-1,
+        )
         p_s, p_b = log_s.exp(), log_b.exp()
         sums["kl_student_base"] += float((p_s * (log_s - log_b)).sum())
         sums["entropy_student"] += float(-(p_s * log_s).sum())
@@ -66,8 +73,10 @@ class Drift:
     def advice(config) -> str:
         """What a runaway most likely means for this run's target."""
         if config.mode == "pmi" and not config.anchor:
-            return ("with anchor false the PMI target moves with the student (drift.py): try --anchor true, a "
-                    "lower lr or a larger beta")
+            return (
+                "with anchor false the PMI target moves with the student (drift.py): try --anchor true, a "
+                "lower lr or a larger beta"
+            )
         if config.mode == "pmi":
             return "the frozen-anchored PMI target asks for little movement: check beta, clip and lr"
         return "standard OPSD moves the student toward the teacher: check the markers and the accuracy"
@@ -91,8 +100,15 @@ class Drift:
                 student = contexts.hidden(contexts.decoder(base_model), "student", indices, rollouts)
                 with contexts.frozen_weights(True) as (decoder, base_head):
                     base = contexts.hidden(decoder, "student", indices, rollouts)
-            sums = drift_sums(student, base, head.weight, head.bias, base_head.weight, base_head.bias,
-                              contexts.config.loss_temperature)
+            sums = drift_sums(
+                student,
+                base,
+                head.weight,
+                head.bias,
+                base_head.weight,
+                base_head.bias,
+                contexts.config.loss_temperature,
+            )
             if n < real:
                 for key, value in sums.items():
                     totals[key] += value
@@ -111,7 +127,10 @@ class Drift:
         self.warned = True
         record["drift/warning"] = True
         from tqdm import tqdm
-        tqdm.write(f"step {step}: the student has drifted from the frozen base: KL(student || base) = {kl:.3f} "
-                   f"nats per token > drift_warn_kl = {self.warn_kl} (entropy {record['drift/entropy_student']:.3f}"
-                   f", base {record['drift/entropy_base']:.3f})" + (f"; {self.cause}" if self.cause else ""),
-                   file=sys.stderr)
+
+        tqdm.write(
+            f"step {step}: the student has drifted from the frozen base: KL(student || base) = {kl:.3f} "
+            f"nats per token > drift_warn_kl = {self.warn_kl} (entropy {record['drift/entropy_student']:.3f}"
+            f", base {record['drift/entropy_base']:.3f})" + (f"; {self.cause}" if self.cause else ""),
+            file=sys.stderr,
+        )

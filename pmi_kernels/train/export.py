@@ -11,6 +11,7 @@ and the tokenizer. So `AutoPeftModelForCausalLM.from_pretrained(checkpoint)` (Lo
 `pmi-opsd export CHECKPOINT OUT [--merge]` writes a standalone copy from the trainer's own state,
 so it also reads checkpoints written before these files were (state.pt, or sharded/ under FSDP2).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,6 +45,7 @@ def checkpoint_writer(config, model, tokenizer) -> Callable[[str], None]:
     state_dict = None
     if config.fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
         state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if config.lora:
         model.peft_config["default"].base_model_name_or_path = base_model_name(config.model_path, config.output_dir)
@@ -51,6 +53,7 @@ def checkpoint_writer(config, model, tokenizer) -> Callable[[str], None]:
     def write(directory: str) -> None:
         save_model(model, directory, state_dict)
         tokenizer.save_pretrained(directory)
+
     return write
 
 
@@ -75,6 +78,7 @@ def trained_weights(checkpoint: str, config: Dict) -> Dict[str, torch.Tensor]:
         if not config.get("fsdp"):
             return state["trainable"]
         from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
         with tempfile.TemporaryDirectory() as tmp:
             whole = os.path.join(tmp, "weights.pt")
             dcp_to_torch_save(os.path.join(checkpoint, SHARDED_DIR), whole)
@@ -87,6 +91,7 @@ def rebuild(checkpoint: str):
     """(tokenizer, model) as the run trained them at the checkpoint's step: the base the run
     started from, wrapped as it was (LoRA), with the checkpoint's trained weights."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     config = read_meta(checkpoint)
     base = base_model_name(config["model_path"], os.path.dirname(os.path.abspath(checkpoint)))
     try:
@@ -99,8 +104,10 @@ def rebuild(checkpoint: str):
         from peft import get_peft_model
 
         from .model import lora_config
-        lora = lora_config(config["lora_rank"], config["lora_alpha"], config["lora_targets"],
-                           base_model_name_or_path=base)
+
+        lora = lora_config(
+            config["lora_rank"], config["lora_alpha"], config["lora_targets"], base_model_name_or_path=base
+        )
         model = get_peft_model(model, lora)
         model.peft_config["default"].base_model_name_or_path = base
     params = dict(model.named_parameters(remove_duplicate=False))  # a tied head too: the shards name it
@@ -129,13 +136,20 @@ def export(checkpoint: str, out: str, merge: bool = False) -> str:
 
 
 def main(argv) -> int:
-    parser = argparse.ArgumentParser(prog="pmi-opsd export", description=(
-        "Write a checkpoint's model as a standalone Hugging Face directory (any checkpoint of this trainer, "
-        "LoRA or full, FSDP2's sharded ones and those written before checkpoints held the Hugging Face files)."))
+    parser = argparse.ArgumentParser(
+        prog="pmi-opsd export",
+        description=(
+            "Write a checkpoint's model as a standalone Hugging Face directory (any checkpoint of this trainer, "
+            "LoRA or full, FSDP2's sharded ones and those written before checkpoints held the Hugging Face files)."
+        ),
+    )
     parser.add_argument("checkpoint", help="a run's checkpoint-<step> directory")
     parser.add_argument("out", help="the directory to write (new or empty)")
-    parser.add_argument("--merge", action="store_true",
-                        help="LoRA: merge the adapter into the base and write the full model (default: the adapter)")
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="LoRA: merge the adapter into the base and write the full model (default: the adapter)",
+    )
     args = parser.parse_args(argv)
     print(f"wrote {export(args.checkpoint, args.out, args.merge)}")
     return 0

@@ -2,6 +2,7 @@
 through the Hugging Face cache (HF_HOME, HF_HUB_CACHE), downloaded when missing unless
 HF_HUB_OFFLINE=1. The check reads the model's config.json only, so a missing id, a typo or a
 gated model is a one-line error before the data or the weights load."""
+
 from __future__ import annotations
 
 import os
@@ -10,6 +11,7 @@ from typing import Optional
 
 def offline() -> bool:
     from huggingface_hub import constants
+
     return bool(constants.HF_HUB_OFFLINE)
 
 
@@ -21,18 +23,26 @@ def check_model_path(model_path: str) -> None:
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     from .checkpoint import error_line
+
     try:
         validate_repo_id(model_path)
     except HFValidationError:
-        raise ValueError(f"config: model_path {model_path!r} is neither a local directory nor a Hugging Face "
-                         "Hub id (organization/name)") from None
+        raise ValueError(
+            f"config: model_path {model_path!r} is neither a local directory nor a Hugging Face "
+            "Hub id (organization/name)"
+        ) from None
     try:
         hf_hub_download(model_path, "config.json")
     except Exception as err:  # noqa: BLE001 (not found, gated, offline, no network: each its own class)
-        where = ("HF_HUB_OFFLINE is set and it is not in the Hugging Face cache" if offline()
-                 else f"the Hub did not give its config.json: {error_line(err)}")
-        raise ValueError(f"config: model_path {model_path!r} is not a local directory, and as a Hugging Face "
-                         f"Hub id it cannot be loaded ({where})") from None
+        where = (
+            "HF_HUB_OFFLINE is set and it is not in the Hugging Face cache"
+            if offline()
+            else f"the Hub did not give its config.json: {error_line(err)}"
+        )
+        raise ValueError(
+            f"config: model_path {model_path!r} is not a local directory, and as a Hugging Face "
+            f"Hub id it cannot be loaded ({where})"
+        ) from None
 
 
 def cached_config_json(model_path: str) -> Optional[str]:
@@ -42,6 +52,7 @@ def cached_config_json(model_path: str) -> Optional[str]:
     if os.path.isfile(path) or os.path.isdir(model_path):
         return path if os.path.isfile(path) else None
     from huggingface_hub import try_to_load_from_cache
+
     try:
         cached = try_to_load_from_cache(model_path, "config.json")
     except Exception:  # noqa: BLE001 (not a valid hub id: it has no cached files)

@@ -1,6 +1,7 @@
 """Stopping cleanly: SIGINT/SIGTERM set a flag that the loop reads at safe points (between
 warm-up steps, evaluation batches, rollouts), so a run ends with its last consistent state
 saved and the shell's exit code for the signal (130, 143). Also the test-only fault points."""
+
 from __future__ import annotations
 
 import collections
@@ -53,11 +54,13 @@ class StopRequest:
         at the next check), so a stop does not wait for a long sampling to finish."""
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList
+
         stop = self
 
         class Stopped(StoppingCriteria):
             def __call__(self, input_ids, scores, **kwargs):
                 return torch.full((input_ids.shape[0],), stop.requested, dtype=torch.bool, device=input_ids.device)
+
         return StoppingCriteriaList([Stopped()])
 
     def _handle(self, signum, frame) -> None:

@@ -21,6 +21,7 @@ The Trainer puts the parts together: the context reader (contexts.py), the rollo
 (rollouts.py), the step's loss, schedule and record (step.py), the drift signal (drift.py) and
 the checkpointer (checkpoint.py).
 """
+
 from __future__ import annotations
 
 import math
@@ -71,8 +72,9 @@ class Trainer:
         self.config = config.validate()
         self.world = world = join_world(config.device)  # one process, or a rank under torchrun
         self.device = training_device(config.device, world)
-        self.stop = (SyncedStop(world, self.device, stop or StopRequest()) if world.distributed
-                     else stop or StopRequest())
+        self.stop = (
+            SyncedStop(world, self.device, stop or StopRequest()) if world.distributed else stop or StopRequest()
+        )
         # Refusals and the resume checks, before anything heavy (rank 0 looks; every rank hears).
         # Rank 0 holds the output directory's lock for as long as the run lasts.
         self._dir_lock = None
@@ -82,6 +84,7 @@ class Trainer:
             check_world(config, world)
             self._dir_lock, meta = prepare_output_dir(config, world.size)
             return meta
+
         resumed = on_main(world, prepare)
         try:
             self._set_up(config, resumed)
@@ -120,31 +123,51 @@ class Trainer:
         check_lora_targets(model, config)
         # Far too long a row is refused on a prefix, before all of it is tokenized.
         limit = dict(positions=position_limit(model), max_new_tokens=config.max_new_tokens, stop=self.stop)
-        prompts = contexts_ids(self.tokenizer, config.templates, KINDS, self.train_rows, config.use_chat_template,
-                               **limit)
-        self.eval_prompts = contexts_ids(self.tokenizer, config.templates, ["student"], self.eval_rows,
-                                         config.use_chat_template, split="eval", **limit)["student"]
+        prompts = contexts_ids(
+            self.tokenizer, config.templates, KINDS, self.train_rows, config.use_chat_template, **limit
+        )
+        self.eval_prompts = contexts_ids(
+            self.tokenizer,
+            config.templates,
+            ["student"],
+            self.eval_rows,
+            config.use_chat_template,
+            split="eval",
+            **limit,
+        )["student"]
         self.stop.check("tokenizing the data")
-        check_lengths(model, {**{f"templates.{kind} (train)": prompts[kind] for kind in KINDS},
-                              "templates.student (eval)": self.eval_prompts}, config.max_new_tokens)
+        check_lengths(
+            model,
+            {
+                **{f"templates.{kind} (train)": prompts[kind] for kind in KINDS},
+                "templates.student (eval)": self.eval_prompts,
+            },
+            config.max_new_tokens,
+        )
         alone_above = self._packing_limit(model, prompts) if config.packed else None
         on_main(world, lambda: start_output_dir(config))  # every check passed: --overwrite may remove now
         model_dir = config.model_path
         if config.model_path == TOY:
             model_dir = os.path.join(config.output_dir, TOY_BASE)
             if not config.resume:
-                model = warmed_up_base(model, config, self.tokenizer, self.train_rows, prompts, self.device,
-                                       self.stop)  # base_cache.py: built, or loaded from the cache
-                on_main(world, lambda: write_dir_atomically(
-                    model_dir, lambda d: (model.save_pretrained(d), self.tokenizer.save_pretrained(d))))
+                model = warmed_up_base(
+                    model, config, self.tokenizer, self.train_rows, prompts, self.device, self.stop
+                )  # base_cache.py: built, or loaded from the cache
+                on_main(
+                    world,
+                    lambda: write_dir_atomically(
+                        model_dir, lambda d: (model.save_pretrained(d), self.tokenizer.save_pretrained(d))
+                    ),
+                )
         self.model, self.frozen = wrap_model(model, config)
         for module in (self.model, self.frozen):  # rank 0's weights everywhere, as DDP starts
             if module is not None:
                 broadcast_module(world, module)
                 if config.fsdp:
                     shard_model(module)
-        self.contexts = ContextReader(config, world, self.device, self.model, self.frozen, prompts,
-                                      self.tokenizer.eos_token_id, alone_above)
+        self.contexts = ContextReader(
+            config, world, self.device, self.model, self.frozen, prompts, self.tokenizer.eos_token_id, alone_above
+        )
         engine = None
         if config.rollout_engine == "vllm":
             engine = vllm_rollouts(config, model, model_dir, self.device, [*prompts["student"], *self.eval_prompts])
@@ -156,8 +179,10 @@ class Trainer:
         self.nonfinite_in_a_row, self.nonfinite_total = 0, 0
         self._redo_evaluation = False  # resumed from a step whose evaluation a stop cut short
         # TensorBoard drops what an interrupted run logged after the checkpoint it resumes from.
-        self.metrics = MetricsLog(config.output_dir, start_trackers(
-            config, world.main, purge_step=None if resumed is None else resumed["step"] + 1))
+        self.metrics = MetricsLog(
+            config.output_dir,
+            start_trackers(config, world.main, purge_step=None if resumed is None else resumed["step"] + 1),
+        )
         self.drift = Drift(config.drift_warn_kl if world.main else None, Drift.advice(config))  # rank 0 warns
         if state is not None:
             self.checkpoints.restore(state)
@@ -182,8 +207,12 @@ class Trainer:
         model.eval()
         try:
             with autocast(self.device, self.config.bf16):
-                check_isolation(model.get_decoder(), [prompts["student"][0], prompts["teacher"][0]],
-                                model.get_input_embeddings().num_embeddings, self.device)
+                check_isolation(
+                    model.get_decoder(),
+                    [prompts["student"][0], prompts["teacher"][0]],
+                    model.get_input_embeddings().num_embeddings,
+                    self.device,
+                )
         finally:
             model.train(training)
         return rope_switch_length(model.config)
@@ -194,8 +223,9 @@ class Trainer:
         return self.contexts.prompts
 
     # ---- sampling and evaluation ------------------------------------------------------
-    def generate(self, prompts: List[List[int]], temperature: float, top_p: float,
-                 max_new_tokens: int) -> List[List[int]]:
+    def generate(
+        self, prompts: List[List[int]], temperature: float, top_p: float, max_new_tokens: int
+    ) -> List[List[int]]:
         """Sampled (temperature > 0) or greedy continuations with the current weights, trimmed
         after EOS (rollouts.RolloutSampler)."""
         return self.sampler.generate(prompts, temperature, top_p, max_new_tokens, self.step)
@@ -210,18 +240,20 @@ class Trainer:
         mine = range(world.rank, len(rows), world.size)  # each rank its share, in batches of 32
         batches = -(-len(range(0, len(rows), world.size)) // 32)  # rank 0's count: the same checks on every rank
         from tqdm import tqdm
+
         correct = 0
         for _ in range(config.eval_samples):
             for b in tqdm(range(batches), desc="evaluation", leave=False, mininterval=2, disable=not world.main):
                 fault_point("evaluation-batch")
                 self.stop.check("evaluation")
-                chunk = mine[32 * b:32 * (b + 1)]
+                chunk = mine[32 * b : 32 * (b + 1)]
                 if not chunk:
                     if config.fsdp:  # its forwards gather the weights with the other ranks'
                         self.generate(self.eval_prompts[:1], config.eval_temperature, 1.0, config.max_new_tokens)
                     continue
-                outs = self.generate([self.eval_prompts[i] for i in chunk], config.eval_temperature, 1.0,
-                                     config.max_new_tokens)
+                outs = self.generate(
+                    [self.eval_prompts[i] for i in chunk], config.eval_temperature, 1.0, config.max_new_tokens
+                )
                 for i, out in zip(chunk, outs):
                     text = self.tokenizer.decode(out, skip_special_tokens=True)
                     correct += extract_answer(text, config.answer_pattern) == rows[i]["answer"]
@@ -264,8 +296,12 @@ class Trainer:
             for _ in range(config.grad_accum):
                 self.stop.check("a step's sampling")
                 indices = self.next_indices(config.batch_size)
-                rollouts = self.generate([self.prompts["student"][i] for i in indices], config.temperature,
-                                         config.top_p, config.max_new_tokens)
+                rollouts = self.generate(
+                    [self.prompts["student"][i] for i in indices],
+                    config.temperature,
+                    config.top_p,
+                    config.max_new_tokens,
+                )
                 micro_batches.append(list(zip(indices, rollouts)))
         return micro_batches
 
@@ -313,22 +349,39 @@ class Trainer:
         self.nonfinite_total += not finite
         self.step += 1
         elapsed = time.perf_counter() - start
-        record = step_record(config, self.step, totals, lr, grad_norm, not finite, self.nonfinite_total, tokens,
-                             counts["rollouts"], elapsed, peak_memory_gib(self.device), timer)
+        record = step_record(
+            config,
+            self.step,
+            totals,
+            lr,
+            grad_norm,
+            not finite,
+            self.nonfinite_total,
+            tokens,
+            counts["rollouts"],
+            elapsed,
+            peak_memory_gib(self.device),
+            timer,
+        )
         texts = [self.tokenizer.decode(rollout, skip_special_tokens=True) for _, rollout in batch]
         markers = sum_over_ranks(world, count_markers(texts, config.markers), self.device)
         record.update({f"markers/{k}": int(v) for k, v in markers.items()})
         if diagnose:  # drift.py: the student's KL from the frozen base (over every rank's rollouts); a warning
-            record.update(self.drift.measure(self.contexts, batch,
-                                             lambda sums: sum_over_ranks(world, sums, self.device)))
+            record.update(
+                self.drift.measure(self.contexts, batch, lambda sums: sum_over_ranks(world, sums, self.device))
+            )
             self.drift.check(self.step, record)
         return record
 
     # ---- checkpoints and the loop -----------------------------------------------------
     def progress(self) -> Dict:
         """What a checkpoint keeps of the run's progress, beside the weights and optimizer state."""
-        return {"step": self.step, "position": self.position,
-                "nonfinite": [self.nonfinite_in_a_row, self.nonfinite_total], "drift_warned": self.drift.warned}
+        return {
+            "step": self.step,
+            "position": self.position,
+            "nonfinite": [self.nonfinite_in_a_row, self.nonfinite_total],
+            "drift_warned": self.drift.warned,
+        }
 
     def save(self) -> str:
         """A checkpoint of the current step; refused (TrainingFailed) if any parameter or
@@ -338,8 +391,13 @@ class Trainer:
     def train(self, progress: bool = True) -> Dict:
         """Run to max_steps. SIGINT/SIGTERM at any point (evaluation, a step, a save) end the run
         with its last consistent state saved; the result names the signal ("interrupted")."""
-        result = {"accuracy_before": None, "accuracy_after": None, "steps": self.step, "interrupted": None,
-                  "checkpoint": None}
+        result = {
+            "accuracy_before": None,
+            "accuracy_after": None,
+            "steps": self.step,
+            "interrupted": None,
+            "checkpoint": None,
+        }
         with self.stop.catching():
             try:
                 self._run(result, progress)
@@ -354,6 +412,7 @@ class Trainer:
 
     def _run(self, result: Dict, progress: bool) -> None:
         from tqdm import tqdm
+
         config = self.config
         if self.step == 0 and self.checkpoints.saved_step is None and config.model_path == TOY and config.sft_steps:
             self.save()  # the warmed-up start: a stop before the first scheduled save can --resume
@@ -393,6 +452,7 @@ class Trainer:
         """Every log_every steps, every evaluated step and every skipped one; too many skipped
         in a row end the run."""
         from tqdm import tqdm
+
         logged = record["skipped"] or self.step % self.config.log_every == 0 or "eval/accuracy" in record
         if logged and self.world.main:
             self.metrics.write(record)
@@ -400,10 +460,14 @@ class Trainer:
             return
         limit = self.config.max_nonfinite_steps
         if self.world.main:
-            tqdm.write(f"step {self.step}: the loss or a gradient is not finite; step skipped, no update "
-                       f"({self.nonfinite_in_a_row} in a row, the run stops at {limit})", file=sys.stderr)
+            tqdm.write(
+                f"step {self.step}: the loss or a gradient is not finite; step skipped, no update "
+                f"({self.nonfinite_in_a_row} in a row, the run stops at {limit})",
+                file=sys.stderr,
+            )
         if self.nonfinite_in_a_row >= limit:
             raise TrainingFailed(
                 f"stopped at step {self.step}: {limit} steps in a row had a non-finite loss or gradient "
                 f"(max_nonfinite_steps); the newest checkpoint is {read_latest(self.config.output_dir)}. "
-                "Check the loss options (beta, clip, loss_temperature) and lr")
+                "Check the loss options (beta, clip, loss_temperature) and lr"
+            )

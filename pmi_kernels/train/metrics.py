@@ -1,5 +1,6 @@
 """What the loop shows and keeps: a JSONL of per-step metrics (and the trackers'), marker
 counts in rollouts, and `pmi-opsd plot` that draws the metrics file as one PNG."""
+
 from __future__ import annotations
 
 import contextlib
@@ -15,13 +16,13 @@ from .checkpoint import write_file_atomically
 
 def count_markers(texts: List[str], markers: List[str]) -> Dict[str, int]:
     """Whole-word, case-insensitive counts of each epistemic marker over the rollouts."""
-    return {m: sum(len(re.findall(rf"\b{re.escape(m)}\b", t, flags=re.IGNORECASE)) for t in texts)
-            for m in markers}
+    return {m: sum(len(re.findall(rf"\b{re.escape(m)}\b", t, flags=re.IGNORECASE)) for t in texts) for m in markers}
 
 
 class StepTimer:
     """Seconds spent in each part of a step (logged as time/<part>). On CUDA a part ends with a
     synchronize, so the kernels it queued count in it."""
+
     PARTS = ("sampling", "forwards", "loss", "diagnostics", "backward", "all_reduce", "optimizer")
 
     def __init__(self, device):
@@ -36,6 +37,7 @@ class StepTimer:
         finally:
             if self.device.type == "cuda":
                 import torch
+
                 torch.cuda.synchronize(self.device)
             self.seconds[part] += time.perf_counter() - start
 
@@ -127,8 +129,10 @@ def cut_metrics(path: str, step: int, redo_evaluation: bool) -> None:
 def plot_metrics(path: str, out: str) -> str:
     """One PNG: a panel per numeric metric, over steps (evaluation points as markers)."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     records = read_metrics(path)
     keys = sorted({k for r in records for k, v in r.items() if isinstance(v, (int, float)) and k != "step"})
     if not keys:
@@ -141,7 +145,7 @@ def plot_metrics(path: str, out: str) -> str:
         ax.plot(*zip(*pts), marker="o" if len(pts) < 20 else None, ms=3)
         ax.set_title(key, fontsize=9)
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(keys):]:
+    for ax in list(axes.flat)[len(keys) :]:
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(out, dpi=110)

@@ -1,5 +1,6 @@
 """The model a run trains: loaded (a Hugging Face causal LM, local or a hub id, or the toy one), its contexts'
 lengths checked, wrapped for LoRA or full fine-tuning, and the toy's supervised warm-up."""
+
 from __future__ import annotations
 
 import copy
@@ -25,6 +26,7 @@ def load_model(config: TrainConfig, device):
     built (to be warmed up) or, on --resume, the warmed-up base the run saved. Its attention is
     config.attn_implementation (packing.py), checked against the model's config before the weights load."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
     model_config = None if config.model_path == TOY else AutoConfig.from_pretrained(config.model_path)
     attn = resolve_attn_implementation(config.attn_implementation, device, model_config)
     if model_config is not None:
@@ -37,8 +39,10 @@ def load_model(config: TrainConfig, device):
             try:
                 base = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn)
             except Exception as err:  # noqa: BLE001 (a damaged file raises many kinds; name the directory)
-                raise ValueError(f"--resume: {path}, the toy run's warmed-up base, cannot be loaded "
-                                 f"({error_line(err)}); the run cannot continue without it") from err
+                raise ValueError(
+                    f"--resume: {path}, the toy run's warmed-up base, cannot be loaded "
+                    f"({error_line(err)}); the run cannot continue without it"
+                ) from err
             return toy_tokenizer(), base.to(device)
         tokenizer = toy_tokenizer()
         model = toy_model(tokenizer, config.seed)
@@ -64,8 +68,9 @@ def check_lengths(model, contexts: Dict[str, List[List[int]]], max_new_tokens: i
     for what, prompts in contexts.items():
         for i, prompt in enumerate(prompts):
             if not prompt:
-                raise ValueError(f"{what}: row {i} renders to no tokens (a context's last token predicts the "
-                                 "rollout's first)")
+                raise ValueError(
+                    f"{what}: row {i} renders to no tokens (a context's last token predicts the rollout's first)"
+                )
             if limit is not None and len(prompt) + max_new_tokens > limit:
                 raise length_error(what, i, len(prompt), max_new_tokens, limit)
 
@@ -81,22 +86,32 @@ def check_lora_targets(model, config: TrainConfig) -> None:
     for target in config.lora_targets:
         matched = [m for name, m in modules.items() if name == target or name.endswith("." + target)]
         if not matched:
-            layers = sorted({name.rsplit(".", 1)[-1] for name, m in modules.items()
-                             if isinstance(m, torch.nn.Linear) and m is not head})
-            raise ValueError(f"lora_targets: {target!r} names no module of the model (its linear layers: "
-                             f"{', '.join(layers)})")
+            layers = sorted(
+                {
+                    name.rsplit(".", 1)[-1]
+                    for name, m in modules.items()
+                    if isinstance(m, torch.nn.Linear) and m is not head
+                }
+            )
+            raise ValueError(
+                f"lora_targets: {target!r} names no module of the model (its linear layers: {', '.join(layers)})"
+            )
         other = next((m for m in matched if not isinstance(m, (torch.nn.Linear, torch.nn.Embedding))), None)
         if other is not None:
-            raise ValueError(f"lora_targets: {target!r} names a {type(other).__name__}, not a linear or embedding "
-                             "layer")
+            raise ValueError(
+                f"lora_targets: {target!r} names a {type(other).__name__}, not a linear or embedding layer"
+            )
         if any(m is head for m in matched):
-            raise ValueError(f"lora_targets: {target!r} is the output head, whose weight the loss reads itself "
-                             "(an adapter there would never train); leave it out")
+            raise ValueError(
+                f"lora_targets: {target!r} is the output head, whose weight the loss reads itself "
+                "(an adapter there would never train); leave it out"
+            )
 
 
 def lora_config(rank: int, alpha: int, targets, **extra):
     """The run's LoRA adapter, as the trainer wraps its model and export.py rebuilds it."""
     from peft import LoraConfig
+
     return LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, **extra)
 
 
@@ -107,6 +122,7 @@ def wrap_model(model, config: TrainConfig):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if config.lora:
         from peft import get_peft_model
+
         return get_peft_model(model, lora_config(config.lora_rank, config.lora_alpha, config.lora_targets)), None
     needs_base = config.teacher_weights == "base" or config.anchor
     return model, copy.deepcopy(model).eval().requires_grad_(False) if needs_base else None
@@ -117,6 +133,7 @@ def supervised_warmup(model, config: TrainConfig, tokenizer, train_rows, prompts
     first lesson): a tiny model has to be taught to read a reference in its context before
     it can act as its own teacher, as a real LLM already can. A stop signal ends it (raises)."""
     from tqdm import tqdm
+
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.sft_lr)
     rng = random.Random(config.seed)
     model.train()

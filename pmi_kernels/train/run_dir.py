@@ -5,6 +5,7 @@ A run holds an exclusive lock on the directory (flock on the directory itself: n
 written, and the lock goes with the process however it ends), so two runs never write into one.
 A fresh run marks the directory as a trainer's (RUN_MARKER); --overwrite removes the trainer's
 files only where the mark is, and only after every other check has passed (start_output_dir)."""
+
 from __future__ import annotations
 
 import fcntl
@@ -33,8 +34,10 @@ class DirLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise ValueError(f"output_dir {path!r} is in use by another run (it holds the directory's lock): wait "
-                             "for that run to end, or choose another output_dir") from None
+            raise ValueError(
+                f"output_dir {path!r} is in use by another run (it holds the directory's lock): wait "
+                "for that run to end, or choose another output_dir"
+            ) from None
         self.release = weakref.finalize(self, os.close, fd)
 
     def abandon(self) -> None:
@@ -84,12 +87,16 @@ def _check_dir(config: TrainConfig, world_size: int) -> Optional[dict]:
     entries = sorted(set(os.listdir(out)) - {RUN_MARKER})  # a run stopped before it wrote anything left only this
     if entries and not config.overwrite:
         shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
-        raise ValueError(f"output_dir {out!r} is not empty ({shown}): continue its run with --resume, or replace "
-                         "it with --overwrite (which removes only what a trainer wrote there)")
+        raise ValueError(
+            f"output_dir {out!r} is not empty ({shown}): continue its run with --resume, or replace "
+            "it with --overwrite (which removes only what a trainer wrote there)"
+        )
     theirs = _trainer_entries(out)
     if theirs and not os.path.isfile(os.path.join(out, RUN_MARKER)):
-        raise ValueError(f"--overwrite: output_dir {out!r} holds {', '.join(theirs[:4])} but no trainer's run began "
-                         f"there (no {RUN_MARKER}): they are left alone; move them, or choose another output_dir")
+        raise ValueError(
+            f"--overwrite: output_dir {out!r} holds {', '.join(theirs[:4])} but no trainer's run began "
+            f"there (no {RUN_MARKER}): they are left alone; move them, or choose another output_dir"
+        )
     _check_writable(out, [*theirs, RUN_MARKER])  # --overwrite removes these, the run rewrites the marker
     return None
 
@@ -100,13 +107,18 @@ def _check_writable(out: str, names: List[str]) -> None:
     for name in names:
         path = os.path.join(out, name)
         if os.path.lexists(path) and not os.path.islink(path) and not os.access(path, os.W_OK):
-            raise ValueError(f"output_dir {out!r}: {name} is read-only (or immutable), and this run would replace "
-                             "or remove it: make it writable, or choose another output_dir")
+            raise ValueError(
+                f"output_dir {out!r}: {name} is read-only (or immutable), and this run would replace "
+                "or remove it: make it writable, or choose another output_dir"
+            )
 
 
 def _trainer_entries(out: str) -> List[str]:
-    return [name for name in sorted(os.listdir(out))
-            if name in TRAINER_FILES or CHECKPOINT_NAME.fullmatch(name) or TEMPORARY_NAME.fullmatch(name)]
+    return [
+        name
+        for name in sorted(os.listdir(out))
+        if name in TRAINER_FILES or CHECKPOINT_NAME.fullmatch(name) or TEMPORARY_NAME.fullmatch(name)
+    ]
 
 
 def start_output_dir(config: TrainConfig) -> None:
@@ -129,19 +141,27 @@ def _check_resumable(config: TrainConfig, world_size: int) -> dict:
     ranks = meta["world_size"]
     sharded = bool(meta["config"].get("fsdp", False))
     if sharded != config.fsdp:  # the checkpoints' layout: not a key --allow-config-change can change
-        raise ValueError(f"--resume: the run in {out!r} saved its weights {'sharded' if sharded else 'whole'} "
-                         f"(fsdp {str(sharded).lower()}); resume it with fsdp {str(sharded).lower()}")
+        raise ValueError(
+            f"--resume: the run in {out!r} saved its weights {'sharded' if sharded else 'whole'} "
+            f"(fsdp {str(sharded).lower()}); resume it with fsdp {str(sharded).lower()}"
+        )
     if ranks != world_size:
         # The step's batch and each rank's slice of the data order depend on the world size.
         how = "in one process (without torchrun)" if ranks == 1 else f"with torchrun and {ranks} processes in all"
-        raise ValueError(f"--resume: the run in {out!r} was trained by {ranks} process(es) and this run has "
-                         f"{world_size}; resume it {how} to continue it exactly")
+        raise ValueError(
+            f"--resume: the run in {out!r} was trained by {ranks} process(es) and this run has "
+            f"{world_size}; resume it {how} to continue it exactly"
+        )
     changed = changed_keys(meta["config"], config)
     if changed:
         keys = ",".join(item.split(" ", 1)[0] for item in changed)
-        raise ValueError(f"--resume: the config differs from the run's in {'; '.join(changed)}; use the run's "
-                         f"values, or accept the change with --allow-config-change {keys}")
+        raise ValueError(
+            f"--resume: the config differs from the run's in {'; '.join(changed)}; use the run's "
+            f"values, or accept the change with --allow-config-change {keys}"
+        )
     if config.model_path == TOY and not os.path.isdir(os.path.join(out, TOY_BASE)):
-        raise ValueError(f"--resume: {os.path.join(out, TOY_BASE)} is missing: it is the toy run's base model "
-                         "(built and warmed up when the run began), and the run cannot continue without it")
+        raise ValueError(
+            f"--resume: {os.path.join(out, TOY_BASE)} is missing: it is the toy run's base model "
+            "(built and warmed up when the run began), and the run cannot continue without it"
+        )
     return meta

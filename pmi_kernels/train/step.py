@@ -2,6 +2,7 @@
 schedule, the sampling seeds, the loss over a group of rollouts (distil) and the step's
 metrics record.
 """
+
 from __future__ import annotations
 
 import math
@@ -36,8 +37,15 @@ def sampling_seed(config: TrainConfig, world: World, step: int, evaluation: bool
     return ((config.seed * 1_000_003 + step) * world.size + world.rank) * 2 + evaluation
 
 
-def distil(contexts: ContextReader, group: List, normalizer: int, diagnose: bool, totals: Dict, timer: StepTimer,
-           scale: float = 1.0) -> None:
+def distil(
+    contexts: ContextReader,
+    group: List,
+    normalizer: int,
+    diagnose: bool,
+    totals: Dict,
+    timer: StepTimer,
+    scale: float = 1.0,
+) -> None:
     """The loss over every token of a group of (index, rollout) pairs, one fused_pmi_kl call,
     divided by the step's token count; its gradients, times scale, accumulate into the
     parameters'. FSDP2 averages gradients over the ranks where the step needs their sum, so
@@ -51,21 +59,40 @@ def distil(contexts: ContextReader, group: List, normalizer: int, diagnose: bool
         states, head, frozen_head = contexts.states(indices, rollouts, pmi_streams=pmi or diagnose)
 
     def frozen():  # read at each use: under FSDP2 a backward reshards the weights it gathered
-        return dict(frozen_weight=frozen_head.weight.detach(),
-                    frozen_bias=None if frozen_head.bias is None else frozen_head.bias.detach())
+        return dict(
+            frozen_weight=frozen_head.weight.detach(),
+            frozen_bias=None if frozen_head.bias is None else frozen_head.bias.detach(),
+        )
+
     with timer("loss"):
-        loss = fused_pmi_kl(states["student"], head.weight, states["teacher"],
-                            states.get("refonly") if pmi else None, states.get("anchor"), lm_head_bias=head.bias,
-                            **frozen(), normalizer=normalizer, **options.keywords(), check_finite=False)
+        loss = fused_pmi_kl(
+            states["student"],
+            head.weight,
+            states["teacher"],
+            states.get("refonly") if pmi else None,
+            states.get("anchor"),
+            lm_head_bias=head.bias,
+            **frozen(),
+            normalizer=normalizer,
+            **options.keywords(),
+            check_finite=False,
+        )
     with timer("backward"):
         (loss * (scale * (contexts.world.size if config.fsdp else 1))).backward()
     totals["loss"] += float(loss.detach())  # the normalizer makes the step's sum a token mean
     if diagnose:
         with timer("diagnostics"):
-            diag = pmi_diagnostics(states["student"], states["teacher"], states["refonly"], states.get("anchor"),
-                                   lm_head_weight=head.weight.detach(),
-                                   lm_head_bias=None if head.bias is None else head.bias.detach(), **frozen(),
-                                   **options.target_keywords(), check_finite=False)
+            diag = pmi_diagnostics(
+                states["student"],
+                states["teacher"],
+                states["refonly"],
+                states.get("anchor"),
+                lm_head_weight=head.weight.detach(),
+                lm_head_bias=None if head.bias is None else head.bias.detach(),
+                **frozen(),
+                **options.target_keywords(),
+                check_finite=False,
+            )
             for key, value in diag.items():
                 totals[key] = totals.get(key, 0.0) + float(value.nan_to_num().sum())
 
@@ -77,16 +104,36 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def step_record(config: TrainConfig, step: int, totals: Dict[str, float], lr: float, grad_norm: float,
-                skipped: bool, nonfinite_total: int, tokens: int, rollouts: int, seconds: float,
-                peak_memory: float, timer: StepTimer) -> Dict:
+def step_record(
+    config: TrainConfig,
+    step: int,
+    totals: Dict[str, float],
+    lr: float,
+    grad_norm: float,
+    skipped: bool,
+    nonfinite_total: int,
+    tokens: int,
+    rollouts: int,
+    seconds: float,
+    peak_memory: float,
+    timer: StepTimer,
+) -> Dict:
     """The metrics row of a step: its loss (the token mean over every rank's rollouts), lr,
     gradient norm, whether it was skipped, the mean rollout length, the throughput and time
     split, and the diagnostics per token (totals holds the loss and the diagnostics' sums)."""
     totals = dict(totals)
-    record = {"step": step, "loss": totals.pop("loss"), "lr": lr, "grad_norm": grad_norm, "skipped": skipped,
-              "nonfinite_steps": nonfinite_total, "response_length": tokens / max(1, rollouts),
-              "tokens_per_s": tokens / seconds, "peak_memory_gib": peak_memory, "time/step": seconds}
+    record = {
+        "step": step,
+        "loss": totals.pop("loss"),
+        "lr": lr,
+        "grad_norm": grad_norm,
+        "skipped": skipped,
+        "nonfinite_steps": nonfinite_total,
+        "response_length": tokens / max(1, rollouts),
+        "tokens_per_s": tokens / seconds,
+        "peak_memory_gib": peak_memory,
+        "time/step": seconds,
+    }
     record.update({f"time/{part}": part_seconds for part, part_seconds in timer.seconds.items()})
     record.update({f"diag/{k}": v / max(1, tokens) for k, v in totals.items()})  # per token
     # KL(q || p_student) for the run's own target q: the teacher in OPSD mode (the

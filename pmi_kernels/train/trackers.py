@@ -14,6 +14,7 @@ mlflow-skinny has no UI). The project
 MLFLOW_EXPERIMENT_NAME, else "pmi-opsd"; the run's name is the output directory's. A resumed
 run is a new tracker run, logged from its resumed step on.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,8 +25,12 @@ from typing import Dict, List, Optional
 
 TRACKERS = ("tensorboard", "trackio", "wandb", "mlflow")
 # The module each tracker needs, and the extra that installs it.
-LIBRARIES = {"tensorboard": ("tensorboard", "train"), "trackio": ("trackio", "trackers"),
-             "wandb": ("wandb", "trackers"), "mlflow": ("mlflow", "trackers")}
+LIBRARIES = {
+    "tensorboard": ("tensorboard", "train"),
+    "trackio": ("trackio", "trackers"),
+    "wandb": ("wandb", "trackers"),
+    "mlflow": ("mlflow", "trackers"),
+}
 PROJECT = "pmi-opsd"
 
 
@@ -49,14 +54,15 @@ def check_report_to(config) -> None:
     for name in requested(config):
         module, extra = LIBRARIES[name]
         if importlib.util.find_spec(module) is None:
-            raise ValueError(f"config: report_to {name}: its library is not installed "
-                             f"(pip install 'pmi-kernels[{extra}]', or pip install {module})")
+            raise ValueError(
+                f"config: report_to {name}: its library is not installed "
+                f"(pip install 'pmi-kernels[{extra}]', or pip install {module})"
+            )
 
 
 def numbers(record: Dict) -> Dict[str, float]:
     """The record's numbers (booleans as 0/1), without the step and the nulls."""
-    return {key: float(value) for key, value in record.items()
-            if key != "step" and isinstance(value, (int, float))}
+    return {key: float(value) for key, value in record.items() if key != "step" and isinstance(value, (int, float))}
 
 
 def run_name(config) -> str:
@@ -66,6 +72,7 @@ def run_name(config) -> str:
 class TensorBoard:
     def __init__(self, config, values: Dict, purge_step: Optional[int]):
         from torch.utils.tensorboard import SummaryWriter
+
         # purge_step: TensorBoard hides what an earlier writer logged at this step and after.
         self.writer = SummaryWriter(os.path.join(config.output_dir, "tensorboard"), purge_step=purge_step)
         self.writer.add_text("config", "```\n" + json.dumps(values, indent=1) + "\n```", 0)
@@ -82,9 +89,11 @@ class TensorBoard:
 class Trackio:
     def __init__(self, config, values: Dict, purge_step: Optional[int]):
         import trackio
+
         self.trackio = trackio
-        trackio.init(project=os.environ.get("TRACKIO_PROJECT", PROJECT), name=run_name(config), config=values,
-                     embed=False)
+        trackio.init(
+            project=os.environ.get("TRACKIO_PROJECT", PROJECT), name=run_name(config), config=values, embed=False
+        )
 
     def log(self, record: Dict) -> None:
         self.trackio.log(numbers(record), step=record["step"])
@@ -96,8 +105,13 @@ class Trackio:
 class Wandb:
     def __init__(self, config, values: Dict, purge_step: Optional[int]):
         import wandb
-        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", PROJECT), name=run_name(config), config=values,
-                              dir=config.output_dir)
+
+        self.run = wandb.init(
+            project=os.environ.get("WANDB_PROJECT", PROJECT),
+            name=run_name(config),
+            config=values,
+            dir=config.output_dir,
+        )
 
     def log(self, record: Dict) -> None:
         self.run.log(numbers(record), step=record["step"])
@@ -109,6 +123,7 @@ class Wandb:
 class Mlflow:
     def __init__(self, config, values: Dict, purge_step: Optional[int]):
         import mlflow
+
         self.mlflow = mlflow
         if not os.environ.get("MLFLOW_TRACKING_URI"):  # a store in the run's directory, no server, no database
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # mlflow 3 asks for it
@@ -134,6 +149,7 @@ def start_trackers(config, main: bool, purge_step: Optional[int] = None) -> List
     if not main:
         return []
     from .checkpoint import error_line
+
     values = json.loads(json.dumps(dataclasses.asdict(config)))
     started = []
     for name in requested(config):

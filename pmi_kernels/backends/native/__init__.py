@@ -2,6 +2,7 @@
 (pmi_kernels::rows, pmi_kernels::diagnostics_rows) with a CPU and a CUDA kernel under it;
 the dispatcher picks the kernel by the tensors' device. extension.py builds and loads them.
 The options travel as the schema's named arguments (option_arguments), the phase as `phase`."""
+
 from __future__ import annotations
 
 from typing import Any, Dict, Optional
@@ -15,24 +16,59 @@ from . import extension
 
 def option_arguments(opts: LossOptions) -> Dict[str, Any]:
     """The options as the op schemas name them (float? clip: None clips nothing)."""
-    return dict(pmi=opts.pmi, beta=opts.beta, clip=opts.clip, center=opts.center, temperature=opts.temperature,
-                jsd_beta=opts.jsd_beta, entry_clip=opts.entry_clip)
+    return dict(
+        pmi=opts.pmi,
+        beta=opts.beta,
+        clip=opts.clip,
+        center=opts.center,
+        temperature=opts.temperature,
+        jsd_beta=opts.jsd_beta,
+        entry_clip=opts.entry_clip,
+    )
 
 
-def rows(s, t, r=None, a=None, *, opts: LossOptions, phase: Phase = Phase.ALL, kappa=None, mask=None,
-         row_scale=None, grad_out=None, stats_out=None, lse_out=None, lse_in=None, slope_sum_out=None,
-         slope_sum_in=None) -> torch.Tensor:
+def rows(
+    s,
+    t,
+    r=None,
+    a=None,
+    *,
+    opts: LossOptions,
+    phase: Phase = Phase.ALL,
+    kappa=None,
+    mask=None,
+    row_scale=None,
+    grad_out=None,
+    stats_out=None,
+    lse_out=None,
+    lse_in=None,
+    slope_sum_out=None,
+    slope_sum_in=None,
+) -> torch.Tensor:
     """The row contract (backends/contract.py), every argument passed by its schema name."""
-    phase = check_phase_tensors(phase, lse_out=lse_out, lse_in=lse_in, slope_sum_out=slope_sum_out,
-                                slope_sum_in=slope_sum_in)
+    phase = check_phase_tensors(
+        phase, lse_out=lse_out, lse_in=lse_in, slope_sum_out=slope_sum_out, slope_sum_in=slope_sum_in
+    )
     extension.load()
-    return torch.ops.pmi_kernels.rows(student=s, teacher=t, refonly=r, anchor=a, kappa=kappa, mask=mask,
-                                      row_scale=row_scale, grad=grad_out, stats=stats_out, lse_in=lse_in,
-                                      lse_out=lse_out, slope_sum_in=slope_sum_in, slope_sum_out=slope_sum_out,
-                                      phase=phase.value, **option_arguments(opts))
+    return torch.ops.pmi_kernels.rows(
+        student=s,
+        teacher=t,
+        refonly=r,
+        anchor=a,
+        kappa=kappa,
+        mask=mask,
+        row_scale=row_scale,
+        grad=grad_out,
+        stats=stats_out,
+        lse_in=lse_in,
+        lse_out=lse_out,
+        slope_sum_in=slope_sum_in,
+        slope_sum_out=slope_sum_out,
+        phase=phase.value,
+        **option_arguments(opts),
+    )
 
 
 def diagnostics_rows(s, t, r, a: Optional[torch.Tensor] = None, *, opts: LossOptions) -> torch.Tensor:
     extension.load()
-    return torch.ops.pmi_kernels.diagnostics_rows(student=s, teacher=t, refonly=r, anchor=a,
-                                                  **option_arguments(opts))
+    return torch.ops.pmi_kernels.diagnostics_rows(student=s, teacher=t, refonly=r, anchor=a, **option_arguments(opts))

@@ -1,6 +1,7 @@
 """python -m pmi_kernels.backends.native.build [--force]: make the C++ (and CUDA) kernels ready now and say
 where they are, or why not (with the compiler's output). It retries a build that failed before (a failure the
 cache remembers); --force rebuilds the just-in-time cache entry even where a good library is there."""
+
 import sys
 
 from . import extension

@@ -5,6 +5,7 @@ the sources and flags here, so the two builds cannot drift.
 setup.py loads this file by its path, before pmi_kernels (or torch) can be imported: only the standard
 library is imported at module level.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -95,8 +96,9 @@ def cuda_archs() -> List[str]:
 def cuda_flags() -> List[str]:
     """nvcc's flags. With TORCH_CUDA_ARCH_LIST set, torch's build adds the -gencode flags itself."""
     archs = cuda_archs()
-    gencode = [] if os.environ.get("TORCH_CUDA_ARCH_LIST") else \
-        [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    gencode = (
+        [] if os.environ.get("TORCH_CUDA_ARCH_LIST") else [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    )
     return ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo", f"--threads={len(archs)}", *gencode]
 
 
@@ -109,6 +111,7 @@ def compiler() -> Optional[str]:
 def nvcc() -> Optional[str]:
     """nvcc, as torch's build finds it (CUDA_HOME, CUDA_PATH, the PATH, /usr/local/cuda); None if absent."""
     from torch.utils.cpp_extension import CUDA_HOME
+
     if CUDA_HOME is None:
         return None
     path = Path(CUDA_HOME) / "bin" / ("nvcc.exe" if _msvc() else "nvcc")
@@ -117,12 +120,18 @@ def nvcc() -> Optional[str]:
 
 def torch_has_cuda() -> bool:
     import torch
+
     return torch.version.cuda is not None
 
 
 def build_info(with_cuda: bool) -> Dict[str, object]:
     """What a built library depends on, recorded beside it by setup.py and compared by the loader."""
     import torch
-    return {"torch": torch.__version__, "sources": source_digest(), "cuda": with_cuda,
-            "cxx_flags": cxx_flags(with_cuda),
-            "cuda_flags": cuda_flags() if with_cuda else []}
+
+    return {
+        "torch": torch.__version__,
+        "sources": source_digest(),
+        "cuda": with_cuda,
+        "cxx_flags": cxx_flags(with_cuda),
+        "cuda_flags": cuda_flags() if with_cuda else [],
+    }

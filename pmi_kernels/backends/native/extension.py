@@ -20,6 +20,7 @@ cache means a build into a temporary directory for this process, or, failing tha
 reason is returned (backend "auto" falls back to plain torch with one warning; "cpu" and "cuda" raise it).
 PMI_KERNELS_NO_EXTENSION=1 turns the extension off, without a warning.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -43,8 +44,10 @@ from . import build_spec
 from .build_spec import cuda_flags, source_dir, sources  # noqa: F401 (tests and tools read them here)
 
 NAME = build_spec.JIT_NAME
-HOW_TO_BUILD = ("rebuild it with `python -m pmi_kernels.backends.native.build` (needs a C++17 compiler and ninja; "
-                "for the CUDA kernels also nvcc, found through CUDA_HOME)")
+HOW_TO_BUILD = (
+    "rebuild it with `python -m pmi_kernels.backends.native.build` (needs a C++17 compiler and ninja; "
+    "for the CUDA kernels also nvcc, found through CUDA_HOME)"
+)
 FAILURE_MARKER = "BUILD_FAILED"
 MANIFEST = "BUILT"
 # How long a first call waits for another process's build of the same entry before it builds its own copy
@@ -95,16 +98,22 @@ def prebuilt_library(with_cuda: bool) -> Optional[Path]:
         _warn(f"{library} has no readable {build_spec.BUILD_INFO} ({err}); building the kernels just in time")
         return None
     if info.get("torch") != torch.__version__:
-        _warn(f"{library} was compiled against torch {info.get('torch')}, this is torch {torch.__version__}: "
-              "building the kernels just in time (reinstall pmi_kernels to compile them for this torch)")
+        _warn(
+            f"{library} was compiled against torch {info.get('torch')}, this is torch {torch.__version__}: "
+            "building the kernels just in time (reinstall pmi_kernels to compile them for this torch)"
+        )
         return None
     if info.get("sources") != build_spec.source_digest():
-        _warn(f"{library} was compiled from other sources than {source_dir()} holds now: building the kernels just "
-              "in time (`pip install --no-build-isolation -e .` compiles them into the package again)")
+        _warn(
+            f"{library} was compiled from other sources than {source_dir()} holds now: building the kernels just "
+            "in time (`pip install --no-build-isolation -e .` compiles them into the package again)"
+        )
         return None
     if with_cuda and not info.get("cuda"):
-        _warn(f"{library} was compiled without the CUDA kernels, which nvcc can build here: building them just in "
-              "time (reinstall pmi_kernels with nvcc found to compile them at install)")
+        _warn(
+            f"{library} was compiled without the CUDA kernels, which nvcc can build here: building them just in "
+            "time (reinstall pmi_kernels with nvcc found to compile them at install)"
+        )
         return None
     return library
 
@@ -189,13 +198,18 @@ def _entry_lock(entry: Path) -> Iterator[None]:
                 break
             except OSError:
                 if time.monotonic() > deadline:
-                    _warn(f"another process has been building the kernels into {entry} for {LOCK_WAIT_S:.0f} s; "
-                          "building a copy alongside it")
+                    _warn(
+                        f"another process has been building the kernels into {entry} for {LOCK_WAIT_S:.0f} s; "
+                        "building a copy alongside it"
+                    )
                     yield
                     return
                 if not said:
-                    print(f"pmi_kernels: waiting for another process building the kernels into {entry}",
-                          file=sys.stderr, flush=True)
+                    print(
+                        f"pmi_kernels: waiting for another process building the kernels into {entry}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                     said = True
                 time.sleep(0.2)
         try:
@@ -207,10 +221,18 @@ def _entry_lock(entry: Path) -> Iterator[None]:
 def torch_build(work: Path, with_cuda: bool) -> Path:
     """torch's just-in-time build into `work`, which also loads the library; returns its file."""
     from torch.utils.cpp_extension import load as build_and_load
-    build_and_load(name=NAME, sources=[str(p) for p in sources(with_cuda)], build_directory=str(work),
-                   extra_cflags=build_spec.cxx_flags(with_cuda), extra_cuda_cflags=cuda_flags(),
-                   extra_ldflags=build_spec.ld_flags(), extra_include_paths=[str(p) for p in build_spec.include_dirs()],
-                   is_python_module=False, verbose=False)
+
+    build_and_load(
+        name=NAME,
+        sources=[str(p) for p in sources(with_cuda)],
+        build_directory=str(work),
+        extra_cflags=build_spec.cxx_flags(with_cuda),
+        extra_cuda_cflags=cuda_flags(),
+        extra_ldflags=build_spec.ld_flags(),
+        extra_include_paths=[str(p) for p in build_spec.include_dirs()],
+        is_python_module=False,
+        verbose=False,
+    )
     return work / f"{NAME}.so"
 
 
@@ -218,9 +240,12 @@ def _compile(entry: Path, with_cuda: bool) -> Path:
     """Builds the library in a private directory of the entry (torch's build, and its own lock, stay there),
     loads it, and renames it into the entry with its manifest. Returns the entry's library."""
     work = Path(tempfile.mkdtemp(prefix=f"build-{os.getpid()}-", dir=entry))
-    print(f"pmi_kernels: building the {'C++/CUDA' if with_cuda else 'C++'} kernels once into {entry} "
-          "(about 20 s; `pip install --no-build-isolation .` compiles them at install instead)",
-          file=sys.stderr, flush=True)
+    print(
+        f"pmi_kernels: building the {'C++/CUDA' if with_cuda else 'C++'} kernels once into {entry} "
+        "(about 20 s; `pip install --no-build-isolation .` compiles them at install instead)",
+        file=sys.stderr,
+        flush=True,
+    )
     try:
         built = torch_build(work, with_cuda)
         library = entry / f"{NAME}.so"
@@ -275,11 +300,15 @@ def _jit(with_cuda: bool, force_build: bool, retry_failed: bool) -> Tuple[Path, 
             scratch = Path(tempfile.mkdtemp(prefix="pmi_kernels-"))
             atexit.register(shutil.rmtree, scratch, ignore_errors=True)  # the loaded library outlives its file
         except OSError as err:
-            return entry, (f"neither the kernel cache {cache_root()} nor a temporary directory is writable ({err}): "
-                           f"set PMI_KERNELS_CACHE to a writable directory and {HOW_TO_BUILD}, or install pmi_kernels "
-                           "with its kernels compiled (docs/install.md)")
-        _warn(f"the kernel cache {cache_root()} is not writable: building the kernels into {scratch} for this "
-              "process (set PMI_KERNELS_CACHE to a writable directory to keep them)")
+            return entry, (
+                f"neither the kernel cache {cache_root()} nor a temporary directory is writable ({err}): "
+                f"set PMI_KERNELS_CACHE to a writable directory and {HOW_TO_BUILD}, or install pmi_kernels "
+                "with its kernels compiled (docs/install.md)"
+            )
+        _warn(
+            f"the kernel cache {cache_root()} is not writable: building the kernels into {scratch} for this "
+            "process (set PMI_KERNELS_CACHE to a writable directory to keep them)"
+        )
         entry = scratch / entry.name
         entry.mkdir()
     return entry, _build_or_reuse(entry, with_cuda, force_build, retry_failed)
@@ -302,8 +331,10 @@ def load(force_build: bool = False, retry_failed: bool = False) -> Optional[str]
             return _loaded(library, with_cuda)
         _warn(f"{library} fails to load ({error}); building the kernels just in time")
     if not source_dir().is_dir():
-        reason = (f"the C++/CUDA sources are not here ({source_dir()}): reinstall pmi_kernels (its wheel carries "
-                  "them), or from a source checkout")
+        reason = (
+            f"the C++/CUDA sources are not here ({source_dir()}): reinstall pmi_kernels (its wheel carries "
+            "them), or from a source checkout"
+        )
     else:
         try:
             entry, reason = _jit(with_cuda, force_build, retry_failed)
@@ -348,8 +379,30 @@ def _register_fakes() -> None:
 
     # The schemas' signatures (csrc/ops.cpp), by name; only the student's shape and dtype matter.
     @torch.library.register_fake("pmi_kernels::rows")
-    def _(student, teacher, refonly, anchor, kappa, mask, row_scale, grad, stats, lse_in, lse_out, slope_sum_in,
-          slope_sum_out, *, phase, pmi, beta, clip, center, temperature, jsd_beta, entry_clip):
+    def _(
+        student,
+        teacher,
+        refonly,
+        anchor,
+        kappa,
+        mask,
+        row_scale,
+        grad,
+        stats,
+        lse_in,
+        lse_out,
+        slope_sum_in,
+        slope_sum_out,
+        *,
+        phase,
+        pmi,
+        beta,
+        clip,
+        center,
+        temperature,
+        jsd_beta,
+        entry_clip,
+    ):
         return student.new_empty(student.shape[0], dtype=compute_dtype(student.dtype))
 
     @torch.library.register_fake("pmi_kernels::diagnostics_rows")

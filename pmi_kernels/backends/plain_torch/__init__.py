@@ -1,4 +1,5 @@
 """backend="torch": the row operation in plain torch ops, over chunks of rows (any device)."""
+
 from .diagnostics_op import diagnostics_rows
 from .row_op import rows
 

@@ -1,4 +1,5 @@
 """pmi_diagnostics' rows in plain torch: the decomposition of the teacher's signal per row."""
+
 from __future__ import annotations
 
 import torch
@@ -17,6 +18,7 @@ def diagnostics_rows(s_raw, t_raw, r_raw, a_raw=None, *, opts: LossOptions) -> t
 
     def scale(x: torch.Tensor | None) -> torch.Tensor | None:
         return None if x is None else x.to(dtype) / opts.temperature
+
     s, t, r, a = map(scale, (s_raw, t_raw, r_raw, a_raw))
     lp, lt = log_softmax(s), log_softmax(t)
     lq = log_softmax(target_logits(s, t, r, a, None, opts))
@@ -27,8 +29,13 @@ def diagnostics_rows(s_raw, t_raw, r_raw, a_raw=None, *, opts: LossOptions) -> t
     ref = log_ratio(r, s, parts["r"], parts["s"])
     pmi = log_ratio(t, r, parts["t"], parts["r"])
     tiny = torch.finfo(dtype).tiny
-    columns = [_cosine(total, ref, tiny), _cosine(total, pmi, tiny),
-               ref.norm(dim=-1) / total.norm(dim=-1).clamp_min(tiny),
-               (lt.exp() * total).sum(-1), (lq.exp() * (lq - lp)).sum(-1),
-               -(lp.exp() * lp).sum(-1), -(lq.exp() * lq).sum(-1)]
+    columns = [
+        _cosine(total, ref, tiny),
+        _cosine(total, pmi, tiny),
+        ref.norm(dim=-1) / total.norm(dim=-1).clamp_min(tiny),
+        (lt.exp() * total).sum(-1),
+        (lq.exp() * (lq - lp)).sum(-1),
+        -(lp.exp() * lp).sum(-1),
+        -(lq.exp() * lq).sum(-1),
+    ]
     return torch.stack(columns, dim=-1)

@@ -10,6 +10,7 @@ what the kernels compute:
 with dsummand/dlogp = -q (forward KL), p (log p - log q + 1) (reverse KL) and
 (1 - λ) p (log p - log m) (mixed JSD); forward KL without entry_clip is simply p - q.
 """
+
 from __future__ import annotations
 
 import math
@@ -36,6 +37,7 @@ def log_ratio(t, r, t_parts=None, r_parts=None):
 
     def wide(x: torch.Tensor) -> torch.Tensor:
         return x.to(torch.float64)
+
     shifted = ((wide(t) - wide(r)) - (wide(m_t) - wide(m_r))).to(t.dtype)
     return shifted - (log_z_t - log_z_r)
 
@@ -95,12 +97,24 @@ def _scaled(x: Optional[torch.Tensor], dtype: torch.dtype, inv_tau: float) -> Op
     return None if x is None else x.to(dtype) * inv_tau
 
 
-def rows(s_raw, t_raw, r_raw=None, a_raw=None, *, opts: LossOptions, phase: Phase = Phase.ALL,
-         kappa: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None,
-         row_scale: Optional[torch.Tensor] = None, grad_out: Optional[torch.Tensor] = None,
-         stats_out: Optional[torch.Tensor] = None, lse_out: Optional[torch.Tensor] = None,
-         lse_in: Optional[torch.Tensor] = None, slope_sum_out: Optional[torch.Tensor] = None,
-         slope_sum_in: Optional[torch.Tensor] = None):
+def rows(
+    s_raw,
+    t_raw,
+    r_raw=None,
+    a_raw=None,
+    *,
+    opts: LossOptions,
+    phase: Phase = Phase.ALL,
+    kappa: Optional[torch.Tensor] = None,
+    mask: Optional[torch.Tensor] = None,
+    row_scale: Optional[torch.Tensor] = None,
+    grad_out: Optional[torch.Tensor] = None,
+    stats_out: Optional[torch.Tensor] = None,
+    lse_out: Optional[torch.Tensor] = None,
+    lse_in: Optional[torch.Tensor] = None,
+    slope_sum_out: Optional[torch.Tensor] = None,
+    slope_sum_in: Optional[torch.Tensor] = None,
+):
     """The row contract (backends/contract.py, RowBackend.rows): per-row loss [C] (compute dtype)
     of raw logit rows [C, V]; writes row_scale * dloss/ds_raw into grad_out (any float dtype, may
     alias s_raw) and the row statistics into stats_out when given. Masked rows give exactly 0.
@@ -111,8 +125,9 @@ def rows(s_raw, t_raw, r_raw=None, a_raw=None, *, opts: LossOptions, phase: Phas
     lse_in [C, 4] = the whole vocabulary's (max, log sum of exp) of s and g, Phase.FROM_LSE gives
     the loss, statistics and slope_sum_out [C] as this shard's partial sums (and writes the
     gradient of forward KL); Phase.GRAD, from slope_sum_in [C] too, writes only the gradient."""
-    phase = check_phase_tensors(phase, lse_out=lse_out, lse_in=lse_in, slope_sum_out=slope_sum_out,
-                                slope_sum_in=slope_sum_in)
+    phase = check_phase_tensors(
+        phase, lse_out=lse_out, lse_in=lse_in, slope_sum_out=slope_sum_out, slope_sum_in=slope_sum_in
+    )
     dtype = compute_dtype(s_raw.dtype)
     inv_tau = 1.0 / opts.temperature
     s, t, r, a = (_scaled(x, dtype, inv_tau) for x in (s_raw, t_raw, r_raw, a_raw))
@@ -125,8 +140,9 @@ def rows(s_raw, t_raw, r_raw=None, a_raw=None, *, opts: LossOptions, phase: Phas
     if phase == Phase.LSE:
         lse_out.copy_(torch.cat([local_lse(s), local_lse(g)], -1))
         if mask is not None:
-            lse_out[~mask] = torch.tensor([float("-inf"), 0.0, float("-inf"), 0.0], dtype=lse_out.dtype,
-                                          device=lse_out.device)
+            lse_out[~mask] = torch.tensor(
+                [float("-inf"), 0.0, float("-inf"), 0.0], dtype=lse_out.dtype, device=lse_out.device
+            )
         return zero_loss
     if phase == Phase.ALL:
         lp, lq = log_softmax(s), log_softmax(g)

@@ -12,6 +12,7 @@ Two passes over a row:
        so KL(q || p) = E_q[lq] - E_q[log p] without a third pass
                                                                                   reads s, t, r, a
 """
+
 from __future__ import annotations
 
 import functools
@@ -47,9 +48,24 @@ def _log_ratio(b_x, b_y, max_diff, log_z_diff, ACC: tl.constexpr):
 
 
 @triton.jit
-def pmi_diagnostics_kernel(p_s, p_t, p_r, p_a, p_out, p_params, stride_s, stride_t, stride_r, stride_a, V,
-                           HAS_A: tl.constexpr, CLIP: tl.constexpr, CENTER: tl.constexpr,
-                           ACC: tl.constexpr, BLOCK_V: tl.constexpr):
+def pmi_diagnostics_kernel(
+    p_s,
+    p_t,
+    p_r,
+    p_a,
+    p_out,
+    p_params,
+    stride_s,
+    stride_t,
+    stride_r,
+    stride_a,
+    V,
+    HAS_A: tl.constexpr,
+    CLIP: tl.constexpr,
+    CENTER: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     inv_tau = tl.load(p_params + 0)
     inv_beta = tl.load(p_params + 1)
@@ -152,8 +168,9 @@ def _params(opts: LossOptions, dtype: torch.dtype, device: torch.device) -> torc
     """The kernel's scalars: four of LossOptions.kernel_scalars, and the compute dtype's smallest
     normal number."""
     k = opts.kernel_scalars()
-    return torch.tensor([k.inv_tau, k.inv_beta, k.clip, k.inv_clip, torch.finfo(dtype).tiny], dtype=dtype,
-                        device=device)
+    return torch.tensor(
+        [k.inv_tau, k.inv_beta, k.clip, k.inv_clip, torch.finfo(dtype).tiny], dtype=dtype, device=device
+    )
 
 
 def diagnostics_rows(s_raw, t_raw, r_raw, a_raw=None, *, opts: LossOptions, block=None) -> torch.Tensor:
@@ -161,15 +178,28 @@ def diagnostics_rows(s_raw, t_raw, r_raw, a_raw=None, *, opts: LossOptions, bloc
     `block` overrides the tile width (tests pass narrow tiles to cross several)."""
     n_rows, vocab = s_raw.shape
     acc = tl.float64 if s_raw.dtype == torch.float64 else tl.float32
-    out = torch.empty(n_rows, len(DIAGNOSTICS), dtype=torch.float64 if acc == tl.float64 else torch.float32,
-                      device=s_raw.device)
+    out = torch.empty(
+        n_rows, len(DIAGNOSTICS), dtype=torch.float64 if acc == tl.float64 else torch.float32, device=s_raw.device
+    )
     if n_rows == 0:
         return out
     pmi_diagnostics_kernel[(n_rows,)](
-        p_s=s_raw, p_t=t_raw, p_r=r_raw, p_a=a_raw, p_out=out, p_params=_params(opts, out.dtype, s_raw.device),
-        stride_s=s_raw.stride(0), stride_t=t_raw.stride(0), stride_r=r_raw.stride(0),
-        stride_a=0 if a_raw is None else a_raw.stride(0), V=vocab,
-        HAS_A=a_raw is not None, CLIP=opts.clip is not None, CENTER=opts.center, ACC=acc,
-        BLOCK_V=block_v(vocab, s_raw.device.type == "cpu", block), num_warps=NUM_WARPS,
+        p_s=s_raw,
+        p_t=t_raw,
+        p_r=r_raw,
+        p_a=a_raw,
+        p_out=out,
+        p_params=_params(opts, out.dtype, s_raw.device),
+        stride_s=s_raw.stride(0),
+        stride_t=t_raw.stride(0),
+        stride_r=r_raw.stride(0),
+        stride_a=0 if a_raw is None else a_raw.stride(0),
+        V=vocab,
+        HAS_A=a_raw is not None,
+        CLIP=opts.clip is not None,
+        CENTER=opts.center,
+        ACC=acc,
+        BLOCK_V=block_v(vocab, s_raw.device.type == "cpu", block),
+        num_warps=NUM_WARPS,
     )
     return out

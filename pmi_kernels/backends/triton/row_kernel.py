@@ -14,6 +14,7 @@ The headline fused path (PMI, forward KL, t - r from one GEMM, kappa from the GE
 its two bf16 streams twice and writes the gradient once: 10 bytes per vocabulary entry.
 The gradient may alias the student logits: every pass reads a tile before it is written.
 """
+
 from __future__ import annotations
 
 import functools
@@ -56,8 +57,9 @@ def _tanh(x):
     ax = tl.abs(x)
     e = tl.exp(-2.0 * ax)
     x2 = x * x
-    series = ((((-1382.0 / 155925.0 * x2 + 62.0 / 2835.0) * x2 - 17.0 / 315.0) * x2 + 2.0 / 15.0) * x2
-              - 1.0 / 3.0) * x2 + 1.0
+    series = (
+        (((-1382.0 / 155925.0 * x2 + 62.0 / 2835.0) * x2 - 17.0 / 315.0) * x2 + 2.0 / 15.0) * x2 - 1.0 / 3.0
+    ) * x2 + 1.0
     th = tl.where(ax < 0.125, ax * series, (1.0 - e) / (1.0 + e))
     return tl.where(x < 0, -th, th)
 
@@ -68,9 +70,26 @@ def _load_tile(p_row, o_v, m_v, scale, ACC: tl.constexpr):
 
 
 @triton.jit
-def _target_tile(b_s, p_t, p_r, p_a, o_v, m_v, inv_tau, kappa, max_diff, clip, inv_clip, inv_beta,
-                 PMI: tl.constexpr, HAS_R: tl.constexpr, HAS_A: tl.constexpr, CLIP: tl.constexpr,
-                 LOG_RATIO: tl.constexpr, ACC: tl.constexpr):
+def _target_tile(
+    b_s,
+    p_t,
+    p_r,
+    p_a,
+    o_v,
+    m_v,
+    inv_tau,
+    kappa,
+    max_diff,
+    clip,
+    inv_clip,
+    inv_beta,
+    PMI: tl.constexpr,
+    HAS_R: tl.constexpr,
+    HAS_A: tl.constexpr,
+    CLIP: tl.constexpr,
+    LOG_RATIO: tl.constexpr,
+    ACC: tl.constexpr,
+):
     """Target logits g for one tile, from the scaled student tile and the frozen streams.
     LOG_RATIO (centering off, the clip on): Δ = log p_T - log p_R = ((t - r) - max_diff) - kappa,
     max_diff = max t - max r and kappa = log z_t - log z_r; t - r less max_diff is summed in
@@ -100,8 +119,7 @@ def _online_lse(m_run, z_run, b_x):
 
 
 @triton.jit
-def _summand_and_slope(lp, lq, lam, log_1m_lam, log_lam, entry_clip,
-                       LOSS_KIND: tl.constexpr, ENTRY_CLIP: tl.constexpr):
+def _summand_and_slope(lp, lq, lam, log_1m_lam, log_lam, entry_clip, LOSS_KIND: tl.constexpr, ENTRY_CLIP: tl.constexpr):
     """Loss summand per entry and its derivative in log p (zero where entry_clip clamps)."""
     p = tl.exp(lp)
     q = tl.exp(lq)
@@ -124,17 +142,60 @@ def _summand_and_slope(lp, lq, lam, log_1m_lam, log_lam, entry_clip,
 
 
 @triton.jit
-def _tile_terms(p_s, p_t, p_r, p_a, o_v, m_v, inv_tau, kappa, max_diff, clip, inv_clip, inv_beta,
-                m_s, log_z_s, m_g, log_z_g,
-                lam, log_1m_lam, log_lam, entry_clip, PMI: tl.constexpr, HAS_R: tl.constexpr, HAS_A: tl.constexpr,
-                CLIP: tl.constexpr, KAPPA: tl.constexpr, LOSS_KIND: tl.constexpr, ENTRY_CLIP: tl.constexpr,
-                ACC: tl.constexpr):
+def _tile_terms(
+    p_s,
+    p_t,
+    p_r,
+    p_a,
+    o_v,
+    m_v,
+    inv_tau,
+    kappa,
+    max_diff,
+    clip,
+    inv_clip,
+    inv_beta,
+    m_s,
+    log_z_s,
+    m_g,
+    log_z_g,
+    lam,
+    log_1m_lam,
+    log_lam,
+    entry_clip,
+    PMI: tl.constexpr,
+    HAS_R: tl.constexpr,
+    HAS_A: tl.constexpr,
+    CLIP: tl.constexpr,
+    KAPPA: tl.constexpr,
+    LOSS_KIND: tl.constexpr,
+    ENTRY_CLIP: tl.constexpr,
+    ACC: tl.constexpr,
+):
     """(summand, slope, p, q, log p, log q) of one tile, once both log-sum-exps are known.
     log p = (s - max) - log z, never s - (max + log z): the latter rounds log z away at
     |s| ~ 1e4, where an fp32 ulp of the max is larger than a runner-up's share of the mass."""
     b_s = _load_tile(p_s, o_v, m_v, inv_tau, ACC)
-    b_g = _target_tile(b_s, p_t, p_r, p_a, o_v, m_v, inv_tau, kappa, max_diff, clip, inv_clip, inv_beta,
-                       PMI, HAS_R, HAS_A, CLIP, KAPPA == KAPPA_LSE_DIFF, ACC)
+    b_g = _target_tile(
+        b_s,
+        p_t,
+        p_r,
+        p_a,
+        o_v,
+        m_v,
+        inv_tau,
+        kappa,
+        max_diff,
+        clip,
+        inv_clip,
+        inv_beta,
+        PMI,
+        HAS_R,
+        HAS_A,
+        CLIP,
+        KAPPA == KAPPA_LSE_DIFF,
+        ACC,
+    )
     lp = (b_s - m_s) - log_z_s
     lq = (b_g - m_g) - log_z_g
     f, slope, p, q = _summand_and_slope(lp, lq, lam, log_1m_lam, log_lam, entry_clip, LOSS_KIND, ENTRY_CLIP)
@@ -143,13 +204,43 @@ def _tile_terms(p_s, p_t, p_r, p_a, o_v, m_v, inv_tau, kappa, max_diff, clip, in
 
 @triton.jit
 def pmi_kl_fwd_kernel(
-    p_s, p_t, p_r, p_a, p_kappa, p_mask, p_row_scale, p_loss, p_grad, p_stats, p_params,
-    p_lse_in, p_lse_out, p_slope_in, p_slope_out,
-    stride_s, stride_t, stride_r, stride_a, stride_grad, stride_row_scale, V,
-    PMI: tl.constexpr, HAS_R: tl.constexpr, HAS_A: tl.constexpr, CLIP: tl.constexpr,
-    KAPPA: tl.constexpr, LOSS_KIND: tl.constexpr, ENTRY_CLIP: tl.constexpr,
-    HAS_MASK: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, WRITE_GRAD: tl.constexpr, WRITE_STATS: tl.constexpr,
-    FAST_GRAD: tl.constexpr, PHASE: tl.constexpr, ACC: tl.constexpr, BLOCK_V: tl.constexpr,
+    p_s,
+    p_t,
+    p_r,
+    p_a,
+    p_kappa,
+    p_mask,
+    p_row_scale,
+    p_loss,
+    p_grad,
+    p_stats,
+    p_params,
+    p_lse_in,
+    p_lse_out,
+    p_slope_in,
+    p_slope_out,
+    stride_s,
+    stride_t,
+    stride_r,
+    stride_a,
+    stride_grad,
+    stride_row_scale,
+    V,
+    PMI: tl.constexpr,
+    HAS_R: tl.constexpr,
+    HAS_A: tl.constexpr,
+    CLIP: tl.constexpr,
+    KAPPA: tl.constexpr,
+    LOSS_KIND: tl.constexpr,
+    ENTRY_CLIP: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    HAS_ROW_SCALE: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+    WRITE_STATS: tl.constexpr,
+    FAST_GRAD: tl.constexpr,
+    PHASE: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
     # 64-bit row offsets: N * V passes 2**31 at long rollouts.
     row = tl.program_id(0).to(tl.int64)
@@ -213,8 +304,26 @@ def pmi_kl_fwd_kernel(
             o_v = v0 + o_base
             m_v = o_v < V
             b_s = _load_tile(p_s, o_v, m_v, inv_tau, ACC)
-            b_g = _target_tile(b_s, p_t, p_r, p_a, o_v, m_v, inv_tau, kappa, max_diff, clip, inv_clip, inv_beta,
-                               PMI, HAS_R, HAS_A, CLIP, KAPPA == KAPPA_LSE_DIFF, ACC)
+            b_g = _target_tile(
+                b_s,
+                p_t,
+                p_r,
+                p_a,
+                o_v,
+                m_v,
+                inv_tau,
+                kappa,
+                max_diff,
+                clip,
+                inv_clip,
+                inv_beta,
+                PMI,
+                HAS_R,
+                HAS_A,
+                CLIP,
+                KAPPA == KAPPA_LSE_DIFF,
+                ACC,
+            )
             m_s, z_s = _online_lse(m_s, z_s, tl.where(m_v, b_s, float("-inf")))
             m_g, z_g = _online_lse(m_g, z_g, tl.where(m_v, b_g, float("-inf")))
         log_z_s = tl.log(z_s)
@@ -250,10 +359,36 @@ def pmi_kl_fwd_kernel(
             for v0 in range(0, v_end, BLOCK_V):
                 o_v = v0 + o_base
                 m_v = o_v < V
-                f, slope, p, q, lp, lq = _tile_terms(p_s, p_t, p_r, p_a, o_v, m_v, inv_tau, kappa, max_diff, clip,
-                                                     inv_clip, inv_beta, m_s, log_z_s, m_g, log_z_g, lam,
-                                                     log_1m_lam, log_lam, entry_clip, PMI, HAS_R, HAS_A, CLIP,
-                                                     KAPPA, LOSS_KIND, ENTRY_CLIP, ACC)
+                f, slope, p, q, lp, lq = _tile_terms(
+                    p_s,
+                    p_t,
+                    p_r,
+                    p_a,
+                    o_v,
+                    m_v,
+                    inv_tau,
+                    kappa,
+                    max_diff,
+                    clip,
+                    inv_clip,
+                    inv_beta,
+                    m_s,
+                    log_z_s,
+                    m_g,
+                    log_z_g,
+                    lam,
+                    log_1m_lam,
+                    log_lam,
+                    entry_clip,
+                    PMI,
+                    HAS_R,
+                    HAS_A,
+                    CLIP,
+                    KAPPA,
+                    LOSS_KIND,
+                    ENTRY_CLIP,
+                    ACC,
+                )
                 b_loss += tl.where(m_v, f, 0.0)
                 b_slope_sum += tl.where(m_v, slope, 0.0)
                 if WRITE_STATS:
@@ -275,10 +410,36 @@ def pmi_kl_fwd_kernel(
             for v0 in range(0, v_end, BLOCK_V):
                 o_v = v0 + o_base
                 m_v = o_v < V
-                f, slope, p, q, lp, lq = _tile_terms(p_s, p_t, p_r, p_a, o_v, m_v, inv_tau, kappa, max_diff, clip,
-                                                     inv_clip, inv_beta, m_s, log_z_s, m_g, log_z_g, lam,
-                                                     log_1m_lam, log_lam, entry_clip, PMI, HAS_R, HAS_A, CLIP,
-                                                     KAPPA, LOSS_KIND, ENTRY_CLIP, ACC)
+                f, slope, p, q, lp, lq = _tile_terms(
+                    p_s,
+                    p_t,
+                    p_r,
+                    p_a,
+                    o_v,
+                    m_v,
+                    inv_tau,
+                    kappa,
+                    max_diff,
+                    clip,
+                    inv_clip,
+                    inv_beta,
+                    m_s,
+                    log_z_s,
+                    m_g,
+                    log_z_g,
+                    lam,
+                    log_1m_lam,
+                    log_lam,
+                    entry_clip,
+                    PMI,
+                    HAS_R,
+                    HAS_A,
+                    CLIP,
+                    KAPPA,
+                    LOSS_KIND,
+                    ENTRY_CLIP,
+                    ACC,
+                )
                 tl.store(p_grad + o_v, ((slope - p * slope_sum) * grad_scale).to(p_grad.dtype.element_ty), mask=m_v)
         if WRITE_GRAD and HAS_MASK:
             for v0 in range(0, V - v_end, BLOCK_V):
@@ -314,18 +475,32 @@ def _row_stride(x: Optional[torch.Tensor]) -> int:
     return 0 if x is None else x.stride(0)
 
 
-def rows(s_raw, t_raw, r_raw=None, a_raw=None, *, opts: LossOptions, phase: Phase = Phase.ALL,
-         kappa: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None,
-         row_scale: Optional[torch.Tensor] = None, grad_out: Optional[torch.Tensor] = None,
-         stats_out: Optional[torch.Tensor] = None,
-         lse_out: Optional[torch.Tensor] = None, lse_in: Optional[torch.Tensor] = None,
-         slope_sum_out: Optional[torch.Tensor] = None, slope_sum_in: Optional[torch.Tensor] = None,
-         block: Optional[int] = None, num_warps: int = NUM_WARPS) -> torch.Tensor:
+def rows(
+    s_raw,
+    t_raw,
+    r_raw=None,
+    a_raw=None,
+    *,
+    opts: LossOptions,
+    phase: Phase = Phase.ALL,
+    kappa: Optional[torch.Tensor] = None,
+    mask: Optional[torch.Tensor] = None,
+    row_scale: Optional[torch.Tensor] = None,
+    grad_out: Optional[torch.Tensor] = None,
+    stats_out: Optional[torch.Tensor] = None,
+    lse_out: Optional[torch.Tensor] = None,
+    lse_in: Optional[torch.Tensor] = None,
+    slope_sum_out: Optional[torch.Tensor] = None,
+    slope_sum_in: Optional[torch.Tensor] = None,
+    block: Optional[int] = None,
+    num_warps: int = NUM_WARPS,
+) -> torch.Tensor:
     """The row operation (backends/contract.py, RowBackend.rows; phases included) on [C, V] rows
     with unit stride along V. `block` and `num_warps` override the launch configuration (tests,
     tuning)."""
-    phase = check_phase_tensors(phase, lse_out=lse_out, lse_in=lse_in, slope_sum_out=slope_sum_out,
-                                slope_sum_in=slope_sum_in)
+    phase = check_phase_tensors(
+        phase, lse_out=lse_out, lse_in=lse_in, slope_sum_out=slope_sum_out, slope_sum_in=slope_sum_in
+    )
     n_rows, vocab = s_raw.shape
     loss = torch.empty(n_rows, dtype=compute_dtype(s_raw.dtype), device=s_raw.device)
     if n_rows == 0:
@@ -340,17 +515,44 @@ def rows(s_raw, t_raw, r_raw=None, a_raw=None, *, opts: LossOptions, phase: Phas
     write_stats = stats_out is not None and phase in (Phase.ALL, Phase.FROM_LSE)
     acc = tl.float64 if loss.dtype == torch.float64 else tl.float32
     pmi_kl_fwd_kernel[(n_rows,)](
-        p_s=s_raw, p_t=t_raw, p_r=r_raw, p_a=a_raw, p_kappa=kappa, p_mask=mask, p_row_scale=row_scale,
-        p_loss=loss, p_grad=grad_out, p_stats=stats_out if write_stats else None,
+        p_s=s_raw,
+        p_t=t_raw,
+        p_r=r_raw,
+        p_a=a_raw,
+        p_kappa=kappa,
+        p_mask=mask,
+        p_row_scale=row_scale,
+        p_loss=loss,
+        p_grad=grad_out,
+        p_stats=stats_out if write_stats else None,
         p_params=_params(opts, loss.dtype, s_raw.device),
-        p_lse_in=lse_in, p_lse_out=lse_out, p_slope_in=slope_sum_in, p_slope_out=slope_sum_out,
-        stride_s=s_raw.stride(0), stride_t=t_raw.stride(0), stride_r=_row_stride(r_raw), stride_a=_row_stride(a_raw),
-        stride_grad=_row_stride(grad_out), stride_row_scale=_row_stride(row_scale), V=vocab,
-        PMI=opts.pmi, HAS_R=r_raw is not None, HAS_A=a_raw is not None, CLIP=opts.needs_kappa,
-        KAPPA=kappa_source(opts, kappa is not None), LOSS_KIND=opts.loss_kind, ENTRY_CLIP=opts.entry_clip is not None,
-        HAS_MASK=mask is not None, HAS_ROW_SCALE=row_scale is not None, WRITE_GRAD=grad_out is not None,
-        WRITE_STATS=write_stats, FAST_GRAD=grad_out is not None and opts.fast_grad, PHASE=phase.value,
-        ACC=acc, BLOCK_V=block_v(vocab, s_raw.device.type == "cpu", block), num_warps=num_warps,
+        p_lse_in=lse_in,
+        p_lse_out=lse_out,
+        p_slope_in=slope_sum_in,
+        p_slope_out=slope_sum_out,
+        stride_s=s_raw.stride(0),
+        stride_t=t_raw.stride(0),
+        stride_r=_row_stride(r_raw),
+        stride_a=_row_stride(a_raw),
+        stride_grad=_row_stride(grad_out),
+        stride_row_scale=_row_stride(row_scale),
+        V=vocab,
+        PMI=opts.pmi,
+        HAS_R=r_raw is not None,
+        HAS_A=a_raw is not None,
+        CLIP=opts.needs_kappa,
+        KAPPA=kappa_source(opts, kappa is not None),
+        LOSS_KIND=opts.loss_kind,
+        ENTRY_CLIP=opts.entry_clip is not None,
+        HAS_MASK=mask is not None,
+        HAS_ROW_SCALE=row_scale is not None,
+        WRITE_GRAD=grad_out is not None,
+        WRITE_STATS=write_stats,
+        FAST_GRAD=grad_out is not None and opts.fast_grad,
+        PHASE=phase.value,
+        ACC=acc,
+        BLOCK_V=block_v(vocab, s_raw.device.type == "cpu", block),
+        num_warps=num_warps,
     )
     return loss
 

@@ -9,6 +9,7 @@ Pieces: config.PMIConfig (the actor_rollout_ref.pmi keys), actor.PMIEngineMixin 
 contexts and fused_pmi_kl in the engine's forward_step), actor.PMILoss (verl's loss_agg_mode,
 optionally added to verl's PPO loss), workers.PMIActorRolloutRefWorker (the worker to run).
 """
+
 from .config import PMIConfig, check_actor_config
 
 __all__ = ["PMIConfig", "check_actor_config"]

@@ -23,6 +23,7 @@ PPO loss) is verl's own. Per micro-batch it:
    (gathered under FSDP2 by pmi_kernels.heads), reduction "none"; `PMILoss` aggregates the
    per-token losses with verl's `agg_loss` over `response_mask`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -67,6 +68,7 @@ def captured_hidden(decoder):
 
     def keep(module, args, output):
         box.append(output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0])
+
     handle = decoder.register_forward_hook(keep)
     try:
         yield box
@@ -88,7 +90,7 @@ def response_ids(data: TensorDict) -> List[List[int]]:
     """Each sample's response tokens (its last response-length tokens of input_ids)."""
     values, offsets = data["input_ids"].values(), data["input_ids"].offsets()
     _, lengths = sequence_lengths(data)
-    return [values[int(end) - int(n):int(end)].tolist() for end, n in zip(offsets[1:], lengths)]
+    return [values[int(end) - int(n) : int(end)].tolist() for end, n in zip(offsets[1:], lengths)]
 
 
 def response_mask(data: TensorDict) -> torch.Tensor:
@@ -100,8 +102,10 @@ def sample_field(data: TensorDict, dotted: str, config_key: str) -> list:
     """The dotted field (`extra_info.reference`) of every sample, as a list."""
     name, *path = dotted.split(".")
     if name not in data.keys():
-        raise ValueError(f"pmi.{config_key}: the batch has no field {name!r} (it has {sorted(data.keys())}); put "
-                         "it in the dataset's parquet, as verl's data preprocessing writes extra_info")
+        raise ValueError(
+            f"pmi.{config_key}: the batch has no field {name!r} (it has {sorted(data.keys())}); put "
+            "it in the dataset's parquet, as verl's data preprocessing writes extra_info"
+        )
     column = data[name]
     values = column.tolist() if hasattr(column, "tolist") else list(column)
     out = []
@@ -129,11 +133,16 @@ class PMILoss:
     def __call__(self, model_output: dict, data: TensorDict, dp_group=None):
         config = self.actor_config
         info = config.global_batch_info
-        info.update(dp_size=data["dp_size"], batch_num_tokens=data["batch_num_tokens"],
-                    global_batch_size=data["global_batch_size"], loss_scale_factor=config.loss_scale_factor)
+        info.update(
+            dp_size=data["dp_size"],
+            batch_num_tokens=data["batch_num_tokens"],
+            global_batch_size=data["global_batch_size"],
+            loss_scale_factor=config.loss_scale_factor,
+        )
         mask = response_mask(data)
-        pmi_loss = agg_loss(loss_mat=model_output["pmi_losses"], loss_mask=mask, loss_agg_mode=config.loss_agg_mode,
-                            **info)
+        pmi_loss = agg_loss(
+            loss_mat=model_output["pmi_losses"], loss_mask=mask, loss_agg_mode=config.loss_agg_mode, **info
+        )
         metrics = dict(model_output.get("pmi_metrics", {}))
         # Normalized over the global mini-batch: each micro-batch's share sums to the loss (verl's convention).
         metrics["pmi/loss"] = Metric(AggregationType.SUM, pmi_loss.detach())
@@ -164,8 +173,11 @@ class PMIEngineMixin:
         micro_batch = micro_batch.to(get_device_id())
         model_inputs, output_args = self.prepare_model_inputs(micro_batch=micro_batch)
         autocast_dtype = getattr(self, "_autocast_dtype", torch.bfloat16)
-        autocast = (contextlib.nullcontext() if autocast_dtype == torch.float32
-                    else torch.autocast(device_type=get_device_name(), dtype=autocast_dtype))
+        autocast = (
+            contextlib.nullcontext()
+            if autocast_dtype == torch.float32
+            else torch.autocast(device_type=get_device_name(), dtype=autocast_dtype)
+        )
         diagnose = bool(pmi.diagnostics_every) and (self.pmi_steps + 1) % pmi.diagnostics_every == 0
         decoder, head = decoder_and_head(self.module, "pmi")
         with autocast:
@@ -178,19 +190,32 @@ class PMIEngineMixin:
             student = no_padding_2_padding(self._packed_values(hidden, micro_batch), micro_batch)
             model_output = {}
             if pmi.use_task_rewards:
-                model_output = self.prepare_model_outputs(output=raw_output, output_args=output_args,
-                                                          micro_batch=micro_batch, logits_processor_func=None)
+                model_output = self.prepare_model_outputs(
+                    output=raw_output, output_args=output_args, micro_batch=micro_batch, logits_processor_func=None
+                )
             mask = response_mask(micro_batch)
-            student = student[:, :mask.shape[1]]
+            student = student[:, : mask.shape[1]]
             losses, stats = fused_pmi_kl(
-                student, head.weight, frozen["teacher"], frozen.get("refonly") if pmi.reads_refonly else None,
-                frozen.get("anchor"), lm_head_bias=head.bias, **frozen_head, mask=mask, reduction="none",
-                return_stats=True, check_finite=False, **pmi.loss_options().keywords())
+                student,
+                head.weight,
+                frozen["teacher"],
+                frozen.get("refonly") if pmi.reads_refonly else None,
+                frozen.get("anchor"),
+                lm_head_bias=head.bias,
+                **frozen_head,
+                mask=mask,
+                reduction="none",
+                return_stats=True,
+                check_finite=False,
+                **pmi.loss_options().keywords(),
+            )
             model_output["pmi_losses"] = losses
-            model_output["pmi_metrics"] = self._pmi_metrics(stats, mask, student, frozen, head, frozen_head, pmi,
-                                                            diagnose)
-            loss, metrics = loss_function(model_output=model_output, data=micro_batch,
-                                          dp_group=self.get_data_parallel_group())
+            model_output["pmi_metrics"] = self._pmi_metrics(
+                stats, mask, student, frozen, head, frozen_head, pmi, diagnose
+            )
+            loss, metrics = loss_function(
+                model_output=model_output, data=micro_batch, dp_group=self.get_data_parallel_group()
+            )
         # verl's own outputs (nested log-probs, entropy), detached as verl's forward_step returns them.
         kept = {k: v.detach() for k, v in model_output.items() if not k.startswith("pmi_")}
         output = {"model_output": kept, "loss": loss.detach().item(), "metrics": metrics}
@@ -198,11 +223,15 @@ class PMIEngineMixin:
 
     def _check_pmi_supported(self, micro_batch: TensorDict) -> None:
         if self.use_ulysses_sp:
-            raise ValueError("pmi: ulysses_sequence_parallel_size > 1 is not supported (each rank would hold a slice "
-                             "of the hidden states; the frozen contexts are read whole)")
+            raise ValueError(
+                "pmi: ulysses_sequence_parallel_size > 1 is not supported (each rank would hold a slice "
+                "of the hidden states; the frozen contexts are read whole)"
+            )
         if tu.get_non_tensor_data(data=micro_batch, key="use_fused_kernels", default=False):
-            raise ValueError("pmi: actor_rollout_ref.model.use_fused_kernels must be false (the fused kernels "
-                             "return log-probs, not the hidden states the PMI loss reads)")
+            raise ValueError(
+                "pmi: actor_rollout_ref.model.use_fused_kernels must be false (the fused kernels "
+                "return log-probs, not the hidden states the PMI loss reads)"
+            )
 
     def _packed_values(self, hidden: torch.Tensor, micro_batch: TensorDict) -> torch.Tensor:
         """[total tokens, H]: the decoder's states of every sample's tokens, in order. Remove-padding
@@ -211,7 +240,7 @@ class PMIEngineMixin:
         total = int(lengths.sum())
         if hidden.dim() == 3 and hidden.shape[0] == 1 and hidden.shape[1] >= total:
             return hidden[0, :total]
-        return torch.cat([row[:int(n)] for row, n in zip(hidden, lengths)])
+        return torch.cat([row[: int(n)] for row, n in zip(hidden, lengths)])
 
     @contextlib.contextmanager
     def _frozen_model(self, pmi: PMIConfig):
@@ -226,13 +255,20 @@ class PMIEngineMixin:
                 yield self.module, {}
         else:
             if self.pmi_reference_engine is None:
-                raise ValueError("pmi.teacher_weights: 'base' without LoRA reads verl's reference model, which this "
-                                 "actor worker does not hold (set actor_rollout_ref.actor.use_kl_loss=true; "
-                                 "kl_loss_coef=0 leaves the loss unchanged)")
+                raise ValueError(
+                    "pmi.teacher_weights: 'base' without LoRA reads verl's reference model, which this "
+                    "actor worker does not hold (set actor_rollout_ref.actor.use_kl_loss=true; "
+                    "kl_loss_coef=0 leaves the loss unchanged)"
+                )
             module = self.pmi_reference_engine.module
             _, head = decoder_and_head(module, "pmi")
-            yield module, {"frozen_weight": head.weight.detach(),
-                           "frozen_bias": None if head.bias is None else head.bias.detach()}
+            yield (
+                module,
+                {
+                    "frozen_weight": head.weight.detach(),
+                    "frozen_bias": None if head.bias is None else head.bias.detach(),
+                },
+            )
 
     @torch.no_grad()
     def _frozen_states(self, micro_batch: TensorDict, model_inputs: dict, pmi: PMIConfig, diagnose: bool):
@@ -248,8 +284,10 @@ class PMIEngineMixin:
         with self._frozen_model(pmi) as (module, frozen_head):
             decoder, _ = decoder_and_head(module, "pmi")
             for kind in kinds:
-                prompts = [prompt_ids(tokenizer, pmi.templates, kind, {"question": q, "solution": s},
-                                      pmi.use_chat_template) for q, s in zip(questions, references)]
+                prompts = [
+                    prompt_ids(tokenizer, pmi.templates, kind, {"question": q, "solution": s}, pmi.use_chat_template)
+                    for q, s in zip(questions, references)
+                ]
                 states[kind] = self._read_contexts(module, decoder, prompts, responses, width)
             if pmi.anchor and (pmi.reads_refonly or diagnose):
                 with captured_hidden(decoder) as box:
@@ -267,20 +305,28 @@ class PMIEngineMixin:
         ids = torch.zeros(len(sequences), longest, dtype=torch.long, device=device)
         attention = torch.zeros_like(ids)
         for row, sequence in enumerate(sequences):
-            ids[row, :len(sequence)] = torch.tensor(sequence, device=device)
-            attention[row, :len(sequence)] = 1
+            ids[row, : len(sequence)] = torch.tensor(sequence, device=device)
+            attention[row, : len(sequence)] = 1
         positions = torch.arange(longest, device=device).expand_as(ids)
         with captured_hidden(decoder) as box:
-            module(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=False,
-                   logits_to_keep=1)
+            module(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=False, logits_to_keep=1)
         hidden = box[-1]
         out = hidden.new_zeros(len(sequences), width, hidden.shape[-1])
         for row, (prompt, response) in enumerate(zip(prompts, responses)):
-            out[row, :len(response)] = hidden[row, rollout_positions(len(prompt), len(response))]
+            out[row, : len(response)] = hidden[row, rollout_positions(len(prompt), len(response))]
         return out
 
-    def _pmi_metrics(self, stats: Dict[str, torch.Tensor], mask, student, frozen, head, frozen_head: dict,
-                     pmi: PMIConfig, diagnose: bool) -> dict:
+    def _pmi_metrics(
+        self,
+        stats: Dict[str, torch.Tensor],
+        mask,
+        student,
+        frozen,
+        head,
+        frozen_head: dict,
+        pmi: PMIConfig,
+        diagnose: bool,
+    ) -> dict:
         """pmi/<statistic>: masked means over the micro-batch's response tokens (verl averages the
         micro-batches' values); on diagnostics steps pmi/diag/<key> of pmi_diagnostics too."""
         count = mask.sum().clamp(min=1)
@@ -290,11 +336,18 @@ class PMIEngineMixin:
 
             def cast(x):
                 return None if x is None else x.detach().to(dtype)
+
             diagnostics = pmi_diagnostics(
-                student[mask].detach(), frozen["teacher"][mask], frozen["refonly"][mask],
-                frozen["anchor"][mask] if "anchor" in frozen else None, lm_head_weight=cast(head.weight),
-                lm_head_bias=cast(head.bias), **{key: cast(x) for key, x in frozen_head.items()}, check_finite=False,
-                **pmi.loss_options().target_keywords())
+                student[mask].detach(),
+                frozen["teacher"][mask],
+                frozen["refonly"][mask],
+                frozen["anchor"][mask] if "anchor" in frozen else None,
+                lm_head_weight=cast(head.weight),
+                lm_head_bias=cast(head.bias),
+                **{key: cast(x) for key, x in frozen_head.items()},
+                check_finite=False,
+                **pmi.loss_options().target_keywords(),
+            )
             for key in DIAGNOSTICS:
                 value = diagnostics[key].nan_to_num().sum() / count
                 metrics[f"pmi/diag/{key}"] = Metric(AggregationType.MEAN, value.item())

@@ -4,6 +4,7 @@ with a one-line ValueError naming the key (`pmi.<key>`), before Ray or any model
 Kept free of verl imports, so that the launcher checks a config before importing verl's
 workers, and the project's own venv can read these checks.
 """
+
 from __future__ import annotations
 
 import math
@@ -20,8 +21,14 @@ TEACHER_WEIGHTS = ("base", "current")
 TEMPLATE_KINDS = ("teacher", "refonly")
 TEMPLATE_FIELDS = {"teacher": {"question", "solution"}, "refonly": {"solution"}}
 # Key -> LossOptions field, each checked by LossOptions under the key's name.
-LOSS_OPTION_KEYS = {"beta": "beta", "clip": "clip", "center": "center", "jsd_beta": "jsd_beta",
-                    "entry_clip": "entry_clip", "temperature": "temperature"}
+LOSS_OPTION_KEYS = {
+    "beta": "beta",
+    "clip": "clip",
+    "center": "center",
+    "jsd_beta": "jsd_beta",
+    "entry_clip": "entry_clip",
+    "temperature": "temperature",
+}
 
 
 @dataclass
@@ -77,8 +84,7 @@ class PMIConfig:
         for key in ("question_key", "reference_key"):
             value = getattr(self, key)
             if not isinstance(value, str) or not all(value.split(".")):
-                raise ValueError(f"pmi.{key} must be a dotted field name such as 'extra_info.reference', got "
-                                 f"{value!r}")
+                raise ValueError(f"pmi.{key} must be a dotted field name such as 'extra_info.reference', got {value!r}")
         coef = self.loss_coef
         if isinstance(coef, bool) or not isinstance(coef, (int, float)) or not (math.isfinite(coef) and coef >= 0):
             raise ValueError(f"pmi.loss_coef must be a finite number >= 0, got {coef!r}")
@@ -91,8 +97,10 @@ class PMIConfig:
     def _check_templates(self) -> None:
         unknown = sorted(set(self.templates) - set(TEMPLATE_KINDS))
         if unknown:
-            raise ValueError(f"pmi.templates.{unknown[0]}: unknown context (the actor builds "
-                             f"{', '.join(TEMPLATE_KINDS)}; the student's is the rollout's prompt)")
+            raise ValueError(
+                f"pmi.templates.{unknown[0]}: unknown context (the actor builds "
+                f"{', '.join(TEMPLATE_KINDS)}; the student's is the rollout's prompt)"
+            )
         for kind in TEMPLATE_KINDS:
             template = self.templates[kind]
             try:
@@ -105,18 +113,29 @@ class PMIConfig:
 
     def _check_weights(self, lora: bool, reference_model: bool) -> None:
         if self.teacher_weights == "base" and not lora and not reference_model:
-            raise ValueError("pmi.teacher_weights: 'base' reads the frozen contexts with the LoRA adapter switched "
-                             "off, or, for full fine-tuning, with verl's reference model: set "
-                             "actor_rollout_ref.actor.use_kl_loss=true (kl_loss_coef=0 leaves the loss unchanged), "
-                             "or use 'current' (the live weights, without gradient)")
+            raise ValueError(
+                "pmi.teacher_weights: 'base' reads the frozen contexts with the LoRA adapter switched "
+                "off, or, for full fine-tuning, with verl's reference model: set "
+                "actor_rollout_ref.actor.use_kl_loss=true (kl_loss_coef=0 leaves the loss unchanged), "
+                "or use 'current' (the live weights, without gradient)"
+            )
         if self.anchor and (self.mode != "pmi" or self.teacher_weights != "base"):
-            raise ValueError("pmi.anchor needs pmi.mode 'pmi' and pmi.teacher_weights 'base' (the anchor is the "
-                             "frozen base read on the student's context; the current weights' would be the "
-                             "student itself)")
+            raise ValueError(
+                "pmi.anchor needs pmi.mode 'pmi' and pmi.teacher_weights 'base' (the anchor is the "
+                "frozen base read on the student's context; the current weights' would be the "
+                "student itself)"
+            )
 
     def loss_options(self) -> LossOptions:
-        return LossOptions(pmi=self.mode == "pmi", beta=self.beta, clip=self.clip, center=self.center,
-                           temperature=self.temperature, jsd_beta=self.jsd_beta, entry_clip=self.entry_clip)
+        return LossOptions(
+            pmi=self.mode == "pmi",
+            beta=self.beta,
+            clip=self.clip,
+            center=self.center,
+            temperature=self.temperature,
+            jsd_beta=self.jsd_beta,
+            entry_clip=self.entry_clip,
+        )
 
     @property
     def reads_refonly(self) -> bool:
@@ -131,13 +150,18 @@ def check_actor_config(actor_rollout_ref: Mapping) -> PMIConfig:
     model, actor = actor_rollout_ref["model"], actor_rollout_ref["actor"]
     strategy = actor.get("strategy")
     if strategy not in FSDP_STRATEGIES:
-        raise ValueError(f"actor_rollout_ref.actor.strategy must be one of {FSDP_STRATEGIES} for the PMI actor, got "
-                         f"{strategy!r} (the loss reads the lm_head weight as FSDP2 shards it; FSDP1's flat "
-                         "parameters and Megatron's pipeline are not supported)")
+        raise ValueError(
+            f"actor_rollout_ref.actor.strategy must be one of {FSDP_STRATEGIES} for the PMI actor, got "
+            f"{strategy!r} (the loss reads the lm_head weight as FSDP2 shards it; FSDP1's flat "
+            "parameters and Megatron's pipeline are not supported)"
+        )
     if model.get("use_fused_kernels", False):
-        raise ValueError("actor_rollout_ref.model.use_fused_kernels must be false for the PMI actor (the fused "
-                         "kernels return log-probs, not the hidden states the loss reads)")
+        raise ValueError(
+            "actor_rollout_ref.model.use_fused_kernels must be false for the PMI actor (the fused "
+            "kernels return log-probs, not the hidden states the loss reads)"
+        )
     lora_rank = max(int(model.get("lora_rank", 0) or 0), int((model.get("lora") or {}).get("rank", 0) or 0))
     # verl keeps a reference model (in the actor's worker, without LoRA) for its KL loss.
-    return PMIConfig.from_mapping(actor_rollout_ref.get("pmi"), lora=lora_rank > 0,
-                                  reference_model=bool(actor.get("use_kl_loss", False)))
+    return PMIConfig.from_mapping(
+        actor_rollout_ref.get("pmi"), lora=lora_rank > 0, reference_model=bool(actor.get("use_kl_loss", False))
+    )

@@ -9,6 +9,7 @@ chooses; verl 0.9's v1 trainer builds ActorRolloutRefWorker itself). The config 
 ppo_trainer plus the actor_rollout_ref.pmi keys, checked with a one-line error (exit 2)
 before Ray starts.
 """
+
 from __future__ import annotations
 
 import sys
@@ -23,8 +24,10 @@ def check_config(config) -> None:
     """The PMI keys and the verl settings they need; ValueError naming the key."""
     check_actor_config(config.actor_rollout_ref)
     if config.trainer.get("use_v1", False):
-        raise ValueError("trainer.use_v1 must be false: verl 0.9's v1 trainer builds its own actor worker class, "
-                         "the legacy runner takes the PMI one")
+        raise ValueError(
+            "trainer.use_v1 must be false: verl 0.9's v1 trainer builds its own actor worker class, "
+            "the legacy runner takes the PMI one"
+        )
     if (config.get("distillation") or {}).get("enabled", False):
         raise ValueError("distillation.enabled must be false: the PMI loss replaces verl's distillation loss")
 

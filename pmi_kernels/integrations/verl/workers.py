@@ -1,6 +1,7 @@
 """The verl workers that carry the PMI actor: `PMIActorRolloutRefWorker` is verl's
 ActorRolloutRefWorker (actor, rollout and reference in one process group) whose actor engine
 is the PMI one (actor.PMIEngineMixin) and whose actor loss is actor.PMILoss."""
+
 from __future__ import annotations
 
 import contextlib
@@ -46,8 +47,9 @@ class PMIActorRolloutRefWorker(ActorRolloutRefWorker):
     def init_model(self):
         pmi = check_actor_config(self.config) if self._is_actor else None
         if pmi is not None and self.distillation_enabled:
-            raise ValueError("distillation.enabled must be false with the PMI actor (its loss replaces verl's "
-                             "distillation loss)")
+            raise ValueError(
+                "distillation.enabled must be false with the PMI actor (its loss replaces verl's distillation loss)"
+            )
         super().init_model()
         if pmi is not None:
             # The ActorConfig verl built for its ppo_loss, which the PMI loss adds to (use_task_rewards).

@@ -2,6 +2,7 @@
 
 A file is read a line (a parquet batch) at a time, so a bad row is named by its line and a stop
 signal is heard between rows; nothing is copied into a cache."""
+
 from __future__ import annotations
 
 import json
@@ -22,7 +23,7 @@ def load_rows(path: str, stop: Optional[StopRequest] = None) -> List[Row]:
     a line (blank lines skipped), or one JSON array of objects; parquet: its rows."""
     stop = stop or StopRequest()
     rows = []
-    for row in (_parquet_rows(path) if path.endswith(".parquet") else _json_rows(path)):
+    for row in _parquet_rows(path) if path.endswith(".parquet") else _json_rows(path):
         fault_point("data-row")
         stop.check_local("reading the data")
         rows.append(row)
@@ -75,6 +76,7 @@ def _json_object(path: str, where: str, text: str) -> Dict:
 
 def _parquet_rows(path: str) -> Iterator[Row]:
     import pyarrow.parquet as pq
+
     try:
         batches = pq.ParquetFile(path).iter_batches(batch_size=PARQUET_BATCH)
         index = 0
@@ -97,7 +99,7 @@ def load_examples(config: TrainConfig, stop: Optional[StopRequest] = None):
     A stop signal ends the reading (raises Interrupted)."""
     if config.model_path == TOY:
         rows = problems(config.toy_task, 2000 + config.eval_limit, config.seed)
-        train, held_out = rows[config.eval_limit:], rows[:config.eval_limit]
+        train, held_out = rows[config.eval_limit :], rows[: config.eval_limit]
         if config.toy_eval_split == "validation":
             return train, validation_problems(config.toy_task, config.eval_limit, config.seed, rows)
         return train, held_out
@@ -109,7 +111,7 @@ def load_examples(config: TrainConfig, stop: Optional[StopRequest] = None):
     train, held_out = splits
     if not train:
         raise ValueError(f"train_file {config.train_file!r} has no rows")
-    return train, held_out[:config.eval_limit]
+    return train, held_out[: config.eval_limit]
 
 
 def _example(row: Dict, where: str, path: str, config: TrainConfig) -> Dict:

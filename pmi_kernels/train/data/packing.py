@@ -18,6 +18,7 @@ each sequence. Every linear layer, norm and adapter runs once over the whole pac
 The final hidden states are gathered at the positions that predict each rollout token: rows in
 the order of the pack's rollouts, the same in every context.
 """
+
 from __future__ import annotations
 
 import contextvars
@@ -38,10 +39,10 @@ _PACKED_FORWARD = contextvars.ContextVar("packed_forward", default=False)
 
 @dataclass
 class Pack:
-    ids: torch.Tensor        # [1, N]: the sequences end to end
+    ids: torch.Tensor  # [1, N]: the sequences end to end
     positions: torch.Tensor  # [1, N]: restarting at 0 for each sequence
-    lengths: List[int]       # each sequence's length
-    gather: torch.Tensor     # [sum of rollout lengths]: the positions predicting each rollout token
+    lengths: List[int]  # each sequence's length
+    gather: torch.Tensor  # [sum of rollout lengths]: the positions predicting each rollout token
 
 
 def pack_sequences(prompts: Sequence[List[int]], rollouts: Sequence[List[int]], device) -> Pack:
@@ -59,6 +60,7 @@ def pack_sequences(prompts: Sequence[List[int]], rollouts: Sequence[List[int]], 
 
     def as_tensor(x: List[int]) -> torch.Tensor:
         return torch.tensor(x, device=device, dtype=torch.long)
+
     return Pack(as_tensor(ids)[None], as_tensor(positions)[None], lengths, as_tensor(gather))
 
 
@@ -78,7 +80,8 @@ def _as_mask(allowed: torch.Tensor, implementation: str, dtype) -> torch.Tensor:
     if implementation == "sdpa":
         return allowed[None, None]
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(
-        ~allowed, torch.finfo(dtype).min)[None, None]
+        ~allowed, torch.finfo(dtype).min
+    )[None, None]
 
 
 def packed_hidden(decoder, prompts: Sequence[List[int]], rollouts: Sequence[List[int]], device) -> torch.Tensor:
@@ -96,8 +99,9 @@ def packed_hidden(decoder, prompts: Sequence[List[int]], rollouts: Sequence[List
             kwargs["attention_mask"] = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device)
             kwargs["pack_window"] = every_layer_window(decoder)  # for layers that do not pass their window on
     else:
-        kwargs["attention_mask"] = block_masks(config, pack.lengths, implementation, device,
-                                               every_layer_window(decoder))
+        kwargs["attention_mask"] = block_masks(
+            config, pack.lengths, implementation, device, every_layer_window(decoder)
+        )
     token = _PACKED_FORWARD.set(True)
     try:
         hidden = decoder(input_ids=pack.ids, position_ids=pack.positions, use_cache=False, **kwargs).last_hidden_state
@@ -138,8 +142,9 @@ def _builds_window_mask(decoder_class) -> bool:
         return False
 
 
-def rollout_groups(micro_batch: Sequence, prompts: Dict[str, List[List[int]]], packed: bool, budget,
-                   alone_above: Optional[int] = None) -> List[List]:
+def rollout_groups(
+    micro_batch: Sequence, prompts: Dict[str, List[List[int]]], packed: bool, budget, alone_above: Optional[int] = None
+) -> List[List]:
     """A micro-batch's (example index, rollout) pairs, empty rollouts dropped, in the groups read
     together: in order, packs of at most `budget` tokens in every context (None: one pack; a
     rollout whose context alone is longer goes alone), or one rollout each when not packed. A
@@ -183,7 +188,8 @@ def check_isolation(decoder, sequences: Sequence[List[int]], vocab_size: int, de
 
     def states(a, b):
         hidden = packed_hidden(decoder, [a[:1], b[:1]], [a[1:] + [0], b[1:] + [0]], device)
-        return hidden[:len(a)], hidden[len(a):]
+        return hidden[: len(a)], hidden[len(a) :]
+
     with torch.no_grad():
         a, b = states(first, second)
         b_after = states(changed(first), second)[1]
@@ -192,10 +198,12 @@ def check_isolation(decoder, sequences: Sequence[List[int]], vocab_size: int, de
     # kernels whose sums are not deterministic (atomic adds), which move by an ulp or two.
     for what, x, y in (("later", b, b_after), ("earlier", a, a_before)):
         if (x - y).abs().max() > 0.05 * x.abs().max():
-            raise ValueError(f"packed true: with attn_implementation {decoder.config._attn_implementation!r} this "
-                             f"model's {what} sequence of a pack sees the other (its hidden states moved when the "
-                             "other changed); set packed false (or, where attention is what mixes them, another "
-                             "attn_implementation)")
+            raise ValueError(
+                f"packed true: with attn_implementation {decoder.config._attn_implementation!r} this "
+                f"model's {what} sequence of a pack sees the other (its hidden states moved when the "
+                "other changed); set packed false (or, where attention is what mixes them, another "
+                "attn_implementation)"
+            )
 
 
 # ---- attention implementations ------------------------------------------------------------
@@ -220,8 +228,11 @@ def needs_eager(model_config) -> Optional[str]:
 def uses_alibi(model_config) -> bool:
     """Positions as ALiBi biases (Bloom, Falcon's alibi, MPT), built from a padding mask."""
     attn = getattr(model_config, "attn_config", None)
-    return (getattr(model_config, "model_type", None) == "bloom" or bool(getattr(model_config, "alibi", False))
-            or bool(attn.get("alibi") if isinstance(attn, dict) else getattr(attn, "alibi", False)))
+    return (
+        getattr(model_config, "model_type", None) == "bloom"
+        or bool(getattr(model_config, "alibi", False))
+        or bool(attn.get("alibi") if isinstance(attn, dict) else getattr(attn, "alibi", False))
+    )
 
 
 def attention_dropout(model_config) -> float:
@@ -240,6 +251,7 @@ def takes_registered_attention(model_config) -> bool:
 def _causal_lm_flag(model_config, flag: str) -> bool:
     """A support flag of the model's causal-LM class (False for a config with none)."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
     try:
         return bool(getattr(MODEL_FOR_CAUSAL_LM_MAPPING[type(model_config)], flag, False))
     except KeyError:
@@ -250,17 +262,25 @@ def check_model_attention(model_config, implementation: str, packed: bool) -> No
     """Refuse, before the weights load, an attention the model does not run exactly with."""
     why = needs_eager(model_config)
     if why and implementation != "eager" and not (implementation == "flash_attention_2" and "soft" in why):
-        raise ValueError(f"config: attn_implementation {implementation!r} cannot run this model exactly: {why}; use "
-                         "'eager' (or 'auto', which picks it)")
+        raise ValueError(
+            f"config: attn_implementation {implementation!r} cannot run this model exactly: {why}; use "
+            "'eager' (or 'auto', which picks it)"
+        )
     if implementation == VARLEN and not takes_registered_attention(model_config):
-        raise ValueError(f"config: attn_implementation {VARLEN!r} cannot run this model: its attention does not go "
-                         "through transformers' registry; use 'sdpa' or 'eager' (or 'auto', which picks one)")
+        raise ValueError(
+            f"config: attn_implementation {VARLEN!r} cannot run this model: its attention does not go "
+            "through transformers' registry; use 'sdpa' or 'eager' (or 'auto', which picks one)"
+        )
     if implementation == VARLEN and attention_dropout(model_config) > 0:
-        raise ValueError(f"config: attn_implementation {VARLEN!r} has no attention dropout, which this model's config "
-                         "sets; use 'sdpa' or 'eager' (or 'auto', which picks sdpa)")
+        raise ValueError(
+            f"config: attn_implementation {VARLEN!r} has no attention dropout, which this model's config "
+            "sets; use 'sdpa' or 'eager' (or 'auto', which picks sdpa)"
+        )
     if packed and uses_alibi(model_config):
-        raise ValueError("config: packed true cannot run this model: its positions are ALiBi biases, built from a "
-                         "padding mask, which a pack cannot restart per sequence; set packed false")
+        raise ValueError(
+            "config: packed true cannot run this model: its positions are ALiBi biases, built from a "
+            "padding mask, which a pack cannot restart per sequence; set packed false"
+        )
 
 
 def resolve_attn_implementation(name: str, device, model_config=None) -> str:
@@ -270,22 +290,27 @@ def resolve_attn_implementation(name: str, device, model_config=None) -> str:
     cuda = torch.device(device).type == "cuda"
     if name == "auto" and model_config is not None and needs_eager(model_config):
         return "eager"
-    if name == "auto" and model_config is not None and (not takes_registered_attention(model_config)
-                                                        or attention_dropout(model_config) > 0):
+    if (
+        name == "auto"
+        and model_config is not None
+        and (not takes_registered_attention(model_config) or attention_dropout(model_config) > 0)
+    ):
         return "sdpa" if _causal_lm_flag(model_config, "_supports_sdpa") else "eager"
     if name == "auto":
         name = "flash_attention_2" if cuda and flash_attn_installed() else VARLEN
     if name == "flash_attention_2" and not (cuda and flash_attn_installed()):
-        raise ValueError("config: attn_implementation 'flash_attention_2' needs a CUDA device and the flash-attn "
-                         "package; use 'auto'")
+        raise ValueError(
+            "config: attn_implementation 'flash_attention_2' needs a CUDA device and the flash-attn package; use 'auto'"
+        )
     if name == VARLEN and cuda and not torch_varlen_available():
-        raise ValueError(f"config: attn_implementation {VARLEN!r} on CUDA needs a torch with "
-                         f"torch.nn.attention.varlen (this is {torch.__version__}); use 'sdpa'")
+        raise ValueError(
+            f"config: attn_implementation {VARLEN!r} on CUDA needs a torch with "
+            f"torch.nn.attention.varlen (this is {torch.__version__}); use 'sdpa'"
+        )
     return name
 
 
-def segment_attention(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1),
-                      enable_gqa=False):
+def segment_attention(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False):
     """varlen_attn's contract for causal self-attention, one sdpa call per sequence: q [N, Hq, D],
     k and v [N, Hkv, D], sequence i spanning cu_seq_q[i]:cu_seq_q[i + 1]; window_size (left, 0)."""
     out = torch.empty_like(q)
@@ -293,27 +318,44 @@ def segment_attention(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, 
         qs, ks, vs = (x[start:end].transpose(0, 1) for x in (q, k, v))
         mask = None if window_size[0] < 0 else block_causal_mask([end - start], q.device, window_size[0] + 1)
         out[start:end] = torch.nn.functional.scaled_dot_product_attention(
-            qs, ks, vs, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=enable_gqa).transpose(0, 1)
+            qs, ks, vs, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=enable_gqa
+        ).transpose(0, 1)
     return out
 
 
-def varlen_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None,
-                     softcap=None, **kwargs):
+def varlen_attention(
+    module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None, softcap=None, **kwargs
+):
     """transformers' attention interface over sequence boundaries: query [1, Hq, N, D], key and
     value [1, Hkv, N, D], the boundaries in cu_seq_lens_q/k; returns ([1, N, Hq, D], None).
     Without boundaries (generation, a plain forward) it is transformers' sdpa with its mask; in
     a packed forward attention_mask is packed_hidden's placeholder, unused."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
     if kwargs.get("s_aux") is not None or getattr(module, "sinks", None) is not None:
-        raise ValueError(f"{VARLEN} attention has no attention sinks (this model's attention adds them); use "
-                         "attn_implementation 'eager'")
+        raise ValueError(
+            f"{VARLEN} attention has no attention sinks (this model's attention adds them); use "
+            "attn_implementation 'eager'"
+        )
     if kwargs.get("cu_seq_lens_q") is None:
         if _PACKED_FORWARD.get():
-            raise ValueError(f"{type(module).__name__} was not handed the pack's sequence boundaries (the model's "
-                             "decoder layers do not pass them on to attention), so the pack's sequences would "
-                             f"attend to each other: use attn_implementation 'sdpa' or 'eager', or packed false")
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      sliding_window=sliding_window, softcap=softcap, **kwargs)
+            raise ValueError(
+                f"{type(module).__name__} was not handed the pack's sequence boundaries (the model's "
+                "decoder layers do not pass them on to attention), so the pack's sequences would "
+                f"attend to each other: use attn_implementation 'sdpa' or 'eager', or packed false"
+            )
+        return sdpa_attention_forward(
+            module,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=dropout,
+            scaling=scaling,
+            sliding_window=sliding_window,
+            softcap=softcap,
+            **kwargs,
+        )
     if softcap is not None or (module.training and dropout > 0):
         raise ValueError(f"{VARLEN} attention has no softcap or dropout; use attn_implementation 'eager'")
     if query.shape[0] != 1:
@@ -326,8 +368,9 @@ def varlen_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     window = (-1, 0) if sliding_window is None else (sliding_window - 1, 0)
     lengths = kwargs["cu_seq_lens_q"], kwargs["cu_seq_lens_k"], kwargs["max_length_q"], kwargs["max_length_k"]
     if not (query.is_cuda and dtype in (torch.float16, torch.bfloat16)):  # flash runs half precision only
-        out = segment_attention(q, k, v, *lengths, scale=scaling, window_size=window,
-                                enable_gqa=q.shape[1] != k.shape[1])
+        out = segment_attention(
+            q, k, v, *lengths, scale=scaling, window_size=window, enable_gqa=q.shape[1] != k.shape[1]
+        )
         return out[None], None
     return flash_varlen(q, k, v, lengths, scaling, window)[None], None
 
@@ -336,6 +379,7 @@ def flash_varlen(q, k, v, lengths, scale, window):
     """torch's varlen_attn across the versions users have: torch 2.11's takes is_causal and no
     scale, window or enable_gqa (the newer keywords are used where the signature has them)."""
     from torch.nn.attention.varlen import varlen_attn
+
     takes = _parameters(varlen_attn)
     options = {}
     if "window_size" in takes:
@@ -343,8 +387,10 @@ def flash_varlen(q, k, v, lengths, scale, window):
     elif window == (-1, 0):
         options["is_causal"] = True
     else:
-        raise ValueError(f"{VARLEN} attention with a sliding window needs torch's varlen_attn with window_size "
-                         f"(torch {torch.__version__} has none); use attn_implementation 'sdpa'")
+        raise ValueError(
+            f"{VARLEN} attention with a sliding window needs torch's varlen_attn with window_size "
+            f"(torch {torch.__version__} has none); use attn_implementation 'sdpa'"
+        )
     if "enable_gqa" in takes:
         options["enable_gqa"] = q.shape[1] != k.shape[1]
     elif q.shape[1] != k.shape[1]:
@@ -366,5 +412,6 @@ def _parameters(fn) -> frozenset:
 def register_varlen() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
     AttentionInterface.register(VARLEN, varlen_attention)
     AttentionMaskInterface.register(VARLEN, sdpa_mask)  # the masks of forwards that are not packed

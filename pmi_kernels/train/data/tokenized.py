@@ -5,6 +5,7 @@ stop signal is heard between calls).
 Given the model's positions, a long text's length is checked on prefixes first, so that a row
 far too long for the model is refused after tokenizing about as much text as would fit, not all
 of it (a 2 MB question took 24 s and 1.4 GB of a Hugging Face tokenizer; 30 MB, over 16 GB)."""
+
 from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence
@@ -19,16 +20,27 @@ PREFIX_CHARS = 4096  # a text longer than this is measured on prefixes of 4096, 
 PREFIX_SLACK = 8
 
 
-def length_error(what: str, row: int, tokens: int, max_new_tokens: int, positions: int,
-                 at_least: bool = False) -> ValueError:
+def length_error(
+    what: str, row: int, tokens: int, max_new_tokens: int, positions: int, at_least: bool = False
+) -> ValueError:
     count = f"more than {tokens}" if at_least else str(tokens)
-    return ValueError(f"{what}: row {row}: its context ({count} tokens) plus max_new_tokens ({max_new_tokens}) "
-                      f"exceeds the model's {positions} positions")
+    return ValueError(
+        f"{what}: row {row}: its context ({count} tokens) plus max_new_tokens ({max_new_tokens}) "
+        f"exceeds the model's {positions} positions"
+    )
 
 
-def contexts_ids(tokenizer, templates: dict, kinds: Sequence[str], rows: List[dict], use_chat: bool,
-                 split: str = "train", positions: Optional[int] = None, max_new_tokens: int = 0,
-                 stop: Optional[StopRequest] = None) -> Dict[str, List[List[int]]]:
+def contexts_ids(
+    tokenizer,
+    templates: dict,
+    kinds: Sequence[str],
+    rows: List[dict],
+    use_chat: bool,
+    split: str = "train",
+    positions: Optional[int] = None,
+    max_new_tokens: int = 0,
+    stop: Optional[StopRequest] = None,
+) -> Dict[str, List[List[int]]]:
     """{kind: each row's prompt ids}. With `positions` (the model's), a text whose prefix alone
     leaves no room for max_new_tokens is refused (ValueError, named templates.<kind> (<split>))
     before the whole text is tokenized; model.check_lengths checks the exact lengths."""
@@ -46,7 +58,7 @@ def contexts_ids(tokenizer, templates: dict, kinds: Sequence[str], rows: List[di
         for start in range(0, len(texts), CHUNK_ROWS):
             fault_point("tokenize-chunk")
             stop.check_local("tokenizing the data")
-            ids += tokenizer(texts[start:start + CHUNK_ROWS], add_special_tokens=special).input_ids
+            ids += tokenizer(texts[start : start + CHUNK_ROWS], add_special_tokens=special).input_ids
         out[kind] = ids
     return out
 

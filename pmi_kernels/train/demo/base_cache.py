@@ -10,6 +10,7 @@ sha256 of every other file); a directory whose key.json is not the run's key, wh
 not match the manifest, or which does not load, is said so on stderr, removed and rebuilt:
 never used.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -28,8 +29,16 @@ from . import tasks, toy
 
 # The config keys the warm-up reads: the task and its rows (seed, eval_limit: the held-out rows
 # come first), the prompts, the warm-up's own keys.
-KEY_FIELDS = ("toy_task", "seed", "eval_limit", "templates", "use_chat_template", "sft_steps", "sft_lr",
-              "sft_batch_size")
+KEY_FIELDS = (
+    "toy_task",
+    "seed",
+    "eval_limit",
+    "templates",
+    "use_chat_template",
+    "sft_steps",
+    "sft_lr",
+    "sft_batch_size",
+)
 KEY_FILE = "key.json"
 MANIFEST = "manifest.json"
 # A store's temporary directory (checkpoint.temporary_path): .toy-base-<digest>.tmp-<pid>.
@@ -38,10 +47,15 @@ STORE_TEMPORARY = re.compile(r"\.toy-base-[0-9a-f]{16}\.tmp-(\d+)")
 
 def base_key(config, device) -> dict:
     import transformers
+
     code = "\n".join(inspect.getsource(obj) for obj in (toy, tasks, supervised_warmup))
-    return {**{key: getattr(config, key) for key in KEY_FIELDS}, "device": torch.device(device).type,
-            "torch": torch.__version__, "transformers": transformers.__version__,
-            "code": hashlib.sha256(code.encode()).hexdigest()}
+    return {
+        **{key: getattr(config, key) for key in KEY_FIELDS},
+        "device": torch.device(device).type,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "code": hashlib.sha256(code.encode()).hexdigest(),
+    }
 
 
 def base_path(config, device) -> str:
@@ -137,6 +151,7 @@ def _load_checked(path: str, key: dict, model, device):
 
 def _load(path: str, model, device):
     from transformers import AutoModelForCausalLM
+
     attn = model.config._attn_implementation  # the one load_model chose for this run
     loaded = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn)
     with torch.no_grad():  # in memory: the weights may be memory-mapped from the cache's file, which
@@ -153,6 +168,7 @@ def _store(path: str, model, tokenizer, key: dict) -> None:
             json.dump(key, fh, indent=1)
         with open(os.path.join(directory, MANIFEST), "w") as fh:
             json.dump(file_digests(directory), fh, indent=1)
+
     os.makedirs(os.path.dirname(path), exist_ok=True)
     try:
         write_dir_atomically(path, write)

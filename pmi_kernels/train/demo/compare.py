@@ -27,6 +27,7 @@ against steps, one line per run (the mean over seeds, the band their range).
     pmi-opsd compare --seeds 0,1,2         # mean and spread over three
     pmi-opsd compare --toy-eval-split validation --runs pmi-self --lr 1e-4   # one setting, for a sweep
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,27 +57,51 @@ from ..loop import Trainer
 from ..metrics import count_markers, read_metrics
 from ..run_dir import make_output_dir
 
-RUNS = (("opsd", dict(mode="opsd", anchor=False), "standard OPSD"),
-        ("pmi-base", dict(mode="pmi", anchor=True), "PMI, frozen-base anchor"),
-        ("pmi-self", dict(mode="pmi", anchor=False), "PMI, self anchor"))
+RUNS = (
+    ("opsd", dict(mode="opsd", anchor=False), "standard OPSD"),
+    ("pmi-base", dict(mode="pmi", anchor=True), "PMI, frozen-base anchor"),
+    ("pmi-self", dict(mode="pmi", anchor=False), "PMI, self anchor"),
+)
 # The comparison's sizes: one seed within about 5 minutes on 2 CPU cores (docs/demo.md).
-COMPARE_DEFAULTS = {**TOY_DEFAULTS, "toy_task": "misread", "eval_limit": 640, "max_new_tokens": 72,
-                    "max_steps": 60, "eval_every": 20, "diagnostics_every": 5, "save_every": 1000, "lr": 5e-4,
-                    "markers": ["wait", "check"], "output_dir": "runs/compare",
-                    "base_cache": "runs/bases"}
+COMPARE_DEFAULTS = {
+    **TOY_DEFAULTS,
+    "toy_task": "misread",
+    "eval_limit": 640,
+    "max_new_tokens": 72,
+    "max_steps": 60,
+    "eval_every": 20,
+    "diagnostics_every": 5,
+    "save_every": 1000,
+    "lr": 5e-4,
+    "markers": ["wait", "check"],
+    "output_dir": "runs/compare",
+    "base_cache": "runs/bases",
+}
 SET_PER_RUN = ("mode", "anchor", "resume", "overwrite")
 PROBE_ROLLOUTS = 128
 PROBE_SEED = 12345
 # (summary key, column head, format)
-COLUMNS = [("accuracy", "accuracy", "{:.3f}"), ("accuracy_se", "s.e.", "{:.3f}"),
-           ("accuracy_change", "vs start", "{:+.3f}"), ("accuracy_change_se", "s.e.(vs start)", "{:.3f}"),
-           ("vs_opsd", "vs OPSD", "{:+.3f}"), ("vs_opsd_se", "s.e.(vs OPSD)", "{:.3f}"),
-           ("misread", "misread", "{:.3f}"), ("slip", "slip", "{:.3f}"), ("kl_q_p", "KL(q‖p)", "{:.3f}"),
-           ("kl_teacher_student", "KL(pT‖p)", "{:.3f}"), ("entropy_student", "H(p)", "{:.3f}"),
-           ("kl_student_base", "KL(p‖base)", "{:.3f}"), ("markers/wait", "wait", "{:.2f}"),
-           ("markers/check", "check", "{:.2f}"), ("work_skipped", "no work", "{:.2f}"), ("length", "length", "{:.1f}"),
-           ("cos_total_ref", "cos(tot,ref)", "{:.2f}"), ("cos_total_pmi", "cos(tot,pmi)", "{:.2f}"),
-           ("norm_ratio_ref_total", "‖ref‖/‖tot‖", "{:.2f}")]
+COLUMNS = [
+    ("accuracy", "accuracy", "{:.3f}"),
+    ("accuracy_se", "s.e.", "{:.3f}"),
+    ("accuracy_change", "vs start", "{:+.3f}"),
+    ("accuracy_change_se", "s.e.(vs start)", "{:.3f}"),
+    ("vs_opsd", "vs OPSD", "{:+.3f}"),
+    ("vs_opsd_se", "s.e.(vs OPSD)", "{:.3f}"),
+    ("misread", "misread", "{:.3f}"),
+    ("slip", "slip", "{:.3f}"),
+    ("kl_q_p", "KL(q‖p)", "{:.3f}"),
+    ("kl_teacher_student", "KL(pT‖p)", "{:.3f}"),
+    ("entropy_student", "H(p)", "{:.3f}"),
+    ("kl_student_base", "KL(p‖base)", "{:.3f}"),
+    ("markers/wait", "wait", "{:.2f}"),
+    ("markers/check", "check", "{:.2f}"),
+    ("work_skipped", "no work", "{:.2f}"),
+    ("length", "length", "{:.1f}"),
+    ("cos_total_ref", "cos(tot,ref)", "{:.2f}"),
+    ("cos_total_pmi", "cos(tot,pmi)", "{:.2f}"),
+    ("norm_ratio_ref_total", "‖ref‖/‖tot‖", "{:.2f}"),
+]
 NOTES = """KL(q‖p): of the run's own target (start: the PMI target, the same for both anchors there);
 KL(pT‖p): the teacher's; H(p): the student's entropy; KL(p‖base): the student's from the warmed-up
 base (drift.py); all per token of sampled rollouts for {probe} held-out questions. wait, check:
@@ -132,6 +157,7 @@ class ComparisonRun(Trainer):
     """One run of the comparison: its evaluation at step 0 is the start's, measured once (every
     run starts from the same base, and the evaluation is greedy). Each evaluation keeps its
     answers per problem (`grades`), for the paired comparisons and the error breakdown."""
+
     start_grades: Optional[List[Dict]] = None
     grades: Optional[List[Dict]] = None
 
@@ -151,6 +177,7 @@ def grade(trainer) -> List[Dict]:
     the same greedy answers), with its answers kept; a sampled one (eval_temperature > 0) is
     seeded by the probe's seed instead of the trainer's evaluation seed."""
     from tqdm import tqdm
+
     config, rows = trainer.config, trainer.eval_rows
     grades = [{"correct": 0.0, "texts": []} for _ in rows]
     torch.manual_seed(PROBE_SEED + config.seed)
@@ -158,13 +185,15 @@ def grade(trainer) -> List[Dict]:
         for start in tqdm(range(0, len(rows), 32), desc="evaluation", leave=False, mininterval=2):
             trainer.stop.check("evaluation")
             chunk = range(start, min(start + 32, len(rows)))
-            outs = trainer.generate([trainer.eval_prompts[i] for i in chunk], config.eval_temperature, 1.0,
-                                    config.max_new_tokens)
+            outs = trainer.generate(
+                [trainer.eval_prompts[i] for i in chunk], config.eval_temperature, 1.0, config.max_new_tokens
+            )
             for i, out in zip(chunk, outs):
                 text = trainer.tokenizer.decode(out, skip_special_tokens=True)
                 grades[i]["texts"].append(text)
-                grades[i]["correct"] += (extract_answer(text, config.answer_pattern) == rows[i]["answer"]) \
-                    / config.eval_samples
+                grades[i]["correct"] += (
+                    extract_answer(text, config.answer_pattern) == rows[i]["answer"]
+                ) / config.eval_samples
     return grades
 
 
@@ -195,9 +224,15 @@ def paired_se(after: List[Dict], before: List[Dict]) -> float:
 
 
 def run_config(shared: TrainConfig, root: str, seed: int, name: str, overrides: dict) -> TrainConfig:
-    return dataclasses.replace(shared, **overrides, seed=seed, output_dir=os.path.join(root, f"seed-{seed}", name),
-                               base_cache=shared.base_cache or os.path.join(root, "bases"), overwrite=True,
-                               resume=False).validate()
+    return dataclasses.replace(
+        shared,
+        **overrides,
+        seed=seed,
+        output_dir=os.path.join(root, f"seed-{seed}", name),
+        base_cache=shared.base_cache or os.path.join(root, "bases"),
+        overwrite=True,
+        resume=False,
+    ).validate()
 
 
 @torch.no_grad()
@@ -205,11 +240,13 @@ def probe(trainer, count: int = PROBE_ROLLOUTS, mode: Optional[str] = None) -> D
     """Means over sampled rollouts for the first `count` held-out questions (module docstring);
     kl_q_p is KL(q‖p) of the target of `mode` (the run's own by default)."""
     from tqdm import tqdm
+
     config = trainer.config
     rows = trainer.eval_rows[:count]
     # The trainer's own context reader, on these rows.
-    contexts = trainer.contexts.on(contexts_ids(trainer.tokenizer, config.templates, KINDS, rows,
-                                                config.use_chat_template))
+    contexts = trainer.contexts.on(
+        contexts_ids(trainer.tokenizer, config.templates, KINDS, rows, config.use_chat_template)
+    )
     torch.manual_seed(PROBE_SEED + config.seed)  # the same rollout seeds in every run
     rollouts = trainer.generate(contexts.prompts["student"], config.temperature, config.top_p, config.max_new_tokens)
     sums: Dict[str, float] = {}
@@ -218,21 +255,42 @@ def probe(trainer, count: int = PROBE_ROLLOUTS, mode: Optional[str] = None) -> D
         trainer.stop.check("the probe")
         group_rollouts = [rollout for _, rollout in group]
         states, head, frozen = contexts.states([i for i, _ in group], group_rollouts, pmi_streams=True)
-        diag = pmi_diagnostics(states["student"], states["teacher"], states["refonly"], states.get("anchor"),
-                               lm_head_weight=head.weight, lm_head_bias=head.bias, frozen_weight=frozen.weight,
-                               frozen_bias=frozen.bias, **config.loss_options().target_keywords(),
-                               check_finite=False)
+        diag = pmi_diagnostics(
+            states["student"],
+            states["teacher"],
+            states["refonly"],
+            states.get("anchor"),
+            lm_head_weight=head.weight,
+            lm_head_bias=head.bias,
+            frozen_weight=frozen.weight,
+            frozen_bias=frozen.bias,
+            **config.loss_options().target_keywords(),
+            check_finite=False,
+        )
         for key, value in diag.items():
             sums[key] = sums.get(key, 0.0) + float(value.nan_to_num().sum())
         lengths = [len(rollout) for rollout in group_rollouts]
         per_rollout = {kind: state.split(lengths) for kind, state in states.items()}
         for k, rollout in enumerate(group_rollouts):
-            add_parts(parts, trainer.tokenizer, rollout, {kind: split[k] for kind, split in per_rollout.items()},
-                      head, frozen, config.loss_temperature)
+            add_parts(
+                parts,
+                trainer.tokenizer,
+                rollout,
+                {kind: split[k] for kind, split in per_rollout.items()},
+                head,
+                frozen,
+                config.loss_temperature,
+            )
     tokens = sum(map(len, rollouts))
     out = {key: value / max(1, tokens) for key, value in sums.items()}
-    out.update({f"where/{part}/{kind}": total / count for part, (count, sums_) in parts.items() if count
-                for kind, total in sums_.items()})
+    out.update(
+        {
+            f"where/{part}/{kind}": total / count
+            for part, (count, sums_) in parts.items()
+            if count
+            for kind, total in sums_.items()
+        }
+    )
     drift = trainer.drift.measure(contexts, list(enumerate(rollouts)))
     out["kl_student_base"] = drift.get("drift/kl_student_base", float("nan"))
     out["kl_q_p"] = out["kl_teacher_student" if (mode or config.mode) == "opsd" else "kl_target_student"]
@@ -259,8 +317,12 @@ def add_parts(parts: Dict[str, list], tokenizer, rollout: List[int], states, hea
     def logp(h: torch.Tensor, w: torch.nn.Linear) -> torch.Tensor:
         bias = None if w.bias is None else w.bias.float()
         return torch.log_softmax(F.linear(h.float(), w.weight.float(), bias) / temperature, -1)
-    student, teacher, refonly = logp(states["student"], head), logp(states["teacher"], frozen), \
-        logp(states["refonly"], frozen)
+
+    student, teacher, refonly = (
+        logp(states["student"], head),
+        logp(states["teacher"], frozen),
+        logp(states["refonly"], frozen),
+    )
     for kind, delta in (("pmi", teacher - refonly), ("ref", refonly - student)):
         norms = (delta - delta.mean(-1, keepdim=True)).norm(dim=-1)
         for row, part in zip(rows, text_parts):
@@ -334,8 +396,14 @@ def standard_error(accuracy: float, n: int) -> float:
     return math.sqrt(accuracy * (1 - accuracy) / n) if n else float("nan")
 
 
-def compare_seed(shared: TrainConfig, root: str, seed: int, stop: StopRequest, progress: bool = True,
-                 names: Optional[List[str]] = None) -> Dict:
+def compare_seed(
+    shared: TrainConfig,
+    root: str,
+    seed: int,
+    stop: StopRequest,
+    progress: bool = True,
+    names: Optional[List[str]] = None,
+) -> Dict:
     """{"start": {...}, run name: {...}, "curves": {run name: metrics rows}} for one seed; the
     runs named (RUNS' names), all by default."""
     out: Dict = {"curves": {}}
@@ -352,14 +420,20 @@ def compare_seed(shared: TrainConfig, root: str, seed: int, stop: StopRequest, p
             start_accuracy = trainer.evaluate()  # the run's own step-0 evaluation reuses it
             grades["start"] = trainer.start_grades = trainer.grades
             # At the start KL(q‖p) is the PMI target's (the same for both anchors: the student is the base).
-            out["start"] = {"accuracy": start_accuracy, **probe(trainer, mode="pmi"),
-                            **error_breakdown(trainer.eval_rows, trainer.grades)}
+            out["start"] = {
+                "accuracy": start_accuracy,
+                **probe(trainer, mode="pmi"),
+                **error_breakdown(trainer.eval_rows, trainer.grades),
+            }
         result = trainer.train(progress=progress)
         if result["interrupted"]:
             raise Interrupted(signal.Signals[result["interrupted"]], result["where"])
         grades[name] = trainer.grades
-        out[name] = {"accuracy": result["accuracy_after"], **probe(trainer),
-                     **error_breakdown(trainer.eval_rows, trainer.grades)}
+        out[name] = {
+            "accuracy": result["accuracy_after"],
+            **probe(trainer),
+            **error_breakdown(trainer.eval_rows, trainer.grades),
+        }
         out["curves"][name] = read_metrics(trainer.metrics.path)
     n = shared.eval_limit * shared.eval_samples
     for key in ["start"] + [name for name, _, _ in runs]:
@@ -376,8 +450,9 @@ def summarize(per_seed: Dict[int, Dict]) -> Dict[str, Dict[str, List[float]]]:
     """run -> column -> the per-seed values."""
     first = next(iter(per_seed.values()))
     rows = ["start"] + [name for name, _, _ in RUNS if name in first]
-    return {row: {key: [per_seed[s][row].get(key, float("nan")) for s in per_seed] for key, _, _ in COLUMNS}
-            for row in rows}
+    return {
+        row: {key: [per_seed[s][row].get(key, float("nan")) for s in per_seed] for key, _, _ in COLUMNS} for row in rows
+    }
 
 
 def format_table(summary: Dict[str, Dict[str, List[float]]], seeds: List[int]) -> str:
@@ -403,6 +478,7 @@ def format_table(summary: Dict[str, Dict[str, List[float]]], seeds: List[int]) -
 
     def fmt_row(r: List[str]) -> str:
         return "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"
+
     rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([fmt_row(heads), rule] + [fmt_row(r) for r in lines])
 
@@ -411,15 +487,18 @@ def format_parts(per_seed: Dict[int, Dict]) -> str:
     """A markdown table of where the teacher's two signals live at the start (add_parts): per
     part of the rollouts, the mean norm of the PMI residual and of the reference-induced part
     (mean ± sd over seeds)."""
+
     def cell(part, kind):
         xs = [r["start"].get(f"where/{part}/{kind}") for r in per_seed.values()]
         xs = [x for x in xs if x is not None]
         if not xs:
             return "n/a"
         return f"{statistics.fmean(xs):.1f}" + (f" ± {statistics.stdev(xs):.1f}" if len(xs) > 1 else "")
-    lines = ["| part of the rollout | ‖Δ‖ PMI residual, log pT - log pR "
-             "| ‖Δ_ref‖ reference-induced, log pR - log p |",
-             "|---|---|---|"]
+
+    lines = [
+        "| part of the rollout | ‖Δ‖ PMI residual, log pT - log pR | ‖Δ_ref‖ reference-induced, log pR - log p |",
+        "|---|---|---|",
+    ]
     lines += [f"| {part} | {cell(part, 'pmi')} | {cell(part, 'ref')} |" for part in PARTS]
     return "\n".join(lines)
 
@@ -428,11 +507,15 @@ def plot_comparison(per_seed: Dict[int, Dict], out: str) -> str:
     """Accuracy, the student's entropy and its KL from the base against steps, one line per run
     (mean over seeds; the band is their range when there are several)."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    panels = [("eval/accuracy", "accuracy", "held-out accuracy (greedy)"),
-              ("drift/entropy_student", "entropy_student", "student entropy (nats/token)"),
-              ("drift/kl_student_base", "kl_student_base", "KL(student || base) (nats/token)")]
+
+    panels = [
+        ("eval/accuracy", "accuracy", "held-out accuracy (greedy)"),
+        ("drift/entropy_student", "entropy_student", "student entropy (nats/token)"),
+        ("drift/kl_student_base", "kl_student_base", "KL(student || base) (nats/token)"),
+    ]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6))
     for ax, (key, start_key, title) in zip(axes, panels):
         for (name, _, label), color in zip(RUNS, ("tab:red", "tab:blue", "tab:orange")):
@@ -448,8 +531,14 @@ def plot_comparison(per_seed: Dict[int, Dict], out: str) -> str:
             mean = [statistics.fmean(by_step[s]) for s in steps]
             ax.plot(steps, mean, color=color, label=label, marker="o" if key == "eval/accuracy" else None, ms=3)
             if len(per_seed) > 1:
-                ax.fill_between(steps, [min(by_step[s]) for s in steps], [max(by_step[s]) for s in steps],
-                                color=color, alpha=0.15, lw=0)
+                ax.fill_between(
+                    steps,
+                    [min(by_step[s]) for s in steps],
+                    [max(by_step[s]) for s in steps],
+                    color=color,
+                    alpha=0.15,
+                    lw=0,
+                )
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("distillation step")
         ax.grid(alpha=0.3)
@@ -464,25 +553,37 @@ def plot_comparison(per_seed: Dict[int, Dict], out: str) -> str:
 
 
 SEEDS_HELP = "comma-separated seeds, one warmed-up base and one set of runs each (default: --seed, 0)"
-RUNS_HELP = (f"comma-separated runs, of {', '.join(name for name, _, _ in RUNS)} (default: all; fewer for a "
-             "sweep of one run's settings)")
+RUNS_HELP = (
+    f"comma-separated runs, of {', '.join(name for name, _, _ in RUNS)} (default: all; fewer for a "
+    "sweep of one run's settings)"
+)
 
 
 def help_text() -> str:
     """The module's description, then the options: --seeds, every train key, the comparison's defaults."""
     defaults = {key: value for key, value in COMPARE_DEFAULTS.items() if TOY_DEFAULTS.get(key) != value}
-    shown = [f"--{key.replace('_', '-')} {','.join(value) if isinstance(value, list) else value}"
-             for key, value in defaults.items()]
-    every_key = ("any key of pmi-opsd train (pmi-opsd train --help), for every run alike, except "
-                 f"{', '.join('--' + key for key in SET_PER_RUN)}, which the comparison sets per run")
+    shown = [
+        f"--{key.replace('_', '-')} {','.join(value) if isinstance(value, list) else value}"
+        for key, value in defaults.items()
+    ]
+    every_key = (
+        "any key of pmi-opsd train (pmi-opsd train --help), for every run alike, except "
+        f"{', '.join('--' + key for key in SET_PER_RUN)}, which the comparison sets per run"
+    )
     wrap = dict(width=96, subsequent_indent=" " * 16, break_on_hyphens=False, break_long_words=False)
-    return (f"{__doc__.strip()}\n\nusage: pmi-opsd compare [--seeds 0,1,2] [--KEY VALUE ...]\n\n"
-            + textwrap.fill(f"  --seeds S     {SEEDS_HELP}", **wrap) + "\n"
-            + textwrap.fill(f"  --runs R      {RUNS_HELP}", **wrap) + "\n"
-            + textwrap.fill(f"  --KEY VALUE   {every_key}", **wrap) + "\n\n"
-            + "The comparison's own defaults (the toy's otherwise):\n"
-            + textwrap.fill("  " + "   ".join(shown), width=96, subsequent_indent="  ", break_on_hyphens=False,
-                            break_long_words=False))
+    return (
+        f"{__doc__.strip()}\n\nusage: pmi-opsd compare [--seeds 0,1,2] [--KEY VALUE ...]\n\n"
+        + textwrap.fill(f"  --seeds S     {SEEDS_HELP}", **wrap)
+        + "\n"
+        + textwrap.fill(f"  --runs R      {RUNS_HELP}", **wrap)
+        + "\n"
+        + textwrap.fill(f"  --KEY VALUE   {every_key}", **wrap)
+        + "\n\n"
+        + "The comparison's own defaults (the toy's otherwise):\n"
+        + textwrap.fill(
+            "  " + "   ".join(shown), width=96, subsequent_indent="  ", break_on_hyphens=False, break_long_words=False
+        )
+    )
 
 
 def main(argv) -> int:
@@ -495,6 +596,7 @@ def main(argv) -> int:
         return 0
     shared = parse_config(rest, toy_defaults=COMPARE_DEFAULTS, prog="pmi-opsd compare")
     import transformers
+
     transformers.utils.logging.disable_progress_bar()  # its bars for every save and load of the base
     for flag in (f"--{key}" for key in SET_PER_RUN):
         if any(arg == flag or arg.startswith(flag + "=") for arg in rest):
@@ -522,36 +624,58 @@ def main(argv) -> int:
             for seed in seeds:
                 per_seed[seed] = {**compare_seed(shared, root, seed, stop, names=names), "task": shared.toy_task}
         except Interrupted as err:
-            print(f"interrupted by {signal.Signals(err.signum).name} during {err.where}; the comparison is "
-                  "incomplete (the warmed-up bases stay cached: run it again)", file=sys.stderr)
+            print(
+                f"interrupted by {signal.Signals(err.signum).name} during {err.where}; the comparison is "
+                "incomplete (the warmed-up bases stay cached: run it again)",
+                file=sys.stderr,
+            )
             return err.exit_code
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    timing = {"wall_s": time.perf_counter() - start, "cpu_s": usage.ru_utime + usage.ru_stime,
-              "load_average_1min": [load[0], os.getloadavg()[0]], "cpus": os.cpu_count(),
-              "torch_threads": fitter.default if fitter.enabled else torch.get_num_threads(),
-              "threads_fitted": fitter.enabled}
+    timing = {
+        "wall_s": time.perf_counter() - start,
+        "cpu_s": usage.ru_utime + usage.ru_stime,
+        "load_average_1min": [load[0], os.getloadavg()[0]],
+        "cpus": os.cpu_count(),
+        "torch_threads": fitter.default if fitter.enabled else torch.get_num_threads(),
+        "threads_fitted": fitter.enabled,
+    }
     summary = summarize(per_seed)
     table = format_table(summary, seeds)
     notes = NOTES.format(probe=PROBE_ROLLOUTS, eval=shared.eval_limit * shared.eval_samples)
     split = " (on the validation draw)" if shared.toy_eval_split == "validation" else ""
-    title = (f"task {shared.toy_task}{split}; {shared.max_steps} steps x {shared.batch_size} rollouts, "
-             f"lr {shared.lr}, beta {shared.beta}, clip {shared.clip}; seeds {', '.join(map(str, seeds))}"
-             + (" (mean ± sd)" if len(seeds) > 1 else ""))
-    parts = ("Where the teacher's signal lives at the start (the warmed-up base's sampled rollouts; norms of the "
-             f"centered log-ratios over the vocabulary, per token):\n{format_parts(per_seed)}")
+    title = (
+        f"task {shared.toy_task}{split}; {shared.max_steps} steps x {shared.batch_size} rollouts, "
+        f"lr {shared.lr}, beta {shared.beta}, clip {shared.clip}; seeds {', '.join(map(str, seeds))}"
+        + (" (mean ± sd)" if len(seeds) > 1 else "")
+    )
+    parts = (
+        "Where the teacher's signal lives at the start (the warmed-up base's sampled rollouts; norms of the "
+        f"centered log-ratios over the vocabulary, per token):\n{format_parts(per_seed)}"
+    )
     print(f"\n{title}\n{table}\n\n{notes}\n\n{parts}\n")
     with open(os.path.join(root, "table.md"), "w") as fh:
         fh.write(f"{title}\n\n{table}\n\n{notes}\n\n{parts}\n")
     with open(os.path.join(root, "summary.json"), "w") as fh:
-        json.dump({"config": dataclasses.asdict(shared), "seeds": seeds, "timing": timing,
-                   "results": {s: {k: v for k, v in r.items() if k not in ("curves", "task")}
-                               for s, r in per_seed.items()}},
-                  fh, indent=1, default=str)
+        json.dump(
+            {
+                "config": dataclasses.asdict(shared),
+                "seeds": seeds,
+                "timing": timing,
+                "results": {
+                    s: {k: v for k, v in r.items() if k not in ("curves", "task")} for s, r in per_seed.items()
+                },
+            },
+            fh,
+            indent=1,
+            default=str,
+        )
     print(f"plot: {plot_comparison(per_seed, os.path.join(root, 'compare.png'))}")
     print(f"table: {os.path.join(root, 'table.md')}   summary: {os.path.join(root, 'summary.json')}")
-    print(f"time: {timing['wall_s']:.0f} s wall, {timing['cpu_s']:.0f} s CPU, {timing['cpus']} CPUs, "
-          f"{timing['torch_threads']} torch threads"
-          + (" (1 while other processes were busy)" if fitter.enabled else "")
-          + f", load average {load[0]:.1f} at the start and "
-          f"{timing['load_average_1min'][1]:.1f} at the end")
+    print(
+        f"time: {timing['wall_s']:.0f} s wall, {timing['cpu_s']:.0f} s CPU, {timing['cpus']} CPUs, "
+        f"{timing['torch_threads']} torch threads"
+        + (" (1 while other processes were busy)" if fitter.enabled else "")
+        + f", load average {load[0]:.1f} at the start and "
+        f"{timing['load_average_1min'][1]:.1f} at the end"
+    )
     return 0

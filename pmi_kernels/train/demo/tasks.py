@@ -52,6 +52,7 @@ Nothing the loss or the accuracy reads says which part is which: the loss sees t
 contexts, the accuracy the answer; the rows' `operands` (the right reading) feed only the
 comparison's error breakdown (misread and slip rates).
 """
+
 from __future__ import annotations
 
 import random
@@ -83,12 +84,24 @@ def problems(task: str, count: int, seed: int) -> List[Dict]:
             question = f"{name} has {a + b} {item}s and gives {b} away. How many left?"
             answer, work, check, method = a, f"{a + b} - {b} = {a}", f"{a} + {b} = {a + b}", "Subtract"
         final = f"The answer is \\boxed{{{answer}}}."
-        texts = {"shortcut": final, "worked": f"{work}. {final}",
-                 "checked": f"{work}. Wait, let me check: {check}. {final}"}
+        texts = {
+            "shortcut": final,
+            "worked": f"{work}. {final}",
+            "checked": f"{work}. Wait, let me check: {check}. {final}",
+        }
         with_reference = [(texts[kind], share) for kind, share in WITH_REFERENCE]
-        rows.append({"question": question, "solution": f"{method}. {final}", "answer": str(answer),
-                     "warmup": {"student": [(texts[kind], share) for kind, share in WITHOUT_REFERENCE],
-                                "teacher": with_reference, "refonly": with_reference}})
+        rows.append(
+            {
+                "question": question,
+                "solution": f"{method}. {final}",
+                "answer": str(answer),
+                "warmup": {
+                    "student": [(texts[kind], share) for kind, share in WITHOUT_REFERENCE],
+                    "teacher": with_reference,
+                    "refonly": with_reference,
+                },
+            }
+        )
     return rows
 
 
@@ -135,8 +148,13 @@ def misread_problems(count: int, seed: int) -> List[Dict]:
     for _ in range(count):
         # One-digit operands (sums up to 18): a two-layer model learns their arithmetic in the
         # warm-up, so a misread mended shows in the accuracy instead of ending in a slip.
-        name, item, a, b, adds = rng.choice(NAMES), rng.choice(ITEMS), rng.randint(2, 9), rng.randint(1, 9), \
-            rng.random() < 0.5
+        name, item, a, b, adds = (
+            rng.choice(NAMES),
+            rng.choice(ITEMS),
+            rng.randint(2, 9),
+            rng.randint(1, 9),
+            rng.random() < 0.5,
+        )
         other = rng.choice([i for i in ITEMS if i != item])
         left = a if adds else a + b
         # In the second operand's range (1 to 9, and at most the first: no negative results), never it.
@@ -151,20 +169,34 @@ def misread_problems(count: int, seed: int) -> List[Dict]:
 
         def solutions(right: int) -> Dict[str, str]:
             result = left + right if adds else left - right
-            work, check = (f"{left} + {right} = {result}", f"{result} - {right} = {left}") if adds else \
-                (f"{left} - {right} = {result}", f"{result} + {right} = {left}")
+            work, check = (
+                (f"{left} + {right} = {result}", f"{result} - {right} = {left}")
+                if adds
+                else (f"{left} - {right} = {result}", f"{result} + {right} = {left}")
+            )
             final = f"The answer is \\boxed{{{result}}}."
-            return {"shortcut": final, "worked": f"{work}. {final}",
-                    "checked": f"{work}. Wait, let me check: {check}. {final}"}
+            return {
+                "shortcut": final,
+                "worked": f"{work}. {final}",
+                "checked": f"{work}. Wait, let me check: {check}. {final}",
+            }
+
         right = solutions(b)
         student = [(right[kind], share) for kind, share in WITHOUT_REFERENCE]
         if has_distractor:
             wrong = solutions(distractor)
-            student = [(right[kind], share * (1 - MISREAD_SHARE)) for kind, share in WITHOUT_REFERENCE] + \
-                [(wrong[kind], share * MISREAD_SHARE) for kind, share in WITHOUT_REFERENCE]
+            student = [(right[kind], share * (1 - MISREAD_SHARE)) for kind, share in WITHOUT_REFERENCE] + [
+                (wrong[kind], share * MISREAD_SHARE) for kind, share in WITHOUT_REFERENCE
+            ]
         with_reference = [(right[kind], share) for kind, share in WITH_REFERENCE]
         method = "Add them" if adds else "Subtract"
-        rows.append({"question": question, "solution": f"{method}. {right['shortcut']}", "answer": str(answer),
-                     "operands": [left, b, distractor if has_distractor else None],
-                     "warmup": {"student": student, "teacher": with_reference, "refonly": with_reference}})
+        rows.append(
+            {
+                "question": question,
+                "solution": f"{method}. {right['shortcut']}",
+                "answer": str(answer),
+                "operands": [left, b, distractor if has_distractor else None],
+                "warmup": {"student": student, "teacher": with_reference, "refonly": with_reference},
+            }
+        )
     return rows

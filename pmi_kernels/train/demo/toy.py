@@ -1,5 +1,6 @@
 """The embedded default: a tiny Qwen3-shaped model, a character tokenizer and arithmetic word
 problems with worked solutions, all built in code (nothing is downloaded)."""
+
 from __future__ import annotations
 
 import random
@@ -29,8 +30,9 @@ def toy_problems(count: int, seed: int):
         else:
             question = f"{name} has {a + b} {item}s and gives {b} away. How many {item}s are left?"
             answer, work = a, f"{a + b} - {b} = {a}"
-        rows.append({"question": question, "solution": f"{work}. The answer is \\boxed{{{answer}}}.",
-                     "answer": str(answer)})
+        rows.append(
+            {"question": question, "solution": f"{work}. The answer is \\boxed{{{answer}}}.", "answer": str(answer)}
+        )
     return rows
 
 
@@ -38,14 +40,16 @@ def toy_tokenizer():
     """One token per printable character, plus <pad>, <bos>, <eos>, <unk>."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
+
     specials = ["<pad>", "<bos>", "<eos>", "<unk>"]
     chars = [c for c in string.printable if c not in "\t\r\x0b\x0c"]
     vocab = {tok: i for i, tok in enumerate(specials + chars)}
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     core.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<bos>", eos_token="<eos>",
-                                   pad_token="<pad>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
 
 
 def toy_model(tokenizer, seed: int = 0, hidden: int = 96, layers: int = 2):
@@ -53,10 +57,20 @@ def toy_model(tokenizer, seed: int = 0, hidden: int = 96, layers: int = 2):
     vLLM's CPU attention supports (rollout_engine="vllm")."""
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
+
     torch.manual_seed(seed)
-    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
-                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                         head_dim=32, max_position_embeddings=512, tie_word_embeddings=True,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
+    config = Qwen3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     return Qwen3ForCausalLM(config)

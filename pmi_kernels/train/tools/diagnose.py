@@ -9,6 +9,7 @@ the reference-induced shortcut; cos(Δ_total, Δ_it) is the share of the transfe
     python -m pmi_kernels.train.tools.diagnose --model-path DIR --data pairs.jsonl --limit 8
     python -m pmi_kernels.train.tools.diagnose                     # the toy model, after a short warm-up
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,9 +20,15 @@ import torch
 from ... import pmi_diagnostics
 from ..config import TOY, TOY_DEFAULTS, TrainConfig
 
-COLUMNS = [("cos_total_ref", "cos(tot,ref)"), ("cos_total_pmi", "cos(tot,pmi)"),
-           ("norm_ratio_ref_total", "|ref|/|tot|"), ("kl_teacher_student", "KL(pT||pS)"),
-           ("kl_target_student", "KL(q||pS)"), ("entropy_student", "H(pS)"), ("entropy_target", "H(q)")]
+COLUMNS = [
+    ("cos_total_ref", "cos(tot,ref)"),
+    ("cos_total_pmi", "cos(tot,pmi)"),
+    ("norm_ratio_ref_total", "|ref|/|tot|"),
+    ("kl_teacher_student", "KL(pT||pS)"),
+    ("kl_target_student", "KL(q||pS)"),
+    ("entropy_student", "H(pS)"),
+    ("entropy_target", "H(q)"),
+]
 
 
 def main(argv=None) -> int:
@@ -37,12 +44,23 @@ def main(argv=None) -> int:
     parser.add_argument("--output-dir", default="runs/diagnose")
     args = parser.parse_args(argv)
     from ..loop import Trainer
+
     toy = args.model_path == TOY
     values = dict(TOY_DEFAULTS) if toy else {}
-    values.update(model_path=args.model_path, train_file=args.data, answer_field=None, lora=False, anchor=False,
-                  teacher_weights="current", question_field=args.question_field,
-                  solution_field=args.solution_field, output_dir=args.output_dir, eval_limit=0,
-                  answer_pattern=r"(.+)", overwrite=True)
+    values.update(
+        model_path=args.model_path,
+        train_file=args.data,
+        answer_field=None,
+        lora=False,
+        anchor=False,
+        teacher_weights="current",
+        question_field=args.question_field,
+        solution_field=args.solution_field,
+        output_dir=args.output_dir,
+        eval_limit=0,
+        answer_pattern=r"(.+)",
+        overwrite=True,
+    )
     for key in ("max_new_tokens", "sft_steps"):
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)
@@ -54,14 +72,21 @@ def main(argv=None) -> int:
     print(f"{'example':>7} {'tokens':>6} " + " ".join(f"{label:>12}" for _, label in COLUMNS))
     rows = []
     for i in range(min(args.limit, len(trainer.train_rows))):
-        rollout = trainer.generate([trainer.prompts["student"][i]], args.temperature, 1.0,
-                                   trainer.config.max_new_tokens)[0]
+        rollout = trainer.generate(
+            [trainer.prompts["student"][i]], args.temperature, 1.0, trainer.config.max_new_tokens
+        )[0]
         if not rollout:
             continue
         with torch.no_grad():
             states, head, _ = trainer.contexts.rollout_states(i, rollout, pmi_streams=True)
-            diag = pmi_diagnostics(states["student"], states["teacher"], states["refonly"],
-                                   lm_head_weight=head.weight, lm_head_bias=head.bias, check_finite=False)
+            diag = pmi_diagnostics(
+                states["student"],
+                states["teacher"],
+                states["refonly"],
+                lm_head_weight=head.weight,
+                lm_head_bias=head.bias,
+                check_finite=False,
+            )
         means = [float(diag[key].mean()) for key, _ in COLUMNS]
         rows.append(means)
         print(f"{i:>7} {len(rollout):>6} " + " ".join(f"{m:>12.4f}" for m in means))

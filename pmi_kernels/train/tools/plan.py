@@ -12,6 +12,7 @@ q and kv the attention projections' widths); with gradient checkpointing each la
 input (2H bytes) and one layer's activations are rebuilt at a time. The backward's transients
 and the allocator's slack come on top.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,14 @@ from ..hub import cached_config_json
 GIB = 2**30
 DEFAULT_PROMPT_TOKENS = 512
 LORA_SHAPES = {  # module -> (fan in, fan out) in terms of the architecture
-    "q_proj": ("H", "Q"), "k_proj": ("H", "KV"), "v_proj": ("H", "KV"), "o_proj": ("Q", "H"),
-    "gate_proj": ("H", "I"), "up_proj": ("H", "I"), "down_proj": ("I", "H")}
+    "q_proj": ("H", "Q"),
+    "k_proj": ("H", "KV"),
+    "v_proj": ("H", "KV"),
+    "o_proj": ("Q", "H"),
+    "gate_proj": ("H", "I"),
+    "up_proj": ("H", "I"),
+    "down_proj": ("I", "H"),
+}
 
 
 def architecture(config: TrainConfig) -> Tuple[Dict, str]:
@@ -37,6 +44,7 @@ def architecture(config: TrainConfig) -> Tuple[Dict, str]:
     path = cached_config_json(config.model_path) or os.path.join(config.model_path, "config.json")  # a hub id's
     if config.model_path == TOY:
         from ..demo.toy import toy_model, toy_tokenizer
+
         return toy_model(toy_tokenizer()).config.to_dict(), "the toy model (train/toy.py)"
     if os.path.isfile(path):
         with open(path) as fh:
@@ -48,8 +56,10 @@ def architecture(config: TrainConfig) -> Tuple[Dict, str]:
         return values, f"{path}{note}"
     if config.architecture:
         return dict(config.architecture), "the config's architecture key"
-    raise ValueError(f"--dry-run: model_path {config.model_path!r} has no config.json and the config has no "
-                     f"architecture key (config.json's {sorted(ARCHITECTURE)})")
+    raise ValueError(
+        f"--dry-run: model_path {config.model_path!r} has no config.json and the config has no "
+        f"architecture key (config.json's {sorted(ARCHITECTURE)})"
+    )
 
 
 def check_shape(arch: Dict, source: str, sequence: int) -> None:
@@ -59,22 +69,32 @@ def check_shape(arch: Dict, source: str, sequence: int) -> None:
     heads = arch["num_attention_heads"]
     kv = arch.get("num_key_value_heads") or heads
     if not arch.get("head_dim") and arch["hidden_size"] % heads:
-        raise ValueError(f"--dry-run: {source}: num_attention_heads {heads} does not divide hidden_size "
-                         f"{arch['hidden_size']} (and no head_dim is given)")
+        raise ValueError(
+            f"--dry-run: {source}: num_attention_heads {heads} does not divide hidden_size "
+            f"{arch['hidden_size']} (and no head_dim is given)"
+        )
     if kv > heads or heads % kv:
         raise ValueError(f"--dry-run: {source}: num_key_value_heads {kv} does not group num_attention_heads {heads}")
     limit = arch.get("max_position_embeddings")
     if limit and sequence > limit:
-        raise ValueError(f"--dry-run: the prompt (--prompt-tokens) plus max_new_tokens ({sequence:,} tokens) exceeds "
-                         f"the model's {limit:,} positions ({source}); the run would refuse it")
+        raise ValueError(
+            f"--dry-run: the prompt (--prompt-tokens) plus max_new_tokens ({sequence:,} tokens) exceeds "
+            f"the model's {limit:,} positions ({source}); the run would refuse it"
+        )
 
 
 def shape(arch: Dict) -> Dict[str, int]:
     heads = arch["num_attention_heads"]
     head_dim = arch.get("head_dim") or arch["hidden_size"] // heads
-    return {"H": arch["hidden_size"], "I": arch["intermediate_size"], "L": arch["num_hidden_layers"],
-            "V": arch["vocab_size"], "Q": heads * head_dim, "KV": (arch.get("num_key_value_heads") or heads) * head_dim,
-            "D": head_dim}
+    return {
+        "H": arch["hidden_size"],
+        "I": arch["intermediate_size"],
+        "L": arch["num_hidden_layers"],
+        "V": arch["vocab_size"],
+        "Q": heads * head_dim,
+        "KV": (arch.get("num_key_value_heads") or heads) * head_dim,
+        "D": head_dim,
+    }
 
 
 def parameter_count(arch: Dict) -> int:
@@ -105,8 +125,9 @@ def lora_count(arch: Dict, rank: int, targets: List[str]) -> int:
     known = [*LORA_SHAPES, "embed_tokens"]
     unknown = sorted(set(targets) - set(known))
     if unknown:
-        raise ValueError(f"lora_targets: the plan counts adapters on {', '.join(known)}, not "
-                         f"{', '.join(map(repr, unknown))}")
+        raise ValueError(
+            f"lora_targets: the plan counts adapters on {', '.join(known)}, not {', '.join(map(repr, unknown))}"
+        )
     per_layer = sum(rank * (s[LORA_SHAPES[t][0]] + s[LORA_SHAPES[t][1]]) for t in set(targets) if t in LORA_SHAPES)
     return s["L"] * per_layer + (rank * (s["V"] + s["H"]) if "embed_tokens" in targets else 0)
 
@@ -152,15 +173,30 @@ def plan(config: TrainConfig, world_size: int, prompt_tokens: Optional[int] = No
     rollout_tokens = pack_rollouts * config.max_new_tokens
     loss = 2**30 + (contexts + 1) * rollout_tokens * H * b  # workspace, the streams' states, grad of the student's
     kv_cache = per_rank * (prompt_tokens + config.max_new_tokens) * L * 2 * s["KV"] * b
-    return {"source": source, "arch": s, "params": params, "trainable": trainable, "world_size": world_size,
-            "rollouts": rollouts, "rollout_tokens": rollouts * config.max_new_tokens, "contexts": contexts,
-            "context_tokens": rollouts * contexts * sequence, "per_rank": per_rank, "pack_rollouts": pack_rollouts,
-            "pack_tokens": pack, "prompt_tokens": prompt_tokens,
-            "weights": params * b * copies // shards + gathered + (trainable * 4 if config.lora else 0),
-            "frozen_copy": frozen_copy, "gradients": trainable * state_bytes // shards,
-            "optimizer": 2 * trainable * state_bytes // shards, "fsdp": config.fsdp,
-            "activations": activations, "loss": loss, "kv_cache": kv_cache,
-            "checkpointing": "on" if config.gradient_checkpointing else "off"}
+    return {
+        "source": source,
+        "arch": s,
+        "params": params,
+        "trainable": trainable,
+        "world_size": world_size,
+        "rollouts": rollouts,
+        "rollout_tokens": rollouts * config.max_new_tokens,
+        "contexts": contexts,
+        "context_tokens": rollouts * contexts * sequence,
+        "per_rank": per_rank,
+        "pack_rollouts": pack_rollouts,
+        "pack_tokens": pack,
+        "prompt_tokens": prompt_tokens,
+        "weights": params * b * copies // shards + gathered + (trainable * 4 if config.lora else 0),
+        "frozen_copy": frozen_copy,
+        "gradients": trainable * state_bytes // shards,
+        "optimizer": 2 * trainable * state_bytes // shards,
+        "fsdp": config.fsdp,
+        "activations": activations,
+        "loss": loss,
+        "kv_cache": kv_cache,
+        "checkpointing": "on" if config.gradient_checkpointing else "off",
+    }
 
 
 def format_plan(p: Dict, config: TrainConfig) -> str:
@@ -168,14 +204,19 @@ def format_plan(p: Dict, config: TrainConfig) -> str:
 
     def gib(x: float) -> str:
         return f"{x / GIB:8.1f} GiB"
+
     training = {k: p["gradients"] + p["activations"][k] + p["loss"] for k in ("on", "off")}
     persistent = p["weights"] + p["optimizer"]
     peak = {k: persistent + max(p["kv_cache"], training[k]) for k in ("on", "off")}
-    tuning = f"LoRA r{config.lora_rank}" if config.lora else "full fine-tuning" + (
-        " (+ a frozen copy)" if p["frozen_copy"] else "")
+    tuning = (
+        f"LoRA r{config.lora_rank}"
+        if config.lora
+        else "full fine-tuning" + (" (+ a frozen copy)" if p["frozen_copy"] else "")
+    )
 
     def mark(on: str) -> str:
         return "  <- this config" if p["checkpointing"] == on else ""
+
     lines = [
         f"model: {p['source']}",
         f"  {p['params'] / 1e9:.2f} B parameters: {s['L']} layers, hidden {s['H']:,}, intermediate {s['I']:,}, "
@@ -186,8 +227,12 @@ def format_plan(p: Dict, config: TrainConfig) -> str:
         f"  {p['contexts']} contexts per rollout (prompts of {p['prompt_tokens']:,} tokens assumed, --prompt-tokens): "
         f"{p['context_tokens']:,} context tokens",
         f"per GPU at world size {p['world_size']} "
-        + ("(FSDP2: weights, gradients and optimizer state sharded; weights include the gathered root unit and two "
-           "layers):" if p["fsdp"] else "(data parallel, the whole model on each GPU):"),
+        + (
+            "(FSDP2: weights, gradients and optimizer state sharded; weights include the gathered root unit and two "
+            "layers):"
+            if p["fsdp"]
+            else "(data parallel, the whole model on each GPU):"
+        ),
         f"  {p['per_rank']} rollouts a micro-batch, packed {p['pack_rollouts']} to a forward: {p['pack_tokens']:,} "
         f"tokens (max_tokens_per_micro_batch {config.max_tokens_per_micro_batch})",
         "memory per GPU, estimated:",
@@ -201,5 +246,6 @@ def format_plan(p: Dict, config: TrainConfig) -> str:
         f"  peak, checkpointing on           {gib(peak['on'])}{mark('on')}",
         f"  peak, checkpointing off          {gib(peak['off'])}{mark('off')}",
         "  (peak: weights + optimizer state + the larger of the sampling KV cache and training's",
-        "  gradients + activations + loss; the backward's transients come on top)"]
+        "  gradients + activations + loss; the backward's transients come on top)",
+    ]
     return "\n".join(lines)
