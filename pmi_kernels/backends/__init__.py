@@ -11,7 +11,7 @@ they keep is written once, as a typing.Protocol: backends/contract.py (RowBacken
 the passes a vocabulary split runs). In short: per-row loss in the compute dtype, 0 where
 masked; when grad_out is given, row_scale * dloss/ds_raw written into it (it may alias s); when
 stats_out [C, 3] is given, KL(q||p), H(p) and H(q) per row.
-The API modules (logits.py, fused_linear.py, diagnostics.py) read only this registry.
+The layers above (call.py, ops/) reach a backend only through this registry.
 """
 
 from __future__ import annotations

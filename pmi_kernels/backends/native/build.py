@@ -17,7 +17,7 @@ def main() -> int:
         if error:
             print(error[-4000:], file=sys.stderr)
         return 1
-    kernels = "C++ and CUDA" if extension._BUILT_WITH_CUDA[0] else "C++"
+    kernels = "C++ and CUDA" if extension.built_with_cuda() else "C++"
     print(f"pmi_kernels: {kernels} kernels ready in {extension.loaded_from()}")
     return 0
 

@@ -357,6 +357,11 @@ def _loaded(where: Path, with_cuda: bool) -> None:
     return None
 
 
+def built_with_cuda() -> bool:
+    """Whether the loaded extension has its CUDA kernels (False before it is loaded)."""
+    return bool(_BUILT_WITH_CUDA) and _BUILT_WITH_CUDA[0]
+
+
 def loaded_from() -> Optional[Path]:
     """The installed library, or the cache entry, the extension was loaded from in this process."""
     return _LOADED_FROM[0] if _LOADED_FROM else None

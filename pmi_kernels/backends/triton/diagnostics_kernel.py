@@ -23,7 +23,7 @@ import triton.language as tl
 
 from ...options import LossOptions
 from .. import DIAGNOSTICS
-from .row_kernel import NUM_WARPS, _load_tile, _tanh, block_v
+from .row_kernel import NUM_WARPS, block_v, load_tile, tanh
 
 
 @triton.jit
@@ -90,9 +90,9 @@ def pmi_diagnostics_kernel(
     for v0 in range(0, V, BLOCK_V):
         o_v = v0 + o_base
         m_v = o_v < V
-        b_s = _load_tile(p_s, o_v, m_v, inv_tau, ACC)
-        b_t = _load_tile(p_t, o_v, m_v, inv_tau, ACC)
-        b_r = _load_tile(p_r, o_v, m_v, inv_tau, ACC)
+        b_s = load_tile(p_s, o_v, m_v, inv_tau, ACC)
+        b_t = load_tile(p_t, o_v, m_v, inv_tau, ACC)
+        b_r = load_tile(p_r, o_v, m_v, inv_tau, ACC)
         m_s, z_s, y_s, _, _ = _online(m_s, z_s, y_s, b_s, m_v)
         m_t, z_t, y_t, _, _ = _online(m_t, z_t, y_t, b_t, m_v)
         m_r, z_r, y_r, _, _ = _online(m_r, z_r, y_r, b_r, m_v)
@@ -121,9 +121,9 @@ def pmi_diagnostics_kernel(
     for v0 in range(0, V, BLOCK_V):
         o_v = v0 + o_base
         m_v = o_v < V
-        b_s = _load_tile(p_s, o_v, m_v, inv_tau, ACC)
-        b_t = _load_tile(p_t, o_v, m_v, inv_tau, ACC)
-        b_r = _load_tile(p_r, o_v, m_v, inv_tau, ACC)
+        b_s = load_tile(p_s, o_v, m_v, inv_tau, ACC)
+        b_t = load_tile(p_t, o_v, m_v, inv_tau, ACC)
+        b_r = load_tile(p_r, o_v, m_v, inv_tau, ACC)
         # log p = (x - max) - log z, never x - (max + log z), which rounds log z away at |x| ~ 1e4.
         lt = (b_t - m_t) - log_z_t
         total = tl.where(m_v, _log_ratio(b_t, b_s, max_ts, log_z_t - log_z_s, ACC), 0.0)
@@ -140,9 +140,9 @@ def pmi_diagnostics_kernel(
         else:
             b_d = ((b_t.to(tl.float64) - b_r.to(tl.float64)) - max_diff).to(ACC)
         if CLIP:
-            b_d = clip * _tanh((b_d - kappa) * inv_clip)
+            b_d = clip * tanh((b_d - kappa) * inv_clip)
         if HAS_A:
-            b_g = _load_tile(p_a, o_v, m_v, inv_tau, ACC) + b_d * inv_beta
+            b_g = load_tile(p_a, o_v, m_v, inv_tau, ACC) + b_d * inv_beta
         else:
             b_g = b_s + b_d * inv_beta
         m_g, z_g, y_g, alpha, e = _online(m_g, z_g, y_g, b_g, m_v)

@@ -50,7 +50,7 @@ GPU_BLOCK_V, INTERPRETER_BLOCK_V, NUM_WARPS = 2048, 8192, 8
 
 
 @triton.jit
-def _tanh(x):
+def tanh(x):
     """Through exp(-2|x|), which never overflows (libdevice tanh is not in the interpreter); below
     |x| = 1/8, where 1 - exp(-2|x|) would cancel (a large clip makes every x small), the odd
     Taylor series to x^11 (relative error under 1e-11)."""
@@ -65,7 +65,7 @@ def _tanh(x):
 
 
 @triton.jit
-def _load_tile(p_row, o_v, m_v, scale, ACC: tl.constexpr):
+def load_tile(p_row, o_v, m_v, scale, ACC: tl.constexpr):
     return tl.load(p_row + o_v, mask=m_v, other=0.0).to(ACC) * scale
 
 
@@ -96,18 +96,18 @@ def _target_tile(
     float64, where both differences of float32 numbers are exact: in the compute dtype they
     would cancel to the logits' ulp where |x| ~ 1e5 (one stream's logit far above the other's,
     or both far above the rest)."""
-    b_t = _load_tile(p_t, o_v, m_v, inv_tau, ACC)
+    b_t = load_tile(p_t, o_v, m_v, inv_tau, ACC)
     if not PMI:
         return b_t
     if LOG_RATIO:
-        b_r = _load_tile(p_r, o_v, m_v, inv_tau, ACC)
+        b_r = load_tile(p_r, o_v, m_v, inv_tau, ACC)
         b_t = ((b_t.to(tl.float64) - b_r.to(tl.float64)) - max_diff).to(ACC)
     elif HAS_R:
-        b_t -= _load_tile(p_r, o_v, m_v, inv_tau, ACC)
+        b_t -= load_tile(p_r, o_v, m_v, inv_tau, ACC)
     if CLIP:
-        b_t = clip * _tanh((b_t - kappa) * inv_clip)
+        b_t = clip * tanh((b_t - kappa) * inv_clip)
     if HAS_A:
-        return _load_tile(p_a, o_v, m_v, inv_tau, ACC) + b_t * inv_beta
+        return load_tile(p_a, o_v, m_v, inv_tau, ACC) + b_t * inv_beta
     return b_s + b_t * inv_beta
 
 
@@ -175,7 +175,7 @@ def _tile_terms(
     """(summand, slope, p, q, log p, log q) of one tile, once both log-sum-exps are known.
     log p = (s - max) - log z, never s - (max + log z): the latter rounds log z away at
     |s| ~ 1e4, where an fp32 ulp of the max is larger than a runner-up's share of the mass."""
-    b_s = _load_tile(p_s, o_v, m_v, inv_tau, ACC)
+    b_s = load_tile(p_s, o_v, m_v, inv_tau, ACC)
     b_g = _target_tile(
         b_s,
         p_t,
@@ -276,9 +276,9 @@ def pmi_kl_fwd_kernel(
         for v0 in range(0, v_end, BLOCK_V):
             o_v = v0 + o_base
             m_v = o_v < V
-            b_x = _load_tile(p_t, o_v, m_v, inv_tau, ACC)
+            b_x = load_tile(p_t, o_v, m_v, inv_tau, ACC)
             if HAS_R:
-                b_x -= _load_tile(p_r, o_v, m_v, inv_tau, ACC)
+                b_x -= load_tile(p_r, o_v, m_v, inv_tau, ACC)
             b_sum += b_x
         kappa = tl.sum(b_sum, axis=0) / V
     elif KAPPA == KAPPA_LSE_DIFF:
@@ -289,8 +289,8 @@ def pmi_kl_fwd_kernel(
         for v0 in range(0, v_end, BLOCK_V):
             o_v = v0 + o_base
             m_v = o_v < V
-            m_t, z_t = _online_lse(m_t, z_t, tl.where(m_v, _load_tile(p_t, o_v, m_v, inv_tau, ACC), float("-inf")))
-            m_r, z_r = _online_lse(m_r, z_r, tl.where(m_v, _load_tile(p_r, o_v, m_v, inv_tau, ACC), float("-inf")))
+            m_t, z_t = _online_lse(m_t, z_t, tl.where(m_v, load_tile(p_t, o_v, m_v, inv_tau, ACC), float("-inf")))
+            m_r, z_r = _online_lse(m_r, z_r, tl.where(m_v, load_tile(p_r, o_v, m_v, inv_tau, ACC), float("-inf")))
         max_diff = m_t.to(tl.float64) - m_r.to(tl.float64)
         kappa = tl.log(z_t) - tl.log(z_r)
 
@@ -303,7 +303,7 @@ def pmi_kl_fwd_kernel(
         for v0 in range(0, v_end, BLOCK_V):
             o_v = v0 + o_base
             m_v = o_v < V
-            b_s = _load_tile(p_s, o_v, m_v, inv_tau, ACC)
+            b_s = load_tile(p_s, o_v, m_v, inv_tau, ACC)
             b_g = _target_tile(
                 b_s,
                 p_t,
