@@ -228,7 +228,9 @@ def test_cli_train_and_plot(tmp_path, capsys):
         )
         == 0
     )
-    assert "accuracy before training" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "accuracy before training" in printed.out
+    assert "pmi: " in printed.err and "opsd: " not in printed.err  # the progress bar names the mode
     assert cli_main(["plot", "--metrics", str(out / "metrics.jsonl")]) == 0
     assert (out / "metrics.png").stat().st_size > 1000
 

@@ -422,7 +422,9 @@ class Trainer:
             result["accuracy_before"] = on_main(self.world, lambda: accuracy_at(self.metrics.path, 0))
             if self._redo_evaluation:
                 self._evaluate_and_log()
-        bar = tqdm(total=config.max_steps, initial=self.step, disable=not progress or not self.world.main, desc="opsd")
+        bar = tqdm(
+            total=config.max_steps, initial=self.step, disable=not progress or not self.world.main, desc=config.mode
+        )
         try:
             while self.step < config.max_steps:
                 self.stop.check("a step")
