@@ -15,7 +15,6 @@ from torch import Tensor
 
 from .call import prepare
 from .ops.logits import pmi_kl_rows
-from .ops.schema import loss_args
 from .reduction import divisor, forward_grad_scale, reduce_rows, stats_dict
 
 Number = Union[float, Tensor]
@@ -119,7 +118,7 @@ def pmi_kl(
         flat(anchor_logits),
         flat_mask,
         grad_scale.expand(call.rows),
-        **loss_args(call.opts),
+        **call.opts.op_arguments(),
         backend=call.backend.name,
         compute_grad=compute_grad,
         want_stats=return_stats,

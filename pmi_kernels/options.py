@@ -148,6 +148,11 @@ class LossOptions:
         """Every option, as pmi_kl and fused_pmi_kl take them (pmi is their refonly stream's presence)."""
         return dict(self.target_keywords(), jsd_beta=self.jsd_beta, entry_clip=self.entry_clip)
 
+    def op_arguments(self) -> dict:
+        """Every option, pmi included, as the custom ops' schemas name them (the Python ops in
+        pmi_kernels/ops and the C++ ops): `bool pmi, float beta, float? clip, ...`."""
+        return dict(self.keywords(), pmi=self.pmi)
+
     @property
     def loss_kind(self) -> int:
         if self.jsd_beta == 0.0:

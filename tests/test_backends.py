@@ -252,10 +252,9 @@ def test_op_schema_under_opcheck_and_compile():
     """pmi_kernels::rows has a fake kernel: opcheck passes and torch.compile traces it whole."""
     if resolve_backend("auto", torch.device("cpu")).name != "cpu":
         pytest.skip("the C++ extension is not built here")
-    from pmi_kernels.backends.native import option_arguments
 
     s, t, r = streams(3, 50, torch.float32, count=3)
-    options = option_arguments(LossOptions(pmi=True))
+    options = LossOptions(pmi=True).op_arguments()
     args = (s, t, r, None, None, None, torch.ones(3), torch.empty_like(s), torch.empty(3, 3), None, None, None, None)
     torch.library.opcheck(torch.ops.pmi_kernels.rows.default, args, dict(phase=Phase.ALL.value, **options))
     torch.library.opcheck(torch.ops.pmi_kernels.diagnostics_rows.default, (s, t, r, None), options)

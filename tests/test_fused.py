@@ -406,14 +406,13 @@ def test_the_launcher_lays_out_grad_h_as_its_fake(device, backend):
     layout its fake kernel promises, so opcheck holds and a compiled graph's layout checks pass
     (inductor asserted stride 1 == 5). Fails with the launcher's empty_like(h)."""
     from pmi_kernels.ops.fused import fused_pmi_kl_rows
-    from pmi_kernels.ops.schema import loss_args
     from pmi_kernels.options import LossOptions
 
     (h, h_t, h_r, _), w, _, _ = make(6, 5, 9, torch.float32, device)
     h = h.t().contiguous().t()
     args = (h, w, None, h_t, h_r, None, w, None, None, torch.full((6,), 1 / 6, device=device))
     kwargs = dict(
-        loss_args(LossOptions()),
+        LossOptions().op_arguments(),
         backend=backend,
         group=None,
         chunk_rows=4,

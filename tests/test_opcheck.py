@@ -10,7 +10,6 @@ import torch
 from pmi_kernels.backends import usable_backends
 from pmi_kernels.ops.fused import fused_pmi_kl_rows
 from pmi_kernels.ops.logits import pmi_kl_rows
-from pmi_kernels.ops.schema import loss_args
 from pmi_kernels.options import LossOptions
 
 BACKENDS = [name for name in ("torch", "cpu") if name in usable_backends(torch.device("cpu"))]
@@ -76,7 +75,7 @@ def test_pmi_kl_rows(backend, options, settings, compute_grad):
         torch.full((ROWS,), 1 / ROWS, dtype=torch.float64),
     )
     kwargs = dict(
-        loss_args(LossOptions(pmi=pmi, **options)),
+        LossOptions(pmi=pmi, **options).op_arguments(),
         backend=backend,
         compute_grad=compute_grad,
         want_stats=settings.get("want_stats", False),
@@ -110,7 +109,7 @@ def test_fused_pmi_kl_rows(backend, options, settings):
     )
     want_h, want_w, want_b, want_stats = settings["wanted"]
     kwargs = dict(
-        loss_args(LossOptions(pmi=pmi, **options)),
+        LossOptions(pmi=pmi, **options).op_arguments(),
         backend=backend,
         group=None,
         chunk_rows=4,

@@ -41,13 +41,13 @@ def test_kernel_scalars_are_the_options(kwargs):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("kwargs", OPTIONS)
 def test_python_and_cpp_kernel_scalars_agree(kwargs, dtype):
-    from pmi_kernels.backends.native import extension, option_arguments
+    from pmi_kernels.backends.native import extension
 
     reason = extension.load()
     if reason is not None:
         pytest.skip(reason)
     opts = LossOptions(**{"pmi": True, **kwargs})
-    cpp = torch.ops.pmi_kernels.kernel_scalars(**option_arguments(opts), dtype=dtype)
+    cpp = torch.ops.pmi_kernels.kernel_scalars(**opts.op_arguments(), dtype=dtype)
     python = torch.tensor(list(opts.kernel_scalars()), dtype=torch.float64).to(dtype)
     assert cpp.dtype == dtype and cpp.shape == (len(KernelScalars._fields),)
     for name, c, p in zip(KernelScalars._fields, cpp.tolist(), python.tolist()):

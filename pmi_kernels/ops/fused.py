@@ -26,7 +26,7 @@ from ..lazy_dynamo import defer_dynamo_import
 from ..options import compute_dtype
 from ..reduction import DOUBLE_BACKWARD, folds_denominator, forward_grad_scale, reduce_rows
 from .autograd import scaled, upstream_matches
-from .schema import loss_args, loss_options
+from .schema import loss_options
 from .sweep import FusedInputs, SweepPlan, Wanted, sweep
 
 
@@ -156,7 +156,7 @@ def _rows(
         *inputs,
         mask,
         row_scale,
-        **loss_args(plan.opts),
+        **plan.opts.op_arguments(),
         backend=plan.backend,
         group=plan.group,
         chunk_rows=plan.chunk_rows,

@@ -4,22 +4,9 @@ float? entry_clip`), None meaning no clip, never a 0 sentinel."""
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Union
+from typing import Optional
 
 from ..options import LossOptions
-
-
-def loss_args(opts: LossOptions) -> Dict[str, Union[bool, float, None]]:
-    """The options as the ops' keyword arguments."""
-    return dict(
-        pmi=opts.pmi,
-        beta=opts.beta,
-        clip=opts.clip,
-        center=opts.center,
-        temperature=opts.temperature,
-        jsd_beta=opts.jsd_beta,
-        entry_clip=opts.entry_clip,
-    )
 
 
 def loss_options(

@@ -1,30 +1,17 @@
 """backend="cpu" and backend="cuda": the C++ and CUDA kernels of csrc/, one op schema
 (pmi_kernels::rows, pmi_kernels::diagnostics_rows) with a CPU and a CUDA kernel under it;
 the dispatcher picks the kernel by the tensors' device. extension.py builds and loads them.
-The options travel as the schema's named arguments (option_arguments), the phase as `phase`."""
+The options travel as the schema's named arguments (LossOptions.op_arguments), the phase as `phase`."""
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Optional
 
 import torch
 
 from ...options import LossOptions
 from ..contract import Phase, check_phase_tensors
 from . import extension
-
-
-def option_arguments(opts: LossOptions) -> Dict[str, Any]:
-    """The options as the op schemas name them (float? clip: None clips nothing)."""
-    return dict(
-        pmi=opts.pmi,
-        beta=opts.beta,
-        clip=opts.clip,
-        center=opts.center,
-        temperature=opts.temperature,
-        jsd_beta=opts.jsd_beta,
-        entry_clip=opts.entry_clip,
-    )
 
 
 def rows(
@@ -65,10 +52,10 @@ def rows(
         slope_sum_in=slope_sum_in,
         slope_sum_out=slope_sum_out,
         phase=phase.value,
-        **option_arguments(opts),
+        **opts.op_arguments(),
     )
 
 
 def diagnostics_rows(s, t, r, a: Optional[torch.Tensor] = None, *, opts: LossOptions) -> torch.Tensor:
     extension.load()
-    return torch.ops.pmi_kernels.diagnostics_rows(student=s, teacher=t, refonly=r, anchor=a, **option_arguments(opts))
+    return torch.ops.pmi_kernels.diagnostics_rows(student=s, teacher=t, refonly=r, anchor=a, **opts.op_arguments())
